@@ -1,0 +1,6 @@
+"""`python -m dreambooth` and `accelerate launch -m dreambooth` enter here."""
+
+from dreambooth.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
