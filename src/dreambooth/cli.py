@@ -1,0 +1,160 @@
+"""The `dreambooth` command: a thin layer over the config and the library.
+
+Heavy modules (torch, diffusers) are imported inside the subcommands, so that `--help` and config errors
+answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from dreambooth import __version__
+from dreambooth.config import SECTION_TYPES, field_flags
+from dreambooth.errors import UserError
+
+# diffusers' train_dreambooth.py flags that mean nothing here, with what to do instead.
+REFUSED_FLAGS = {
+    "--push_to_hub": "this tool does not upload; push the output folder with `huggingface-cli upload` afterwards",
+    "--hub_token": "this tool does not upload; push the output folder with `huggingface-cli upload` afterwards",
+    "--hub_model_id": "this tool does not upload; push the output folder with `huggingface-cli upload` afterwards",
+    "--validation_images": "it is for DeepFloyd IF upscalers only; this tool trains Stable Diffusion 1/2",
+    "--class_labels_conditioning": "it is for DeepFloyd IF only; this tool trains Stable Diffusion 1/2",
+}
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list
+
+
+def _help_text(field: Any) -> str:
+    default = field.default
+    shown = "" if default in (None, [], "") or isinstance(default, bool) else f" [default: {default}]"
+    return (field.description or "") + shown
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, named as diffusers' scripts name it; values are validated by the config."""
+    for section, model in SECTION_TYPES.items():
+        group = parser.add_argument_group(f"{section} (config section '{section}')")
+        for name, field in model.model_fields.items():
+            flags = field_flags(section, name)
+            kw: dict[str, Any] = {"dest": f"{section}.{name}", "default": argparse.SUPPRESS, "help": _help_text(field)}
+            if _is_bool(field.annotation):
+                kw["action"] = argparse.BooleanOptionalAction
+            elif _is_list(field.annotation):
+                kw.update(action="append", metavar="TEXT")
+            else:
+                kw["metavar"] = name.upper()
+            group.add_argument(*flags, **kw)
+    compat = parser.add_argument_group("diffusers compatibility")
+    compat.add_argument("--offset_noise", action="store_true", default=argparse.SUPPRESS,
+                        help="Offset noise of strength 0.1, as in diffusers (same as --noise_offset 0.1).")
+    compat.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help="Set by launchers; ignored.")
+    for flag in REFUSED_FLAGS:
+        compat.add_argument(flag, nargs="?", const=True, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `section.key` values given on the command line."""
+    given = vars(args)
+    for flag, why in REFUSED_FLAGS.items():
+        if flag[2:] in given:
+            raise UserError(f"{flag} is not supported: {why}.")
+    overrides = {k: v for k, v in given.items() if "." in k}
+    if given.get("offset_noise") and "training.noise_offset" not in overrides:
+        overrides["training.noise_offset"] = 0.1
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth fine-tuning of Stable Diffusion.",
+                                     allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"dreambooth {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", allow_abbrev=False, help="Scaffold a project folder: data/, prompts/, config.yaml, README.")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--identifier", default="sks", help="Identifier of the subject, e.g. sks or '<saya_token>'.")
+    p.add_argument("--class-word", default="dog", help="Class word of the subject, e.g. dog, girl, person.")
+    p.add_argument("--model", default="stable-diffusion-v1-5", help="Base model path written into config.yaml.")
+    p.add_argument("--force", action="store_true", help="Overwrite an existing config.yaml.")
+
+    p = sub.add_parser("train", allow_abbrev=False, help="Fine-tune a model on a subject (diffusers' train_dreambooth.py flags work).")
+    p.add_argument("--config", type=Path, help="YAML config (sections model, token, training, dataset, ...).")
+    add_config_flags(p)
+
+    p = sub.add_parser("generate", allow_abbrev=False, help="Generate images with a trained model.")
+    p.add_argument("--model", required=True, type=Path, help="A diffusers model folder (a training output dir).")
+    p.add_argument("--prompt", action="append", default=[], help="A prompt (repeatable).")
+    p.add_argument("--prompts-file", type=Path, help="A text file with one prompt a line.")
+    p.add_argument("--negative-prompt", default="", help="Negative prompt.")
+    p.add_argument("--steps", type=int, default=30, help="Denoising steps [default: 30].")
+    p.add_argument("--guidance", type=float, default=7.5, help="Classifier-free guidance scale [default: 7.5].")
+    p.add_argument("--seed", type=int, action="append", dest="seeds", help="Seed (repeatable) [default: 0].")
+    p.add_argument("--num-images", type=int, default=1, help="Images per prompt and seed [default: 1].")
+    p.add_argument("--scheduler", default="dpm++", help="Sampler: dpm++, ddim, euler, euler_a, pndm, unipc, ddpm, "
+                   "lms, heun, or a diffusers scheduler class name [default: dpm++].")
+    p.add_argument("--height", type=int, help="Image height [default: the model's].")
+    p.add_argument("--width", type=int, help="Image width [default: the model's].")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="[default: fp16 on GPU, fp32 on CPU]")
+    p.add_argument("--device", help="cuda, cpu, ... [default: cuda when available]")
+    p.add_argument("--out", type=Path, default=Path("generated"), help="Output folder [default: generated].")
+
+    p = sub.add_parser("tiny-model", allow_abbrev=False, help="Build a tiny random-weight Stable Diffusion model (tests, demo).")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", allow_abbrev=False, help="Build the tiny model and data, train with prior preservation, generate.")
+    p.add_argument("--out", type=Path, default=Path("demo-run"), help="Folder for everything [default: demo-run].")
+    p.add_argument("--steps", type=int, default=40, help="Training steps [default: 40].")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "init":
+        from dreambooth.project import init_project
+
+        init_project(args.dir, identifier=args.identifier, class_word=args.class_word, model=args.model,
+                     force=args.force)
+    elif args.command == "train":
+        from dreambooth.config import load_config
+
+        cfg = load_config(args.config, config_overrides(args))
+        from dreambooth.train import train
+
+        train(cfg, config_path=args.config)
+    elif args.command == "generate":
+        from dreambooth.generate import generate_command
+
+        generate_command(args)
+    elif args.command == "tiny-model":
+        from dreambooth.tiny import build_tiny_model
+
+        path = build_tiny_model(args.dir, prediction_type=args.prediction_type, seed=args.seed)
+        print(f"tiny random-weight model written to {path}")
+    elif args.command == "demo":
+        from dreambooth.demo import run_demo
+
+        run_demo(args.out, steps=args.steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,80 @@
+"""The DreamBooth loss as pure functions: noise-prediction MSE, prior preservation and Min-SNR-gamma weighting.
+
+Nothing here touches a model, an optimizer or global randomness, so every number can be checked by hand
+(tests/test_loss.py does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def snr_from_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of each sample's timestep."""
+    a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return a / (1.0 - a)
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556).
+
+    The paper weights the x0-space loss by min(SNR, gamma). Written in the space the UNet predicts, that is
+    min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v-prediction. The weights belong to
+    each sample's own timestep, so they are computed per sample before any instance/class split: diffusers'
+    script computed them on the unsplit batch and then mixed them with the halved losses (issue #5791).
+    """
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+
+
+@dataclass
+class LossParts:
+    """The total loss to backpropagate and its two parts, as tensors (reading them syncs the device)."""
+
+    loss: torch.Tensor
+    instance_loss: torch.Tensor
+    prior_loss: torch.Tensor
+
+
+def dreambooth_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    is_prior: torch.Tensor,
+    prior_loss_weight: float,
+    weights: torch.Tensor | None = None,
+) -> LossParts:
+    """instance_loss + prior_loss_weight * prior_loss, each the (weighted) mean of per-sample MSEs.
+
+    `is_prior` marks the class (prior-preservation) samples of the batch; `weights` are optional per-sample
+    weights such as `min_snr_weights`. With no class samples the prior loss is zero. Computed in fp32 whatever
+    the precision of the prediction.
+    """
+    per_sample = (model_pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample)
+    is_prior = is_prior.to(device=per_sample.device, dtype=torch.bool)
+    instance = _masked_mean(per_sample, ~is_prior)
+    prior = _masked_mean(per_sample, is_prior)
+    return LossParts(loss=instance + prior_loss_weight * prior, instance_loss=instance, prior_loss=prior)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the selected values; zero (not NaN) when none is selected, without a host sync."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def noise_with_offset(latents: torch.Tensor, offset: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Gaussian noise plus `offset` times a per-channel constant (offset noise, Guttenberg 2023)."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if offset:
+        shift = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=latents.device,
+                            dtype=latents.dtype)
+        noise = noise + offset * shift
+    return noise

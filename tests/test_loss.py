@@ -1,0 +1,86 @@
+"""The loss maths, with numbers a reader can check by hand."""
+
+import pytest
+import torch
+
+from dreambooth.loss import dreambooth_loss, min_snr_weights, noise_with_offset, snr_from_alphas
+
+
+def preds(values):
+    """One 1x1x2 'prediction' per sample, every element equal to the given value."""
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 1, 2).contiguous()
+
+
+def test_instance_and_prior_losses_split_by_mask():
+    # errors 1, 2 (instance) and 3, 4 (class): per-sample MSE 1, 4, 9, 16
+    pred, target = preds([1, 2, 3, 4]), torch.zeros(4, 1, 1, 2)
+    parts = dreambooth_loss(pred, target, torch.tensor([False, False, True, True]), prior_loss_weight=0.5)
+    assert parts.instance_loss.item() == pytest.approx(2.5)  # (1 + 4) / 2
+    assert parts.prior_loss.item() == pytest.approx(12.5)  # (9 + 16) / 2
+    assert parts.loss.item() == pytest.approx(2.5 + 0.5 * 12.5)
+
+
+def test_mask_order_does_not_matter():
+    pred, target = preds([3, 1, 4, 2]), torch.zeros(4, 1, 1, 2)
+    parts = dreambooth_loss(pred, target, torch.tensor([True, False, True, False]), prior_loss_weight=1.0)
+    assert parts.instance_loss.item() == pytest.approx(2.5)
+    assert parts.prior_loss.item() == pytest.approx(12.5)
+
+
+def test_without_class_samples_the_prior_loss_is_zero_not_nan():
+    parts = dreambooth_loss(preds([2, 2]), torch.zeros(2, 1, 1, 2), torch.tensor([False, False]), 1.0)
+    assert parts.prior_loss.item() == 0.0
+    assert parts.loss.item() == pytest.approx(4.0)
+
+
+def test_weights_apply_per_sample_before_the_split():
+    pred, target = preds([1, 1, 1, 1]), torch.zeros(4, 1, 1, 2)
+    weights = torch.tensor([1.0, 0.5, 0.25, 0.75])
+    parts = dreambooth_loss(pred, target, torch.tensor([False, False, True, True]), 1.0, weights)
+    assert parts.instance_loss.item() == pytest.approx(0.75)  # (1 + 0.5) / 2
+    assert parts.prior_loss.item() == pytest.approx(0.5)  # (0.25 + 0.75) / 2
+
+
+def test_loss_is_computed_in_fp32_for_half_predictions():
+    pred = preds([300, 0]).half()
+    parts = dreambooth_loss(pred, torch.zeros(2, 1, 1, 2).half(), torch.tensor([False, True]), 1.0)
+    assert parts.loss.dtype == torch.float32
+    assert parts.instance_loss.item() == pytest.approx(90000.0)  # overflows fp16's 65504 if squared in fp16
+
+
+def test_snr_from_alphas():
+    alphas = torch.tensor([0.8, 0.5, 0.2])
+    snr = snr_from_alphas(alphas, torch.tensor([0, 1, 2]))
+    assert snr.tolist() == pytest.approx([4.0, 1.0, 0.25])
+
+
+def test_min_snr_weights_epsilon_and_v():
+    snr = torch.tensor([4.0, 1.0, 0.25])
+    # epsilon: min(snr, 2) / snr
+    assert min_snr_weights(snr, 2.0, "epsilon").tolist() == pytest.approx([0.5, 1.0, 1.0])
+    # v-prediction: min(snr, 2) / (snr + 1)
+    assert min_snr_weights(snr, 2.0, "v_prediction").tolist() == pytest.approx([0.4, 0.5, 0.2])
+    with pytest.raises(ValueError):
+        min_snr_weights(snr, 2.0, "sample")
+
+
+def test_min_snr_with_prior_preservation_at_batch_2():
+    # the case that crashed diffusers (#5791): batch 2 + 2, weights follow each sample's own timestep
+    alphas = torch.tensor([0.8, 0.5])
+    timesteps = torch.tensor([0, 1, 1, 0])
+    w = min_snr_weights(snr_from_alphas(alphas, timesteps), 1.0, "epsilon")  # snr 4,1,1,4 -> 0.25,1,1,0.25
+    parts = dreambooth_loss(preds([2, 2, 2, 2]), torch.zeros(4, 1, 1, 2), torch.tensor([0, 0, 1, 1]).bool(), 1.0, w)
+    assert parts.instance_loss.item() == pytest.approx((4 * 0.25 + 4 * 1.0) / 2)
+    assert parts.prior_loss.item() == pytest.approx((4 * 1.0 + 4 * 0.25) / 2)
+
+
+def test_offset_noise_adds_a_per_channel_constant():
+    latents = torch.zeros(2, 3, 4, 4)
+    plain = noise_with_offset(latents, 0.0, torch.Generator().manual_seed(0))
+    shifted = noise_with_offset(latents, 0.5, torch.Generator().manual_seed(0))
+    diff = shifted - plain
+    assert diff.abs().sum() > 0
+    # the difference is constant over each channel's pixels
+    assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff))
+    again = noise_with_offset(latents, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(shifted, again)
