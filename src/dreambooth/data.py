@@ -25,7 +25,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 )
 
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})
+_NEAR_DUPLICATE_BITS = 5  # of 64: re-encoding or resizing flips 0-2 bits; unrelated images differ in about 32
 _EXIF_ORIENTATION = 0x0112
 _PHOTOS_HINT = "Put 3-10 photos of your subject (JPEG/PNG/WebP) there."
 
@@ -57,7 +58,8 @@ class ImageFolderReport:
     def format(self, label: str) -> str:
         """Multi-line report for the console, e.g. 'instance images (data/x): 5 usable, 1 rejected' + details."""
         if not self.folder.is_dir():
-            return f"{label} ({self.folder}): folder does not exist"
+            problem = "not a folder" if self.folder.exists() else "folder does not exist"
+            return f"{label} ({self.folder}): {problem}"
         lines = [f"{label} ({self.folder}): {len(self.usable)} usable, {len(self.rejected())} rejected"]
         lines += [f"  rejected  {issue.path.name}: {issue.reason}" for issue in self.rejected()]
         lines += [f"  note      {issue.path.name}: {issue.reason}" for issue in self.notes()]
@@ -156,7 +158,7 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
         notes.append("grayscale image: the model will learn it without colour")
 
     if mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBa" if mode == "La" else image.mode).convert("RGBA")
+        rgba = image.convert("RGBA")
         if rgba.getchannel("A").getextrema()[0] < 255:
             notes.append("transparent areas flattened onto white")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -216,7 +218,7 @@ def scan_image_folder(folder: Path, resolution: int, *, check_duplicates: bool =
         report.usable.append(path)
         if check_duplicates:
             fingerprints[path] = _fingerprint(image)
-    report.near_duplicates = _similar_pairs(fingerprints, threshold=5)
+    report.near_duplicates = _similar_pairs(fingerprints, _NEAR_DUPLICATE_BITS)
     return report
 
 
@@ -249,7 +251,9 @@ def check_instance_folder(report: ImageFolderReport, *, min_images: int = 1) -> 
 # ---------------------------------------------------------------------------------------------- near-duplicates
 
 
-def find_near_duplicates(paths: list[Path], hash_size: int = 8, threshold: int = 5) -> list[tuple[Path, Path]]:
+def find_near_duplicates(
+    paths: list[Path], hash_size: int = 8, threshold: int = _NEAR_DUPLICATE_BITS
+) -> list[tuple[Path, Path]]:
     """Pairs of images whose difference hashes (hash_size**2 bits) differ in at most `threshold` bits.
 
     dHash (Krawetz, "Kind of like that", 2013): a grayscale thumbnail, one bit per pair of neighbouring

@@ -1,0 +1,182 @@
+"""Building what training needs from the config: models, what trains, optimizer, schedule, data order."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from dreambooth.config import Config
+from dreambooth.data import DreamBoothDataset, collate_examples
+from dreambooth.errors import UserError
+from dreambooth.tokens import IdentifierPlan, add_identifier_token, train_only_rows
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Models:
+    """The pipeline parts training touches, and which of them learn."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    new_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def text_trains(self) -> bool:
+        return any(p.requires_grad for p in self.text_encoder.parameters())
+
+
+def check_runtime(cfg: Config) -> None:
+    """Settings the machine or the installed packages cannot honour, found before any weights load."""
+    t = cfg.training
+    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("training.mixed_precision: fp16 needs a CUDA GPU and none is available; use bf16 or no.")
+    if t.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("training.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes` "
+                        "(needs a CUDA GPU) or drop --use_8bit_adam.")
+    if cfg.model.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise UserError("model.enable_xformers_memory_efficient_attention: xformers is not installed; "
+                        "`pip install xformers` or drop the flag (PyTorch SDPA attention is used by default).")
+
+
+def load_models(cfg: Config, plan: IdentifierPlan, weight_dtype: torch.dtype) -> Models:
+    """Loads the base model's parts; frozen ones go to `weight_dtype`, trainable ones stay fp32."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from dreambooth.preflight import load_tokenizer
+
+    src = {"revision": cfg.model.revision}
+    base = cfg.model.pretrained_model
+    tokenizer = load_tokenizer(cfg)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=cfg.model.variant, **src)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=cfg.model.variant, **src)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=cfg.model.variant, **src)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **src)
+    models = Models(tokenizer, text_encoder, vae, unet, noise_scheduler)
+    models.new_token_ids = add_identifier_token(tokenizer, text_encoder, plan)
+    set_trainable(cfg, models)
+    # Trainable weights must be fp32 even when the checkpoint is fp16: the optimizer updates them.
+    for module in (unet, text_encoder):
+        trains = any(p.requires_grad for p in module.parameters())
+        module.to(dtype=torch.float32 if trains else weight_dtype)
+    vae.to(dtype=weight_dtype)
+    if cfg.training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.model.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if cfg.model.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    return models
+
+
+def set_trainable(cfg: Config, models: Models) -> None:
+    """UNet and text encoder as configured; a new token's embedding row always; the VAE never."""
+    models.vae.requires_grad_(False)
+    models.unet.requires_grad_(cfg.model.train_unet)
+    models.text_encoder.requires_grad_(cfg.model.train_text_encoder)
+    if models.new_token_ids and not cfg.model.train_text_encoder:
+        train_only_rows(models.text_encoder.get_input_embeddings(), models.new_token_ids)
+    models.unet.train(cfg.model.train_unet)
+    models.text_encoder.train(models.text_trains)
+
+
+def param_groups(cfg: Config, models: Models, lr_scale: float) -> list[dict]:
+    """Optimizer groups: UNet at learning_rate, the text side at text_encoder_lr.
+
+    A lone token embedding gets no weight decay: decay would shrink the frozen rows of the vocabulary, whose
+    gradients are zero, so only without it do they stay exactly as pretrained.
+    """
+    t = cfg.training
+    groups = []
+    unet_params = [p for p in models.unet.parameters() if p.requires_grad]
+    if unet_params:
+        groups.append({"params": unet_params, "lr": t.learning_rate * lr_scale, "weight_decay": t.adam_weight_decay})
+    text_params = [p for p in models.text_encoder.parameters() if p.requires_grad]
+    if text_params:
+        decay = t.adam_weight_decay if cfg.model.train_text_encoder else 0.0
+        groups.append({"params": text_params, "lr": t.text_encoder_lr * lr_scale, "weight_decay": decay})
+    return groups
+
+
+def make_optimizer(cfg: Config, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: 8-bit from bitsandbytes when asked, else torch's fused kernel on GPU and foreach on CPU."""
+    t = cfg.training
+    kw = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
+    if t.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **kw)
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, **kw, **fast)
+
+
+def make_lr_scheduler(cfg: Config, optimizer, num_processes: int, total_steps: int):
+    """diffusers' schedules; counts are multiplied by the process count because accelerate steps the
+    scheduler once per process."""
+    from diffusers.optimization import get_scheduler
+
+    t = cfg.training
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * num_processes,
+                         num_training_steps=total_steps * num_processes, num_cycles=t.lr_num_cycles,
+                         power=t.lr_power)
+
+
+class EpochSampler(Sampler):
+    """A shuffled order that depends only on (seed, epoch), so a resumed run sees the same batches."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=g).tolist())
+
+
+def make_dataloader(cfg: Config, instance: list[Path], classes: list[Path] | None) -> DataLoader:
+    ds = cfg.dataset
+    dataset = DreamBoothDataset(
+        instance, ds.instance_prompt, cfg.training.resolution,
+        class_images=classes, class_prompt=ds.class_prompt if classes else None,
+        center_crop=ds.center_crop, random_flip=ds.random_flip, seed=cfg.training.seed)
+    return DataLoader(dataset, batch_size=cfg.training.batch_size, sampler=EpochSampler(len(dataset), cfg.training.seed),
+                      collate_fn=collate_examples, num_workers=cfg.training.dataloader_num_workers)
+
+
+class PromptEncoder:
+    """Prompt embeddings; cached per prompt while the text side is frozen (DreamBooth has two prompts)."""
+
+    def __init__(self, cfg: Config, models: Models, device: torch.device) -> None:
+        self.models, self.device = models, device
+        self.max_length = cfg.training.tokenizer_max_length or models.tokenizer.model_max_length
+        self.use_mask = cfg.training.text_encoder_use_attention_mask
+        self.cache: dict[str, torch.Tensor] | None = None if models.text_trains else {}
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.models.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                                    return_tensors="pt")
+        mask = tok.attention_mask.to(self.device) if self.use_mask else None
+        return self.models.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        if self.cache is None:
+            return self._encode(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            with torch.no_grad():
+                for p, e in zip(missing, self._encode(missing)):
+                    self.cache[p] = e
+        return torch.stack([self.cache[p] for p in prompts])

@@ -1,0 +1,87 @@
+"""The subject's identifier: how it tokenizes, adding it as a new token, and training only its embedding row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dreambooth.errors import UserError
+
+
+@dataclass
+class IdentifierPlan:
+    """How the identifier will be represented: a new token, an existing single token, or several pieces."""
+
+    identifier: str | None
+    kind: str  # "new", "existing", "split" or "none"
+    pieces: list[str] = field(default_factory=list)
+    initializer: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "none":
+            return "identifier: none given or inferred; the whole instance prompt names the subject"
+        if self.kind == "new":
+            return (f"identifier '{self.identifier}': a new token, added to the tokenizer, its embedding "
+                    f"initialised from '{self.initializer}' and trained")
+        if self.kind == "existing":
+            return f"identifier '{self.identifier}': an existing single token, used as is"
+        return (f"identifier '{self.identifier}': splits into {len(self.pieces)} tokens {self.pieces}; the model "
+                "learns the subject through these pieces, which also carry their own meanings. A rare single token "
+                "(e.g. 'sks') or a new token written in angle brackets (e.g. '<my_dog>') is cleaner.")
+
+
+def wants_new_token(identifier: str) -> bool:
+    """A new token is written in angle brackets, as textual inversion does: '<saya_token>'."""
+    return identifier.startswith("<") and identifier.endswith(">") and len(identifier) > 2 and " " not in identifier
+
+
+def plan_identifier(tokenizer, identifier: str | None, initializer: str | None) -> IdentifierPlan:
+    """Decides how the identifier is handled, before any weights load (needs only the tokenizer)."""
+    if not identifier:
+        return IdentifierPlan(None, "none")
+    if wants_new_token(identifier) and identifier not in tokenizer.get_vocab():
+        if not initializer:
+            raise UserError(f"token.initializer: the new token '{identifier}' needs an initializer word whose "
+                            "embedding it starts from; set token.initializer (or token.class_word), e.g. 'girl'.")
+        return IdentifierPlan(identifier, "new", [identifier], initializer)
+    pieces = tokenizer.tokenize(identifier)
+    return IdentifierPlan(identifier, "existing" if len(pieces) == 1 else "split", pieces)
+
+
+def add_identifier_token(tokenizer, text_encoder, plan: IdentifierPlan) -> list[int]:
+    """Adds a new identifier token and starts its embedding at the initializer's (mean over its pieces).
+
+    Returns the ids of the added tokens ([] when nothing was added).
+    """
+    if plan.kind != "new":
+        return []
+    init_ids = tokenizer(plan.initializer, add_special_tokens=False).input_ids
+    if not init_ids:
+        raise UserError(f"token.initializer '{plan.initializer}' tokenizes to nothing; pick a plain word.")
+    if plan.identifier not in tokenizer.get_vocab():
+        tokenizer.add_tokens([plan.identifier])
+    new_id = tokenizer.convert_tokens_to_ids(plan.identifier)
+    if text_encoder.get_input_embeddings().weight.shape[0] <= new_id:
+        text_encoder.resize_token_embeddings(len(tokenizer))
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[new_id] = weight[init_ids].mean(dim=0)
+    return [new_id]
+
+
+def train_only_rows(embedding: torch.nn.Embedding, row_ids: list[int]) -> None:
+    """Makes only `row_ids` of the embedding learn: gradients of every other row are zeroed.
+
+    With zero gradients and no weight decay (the optimizer group for this weight has none), AdamW leaves those
+    rows exactly unchanged, so the rest of the vocabulary keeps its pretrained meaning.
+    """
+    mask = torch.zeros(embedding.weight.shape[0], 1, dtype=embedding.weight.dtype, device=embedding.weight.device)
+    mask[row_ids] = 1.0
+    embedding.weight.requires_grad_(True)
+    embedding.weight.register_hook(lambda grad: grad * mask.to(grad.dtype))
+
+
+def prompt_token_count(tokenizer, prompt: str) -> int:
+    """Tokens the prompt takes, start and end tokens included."""
+    return len(tokenizer(prompt, truncation=False).input_ids)

@@ -1,0 +1,343 @@
+"""The training run: pre-flight, class images, setup, the loop (step, checkpoint, validate, log), final save."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dreambooth.checkpoint import (StopRequest, load_checkpoint, remove_partial_saves, resolve_resume,
+                                   save_checkpoint)
+from dreambooth.components import (DTYPES, Models, PromptEncoder, check_runtime, load_models, make_dataloader,
+                                   make_lr_scheduler, make_optimizer, param_groups)
+from dreambooth.config import Config, dump_config
+from dreambooth.errors import UserError
+from dreambooth.loss import LossParts, dreambooth_loss, min_snr_weights, noise_with_offset, snr_from_alphas
+from dreambooth.preflight import Preflight, run_preflight
+from dreambooth.runinfo import library_versions, move_into, write_json_atomic, write_text_atomic
+
+
+class TrainingStopped(Exception):
+    """Raised after an interrupt has been saved as a checkpoint."""
+
+
+def training_step(cfg: Config, models: Models, batch: dict, encode: PromptEncoder, generator: torch.Generator,
+                  weight_dtype: torch.dtype) -> LossParts:
+    """One forward pass: encode images, add noise at per-sample timesteps, predict, and score."""
+    vae, unet, sched = models.vae, models.unet, models.noise_scheduler
+    pixels = batch["pixel_values"].to(device=generator.device, dtype=weight_dtype)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator).float() * vae.config.scaling_factor
+    noise = noise_with_offset(latents, cfg.training.noise_offset, generator)
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                              device=latents.device)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    prediction_type = sched.config.prediction_type
+    target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, encode(batch["prompts"])).sample
+    weights = None
+    if cfg.training.snr_gamma is not None:
+        snr = snr_from_alphas(sched.alphas_cumprod, timesteps)
+        weights = min_snr_weights(snr, cfg.training.snr_gamma, prediction_type)
+    return dreambooth_loss(pred, target, batch["is_prior"].to(latents.device), cfg.training.prior_loss_weight,
+                           weights)
+
+
+@dataclass
+class Run:
+    """The live objects of one run, passed between the loop's parts."""
+
+    cfg: Config
+    accelerator: object
+    models: Models
+    optimizer: object
+    lr_scheduler: object
+    loader: object
+    generator: torch.Generator
+    weight_dtype: torch.dtype
+    out: Path
+    total_steps: int
+    global_step: int = 0
+
+
+def batch_stream(run: Run, batches_done: int):
+    """Batches forever, epoch after epoch, starting `batches_done` batches in (for resuming mid-epoch)."""
+    per_epoch = len(run.loader)
+    epoch, skip = divmod(batches_done, per_epoch)
+    while True:
+        run.loader.set_epoch(epoch)
+        it = run.accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
+        for batch in it:
+            yield batch
+        epoch, skip = epoch + 1, 0
+
+
+def trained_modules(run: Run) -> list[torch.nn.Module]:
+    return [m for m in (run.models.unet, run.models.text_encoder) if any(p.requires_grad for p in m.parameters())]
+
+
+def loop(run: Run, start_step: int, stop: StopRequest) -> None:
+    """Steps until total_steps; checkpoints, validates and logs on their intervals; stops cleanly on request."""
+    cfg, acc = run.cfg, run.accelerator
+    encode = PromptEncoder(cfg, run.models, acc.device)
+    modules = trained_modules(run)
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    logger = MetricsLog(run)
+    bar = tqdm(total=run.total_steps, initial=start_step, desc="training", unit="step",
+               disable=not acc.is_local_main_process)
+    batches = batch_stream(run, start_step * cfg.training.gradient_accumulation_steps)
+    run.global_step = start_step
+    while run.global_step < run.total_steps:
+        with acc.accumulate(*modules):
+            parts = training_step(cfg, run.models, next(batches), encode, run.generator, run.weight_dtype)
+            acc.backward(parts.loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(params, cfg.training.max_grad_norm)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        logger.add(parts)
+        if not acc.sync_gradients:
+            continue
+        run.global_step += 1
+        bar.update(1)
+        if logger.due():
+            bar.set_postfix(logger.flush(), refresh=False)
+        if run.global_step % cfg.output.checkpointing_steps == 0 or stop.requested:
+            checkpoint(run)
+        if stop.requested:
+            bar.close()
+            raise TrainingStopped(f"stopped at step {run.global_step}; resume with --resume_from_checkpoint latest")
+        if cfg.validation.prompts and (run.global_step % cfg.validation.steps == 0
+                                       or run.global_step == run.total_steps):
+            validate(run)
+    bar.close()
+    logger.close()
+
+
+class MetricsLog:
+    """Loss, LR and step time to a JSON-lines file (always) and TensorBoard (when installed).
+
+    Losses are summed on the device and read only every `logging_steps`, so the loop has no per-step host sync.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.path = run.out / run.cfg.output.logging_dir / "train_log.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sums: torch.Tensor | None = None
+        self.count = 0
+        self.t0 = time.perf_counter()
+        self.steps_at_t0 = run.global_step
+
+    def add(self, parts: LossParts) -> None:
+        values = torch.stack([parts.loss.detach(), parts.instance_loss.detach(), parts.prior_loss.detach()])
+        self.sums = values if self.sums is None else self.sums + values
+        self.count += 1
+
+    def due(self) -> bool:
+        step = self.run.global_step
+        return step % self.run.cfg.output.logging_steps == 0 or step == self.run.total_steps or step == 1
+
+    def flush(self) -> dict:
+        loss, inst, prior = (self.sums / max(self.count, 1)).tolist()
+        now, steps = time.perf_counter(), self.run.global_step - self.steps_at_t0
+        record = {"step": self.run.global_step, "loss": loss, "instance_loss": inst, "prior_loss": prior,
+                  "lr": self.run.lr_scheduler.get_last_lr()[0], "step_time_s": (now - self.t0) / max(steps, 1)}
+        self.sums, self.count, self.t0, self.steps_at_t0 = None, 0, now, self.run.global_step
+        if self.run.accelerator.is_main_process:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            self.run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        return {"loss": f"{loss:.4f}", "lr": f"{record['lr']:.2e}"}
+
+    def close(self) -> None:
+        self.run.accelerator.end_training()
+
+
+def checkpoint(run: Run) -> None:
+    state = {"base_model": run.cfg.model.pretrained_model, "total_steps": run.total_steps,
+             "versions": library_versions()}
+    extra = {"config.yaml": dump_config(run.cfg)}
+    path = save_checkpoint(run.accelerator, run.out, run.global_step, state, run.generator,
+                           run.cfg.output.checkpoints_total_limit, extra)
+    if run.models.new_token_ids and run.accelerator.is_main_process:
+        run.models.tokenizer.save_pretrained(path / "tokenizer")
+
+
+def validate(run: Run) -> None:
+    """Samples the validation prompts with the same code as `dreambooth generate`; saves a grid per step."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth.generate import GenerationSettings, generate_images, make_grid, make_scheduler
+
+    acc, v, m = run.accelerator, run.cfg.validation, run.models
+    if not acc.is_main_process:
+        return
+    pipe = StableDiffusionPipeline(
+        vae=m.vae, text_encoder=acc.unwrap_model(m.text_encoder), tokenizer=m.tokenizer,
+        unet=acc.unwrap_model(m.unet), scheduler=make_scheduler(v.scheduler, m.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    res = run.cfg.training.resolution
+    settings = GenerationSettings(prompts=v.prompts, negative_prompt=v.negative_prompt, steps=v.num_inference_steps,
+                                  guidance=v.guidance_scale, seeds=[v.seed], num_images=v.num_images,
+                                  scheduler=v.scheduler, height=res, width=res)
+    with torch.no_grad(), acc.autocast():
+        results = generate_images(pipe, settings)
+    grid = make_grid([img for img, _ in results], cols=v.num_images)
+    path = run.out / "samples" / f"step-{run.global_step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def save_final_model(run: Run) -> None:
+    """The trained pipeline in diffusers format at the output dir, loadable by stock from_pretrained.
+
+    Frozen parts are read again from the base model rather than saved from their low-precision training
+    copies, so nothing is silently saved in fp16 beside an fp32 UNet; everything is then cast to the
+    requested save precision together.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    acc, cfg, m = run.accelerator, run.cfg, run.models
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return
+    parts = {"unet": acc.unwrap_model(m.unet), "tokenizer": m.tokenizer}
+    if m.text_trains:
+        parts["text_encoder"] = acc.unwrap_model(m.text_encoder)
+    if cfg.output.skip_save_text_encoder:
+        parts["text_encoder"] = None
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.model.pretrained_model, revision=cfg.model.revision,
+                                                   variant=cfg.model.variant, **parts)
+    pipe.to(dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.output.save_precision])
+    tmp = run.out / ".final-model.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    move_into(tmp, run.out, last="model_index.json")
+
+
+def make_accelerator(cfg: Config, out: Path):
+    import importlib.util
+
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+    tensorboard = cfg.output.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is not None
+    # sync_with_dataloader=False: an optimizer step is always exactly gradient_accumulation_steps batches, also
+    # across epoch ends, so a step count maps to a batch count and resuming lands on the same batch.
+    plugin = GradientAccumulationPlugin(num_steps=cfg.training.gradient_accumulation_steps,
+                                        sync_with_dataloader=False)
+    return Accelerator(gradient_accumulation_plugin=plugin, mixed_precision=cfg.training.mixed_precision,
+                       log_with="tensorboard" if tensorboard else None,
+                       project_config=ProjectConfiguration(project_dir=str(out),
+                                                           logging_dir=str(out / cfg.output.logging_dir)))
+
+
+def write_run_info(cfg: Config, out: Path, report: Preflight) -> None:
+    write_text_atomic(out / "config.yaml", dump_config(cfg))
+    write_json_atomic(out / "run_info.json", {
+        "base_model": cfg.model.pretrained_model, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "identifier": report.identifier.describe(), "prediction_type": report.prediction_type,
+        "instance_images": [str(p) for p in report.instance.usable], "versions": library_versions()})
+
+
+def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[Path] | None:
+    """The class images to train with, generating the missing ones on the main process."""
+    if not cfg.dataset.with_prior_preservation:
+        return None
+    from dreambooth.class_images import ensure_class_images
+    from dreambooth.generate import load_pipeline, pick_dtype
+
+    ds = cfg.dataset
+    precision = ds.prior_generation_precision
+
+    def load_pipe():
+        return load_pipeline(cfg.model.pretrained_model, device=accelerator.device,
+                             dtype=pick_dtype(precision, accelerator.device), safety_checker=False,
+                             revision=cfg.model.revision, variant=cfg.model.variant)
+
+    with accelerator.main_process_first():
+        images = ensure_class_images(ds.class_dir, prompt=ds.class_prompt, model=cfg.model.pretrained_model,
+                                     resolution=cfg.training.resolution, num_images=ds.num_class_images,
+                                     seed=cfg.training.seed, load_pipe=load_pipe, batch_size=ds.sample_batch_size)
+    if not images:
+        raise UserError(f"dataset.class_dir: {ds.class_dir} holds no usable class image after generation.")
+    return images
+
+
+def setup(cfg: Config, report: Preflight) -> tuple[Run, Path | None]:
+    """Accelerator, class images, models, data, optimizer; returns the run and the checkpoint to resume."""
+    from accelerate.utils import set_seed
+
+    out = cfg.output.output_dir
+    accelerator = make_accelerator(cfg, out)
+    set_seed(cfg.training.seed)
+    if cfg.training.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    classes = prepare_class_images(cfg, accelerator, report)
+    weight_dtype = DTYPES[cfg.training.mixed_precision]
+    models = load_models(cfg, report.identifier, weight_dtype)
+    loader = make_dataloader(cfg, report.instance.usable, classes)
+    t = cfg.training
+    scale = t.gradient_accumulation_steps * t.batch_size * accelerator.num_processes if t.scale_lr else 1.0
+    optimizer = make_optimizer(cfg, param_groups(cfg, models, scale), accelerator.device)
+    loader = accelerator.prepare(loader)
+    total = t.max_train_steps or t.num_train_epochs * math.ceil(len(loader) / t.gradient_accumulation_steps)
+    lr_scheduler = make_lr_scheduler(cfg, optimizer, accelerator.num_processes, total)
+    trained = [m for m in (models.unet, models.text_encoder) if any(p.requires_grad for p in m.parameters())]
+    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    for module, wrapped in zip(trained, prepared):
+        setattr(models, "unet" if module is models.unet else "text_encoder", wrapped)
+    optimizer, lr_scheduler = prepared[-2:]
+    for module in (models.vae, models.unet, models.text_encoder):
+        module.to(accelerator.device)
+    generator = torch.Generator(device=accelerator.device).manual_seed(t.seed + accelerator.process_index)
+    if accelerator.is_main_process and accelerator.trackers == [] and accelerator.log_with:
+        accelerator.init_trackers("dreambooth")
+    run = Run(cfg, accelerator, models, optimizer, lr_scheduler, loader, generator, weight_dtype, out, total)
+    return run, resolve_resume(out, cfg.output.resume_from_checkpoint)
+
+
+def resume(run: Run, path: Path | None) -> int:
+    """Loads a checkpoint into the run; returns the step to continue from."""
+    if path is None:
+        return 0
+    state = load_checkpoint(run.accelerator, path, run.generator)
+    if state.get("base_model") != run.cfg.model.pretrained_model:
+        raise UserError(f"output.resume_from_checkpoint: {path} was trained from {state.get('base_model')}, not "
+                        f"{run.cfg.model.pretrained_model}; resume with the same base model or start a new output_dir.")
+    print(f"resumed from {path} at step {state['global_step']}")
+    return int(state["global_step"])
+
+
+def train(cfg: Config, config_path: Path | None = None) -> Path:
+    """Runs a whole DreamBooth training job; returns the output folder."""
+    check_runtime(cfg)
+    report = run_preflight(cfg)
+    out = cfg.output.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    remove_partial_saves(out)
+    run, resume_path = setup(cfg, report)
+    if run.accelerator.is_main_process:
+        write_run_info(cfg, out, report)
+    start = resume(run, resume_path)
+    with StopRequest() as stop:
+        try:
+            loop(run, start, stop)
+        except TrainingStopped as e:
+            raise UserError(str(e)) from None
+    save_final_model(run)
+    if run.accelerator.is_main_process:
+        print(f"done: model in {out} (StableDiffusionPipeline.from_pretrained), checkpoints, samples/ and "
+              f"{cfg.output.logging_dir}/ beside it")
+    return out
