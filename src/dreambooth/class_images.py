@@ -53,7 +53,7 @@ def missing_count(class_dir: Path, resolution: int, wanted: int) -> int:
 
 
 def ensure_class_images(class_dir: Path, *, prompt: str, model: str, resolution: int, num_images: int,
-                        seed: int, load_pipe, batch_size: int) -> list[Path]:
+                        seed: int, load_pipe, batch_size: int, steps: int = 30) -> list[Path]:
     """Makes `class_dir` hold at least `num_images` usable images; returns them all.
 
     `load_pipe()` is called only when images are missing. Each image has its own seed, recorded in the manifest
@@ -72,7 +72,8 @@ def ensure_class_images(class_dir: Path, *, prompt: str, model: str, resolution:
         bar = tqdm(total=missing, desc="generating class images", unit="img")
         for start in range(0, missing, batch_size):
             chunk = seeds[start:start + batch_size]
-            settings = GenerationSettings(prompts=[prompt], seeds=chunk, height=resolution, width=resolution)
+            settings = GenerationSettings(prompts=[prompt], seeds=chunk, steps=steps, height=resolution,
+                                          width=resolution)
             for image, meta in generate_images(pipe, settings, batch_size=batch_size):
                 name = f"class-{meta['seed']:06d}.png"
                 tmp = class_dir / f".{name}.tmp"

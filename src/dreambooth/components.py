@@ -64,10 +64,11 @@ def load_models(cfg: Config, plan: IdentifierPlan, weight_dtype: torch.dtype) ->
     models.new_token_ids = add_identifier_token(tokenizer, text_encoder, plan)
     set_trainable(cfg, models)
     # Trainable weights must be fp32 even when the checkpoint is fp16: the optimizer updates them.
-    for module in (unet, text_encoder):
+    for module in (unet, text_encoder, vae):
         trains = any(p.requires_grad for p in module.parameters())
-        module.to(dtype=torch.float32 if trains else weight_dtype)
-    vae.to(dtype=weight_dtype)
+        dtype = torch.float32 if trains else weight_dtype
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
     if cfg.training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.model.train_text_encoder:

@@ -269,7 +269,8 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[Pa
     with accelerator.main_process_first():
         images = ensure_class_images(ds.class_dir, prompt=ds.class_prompt, model=cfg.model.pretrained_model,
                                      resolution=cfg.training.resolution, num_images=ds.num_class_images,
-                                     seed=cfg.training.seed, load_pipe=load_pipe, batch_size=ds.sample_batch_size)
+                                     seed=cfg.training.seed, load_pipe=load_pipe, batch_size=ds.sample_batch_size,
+                                     steps=ds.class_inference_steps)
     if not images:
         raise UserError(f"dataset.class_dir: {ds.class_dir} holds no usable class image after generation.")
     return images
@@ -328,16 +329,31 @@ def train(cfg: Config, config_path: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     remove_partial_saves(out)
     run, resume_path = setup(cfg, report)
-    if run.accelerator.is_main_process:
-        write_run_info(cfg, out, report)
-    start = resume(run, resume_path)
-    with StopRequest() as stop:
-        try:
-            loop(run, start, stop)
-        except TrainingStopped as e:
-            raise UserError(str(e)) from None
-    save_final_model(run)
-    if run.accelerator.is_main_process:
-        print(f"done: model in {out} (StableDiffusionPipeline.from_pretrained), checkpoints, samples/ and "
-              f"{cfg.output.logging_dir}/ beside it")
+    try:
+        if run.accelerator.is_main_process:
+            write_run_info(cfg, out, report)
+        start = resume(run, resume_path)
+        with StopRequest() as stop:
+            try:
+                loop(run, start, stop)
+            except TrainingStopped as e:
+                raise UserError(str(e)) from None
+        save_final_model(run)
+    finally:
+        release(run.accelerator)
+    print(f"done: model in {out} (StableDiffusionPipeline.from_pretrained), checkpoints, samples/ and "
+          f"{cfg.output.logging_dir}/ beside it")
     return out
+
+
+def release(accelerator) -> None:
+    """Lets a later run in the same process (the demo, tests, a notebook) set up its own accelerator.
+
+    accelerate keeps its state in a process-wide singleton that refuses a second, different mixed-precision
+    setting; a single-process run resets it when done. A multi-process job ends with the process anyway.
+    """
+    from accelerate.state import AcceleratorState
+
+    if accelerator.num_processes == 1:
+        accelerator.free_memory()
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -1,0 +1,60 @@
+"""`dreambooth init`: the project layout of DESIGN.md, ready for photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from dreambooth.errors import UserError
+
+PROJECT_README = """# DreamBooth project: {identifier} {class_word}
+
+1. Put 3-10 photos of your subject in `data/instance/` (JPEG/PNG/WebP; varied backgrounds and poses,
+   the subject clearly visible, at least {resolution} px on the short side).
+2. Set `model.pretrained_model` in `config.yaml` to a Stable Diffusion folder in diffusers format.
+3. Train: `dreambooth train --config config.yaml` (any option can be overridden, e.g. `--max_train_steps 400`).
+   Class images for prior preservation are generated into `data/class/` the first time and reused.
+4. Generate: `dreambooth generate --model output --prompt "a photo of {identifier} {class_word} on a beach"`.
+
+Prompts: `prompts/instance.txt` and `prompts/class.txt` (first non-comment line; `{{identifier}}` and
+`{{class_word}}` are filled in from `config.yaml`).
+"""
+
+
+def project_config(identifier: str, class_word: str, model: str) -> dict:
+    """The config.yaml that init writes: DESIGN.md's sections, with prior preservation on."""
+    return {
+        "model": {"pretrained_model": model, "train_unet": True, "train_text_encoder": False},
+        "token": {"identifier": identifier, "initializer": class_word, "class_word": class_word},
+        "training": {"resolution": 512, "batch_size": 1, "gradient_accumulation_steps": 1, "learning_rate": 5e-6,
+                     "max_train_steps": 800, "prior_loss_weight": 1.0, "mixed_precision": "no", "seed": 0},
+        "dataset": {"instance_dir": "data/instance", "class_dir": "data/class", "with_prior_preservation": True,
+                    "num_class_images": 200},
+        "validation": {"prompts": [f"a photo of {identifier} {class_word} on a beach"], "steps": 200},
+        "output": {"output_dir": "output", "checkpointing_steps": 200, "checkpoints_total_limit": 2},
+    }
+
+
+def init_project(directory: Path, *, identifier: str, class_word: str, model: str, force: bool = False) -> None:
+    """Writes data/instance, data/class, prompts/, config.yaml and a README; never overwrites without --force."""
+    config = directory / "config.yaml"
+    if config.exists() and not force:
+        raise UserError(f"{config} already exists; pass --force to overwrite it (photos and prompts are kept).")
+    if not class_word.strip() or not identifier.strip():
+        raise UserError("--identifier and --class-word must not be empty.")
+    for sub in ("data/instance", "data/class", "prompts"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+    prompts = {"instance.txt": "a photo of {identifier} {class_word}", "class.txt": "a photo of a {class_word}"}
+    for name, text in prompts.items():
+        path = directory / "prompts" / name
+        if not path.exists():
+            path.write_text(f"# first non-comment line is used\n{text}\n", encoding="utf-8")
+    cfg = project_config(identifier, class_word, model)
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    readme = directory / "README.md"
+    if not readme.exists() or force:
+        readme.write_text(PROJECT_README.format(identifier=identifier, class_word=class_word, resolution=512),
+                          encoding="utf-8")
+    print(f"project written to {directory}: put photos in {directory / 'data/instance'}, set "
+          f"model.pretrained_model in {config}, then `dreambooth train --config {config}`")

@@ -1,0 +1,154 @@
+"""The config: DESIGN.md's YAML as written, diffusers' flags, and every problem reported at once by key."""
+
+import textwrap
+
+import pytest
+
+from dreambooth.cli import build_parser, config_overrides
+from dreambooth.config import Config, all_keys, dump_config, field_flags, load_config
+from dreambooth.errors import UserError
+
+DESIGN_YAML = """\
+model:    {pretrained_model: stabilityai/stable-diffusion-2-1-base, train_unet: true, train_text_encoder: false}
+token:    {identifier: "<saya_token>", initializer: "girl"}
+training: {resolution: 512, batch_size: 1, gradient_accumulation_steps: 4, learning_rate: 5e-6,
+           max_train_steps: 800, prior_loss_weight: 1.0}
+dataset:  {instance_dir: data/instance, class_dir: data/class}
+"""
+
+
+def write(tmp_path, text, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def overrides(argv):
+    return config_overrides(build_parser().parse_args(["train", *argv]))
+
+
+def test_design_yaml_loads_as_written(tmp_path):
+    path = write(tmp_path, DESIGN_YAML)
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "instance.txt").write_text("# comment\na photo of {identifier} girl\n")
+    cfg = load_config(path)
+    assert cfg.training.learning_rate == 5e-6  # YAML reads 5e-6 as a string
+    assert cfg.training.gradient_accumulation_steps == 4
+    assert cfg.token.identifier == "<saya_token>"
+    assert cfg.dataset.instance_prompt == "a photo of <saya_token> girl"
+    # paths in a config file are relative to the file's folder
+    assert cfg.dataset.instance_dir == tmp_path / "data" / "instance"
+    assert cfg.model.pretrained_model == "stabilityai/stable-diffusion-2-1-base"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, DESIGN_YAML), {"dataset.instance_prompt": "a photo of <saya_token> girl"})
+    again = load_config(write(tmp_path, dump_config(cfg), "resolved.yaml"))
+    assert again.model_dump() == cfg.model_dump()
+
+
+def test_issue_command_line_maps_onto_the_config():
+    argv = ("--pretrained_model_name_or_path M --instance_data_dir D --instance_prompt", "a photo of sks dog",
+            "--with_prior_preservation --class_data_dir C --class_prompt", "a photo of dog",
+            "--num_class_images 10 --resolution 64 --train_batch_size 1 --max_train_steps 6 --checkpointing_steps 2 "
+            "--checkpoints_total_limit 2 --output_dir OUT")
+    args = []
+    for chunk in argv:
+        args += [chunk] if chunk.startswith("a photo") else chunk.split()
+    cfg = load_config(None, overrides(args))
+    assert cfg.model.pretrained_model == "M"
+    assert str(cfg.dataset.instance_dir) == "D" and str(cfg.dataset.class_dir) == "C"
+    assert cfg.dataset.with_prior_preservation and cfg.dataset.num_class_images == 10
+    assert cfg.training.resolution == 64 and cfg.training.batch_size == 1 and cfg.training.max_train_steps == 6
+    assert cfg.output.checkpointing_steps == 2 and cfg.output.checkpoints_total_limit == 2
+    assert str(cfg.output.output_dir) == "OUT"
+    assert cfg.token.identifier == "sks"  # inferred: the word the class prompt lacks
+
+
+def test_every_diffusers_flag_is_accepted():
+    sd_flags = """pretrained_model_name_or_path revision variant tokenizer_name instance_data_dir class_data_dir
+    instance_prompt class_prompt with_prior_preservation prior_loss_weight num_class_images output_dir seed resolution
+    center_crop train_text_encoder train_batch_size sample_batch_size num_train_epochs max_train_steps
+    checkpointing_steps checkpoints_total_limit resume_from_checkpoint gradient_accumulation_steps
+    gradient_checkpointing learning_rate scale_lr lr_scheduler lr_warmup_steps lr_num_cycles lr_power use_8bit_adam
+    dataloader_num_workers adam_beta1 adam_beta2 adam_weight_decay adam_epsilon max_grad_norm logging_dir
+    allow_tf32 report_to validation_prompt num_validation_images validation_steps mixed_precision
+    prior_generation_precision local_rank enable_xformers_memory_efficient_attention set_grads_to_none offset_noise
+    snr_gamma pre_compute_text_embeddings tokenizer_max_length text_encoder_use_attention_mask skip_save_text_encoder
+    validation_scheduler random_flip text_encoder_lr""".split()
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    known = {s for a in train._actions for s in a.option_strings}
+    missing = [f for f in sd_flags if f"--{f}" not in known]
+    assert missing == []
+
+
+def test_flags_are_unique():
+    flags = [f for key in all_keys() for f in field_flags(*key.split("."))]
+    assert len(flags) == len(set(flags))
+
+
+def test_offset_noise_flag_means_point_one():
+    assert overrides(["--offset_noise"])["training.noise_offset"] == 0.1
+
+
+def test_hub_upload_flags_are_refused_clearly():
+    with pytest.raises(UserError, match="push_to_hub"):
+        overrides(["--push_to_hub"])
+
+
+def test_all_problems_reported_at_once_by_key(tmp_path):
+    path = write(tmp_path, """\
+        model: {pretrained_model: m}
+        training: {max_train_steps: 0, learning_rate: -1e-5, learning_rat: 1}
+        dataset: {instance_prompt: a photo of sks dog, with_prior_preservation: true}
+        """)
+    with pytest.raises(UserError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "4 problem(s)" in msg
+    assert "training.max_train_steps: input should be greater than 0" in msg
+    assert "training.learning_rate: input should be greater than 0" in msg
+    assert "training.learning_rat: unknown key; did you mean 'training.learning_rate'?" in msg
+    assert "dataset.class_prompt: prior preservation is on but no class prompt" in msg
+    assert str(path) in msg
+
+
+def test_unknown_section_suggests_the_closest():
+    with pytest.raises(UserError, match="trainng: unknown key; did you mean 'training'"):
+        load_config(None, {"model.pretrained_model": "m", "dataset.instance_prompt": "x", "trainng.seed": 1})
+
+
+def test_missing_model_and_prompt_are_named():
+    with pytest.raises(UserError) as e:
+        load_config(None, {})
+    assert "model.pretrained_model" in str(e.value) and "dataset.instance_prompt" in str(e.value)
+
+
+def test_broken_yaml_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: {pretrained_model: [\n"))
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_defaults_resolved_and_recorded():
+    cfg = load_config(None, {"model.pretrained_model": "m", "dataset.instance_prompt": "a photo of sks dog"})
+    assert isinstance(cfg.training.seed, int)
+    assert cfg.training.max_train_steps == 800
+    assert cfg.training.text_encoder_lr == cfg.training.learning_rate
+    cfg2 = load_config(None, {"model.pretrained_model": "m", "dataset.instance_prompt": "x",
+                              "training.num_train_epochs": 3})
+    assert cfg2.training.max_train_steps is None
+
+
+def test_prompts_from_identifier_and_class_word():
+    cfg = load_config(None, {"model.pretrained_model": "m", "token.identifier": "<zz>", "token.class_word": "cat",
+                             "dataset.with_prior_preservation": True})
+    assert cfg.dataset.instance_prompt == "a photo of <zz> cat"
+    assert cfg.dataset.class_prompt == "a photo of a cat"
+    assert cfg.token.initializer == "cat"
+
+
+def test_config_type_is_the_design_sections():
+    assert list(Config.model_fields)[:4] == ["model", "token", "training", "dataset"]

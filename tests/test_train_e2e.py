@@ -1,0 +1,179 @@
+"""End-to-end training runs on the tiny model, on CPU: the issue's command, resume equivalence, new tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import remember_class_dir
+from dreambooth import train as train_module
+from dreambooth.cli import main
+from dreambooth.class_images import MANIFEST
+from dreambooth.config import load_config
+from dreambooth.errors import UserError
+from dreambooth.train import train
+
+UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
+
+
+def base_overrides(model, instance_dir, class_dir, out, **extra):
+    values = {
+        "model.pretrained_model": str(model), "dataset.instance_dir": str(instance_dir),
+        "dataset.class_dir": str(class_dir), "dataset.instance_prompt": "a photo of sks dog",
+        "dataset.class_prompt": "a photo of dog", "dataset.with_prior_preservation": True,
+        "dataset.num_class_images": 4, "dataset.class_inference_steps": 2, "training.resolution": 64,
+        "training.learning_rate": 1e-3, "training.seed": 7, "output.output_dir": str(out),
+        "output.checkpointing_steps": 3, "output.logging_steps": 1, "output.report_to": "none",
+    }
+    values.update(extra)
+    return values
+
+
+def test_issue_command_end_to_end(tiny_model, instance_dir, class_dir, class_dir_cache, tmp_path, capsys):
+    out = tmp_path / "OUT"
+    argv = ["train", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(instance_dir),
+            "--instance_prompt", "a photo of sks dog", "--with_prior_preservation", "--class_data_dir", str(class_dir),
+            "--class_prompt", "a photo of dog", "--num_class_images", "4", "--class_inference_steps", "2",
+            "--resolution", "64", "--train_batch_size", "1", "--max_train_steps", "6", "--checkpointing_steps", "2",
+            "--checkpoints_total_limit", "2", "--output_dir", str(out), "--validation_prompt", "a photo of sks dog",
+            "--validation_steps", "3", "--num_validation_images", "2", "--validation_inference_steps", "2",
+            "--seed", "0", "--report_to", "none", "--logging_steps", "1"]
+    assert main(argv) == 0
+    remember_class_dir(class_dir, class_dir_cache)
+    printed = capsys.readouterr().out
+    assert "pre-flight report" in printed and "identifier 'sks': an existing single token" in printed
+
+    # class images generated and recorded
+    manifest = json.loads((class_dir / MANIFEST).read_text())
+    assert manifest["prompt"] == "a photo of dog" and len(manifest["images"]) == 4
+    # checkpoint rotation keeps the newest two
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+    # validation grids, logs, run record
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000003.png", "step-000006.png"]
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and all(r["prior_loss"] > 0 for r in log)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["base_model"] == str(tiny_model) and "torch" in info["versions"]
+    assert load_config(out / "config.yaml").training.max_train_steps == 6
+
+    # the output loads in stock diffusers, everything in fp32, and the UNet changed
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert {p.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()} == {torch.float32}
+    before = load_file(str(tiny_model / UNET_FILE))
+    after = load_file(str(out / UNET_FILE))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # the VAE never trains
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert all(torch.equal(a, b) for a, b in zip(load_file(str(tiny_model / vae)).values(),
+                                                  load_file(str(out / vae)).values()))
+
+    # and `dreambooth generate` draws from it
+    gen = tmp_path / "gen"
+    assert main(["generate", "--model", str(out), "--prompt", "a photo of sks dog", "--seed", "1", "--seed", "2",
+                 "--steps", "2", "--out", str(gen)]) == 0
+    pngs = sorted(gen.glob("0*.png"))
+    assert len(pngs) == 2 and (gen / "grid.png").is_file()
+    from PIL import Image
+
+    meta = json.loads(Image.open(pngs[0]).text["dreambooth"])
+    assert meta["prompt"] == "a photo of sks dog" and meta["seed"] == 1 and meta["steps"] == 2
+
+
+def unet_weights(out):
+    return load_file(str(out / UNET_FILE))
+
+
+def interrupt_after(monkeypatch, calls):
+    """Sends this process SIGTERM during the `calls`-th training step, as a user's Ctrl-C or a scheduler would."""
+    real = train_module.training_step
+    count = {"n": 0}
+
+    def step(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_step", step)
+
+
+def test_resume_gives_the_same_weights_as_not_stopping(tiny_model, instance_dir, class_dir, class_dir_cache,
+                                                       tmp_path, monkeypatch):
+    # A new token, random flips, gradient accumulation and Min-SNR: every piece of state that resume must restore.
+    extra = {"token.identifier": "<zq>", "token.initializer": "dog", "dataset.instance_prompt": "a photo of <zq> dog",
+             "dataset.random_flip": True, "training.gradient_accumulation_steps": 2, "training.snr_gamma": 5.0,
+             "training.max_train_steps": 6, "training.lr_scheduler": "cosine", "training.lr_warmup_steps": 1,
+             "output.checkpointing_steps": 100}
+    straight = tmp_path / "straight"
+    train(load_config(None, base_overrides(tiny_model, instance_dir, class_dir, straight, **extra)))
+    remember_class_dir(class_dir, class_dir_cache)
+
+    stopped = tmp_path / "stopped"
+    interrupt_after(monkeypatch, calls=5)  # during step 3 (2 batches a step)
+    with pytest.raises(UserError, match="stopped at step 3"):
+        train(load_config(None, base_overrides(tiny_model, instance_dir, class_dir, stopped, **extra)))
+    monkeypatch.undo()
+    assert [p.name for p in stopped.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert not (stopped / "model_index.json").exists()
+
+    resumed = dict(extra, **{"output.resume_from_checkpoint": "latest"})
+    train(load_config(None, base_overrides(tiny_model, instance_dir, class_dir, stopped, **resumed)))
+
+    a, b = unet_weights(straight), unet_weights(stopped)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    te = "text_encoder/model.safetensors"
+    ta, tb = load_file(str(straight / te)), load_file(str(stopped / te))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_new_token_trains_only_its_row_and_is_saved(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    cfg = load_config(None, {
+        "model.pretrained_model": str(tiny_model), "token.identifier": "<saya_token>", "token.initializer": "girl",
+        "dataset.instance_dir": str(instance_dir), "dataset.instance_prompt": "a photo of <saya_token> girl",
+        "training.resolution": 64, "training.learning_rate": 1e-2, "training.max_train_steps": 3,
+        "training.seed": 0, "output.output_dir": str(out), "output.report_to": "none"})
+    train(cfg)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    new_id = tok.convert_tokens_to_ids("<saya_token>")
+    assert tok.tokenize("a photo of <saya_token> girl")[3] == "<saya_token>"
+    base_te = CLIPTextModel.from_pretrained(tiny_model / "text_encoder")
+    te = CLIPTextModel.from_pretrained(out / "text_encoder")
+    old, new = base_te.get_input_embeddings().weight, te.get_input_embeddings().weight
+    assert new.shape[0] == old.shape[0] + 1
+    assert torch.equal(new[:-1], old), "rows other than the new token changed"
+    girl = tok.convert_tokens_to_ids(tok.tokenize("girl"))[0]
+    assert not torch.equal(new[new_id], old[girl]), "the new token's embedding did not train"
+    # everything but the embedding is frozen
+    sd_old, sd_new = base_te.state_dict(), te.state_dict()
+    assert all(torch.equal(sd_old[k], sd_new[k]) for k in sd_old if "token_embedding" not in k)
+
+
+def test_v_prediction_and_text_encoder_training(tiny_model_v, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    cfg = load_config(None, {
+        "model.pretrained_model": str(tiny_model_v), "model.train_text_encoder": True,
+        "training.text_encoder_lr": 1e-3, "training.snr_gamma": 5.0, "training.noise_offset": 0.05,
+        "dataset.instance_dir": str(instance_dir), "dataset.instance_prompt": "a photo of sks dog",
+        "training.resolution": 64, "training.learning_rate": 1e-3, "training.max_train_steps": 2,
+        "training.seed": 0, "output.output_dir": str(out), "output.report_to": "none",
+        "training.mixed_precision": "bf16"})
+    train(cfg)
+    te = load_file(str(out / "text_encoder/model.safetensors"))
+    base = load_file(str(tiny_model_v / "text_encoder/model.safetensors"))
+    changed = [k for k in base if not torch.equal(base[k], te[k])]
+    assert any("layers" in k for k in changed), "the text encoder's layers did not train"
+    assert all(v.dtype == torch.float32 for v in te.values())
+    log = (out / "logs" / "train_log.jsonl").read_text().splitlines()
+    assert all(json.loads(r)["prior_loss"] == 0.0 for r in log)
