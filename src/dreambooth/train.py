@@ -276,8 +276,8 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[Pa
     return images
 
 
-def setup(cfg: Config, report: Preflight) -> tuple[Run, Path | None]:
-    """Accelerator, class images, models, data, optimizer; returns the run and the checkpoint to resume."""
+def setup(cfg: Config, report: Preflight) -> Run:
+    """Accelerator, class images, models, data, optimizer, ready to step."""
     from accelerate.utils import set_seed
 
     out = cfg.output.output_dir
@@ -305,8 +305,7 @@ def setup(cfg: Config, report: Preflight) -> tuple[Run, Path | None]:
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed + accelerator.process_index)
     if accelerator.is_main_process and accelerator.trackers == [] and accelerator.log_with:
         accelerator.init_trackers("dreambooth")
-    run = Run(cfg, accelerator, models, optimizer, lr_scheduler, loader, generator, weight_dtype, out, total)
-    return run, resolve_resume(out, cfg.output.resume_from_checkpoint)
+    return Run(cfg, accelerator, models, optimizer, lr_scheduler, loader, generator, weight_dtype, out, total)
 
 
 def resume(run: Run, path: Path | None) -> int:
@@ -328,7 +327,8 @@ def train(cfg: Config, config_path: Path | None = None) -> Path:
     out = cfg.output.output_dir
     out.mkdir(parents=True, exist_ok=True)
     remove_partial_saves(out)
-    run, resume_path = setup(cfg, report)
+    resume_path = resolve_resume(out, cfg.output.resume_from_checkpoint)
+    run = setup(cfg, report)
     try:
         if run.accelerator.is_main_process:
             write_run_info(cfg, out, report)
