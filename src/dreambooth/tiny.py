@@ -89,7 +89,7 @@ def _unet(sample_size: int) -> UNet2DConditionModel:
     """SD 1.x's UNet shape (cross-attention high, plain ResNet block low, attention in the middle), shrunk.
 
     Narrow (16, 32) levels: on 2 CPU cores a step costs mostly per-op overhead, yet (32, 64) still took
-    about a third longer, so this keeps a training step well under 0.1 s.
+    about a quarter longer; this keeps VAE encode plus UNet forward and backward near 0.06 s at 64 px.
     """
     return UNet2DConditionModel(
         sample_size=sample_size,
