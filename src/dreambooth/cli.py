@@ -119,7 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Our own report says what matters; the libraries' load bars and import notices bury it."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def run(args: argparse.Namespace) -> None:
+    quiet_libraries()
     if args.command == "init":
         from dreambooth.project import init_project
 

@@ -95,7 +95,7 @@ def load_pipeline(model: str | Path, *, device: torch.device, dtype: torch.dtype
         check_model_folder(model)
     extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, **extra, **kwargs)
+        pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=dtype, **extra, **kwargs)
     except OSError as e:
         raise UserError(f"could not load the model {model}: {e}. Give a local diffusers folder; a hub id "
                         "needs a network connection and a cached download.") from None
