@@ -152,3 +152,14 @@ def test_prompts_from_identifier_and_class_word():
 
 def test_config_type_is_the_design_sections():
     assert list(Config.model_fields)[:4] == ["model", "token", "training", "dataset"]
+
+
+def test_section_that_is_not_a_mapping(tmp_path):
+    with pytest.raises(UserError, match="section 'training' must be a mapping"):
+        load_config(write(tmp_path, "training: 5\n"))
+
+
+def test_skipping_the_text_encoder_would_lose_a_new_token():
+    with pytest.raises(UserError, match="output.skip_save_text_encoder"):
+        load_config(None, {"model.pretrained_model": "m", "token.identifier": "<zz>", "token.class_word": "cat",
+                           "output.skip_save_text_encoder": True})

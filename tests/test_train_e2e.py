@@ -177,3 +177,17 @@ def test_v_prediction_and_text_encoder_training(tiny_model_v, instance_dir, tmp_
     assert all(v.dtype == torch.float32 for v in te.values())
     log = (out / "logs" / "train_log.jsonl").read_text().splitlines()
     assert all(json.loads(r)["prior_loss"] == 0.0 for r in log)
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_model, instance_dir, tmp_path):
+    """Recomputing activations must not change the result, only the memory."""
+    outs = []
+    for flag in (False, True):
+        out = tmp_path / f"gc-{flag}"
+        train(load_config(None, {
+            "model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
+            "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.max_train_steps": 2,
+            "training.gradient_checkpointing": flag, "training.learning_rate": 1e-3, "training.seed": 0,
+            "output.output_dir": str(out), "output.report_to": "none"}))
+        outs.append(unet_weights(out))
+    assert all(torch.allclose(outs[0][k], outs[1][k], atol=1e-6) for k in outs[0])

@@ -66,8 +66,11 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, gener
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # every process has its own noise generator; all must be written before the folder is renamed
+    save_file({"noise_generator": generator.get_state()},
+              str(tmp / f"noise_generator_{accelerator.process_index}.safetensors"))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file({"noise_generator": generator.get_state()}, str(tmp / "noise_generator.safetensors"))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         write_json_atomic(tmp / STATE_FILE, {**state, "global_step": step})
@@ -90,7 +93,11 @@ def rotate(output_dir: Path, total_limit: int | None) -> None:
 def load_checkpoint(accelerator, path: Path, generator: torch.Generator) -> dict:
     """Restores what `save_checkpoint` saved; returns the trainer state (with `global_step`)."""
     accelerator.load_state(str(path))
-    rng = load_file(str(path / "noise_generator.safetensors"))["noise_generator"]
+    rng_file = path / f"noise_generator_{accelerator.process_index}.safetensors"
+    if not rng_file.is_file():
+        raise UserError(f"output.resume_from_checkpoint: {path} was saved by fewer processes than this run has "
+                        f"(no {rng_file.name}); resume with the same number of processes.")
+    rng = load_file(str(rng_file))["noise_generator"]
     generator.set_state(rng)
     return json.loads((path / STATE_FILE).read_text())
 

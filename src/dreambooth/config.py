@@ -193,6 +193,10 @@ def cross_check(data: dict[str, Any]) -> list[str]:
     if not ds.get("instance_prompt"):
         problems.append("dataset.instance_prompt: no instance prompt; pass --instance_prompt 'a photo of sks dog', "
                         "write prompts/instance.txt or set token.identifier and token.class_word")
+    ident, out = tok.get("identifier"), data.get("output") or {}
+    if _truthy(out.get("skip_save_text_encoder", False)) and isinstance(ident, str) and ident.startswith("<"):
+        problems.append(f"output.skip_save_text_encoder: the new token '{ident}' lives in the text encoder's "
+                        "embedding; skipping the text encoder would lose it")
     if not (_truthy(model.get("train_unet", True)) or _truthy(model.get("train_text_encoder", False))):
         problems.append("model.train_unet: nothing would train (UNet and text encoder both off)")
     return problems
@@ -276,6 +280,12 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     Raises UserError listing every problem at once.
     """
     data = read_yaml(path) if path is not None else {}
+    for section, values in list(data.items()):
+        if section in SECTION_TYPES and values is None:
+            data[section] = {}
+        elif section in SECTION_TYPES and not isinstance(values, dict):
+            raise UserError(f"config file {path}: section '{section}' must be a mapping of keys to values, "
+                            f"not {type(values).__name__}.")
     base = path.resolve().parent if path is not None else None
     if base is not None:
         _resolve_paths(data, base)

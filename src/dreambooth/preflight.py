@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,5 +117,6 @@ def run_preflight(cfg: Config) -> Preflight:
     if cfg.token.identifier and not wants_new_token(cfg.token.identifier) and plan.kind == "split":
         warnings.append(f"identifier '{cfg.token.identifier}' is several tokens (see above).")
     report = Preflight(instance, classes, plan, prediction_type, warnings)
-    print(report.format(), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # launched processes all check; one reports
+        print(report.format(), flush=True)
     return report

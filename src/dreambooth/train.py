@@ -117,7 +117,6 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
                                        or run.global_step == run.total_steps):
             validate(run)
     bar.close()
-    logger.close()
 
 
 class MetricsLog:
@@ -155,9 +154,6 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
             self.run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         return {"loss": f"{loss:.4f}", "lr": f"{record['lr']:.2e}"}
-
-    def close(self) -> None:
-        self.run.accelerator.end_training()
 
 
 def checkpoint(run: Run) -> None:
@@ -316,7 +312,8 @@ def resume(run: Run, path: Path | None) -> int:
     if state.get("base_model") != run.cfg.model.pretrained_model:
         raise UserError(f"output.resume_from_checkpoint: {path} was trained from {state.get('base_model')}, not "
                         f"{run.cfg.model.pretrained_model}; resume with the same base model or start a new output_dir.")
-    print(f"resumed from {path} at step {state['global_step']}")
+    if run.accelerator.is_main_process:
+        print(f"resumed from {path} at step {state['global_step']}")
     return int(state["global_step"])
 
 
@@ -329,6 +326,7 @@ def train(cfg: Config, config_path: Path | None = None) -> Path:
     remove_partial_saves(out)
     resume_path = resolve_resume(out, cfg.output.resume_from_checkpoint)
     run = setup(cfg, report)
+    is_main = run.accelerator.is_main_process
     try:
         if run.accelerator.is_main_process:
             write_run_info(cfg, out, report)
@@ -341,8 +339,9 @@ def train(cfg: Config, config_path: Path | None = None) -> Path:
         save_final_model(run)
     finally:
         release(run.accelerator)
-    print(f"done: model in {out} (StableDiffusionPipeline.from_pretrained), checkpoints, samples/ and "
-          f"{cfg.output.logging_dir}/ beside it")
+    if is_main:
+        print(f"done: model in {out} (StableDiffusionPipeline.from_pretrained), checkpoints, samples/ and "
+              f"{cfg.output.logging_dir}/ beside it")
     return out
 
 
@@ -354,6 +353,7 @@ def release(accelerator) -> None:
     """
     from accelerate.state import AcceleratorState
 
+    accelerator.end_training()  # closes the trackers (and, in a multi-process job, the process group)
     if accelerator.num_processes == 1:
         accelerator.free_memory()
         AcceleratorState._reset_state(reset_partial_state=True)
