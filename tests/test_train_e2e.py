@@ -8,12 +8,12 @@ import signal
 
 import pytest
 import torch
+from conftest import remember_class_dir
 from safetensors.torch import load_file
 
-from conftest import remember_class_dir
 from dreambooth import train as train_module
-from dreambooth.cli import main
 from dreambooth.class_images import MANIFEST
+from dreambooth.cli import main
 from dreambooth.config import load_config
 from dreambooth.errors import UserError
 from dreambooth.train import train

@@ -52,7 +52,8 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     if not path.is_dir() and (output_dir / resume).is_dir():
         path = output_dir / resume
     if not (path / STATE_FILE).is_file():
-        raise UserError(f"output.resume_from_checkpoint: {resume} is not a complete checkpoint folder (no {STATE_FILE}); "
+        raise UserError(f"output.resume_from_checkpoint: {resume} is not a complete checkpoint folder "
+                        f"(no {STATE_FILE}); "
                         f"pass a checkpoint-N folder from a run, or 'latest'.")
     return path
 

@@ -34,7 +34,7 @@ def recipe(prompt: str, model: str, resolution: int) -> dict:
 
 
 def retire_stale(class_dir: Path, manifest: dict, wanted: dict) -> dict:
-    """Moves images generated from another recipe into a subfolder (which scanning skips); returns the manifest to use."""
+    """Moves images generated from another recipe into a subfolder, which scanning skips; returns the manifest."""
     if not manifest or all(manifest.get(k) == v for k, v in wanted.items()):
         return manifest or {**wanted, "images": []}
     aside = class_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -80,18 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dreambooth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("init", allow_abbrev=False, help="Scaffold a project folder: data/, prompts/, config.yaml, README.")
+    p = sub.add_parser("init", allow_abbrev=False,
+                       help="Scaffold a project folder: data/, prompts/, config.yaml, README.")
     p.add_argument("dir", type=Path)
     p.add_argument("--identifier", default="sks", help="Identifier of the subject, e.g. sks or '<saya_token>'.")
     p.add_argument("--class-word", default="dog", help="Class word of the subject, e.g. dog, girl, person.")
     p.add_argument("--model", default="stable-diffusion-v1-5", help="Base model path written into config.yaml.")
     p.add_argument("--force", action="store_true", help="Overwrite an existing config.yaml.")
 
-    p = sub.add_parser("train", allow_abbrev=False, help="Fine-tune a model on a subject (diffusers' train_dreambooth.py flags work).")
+    p = sub.add_parser("train", allow_abbrev=False,
+                       help="Fine-tune a model on a subject (diffusers' train_dreambooth.py flags work).")
     p.add_argument("--config", type=Path, help="YAML config (sections model, token, training, dataset, ...).")
     add_config_flags(p)
 
-    p = sub.add_parser("generate", allow_abbrev=False, help="Generate images with a trained model.")
+    p = sub.add_parser("generate", allow_abbrev=False,
+                       help="Generate images with a trained model.")
     p.add_argument("--model", required=True, type=Path, help="A diffusers model folder (a training output dir).")
     p.add_argument("--prompt", action="append", default=[], help="A prompt (repeatable).")
     p.add_argument("--prompts-file", type=Path, help="A text file with one prompt a line.")
@@ -108,12 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cpu, ... [default: cuda when available]")
     p.add_argument("--out", type=Path, default=Path("generated"), help="Output folder [default: generated].")
 
-    p = sub.add_parser("tiny-model", allow_abbrev=False, help="Build a tiny random-weight Stable Diffusion model (tests, demo).")
+    p = sub.add_parser("tiny-model", allow_abbrev=False,
+                       help="Build a tiny random-weight Stable Diffusion model (tests, demo).")
     p.add_argument("dir", type=Path)
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("demo", allow_abbrev=False, help="Build the tiny model and data, train with prior preservation, generate.")
+    p = sub.add_parser("demo", allow_abbrev=False,
+                       help="Build the tiny model and data, train with prior preservation, generate.")
     p.add_argument("--out", type=Path, default=Path("demo-run"), help="Folder for everything [default: demo-run].")
     p.add_argument("--steps", type=int, default=40, help="Training steps [default: 40].")
     return parser

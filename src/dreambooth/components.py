@@ -153,7 +153,8 @@ def make_dataloader(cfg: Config, instance: list[Path], classes: list[Path] | Non
         instance, ds.instance_prompt, cfg.training.resolution,
         class_images=classes, class_prompt=ds.class_prompt if classes else None,
         center_crop=ds.center_crop, random_flip=ds.random_flip, seed=cfg.training.seed)
-    return DataLoader(dataset, batch_size=cfg.training.batch_size, sampler=EpochSampler(len(dataset), cfg.training.seed),
+    sampler = EpochSampler(len(dataset), cfg.training.seed)
+    return DataLoader(dataset, batch_size=cfg.training.batch_size, sampler=sampler,
                       collate_fn=collate_examples, num_workers=cfg.training.dataloader_num_workers)
 
 

@@ -60,7 +60,8 @@ class DatasetSection(Section):
     class_dir: Path | None = opt(Path("data/class"), "Folder of class images for prior preservation.",
                                  "--class_data_dir")
     instance_prompt: str | None = opt(
-        None, "Prompt for the subject's photos; default prompts/instance.txt or 'a photo of {identifier} {class_word}'.")
+        None, "Prompt for the subject's photos; default prompts/instance.txt or "
+        "'a photo of {identifier} {class_word}'.")
     class_prompt: str | None = opt(
         None, "Prompt for class images; default prompts/class.txt or 'a photo of a {class_word}'.")
     with_prior_preservation: bool = opt(False, "Train on class images too, to keep the class prior.")
@@ -324,7 +325,7 @@ def resolve_defaults(cfg: Config) -> Config:
 
 
 def infer_identifier(instance_prompt: str | None, class_prompt: str | None) -> str | None:
-    """The words of the instance prompt that the class prompt lacks: 'sks' for 'a photo of sks dog' / 'a photo of dog'."""
+    """The instance prompt's words that the class prompt lacks: 'sks' for 'a photo of sks dog' / 'a photo of dog'."""
     if not instance_prompt or not class_prompt:
         return None
     class_words = set(class_prompt.lower().split())

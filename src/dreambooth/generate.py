@@ -155,7 +155,8 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
     return grid
 
 
-def save_images(results: list[tuple[Image.Image, dict]], out_dir: Path, model: str, cols: int | None = None) -> list[Path]:
+def save_images(results: list[tuple[Image.Image, dict]], out_dir: Path, model: str,
+                cols: int | None = None) -> list[Path]:
     """Writes each image as a PNG with its settings in the metadata, and grid.png beside them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -11,10 +11,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dreambooth.checkpoint import (StopRequest, load_checkpoint, remove_partial_saves, resolve_resume,
-                                   save_checkpoint)
-from dreambooth.components import (DTYPES, Models, PromptEncoder, check_runtime, load_models, make_dataloader,
-                                   make_lr_scheduler, make_optimizer, param_groups)
+from dreambooth.checkpoint import StopRequest, load_checkpoint, remove_partial_saves, resolve_resume, save_checkpoint
+from dreambooth.components import (
+    DTYPES,
+    Models,
+    PromptEncoder,
+    check_runtime,
+    load_models,
+    make_dataloader,
+    make_lr_scheduler,
+    make_optimizer,
+    param_groups,
+)
 from dreambooth.config import Config, dump_config
 from dreambooth.errors import UserError
 from dreambooth.loss import LossParts, dreambooth_loss, min_snr_weights, noise_with_offset, snr_from_alphas
@@ -72,8 +80,7 @@ def batch_stream(run: Run, batches_done: int):
     while True:
         run.loader.set_epoch(epoch)
         it = run.accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
-        for batch in it:
-            yield batch
+        yield from it
         epoch, skip = epoch + 1, 0
 
 
