@@ -128,3 +128,33 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def save_trainable_only(accelerator) -> None:
+    """Checkpoints hold only the weights that train (a full UNet, LoRA adapters, a token's embedding).
+
+    accelerate would save every weight of every prepared model, frozen base weights included: for LoRA that is
+    the whole UNet per checkpoint instead of a few MB. These hooks replace its model saving and loading.
+    """
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for i, model in enumerate(models):
+                params = accelerator.unwrap_model(model).named_parameters()
+                state = {name: p.detach().contiguous() for name, p in params if p.requires_grad}
+                save_file(state, os.path.join(output_dir, f"trainable_{i}.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            path = os.path.join(input_dir, f"trainable_{i}.safetensors")
+            module = accelerator.unwrap_model(model)
+            result = module.load_state_dict(load_file(path), strict=False)  # copied onto the module's device
+            trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+            if result.unexpected_keys or trainable & set(result.missing_keys):
+                raise UserError(f"output.resume_from_checkpoint: {path} does not match this run's trainable weights "
+                                "(was it saved with another method or LoRA settings?); resume with the same config.")
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

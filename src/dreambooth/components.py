@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from dreambooth.config import Config
-from dreambooth.data import DreamBoothDataset, collate_examples
+from dreambooth.config import Config, Subject
+from dreambooth.data import DreamBoothDataset, MultiSubjectDataset, collate_examples
 from dreambooth.errors import UserError
 from dreambooth.tokens import IdentifierPlan, add_identifier_token, train_only_rows
 
@@ -46,8 +46,8 @@ def check_runtime(cfg: Config) -> None:
                         "`pip install xformers` or drop the flag (PyTorch SDPA attention is used by default).")
 
 
-def load_models(cfg: Config, plan: IdentifierPlan, weight_dtype: torch.dtype) -> Models:
-    """Loads the base model's parts; frozen ones go to `weight_dtype`, trainable ones stay fp32."""
+def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dtype) -> Models:
+    """Loads the base model's parts; frozen weights go to `weight_dtype`, trainable ones stay fp32."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -61,14 +61,17 @@ def load_models(cfg: Config, plan: IdentifierPlan, weight_dtype: torch.dtype) ->
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=cfg.model.variant, **src)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **src)
     models = Models(tokenizer, text_encoder, vae, unet, noise_scheduler)
-    models.new_token_ids = add_identifier_token(tokenizer, text_encoder, plan)
-    set_trainable(cfg, models)
-    # Trainable weights must be fp32 even when the checkpoint is fp16: the optimizer updates them.
+    models.new_token_ids = [i for plan in plans for i in add_identifier_token(tokenizer, text_encoder, plan)]
     for module in (unet, text_encoder, vae):
-        trains = any(p.requires_grad for p in module.parameters())
-        dtype = torch.float32 if trains else weight_dtype
-        if module.dtype != dtype:
-            module.to(dtype=dtype)
+        if module.dtype != weight_dtype:
+            module.to(dtype=weight_dtype)
+    set_trainable(cfg, models)
+    # Trainable weights (full UNet, LoRA adapters, a token's embedding) are fp32 whatever the precision of the
+    # checkpoint or of the run: the optimizer's small updates vanish in fp16/bf16.
+    for module in (unet, text_encoder):
+        for param in module.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
     if cfg.training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.model.train_text_encoder:
@@ -79,14 +82,33 @@ def load_models(cfg: Config, plan: IdentifierPlan, weight_dtype: torch.dtype) ->
 
 
 def set_trainable(cfg: Config, models: Models) -> None:
-    """UNet and text encoder as configured; a new token's embedding row always; the VAE never."""
+    """UNet and text encoder as configured (whole, or LoRA adapters); a new token's row always; the VAE never."""
+    lora = cfg.model.method == "lora"
     models.vae.requires_grad_(False)
-    models.unet.requires_grad_(cfg.model.train_unet)
-    models.text_encoder.requires_grad_(cfg.model.train_text_encoder)
-    if models.new_token_ids and not cfg.model.train_text_encoder:
+    models.unet.requires_grad_(cfg.model.train_unet and not lora)
+    models.text_encoder.requires_grad_(cfg.model.train_text_encoder and not lora)
+    if lora:
+        add_lora_adapters(cfg, models)
+    if models.new_token_ids and not (cfg.model.train_text_encoder and not lora):
         train_only_rows(models.text_encoder.get_input_embeddings(), models.new_token_ids)
     models.unet.train(cfg.model.train_unet)
     models.text_encoder.train(models.text_trains)
+
+
+def lora_config(cfg: Config, target_modules: list[str]):
+    from peft import LoraConfig
+
+    lc = cfg.lora
+    return LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
+                      init_lora_weights="gaussian", target_modules=target_modules)
+
+
+def add_lora_adapters(cfg: Config, models: Models) -> None:
+    """peft LoRA adapters on the UNet's attention projections (and the text encoder's, when it trains)."""
+    if cfg.model.train_unet:
+        models.unet.add_adapter(lora_config(cfg, cfg.lora.unet_target_modules))
+    if cfg.model.train_text_encoder:
+        models.text_encoder.add_adapter(lora_config(cfg, cfg.lora.text_encoder_target_modules))
 
 
 def param_groups(cfg: Config, models: Models, lr_scale: float) -> list[dict]:
@@ -100,10 +122,14 @@ def param_groups(cfg: Config, models: Models, lr_scale: float) -> list[dict]:
     unet_params = [p for p in models.unet.parameters() if p.requires_grad]
     if unet_params:
         groups.append({"params": unet_params, "lr": t.learning_rate * lr_scale, "weight_decay": t.adam_weight_decay})
-    text_params = [p for p in models.text_encoder.parameters() if p.requires_grad]
+    embedding = models.text_encoder.get_input_embeddings().weight
+    text_params = [p for p in models.text_encoder.parameters() if p.requires_grad and p is not embedding]
     if text_params:
-        decay = t.adam_weight_decay if cfg.model.train_text_encoder else 0.0
-        groups.append({"params": text_params, "lr": t.text_encoder_lr * lr_scale, "weight_decay": decay})
+        groups.append({"params": text_params, "lr": t.text_encoder_lr * lr_scale, "weight_decay": t.adam_weight_decay})
+    if embedding.requires_grad:
+        whole = cfg.model.train_text_encoder and cfg.model.method == "full"
+        groups.append({"params": [embedding], "lr": t.text_encoder_lr * lr_scale,
+                       "weight_decay": t.adam_weight_decay if whole else 0.0})
     return groups
 
 
@@ -147,12 +173,16 @@ class EpochSampler(Sampler):
         return iter(torch.randperm(self.length, generator=g).tolist())
 
 
-def make_dataloader(cfg: Config, instance: list[Path], classes: list[Path] | None) -> DataLoader:
+def make_dataloader(cfg: Config, subjects: list[Subject], instance: list[list[Path]],
+                    classes: list[list[Path]] | None) -> DataLoader:
+    """One dataset per subject (instance photos paired with that subject's class images), sampled in balance."""
     ds = cfg.dataset
-    dataset = DreamBoothDataset(
-        instance, ds.instance_prompt, cfg.training.resolution,
-        class_images=classes, class_prompt=ds.class_prompt if classes else None,
-        center_crop=ds.center_crop, random_flip=ds.random_flip, seed=cfg.training.seed)
+    parts = [DreamBoothDataset(
+        photos, s.instance_prompt, cfg.training.resolution,
+        class_images=classes[i] if classes else None, class_prompt=s.class_prompt if classes else None,
+        center_crop=ds.center_crop, random_flip=ds.random_flip, seed=cfg.training.seed + 7919 * i)
+        for i, (s, photos) in enumerate(zip(subjects, instance))]
+    dataset = parts[0] if len(parts) == 1 else MultiSubjectDataset(parts)
     sampler = EpochSampler(len(dataset), cfg.training.seed)
     return DataLoader(dataset, batch_size=cfg.training.batch_size, sampler=sampler,
                       collate_fn=collate_examples, num_workers=cfg.training.dataloader_num_workers)

@@ -39,11 +39,26 @@ class ModelSection(Section):
     revision: str | None = opt(None, "Hub revision of the base model.")
     variant: str | None = opt(None, "Weight variant of the base model files, e.g. fp16.")
     tokenizer_name: str | None = opt(None, "A tokenizer folder to use instead of the model's own.")
-    method: Literal["full"] = opt("full", "What trains: 'full' fine-tunes the UNet weights.")
+    method: Literal["full", "lora"] = opt(
+        "full", "'full' fine-tunes the UNet weights (strongest identity); 'lora' trains low-rank adapters (light "
+        "files, less memory, many subjects).")
     train_unet: bool = opt(True, "Train the UNet (turn off to train only the text side).")
-    train_text_encoder: bool = opt(False, "Also train the whole text encoder, at training.text_encoder_lr.")
+    train_text_encoder: bool = opt(
+        False, "Also train the text encoder (the whole of it, or LoRA adapters on it with method lora), at "
+        "training.text_encoder_lr.")
     enable_xformers_memory_efficient_attention: bool = opt(
         False, "Use xformers attention (must be installed); PyTorch SDPA is used otherwise.")
+
+
+class LoraSection(Section):
+    rank: int = opt(4, "LoRA rank.", "--rank", "--lora_rank", ge=1)
+    alpha: float | None = opt(None, "LoRA alpha (default: the rank, a scale of 1).", "--lora_alpha", gt=0)
+    dropout: float = opt(0.0, "Dropout on the LoRA path.", "--lora_dropout", ge=0, lt=1)
+    unet_target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"],
+                                         "UNet modules that get adapters (repeatable flag).", "--lora_unet_target")
+    text_encoder_target_modules: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "out_proj"], "Text-encoder modules that get adapters with "
+        "--train_text_encoder (repeatable flag).", "--lora_text_encoder_target")
 
 
 class TokenSection(Section):
@@ -144,6 +159,18 @@ class OutputSection(Section):
     skip_save_text_encoder: bool = opt(False, "Do not save the text encoder with the final model.")
 
 
+class Subject(Section):
+    """One subject of a multi-subject run (config key `subjects`); a single-subject run has one, from token/dataset."""
+
+    identifier: str | None = None
+    class_word: str | None = None
+    initializer: str | None = None
+    instance_dir: Path
+    class_dir: Path | None = None
+    instance_prompt: str | None = None
+    class_prompt: str | None = None
+
+
 class Config(BaseModel):
     """The resolved training config: DESIGN.md's sections model/token/training/dataset, plus validation/output."""
 
@@ -152,15 +179,24 @@ class Config(BaseModel):
     token: TokenSection = TokenSection()
     training: TrainingSection = TrainingSection()
     dataset: DatasetSection = DatasetSection()
+    lora: LoraSection = LoraSection()
     validation: ValidationSection = ValidationSection()
     output: OutputSection = OutputSection()
+    subjects: list[Subject] = Field([], description="Several subjects trained in one run, sampled in balance.")
 
-    def sections(self) -> dict[str, Section]:
-        return {name: getattr(self, name) for name in type(self).model_fields}
+    def subject_list(self) -> list[Subject]:
+        """The subjects to train: the `subjects` list, or the one that token/dataset describe."""
+        if self.subjects:
+            return self.subjects
+        t, d = self.token, self.dataset
+        return [Subject(identifier=t.identifier, class_word=t.class_word, initializer=t.initializer,
+                        instance_dir=d.instance_dir, class_dir=d.class_dir, instance_prompt=d.instance_prompt,
+                        class_prompt=d.class_prompt)]
 
 
 SECTION_TYPES: dict[str, type[Section]] = {
     name: field.annotation for name, field in Config.model_fields.items()  # type: ignore[misc]
+    if isinstance(field.annotation, type) and issubclass(field.annotation, Section)
 }
 
 
@@ -178,6 +214,30 @@ def _truthy(value: Any) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else bool(value)
 
 
+def _check_subjects(subjects: list, prior: bool) -> list[str]:
+    """Each listed subject needs its photos and prompts; subjects sharing a class folder share its prompt."""
+    problems, class_prompts, identifiers = [], {}, set()
+    for i, s in enumerate(subjects):
+        key = f"subjects[{i}]"
+        if not isinstance(s, dict):
+            continue  # reported by validation
+        if not s.get("instance_prompt"):
+            problems.append(f"{key}.instance_prompt: no instance prompt; set it, or identifier and class_word")
+        if prior and not s.get("class_dir"):
+            problems.append(f"{key}.class_dir: prior preservation is on but this subject has no class folder")
+        if prior and not s.get("class_prompt"):
+            problems.append(f"{key}.class_prompt: prior preservation is on but this subject has no class prompt; "
+                            "set it or class_word")
+        folder, prompt = s.get("class_dir"), s.get("class_prompt")
+        if prior and folder and class_prompts.setdefault(folder, prompt) != prompt:
+            problems.append(f"{key}.class_dir: {folder} is shared with another subject whose class prompt differs; "
+                            "give each class prompt its own folder")
+        if s.get("identifier") in identifiers:
+            problems.append(f"{key}.identifier: '{s['identifier']}' names two subjects; give each its own")
+        identifiers.add(s.get("identifier"))
+    return problems
+
+
 def cross_check(data: dict[str, Any]) -> list[str]:
     """Problems between keys, found on the merged raw values so that they are reported with the type errors."""
     model, ds, tok = (data.get(k) or {} for k in ("model", "dataset", "token"))
@@ -186,14 +246,18 @@ def cross_check(data: dict[str, Any]) -> list[str]:
         problems.append("model.pretrained_model: no base model given; set it in config.yaml or pass "
                         "--pretrained_model_name_or_path PATH (a diffusers folder)")
     prior = _truthy(ds.get("with_prior_preservation", False))
-    if prior and ds.get("class_dir", "data/class") is None:
-        problems.append("dataset.class_dir: prior preservation is on but no class folder is set")
-    if prior and not ds.get("class_prompt"):
-        problems.append("dataset.class_prompt: prior preservation is on but no class prompt is set; pass "
-                        "--class_prompt 'a photo of a dog', write prompts/class.txt or set token.class_word")
-    if not ds.get("instance_prompt"):
-        problems.append("dataset.instance_prompt: no instance prompt; pass --instance_prompt 'a photo of sks dog', "
-                        "write prompts/instance.txt or set token.identifier and token.class_word")
+    subjects = data.get("subjects") or []
+    if subjects:
+        problems += _check_subjects(subjects, prior)
+    else:
+        if prior and ds.get("class_dir", "data/class") is None:
+            problems.append("dataset.class_dir: prior preservation is on but no class folder is set")
+        if prior and not ds.get("class_prompt"):
+            problems.append("dataset.class_prompt: prior preservation is on but no class prompt is set; pass "
+                            "--class_prompt 'a photo of a dog', write prompts/class.txt or set token.class_word")
+        if not ds.get("instance_prompt"):
+            problems.append("dataset.instance_prompt: no instance prompt; pass --instance_prompt 'a photo of sks "
+                            "dog', write prompts/instance.txt or set token.identifier and token.class_word")
     ident, out = tok.get("identifier"), data.get("output") or {}
     if _truthy(out.get("skip_save_text_encoder", False)) and isinstance(ident, str) and ident.startswith("<"):
         problems.append(f"output.skip_save_text_encoder: the new token '{ident}' lives in the text encoder's "
@@ -229,6 +293,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         value = values.get(key, str(SECTION_TYPES[section].model_fields[key].default))
         if isinstance(value, str) and not Path(value).expanduser().is_absolute():
             values[key] = str(base / Path(value).expanduser())
+    for subject in data.get("subjects") or []:
+        for key in ("instance_dir", "class_dir"):
+            if isinstance(subject, dict) and isinstance(subject.get(key), str):
+                subject[key] = str(base / Path(subject[key]).expanduser())
     model = (data.get("model") or {}).get("pretrained_model")
     if isinstance(model, str) and (base / model).exists() and not Path(model).is_absolute():
         data["model"]["pretrained_model"] = str(base / model)
@@ -242,6 +310,21 @@ def _read_prompt_file(path: Path) -> str | None:
         if line.strip() and not line.lstrip().startswith("#"):
             return line.strip()
     return None
+
+
+def _fill_subject_prompts(subject: dict[str, Any]) -> None:
+    """A listed subject's prompts default to 'a photo of {identifier} {class_word}' / 'a photo of a {class_word}'."""
+    ident, word = subject.get("identifier"), subject.get("class_word")
+    if not subject.get("instance_prompt") and ident and word:
+        subject["instance_prompt"] = "a photo of {identifier} {class_word}"
+    if not subject.get("class_prompt") and word:
+        subject["class_prompt"] = "a photo of a {class_word}"
+    for key in ("instance_prompt", "class_prompt"):
+        if isinstance(subject.get(key), str):
+            subject[key] = subject[key].replace("{identifier}", str(ident or "")).replace("{class_word}",
+                                                                                           str(word or ""))
+    if not subject.get("initializer") and word:
+        subject["initializer"] = word
 
 
 def _fill_prompts(data: dict[str, Any], base: Path | None) -> None:
@@ -296,6 +379,9 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             data[section] = {}
         data[section][key] = value
     _fill_prompts(data, base)
+    for subject in data.get("subjects") or []:
+        if isinstance(subject, dict):
+            _fill_subject_prompts(subject)
     lines = cross_check(data)
     try:
         cfg = Config.model_validate(data)
@@ -317,7 +403,7 @@ def resolve_defaults(cfg: Config) -> Config:
         t.max_train_steps = DEFAULT_MAX_TRAIN_STEPS
     if t.text_encoder_lr is None:
         t.text_encoder_lr = t.learning_rate
-    if cfg.token.identifier is None:
+    if cfg.token.identifier is None and not cfg.subjects:
         cfg.token.identifier = infer_identifier(cfg.dataset.instance_prompt, cfg.dataset.class_prompt)
     if cfg.token.initializer is None and cfg.token.class_word:
         cfg.token.initializer = cfg.token.class_word

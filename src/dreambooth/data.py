@@ -398,3 +398,27 @@ def collate_examples(examples: list[dict]) -> dict:
     is_prior = torch.tensor([False] * len(examples) + [True] * len(with_class))
     pixel_values = torch.stack(pixels).to(dtype=torch.float32, memory_format=torch.contiguous_format)
     return {"pixel_values": pixel_values, "prompts": prompts, "is_prior": is_prior}
+
+
+class MultiSubjectDataset(Dataset):
+    """Several subjects sampled in balance: item i is subject i % n, so every batch window sees them equally.
+
+    Its length is n x the longest subject's, so a subject with fewer photos repeats them rather than being
+    seen less often.
+    """
+
+    def __init__(self, subjects: list[DreamBoothDataset]) -> None:
+        if not subjects:
+            raise ValueError("at least one subject is needed")
+        self.subjects = subjects
+
+    def set_epoch(self, epoch: int) -> None:
+        for subject in self.subjects:
+            subject.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.subjects) * max(len(s) for s in self.subjects)
+
+    def __getitem__(self, index: int) -> dict:
+        subject = self.subjects[index % len(self.subjects)]
+        return subject[(index // len(self.subjects)) % len(subject)]

@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dreambooth.checkpoint import StopRequest, load_checkpoint, remove_partial_saves, resolve_resume, save_checkpoint
+from dreambooth.checkpoint import (
+    StopRequest,
+    load_checkpoint,
+    remove_partial_saves,
+    resolve_resume,
+    save_checkpoint,
+    save_trainable_only,
+)
 from dreambooth.components import (
     DTYPES,
     Models,
@@ -26,8 +33,9 @@ from dreambooth.components import (
 from dreambooth.config import Config, dump_config
 from dreambooth.errors import UserError
 from dreambooth.loss import LossParts, dreambooth_loss, min_snr_weights, noise_with_offset, snr_from_alphas
+from dreambooth.outputs import save_outputs
 from dreambooth.preflight import Preflight, run_preflight
-from dreambooth.runinfo import library_versions, move_into, write_json_atomic, write_text_atomic
+from dreambooth.runinfo import library_versions, write_json_atomic, write_text_atomic
 
 
 class TrainingStopped(Exception):
@@ -199,36 +207,6 @@ def validate(run: Run) -> None:
     grid.save(path)
 
 
-def save_final_model(run: Run) -> None:
-    """The trained pipeline in diffusers format at the output dir, loadable by stock from_pretrained.
-
-    Frozen parts are read again from the base model rather than saved from their low-precision training
-    copies, so nothing is silently saved in fp16 beside an fp32 UNet; everything is then cast to the
-    requested save precision together.
-    """
-    from diffusers import StableDiffusionPipeline
-
-    acc, cfg, m = run.accelerator, run.cfg, run.models
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        return
-    parts = {"unet": acc.unwrap_model(m.unet), "tokenizer": m.tokenizer}
-    if m.text_trains:
-        parts["text_encoder"] = acc.unwrap_model(m.text_encoder)
-    if cfg.output.skip_save_text_encoder:
-        parts["text_encoder"] = None
-    pipe = StableDiffusionPipeline.from_pretrained(cfg.model.pretrained_model, revision=cfg.model.revision,
-                                                   variant=cfg.model.variant, **parts)
-    pipe.to(dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.output.save_precision])
-    tmp = run.out / ".final-model.tmp"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    move_into(tmp, run.out, last="model_index.json")
-
-
 def make_accelerator(cfg: Config, out: Path):
     import importlib.util
 
@@ -249,13 +227,15 @@ def make_accelerator(cfg: Config, out: Path):
 def write_run_info(cfg: Config, out: Path, report: Preflight) -> None:
     write_text_atomic(out / "config.yaml", dump_config(cfg))
     write_json_atomic(out / "run_info.json", {
-        "base_model": cfg.model.pretrained_model, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "identifier": report.identifier.describe(), "prediction_type": report.prediction_type,
-        "instance_images": [str(p) for p in report.instance.usable], "versions": library_versions()})
+        "base_model": cfg.model.pretrained_model, "method": cfg.model.method,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prediction_type": report.prediction_type,
+        "subjects": [{"identifier": s.identifier.describe(), "instance_prompt": s.subject.instance_prompt,
+                      "instance_images": [str(p) for p in s.instance.usable]} for s in report.subjects],
+        "versions": library_versions()})
 
 
-def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[Path] | None:
-    """The class images to train with, generating the missing ones on the main process."""
+def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[list[Path]] | None:
+    """Each subject's class images, generating the missing ones on the main process."""
     if not cfg.dataset.with_prior_preservation:
         return None
     from dreambooth.class_images import ensure_class_images
@@ -269,14 +249,25 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[Pa
                              dtype=pick_dtype(precision, accelerator.device), safety_checker=False,
                              revision=cfg.model.revision, variant=cfg.model.variant)
 
-    with accelerator.main_process_first():
-        images = ensure_class_images(ds.class_dir, prompt=ds.class_prompt, model=cfg.model.pretrained_model,
-                                     resolution=cfg.training.resolution, num_images=ds.num_class_images,
-                                     seed=cfg.training.seed, load_pipe=load_pipe, batch_size=ds.sample_batch_size,
-                                     steps=ds.class_inference_steps)
-    if not images:
-        raise UserError(f"dataset.class_dir: {ds.class_dir} holds no usable class image after generation.")
-    return images
+    pipe = None
+
+    def load_once():  # subjects share one pipeline
+        nonlocal pipe
+        pipe = pipe or load_pipe()
+        return pipe
+
+    per_subject = []
+    for s in cfg.subject_list():
+        with accelerator.main_process_first():
+            images = ensure_class_images(s.class_dir, prompt=s.class_prompt, model=cfg.model.pretrained_model,
+                                         resolution=cfg.training.resolution, num_images=ds.num_class_images,
+                                         seed=cfg.training.seed, load_pipe=load_once,
+                                         batch_size=ds.sample_batch_size, steps=ds.class_inference_steps)
+        if not images:
+            raise UserError(f"dataset.class_dir: {s.class_dir} holds no usable class image after generation.")
+        per_subject.append(images)
+    del pipe
+    return per_subject
 
 
 def setup(cfg: Config, report: Preflight) -> Run:
@@ -290,8 +281,8 @@ def setup(cfg: Config, report: Preflight) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = True
     classes = prepare_class_images(cfg, accelerator, report)
     weight_dtype = DTYPES[cfg.training.mixed_precision]
-    models = load_models(cfg, report.identifier, weight_dtype)
-    loader = make_dataloader(cfg, report.instance.usable, classes)
+    models = load_models(cfg, report.plans, weight_dtype)
+    loader = make_dataloader(cfg, cfg.subject_list(), [s.instance.usable for s in report.subjects], classes)
     t = cfg.training
     scale = t.gradient_accumulation_steps * t.batch_size * accelerator.num_processes if t.scale_lr else 1.0
     optimizer = make_optimizer(cfg, param_groups(cfg, models, scale), accelerator.device)
@@ -303,6 +294,7 @@ def setup(cfg: Config, report: Preflight) -> Run:
     for module, wrapped in zip(trained, prepared):
         setattr(models, "unet" if module is models.unet else "text_encoder", wrapped)
     optimizer, lr_scheduler = prepared[-2:]
+    save_trainable_only(accelerator)
     for module in (models.vae, models.unet, models.text_encoder):
         module.to(accelerator.device)
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed + accelerator.process_index)
@@ -343,7 +335,7 @@ def train(cfg: Config, config_path: Path | None = None) -> Path:
                 loop(run, start, stop)
             except TrainingStopped as e:
                 raise UserError(str(e)) from None
-        save_final_model(run)
+        save_outputs(run)
     finally:
         release(run.accelerator)
     if is_main:
