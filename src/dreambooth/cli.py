@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", allow_abbrev=False,
                        help="Generate images with a trained model.")
-    p.add_argument("--model", required=True, type=Path, help="A diffusers model folder (a training output dir).")
+    p.add_argument("--model", required=True, type=Path,
+                   help="A diffusers model folder: a full fine-tune's output, or the base model of --lora files.")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="A LoRA (.safetensors in diffusers or kohya format, or a LoRA training output folder) at a "
+                   "weight [default 1.0]; repeatable to mix several subjects.")
     p.add_argument("--prompt", action="append", default=[], help="A prompt (repeatable).")
     p.add_argument("--prompts-file", type=Path, help="A text file with one prompt a line.")
     p.add_argument("--negative-prompt", default="", help="Negative prompt.")

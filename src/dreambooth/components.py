@@ -67,11 +67,14 @@ def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dt
             module.to(dtype=weight_dtype)
     set_trainable(cfg, models)
     # Trainable weights (full UNet, LoRA adapters, a token's embedding) are fp32 whatever the precision of the
-    # checkpoint or of the run: the optimizer's small updates vanish in fp16/bf16.
-    for module in (unet, text_encoder):
-        for param in module.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
+    # checkpoint or of the run: the optimizer's small updates vanish in fp16/bf16. A text encoder with anything
+    # trainable stays fp32 as a whole: an fp32 embedding feeding half-precision LayerNorms fails outside CUDA
+    # autocast, and CLIP's 123 M parameters are cheap next to the UNet.
+    if models.text_trains:
+        text_encoder.to(dtype=torch.float32)
+    for param in unet.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     if cfg.training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.model.train_text_encoder:

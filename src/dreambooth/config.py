@@ -374,6 +374,9 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     if base is not None:
         _resolve_paths(data, base)
     for dotted, value in (overrides or {}).items():
+        if "." not in dotted:  # a whole top-level entry, such as `subjects`
+            data[dotted] = value
+            continue
         section, key = dotted.split(".", 1)
         if not isinstance(data.get(section), dict):
             data[section] = {}

@@ -12,6 +12,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from dreambooth.errors import UserError
+from dreambooth.lora import load_loras, lora_file, parse_lora_arg
 
 # Short sampler names as users type them, and the diffusers classes (with config tweaks) they mean.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -191,10 +192,15 @@ def generate_command(args) -> list[Path]:
     check_model_folder(args.model)
     make_scheduler(args.scheduler, {})  # an unknown name fails before the model loads
     device = pick_device(args.device)
+    loras = [parse_lora_arg(text) for text in args.lora]
+    for path, _ in loras:
+        lora_file(path)  # a missing or pickle LoRA fails before the model loads
     pipe = load_pipeline(args.model, device=device, dtype=pick_dtype(args.precision, device),
                          scheduler=args.scheduler)
+    load_loras(pipe, loras)
     results = generate_images(pipe, settings)
     paths = save_images(results, args.out, str(args.model), cols=len(settings.seeds) * settings.num_images)
-    (args.out / "settings.json").write_text(json.dumps({**asdict(settings), "model": str(args.model)}, indent=2))
+    record = {**asdict(settings), "model": str(args.model), "loras": [[str(p), w] for p, w in loras]}
+    (args.out / "settings.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {len(paths)} image(s) and grid.png to {args.out}")
     return paths

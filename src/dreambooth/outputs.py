@@ -60,7 +60,7 @@ def lora_metadata(run) -> dict[str, str]:
         "dreambooth.class_prompts": json.dumps([s.class_prompt for s in subjects]),
         "dreambooth.new_tokens": json.dumps(m.tokenizer.convert_ids_to_tokens(m.new_token_ids)),
         "dreambooth.rank": str(cfg.lora.rank),
-        "dreambooth.alpha": str(cfg.lora.alpha or cfg.lora.rank),
+        "dreambooth.alpha": f"{cfg.lora.alpha or cfg.lora.rank:g}",
         "dreambooth.unet_target_modules": json.dumps(cfg.lora.unet_target_modules if cfg.model.train_unet else []),
         "dreambooth.text_encoder_target_modules": json.dumps(
             cfg.lora.text_encoder_target_modules if cfg.model.train_text_encoder else []),

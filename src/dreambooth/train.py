@@ -339,8 +339,9 @@ def train(cfg: Config, config_path: Path | None = None) -> Path:
     finally:
         release(run.accelerator)
     if is_main:
-        print(f"done: model in {out} (StableDiffusionPipeline.from_pretrained), checkpoints, samples/ and "
-              f"{cfg.output.logging_dir}/ beside it")
+        what = (f"LoRA in {out / 'pytorch_lora_weights.safetensors'} (pipe.load_lora_weights)"
+                if cfg.model.method == "lora" else f"model in {out} (StableDiffusionPipeline.from_pretrained)")
+        print(f"done: {what}; checkpoints, samples/ and {cfg.output.logging_dir}/ beside it")
     return out
 
 
