@@ -121,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("compare", allow_abbrev=False,
+                       help="Train full DreamBooth and LoRA on the same data and print a table of both.")
+    p.add_argument("--out", type=Path, default=Path("compare-run"), help="Folder for everything [default: compare-run].")
+    p.add_argument("--model", type=Path, help="Base model folder [default: a tiny random model built here].")
+    p.add_argument("--instance-dir", type=Path, help="Subject photos [default: the demo's synthetic subject].")
+    p.add_argument("--steps", type=int, default=60, help="Training steps per method [default: 60].")
+    p.add_argument("--resolution", type=int, default=64, help="[default: 64]")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank [default: 4].")
+    p.add_argument("--full-lr", type=float, default=1e-4, help="Learning rate of full fine-tuning [default: 1e-4].")
+    p.add_argument("--lora-lr", type=float, default=1e-3, help="Learning rate of LoRA [default: 1e-3].")
+
     p = sub.add_parser("demo", allow_abbrev=False,
                        help="Build the tiny model and data, train with prior preservation, generate.")
     p.add_argument("--out", type=Path, default=Path("demo-run"), help="Folder for everything [default: demo-run].")
@@ -160,6 +171,12 @@ def run(args: argparse.Namespace) -> None:
 
         path = build_tiny_model(args.dir, prediction_type=args.prediction_type, seed=args.seed)
         print(f"tiny random-weight model written to {path}")
+    elif args.command == "compare":
+        from dreambooth.compare import run_compare
+
+        run_compare(args.out, model=args.model, instance_dir=args.instance_dir, steps=args.steps,
+                    resolution=args.resolution, rank=args.rank,
+                    learning_rates={"full": args.full_lr, "lora": args.lora_lr})
     elif args.command == "demo":
         from dreambooth.demo import run_demo
 

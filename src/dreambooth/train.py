@@ -224,10 +224,11 @@ def make_accelerator(cfg: Config, out: Path):
                                                            logging_dir=str(out / cfg.output.logging_dir)))
 
 
-def write_run_info(cfg: Config, out: Path, report: Preflight) -> None:
+def write_run_info(cfg: Config, out: Path, report: Preflight, models: Models) -> None:
     write_text_atomic(out / "config.yaml", dump_config(cfg))
+    trainable = sum(p.numel() for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad)
     write_json_atomic(out / "run_info.json", {
-        "base_model": cfg.model.pretrained_model, "method": cfg.model.method,
+        "base_model": cfg.model.pretrained_model, "method": cfg.model.method, "trainable_parameters": trainable,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prediction_type": report.prediction_type,
         "subjects": [{"identifier": s.identifier.describe(), "instance_prompt": s.subject.instance_prompt,
                       "instance_images": [str(p) for p in s.instance.usable]} for s in report.subjects],
@@ -328,7 +329,7 @@ def train(cfg: Config, config_path: Path | None = None) -> Path:
     is_main = run.accelerator.is_main_process
     try:
         if run.accelerator.is_main_process:
-            write_run_info(cfg, out, report)
+            write_run_info(cfg, out, report, run.models)
         start = resume(run, resume_path)
         with StopRequest() as stop:
             try:
