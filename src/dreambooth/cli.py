@@ -115,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cpu, ... [default: cuda when available]")
     p.add_argument("--out", type=Path, default=Path("generated"), help="Output folder [default: generated].")
 
+    p = sub.add_parser("export", allow_abbrev=False,
+                       help="Convert a result: LoRA to kohya/A1111, full model to one .safetensors, merge LoRAs.")
+    p.add_argument("src", type=Path, help="A training output folder, a diffusers model folder, or a LoRA file.")
+    p.add_argument("--format", required=True, choices=["kohya", "single-file", "diffusers"],
+                   help="kohya: LoRA for A1111/Forge/ComfyUI; single-file: original SD checkpoint layout; "
+                   "diffusers: a model folder (with --merge-lora).")
+    p.add_argument("--out", required=True, type=Path, help="The file or folder to write.")
+    p.add_argument("--half", action="store_true", help="Save in fp16.")
+    p.add_argument("--merge-lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="Bake a LoRA into the model at a weight [default 1.0]; repeatable.")
+
     p = sub.add_parser("tiny-model", allow_abbrev=False,
                        help="Build a tiny random-weight Stable Diffusion model (tests, demo).")
     p.add_argument("dir", type=Path)
@@ -123,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", allow_abbrev=False,
                        help="Train full DreamBooth and LoRA on the same data and print a table of both.")
-    p.add_argument("--out", type=Path, default=Path("compare-run"), help="Folder for everything [default: compare-run].")
+    p.add_argument("--out", type=Path, default=Path("compare-run"),
+                   help="Folder for everything [default: compare-run].")
     p.add_argument("--model", type=Path, help="Base model folder [default: a tiny random model built here].")
     p.add_argument("--instance-dir", type=Path, help="Subject photos [default: the demo's synthetic subject].")
     p.add_argument("--steps", type=int, default=60, help="Training steps per method [default: 60].")
@@ -166,6 +178,10 @@ def run(args: argparse.Namespace) -> None:
         from dreambooth.generate import generate_command
 
         generate_command(args)
+    elif args.command == "export":
+        from dreambooth.export import export_command
+
+        export_command(args)
     elif args.command == "tiny-model":
         from dreambooth.tiny import build_tiny_model
 
