@@ -18,7 +18,7 @@ from dreambooth.cli import main
 from dreambooth.config import load_config
 from dreambooth.data import DreamBoothDataset, MultiSubjectDataset
 from dreambooth.errors import UserError
-from dreambooth.lora import LORA_FILE, TOKEN_FILE, parse_lora_arg
+from dreambooth.lora import LORA_FILE, TOKEN_FILE
 from dreambooth.train import train
 
 
@@ -176,8 +176,3 @@ def test_subject_config_errors():
     msg = str(e.value)
     assert "subjects[0].instance_prompt" in msg and "subjects[0].class_dir" in msg
     assert "subjects[1].identifier: '<a>' names two subjects" in msg
-
-
-def test_lora_weight_argument():
-    assert parse_lora_arg("a/b.safetensors:0.6") == (__import__("pathlib").Path("a/b.safetensors"), 0.6)
-    assert parse_lora_arg("c:/x/b.safetensors")[1] == 1.0

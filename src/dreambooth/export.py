@@ -2,7 +2,8 @@
 
 Three writers, each reading safetensors only and writing atomically:
 
-- `lora_to_kohya`: a diffusers/peft LoRA file -> `lora_unet_*` / `lora_te_*` keys with a per-layer `alpha`.
+- `lora_to_kohya`: a diffusers/peft LoRA file -> `lora_unet_*` / `lora_te_*` keys with the `alpha` that keeps
+  every layer's scale.
 - `to_single_file`: a diffusers folder -> one `.safetensors` in the original Stable Diffusion (CompVis/LDM)
   key layout that AUTOMATIC1111 and ComfyUI load. The key map is derived from the model's own blocks, so it is
   right for any SD 1.x-family shape, and a tensor the map does not cover stops the export.
@@ -11,12 +12,15 @@ Three writers, each reading safetensors only and writing atomically:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
-import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,13 +80,12 @@ def save_safetensors_atomic(tensors: dict, out: Path, metadata: dict[str, str] |
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt", **(metadata or {})})
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return out
 
@@ -124,6 +127,18 @@ def find_lora_file(src: Path) -> Path:
     if src.suffix != ".safetensors":
         raise UserError(f"LoRA {src} is not a .safetensors file; pass a LoRA saved as safetensors.")
     return src
+
+
+def new_tokens(lora_file: Path) -> list[str]:
+    """The identifier tokens a LoRA was trained with that the base tokenizer lacks (our training records them);
+    their embeddings live in `token_embeddings.safetensors` beside the LoRA, not in it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(lora_file), framework="pt", device="cpu") as f:
+            return list(json.loads((f.metadata() or {}).get("dreambooth.new_tokens", "[]")))
+    except (SafetensorError, OSError, json.JSONDecodeError):
+        return []
 
 
 def _is_kohya(keys) -> bool:
@@ -170,7 +185,11 @@ def read_lora(src: Path) -> LoraFile:
     if _is_kohya(tensors):
         raise UserError(f"LoRA {path} is already in the kohya format (keys like {next(iter(tensors))}); "
                         "A1111, ComfyUI and diffusers' load_lora_weights read it as it is.")
-    raw_config = json.loads(metadata.pop(ADAPTER_METADATA_KEY, "null") or "null") or {}
+    try:
+        raw_config = json.loads(metadata.pop(ADAPTER_METADATA_KEY, "null") or "null") or {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"LoRA {path}: its '{ADAPTER_METADATA_KEY}' header is not valid JSON ({e}), so its alpha "
+                        "is unknown. Re-save the LoRA with diffusers' save_lora_weights.") from None
     layers, unknown = {}, []
     for component in COMPONENTS:
         prefix = component + "."
@@ -239,39 +258,54 @@ def _kohya_name(component: str, module: str) -> str:
     return COMPONENTS[component] + module.replace(".", "_")
 
 
+def common_alpha(alphas: list[float]) -> float:
+    """The alpha most layers have (the largest on a tie); zero only if every alpha is zero."""
+    nonzero = [a for a in alphas if a != 0] or [0.0]
+    counts = Counter(nonzero)
+    return max(counts, key=lambda a: (counts[a], a))
+
+
 def lora_to_kohya(src: Path, out: Path, *, half: bool = False) -> Path:
-    """Converts a diffusers/peft LoRA (file or folder) into the kohya/A1111 format, alpha per layer."""
+    """Converts a diffusers/peft LoRA (file or folder) into the kohya/A1111 format.
+
+    Every layer gets one common alpha; a layer whose own alpha differs (peft's alpha_pattern, rsLoRA on one
+    component only) has the ratio folded into its `lora_up`, which gives the same alpha/rank * up @ down. The
+    file then loads the same everywhere: diffusers 0.42's kohya loader ignores per-layer alphas on attention
+    layers (it logs "alpha_pattern keys did not match any targeted module"), while A1111 and ComfyUI read them.
+    """
     import torch
 
     out = Path(out)
     _check_file_out(out)
     lora = read_lora(src)
-    tensors, dims, alphas = {}, set(), set()
-    for component, modules in lora.layers.items():
-        config = lora.adapter_config.get(component)
-        for module, (down, up) in modules.items():
-            name = _kohya_name(component, module)
-            rank = down.shape[0]
-            alpha = kohya_alpha(module, rank, config)
-            tensors[f"{name}.lora_down.weight"] = down
-            tensors[f"{name}.lora_up.weight"] = up
-            # Kept in fp32 even with --half: an rsLoRA alpha such as 16*sqrt(8) is not exact in fp16.
-            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-            dims.add(rank)
-            alphas.add(alpha)
-    alpha_keys = {k for k in tensors if k.endswith(".alpha")}
-    tensors = {k: (v if k in alpha_keys else _cast({k: v}, half)[k]) for k, v in tensors.items()}
-    # diffusers' own adapter config is dropped: the alphas now carry it, and diffusers refuses a file that has
-    # both. The rest (our dreambooth.* keys, for one) is kept.
-    metadata = dict(lora.metadata)
-    metadata["ss_network_module"] = "networks.lora"
-    if len(dims) == 1 and len(alphas) == 1:
-        metadata["ss_network_dim"], metadata["ss_network_alpha"] = str(dims.pop()), str(alphas.pop())
+    layers = [(_kohya_name(component, module), down, up, kohya_alpha(module, down.shape[0],
+                                                                      lora.adapter_config.get(component)))
+              for component, modules in lora.layers.items() for module, (down, up) in modules.items()]
+    alpha = common_alpha([a for *_, a in layers])
+    tensors = {}
+    for name, down, up, own_alpha in layers:
+        if own_alpha != alpha:
+            up = up * (own_alpha / alpha)
+        tensors[f"{name}.lora_down.weight"] = down
+        tensors[f"{name}.lora_up.weight"] = up
+    tensors = _cast(tensors, half)
+    for name, *_ in layers:
+        # fp32 even with --half: an rsLoRA alpha such as 16 * sqrt(8) is not exact in fp16.
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    # diffusers' adapter config is dropped: the alphas now carry it, and diffusers refuses a file that has both.
+    # The rest (our dreambooth.* keys, for one) is kept.
+    metadata = {**lora.metadata, "ss_network_module": "networks.lora", "ss_network_alpha": str(alpha)}
+    ranks = {down.shape[0] for _, down, _, _ in layers}
+    if len(ranks) == 1:
+        metadata["ss_network_dim"] = str(ranks.pop())
     return save_safetensors_atomic(tensors, out, metadata)
 
 
 def copy_lora(src: Path, out: Path, *, half: bool = False) -> Path:
-    """The diffusers-format LoRA as it is (optionally fp16), to a file or to `out/pytorch_lora_weights.safetensors`."""
+    """The diffusers-format LoRA as it is (optionally fp16), to a file or to `out/pytorch_lora_weights.safetensors`,
+    with its new tokens' `token_embeddings.safetensors` beside it."""
+    from dreambooth.lora import TOKEN_FILE
+
     path = find_lora_file(src)
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -279,8 +313,19 @@ def copy_lora(src: Path, out: Path, *, half: bool = False) -> Path:
         out = out / LORA_WEIGHT_NAME
     else:
         _check_file_out(out)
+    token_file = path.parent / TOKEN_FILE
+    copy_tokens = bool(new_tokens(path))
+    if copy_tokens and not token_file.is_file():
+        raise UserError(f"LoRA {path} was trained with new token(s) {', '.join(new_tokens(path))} whose embeddings "
+                        f"live in {TOKEN_FILE} beside it, which is missing; put it back beside the LoRA.")
+    if copy_tokens and (out.parent / TOKEN_FILE).exists():
+        raise UserError(f"{out.parent / TOKEN_FILE} already exists; the LoRA's new-token embeddings go there. "
+                        "Give --out a folder of its own.")
     tensors, metadata = _read_safetensors(path)
-    return save_safetensors_atomic(_cast(tensors, half), out, metadata)
+    save_safetensors_atomic(_cast(tensors, half), out, metadata)
+    if copy_tokens:
+        save_safetensors_atomic(_read_safetensors(token_file)[0], out.parent / TOKEN_FILE)
+    return out
 
 
 # --- Diffusers folder -> one original-layout (LDM) file ---------------------------------------------------------
@@ -461,12 +506,14 @@ def _load_components(model_dir: Path):
     return unet, vae, text_encoder
 
 
+def _prediction_type(model_dir: Path) -> str:
+    config = model_dir / "scheduler" / "scheduler_config.json"
+    return json.loads(config.read_text()).get("prediction_type", "epsilon") if config.is_file() else "epsilon"
+
+
 def _single_file_metadata(model_dir: Path, loras) -> dict[str, str]:
-    """What made the file, so it explains itself where A1111 shows a checkpoint's metadata."""
-    metadata = {"dreambooth.source": str(model_dir)}
-    scheduler = model_dir / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file():
-        metadata["dreambooth.prediction_type"] = json.loads(scheduler.read_text()).get("prediction_type", "epsilon")
+    """What made the file; the prediction type matters most, as the original layout has no place for it."""
+    metadata = {"dreambooth.source": str(model_dir), "dreambooth.prediction_type": _prediction_type(model_dir)}
     if loras:
         metadata["dreambooth.merged_loras"] = json.dumps([[str(p), w] for p, w in loras])
     return metadata
@@ -481,7 +528,8 @@ def _check_sd1_text_encoder(model_dir: Path) -> None:
                                      config.get("hidden_act", "quick_gelu"))
 
 
-def to_single_file(model_dir: Path, out: Path, *, half: bool = False, loras: list[tuple[Path, float]] = ()) -> Path:
+def to_single_file(model_dir: Path, out: Path, *, half: bool = False,
+                   loras: Sequence[tuple[Path, float]] = ()) -> Path:
     """Writes a diffusers SD 1.x folder (with `loras` fused in, if any) as one original-layout `.safetensors`."""
     from dreambooth.generate import check_model_folder
 
@@ -490,6 +538,13 @@ def to_single_file(model_dir: Path, out: Path, *, half: bool = False, loras: lis
     _check_file_out(out)
     _check_sd1_text_encoder(model_dir)
     loras = [(find_lora_file(p), w) for p, w in loras]
+    for file, _ in loras:
+        if tokens := new_tokens(file):
+            raise UserError(
+                f"LoRA {file} was trained with new token(s) {', '.join(tokens)}, which the original single-file "
+                "layout cannot carry: its text encoder has CLIP's fixed vocabulary and no tokenizer. Use --format "
+                "diffusers with --merge-lora (the saved tokenizer keeps the tokens), or export the LoRA with "
+                "--format kohya and load its token_embeddings.safetensors as a textual-inversion embedding.")
     unet, vae, text_encoder = _load_components(model_dir)
     if loras:
         fuse_loras(_pipeline_around(model_dir, unet, vae, text_encoder), loras)
@@ -530,20 +585,25 @@ def _loaded_layer_count(pipe, adapter: str) -> int:
                for model in (pipe.unet, pipe.text_encoder) for m in model.modules())
 
 
-def fuse_loras(pipe, loras: list[tuple[Path, float]]):
+def fuse_loras(pipe, loras: Sequence[tuple[Path, float]]):
     """Loads each LoRA as its own adapter with stock diffusers, fuses them at their weights, removes the adapters.
 
     After `unload_lora_weights` the fused weights stay in the base layers and no peft layer is left, so
     `save_pretrained` writes a plain model. A LoRA layer that finds no module to attach to is an error, not a
     warning: a LoRA made for another architecture would otherwise merge as a silent no-op.
     """
+    from dreambooth.lora import load_token_embeddings
+
     if not loras:
         return pipe
     names = []
     for i, (path, _) in enumerate(loras):
         file, name = find_lora_file(path), f"export_{i}"
         try:
-            pipe.load_lora_weights(str(file), adapter_name=name)
+            with warnings.catch_warnings():
+                # Several adapters on one model is the point here, not the mistake peft warns about.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                pipe.load_lora_weights(str(file), adapter_name=name)
         except (ValueError, RuntimeError, KeyError, TypeError) as e:
             raise UserError(f"could not apply LoRA {file} to this model: {e}. Is it a LoRA for this base "
                             "model's architecture (SD 1.x, 2.x and SDXL LoRAs do not mix)?") from None
@@ -551,6 +611,8 @@ def fuse_loras(pipe, loras: list[tuple[Path, float]]):
         if loaded != expected:
             raise UserError(f"LoRA {file} has {expected} layers but only {loaded} found a matching layer in this "
                             "model; it was made for a different architecture. Merge it into its own base model.")
+        # A new identifier token's trained embedding joins the tokenizer and text encoder, and is saved with them.
+        load_token_embeddings(pipe, file)
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[weight for _, weight in loras])
     pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
@@ -580,13 +642,13 @@ def _weight_folders(model_dir: Path) -> list[str]:
             and value[0] is not None and (model_dir / name / "config.json").is_file()]
 
 
-def merge_lora(base_dir: Path, loras: list[tuple[Path, float]], out: Path, *, half: bool = False) -> Path:
+def merge_lora(base_dir: Path, loras: Sequence[tuple[Path, float]], out: Path, *, half: bool = False) -> Path:
     """Saves `base_dir` with each (LoRA, weight) fused in as a plain diffusers folder; no LoRAs: a plain re-save."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     from dreambooth.generate import check_model_folder
-    from dreambooth.runinfo import library_versions, write_json_atomic
+    from dreambooth.runinfo import library_versions
 
     base_dir, out = Path(base_dir), Path(out)
     check_model_folder(base_dir)
@@ -601,16 +663,18 @@ def merge_lora(base_dir: Path, loras: list[tuple[Path, float]], out: Path, *, ha
     if half:
         pipe.to(torch.float16)
     # Saved beside `out` and renamed into place, so `out` never holds half a model.
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    write_json_atomic(tmp / "export.json", {
-        "base_model": str(base_dir), "loras": [{"file": str(p), "weight": w} for p, w in loras],
-        "dtype": "fp16" if half else "as loaded", "versions": library_versions()})
-    if out.is_dir():
-        out.rmdir()
-    os.replace(tmp, out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "export.json").write_text(json.dumps({
+            "base_model": str(base_dir), "loras": [{"file": str(p), "weight": w} for p, w in loras],
+            "dtype": "fp16" if half else "as loaded", "versions": library_versions()}, indent=2) + "\n")
+        if out.is_dir():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -648,9 +712,21 @@ def source_kind(src: Path) -> str:
     raise UserError(f"SRC {src} holds neither LoRA weights nor a model (first key: {keys[0] if keys else 'none'}).")
 
 
-def _prediction_type(model_dir: Path) -> str:
-    config = model_dir / "scheduler" / "scheduler_config.json"
-    return json.loads(config.read_text()).get("prediction_type", "epsilon") if config.is_file() else "epsilon"
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """diffusers' and transformers' load and save bars off, so the command reports in one line; then restored."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in enabled:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was_on in enabled:
+            if was_on:
+                lib.enable_progress_bar()
 
 
 def export_command(args) -> Path:
@@ -669,17 +745,26 @@ def export_command(args) -> Path:
         if fmt == "single-file":
             raise UserError(f"SRC {src} is a LoRA, which holds only adapter weights; to bake it into a full model "
                             f"use `dreambooth export BASE_MODEL --format single-file --merge-lora {src}`.")
+        if fmt == "diffusers" and _is_kohya(_read_safetensors(find_lora_file(src))[0]):
+            raise UserError(f"SRC {src} is a kohya-format LoRA; --format diffusers copies a diffusers-format "
+                            "LoRA. diffusers' load_lora_weights reads kohya files as they are, and --merge-lora "
+                            "takes them too.")
         path = lora_to_kohya(src, out, half=half) if fmt == "kohya" else copy_lora(src, out, half=half)
         what = "kohya LoRA" if fmt == "kohya" else "diffusers LoRA"
     else:
         if fmt == "kohya":
             raise UserError(f"SRC {src} is a full model; the kohya format is for LoRA files. Use --format "
                             "single-file for a full model (A1111/ComfyUI), or --format diffusers.")
-        if fmt == "single-file":
-            path, what = to_single_file(src, out, half=half, loras=loras), "single-file checkpoint"
-        else:
-            path, what = merge_lora(src, loras, out, half=half), "diffusers model"
+        with quiet_progress_bars():
+            if fmt == "single-file":
+                path, what = to_single_file(src, out, half=half, loras=loras), "single-file checkpoint"
+            else:
+                path, what = merge_lora(src, loras, out, half=half), "diffusers model"
     print(f"wrote {what} {path} ({human_size(_size_of(path))})")
+    if kind == "lora" and fmt == "kohya" and (tokens := new_tokens(find_lora_file(src))):
+        print(f"note: the LoRA was trained with new token(s) {', '.join(tokens)}; their embeddings are in "
+              "token_embeddings.safetensors beside it, not in the kohya file. Use that file as a textual-inversion "
+              "embedding alongside the LoRA.")
     if kind == "model" and fmt == "single-file" and _prediction_type(src) == "v_prediction":
         print("note: this model predicts v (v_prediction), which a single file does not record; A1111 needs a "
               "config .yaml with `parameterization: v` beside it, ComfyUI a v_prediction sampling node.")

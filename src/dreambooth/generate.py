@@ -12,7 +12,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from dreambooth.errors import UserError
-from dreambooth.lora import load_loras, lora_file, parse_lora_arg
+from dreambooth.export import find_lora_file, parse_lora_spec
+from dreambooth.lora import load_loras
 
 # Short sampler names as users type them, and the diffusers classes (with config tweaks) they mean.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -192,9 +193,9 @@ def generate_command(args) -> list[Path]:
     check_model_folder(args.model)
     make_scheduler(args.scheduler, {})  # an unknown name fails before the model loads
     device = pick_device(args.device)
-    loras = [parse_lora_arg(text) for text in args.lora]
+    loras = [parse_lora_spec(text) for text in args.lora]
     for path, _ in loras:
-        lora_file(path)  # a missing or pickle LoRA fails before the model loads
+        find_lora_file(path)  # a missing or pickle LoRA fails before the model loads
     pipe = load_pipeline(args.model, device=device, dtype=pick_dtype(args.precision, device),
                          scheduler=args.scheduler)
     load_loras(pipe, loras)

@@ -17,8 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dreambooth.errors import UserError
+from dreambooth.export import LORA_WEIGHT_NAME as LORA_FILE
+from dreambooth.export import find_lora_file
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 TOKEN_FILE = "token_embeddings.safetensors"
 
 
@@ -84,34 +85,11 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def parse_lora_arg(text: str) -> tuple[Path, float]:
-    """'file.safetensors:0.8' -> (path, 0.8); weight 1.0 when none is given."""
-    head, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return Path(head), float(tail)
-        except ValueError:
-            pass
-    return Path(text), 1.0
-
-
-def lora_file(path: Path) -> Path:
-    """A LoRA file, or a training output folder holding one."""
-    if path.is_dir() and (path / LORA_FILE).is_file():
-        return path / LORA_FILE
-    if path.is_file() and path.suffix == ".safetensors":
-        return path
-    if path.is_file():
-        raise UserError(f"LoRA {path} is not a .safetensors file; only safetensors LoRAs are loaded (pickle files can "
-                        "run code). Convert it, or pass a training output folder.")
-    raise UserError(f"LoRA {path} does not exist (expected a .safetensors file or a folder holding {LORA_FILE}).")
-
-
 def load_loras(pipe, loras: list[tuple[Path, float]]) -> None:
     """Loads each LoRA as its own adapter at its weight (diffusers or kohya format), and any token embeddings."""
     names, weights = [], []
     for i, (path, weight) in enumerate(loras):
-        file = lora_file(path)
+        file = find_lora_file(path)
         name = f"lora{i}"
         try:
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
