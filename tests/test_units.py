@@ -190,3 +190,20 @@ def test_prompts_file(tmp_path):
     assert read_prompts(["x"], f) == ["x", "a photo of sks dog", "a painting of sks dog"]
     with pytest.raises(UserError, match="no prompt"):
         read_prompts([], None)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from safetensors.torch import save_file
+
+    from dreambooth.runinfo import default_file_mode, move_into, write_text_atomic
+
+    write_text_atomic(tmp_path / "a.json", "{}")
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"x": torch.zeros(1)}, str(src / "w.safetensors"))  # safetensors creates 0600 files
+    move_into(src, tmp_path / "dst")
+    for path in (tmp_path / "a.json", tmp_path / "dst" / "w.safetensors"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == default_file_mode()

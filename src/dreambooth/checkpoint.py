@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dreambooth.errors import UserError
-from dreambooth.runinfo import write_json_atomic
+from dreambooth.runinfo import publish, write_json_atomic
 
 STATE_FILE = "trainer_state.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -77,6 +77,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, gener
         write_json_atomic(tmp / STATE_FILE, {**state, "global_step": step})
         if final.exists():
             shutil.rmtree(final)
+        publish(tmp)
         os.replace(tmp, final)
         rotate(output_dir, total_limit)
     accelerator.wait_for_everyone()

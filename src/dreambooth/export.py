@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreambooth.errors import UserError
+from dreambooth.runinfo import publish
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FORMATS = ("kohya", "single-file", "diffusers")
@@ -83,6 +84,7 @@ def save_safetensors_atomic(tensors: dict, out: Path, metadata: dict[str, str] |
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt", **(metadata or {})})
+        publish(tmp)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -671,6 +673,7 @@ def merge_lora(base_dir: Path, loras: Sequence[tuple[Path, float]], out: Path, *
             "dtype": "fp16" if half else "as loaded", "versions": library_versions()}, indent=2) + "\n")
         if out.is_dir():
             out.rmdir()
+        publish(tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

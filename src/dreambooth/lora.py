@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from dreambooth.errors import UserError
 from dreambooth.export import LORA_WEIGHT_NAME as LORA_FILE
 from dreambooth.export import find_lora_file
+from dreambooth.runinfo import publish
 
 TOKEN_FILE = "token_embeddings.safetensors"
 
@@ -63,6 +64,7 @@ def save_lora(out_dir: Path, unet: torch.nn.Module | None, text_encoder: torch.n
     tensors = {k: v.to(torch.float32).contiguous() for k, v in load_file(str(written)).items()}
     save_file(tensors, str(written), metadata={**header, **metadata})
     final = out_dir / LORA_FILE
+    publish(written)
     os.replace(written, final)
     tmp_dir.rmdir()
     return final
@@ -76,6 +78,7 @@ def save_token_embeddings(out_dir: Path, tokenizer, text_encoder, token_ids: lis
     rows = {tokenizer.convert_ids_to_tokens(i): weight[i].clone().contiguous() for i in token_ids}
     tmp = out_dir / f".{TOKEN_FILE}.tmp"
     save_file(rows, str(tmp))
+    publish(tmp)
     os.replace(tmp, out_dir / TOKEN_FILE)
     return out_dir / TOKEN_FILE
 

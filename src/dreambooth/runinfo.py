@@ -25,6 +25,25 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def default_file_mode() -> int:
+    """The mode a plain `open()` would give a new file under the current umask (usually 0644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def publish(path: Path) -> None:
+    """Gives files the usual permissions before they are renamed into place.
+
+    safetensors and `tempfile.mkstemp` create files readable by their owner only (0600); a model another user or
+    a web UI service must load would then fail to open.
+    """
+    mode = default_file_mode()
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        os.chmod(file, mode)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes through a temporary file in the same folder and renames it, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +53,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -51,6 +71,7 @@ def move_into(src_dir: Path, dst_dir: Path, last: str | None = None) -> None:
     folder that does not load, rather than one that loads a mix of old and new weights.
     """
     dst_dir.mkdir(parents=True, exist_ok=True)
+    publish(src_dir)
     entries = sorted(src_dir.iterdir(), key=lambda p: p.name == last)
     for entry in entries:
         target = dst_dir / entry.name
