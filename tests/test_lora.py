@@ -176,3 +176,24 @@ def test_subject_config_errors():
     msg = str(e.value)
     assert "subjects[0].instance_prompt" in msg and "subjects[0].class_dir" in msg
     assert "subjects[1].identifier: '<a>' names two subjects" in msg
+
+
+def test_several_loras_mix_at_their_weights(tiny_model, instance_dir, tmp_path):
+    """Two copies of one LoRA at 0.5 each must draw what the LoRA draws at 1.0: adapters add linearly."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth.lora import load_loras
+
+    out = tmp_path / "out"
+    train(lora_cfg(tiny_model, instance_dir, out, **{"training.max_train_steps": 2}))
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(out / LORA_FILE, copy)
+    images = []
+    for loras in ([(out, 1.0)], [(out, 0.5), (copy, 0.5)], [(out, 0.5)]):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+        load_loras(pipe, loras)
+        images.append(image_of(pipe))
+    assert np.abs(images[0] - images[1]).max() < 1e-4
+    assert np.abs(images[0] - images[2]).max() > 1e-3  # and the weights do matter
