@@ -58,6 +58,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     compat.add_argument("--offset_noise", action="store_true", default=argparse.SUPPRESS,
                         help="Offset noise of strength 0.1, as in diffusers (same as --noise_offset 0.1).")
     compat.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help="Set by launchers; ignored.")
+    compat.add_argument("--cache_latents", action="store_true", default=argparse.SUPPRESS,
+                        help="Accepted from diffusers' scripts: latents are cached by default (--latent_cache).")
     for flag in REFUSED_FLAGS:
         compat.add_argument(flag, nargs="?", const=True, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -69,6 +71,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if flag[2:] in given:
             raise UserError(f"{flag} is not supported: {why}.")
     overrides = {k: v for k, v in given.items() if "." in k}
+    if given.get("cache_latents") and "training.latent_cache" not in overrides:
+        overrides["training.latent_cache"] = "memory"
     if given.get("offset_noise") and "training.noise_offset" not in overrides:
         overrides["training.noise_offset"] = 0.1
     return overrides

@@ -125,6 +125,12 @@ class TrainingSection(Section):
     noise_offset: float = opt(0.0, "Offset-noise strength (--offset_noise sets 0.1).", ge=0)
     seed: int | None = opt(None, "Random seed (default: drawn and recorded in the run folder).")
     dataloader_num_workers: int = opt(0, "Data-loading worker processes.", ge=0)
+    latent_cache: Literal["memory", "disk", "off"] = opt(
+        "memory", "Encode each augmented image once and reuse its VAE latents: in device memory, on disk "
+        "(output_dir/latent_cache, for large class sets), or off.")
+    compile: bool = opt(False, "torch.compile the UNet (and a trained text encoder); pays off on long GPU runs.",
+                        "--torch_compile")
+    channels_last: bool = opt(False, "Run the UNet in channels-last memory format (faster on some GPUs).")
     tokenizer_max_length: int | None = opt(None, "Token length of prompts (default: the tokenizer's, 77).", ge=2)
     text_encoder_use_attention_mask: bool = opt(False, "Pass the attention mask to the text encoder.")
     set_grads_to_none: bool = opt(True, "Free gradients instead of zeroing them (always on; accepted for diffusers).")

@@ -285,24 +285,30 @@ def _similar_pairs(fingerprints: dict[Path, _Fingerprint], threshold: int) -> li
 # ---------------------------------------------------------------------------------------------- pixels
 
 
+def crop_origin(size: tuple[int, int], resolution: int, *, center_crop: bool,
+                crop_rng: random.Random | None) -> tuple[int, int]:
+    """Top-left corner of the crop of an image already resized to short side == resolution."""
+    width, height = size
+    if center_crop:
+        return (width - resolution) // 2, (height - resolution) // 2
+    if crop_rng is None:
+        raise ValueError("prepare_image needs crop_rng for a random crop (or center_crop=True)")
+    return crop_rng.randint(0, width - resolution), crop_rng.randint(0, height - resolution)
+
+
 def prepare_image(
-    image: Image.Image, resolution: int, *, center_crop: bool, flip: bool, crop_rng: random.Random | None
+    image: Image.Image, resolution: int, *, center_crop: bool, flip: bool, crop_rng: random.Random | None,
+    origin: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """RGB image -> float32 [3, resolution, resolution] in [-1, 1]: short side resized, cropped, maybe mirrored.
 
-    The crop is centred if `center_crop`, else at an offset drawn from `crop_rng` (required then). `flip`
-    mirrors left-right; the caller draws it, so this function is deterministic given its arguments.
+    The crop is at `origin` when given, else centred if `center_crop`, else at an offset drawn from `crop_rng`.
+    `flip` mirrors left-right; the caller draws it, so this function is deterministic given its arguments.
     """
     if image.mode != "RGB":
         raise ValueError(f"prepare_image expects an RGB image (use load_image), got mode {image.mode}")
     image = _resize_short_side(image, resolution)
-    width, height = image.size
-    if center_crop:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
-    elif crop_rng is None:
-        raise ValueError("prepare_image needs crop_rng for a random crop (or center_crop=True)")
-    else:
-        left, top = crop_rng.randint(0, width - resolution), crop_rng.randint(0, height - resolution)
+    left, top = origin or crop_origin(image.size, resolution, center_crop=center_crop, crop_rng=crop_rng)
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -360,6 +366,9 @@ class DreamBoothDataset(Dataset):
         self.random_flip = random_flip
         self.seed = seed
         self.epoch = 0
+        # a file's modification time is part of its cache key, so an edited photo is encoded again
+        self._paths = {role: [f"{p}@{Path(p).stat().st_mtime_ns}" for p in paths]
+                       for role, paths in (("instance", instance_images), ("class", class_images or []))}
         self._instance = [_resize_short_side(load_image(path), resolution) for path in instance_images]
         self._class = [_resize_short_side(load_image(path), resolution) for path in class_images or []]
 
@@ -370,20 +379,28 @@ class DreamBoothDataset(Dataset):
         return max(len(self._instance), len(self._class))
 
     def __getitem__(self, index: int) -> dict:
-        example = {
-            "instance_pixels": self._augment(self._instance[index % len(self._instance)], index, "instance"),
-            "instance_prompt": self.instance_prompt,
-        }
+        pixels, key = self._augment(index, "instance")
+        example = {"instance_pixels": pixels, "instance_prompt": self.instance_prompt, "instance_key": key}
         if self._class:
-            example["class_pixels"] = self._augment(self._class[index % len(self._class)], index, "class")
-            example["class_prompt"] = self.class_prompt
+            pixels, key = self._augment(index, "class")
+            example.update(class_pixels=pixels, class_prompt=self.class_prompt, class_key=key)
         return example
 
-    def _augment(self, image: Image.Image, index: int, role: str) -> torch.Tensor:
+    def _augment(self, index: int, role: str) -> tuple[torch.Tensor, str]:
+        """The augmented pixels of an item, and a key naming exactly them: image file, crop corner, flip.
+
+        The key is what a latent cache may be indexed by; it never depends on step or batch position.
+        """
+        images = self._instance if role == "instance" else self._class
+        image = images[index % len(images)]
         rng = _item_rng(self.seed, self.epoch, index, role)
-        crop_rng = None if self.center_crop else rng
         flip = self.random_flip and rng.random() < 0.5
-        return prepare_image(image, self.resolution, center_crop=self.center_crop, flip=flip, crop_rng=crop_rng)
+        origin = crop_origin(image.size, self.resolution, center_crop=self.center_crop,
+                             crop_rng=None if self.center_crop else rng)
+        pixels = prepare_image(image, self.resolution, center_crop=self.center_crop, flip=flip, crop_rng=None,
+                               origin=origin)
+        key = f"{self._paths[role][index % len(images)]}|{self.resolution}|{origin[0]},{origin[1]}|{int(flip)}"
+        return pixels, key
 
 
 def collate_examples(examples: list[dict]) -> dict:
@@ -393,11 +410,13 @@ def collate_examples(examples: list[dict]) -> dict:
         raise ValueError("either every example in a batch has a class image or none does")
     pixels = [example["instance_pixels"] for example in examples]
     prompts = [example["instance_prompt"] for example in examples]
+    keys = [example["instance_key"] for example in examples]
     pixels += [example["class_pixels"] for example in with_class]
     prompts += [example["class_prompt"] for example in with_class]
+    keys += [example["class_key"] for example in with_class]
     is_prior = torch.tensor([False] * len(examples) + [True] * len(with_class))
     pixel_values = torch.stack(pixels).to(dtype=torch.float32, memory_format=torch.contiguous_format)
-    return {"pixel_values": pixel_values, "prompts": prompts, "is_prior": is_prior}
+    return {"pixel_values": pixel_values, "prompts": prompts, "is_prior": is_prior, "cache_keys": keys}
 
 
 class MultiSubjectDataset(Dataset):

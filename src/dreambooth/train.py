@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dreambooth.cache import LatentCache
 from dreambooth.checkpoint import (
     StopRequest,
     load_checkpoint,
@@ -42,13 +43,12 @@ class TrainingStopped(Exception):
     """Raised after an interrupt has been saved as a checkpoint."""
 
 
-def training_step(cfg: Config, models: Models, batch: dict, encode: PromptEncoder, generator: torch.Generator,
-                  weight_dtype: torch.dtype) -> LossParts:
-    """One forward pass: encode images, add noise at per-sample timesteps, predict, and score."""
+def training_step(cfg: Config, models: Models, batch: dict, encode: PromptEncoder, latent_cache: LatentCache,
+                  generator: torch.Generator) -> LossParts:
+    """One forward pass: latents of the images, noise at per-sample timesteps, prediction, and the loss."""
     vae, unet, sched = models.vae, models.unet, models.noise_scheduler
-    pixels = batch["pixel_values"].to(device=generator.device, dtype=weight_dtype)
-    with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.sample(generator=generator).float() * vae.config.scaling_factor
+    latents = latent_cache.sample(batch["pixel_values"], batch["cache_keys"], generator)
+    latents = latents.float() * vae.config.scaling_factor
     noise = noise_with_offset(latents, cfg.training.noise_offset, generator)
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                               device=latents.device)
@@ -100,6 +100,8 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
     """Steps until total_steps; checkpoints, validates and logs on their intervals; stops cleanly on request."""
     cfg, acc = run.cfg, run.accelerator
     encode = PromptEncoder(cfg, run.models, acc.device)
+    salt = f"{cfg.model.pretrained_model}|{cfg.model.revision}|{cfg.model.variant}|"
+    latent_cache = LatentCache(run.models.vae, cfg.training.latent_cache, run.out / "latent_cache", salt)
     modules = trained_modules(run)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     logger = MetricsLog(run)
@@ -109,7 +111,7 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
     run.global_step = start_step
     while run.global_step < run.total_steps:
         with acc.accumulate(*modules):
-            parts = training_step(cfg, run.models, next(batches), encode, run.generator, run.weight_dtype)
+            parts = training_step(cfg, run.models, next(batches), encode, latent_cache, run.generator)
             acc.backward(parts.loss)
             if acc.sync_gradients:
                 acc.clip_grad_norm_(params, cfg.training.max_grad_norm)
@@ -271,6 +273,19 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[li
     return per_subject
 
 
+def speed_up(cfg: Config, models: Models, accelerator) -> None:
+    """Optional channels-last layout and torch.compile of the UNet.
+
+    Only `forward` is compiled, so the module itself (its parameter names, checkpoints, the saved model) stays
+    exactly as it is without compilation.
+    """
+    unet = accelerator.unwrap_model(models.unet)
+    if cfg.training.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if cfg.training.compile:
+        unet.forward = torch.compile(unet.forward)
+
+
 def setup(cfg: Config, report: Preflight) -> Run:
     """Accelerator, class images, models, data, optimizer, ready to step."""
     from accelerate.utils import set_seed
@@ -296,6 +311,7 @@ def setup(cfg: Config, report: Preflight) -> Run:
         setattr(models, "unet" if module is models.unet else "text_encoder", wrapped)
     optimizer, lr_scheduler = prepared[-2:]
     save_trainable_only(accelerator)
+    speed_up(cfg, models, accelerator)
     for module in (models.vae, models.unet, models.text_encoder):
         module.to(accelerator.device)
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed + accelerator.process_index)
