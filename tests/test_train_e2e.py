@@ -191,3 +191,18 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_model, instance_dir, tm
             "output.output_dir": str(out), "output.report_to": "none"}))
         outs.append(unet_weights(out))
     assert all(torch.allclose(outs[0][k], outs[1][k], atol=1e-6) for k in outs[0])
+
+
+@pytest.mark.slow
+def test_torch_compile_and_channels_last_train_the_same(tiny_model, instance_dir, tmp_path):
+    """Slow (inductor compiles for minutes on a CPU): `pytest -m slow`."""
+    outs = []
+    for fast in (False, True):
+        out = tmp_path / f"fast-{fast}"
+        train(load_config(None, {
+            "model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
+            "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.max_train_steps": 2,
+            "training.compile": fast, "training.channels_last": fast, "training.learning_rate": 1e-3,
+            "training.seed": 0, "output.output_dir": str(out), "output.report_to": "none"}))
+        outs.append(unet_weights(out))
+    assert all(torch.allclose(outs[0][k], outs[1][k], atol=1e-4) for k in outs[0])
