@@ -259,13 +259,14 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[li
         pipe = pipe or load_pipe()
         return pipe
 
+    batch_size = ds.sample_batch_size or (16 if accelerator.device.type == "cuda" else 4)
     per_subject = []
     for s in cfg.subject_list():
         with accelerator.main_process_first():
             images = ensure_class_images(s.class_dir, prompt=s.class_prompt, model=cfg.model.pretrained_model,
                                          resolution=cfg.training.resolution, num_images=ds.num_class_images,
                                          seed=cfg.training.seed, load_pipe=load_once,
-                                         batch_size=ds.sample_batch_size or (16 if accelerator.device.type == "cuda" else 4),
+                                         batch_size=batch_size,
                                          steps=ds.class_inference_steps)
         if not images:
             raise UserError(f"dataset.class_dir: {s.class_dir} holds no usable class image after generation.")
