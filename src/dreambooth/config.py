@@ -121,7 +121,7 @@ class TrainingSection(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = opt(
         "no", "Mixed precision: trainable weights stay fp32, frozen modules run in this precision.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
-    allow_tf32: bool = opt(False, "Allow TF32 matmuls on Ampere and newer GPUs.")
+    allow_tf32: bool = opt(True, "TF32 matmuls and convolutions on Ampere and newer GPUs (--no-allow_tf32: off).")
     snr_gamma: float | None = opt(None, "Min-SNR-gamma loss weighting (5.0 is the paper's value).", gt=0)
     noise_offset: float = opt(0.0, "Offset-noise strength (--offset_noise sets 0.1).", ge=0)
     seed: int | None = opt(None, "Random seed (default: drawn and recorded in the run folder).")

@@ -297,6 +297,7 @@ def setup(cfg: Config, report: Preflight) -> Run:
     set_seed(cfg.training.seed)
     if cfg.training.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     classes = prepare_class_images(cfg, accelerator, report)
     weight_dtype = DTYPES[cfg.training.mixed_precision]
     models = load_models(cfg, report.plans, weight_dtype)
