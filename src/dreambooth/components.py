@@ -137,15 +137,19 @@ def param_groups(cfg: Config, models: Models, lr_scale: float) -> list[dict]:
 
 
 def make_optimizer(cfg: Config, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: 8-bit from bitsandbytes when asked, else torch's fused kernel on GPU and foreach on CPU."""
+    """AdamW: 8-bit from bitsandbytes when asked, else torch's fused kernel (foreach where there is none)."""
     t = cfg.training
     kw = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
     if t.use_8bit_adam:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kw)
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, **kw, **fast)
+    # The fused kernel (one pass over all parameters) exists for CUDA and, in recent torch, the CPU, where it
+    # measured 4x faster than foreach on the 35 M-parameter `small` UNet (docs/bench.md) and needs no temporaries.
+    try:
+        return torch.optim.AdamW(groups, **kw, fused=True)
+    except (RuntimeError, ValueError):  # a device or torch without the fused kernel
+        return torch.optim.AdamW(groups, **kw, foreach=True)
 
 
 def make_lr_scheduler(cfg: Config, optimizer, num_processes: int, total_steps: int):
