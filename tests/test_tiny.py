@@ -118,3 +118,74 @@ def test_build_leaves_the_global_random_state_alone(tmp_path):
     torch.manual_seed(123)
     build_tiny_model(tmp_path)
     assert torch.equal(torch.rand(3), expected)
+
+
+# The larger sizes: `small` for CPU benchmarks, `sd15` (SD 1.5's exact architecture) for GPU benchmarks.
+
+
+def _parameter_counts(size):
+    """Parameters of the size's UNet, VAE and text encoder, instantiated on the meta device (no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreambooth.tiny import model_configs
+
+    configs = model_configs(size)
+    with torch.device("meta"):
+        modules = (UNet2DConditionModel(**configs["unet"]), AutoencoderKL(**configs["vae"]),
+                   CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])))
+    assert all(p.is_meta for m in modules for p in m.parameters())
+    return tuple(sum(p.numel() for p in m.parameters()) for m in modules)
+
+
+def test_sd15_has_stable_diffusion_1_5s_exact_parameter_counts():
+    # UNet 859,520,964, VAE 83,653,863, CLIP ViT-L/14 text tower 123,060,480: the counts of the real SD 1.5 files.
+    assert _parameter_counts("sd15") == (859_520_964, 83_653_863, 123_060_480)
+
+
+def test_small_is_a_35m_unet_with_a_256_wide_text_encoder():
+    from dreambooth.tiny import model_configs
+
+    unet, vae, text = _parameter_counts("small")
+    assert 34_000_000 < unet < 36_000_000
+    assert vae < 5_000_000 and text < 5_000_000
+    configs = model_configs("small")
+    assert configs["unet"]["block_out_channels"] == (64, 128, 256, 256)
+    assert configs["unet"]["cross_attention_dim"] == configs["text_encoder"]["hidden_size"] == 256
+
+
+def test_small_builds_loads_in_stock_diffusers_with_vae_factor_8(tmp_path):
+    from dreambooth.cli import main
+
+    model = tmp_path / "small"
+    assert main(["tiny-model", str(model), "--size", "small"]) == 0
+    pipeline = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline.vae_scale_factor == 8
+    assert pipeline.unet.config.sample_size * 8 == 128  # the size's default resolution
+    image = pipeline("a photo of sks toy", num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (128, 128)
+    assert "size `small`" in (model / "README.md").read_text()
+
+
+def test_resolution_must_fit_the_sizes_downsampling(tmp_path):
+    with pytest.raises(UserError, match="multiple of 64 for size small"):
+        build_tiny_model(tmp_path, size="small", resolution=96)
+    with pytest.raises(UserError, match="size must be one of"):
+        build_tiny_model(tmp_path, size="huge")
+    assert not any(tmp_path.iterdir())
+
+
+def test_sd15_tokenizer_has_clips_ids_and_grows_like_clip(tmp_path, tokenizer):
+    from dreambooth.tiny import CLIP_VOCAB_SIZE, _tokenizer, model_configs
+
+    padded = _tokenizer(tmp_path / "tokenizer", CLIP_VOCAB_SIZE)
+    config = model_configs("sd15")["text_encoder"]
+    assert len(padded) == config["vocab_size"] == 49408
+    assert (padded.bos_token_id, padded.eos_token_id, padded.pad_token_id) == (49406, 49407, 49407)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (49406, 49407)
+    # Words tokenize to the same pieces as with the tiny tokenizer; only the special ids moved.
+    assert padded.tokenize("a photo of sks dog") == tokenizer.tokenize("a photo of sks dog")
+    assert max(padded("a photo of sks dog zqxw").input_ids[1:-1]) < len(tokenizer)
+    padded.add_tokens(["<saya_token>"])
+    assert padded.convert_tokens_to_ids("<saya_token>") == 49408  # the first id past CLIP's, as with SD 1.5

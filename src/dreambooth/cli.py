@@ -131,8 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Bake a LoRA into the model at a weight [default 1.0]; repeatable.")
 
     p = sub.add_parser("tiny-model", allow_abbrev=False,
-                       help="Build a tiny random-weight Stable Diffusion model (tests, demo).")
+                       help="Build a random-weight Stable Diffusion model offline (tests, demo, benchmarks).")
     p.add_argument("dir", type=Path)
+    p.add_argument("--size", default="tiny", choices=["tiny", "small", "sd15"],
+                   help="tiny: 0.2 M UNet, 64 px (tests); small: 35 M UNet, 128 px (CPU benchmarks); sd15: Stable "
+                   "Diffusion 1.5's exact architecture, 512 px, ~4 GB on disk [default: tiny].")
+    p.add_argument("--resolution", type=int, help="Image side the model is configured for [default: the size's].")
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     p.add_argument("--seed", type=int, default=0)
 
@@ -147,6 +151,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=4, help="LoRA rank [default: 4].")
     p.add_argument("--full-lr", type=float, default=1e-4, help="Learning rate of full fine-tuning [default: 1e-4].")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="Learning rate of LoRA [default: 1e-3].")
+
+    p = sub.add_parser("bench", allow_abbrev=False,
+                       help="Measure training speed and memory, optionally beside diffusers' train_dreambooth.py.")
+    p.add_argument("--model", default="tiny",
+                   help="tiny, small or sd15 (random weights, built under --out) or a diffusers model folder "
+                   "[default: tiny].")
+    p.add_argument("--method", default="full", choices=["full", "lora"], help="[default: full]")
+    p.add_argument("--resolution", type=int, help="[default: the model's]")
+    p.add_argument("--precision", choices=["no", "fp16", "bf16"], help="--mixed_precision of both programs "
+                   "[default: bf16 on a GPU, no on the CPU].")
+    p.add_argument("--steps", type=int, default=50, help="Optimizer steps per run [default: 50].")
+    p.add_argument("--warmup", type=int, default=5, help="Steps left out of the median [default: 5].")
+    p.add_argument("--num-class-images", type=int, default=10, help="[default: 10]")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank [default: 4].")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="Runs per program, in alternating order; figures are their medians [default: 1].")
+    p.add_argument("--peer", type=Path, metavar="SCRIPT",
+                   help="diffusers' examples/dreambooth/train_dreambooth.py (train_dreambooth_lora.py for --method "
+                   "lora), run with the same flags beside this tool.")
+    p.add_argument("--tv-shim", type=Path, help="A torchvision stand-in for the peer's process only [default: "
+                   "../shared/peer-tools/tv_shim when torchvision is missing].")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"),
+                   help="Working folder: models, data, runs [default: runs/bench].")
+    p.add_argument("--results", type=Path, default=Path("bench/results"),
+                   help="Where the JSON and logs go [default: bench/results].")
+    p.add_argument("--keep-outputs", action="store_true", help="Keep the trained models (deleted by default).")
+    p.add_argument("--table", action="store_true",
+                   help="Measure nothing: rewrite the table in --doc from --results/*.json.")
+    p.add_argument("--doc", type=Path, default=Path("docs/bench.md"), help="[default: docs/bench.md]")
 
     p = sub.add_parser("demo", allow_abbrev=False,
                        help="Build the tiny model and data, train with prior preservation, generate.")
@@ -189,14 +222,26 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "tiny-model":
         from dreambooth.tiny import build_tiny_model
 
-        path = build_tiny_model(args.dir, prediction_type=args.prediction_type, seed=args.seed)
-        print(f"tiny random-weight model written to {path}")
+        path = build_tiny_model(args.dir, prediction_type=args.prediction_type, seed=args.seed,
+                                resolution=args.resolution, size=args.size)
+        print(f"{args.size} random-weight model written to {path}")
     elif args.command == "compare":
         from dreambooth.compare import run_compare
 
         run_compare(args.out, model=args.model, instance_dir=args.instance_dir, steps=args.steps,
                     resolution=args.resolution, rank=args.rank,
                     learning_rates={"full": args.full_lr, "lora": args.lora_lr})
+    elif args.command == "bench":
+        from dreambooth import bench
+
+        if args.table:
+            print(bench.write_table(args.doc, args.results))
+            return
+        bench.run_bench(bench.BenchSettings(
+            model=args.model, method=args.method, resolution=args.resolution, precision=args.precision,
+            steps=args.steps, warmup=args.warmup, num_class_images=args.num_class_images, rank=args.rank,
+            repeats=args.repeats, peer=args.peer, tv_shim=args.tv_shim, out=args.out, results=args.results,
+            keep_outputs=args.keep_outputs))
     elif args.command == "demo":
         from dreambooth.demo import run_demo
 

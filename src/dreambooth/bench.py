@@ -1,0 +1,554 @@
+"""`dreambooth bench`: training speed and memory of this tool, and of diffusers' DreamBooth script beside it.
+
+Both programs run as subprocesses with the same diffusers-style flag list, the same data (5 instance photos and
+the same pre-filled class folder, so neither generates class images in the timed part) and the same thread
+count. Neither program is changed: a `sitecustomize.py` on the child's PYTHONPATH registers a global optimizer
+step hook (see TIMER_SOURCE) that records the clock after every optimizer step, so both are timed by the same
+clock with the same definition of a step. Reported per program:
+
+- s/step: median of consecutive step-end differences after `warmup` steps (start-up, model loading and
+  saving excluded); samples/s = images per step (instance + class) / s/step.
+- peak memory: GPU, torch's max allocated memory up to the last step; CPU, the process's peak RSS up to the
+  last step (the final save is excluded from both; the whole-process peak is kept beside it).
+- MFU (GPU only): model FLOPs of one training step (VAE encode + UNet forward and backward of the batch, counted
+  by FlopCounterMode on the meta device with plain attention, so the same number for both programs) per second,
+  over the device's dense bf16 peak.
+- wall time of the training process, from launch to exit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dreambooth.errors import UserError
+
+TIMES_ENV = "DREAMBOOTH_BENCH_TIMES"
+BUILT_MODELS = ("tiny", "small", "sd15")
+INSTANCE_PROMPT = "a photo of sks toy"
+CLASS_PROMPT = "a photo of a toy"
+INSTANCE_IMAGES = 5
+# Dense bf16 tensor-core peaks from the vendor's spec sheets (half the "with sparsity" figure); the first name
+# found in torch.cuda.get_device_name() wins, so the longer names come first.
+BF16_DENSE_PEAK = (("H100 PCIe", "h100-pcie", 756e12), ("H200", "h200", 989e12), ("H100", "h100", 989e12),
+                   ("A100", "a100", 312e12))
+TABLE_START, TABLE_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+
+TIMER_SOURCE = '''"""Written by `dreambooth bench`; Python runs it at start-up because its folder is on PYTHONPATH.
+
+When torch.optim.optimizer is first imported, a global optimizer-step post-hook is registered. torch calls it
+after the step of every torch optimizer (AdamW for-loop, foreach or fused, bitsandbytes' 8-bit ones, and through
+accelerate's AcceleratedOptimizer, which forwards only real steps). It records the clock (after a CUDA
+synchronize, so the step has finished), the peak RSS so far and the peak CUDA memory so far. At exit a process
+that stepped writes them to the JSON file named by DREAMBOOTH_BENCH_TIMES; a launcher that did not step writes
+nothing. Importing nothing heavy here keeps the program's own import order as it is.
+"""
+import atexit
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import resource
+import sys
+import time
+
+_OUT = os.environ.get("DREAMBOOTH_BENCH_TIMES")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REC = {"pid": os.getpid(), "argv": sys.argv, "times": [], "rss_kb": [], "cuda_allocated": [], "cuda_reserved": []}
+
+
+def _on_step(optimizer, args, kwargs):
+    torch = sys.modules["torch"]
+    cuda = torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+    _REC["times"].append(time.perf_counter())
+    _REC["rss_kb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    if cuda:
+        _REC["cuda_allocated"].append(torch.cuda.max_memory_allocated())
+        _REC["cuda_reserved"].append(torch.cuda.max_memory_reserved())
+
+
+class _HookOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "torch.optim.optimizer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            module.register_optimizer_step_post_hook(_on_step)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _write():
+    if not _REC["times"]:
+        return
+    _REC["rss_kb_exit"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        _REC["cuda_allocated_exit"] = torch.cuda.max_memory_allocated()
+    tmp = f"{_OUT}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_REC, f)
+    os.replace(tmp, _OUT)
+
+
+if _OUT:
+    sys.meta_path.insert(0, _HookOnImport())
+    atexit.register(_write)
+
+# Shadowing another sitecustomize (some distributions ship one) must not drop it: run it too.
+_spec = importlib.machinery.PathFinder.find_spec(
+    "sitecustomize", [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE])
+if _spec is not None and _spec.loader is not None:
+    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+'''
+
+
+@dataclass
+class BenchSettings:
+    """What one `dreambooth bench` run measures."""
+
+    model: str = "tiny"  # tiny, small, sd15 (random weights, built here) or a diffusers model folder
+    method: str = "full"
+    resolution: int | None = None  # default: the model's own
+    precision: str | None = None  # no, fp16, bf16; default bf16 on a GPU, no on the CPU
+    steps: int = 50
+    warmup: int = 5
+    num_class_images: int = 10
+    rank: int = 4
+    repeats: int = 1
+    peer: Path | None = None
+    tv_shim: Path | None = None
+    out: Path = Path("runs/bench")
+    results: Path = Path("bench/results")
+    keep_outputs: bool = False
+
+
+def check_settings(s: BenchSettings, cuda: bool) -> None:
+    """Every problem with the settings, before anything is built."""
+    problems = []
+    if s.method not in ("full", "lora"):
+        problems.append(f"--method must be full or lora, got {s.method!r}")
+    if s.precision not in (None, "no", "fp16", "bf16"):
+        problems.append(f"--precision must be no, fp16 or bf16, got {s.precision!r}")
+    if s.precision == "fp16" and not cuda:
+        problems.append("--precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    if s.warmup < 1 or s.steps < s.warmup + 2:
+        problems.append(f"--steps ({s.steps}) must exceed --warmup ({s.warmup}, at least 1) by 2 or more, "
+                        "so that the median has at least two step times")
+    if s.num_class_images < 1 or s.repeats < 1 or s.rank < 1:
+        problems.append("--num-class-images, --repeats and --rank must be at least 1")
+    if s.model not in BUILT_MODELS and not (Path(s.model) / "model_index.json").is_file():
+        problems.append(f"--model {s.model!r} is neither tiny, small, sd15 nor a diffusers model folder "
+                        "(no model_index.json there)")
+    if s.peer is not None:
+        if not s.peer.is_file():
+            problems.append(f"--peer {s.peer}: no such file; take examples/dreambooth/ from a diffusers clone")
+        elif ("lora" in s.peer.name) != (s.method == "lora"):
+            want = "train_dreambooth_lora.py" if s.method == "lora" else "train_dreambooth.py"
+            problems.append(f"--peer {s.peer.name} does not match --method {s.method}; give {want}")
+    if problems:
+        raise UserError("bench settings:\n  " + "\n  ".join(problems))
+
+
+def device_info() -> dict:
+    """The device both programs train on, its short name for file names, and its dense bf16 peak (GPU only)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"device": "cpu", "device_key": "cpu", "bf16_peak_flops": None}
+    name = torch.cuda.get_device_name()
+    for fragment, key, peak in BF16_DENSE_PEAK:
+        if fragment.lower() in name.lower():
+            return {"device": name, "device_key": key, "bf16_peak_flops": peak}
+    key = "".join(c if c.isalnum() else "-" for c in name.lower().replace("nvidia", "")).strip("-")
+    return {"device": name, "device_key": key, "bf16_peak_flops": None}
+
+
+def machine_facts(threads: int) -> dict:
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cpu_threads_used": threads, "cpu_count": os.cpu_count(), "platform": platform.platform()}
+
+
+def prepare_model(s: BenchSettings) -> tuple[Path, int]:
+    """The model folder and resolution. A built size is cached under the bench folder by size and resolution."""
+    if s.model not in BUILT_MODELS:
+        model = Path(s.model).resolve()
+        return model, s.resolution or default_resolution(model)
+    from dreambooth.tiny import DEFAULT_RESOLUTION, build_tiny_model
+
+    resolution = s.resolution or DEFAULT_RESOLUTION[s.model]
+    folder = (s.out / "models" / f"{s.model}-{resolution}px").resolve()
+    if not (folder / "model_index.json").is_file():
+        t0 = time.perf_counter()
+        shutil.rmtree(folder, ignore_errors=True)
+        build_tiny_model(folder, size=s.model, resolution=resolution, seed=0)
+        print(f"bench: built the {s.model} model in {time.perf_counter() - t0:.1f} s: {folder}")
+    return folder, resolution
+
+
+def default_resolution(model: Path) -> int:
+    """The resolution a model folder was made for: UNet sample size times the VAE's downscaling."""
+    unet = json.loads((model / "unet" / "config.json").read_text())
+    vae = json.loads((model / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def prepare_data(s: BenchSettings, model: Path, resolution: int) -> tuple[Path, Path, Path, float]:
+    """Instance photos, class images generated once by this tool, and a copy of them for the peer.
+
+    The copy holds the images only: diffusers' script opens every file of the class folder as an image, and
+    ours keeps its manifest there. Returns (instance dir, our class dir, the peer's class dir, seconds spent).
+    """
+    from dreambooth.demo import draw_subject
+
+    data = (s.out / "data").resolve()
+    instance = data / f"instance-{resolution}px"
+    instance.mkdir(parents=True, exist_ok=True)
+    for i in range(INSTANCE_IMAGES):
+        if not (instance / f"subject-{i}.png").is_file():
+            draw_subject(i, size=max(80, resolution)).save(instance / f"subject-{i}.png")
+    tag = model.name if model.name.endswith(f"-{resolution}px") else f"{model.name}-{resolution}px"
+    class_dir = data / f"class-{tag}"
+    t0 = time.perf_counter()
+    images = generate_class_images(class_dir, model, resolution, s.num_class_images)
+    seconds = time.perf_counter() - t0
+    peer_class = data / f"class-{tag}-images-only"
+    shutil.rmtree(peer_class, ignore_errors=True)
+    peer_class.mkdir()
+    for image in images:
+        shutil.copy2(image, peer_class / image.name)
+    return instance, class_dir, peer_class, seconds
+
+
+def generate_class_images(class_dir: Path, model: Path, resolution: int, count: int) -> list[Path]:
+    """The class images our training would generate: same prompt, model string, seeds, steps and precision.
+
+    Each image has its own seed, so the batch size changes only the speed of this one-off step.
+    """
+    import torch
+
+    from dreambooth.class_images import ensure_class_images
+    from dreambooth.config import SECTION_TYPES
+    from dreambooth.generate import load_pipeline, pick_device, pick_dtype
+
+    device = pick_device()
+    images = ensure_class_images(
+        class_dir, prompt=CLASS_PROMPT, model=str(model), resolution=resolution, num_images=count, seed=0,
+        load_pipe=lambda: load_pipeline(model, device=device, dtype=pick_dtype(None, device), safety_checker=False),
+        batch_size=16 if device.type == "cuda" else 4,
+        steps=SECTION_TYPES["dataset"].model_fields["class_inference_steps"].default)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return images
+
+
+def train_flags(s: BenchSettings, model: Path, instance: Path, class_dir: Path, output: Path, resolution: int,
+                precision: str) -> list[str]:
+    """diffusers' train_dreambooth.py flags; this tool takes the same list with the same meaning."""
+    flags = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance),
+             "--instance_prompt", INSTANCE_PROMPT, "--with_prior_preservation", "--class_data_dir", str(class_dir),
+             "--class_prompt", CLASS_PROMPT, "--num_class_images", str(s.num_class_images),
+             "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps", str(s.steps),
+             "--checkpointing_steps", "100000", "--learning_rate", "1e-5", "--seed", "0",
+             "--output_dir", str(output), "--mixed_precision", precision,
+             # diffusers' script refuses "none"; an uninstalled tracker is skipped by both programs.
+             "--report_to", "tensorboard"]
+    return flags + (["--rank", str(s.rank)] if s.method == "lora" else [])
+
+
+def tv_shim_path(given: Path | None) -> Path | None:
+    """diffusers' script imports torchvision; where it is missing, the stand-in from shared/peer-tools."""
+    if given is not None:
+        if not given.is_dir():
+            raise UserError(f"--tv-shim {given}: no such folder")
+        return given.resolve()
+    if importlib.util.find_spec("torchvision") is not None:
+        return None
+    repo = Path(__file__).resolve().parents[2]
+    for root in (repo.parent, repo, Path.cwd().parent, Path.cwd()):
+        shim = root / "shared" / "peer-tools" / "tv_shim"
+        if shim.is_dir():
+            return shim
+    raise UserError("diffusers' script imports torchvision, which is not installed; install it, or pass "
+                    "--tv-shim FOLDER with a stand-in (shared/peer-tools/tv_shim next to the repository)")
+
+
+def child_env(timer_dir: Path, times: Path, threads: int, extra_path: list[Path]) -> dict[str, str]:
+    """The same environment for both programs, except for extra PYTHONPATH entries (the peer's shim)."""
+    env = dict(os.environ)
+    paths = [str(p) for p in extra_path] + [str(timer_dir)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env.update({"PYTHONPATH": os.pathsep.join(paths), TIMES_ENV: str(times), "HF_HUB_OFFLINE": "1",
+                "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"})
+    return env
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds all processes of the machine have used since boot (Linux /proc/stat); None elsewhere."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_timed(cmd: list[str], env: dict, log: Path, times: Path, label: str) -> dict:
+    """Runs one training process; returns its timer record with its wall time, or raises with its log's tail.
+
+    Also returns the share of the machine's CPU time that other processes used meanwhile (steal time included:
+    in a VM, the host ran other VMs on our cores): a run with a large share was disturbed and is worth repeating.
+    """
+    times.unlink(missing_ok=True)
+    busy0, own0, t0 = machine_busy_s(), children_cpu_s(), time.perf_counter()
+    with log.open("a", encoding="utf-8") as f:
+        f.write(f"### {label}: {subprocess.list2cmdline(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    busy1, own1 = machine_busy_s(), children_cpu_s()
+    others = None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
+    if proc.returncode != 0 or not times.is_file():
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
+        why = f"exit status {proc.returncode}" if proc.returncode else "no optimizer step was recorded"
+        raise UserError(f"bench: the {label} run failed ({why}); log {log}:\n{tail}")
+    record = json.loads(times.read_text())
+    record.update(wall_s=wall, other_cpu_share=others)
+    if others is not None and others > 0.1:
+        print(f"bench: warning: other processes (or, in a VM, other VMs: steal time) used {others:.0%} of the CPUs "
+              f"during the {label} run; its timings may be disturbed (run again, or with --repeats 3)")
+    return record
+
+
+def figures(record: dict, warmup: int, samples_per_step: int, flops: float | None, peak: float | None) -> dict:
+    """s/step, throughput, memory and MFU of one run from its timer record."""
+    t = record["times"]
+    steps = [b - a for a, b in zip(t[warmup - 1:], t[warmup:])]
+    s = statistics.median(steps)
+    q1, _, q3 = statistics.quantiles(steps, n=4) if len(steps) > 1 else (s, s, s)
+    gpu = bool(record["cuda_allocated"])
+    peak_mem = (record["cuda_allocated"][-1] / 2**20) if gpu else record["rss_kb"][-1] / 1024
+    whole = (record.get("cuda_allocated_exit", 0) / 2**20) if gpu else record["rss_kb_exit"] / 1024
+    return {"s_per_step_median": s, "s_per_step_q1": q1, "s_per_step_q3": q3,
+            "samples_per_s": samples_per_step / s, "peak_mem_mb": round(peak_mem, 1),
+            "peak_mem_kind": "cuda max allocated" if gpu else "peak RSS", "peak_mem_whole_run_mb": round(whole, 1),
+            "tflops_per_s": flops / s / 1e12 if flops else None,
+            "mfu": flops / s / peak if flops and peak and gpu else None,
+            "wall_s": round(record["wall_s"], 2), "timed_steps": len(t),
+            "other_cpu_share": record["other_cpu_share"]}
+
+
+def median_of_runs(runs: list[dict]) -> dict:
+    """Each number is the median over the repeats; the rest is taken from the first."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
+
+
+def step_flops(model: Path, method: str, resolution: int, rank: int, batch: int = 2) -> float | None:
+    """Model FLOPs of one training step: VAE encode and UNet forward + backward of `batch` images.
+
+    Counted on the meta device (no memory, no compute): attention runs as plain matmuls there, so the count is
+    the textbook one, without any kernel's recomputation, and the same for both programs. The text encoder
+    (cached by this tool, re-run by diffusers' script; under 1% of the UNet's cost) is left out.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae"))
+            vae.requires_grad_(False)
+            if method == "lora":
+                from peft import LoraConfig
+
+                unet.requires_grad_(False)
+                unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+            pixels = torch.randn(batch, 3, resolution, resolution)
+            context = torch.randn(batch, 77, unet.config.cross_attention_dim)
+            with FlopCounterMode(display=False) as counter:
+                with torch.no_grad():
+                    latents = vae.encode(pixels).latent_dist.sample()
+                pred = unet(latents, torch.zeros(batch, dtype=torch.long), context).sample
+                pred.float().pow(2).mean().backward()
+        return float(counter.get_total_flops())
+    except Exception as e:  # a model this counter cannot trace on meta still gets its timings
+        print(f"bench: could not count FLOPs ({type(e).__name__}: {e}); MFU left out")
+        return None
+
+
+def commands(s: BenchSettings, model: Path, data: tuple[Path, Path, Path], work: Path, resolution: int,
+             precision: str, cuda: bool, threads: int) -> dict[str, list[str]]:
+    """Both command lines: the same flags, except each program's class folder and output folder."""
+    instance, class_dir, peer_class = data
+    ours = train_flags(s, model, instance, class_dir, work / "ours", resolution, precision)
+    out = {"ours": [sys.executable, "-m", "dreambooth", "train", *ours, "--method", s.method]}
+    if s.peer:
+        peer = train_flags(s, model, instance, peer_class, work / "peer", resolution, precision)
+        launch = [sys.executable, "-m", "accelerate.commands.launch", *([] if cuda else ["--cpu"]),
+                  "--num_processes", "1", "--num_machines", "1", "--num_cpu_threads_per_process", str(threads),
+                  "--mixed_precision", precision, "--dynamo_backend", "no"]
+        out["peer"] = [*launch, str(s.peer.resolve()), *peer]
+    return out
+
+
+def measure(s: BenchSettings, cmds: dict[str, list[str]], envs: dict[str, dict], logs: dict[str, Path], work: Path,
+            flops: float | None, peak: float | None) -> dict[str, list[dict]]:
+    """Runs each program `s.repeats` times, alternating which goes first so that drift hits both alike."""
+    runs: dict[str, list[dict]] = {who: [] for who in cmds}
+    for log in logs.values():
+        log.write_text("")
+    for r in range(s.repeats):
+        for who in list(cmds) if r % 2 == 0 else list(cmds)[::-1]:
+            shutil.rmtree(work / who, ignore_errors=True)
+            times = Path(envs[who][TIMES_ENV])
+            record = run_timed(cmds[who], envs[who], logs[who], times, f"{who} repeat {r + 1}")
+            runs[who].append(figures(record, s.warmup, 2, flops, peak))
+            if not s.keep_outputs:
+                shutil.rmtree(work / who, ignore_errors=True)
+            f = runs[who][-1]
+            print(f"bench: {who} repeat {r + 1}: {f['s_per_step_median']:.4f} s/step, {f['peak_mem_mb']:.0f} MB, "
+                  f"{f['wall_s']:.1f} s")
+    return runs
+
+
+def run_bench(s: BenchSettings) -> dict:
+    """Measures this tool (and the peer script when given); writes the JSON and logs under `s.results`."""
+    import torch
+
+    started = time.perf_counter()
+    dev = device_info()
+    cuda = dev["device"] != "cpu"
+    check_settings(s, cuda)
+    shim = tv_shim_path(s.tv_shim) if s.peer else None
+    precision = s.precision or ("bf16" if cuda else "no")
+    name = s.model if s.model in BUILT_MODELS else Path(s.model).name
+    model, resolution = prepare_model(s)
+    *data, class_s = prepare_data(s, model, resolution)
+    stem = f"{dev['device_key']}-{name}-{s.method}-{resolution}-{precision}"
+    work = (s.out / "runs" / stem).resolve()
+    (work / "timer").mkdir(parents=True, exist_ok=True)
+    (work / "timer" / "sitecustomize.py").write_text(TIMER_SOURCE)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    flops = step_flops(model, s.method, resolution, s.rank)
+    cmds = commands(s, model, tuple(data), work, resolution, precision, cuda, threads)
+    envs = {who: child_env(work / "timer", work / f"{who}-times.json", threads,
+                           [shim] if who == "peer" and shim else []) for who in cmds}
+    s.results.mkdir(parents=True, exist_ok=True)
+    runs = measure(s, cmds, envs, {who: s.results / f"{stem}.{who}.log" for who in cmds}, work, flops,
+                   dev["bf16_peak_flops"])
+    ours = median_of_runs(runs["ours"])
+    peer = median_of_runs(runs["peer"]) if s.peer else None
+    result = {
+        "device": dev["device"], "device_key": dev["device_key"], "torch": torch.__version__, "model": name,
+        "method": s.method, "resolution": resolution, "precision": precision, "steps": s.steps, **ours,
+        "peer": peer and {"script": s.peer.name, "script_sha256": sha256(s.peer), "tv_shim": shim and str(shim),
+                          **peer},
+        "speedup": peer and peer["s_per_step_median"] / ours["s_per_step_median"],
+        "memory_ratio": peer and ours["peak_mem_mb"] / peer["peak_mem_mb"],
+        "warmup": s.warmup, "repeats": s.repeats, "samples_per_step": 2, "num_class_images": s.num_class_images,
+        "rank": s.rank if s.method == "lora" else None, "flops_per_step": flops,
+        "bf16_peak_flops": dev["bf16_peak_flops"], "class_images_s": round(class_s, 2),
+        "bench_wall_s": round(time.perf_counter() - started, 2), "runs": runs, "commands": cmds,
+        "machine": machine_facts(threads), "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": settings_record(s),
+    }
+    path = s.results / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "commands", "versions")}, indent=2))
+    print(f"bench: wrote {path}")
+    return result
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def versions() -> dict:
+    from dreambooth.runinfo import library_versions
+
+    return library_versions()
+
+
+def settings_record(s: BenchSettings) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
+
+
+def _num(value, fmt: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, fmt)
+
+
+def format_table(results: list[dict]) -> str:
+    """A markdown table, one row per result, this tool's figures beside diffusers' script's."""
+    rows = ["| device | model | method | px | precision | steps | s/step ours | s/step diffusers | speedup | "
+            "peak MB ours | peak MB diffusers | memory ours/diffusers | run s ours | run s diffusers | "
+            "MFU ours | MFU diffusers |", "|" + "---|" * 16]
+    size = {m: i for i, m in enumerate(BUILT_MODELS)}
+    for r in sorted(results, key=lambda r: (r["device"], size.get(r["model"], len(size)), r["model"], r["resolution"],
+                                            r["method"], r["precision"])):
+        p = r.get("peer") or {}
+        method = f"LoRA r{r['rank']}" if r["method"] == "lora" and r.get("rank") else r["method"]
+        rows.append(
+            f"| {r['device']} | {r['model']} | {method} | {r['resolution']} | {r['precision']} | {r['steps']} | "
+            f"{r['s_per_step_median']:.3f} | {_num(p.get('s_per_step_median'), '.3f')} | "
+            f"{_num(r.get('speedup'), '.2f')}x | {r['peak_mem_mb']:.0f} | {_num(p.get('peak_mem_mb'), '.0f')} | "
+            f"{_num(r.get('memory_ratio'), '.2f')} | {r['wall_s']:.1f} | {_num(p.get('wall_s'), '.1f')} | "
+            f"{_num(r.get('mfu'), '.1%')} | {_num(p.get('mfu'), '.1%')} |")
+    return "\n".join(rows).replace("| -x |", "| - |")
+
+
+def read_results(results_dir: Path) -> list[dict]:
+    files = sorted(Path(results_dir).glob("*.json"))
+    if not files:
+        raise UserError(f"no results in {results_dir}; run `dreambooth bench` first")
+    return [json.loads(f.read_text()) for f in files]
+
+
+def write_table(doc: Path, results_dir: Path) -> str:
+    """Replaces the table between the bench-table markers of `doc` (appending it when absent); returns it."""
+    table = format_table(read_results(results_dir))
+    block = f"{TABLE_START}\n{table}\n{TABLE_END}"
+    text = doc.read_text() if doc.is_file() else "# Benchmark\n"
+    if TABLE_START in text and TABLE_END in text:
+        head, rest = text.split(TABLE_START, 1)
+        text = head + block + rest.split(TABLE_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    return table

@@ -1,0 +1,151 @@
+"""`dreambooth bench`: the step timer counts every optimizer step, a run reports every figure, the table builds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dreambooth.bench import (
+    TIMER_SOURCE,
+    TIMES_ENV,
+    BenchSettings,
+    check_settings,
+    figures,
+    format_table,
+    run_bench,
+    write_table,
+)
+from dreambooth.errors import UserError
+
+REQUIRED = ("device", "torch", "model", "method", "resolution", "precision", "steps", "s_per_step_median",
+            "samples_per_s", "peak_mem_mb", "mfu", "wall_s", "peer", "speedup", "memory_ratio")
+STEPS = 6
+
+STEPPER = """
+import torch
+from accelerate import Accelerator
+
+p = torch.nn.Parameter(torch.randn(4))
+for kw in ({"foreach": True}, {"fused": True}, {"foreach": False}):
+    opt = torch.optim.AdamW([p], lr=0.1, **kw)
+    for _ in range(3):
+        p.grad = torch.ones(4)
+        opt.step()
+accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+model = torch.nn.Linear(2, 2)
+model, opt = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), foreach=True))
+for _ in range(4):  # two optimizer steps: accelerate skips the step on accumulation batches
+    with accelerator.accumulate(model):
+        accelerator.backward(model(torch.ones(1, 2)).sum())
+        opt.step()
+        opt.zero_grad()
+"""
+
+
+def test_timer_records_every_optimizer_step_of_an_unchanged_program(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(TIMER_SOURCE)
+    out = tmp_path / "times.json"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), TIMES_ENV: str(out)}
+    subprocess.run([sys.executable, "-c", STEPPER], env=env, check=True, capture_output=True)
+    record = json.loads(out.read_text())
+    assert len(record["times"]) == 3 * 3 + 2  # for-loop, foreach and fused AdamW, and accelerate's real steps
+    assert record["times"] == sorted(record["times"])
+    assert len(record["rss_kb"]) == 11 and record["rss_kb_exit"] >= record["rss_kb"][-1] > 0
+
+
+def test_a_process_without_optimizer_steps_writes_nothing(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(TIMER_SOURCE)
+    out = tmp_path / "times.json"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), TIMES_ENV: str(out)}
+    subprocess.run([sys.executable, "-c", "import torch.optim"], env=env, check=True)
+    assert not out.exists()
+
+
+def test_step_time_is_the_median_difference_after_warmup():
+    record = {"times": [0.0, 1.0, 2.0, 4.0, 5.0, 8.0], "rss_kb": [1024] * 6, "rss_kb_exit": 2048,
+              "cuda_allocated": [], "wall_s": 12.0, "other_cpu_share": 0.01}
+    # Steps 3..6 took 1, 2, 1, 3 s.
+    f = figures(record, warmup=2, samples_per_step=2, flops=4e12, peak=None)
+    assert f["s_per_step_median"] == 1.5
+    assert f["samples_per_s"] == pytest.approx(2 / 1.5)
+    assert (f["peak_mem_mb"], f["peak_mem_whole_run_mb"]) == (1.0, 2.0)
+    assert f["mfu"] is None and f["tflops_per_s"] == pytest.approx(4 / 1.5)
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bench_reports_every_figure_from_exactly_the_steps_run(bench_dir, method):
+    s = BenchSettings(model="tiny", method=method, steps=STEPS, warmup=2, num_class_images=2,
+                      out=bench_dir / "work", results=bench_dir / "results")
+    result = run_bench(s)
+    path = bench_dir / "results" / f"cpu-tiny-{method}-64-no.json"
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    assert set(REQUIRED) <= set(result)
+    assert result["timed_steps"] == STEPS  # the timer saw every optimizer step of the training process
+    for key in ("s_per_step_median", "samples_per_s", "peak_mem_mb", "wall_s", "flops_per_step"):
+        assert result[key] > 0, key
+    assert result["mfu"] is None and result["peer"] is None  # CPU, no peer
+    assert (result["device"], result["model"], result["method"], result["resolution"]) == ("cpu", "tiny", method, 64)
+    assert "--with_prior_preservation" in result["commands"]["ours"]
+    assert "training" in (bench_dir / "results" / f"cpu-tiny-{method}-64-no.ours.log").read_text()
+    assert not (bench_dir / "work" / "runs" / f"cpu-tiny-{method}-64-no" / "ours").exists()  # outputs removed
+
+
+def test_settings_are_checked_before_anything_runs(tmp_path):
+    peer = tmp_path / "train_dreambooth.py"
+    peer.write_text("")
+    with pytest.raises(UserError) as e:
+        check_settings(BenchSettings(method="lora", steps=3, warmup=2, peer=peer, model="nowhere"), cuda=False)
+    message = str(e.value)
+    assert "give train_dreambooth_lora.py" in message and "--steps (3)" in message and "nowhere" in message
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        check_settings(BenchSettings(precision="fp16"), cuda=False)
+
+
+def _result(device, method, ours, peer=None):
+    r = {"device": device, "model": "small", "method": method, "resolution": 128, "precision": "no", "steps": 50,
+         "rank": 4 if method == "lora" else None, "s_per_step_median": ours, "peak_mem_mb": 800.0, "wall_s": 30.0,
+         "mfu": None, "peer": None, "speedup": None, "memory_ratio": None}
+    if peer:
+        r.update(peer={"s_per_step_median": peer, "peak_mem_mb": 1000.0, "wall_s": 40.0, "mfu": None},
+                 speedup=peer / ours, memory_ratio=0.8)
+    return r
+
+
+def test_table_is_built_from_the_result_files(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "cpu-small-full-128-no.json").write_text(json.dumps(_result("cpu", "full", 0.25, 0.40)))
+    (results / "cpu-small-lora-128-no.json").write_text(json.dumps(_result("cpu", "lora", 0.20)))
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Bench\n\nbefore\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\nafter\n")
+    table = write_table(doc, results)
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| device | model | method |")
+    assert lines[2].startswith("| cpu | small | full | 128 | no | 50 | 0.250 | 0.400 | 1.60x | 800 | 1000 | 0.80 |")
+    assert lines[3].startswith("| cpu | small | LoRA r4 | 128 | no | 50 | 0.200 | - | - | 800 | - | - |")
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("# Bench\n\nbefore\n") and text.endswith("after\n")
+    assert table in text
+    assert format_table([_result("cpu", "full", 0.25)]).count("\n") == 2
+
+
+def test_table_command_rewrites_the_doc_and_says_when_there_is_nothing(tmp_path, capsys):
+    from dreambooth.cli import main
+
+    results = tmp_path / "results"
+    results.mkdir()
+    doc = tmp_path / "bench.md"
+    assert main(["bench", "--table", "--results", str(results), "--doc", str(doc)]) == 2
+    assert "no results in" in capsys.readouterr().err
+    (results / "cpu-small-full-128-no.json").write_text(json.dumps(_result("cpu", "full", 0.25, 0.40)))
+    assert main(["bench", "--table", "--results", str(results), "--doc", str(doc)]) == 0
+    assert "| cpu | small | full |" in doc.read_text()
