@@ -207,3 +207,14 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     move_into(src, tmp_path / "dst")
     for path in (tmp_path / "a.json", tmp_path / "dst" / "w.safetensors"):
         assert stat.S_IMODE(os.stat(path).st_mode) == default_file_mode()
+
+
+def test_the_manifest_is_not_reported_as_a_rejected_image(tmp_path):
+    from dreambooth.data import scan_image_folder
+
+    folder = tmp_path / "class"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), "red").save(folder / "a.png")
+    (folder / MANIFEST).write_text("{}")
+    report = scan_image_folder(folder, 16)
+    assert [p.name for p in report.usable] == ["a.png"] and report.rejected() == []

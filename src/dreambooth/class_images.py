@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from dreambooth.data import scan_image_folder
 from dreambooth.runinfo import write_json_atomic
 
-MANIFEST = "dreambooth_class_images.json"
+MANIFEST = "dreambooth_class_images.json"  # listed in data.TOOL_FILES, so scans skip it
 
 
 def read_manifest(class_dir: Path) -> dict:

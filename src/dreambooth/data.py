@@ -21,6 +21,8 @@ from torch.utils.data import Dataset
 from dreambooth.errors import UserError
 
 # Only used to word messages: files are recognised by their content, whatever their name.
+# Files this tool writes into image folders (the class-image manifest): skipped, not reported as rejects.
+TOOL_FILES = frozenset({"dreambooth_class_images.json"})
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 )
@@ -196,7 +198,8 @@ def scan_image_folder(folder: Path, resolution: int, *, check_duplicates: bool =
     if not folder.is_dir():
         return report
     try:
-        entries = sorted(path for path in folder.iterdir() if not path.name.startswith("."))
+        entries = sorted(path for path in folder.iterdir()
+                         if not path.name.startswith(".") and path.name not in TOOL_FILES)
     except OSError as error:
         raise UserError(f"Cannot list the image folder {folder}: {error.strerror}.") from None
     fingerprints = {}
