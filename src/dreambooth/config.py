@@ -319,19 +319,23 @@ def _read_prompt_file(path: Path) -> str | None:
     return None
 
 
-def _fill_subject_prompts(subject: dict[str, Any]) -> None:
-    """A listed subject's prompts default to 'a photo of {identifier} {class_word}' / 'a photo of a {class_word}'."""
-    ident, word = subject.get("identifier"), subject.get("class_word")
-    if not subject.get("instance_prompt") and ident and word:
-        subject["instance_prompt"] = "a photo of {identifier} {class_word}"
-    if not subject.get("class_prompt") and word:
-        subject["class_prompt"] = "a photo of a {class_word}"
+def _default_prompts(values: dict[str, Any], ident: Any, word: Any) -> None:
+    """Missing prompts from the identifier and class word; {identifier}/{class_word} filled in every prompt."""
+    if not values.get("instance_prompt") and ident and word:
+        values["instance_prompt"] = "a photo of {identifier} {class_word}"
+    if not values.get("class_prompt") and word:
+        values["class_prompt"] = "a photo of a {class_word}"
     for key in ("instance_prompt", "class_prompt"):
-        if isinstance(subject.get(key), str):
-            subject[key] = subject[key].replace("{identifier}", str(ident or "")).replace("{class_word}",
-                                                                                           str(word or ""))
-    if not subject.get("initializer") and word:
-        subject["initializer"] = word
+        if isinstance(values.get(key), str):
+            values[key] = values[key].replace("{identifier}", str(ident or "")).replace("{class_word}",
+                                                                                       str(word or ""))
+
+
+def _fill_subject_prompts(subject: dict[str, Any]) -> None:
+    """A listed subject's prompts and initializer default from its own identifier and class word."""
+    _default_prompts(subject, subject.get("identifier"), subject.get("class_word"))
+    if not subject.get("initializer") and subject.get("class_word"):
+        subject["initializer"] = subject["class_word"]
 
 
 def _fill_prompts(data: dict[str, Any], base: Path | None) -> None:
@@ -340,14 +344,7 @@ def _fill_prompts(data: dict[str, Any], base: Path | None) -> None:
     for key, filename in (("instance_prompt", "instance.txt"), ("class_prompt", "class.txt")):
         if not ds.get(key) and base is not None:
             ds[key] = _read_prompt_file(base / "prompts" / filename)
-    ident, word = tok.get("identifier"), tok.get("class_word")
-    if not ds.get("instance_prompt") and ident and word:
-        ds["instance_prompt"] = "a photo of {identifier} {class_word}"
-    if not ds.get("class_prompt") and word:
-        ds["class_prompt"] = "a photo of a {class_word}"
-    for key in ("instance_prompt", "class_prompt"):
-        if isinstance(ds.get(key), str):
-            ds[key] = ds[key].replace("{identifier}", str(ident or "")).replace("{class_word}", str(word or ""))
+    _default_prompts(ds, tok.get("identifier"), tok.get("class_word"))
 
 
 def _format_error(err: dict[str, Any]) -> list[str]:
