@@ -179,30 +179,26 @@ def test_v_prediction_and_text_encoder_training(tiny_model_v, instance_dir, tmp_
     assert all(json.loads(r)["prior_loss"] == 0.0 for r in log)
 
 
+def unet_after_two_steps(tiny_model, instance_dir, out, **training):
+    """UNet weights after 2 steps of a plain run with the given `training.*` settings."""
+    values = {
+        "model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
+        "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.max_train_steps": 2,
+        "training.learning_rate": 1e-3, "training.seed": 0, "output.output_dir": str(out), "output.report_to": "none"}
+    train(load_config(None, {**values, **{f"training.{k}": v for k, v in training.items()}}))
+    return unet_weights(out)
+
+
 def test_gradient_checkpointing_gives_the_same_step(tiny_model, instance_dir, tmp_path):
     """Recomputing activations must not change the result, only the memory."""
-    outs = []
-    for flag in (False, True):
-        out = tmp_path / f"gc-{flag}"
-        train(load_config(None, {
-            "model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
-            "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.max_train_steps": 2,
-            "training.gradient_checkpointing": flag, "training.learning_rate": 1e-3, "training.seed": 0,
-            "output.output_dir": str(out), "output.report_to": "none"}))
-        outs.append(unet_weights(out))
-    assert all(torch.allclose(outs[0][k], outs[1][k], atol=1e-6) for k in outs[0])
+    a = unet_after_two_steps(tiny_model, instance_dir, tmp_path / "a", gradient_checkpointing=False)
+    b = unet_after_two_steps(tiny_model, instance_dir, tmp_path / "b", gradient_checkpointing=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 @pytest.mark.slow
 def test_torch_compile_and_channels_last_train_the_same(tiny_model, instance_dir, tmp_path):
     """Slow (inductor compiles for minutes on a CPU): `pytest -m slow`."""
-    outs = []
-    for fast in (False, True):
-        out = tmp_path / f"fast-{fast}"
-        train(load_config(None, {
-            "model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
-            "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.max_train_steps": 2,
-            "training.compile": fast, "training.channels_last": fast, "training.learning_rate": 1e-3,
-            "training.seed": 0, "output.output_dir": str(out), "output.report_to": "none"}))
-        outs.append(unet_weights(out))
-    assert all(torch.allclose(outs[0][k], outs[1][k], atol=1e-4) for k in outs[0])
+    a = unet_after_two_steps(tiny_model, instance_dir, tmp_path / "a")
+    b = unet_after_two_steps(tiny_model, instance_dir, tmp_path / "b", compile=True, channels_last=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
