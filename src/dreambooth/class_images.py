@@ -48,10 +48,6 @@ def retire_stale(class_dir: Path, manifest: dict, wanted: dict) -> dict:
     return {**wanted, "images": []}
 
 
-def missing_count(class_dir: Path, resolution: int, wanted: int) -> int:
-    return max(0, wanted - len(scan_image_folder(class_dir, resolution, check_duplicates=False).usable))
-
-
 def ensure_class_images(class_dir: Path, *, prompt: str, model: str, resolution: int, num_images: int,
                         seed: int, load_pipe, batch_size: int, steps: int = 30) -> list[Path]:
     """Makes `class_dir` hold at least `num_images` usable images; returns them all.
@@ -64,7 +60,8 @@ def ensure_class_images(class_dir: Path, *, prompt: str, model: str, resolution:
     class_dir.mkdir(parents=True, exist_ok=True)
     wanted = recipe(prompt, model, resolution)
     manifest = retire_stale(class_dir, read_manifest(class_dir), wanted)
-    missing = missing_count(class_dir, resolution, num_images)
+    usable = scan_image_folder(class_dir, resolution, check_duplicates=False).usable
+    missing = max(0, num_images - len(usable))
     if missing:
         pipe = load_pipe()
         used = {e["seed"] for e in manifest["images"]}
@@ -79,11 +76,12 @@ def ensure_class_images(class_dir: Path, *, prompt: str, model: str, resolution:
                 tmp = class_dir / f".{name}.tmp"
                 image.save(tmp, format="PNG")
                 tmp.rename(class_dir / name)
+                usable.append(class_dir / name)
                 manifest["images"].append({"file": name, "seed": meta["seed"]})
             write_json_atomic(class_dir / MANIFEST, manifest)
             bar.update(len(chunk))
         bar.close()
         del pipe
-    usable = scan_image_folder(class_dir, resolution, check_duplicates=False).usable
+    usable.sort()  # the order a scan gives, without decoding every image again
     print(f"class images: {len(usable)} in {class_dir} ({missing} generated now)")
     return usable[:num_images]
