@@ -106,7 +106,7 @@ def measure_child(args_json: str) -> None:
               "s_per_step_median": statistics.median(times), "peak_rss_mb": round(peak_cpu, 1),
               "peak_gpu_mb": peak_gpu, "output_bytes": folder_size(out, method),
               **quality(cfg.model.pretrained_model, out if method == "lora" else None, info,
-                        json.loads(json.dumps(cfg.model_dump(mode="json"))))}
+                        cfg.model_dump(mode="json"))}
     print("MEASURED " + json.dumps(result), flush=True)
 
 
