@@ -119,6 +119,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cpu, ... [default: cuda when available]")
     p.add_argument("--out", type=Path, default=Path("generated"), help="Output folder [default: generated].")
 
+    p = sub.add_parser("evaluate", allow_abbrev=False,
+                       help="Score a trained subject with the DreamBooth paper's metrics: DINO, CLIP-I, CLIP-T.")
+    p.add_argument("--real", required=True, type=Path, help="The subject's real photos (the instance images).")
+    p.add_argument("--identifier", required=True, help="The subject's identifier in the prompts, e.g. sks.")
+    p.add_argument("--class-word", required=True, help="Its class word, e.g. dog; CLIP-T reads prompts with the "
+                   "identifier replaced by it.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="Score the images of a `dreambooth generate` output folder "
+                        "(prompts read from their metadata).")
+    source.add_argument("--model", type=Path, help="Generate the images with this diffusers model folder into "
+                        "OUT/images, then score them.")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="With --model: a LoRA at a weight [default 1.0]; repeatable.")
+    p.add_argument("--prompt", action="append", default=[], help="With --model: a prompt (repeatable).")
+    p.add_argument("--prompts-file", type=Path, help="With --model: a text file with one prompt a line.")
+    p.add_argument("--seed", type=int, action="append", dest="seeds", help="With --model: seed (repeatable) "
+                   "[default: 0].")
+    p.add_argument("--num-images", type=int, default=4, help="With --model: images per prompt and seed "
+                   "[default: 4, as in the paper].")
+    p.add_argument("--steps", type=int, default=30, help="With --model: denoising steps [default: 30].")
+    p.add_argument("--guidance", type=float, default=7.5, help="With --model: guidance scale [default: 7.5].")
+    p.add_argument("--scheduler", default="dpm++", help="With --model: sampler, as in generate [default: dpm++].")
+    p.add_argument("--clip", type=Path, help="Local CLIP model folder (CLIPModel, tokenizer, image processor): "
+                   "enables CLIP-I and CLIP-T.")
+    p.add_argument("--dino", type=Path, help="Local DINO ViT folder (e.g. facebook/dino-vits16 saved with "
+                   "save_pretrained, image processor included): enables DINO.")
+    p.add_argument("--out", type=Path, default=Path("evaluation"),
+                   help="Output folder: metrics.json, and images/ with --model [default: evaluation].")
+    p.add_argument("--device", help="cuda, cpu, ... [default: cuda when available]")
+
     p = sub.add_parser("export", allow_abbrev=False,
                        help="Convert a result: LoRA to kohya/A1111, full model to one .safetensors, merge LoRAs.")
     p.add_argument("src", type=Path, help="A training output folder, a diffusers model folder, or a LoRA file.")
@@ -182,9 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", type=Path, default=Path("docs/bench.md"), help="[default: docs/bench.md]")
 
     p = sub.add_parser("demo", allow_abbrev=False,
-                       help="Build the tiny model and data, train with prior preservation, generate.")
+                       help="Train the built-in subject into the built-in model on a CPU; measure before and after.")
     p.add_argument("--out", type=Path, default=Path("demo-run"), help="Folder for everything [default: demo-run].")
-    p.add_argument("--steps", type=int, default=40, help="Training steps [default: 40].")
+    p.add_argument("--steps", type=int, help="Training steps [default: 400, the experiment's].")
+
+    p = sub.add_parser("experiment", allow_abbrev=False,
+                       help="The DreamBooth paper's experiment on the built-in world: base vs full/LoRA, with and "
+                       "without prior preservation, over seeds.")
+    p.add_argument("--out", type=Path, default=Path("experiment-run"),
+                   help="Folder for everything [default: experiment-run].")
+    p.add_argument("--seed", type=int, action="append", dest="seeds", help="Seed (repeatable) [default: 0 1 2].")
+    p.add_argument("--steps", type=int, default=400, help="Training steps per run [default: 400].")
+    p.add_argument("--images-per-prompt", type=int, default=8, help="[default: 8]")
     return parser
 
 
@@ -215,6 +254,10 @@ def run(args: argparse.Namespace) -> None:
         from dreambooth.generate import generate_command
 
         generate_command(args)
+    elif args.command == "evaluate":
+        from dreambooth.evaluate import evaluate_command
+
+        evaluate_command(args)
     elif args.command == "export":
         from dreambooth.export import export_command
 
@@ -246,6 +289,11 @@ def run(args: argparse.Namespace) -> None:
         from dreambooth.demo import run_demo
 
         run_demo(args.out, steps=args.steps)
+    elif args.command == "experiment":
+        from dreambooth.experiment import Recipe, run_experiment
+
+        run_experiment(args.out, seeds=args.seeds or [0, 1, 2],
+                       recipe=Recipe(steps=args.steps, images_per_prompt=args.images_per_prompt))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -296,28 +296,33 @@ def _scheduler(prediction_type: str) -> DDPMScheduler:
     )
 
 
-def _tokenizer(folder: pathlib.Path, vocab_size: int | None = None) -> CLIPTokenizer:
+def _tokenizer(folder: pathlib.Path, vocab_size: int | None = None, words: list[str] | None = None,
+               max_length: int = 77) -> CLIPTokenizer:
     """Write CLIP-format vocab.json and merges.txt to `folder` and load them as a CLIPTokenizer.
 
     CLIP's layout: the 256 byte-level symbols, the same with the end-of-word mark `</w>`, one token per
     merge, then the two special tokens. SD 1.x pads with the end-of-text token, so we do too. With
     `vocab_size`, unused filler entries go before the special tokens so that the vocabulary has exactly that
     many ids and the special tokens sit where CLIP's do; no merge produces a filler, so text never maps to one.
+    `words` (default: the tiny model's) are the words that become one token each; `max_length` is the
+    padded prompt length (CLIP's is 77).
     """
-    tokens = _vocab_tokens(vocab_size)
+    words = _WORDS if words is None else words
+    tokens = _vocab_tokens(vocab_size, words)
     vocab = json.dumps({token: i for i, token in enumerate(tokens)}, ensure_ascii=False)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(vocab, encoding="utf-8")
-    merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _learn_merges(_WORDS))
+    merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _learn_merges(words))
     (folder / "merges.txt").write_text(merges_txt, encoding="utf-8")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token=EOS)
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=max_length, pad_token=EOS)
 
 
-def _vocab_tokens(vocab_size: int | None = None) -> list[str]:
+def _vocab_tokens(vocab_size: int | None = None, words: list[str] | None = None) -> list[str]:
     """The tokenizer's vocabulary in id order (see `_tokenizer`)."""
+    words = _WORDS if words is None else words
     # The byte-level alphabet sorted by code point is exactly CLIP's bytes_to_unicode order.
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    merged = list(dict.fromkeys(a + b for a, b in _learn_merges(_WORDS)))
+    merged = list(dict.fromkeys(a + b for a, b in _learn_merges(words)))
     tokens = alphabet + [s + "</w>" for s in alphabet] + merged
     if vocab_size is not None:
         if vocab_size < len(tokens) + 2:

@@ -1,0 +1,347 @@
+"""`dreambooth evaluate`: the DreamBooth paper's metrics of a trained subject, with local CLIP and DINO weights.
+
+Ruiz et al. 2023 (DreamBooth), sec. 4.1:
+
+- DINO: cosine similarity between the ViT CLS embeddings (DINO ViT-S/16 in the paper) of a generated image and
+  a real photo of the subject, averaged over all pairs. Subject fidelity; unlike CLIP, DINO is not trained to
+  ignore what tells two members of a class apart.
+- CLIP-I: the same with CLIP image embeddings.
+- CLIP-T: cosine similarity between the CLIP embeddings of a generated image and of its prompt, with the
+  identifier replaced by the class word (the text encoder has never seen the identifier). Prompt fidelity.
+
+`score_images` is the library entry point; `evaluate_command` is the CLI around it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from PIL import Image
+
+from dreambooth.data import IMAGE_EXTENSIONS, load_image, scan_image_folder
+from dreambooth.errors import UserError
+from dreambooth.generate import pick_device
+
+# A scorer maps (generated images, their prompts) to named columns of one value per image. Columns from
+# `extra_scorers` (e.g. a built-in world's own measures) are averaged per prompt and overall like DINO and CLIP.
+Scorer = Callable[[list[Image.Image], list[str]], dict[str, list[float]]]
+
+LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+GRID_NAME = "grid.png"  # written by generate.save_images beside the images; it is not one of them
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # transformers 4.x / 5.x save_pretrained
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+_CLIP_EXAMPLE = "a CLIP model (e.g. openai/clip-vit-base-patch32)"
+_DINO_EXAMPLE = "a DINO ViT (e.g. facebook/dino-vits16, the paper's DINO ViT-S/16)"
+
+
+# ---------------------------------------------------------------------------------------------- pure helpers
+
+
+def class_prompt_for(prompt: str, identifier: str, class_word: str) -> str:
+    """The prompt that CLIP-T compares an image with: the subject named by its class word only.
+
+    Each whole-word occurrence of the identifier (case-insensitive; `sks` or `<saya_token>`) is dropped when
+    the class word (or its plural) follows it, and replaced by the class word otherwise. An article `a`/`an`
+    just before it is re-chosen, by spelling, for the class word that now follows:
+    "a photo of sks dog" -> "a photo of dog", "an sks dog" -> "a dog", "<saya_token> on a beach" (girl) ->
+    "girl on a beach", "a sks owl" -> "an owl". A prompt without the identifier is returned unchanged.
+    """
+    if not identifier:
+        return prompt
+    word = re.escape(class_word)
+    pattern = re.compile(rf"(?:\b(?P<article>an?)\s+)?(?<![\w<>]){re.escape(identifier)}(?![\w<>])"
+                         rf"(?:\s+(?P<cls>{word}(?:e?s)?)(?![\w>]))?", re.IGNORECASE)
+
+    def replace(match: re.Match) -> str:
+        subject = match.group("cls") or class_word
+        article = match.group("article")
+        if not article:
+            return subject
+        fixed = "an" if subject[:1].lower() in "aeiou" else "a"
+        return f"{fixed.capitalize() if article[0].isupper() else fixed} {subject}"
+
+    return pattern.sub(replace, prompt)
+
+
+def mean_cosine(generated: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """For each generated embedding (row), its cosine similarity to every real embedding, averaged: shape (N,)."""
+    a = torch.nn.functional.normalize(generated.float(), dim=-1)
+    b = torch.nn.functional.normalize(real.float(), dim=-1)
+    return (a @ b.T).mean(dim=1)
+
+
+def summarize(columns: dict[str, list[float]], prompts: list[str]) -> dict:
+    """Per-prompt means (prompts in first-seen order) and overall means over all images.
+
+    The overall mean is over images, as in the paper, so it equals the image-weighted mean of the per-prompt
+    values; with every image compared to every real photo it is also the mean over all pairs.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    per_prompt = {prompt: {"images": len(rows), **{name: statistics.fmean(values[i] for i in rows)
+                                                   for name, values in columns.items()}}
+                  for prompt, rows in groups.items()}
+    overall = {"images": len(prompts), "prompts": len(groups),
+               **{name: statistics.fmean(values) for name, values in columns.items()}}
+    return {"per_prompt": per_prompt, "overall": overall}
+
+
+def format_table(metrics: dict) -> str:
+    """The per-prompt rows and the overall row, aligned, three decimals."""
+    names = [k for k, v in metrics["overall"].items() if k not in ("images", "prompts") and isinstance(v, float)]
+    rows = [[prompt, str(row["images"]), *(f"{row[n]:.3f}" for n in names)]
+            for prompt, row in metrics["per_prompt"].items()]
+    overall = metrics["overall"]
+    rows.append([f"overall ({overall['prompts']} prompts)", str(overall["images"]),
+                 *(f"{overall[n]:.3f}" for n in names)])
+    header = ["prompt", "images", *(LABELS.get(n, n) for n in names)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join([cells[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))])
+
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule, *(line(r) for r in rows[:-1]), rule, line(rows[-1])])
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def check_scorer_folder(folder: Path, flag: str, what: str, *, tokenizer: bool = False) -> None:
+    """Raises UserError unless `folder` is a local transformers folder with config, weights and image processor."""
+    folder = Path(folder)
+    saved = "saved with save_pretrained (config.json, model.safetensors, preprocessor_config.json)"
+    if not folder.is_dir():
+        state = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"{flag} {folder} {state}. Pass a local folder holding {what} {saved}; this tool "
+                        "never downloads weights.")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{flag} {folder} has no config.json, so it is not a transformers model folder. Pass "
+                        f"a folder holding {what} {saved}.")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        raise UserError(f"{flag} {folder} has config.json but no weights (model.safetensors). Save the model "
+                        "there with model.save_pretrained(DIR).")
+    if not any((folder / name).is_file() for name in _PROCESSOR_FILES):
+        raise UserError(f"{flag} {folder} has no preprocessor_config.json, so how images are resized and "
+                        "normalised for this model is unknown. Save the model's image processor there: "
+                        f"AutoImageProcessor.from_pretrained(HUB_ID).save_pretrained('{folder}').")
+    if tokenizer and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise UserError(f"{flag} {folder} has no tokenizer (tokenizer.json or vocab.json), which CLIP-T needs to "
+                        f"read prompts. Save it there: AutoTokenizer.from_pretrained(HUB_ID).save_pretrained("
+                        f"'{folder}').")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if flag == "--dino" and "text_config" in config:
+        raise UserError(f"{flag} {folder} holds a {config.get('model_type', 'text-and-image')} model with a text "
+                        f"tower; --dino needs {what}. Did you mean --clip?")
+
+
+def _image_processor_options() -> dict:
+    """The options that select the PIL image processor in this transformers version."""
+    # The torchvision processors resize slightly differently, so scores would depend on whether torchvision
+    # (not a dependency) is installed; PIL preprocessing is what CLIP and DINO were evaluated with.
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"backend": "pil"} if major >= 5 else {"use_fast": False}
+
+
+def _load(folder: Path, flag: str, device: torch.device, *, tokenizer: bool = False) -> SimpleNamespace:
+    """The model (eval mode, fp32, on `device`), its image processor and, if asked, its tokenizer."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    try:
+        # fp32 whatever the saved dtype (transformers 5 loads the saved dtype by default): scores are small
+        # differences of cosines, and these models are small next to Stable Diffusion.
+        model = AutoModel.from_pretrained(str(folder)).float().to(device).eval()
+        processor = AutoImageProcessor.from_pretrained(str(folder), **_image_processor_options())
+        tok = AutoTokenizer.from_pretrained(str(folder)) if tokenizer else None
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"could not load {flag} {folder}: {e}") from None
+    return SimpleNamespace(model=model, processor=processor, tokenizer=tok)
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 4.x returns the projected CLIP embedding; 5.x returns an output holding it as pooler_output."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+@torch.no_grad()
+def embed_images(loaded: SimpleNamespace, images: list[Image.Image], encode: Callable, batch_size: int = 32):
+    """`encode(pixel_values)` over the images in batches, after the folder's own preprocessing: (N, D) on CPU."""
+    device = next(loaded.model.parameters()).device
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        pixels = loaded.processor(images=images[start:start + batch_size], return_tensors="pt")["pixel_values"]
+        chunks.append(encode(pixels.to(device)).float().cpu())
+    return torch.cat(chunks)
+
+
+def dino_scores(images: list[Image.Image], real: list[Image.Image], dino_dir: Path, device) -> dict[str, list[float]]:
+    """DINO per generated image: mean cosine of its CLS embedding to those of the real photos."""
+    dino = _load(dino_dir, "--dino", device)
+
+    def cls(pixels):
+        return dino.model(pixel_values=pixels).last_hidden_state[:, 0]
+
+    return {"dino": mean_cosine(embed_images(dino, images, cls), embed_images(dino, real, cls)).tolist()}
+
+
+@torch.no_grad()
+def clip_scores(images: list[Image.Image], class_prompts: list[str], real: list[Image.Image], clip_dir: Path,
+                device) -> dict[str, list[float]]:
+    """CLIP-I (image vs real photos, mean over photos) and CLIP-T (image vs its class prompt) per generated image."""
+    clip = _load(clip_dir, "--clip", device, tokenizer=True)
+    if not hasattr(clip.model, "get_text_features"):
+        raise UserError(f"--clip {clip_dir} holds a {type(clip.model).__name__}, which has no text tower; CLIP-T "
+                        f"needs {_CLIP_EXAMPLE} with both towers (CLIPModel).")
+
+    def image_features(pixels):
+        return _features(clip.model.get_image_features(pixel_values=pixels))
+
+    generated = embed_images(clip, images, image_features)
+    texts = list(dict.fromkeys(class_prompts))
+    tokens = clip.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
+                            max_length=clip.model.config.text_config.max_position_embeddings)
+    text = _features(clip.model.get_text_features(input_ids=tokens.input_ids.to(device),
+                                                  attention_mask=tokens.attention_mask.to(device))).float().cpu()
+    per_image_text = text[[texts.index(p) for p in class_prompts]]
+    return {"clip_i": mean_cosine(generated, embed_images(clip, real, image_features)).tolist(),
+            "clip_t": torch.nn.functional.cosine_similarity(generated, per_image_text, dim=-1).tolist()}
+
+
+def score_images(images: list[Image.Image], prompts: list[str], real: list[Image.Image], *, identifier: str,
+                 class_word: str, clip_dir: Path | None = None, dino_dir: Path | None = None, device=None,
+                 extra_scorers: Sequence[Scorer] = ()) -> dict:
+    """DINO, CLIP-I and CLIP-T of generated images (with the prompts that made them) against the real photos.
+
+    Returns {"per_prompt": {prompt: {"images", "class_prompt", "dino", "clip_i", "clip_t"}}, "overall": {...}};
+    a metric is present when its folder is given. Each of `extra_scorers` adds columns of its own, averaged the
+    same way.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    if not images or not real:
+        raise UserError("nothing to score: need at least one generated image and one real photo.")
+    if clip_dir is None and dino_dir is None and not extra_scorers:
+        raise UserError("nothing to measure: pass --clip DIR (CLIP-I and CLIP-T) and/or --dino DIR (DINO).")
+    device = pick_device(str(device) if device else None)
+    class_prompts = [class_prompt_for(p, identifier, class_word) for p in prompts]
+    columns: dict[str, list[float]] = {}
+    if dino_dir is not None:
+        columns.update(dino_scores(images, real, Path(dino_dir), device))
+    if clip_dir is not None:
+        columns.update(clip_scores(images, class_prompts, real, Path(clip_dir), device))
+    for scorer in extra_scorers:
+        columns.update(scorer(images, prompts))
+    metrics = summarize(columns, prompts)
+    if clip_dir is not None:
+        for prompt, class_prompt in zip(prompts, class_prompts):
+            metrics["per_prompt"][prompt]["class_prompt"] = class_prompt
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def load_real_images(folder: Path) -> list[Image.Image]:
+    """The subject's photos, decoded to RGB; unusable files are skipped with a note, none usable is an error."""
+    if not folder.is_dir():
+        state = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"--real {folder} {state}. Pass the folder of the subject's real photos (the instance "
+                        "images the model was trained on).")
+    report = scan_image_folder(folder, 0, check_duplicates=False)
+    if not report.usable:
+        listed = ", ".join(f"{issue.path.name} ({issue.reason})" for issue in report.rejected()[:10])
+        raise UserError(f"--real {folder} holds no usable image{': ' + listed if listed else ''}. Pass the folder "
+                        "of the subject's real photos (the instance images the model was trained on).")
+    for issue in report.rejected():
+        print(f"note: --real: skipped {issue.path.name} ({issue.reason})")
+    return [load_image(path) for path in report.usable]
+
+
+def generated_image_paths(folder: Path) -> list[Path]:
+    """The images in a `dreambooth generate` output folder, without its grid.png."""
+    if not folder.is_dir():
+        raise UserError(f"--images {folder} does not exist. Pass a folder written by `dreambooth generate`, or "
+                        "use --model to generate the images here.")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not p.name.startswith(".") and p.name != GRID_NAME)
+    if not paths:
+        raise UserError(f"--images {folder} holds no images. Generate some with `dreambooth generate --out "
+                        f"{folder} ...`, or use --model to generate them here.")
+    return paths
+
+
+def read_generated(paths: list[Path]) -> tuple[list[Image.Image], list[str]]:
+    """Each image and its prompt, read from the 'dreambooth' metadata that `dreambooth generate` writes."""
+    images, prompts = [], []
+    for path in paths:
+        images.append(load_image(path))
+        with Image.open(path) as opened:
+            text = (getattr(opened, "text", None) or {}).get("dreambooth")
+        try:
+            prompts.append(str(json.loads(text)["prompt"]))
+        except (TypeError, ValueError, KeyError):
+            raise UserError(f"{path} carries no prompt in its metadata (the 'dreambooth' PNG text that "
+                            "`dreambooth generate` writes), so CLIP-T cannot know what it was asked to show. "
+                            "Generate the images with `dreambooth generate`, or use --model.") from None
+    return images, prompts
+
+
+def _generate(args) -> list[Path]:
+    """The --model images, made by `dreambooth generate`'s own code into OUT/images (settings.json beside them)."""
+    from dreambooth.generate import generate_command
+
+    return generate_command(SimpleNamespace(
+        model=args.model, lora=args.lora, prompt=args.prompt, prompts_file=args.prompts_file, negative_prompt="",
+        steps=args.steps, guidance=args.guidance, seeds=args.seeds, num_images=args.num_images,
+        scheduler=args.scheduler, height=None, width=None, precision=None, device=args.device,
+        out=args.out / "images"))
+
+
+def evaluate_command(args) -> dict:
+    """`dreambooth evaluate`: check every input, get the images, score them, print the table, write metrics.json."""
+    from dreambooth.runinfo import library_versions, write_json_atomic
+
+    if args.clip is None and args.dino is None:
+        raise UserError("nothing to measure: pass --clip DIR (CLIP-I and CLIP-T) and/or --dino DIR (DINO), local "
+                        "folders saved with save_pretrained.")
+    if args.clip is not None:
+        check_scorer_folder(args.clip, "--clip", _CLIP_EXAMPLE, tokenizer=True)
+    if args.dino is not None:
+        check_scorer_folder(args.dino, "--dino", _DINO_EXAMPLE)
+    if not args.identifier.strip() or not args.class_word.strip():
+        raise UserError("--identifier and --class-word must not be empty (e.g. --identifier sks --class-word dog).")
+    if args.images is not None and (args.prompt or args.prompts_file or args.lora or args.seeds):
+        raise UserError("--prompt, --prompts-file, --lora and --seed choose what --model generates; with --images "
+                        "each image's prompt is read from its metadata. Drop them, or use --model.")
+    real = load_real_images(args.real)
+    paths = generated_image_paths(args.images) if args.images is not None else _generate(args)
+    images, prompts = read_generated(paths)
+    missing = sorted({p for p in prompts if class_prompt_for(p, args.identifier, args.class_word) == p})
+    if missing:
+        print(f"note: {len(missing)} prompt(s) do not contain the identifier '{args.identifier}' and are scored as "
+              f"written: {'; '.join(missing[:3])}")
+    scores = score_images(images, prompts, real, identifier=args.identifier, class_word=args.class_word,
+                          clip_dir=args.clip, dino_dir=args.dino, device=args.device)
+    metrics = {
+        "inputs": {"real": str(args.real), "real_images": len(real),
+                   "images": str(args.images if args.images is not None else args.out / "images"),
+                   "generated_images": len(images), "model": str(args.model) if args.model else None,
+                   "loras": list(args.lora), "clip": str(args.clip) if args.clip else None,
+                   "dino": str(args.dino) if args.dino else None, "identifier": args.identifier,
+                   "class_word": args.class_word},
+        **scores,
+        "versions": library_versions(),
+    }
+    write_json_atomic(args.out / "metrics.json", metrics)
+    print(format_table(metrics))
+    print(f"wrote {args.out / 'metrics.json'}")
+    return metrics

@@ -1,0 +1,177 @@
+"""The DreamBooth paper's experiment on the built-in world, where the truth is known.
+
+Base model against DreamBooth without and with prior preservation, full fine-tuning and LoRA, over several
+seeds. Each trained model draws images for prompts that ask for the subject and for prompts that ask for a
+plain circle of a given colour, and `dreambooth.world.measure` reads them from their pixels. The paper's
+claims, in these measures: subject fidelity rises far above the base model's for every trained variant; the
+class prior stays near the base model's with prior preservation and falls without it (language drift).
+
+`dreambooth experiment` runs it and writes results.json, table.md and image grids; `dreambooth demo` runs
+the base model and one trained variant of it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dreambooth import world
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    method: str  # "base" (no training), "full" or "lora"
+    prior: bool = False
+
+
+VARIANTS = (Variant("base", "base"), Variant("full", "full"), Variant("full + prior", "full", True),
+            Variant("lora", "lora"), Variant("lora + prior", "lora", True))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training and sampling settings shared by every variant (the paper's: 1 instance + 1 class image a step)."""
+
+    steps: int = 400
+    full_lr: float = 1e-4
+    lora_lr: float = 1e-3
+    rank: int = 4
+    num_class_images: int = 50
+    prior_loss_weight: float = 1.0
+    images_per_prompt: int = 8
+    sample_steps: int = 20
+    guidance: float = 7.5
+
+
+def write_instance_images(folder: Path, n: int = 5) -> Path:
+    """The subject's photos: `n` banded circles at different places, sizes and backgrounds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(world.instance_scenes(n)):
+        world.draw(scene, seed=i).save(folder / f"subject-{i}.png")
+    return folder
+
+
+def train_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: Recipe,
+                  extra: dict | None = None) -> Path:
+    """Trains one variant on the built-in subject; returns its output folder. `extra`: more config overrides."""
+    from dreambooth.config import load_config
+    from dreambooth.train import train
+
+    lr = recipe.full_lr if variant.method == "full" else recipe.lora_lr
+    overrides = {
+        "model.pretrained_model": str(model), "model.method": variant.method,
+        "token.identifier": world.IDENTIFIER, "token.class_word": world.CLASS_WORD,
+        "dataset.instance_dir": str(write_instance_images(work / "instance")),
+        "dataset.instance_prompt": world.INSTANCE_PROMPT, "dataset.class_prompt": world.CLASS_PROMPT,
+        "dataset.class_dir": str(work / "class"), "dataset.with_prior_preservation": variant.prior,
+        "dataset.num_class_images": recipe.num_class_images, "dataset.center_crop": True,
+        "training.resolution": world.SIZE, "training.max_train_steps": recipe.steps,
+        "training.learning_rate": lr, "training.seed": seed, "training.prior_loss_weight": recipe.prior_loss_weight,
+        "lora.rank": recipe.rank, "output.output_dir": str(work / "runs" / f"{_slug(variant)}-seed{seed}"),
+        "output.checkpointing_steps": recipe.steps + 1, "output.logging_steps": 50, "output.report_to": "none",
+        **(extra or {}),
+    }
+    return train(load_config(None, overrides))
+
+
+def draw_prompts(model: Path, lora: Path | None, seed: int, recipe: Recipe) -> dict[str, list[Image.Image]]:
+    """`images_per_prompt` images for every subject and class prompt, from a model (or base + LoRA)."""
+    from dreambooth.generate import GenerationSettings, generate_images, load_pipeline, pick_device
+    from dreambooth.lora import load_loras
+
+    pipe = load_pipeline(model, device=pick_device(), dtype=torch.float32, scheduler="dpm++", safety_checker=False)
+    load_loras(pipe, [(lora, 1.0)] if lora else [])
+    prompts = [p for p, _ in world.subject_prompts()] + [p for p, _ in world.class_prompts()]
+    # Image seeds differ from training seeds' neighbours by a wide stride, so seeds never share noise.
+    settings = GenerationSettings(prompts=prompts, seeds=[1000 * (seed + 1)], num_images=recipe.images_per_prompt,
+                                  steps=recipe.sample_steps, guidance=recipe.guidance)
+    images: dict[str, list[Image.Image]] = {p: [] for p in prompts}
+    for image, meta in generate_images(pipe, settings, batch_size=32):
+        images[meta["prompt"]].append(image)
+    return images
+
+
+def measure_images(images: dict[str, list[Image.Image]]) -> dict:
+    """The world's measures of images keyed by prompt."""
+    subject = {p: images[p] for p, _ in world.subject_prompts()}
+    classes = {p: images[p] for p, _ in world.class_prompts()}
+    return world.measure(subject, classes)
+
+
+def prompt_grid(images: dict[str, list[Image.Image]], scale: int = 3) -> Image.Image:
+    """One row per prompt, enlarged `scale` times without smoothing so pixels stay readable."""
+    from dreambooth.generate import make_grid
+
+    rows = [im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+            for ims in images.values() for im in ims]
+    return make_grid(rows, cols=len(next(iter(images.values()))))
+
+
+def run_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: Recipe) -> tuple[dict, Image.Image]:
+    """Trains (unless base), draws and measures one variant at one seed; returns the measures and the grid."""
+    start = time.perf_counter()
+    if variant.method == "base":
+        trained, lora = model, None
+    else:
+        out = train_variant(model, variant, seed, work, recipe)
+        trained, lora = (model, out) if variant.method == "lora" else (out, None)
+    images = draw_prompts(trained, lora, seed, recipe)
+    result = {"variant": variant.name, "seed": seed, **measure_images(images),
+              "seconds": round(time.perf_counter() - start, 1)}
+    return result, prompt_grid(images)
+
+
+def run_experiment(out: Path, *, model: Path | None = None, seeds: list[int], recipe: Recipe,
+                   variants: tuple[Variant, ...] = VARIANTS) -> list[dict]:
+    """Every variant at every seed; writes results.json, table.md and the grids of the first seed under `out`."""
+    from dreambooth.world_model import builtin_model_path
+
+    model = model or builtin_model_path()
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in seeds:
+        for variant in variants:
+            result, grid = run_variant(model, variant, seed, out / "work", recipe)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            if seed == seeds[0]:
+                grid.save(out / f"grid-{_slug(variant)}.png")
+    summary = {"model": str(model), "seeds": seeds, "recipe": asdict(recipe), "results": results,
+               "prompts": {"subject": [p for p, _ in world.subject_prompts()],
+                           "class": [p for p, _ in world.class_prompts()]}}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = format_table(results)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return results
+
+
+MEASURES = ("subject_fidelity", "prompt_fidelity", "class_prior", "class_shape", "diversity")
+
+
+def format_table(results: list[dict]) -> str:
+    """Mean ± standard deviation over seeds of each measure, one row per variant."""
+    names = list(dict.fromkeys(r["variant"] for r in results))
+    rows = ["| variant | seeds | " + " | ".join(MEASURES) + " |", "|---" * (len(MEASURES) + 2) + "|"]
+    for name in names:
+        runs = [r for r in results if r["variant"] == name]
+        cells = [_mean_sd([r[m] for r in runs]) for m in MEASURES]
+        rows.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _slug(variant: Variant) -> str:
+    return variant.name.replace(" + ", "-")

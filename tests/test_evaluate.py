@@ -1,0 +1,251 @@
+"""`dreambooth evaluate`: the class-prompt rule, the averaging, and DINO/CLIP scoring on tiny random CLIP and ViT."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import draw_subject
+from PIL import Image
+
+from dreambooth import evaluate
+from dreambooth.cli import main
+from dreambooth.evaluate import class_prompt_for, format_table, mean_cosine, score_images, summarize
+from dreambooth.generate import save_images
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A random 2-layer CLIPModel (32 px, patch 8) with the tiny CLIP tokenizer and a CLIP image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from dreambooth.tiny import _tokenizer
+
+    folder = tmp_path_factory.mktemp("clip") / "clip"
+    tokenizer = _tokenizer(folder)
+    tokenizer.save_pretrained(folder)
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dino_dir(tmp_path_factory):
+    """A random 2-layer ViTModel (32 px, patch 8, hidden 32), as DINO ViT-S/16 is saved, with its processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("dino") / "dino"
+    torch.manual_seed(1)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def real_dir(tmp_path):
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for i in range(3):
+        draw_subject(i, size=48).save(folder / f"photo-{i}.png")
+    return folder
+
+
+def write_generated(folder, prompts):
+    """PNGs as `dreambooth generate` writes them (metadata included), one per prompt."""
+    results = [(draw_subject(i % 4, size=40), {"prompt": p, "negative_prompt": "", "seed": i, "steps": 30,
+                                               "guidance": 7.5, "scheduler": "dpm++", "width": 40, "height": 40})
+               for i, p in enumerate(prompts)]
+    return save_images(results, folder, "some/model")
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fails the test if a scorer model or the pipeline loads before the inputs are checked."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(evaluate, "_load", refuse)
+    monkeypatch.setattr(evaluate, "_generate", refuse)
+
+
+def run_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize("prompt, identifier, class_word, expected", [
+    ("a photo of sks dog on a beach", "sks", "dog", "a photo of dog on a beach"),
+    ("a sks dog in the jungle", "sks", "dog", "a dog in the jungle"),
+    ("an sks dog", "sks", "dog", "a dog"),
+    ("A sks owl, watercolor", "sks", "owl", "An owl, watercolor"),
+    ("<saya_token> girl with a hat", "<saya_token>", "girl", "girl with a hat"),
+    ("portrait of <saya_token> on a beach", "<saya_token>", "girl", "portrait of girl on a beach"),
+    ("two sks dogs and a sks dog", "sks", "dog", "two dogs and a dog"),
+    ("a photo of sksx dog and asks", "sks", "dog", "a photo of sksx dog and asks"),  # whole words only
+    ("a photo of a dog", "sks", "dog", "a photo of a dog"),
+])
+def test_class_prompt_rule(prompt, identifier, class_word, expected):
+    assert class_prompt_for(prompt, identifier, class_word) == expected
+
+
+def test_mean_cosine_by_hand():
+    generated = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    real = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    # row 0: cos 1 and 1/sqrt(2); row 1: cos 0 and 1/sqrt(2)
+    expected = [(1 + 1 / math.sqrt(2)) / 2, (0 + 1 / math.sqrt(2)) / 2]
+    assert mean_cosine(generated, real).tolist() == pytest.approx(expected)
+
+
+def test_summarize_groups_by_prompt_and_weights_overall_by_images():
+    metrics = summarize({"dino": [1.0, 2.0, 3.0, 6.0]}, ["b", "b", "b", "a"])
+    assert list(metrics["per_prompt"]) == ["b", "a"]
+    assert metrics["per_prompt"]["b"] == {"images": 3, "dino": 2.0}
+    assert metrics["per_prompt"]["a"] == {"images": 1, "dino": 6.0}
+    assert metrics["overall"] == {"images": 4, "prompts": 2, "dino": 3.0}  # (3 * 2 + 1 * 6) / 4, not (2 + 6) / 2
+
+
+def test_table_is_aligned():
+    table = format_table(summarize({"dino": [0.5, 0.25], "clip_t": [0.1, 0.2]}, ["a photo of sks dog", "x"]))
+    lines = table.splitlines()
+    assert lines[0].split() == ["prompt", "images", "DINO", "CLIP-T"]
+    assert lines[2].split()[-2:] == ["0.500", "0.100"] and lines[-1].startswith("overall (2 prompts)")
+    assert len({len(line) for line in lines}) == 1
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def test_identical_images_score_one(clip_dir, dino_dir):
+    image = draw_subject(1, size=48)
+    metrics = score_images([image, image.copy()], ["a photo of sks dog"] * 2, [image], identifier="sks",
+                           class_word="dog", clip_dir=clip_dir, dino_dir=dino_dir, device="cpu")
+    overall = metrics["overall"]
+    assert overall["dino"] == pytest.approx(1.0, abs=1e-5)
+    assert overall["clip_i"] == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= overall["clip_t"] <= 1.0
+    assert metrics["per_prompt"]["a photo of sks dog"]["class_prompt"] == "a photo of dog"
+
+
+def test_different_images_score_below_one_and_dinov2_loads(tmp_path):
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(2)
+    Dinov2Model(Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=4, intermediate_size=37)).save_pretrained(tmp_path)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    same = draw_subject(0, size=48)
+    other = Image.new("RGB", (48, 48), (10, 200, 10))
+    metrics = score_images([same, other], ["p", "q"], [same], identifier="sks", class_word="dog",
+                           dino_dir=tmp_path, device="cpu")
+    assert metrics["per_prompt"]["p"]["dino"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["per_prompt"]["q"]["dino"] < 0.999
+
+
+def test_overall_is_image_weighted_mean_and_extra_scorers_add_columns(clip_dir, dino_dir):
+    images = [draw_subject(i, size=48) for i in range(4)]
+    prompts = ["a sks dog on a beach"] * 3 + ["a sks dog in snow"]
+
+    def brightness(images, prompts):
+        return {"brightness": [sum(image.convert("L").getdata()) / (48 * 48 * 255) for image in images]}
+
+    metrics = score_images(images, prompts, [draw_subject(3, size=48)], identifier="sks", class_word="dog",
+                           clip_dir=clip_dir, dino_dir=dino_dir, device="cpu", extra_scorers=[brightness])
+    rows, overall = metrics["per_prompt"], metrics["overall"]
+    assert [r["images"] for r in rows.values()] == [3, 1] and overall["images"] == 4
+    for name in ("dino", "clip_i", "clip_t", "brightness"):
+        weighted = sum(r["images"] * r[name] for r in rows.values()) / 4
+        assert overall[name] == pytest.approx(weighted, abs=1e-6)
+    assert rows["a sks dog in snow"]["dino"] == pytest.approx(1.0, abs=1e-5)  # the same drawing as the real one
+    assert rows["a sks dog in snow"]["class_prompt"] == "a dog in snow"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_scores_a_generate_folder(tmp_path, real_dir, clip_dir, dino_dir, capsys):
+    prompts = ["a photo of sks dog", "a photo of sks dog", "a sks dog on a beach"]
+    write_generated(tmp_path / "gen", prompts)
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--real", str(real_dir), "--identifier", "sks", "--class-word", "dog",
+                 "--images", str(tmp_path / "gen"), "--clip", str(clip_dir), "--dino", str(dino_dir),
+                 "--out", str(out), "--device", "cpu"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["inputs"]["real_images"] == 3 and metrics["inputs"]["generated_images"] == 3
+    assert metrics["inputs"]["clip"] == str(clip_dir) and metrics["inputs"]["dino"] == str(dino_dir)
+    assert {k: r["images"] for k, r in metrics["per_prompt"].items()} == {"a photo of sks dog": 2,
+                                                                          "a sks dog on a beach": 1}
+    assert set(metrics["overall"]) == {"images", "prompts", "dino", "clip_i", "clip_t"}
+    assert "transformers" in metrics["versions"]
+    for text in ("DINO", "CLIP-I", "CLIP-T", "a sks dog on a beach", "overall (2 prompts)"):
+        assert text in stdout
+
+
+def test_cli_generates_with_a_model_then_scores(tiny_model, tmp_path, real_dir, dino_dir, capsys):
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--real", str(real_dir), "--identifier", "sks", "--class-word", "dog",
+                 "--model", str(tiny_model), "--prompt", "a photo of sks dog", "--prompt", "sks dog on a beach",
+                 "--num-images", "1", "--steps", "2", "--dino", str(dino_dir), "--out", str(out), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["0000-seed0.png", "0001-seed0.png", "grid.png",
+                                                                   "settings.json"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["inputs"]["model"] == str(tiny_model)
+    assert metrics["overall"]["images"] == 2 and set(metrics["per_prompt"]) == {"a photo of sks dog",
+                                                                                "sks dog on a beach"}
+
+
+def test_cli_needs_clip_or_dino(tmp_path, real_dir, capsys, no_load):
+    write_generated(tmp_path / "gen", ["a photo of sks dog"])
+    err = run_error(capsys, ["evaluate", "--real", str(real_dir), "--identifier", "sks", "--class-word", "dog",
+                             "--images", str(tmp_path / "gen")])
+    assert "--clip" in err and "--dino" in err
+
+
+@pytest.mark.parametrize("problem", ["missing", "no_processor", "clip_as_dino"])
+def test_cli_refuses_a_bad_scorer_folder(problem, tmp_path, real_dir, clip_dir, dino_dir, capsys, no_load):
+    import shutil
+
+    write_generated(tmp_path / "gen", ["a photo of sks dog"])
+    folder = {"missing": tmp_path / "nope", "no_processor": tmp_path / "dino", "clip_as_dino": clip_dir}[problem]
+    if problem == "no_processor":
+        shutil.copytree(dino_dir, folder)
+        (folder / "preprocessor_config.json").unlink()
+    err = run_error(capsys, ["evaluate", "--real", str(real_dir), "--identifier", "sks", "--class-word", "dog",
+                             "--images", str(tmp_path / "gen"), "--dino", str(folder)])
+    assert f"--dino {folder}" in err
+    expected = {"missing": "does not exist", "no_processor": "preprocessor_config.json",
+                "clip_as_dino": "Did you mean --clip"}[problem]
+    assert expected in err
+
+
+def test_cli_refuses_a_png_without_metadata(tmp_path, real_dir, dino_dir, capsys, no_load):
+    write_generated(tmp_path / "gen", ["a photo of sks dog"])
+    draw_subject(2).save(tmp_path / "gen" / "edited.png")
+    err = run_error(capsys, ["evaluate", "--real", str(real_dir), "--identifier", "sks", "--class-word", "dog",
+                             "--images", str(tmp_path / "gen"), "--dino", str(dino_dir)])
+    assert "edited.png" in err and "dreambooth generate" in err
+
+
+def test_cli_refuses_a_missing_real_folder(tmp_path, dino_dir, capsys, no_load):
+    write_generated(tmp_path / "gen", ["a photo of sks dog"])
+    err = run_error(capsys, ["evaluate", "--real", str(tmp_path / "photos"), "--identifier", "sks",
+                             "--class-word", "dog", "--images", str(tmp_path / "gen"), "--dino", str(dino_dir)])
+    assert f"--real {tmp_path / 'photos'} does not exist" in err

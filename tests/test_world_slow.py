@@ -1,0 +1,25 @@
+"""DreamBooth's two claims on the built-in world, asserted: the subject is learned, prior preservation keeps the prior.
+
+Slow (about 3 minutes on 2 CPU cores): `python -m pytest -m slow tests/test_world_slow.py` (CI runs it).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dreambooth import experiment
+from dreambooth.world_model import builtin_model_path
+
+
+@pytest.mark.slow
+def test_training_teaches_the_subject_and_prior_preservation_keeps_the_class_prior(tmp_path):
+    recipe = experiment.Recipe()
+    model = builtin_model_path()
+    measured = {v.name: experiment.run_variant(model, v, 0, tmp_path, recipe)[0]
+                for v in experiment.VARIANTS if v.method in ("base", "full")}
+    base, drifted, kept = measured["base"], measured["full"], measured["full + prior"]
+    assert base["subject_fidelity"] <= 0.1, measured
+    for trained in (drifted, kept):
+        assert trained["subject_fidelity"] >= base["subject_fidelity"] + 0.5, measured
+    assert kept["class_prior"] >= drifted["class_prior"] + 0.2, measured
+    assert kept["class_prior"] >= base["class_prior"] - 0.25, measured
