@@ -223,14 +223,14 @@ def prepare_data(s: BenchSettings, model: Path, resolution: int) -> tuple[Path, 
     The copy holds the images only: diffusers' script opens every file of the class folder as an image, and
     ours keeps its manifest there. Returns (instance dir, our class dir, the peer's class dir, seconds spent).
     """
-    from dreambooth.demo import draw_subject
+    from dreambooth.tiny import synthetic_photo
 
     data = (s.out / "data").resolve()
     instance = data / f"instance-{resolution}px"
     instance.mkdir(parents=True, exist_ok=True)
     for i in range(INSTANCE_IMAGES):
         if not (instance / f"subject-{i}.png").is_file():
-            draw_subject(i, size=max(80, resolution)).save(instance / f"subject-{i}.png")
+            synthetic_photo(i, size=max(80, resolution)).save(instance / f"subject-{i}.png")
     tag = model.name if model.name.endswith(f"-{resolution}px") else f"{model.name}-{resolution}px"
     class_dir = data / f"class-{tag}"
     t0 = time.perf_counter()

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("compare-run"),
                    help="Folder for everything [default: compare-run].")
     p.add_argument("--model", type=Path, help="Base model folder [default: a tiny random model built here].")
-    p.add_argument("--instance-dir", type=Path, help="Subject photos [default: the demo's synthetic subject].")
+    p.add_argument("--instance-dir", type=Path, help="Subject photos [default: a synthetic subject].")
     p.add_argument("--steps", type=int, default=60, help="Training steps per method [default: 60].")
     p.add_argument("--resolution", type=int, default=64, help="[default: 64]")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank [default: 4].")

@@ -113,8 +113,7 @@ def measure_child(args_json: str) -> None:
 def run_compare(out: Path, *, model: Path | None, instance_dir: Path | None, steps: int, resolution: int,
                 rank: int, learning_rates: dict[str, float]) -> list[dict]:
     """Trains each method in its own process on the same data; writes results.json and table.md under `out`."""
-    from dreambooth.demo import draw_subject
-    from dreambooth.tiny import build_tiny_model
+    from dreambooth.tiny import build_tiny_model, synthetic_photo
 
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
@@ -123,7 +122,7 @@ def run_compare(out: Path, *, model: Path | None, instance_dir: Path | None, ste
         instance_dir = out / "instance"
         instance_dir.mkdir(exist_ok=True)
         for i in range(5):
-            draw_subject(i).save(instance_dir / f"subject-{i}.png")
+            synthetic_photo(i).save(instance_dir / f"subject-{i}.png")
     results = []
     for method in METHODS:
         overrides = {

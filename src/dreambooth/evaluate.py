@@ -85,22 +85,29 @@ def summarize(columns: dict[str, list[float]], prompts: list[str]) -> dict:
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         groups.setdefault(prompt, []).append(i)
-    per_prompt = {prompt: {"images": len(rows), **{name: statistics.fmean(values[i] for i in rows)
+    per_prompt = {prompt: {"images": len(rows), **{name: _mean(values[i] for i in rows)
                                                    for name, values in columns.items()}}
                   for prompt, rows in groups.items()}
     overall = {"images": len(prompts), "prompts": len(groups),
-               **{name: statistics.fmean(values) for name, values in columns.items()}}
+               **{name: _mean(values) for name, values in columns.items()}}
     return {"per_prompt": per_prompt, "overall": overall}
+
+
+def _mean(values) -> float | None:
+    """Mean of the values that apply (a scorer gives None for an image its measure says nothing about)."""
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
 
 
 def format_table(metrics: dict) -> str:
     """The per-prompt rows and the overall row, aligned, three decimals."""
-    names = [k for k, v in metrics["overall"].items() if k not in ("images", "prompts") and isinstance(v, float)]
-    rows = [[prompt, str(row["images"]), *(f"{row[n]:.3f}" for n in names)]
+    names = [k for k, v in metrics["overall"].items() if k not in ("images", "prompts") and
+             (v is None or isinstance(v, float))]
+    rows = [[prompt, str(row["images"]), *(_cell(row[n]) for n in names)]
             for prompt, row in metrics["per_prompt"].items()]
     overall = metrics["overall"]
     rows.append([f"overall ({overall['prompts']} prompts)", str(overall["images"]),
-                 *(f"{overall[n]:.3f}" for n in names)])
+                 *(_cell(overall[n]) for n in names)])
     header = ["prompt", "images", *(LABELS.get(n, n) for n in names)]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
@@ -109,6 +116,10 @@ def format_table(metrics: dict) -> str:
 
     rule = "-" * len(line(header))
     return "\n".join([line(header), rule, *(line(r) for r in rows[:-1]), rule, line(rows[-1])])
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -306,11 +317,25 @@ def _generate(args) -> list[Path]:
         out=args.out / "images"))
 
 
+def _uses_world_model(args) -> bool:
+    """True when the images come from the built-in world model (or a model trained from it): add its measures."""
+    from dreambooth.world_model import is_world_model
+
+    model = args.model
+    if model is None and args.images is not None and (args.images / "settings.json").is_file():
+        try:
+            model = json.loads((args.images / "settings.json").read_text()).get("model")
+        except ValueError:
+            model = None
+    return bool(model) and is_world_model(model)
+
+
 def evaluate_command(args) -> dict:
     """`dreambooth evaluate`: check every input, get the images, score them, print the table, write metrics.json."""
     from dreambooth.runinfo import library_versions, write_json_atomic
 
-    if args.clip is None and args.dino is None:
+    world = _uses_world_model(args)
+    if args.clip is None and args.dino is None and not world:
         raise UserError("nothing to measure: pass --clip DIR (CLIP-I and CLIP-T) and/or --dino DIR (DINO), local "
                         "folders saved with save_pretrained.")
     if args.clip is not None:
@@ -329,8 +354,13 @@ def evaluate_command(args) -> dict:
     if missing:
         print(f"note: {len(missing)} prompt(s) do not contain the identifier '{args.identifier}' and are scored as "
               f"written: {'; '.join(missing[:3])}")
+    scorers = []
+    if world:
+        from dreambooth.world import score_columns
+
+        scorers.append(score_columns)
     scores = score_images(images, prompts, real, identifier=args.identifier, class_word=args.class_word,
-                          clip_dir=args.clip, dino_dir=args.dino, device=args.device)
+                          clip_dir=args.clip, dino_dir=args.dino, device=args.device, extra_scorers=scorers)
     metrics = {
         "inputs": {"real": str(args.real), "real_images": len(real),
                    "images": str(args.images if args.images is not None else args.out / "images"),

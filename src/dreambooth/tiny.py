@@ -13,10 +13,12 @@ path that reads a real base model can be exercised offline. Three sizes:
 import contextlib
 import json
 import pathlib
+import random
 from collections import Counter
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image, ImageDraw
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
@@ -62,6 +64,21 @@ _WHAT = {
             "49,408 ids with CLIP's special-token ids, so token ids, embedding shapes and added tokens behave as\n"
             "with the real SD 1.5 tokenizer.",
 }
+
+
+def synthetic_photo(seed: int, size: int = 80) -> Image.Image:
+    """A made-up subject photo for the random-weight models: a red square with yellow stripes, on a random
+    plain background at a random place (speed measurements and smoke runs; `dreambooth.world` has the subject
+    whose learning can be measured)."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), tuple(rng.randrange(40, 220) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    side = rng.randrange(size // 3, size // 2)
+    x, y = rng.randrange(0, size - side), rng.randrange(0, size - side)
+    draw.rectangle([x, y, x + side, y + side], fill=(220, 30, 30))
+    for k in range(0, side, 8):
+        draw.line([x + k, y, x, y + k], fill=(250, 220, 40), width=3)
+    return image
 
 
 def tokenizer_words() -> list[str]:

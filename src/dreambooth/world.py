@@ -233,6 +233,25 @@ def _spread(centres: list[tuple[float, float]]) -> float:
     return float(dist.sum() / (n * (n - 1)) / SIZE)
 
 
+def score_columns(images: list[Image.Image], prompts: list[str]) -> dict[str, list[float | None]]:
+    """Per-image world measures for `dreambooth evaluate` (None where a prompt does not ask for that thing).
+
+    - world_subject: 1 if the image shows the subject (banded circle);
+    - world_background: for prompts naming a background, 1 if the image shows it;
+    - world_colour: for prompts naming an object colour, 1 if the object has it and is not the subject.
+    """
+    columns: dict[str, list[float | None]] = {"world_subject": [], "world_background": [], "world_colour": []}
+    for image, prompt in zip(images, prompts):
+        r = read_image(image)
+        words = prompt.lower().replace(",", " ").split()
+        background = next((b for b in BACKGROUNDS if b in words and "background" in words), None)
+        colour = next((c for c in COLOURS if c in words), None)
+        columns["world_subject"].append(float(r.is_subject))
+        columns["world_background"].append(None if background is None else float(r.background == background))
+        columns["world_colour"].append(None if colour is None else float(r.colour == colour and not r.is_subject))
+    return columns
+
+
 def describe() -> dict:
     """The world's definition, written beside the built-in model as world.json."""
     return {"size": SIZE, "shapes": list(SHAPES), "colours": COLOURS, "backgrounds": BACKGROUNDS,
