@@ -81,15 +81,20 @@ def test_measure_images_splits_prompts_and_table_has_spread():
     assert "| a | 2 | 1.00 ± 0.00 | 1.00 ± 0.00 | 0.75 ± 0.35 |" in table
 
 
-def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):
+def test_pretraining_script_writes_a_loadable_pipeline_and_repeats_itself_exactly(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from dreambooth.world_model import is_world_model, main
 
-    main(["--out", str(tmp_path / "m"), "--images", "48", "--vae-steps", "2", "--steps", "2", "--batch-size", "4"])
+    for name in ("m", "again"):
+        main(["--out", str(tmp_path / name), "--images", "48", "--vae-steps", "2", "--steps", "3", "--batch-size",
+              "4"])
+    for part in ("unet", "vae", "text_encoder"):
+        files = [next((tmp_path / name / part).glob("*.safetensors")).read_bytes() for name in ("m", "again")]
+        assert files[0] == files[1], f"{part} differs between two runs with the same seed"
     assert is_world_model(tmp_path / "m")
     info = json.loads((tmp_path / "m" / "world.json").read_text())
-    assert info["pretraining"]["steps"] == 2 and info["world"]["identifier"] == "sks"
+    assert info["pretraining"]["steps"] == 3 and info["world"]["identifier"] == "sks"
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
     image = pipe("a photo of a red circle", num_inference_steps=2, output_type="pil").images[0]
     assert image.size == (world.SIZE, world.SIZE)
@@ -108,3 +113,29 @@ def test_builtin_model_is_shipped_and_knows_sks_as_one_unused_token():
     assert tok.tokenize(world.INSTANCE_PROMPT) == ["a</w>", "photo</w>", "of</w>", "sks</w>", "circle</w>"]
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert size < 10e6
+
+
+def test_score_columns_apply_only_to_what_a_prompt_asks():
+    rng = random.Random(4)
+    subject = world.draw(world.subject_scene(rng, background="gray"), 0)
+    green = world.draw(world.random_scene(rng, shape="circle", colour="green", background="white"), 0)
+    cols = world.score_columns([subject, green, subject],
+                               ["a photo of sks circle on a gray background", "a photo of a green circle",
+                                "a photo of a green circle"])
+    assert cols == {"world_subject": [1.0, 0.0, 1.0], "world_background": [1.0, None, None],
+                    "world_colour": [None, 1.0, 0.0]}
+
+
+def test_evaluate_adds_world_measures_for_the_builtin_model(tmp_path, capsys):
+    from dreambooth.cli import main
+    from dreambooth.experiment import write_instance_images
+    from dreambooth.world_model import builtin_model_path
+
+    real = write_instance_images(tmp_path / "real", 2)
+    code = main(["evaluate", "--model", str(builtin_model_path()), "--real", str(real), "--identifier", "sks",
+                 "--class-word", "circle", "--prompt", "a photo of a blue circle on a black background",
+                 "--num-images", "2", "--steps", "10", "--out", str(tmp_path / "ev")])
+    assert code == 0, capsys.readouterr().err
+    overall = json.loads((tmp_path / "ev" / "metrics.json").read_text())["overall"]
+    assert overall["world_subject"] == 0.0 and overall["world_background"] is not None
+    assert "world_colour" in capsys.readouterr().out

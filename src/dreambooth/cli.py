@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", allow_abbrev=False,
                        help="Train the built-in subject into the built-in model on a CPU; measure before and after.")
     p.add_argument("--out", type=Path, default=Path("demo-run"), help="Folder for everything [default: demo-run].")
-    p.add_argument("--steps", type=int, help="Training steps [default: 400, the experiment's].")
+    p.add_argument("--steps", type=int, help="Training steps [default: 600, the experiment's].")
 
     p = sub.add_parser("experiment", allow_abbrev=False,
                        help="The DreamBooth paper's experiment on the built-in world: base vs full/LoRA, with and "
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("experiment-run"),
                    help="Folder for everything [default: experiment-run].")
     p.add_argument("--seed", type=int, action="append", dest="seeds", help="Seed (repeatable) [default: 0 1 2].")
-    p.add_argument("--steps", type=int, default=400, help="Training steps per run [default: 400].")
+    p.add_argument("--steps", type=int, default=600, help="Training steps per run [default: 600].")
     p.add_argument("--images-per-prompt", type=int, default=8, help="[default: 8]")
     return parser
 
