@@ -181,9 +181,10 @@ def read_image(image: Image.Image) -> Reading:
 # ---- Measures over a set of generated images ----------------------------------------------------------------
 
 
-def subject_prompts() -> list[tuple[str, str | None]]:
+def subject_prompts(identifier: str = IDENTIFIER) -> list[tuple[str, str | None]]:
     """Prompts that ask for the subject, with the background each asks for (None: any)."""
-    return [(INSTANCE_PROMPT, None)] + [(f"{INSTANCE_PROMPT} on a {bg} background", bg) for bg in BACKGROUNDS]
+    instance = f"a photo of {identifier} {CLASS_WORD}"
+    return [(instance, None)] + [(f"{instance} on a {bg} background", bg) for bg in BACKGROUNDS]
 
 
 def class_prompts() -> list[tuple[str, str]]:
@@ -201,7 +202,7 @@ def measure(subject_images: dict[str, list[Image.Image]], class_images: dict[str
     - class_shape: share of those that are circles at all.
     - diversity: mean pairwise distance between object centres in the subject images, over the image side.
     """
-    asked_bg = dict(subject_prompts())
+    asked_bg = {p: _asked_background(p) for p in subject_images}
     asked_colour = dict(class_prompts())
     subject_readings = {p: [read_image(im) for im in ims] for p, ims in subject_images.items()}
     class_readings = {p: [read_image(im) for im in ims] for p, ims in class_images.items()}
@@ -216,6 +217,12 @@ def measure(subject_images: dict[str, list[Image.Image]], class_images: dict[str
         "diversity": _spread([(r.x, r.y) for r in all_subject if r.x is not None]),
         "images": len(all_subject) + len(classes),
     }
+
+
+def _asked_background(prompt: str) -> str | None:
+    """The background a prompt names ("... on a gray background"), or None."""
+    words = prompt.lower().replace(",", " ").split()
+    return next((b for b in BACKGROUNDS if b in words), None) if "background" in words else None
 
 
 def _share(flags) -> float:
@@ -244,7 +251,7 @@ def score_columns(images: list[Image.Image], prompts: list[str]) -> dict[str, li
     for image, prompt in zip(images, prompts):
         r = read_image(image)
         words = prompt.lower().replace(",", " ").split()
-        background = next((b for b in BACKGROUNDS if b in words and "background" in words), None)
+        background = _asked_background(prompt)
         colour = next((c for c in COLOURS if c in words), None)
         columns["world_subject"].append(float(r.is_subject))
         columns["world_background"].append(None if background is None else float(r.background == background))
