@@ -59,14 +59,15 @@ class Recipe:
     # at lr 5e-3, 0.08 at 1200 steps) and 0.40 with a new token `<sks>`, whose row the tool trains (from
     # "circle") beside the adapters and saves next to the LoRA.
     lora_identifier: str = "<sks>"
-
-    def identifier_for(self, variant: Variant) -> str:
-        return self.lora_identifier if variant.method == "lora" else self.identifier
     num_class_images: int = 50
     prior_loss_weight: float = 1.0
     images_per_prompt: int = 8
     sample_steps: int = 20
     guidance: float = 7.5
+
+    def identifier_for(self, variant: Variant) -> str:
+        """The identifier a variant trains and is measured with."""
+        return self.lora_identifier if variant.method == "lora" else self.identifier
 
 
 def write_instance_images(folder: Path, n: int = 5) -> Path:
