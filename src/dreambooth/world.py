@@ -203,7 +203,7 @@ def measure(subject_images: dict[str, list[Image.Image]], class_images: dict[str
     - diversity: mean pairwise distance between object centres in the subject images, over the image side.
     """
     asked_bg = {p: _asked_background(p) for p in subject_images}
-    asked_colour = dict(class_prompts())
+    asked_colour = {p: _asked_colour(p) for p in class_images}
     subject_readings = {p: [read_image(im) for im in ims] for p, ims in subject_images.items()}
     class_readings = {p: [read_image(im) for im in ims] for p, ims in class_images.items()}
     all_subject = [r for rs in subject_readings.values() for r in rs]
@@ -219,10 +219,20 @@ def measure(subject_images: dict[str, list[Image.Image]], class_images: dict[str
     }
 
 
+def _words(prompt: str) -> list[str]:
+    return prompt.lower().replace(",", " ").split()
+
+
 def _asked_background(prompt: str) -> str | None:
     """The background a prompt names ("... on a gray background"), or None."""
-    words = prompt.lower().replace(",", " ").split()
+    words = _words(prompt)
     return next((b for b in BACKGROUNDS if b in words), None) if "background" in words else None
+
+
+def _asked_colour(prompt: str) -> str | None:
+    """The object colour a prompt names ("a photo of a green circle"), or None."""
+    words = _words(prompt)
+    return next((c for c in COLOURS if c in words), None)
 
 
 def _share(flags) -> float:
@@ -250,9 +260,7 @@ def score_columns(images: list[Image.Image], prompts: list[str]) -> dict[str, li
     columns: dict[str, list[float | None]] = {"world_subject": [], "world_background": [], "world_colour": []}
     for image, prompt in zip(images, prompts):
         r = read_image(image)
-        words = prompt.lower().replace(",", " ").split()
-        background = _asked_background(prompt)
-        colour = next((c for c in COLOURS if c in words), None)
+        background, colour = _asked_background(prompt), _asked_colour(prompt)
         columns["world_subject"].append(float(r.is_subject))
         columns["world_background"].append(None if background is None else float(r.background == background))
         columns["world_colour"].append(None if colour is None else float(r.colour == colour and not r.is_subject))
