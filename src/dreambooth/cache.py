@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dreambooth.components import convolution_kernels
+
 
 class LatentCache:
     """Latent distributions per cache key, in device memory or, for large class sets, in files on disk."""
@@ -34,13 +36,13 @@ class LatentCache:
         from diffusers.utils.torch_utils import randn_tensor
 
         if self.mode == "off":
-            return self.vae.encode(pixels.to(generator.device, self.vae.dtype)).latent_dist.sample(generator)
+            return self._encode(pixels, generator.device).sample(generator)
         found = [self._get(k) for k in keys]
         missing = [i for i, entry in enumerate(found) if entry is None]
         for i in missing:
             # one image at a time: an entry must not depend on which images shared its batch (kernels may round
             # differently per batch size), or a resumed run, whose cache starts empty, would drift
-            dist = self.vae.encode(pixels[i:i + 1].to(generator.device, self.vae.dtype)).latent_dist
+            dist = self._encode(pixels[i:i + 1], generator.device)
             found[i] = (dist.mean[0], dist.std[0])
             self._put(keys[i], found[i])
         self.hits += len(keys) - len(missing)
@@ -49,6 +51,13 @@ class LatentCache:
         std = torch.stack([s for _, s in found])
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + std * noise
+
+    def _encode(self, pixels: torch.Tensor, device: torch.device):
+        # Always oneDNN's convolutions on a CPU: the VAE sees whole images, where they are the faster ones, while
+        # the training loop may have switched to PyTorch's native kernels for the UNet's small latents
+        # (training.cpu_convolution). One choice also keeps every entry computed the same way.
+        with convolution_kernels("onednn"):
+            return self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist
 
     def _file(self, key: str) -> Path:
         return self.disk_dir / (hashlib.sha256((self.salt + key).encode()).hexdigest()[:32] + ".safetensors")

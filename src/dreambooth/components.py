@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,3 +220,15 @@ class PromptEncoder:
                 for p, e in zip(missing, self._encode(missing)):
                     self.cache[p] = e
         return torch.stack([self.cache[p] for p in prompts])
+
+
+@contextlib.contextmanager
+def convolution_kernels(kind: str | None):
+    """Selects the CPU convolution kernels for the block (forward and backward), then restores the setting."""
+    before = torch.backends.mkldnn.enabled
+    if kind is not None:
+        torch.backends.mkldnn.enabled = kind == "onednn"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before

@@ -132,6 +132,10 @@ class TrainingSection(Section):
     compile: bool = opt(False, "torch.compile the UNet (and a trained text encoder); pays off on long GPU runs.",
                         "--torch_compile")
     channels_last: bool = opt(False, "Run the UNet in channels-last memory format (faster on some GPUs).")
+    cpu_convolution: Literal["auto", "onednn", "native"] = opt(
+        "auto", "Convolution kernels when training on a CPU: oneDNN's, or PyTorch's native ones (im2col + GEMM), "
+        "which are faster for few, small latents. auto: native when images per step x latent pixels <= 1024 "
+        "(e.g. 1 instance + 1 class image at 128 px with SD's VAE), oneDNN otherwise. No effect on a GPU.")
     tokenizer_max_length: int | None = opt(None, "Token length of prompts (default: the tokenizer's, 77).", ge=2)
     text_encoder_use_attention_mask: bool = opt(False, "Pass the attention mask to the text encoder.")
     set_grads_to_none: bool = opt(True, "Free gradients instead of zeroing them (always on; accepted for diffusers).")

@@ -25,6 +25,7 @@ from dreambooth.components import (
     Models,
     PromptEncoder,
     check_runtime,
+    convolution_kernels,
     load_models,
     make_dataloader,
     make_lr_scheduler,
@@ -275,6 +276,26 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[li
     return per_subject
 
 
+# PyTorch's native CPU convolutions against oneDNN's, one fp32 training step (UNet forward, backward, fused
+# AdamW) on the 2-core CPU, median of 20 (docs/bench.md, "CPU convolutions"): native 1.45x faster for `small`
+# at 2 x 16x16 latents and 1.6x for the world model at 2 x 16x16; even at 2 x 32x32; oneDNN 1.1-1.2x faster at
+# 8 x 16x16 and 4 x 32x32. Hence the threshold below, in images x latent pixels per step.
+NATIVE_CONV_MAX_PIXELS = 1024
+
+
+def cpu_convolution(cfg: Config, models: Models, device: torch.device) -> str | None:
+    """The CPU convolution kernels to train with, "native" or "onednn"; None on other devices."""
+    if device.type != "cpu":
+        return None
+    choice = cfg.training.cpu_convolution
+    if choice != "auto":
+        return choice
+    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    images = cfg.training.batch_size * (2 if cfg.dataset.with_prior_preservation else 1)
+    pixels = images * (cfg.training.resolution // factor) ** 2
+    return "native" if pixels <= NATIVE_CONV_MAX_PIXELS else "onednn"
+
+
 def speed_up(cfg: Config, models: Models, accelerator) -> None:
     """Optional channels-last layout and torch.compile of the UNet.
 
@@ -350,7 +371,8 @@ def train(cfg: Config, config_path: Path | None = None) -> Path:
         if run.accelerator.is_main_process:
             write_run_info(cfg, out, report, run.models)
         start = resume(run, resume_path)
-        with StopRequest() as stop:
+        kernels = cpu_convolution(cfg, run.models, run.accelerator.device)
+        with StopRequest() as stop, convolution_kernels(kernels):
             try:
                 loop(run, start, stop)
             except TrainingStopped as e:
