@@ -99,3 +99,27 @@ def test_the_latent_cache_encodes_with_the_default_kernels_whatever_the_loop_use
     with torch.no_grad():
         truth = vae.encode(pixels[None]).latent_dist
     assert torch.equal(cache.memory["k"][0], truth.mean[0]) and torch.equal(cache.memory["k"][1], truth.std[0])
+
+
+def test_clipping_folded_into_fused_adamw_gives_accelerates_weights(tiny_model, instance_dir, tmp_path, monkeypatch):
+    """A tiny max_grad_norm so every step clips; then the same weights as accelerate's clip_grad_norm_."""
+    scales = []
+    real_call = train_module.GradientClipping.__call__
+
+    def spy(self):
+        real_call(self)
+        scales.append(None if self.fused_into is None else float(self.fused_into.grad_scale))
+
+    monkeypatch.setattr(train_module.GradientClipping, "__call__", spy)
+    a = unet_after_two_steps(tiny_model, instance_dir, tmp_path / "a", max_grad_norm=1e-3)
+    real_init = train_module.GradientClipping.__init__
+
+    def unfused(self, *args):
+        real_init(self, *args)
+        self.fused_into = None
+
+    monkeypatch.setattr(train_module.GradientClipping, "__init__", unfused)
+    b = unet_after_two_steps(tiny_model, instance_dir, tmp_path / "b", max_grad_norm=1e-3)
+    assert len(scales) == 4 and all(s > 1 for s in scales[:2]), f"the fused path did not clip: {scales}"
+    assert scales[2:] == [None, None]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
