@@ -125,6 +125,7 @@ def test_table_is_built_from_the_result_files(tmp_path):
     results.mkdir()
     (results / "cpu-small-full-128-no.json").write_text(json.dumps(_result("cpu", "full", 0.25, 0.40)))
     (results / "cpu-small-lora-128-no.json").write_text(json.dumps(_result("cpu", "lora", 0.20)))
+    (results / "cpu-convolutions.json").write_text(json.dumps({"cases": []}))  # another script's: not a row
     doc = tmp_path / "bench.md"
     doc.write_text("# Bench\n\nbefore\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\nafter\n")
     table = write_table(doc, results)

@@ -533,10 +533,12 @@ def format_table(results: list[dict]) -> str:
 
 
 def read_results(results_dir: Path) -> list[dict]:
-    files = sorted(Path(results_dir).glob("*.json"))
-    if not files:
+    """The `bench` results in a folder; other JSON files there (bench/cpu_convolutions.py's) are left out."""
+    results = [json.loads(f.read_text()) for f in sorted(Path(results_dir).glob("*.json"))]
+    results = [r for r in results if isinstance(r, dict) and {"device", "s_per_step_median"} <= r.keys()]
+    if not results:
         raise UserError(f"no results in {results_dir}; run `dreambooth bench` first")
-    return [json.loads(f.read_text()) for f in files]
+    return results
 
 
 def write_table(doc: Path, results_dir: Path) -> str:
