@@ -104,8 +104,9 @@ class GradientClipping:
     of them. The fused AdamW kernel can divide each gradient by a `grad_scale` as it reads it, the protocol
     torch's GradScaler uses to unscale inside that kernel, so the rewrite pass is skipped: grad_scale =
     max(1, (norm + 1e-6) / max_norm), the same coefficient as clip_grad_norm_. On the 35 M-parameter `small`
-    UNet (2-core CPU, median of 13) clipping plus the AdamW step took 83-88 ms, folded 69-72 ms. Only without a GradScaler (which owns grad_scale: fp16) and where gradients are
-    complete after backward (one process or DDP; not DeepSpeed, FSDP or XLA, which clip their own way).
+    UNet (2-core CPU, median of 13) clipping plus the AdamW step took 83-88 ms, folded 69-72 ms. Only without a
+    GradScaler (which owns grad_scale: fp16) and where gradients are complete after backward (one process or
+    DDP; not DeepSpeed, FSDP or XLA, which clip their own way).
     """
 
     def __init__(self, accelerator, optimizer, params: list[torch.nn.Parameter], max_norm: float) -> None:
@@ -314,10 +315,10 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[li
     return per_subject
 
 
-# PyTorch's native CPU convolutions against oneDNN's, one fp32 training step (UNet forward, backward, fused
-# AdamW) on the 2-core CPU, median of 20 (docs/bench.md, "CPU convolutions"): native 1.45x faster for `small`
-# at 2 x 16x16 latents and 1.6x for the world model at 2 x 16x16; even at 2 x 32x32; oneDNN 1.1-1.2x faster at
-# 8 x 16x16 and 4 x 32x32. Hence the threshold below, in images x latent pixels per step.
+# PyTorch's native CPU convolutions against oneDNN's, one fp32 UNet training step (forward, backward, fused
+# AdamW) on the 2-core CPU, `python bench/cpu_convolutions.py` (docs/bench.md): native 1.21x faster for `small`
+# at 2 x 16x16 latents, 1.46x for the world model and 1.45x for `tiny` at 2 x 16x16; oneDNN 1.11x faster for
+# `small` at 8 x 16x16; within noise at 2 x 32x32 and above. Hence the threshold, in images x latent pixels.
 NATIVE_CONV_MAX_PIXELS = 1024
 
 
