@@ -139,3 +139,16 @@ def test_evaluate_adds_world_measures_for_the_builtin_model(tmp_path, capsys):
     overall = json.loads((tmp_path / "ev" / "metrics.json").read_text())["overall"]
     assert overall["world_subject"] == 0.0 and overall["world_background"] is not None
     assert "world_colour" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["experiment", "--images-per-prompt", "0"], ["experiment", "--steps", "-5"],
+                                  ["demo", "--steps", "0"], ["experiment", "--images-per-prompt", "many"]])
+def test_experiment_and_demo_refuse_counts_below_one_before_any_work(argv, tmp_path, capsys):
+    from dreambooth.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert argv[1] in err and ("at least 1" in err or "whole number" in err)
+    assert not (tmp_path / "run").exists()

@@ -78,6 +78,17 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1 (steps, images): argparse reports the bad value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth fine-tuning of Stable Diffusion.",
                                      allow_abbrev=False)
@@ -214,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", allow_abbrev=False,
                        help="Train the built-in subject into the built-in model on a CPU; measure before and after.")
     p.add_argument("--out", type=Path, default=Path("demo-run"), help="Folder for everything [default: demo-run].")
-    p.add_argument("--steps", type=int, help="Training steps [default: 600, the experiment's].")
+    p.add_argument("--steps", type=positive_int, help="Training steps [default: 600, the experiment's].")
 
     p = sub.add_parser("experiment", allow_abbrev=False,
                        help="The DreamBooth paper's experiment on the built-in world: base vs full/LoRA, with and "
@@ -222,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("experiment-run"),
                    help="Folder for everything [default: experiment-run].")
     p.add_argument("--seed", type=int, action="append", dest="seeds", help="Seed (repeatable) [default: 0 1 2].")
-    p.add_argument("--steps", type=int, default=600, help="Training steps per run [default: 600].")
-    p.add_argument("--images-per-prompt", type=int, default=8, help="[default: 8]")
+    p.add_argument("--steps", type=positive_int, default=600, help="Training steps per run [default: 600].")
+    p.add_argument("--images-per-prompt", type=positive_int, default=8, help="[default: 8]")
     return parser
 
 
