@@ -48,16 +48,14 @@ print(statistics.median(times[warmup:]))
 
 
 def model_path(name: str) -> Path:
+    """The world model, or `tiny`/`small` from `dreambooth bench`'s model folder (built there when missing)."""
     if name == "world":
         from dreambooth.world_model import builtin_model_path
 
         return builtin_model_path()
-    from dreambooth.tiny import DEFAULT_RESOLUTION, build_tiny_model
+    from dreambooth.bench import BenchSettings, prepare_model
 
-    folder = Path("runs/bench/models") / f"{name}-{DEFAULT_RESOLUTION[name]}px"
-    if not (folder / "model_index.json").is_file():
-        build_tiny_model(folder, size=name, seed=0)
-    return folder.resolve()
+    return prepare_model(BenchSettings(model=name))[0]
 
 
 def measure(kernels: str, path: Path, images: int, side: int, steps: int, threads: int) -> float:
