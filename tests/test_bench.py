@@ -99,6 +99,16 @@ def test_bench_reports_every_figure_from_exactly_the_steps_run(bench_dir, method
     assert not (bench_dir / "work" / "runs" / f"cpu-tiny-{method}-64-no" / "ours").exists()  # outputs removed
 
 
+def test_fresh_class_images_are_made_inside_every_timed_run(bench_dir):
+    s = BenchSettings(model="tiny", steps=STEPS, warmup=2, num_class_images=2, repeats=2, fresh_class_images=True,
+                      out=bench_dir / "work", results=bench_dir / "results")
+    result = run_bench(s)
+    assert result["class_images_in_run"] is True and result["class_images_s"] == 0
+    log = (bench_dir / "results" / "cpu-tiny-full-64-no-fresh.ours.log").read_text()
+    assert log.count("class images: 2 in ") == 2 and log.count("(2 generated now)") == 2
+    assert str(bench_dir / "work" / "runs" / "cpu-tiny-full-64-no-fresh" / "ours-class") in result["commands"]["ours"]
+
+
 def test_settings_are_checked_before_anything_runs(tmp_path):
     peer = tmp_path / "train_dreambooth.py"
     peer.write_text("")
@@ -110,10 +120,10 @@ def test_settings_are_checked_before_anything_runs(tmp_path):
         check_settings(BenchSettings(precision="fp16"), cuda=False)
 
 
-def _result(device, method, ours, peer=None):
+def _result(device, method, ours, peer=None, fresh=False):
     r = {"device": device, "model": "small", "method": method, "resolution": 128, "precision": "no", "steps": 50,
          "rank": 4 if method == "lora" else None, "s_per_step_median": ours, "peak_mem_mb": 800.0, "wall_s": 30.0,
-         "mfu": None, "peer": None, "speedup": None, "memory_ratio": None}
+         "mfu": None, "peer": None, "speedup": None, "memory_ratio": None, "class_images_in_run": fresh}
     if peer:
         r.update(peer={"s_per_step_median": peer, "peak_mem_mb": 1000.0, "wall_s": 40.0, "mfu": None},
                  speedup=peer / ours, memory_ratio=0.8)
@@ -125,14 +135,18 @@ def test_table_is_built_from_the_result_files(tmp_path):
     results.mkdir()
     (results / "cpu-small-full-128-no.json").write_text(json.dumps(_result("cpu", "full", 0.25, 0.40)))
     (results / "cpu-small-lora-128-no.json").write_text(json.dumps(_result("cpu", "lora", 0.20)))
+    (results / "cpu-small-full-128-no-fresh.json").write_text(json.dumps(_result("cpu", "full", 0.25, 0.40, True)))
     (results / "cpu-convolutions.json").write_text(json.dumps({"cases": []}))  # another script's: not a row
     doc = tmp_path / "bench.md"
     doc.write_text("# Bench\n\nbefore\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\nafter\n")
     table = write_table(doc, results)
     lines = table.splitlines()
-    assert len(lines) == 4 and lines[0].startswith("| device | model | method |")
-    assert lines[2].startswith("| cpu | small | full | 128 | no | 50 | 0.250 | 0.400 | 1.60x | 800 | 1000 | 0.80 |")
-    assert lines[3].startswith("| cpu | small | LoRA r4 | 128 | no | 50 | 0.200 | - | - | 800 | - | - |")
+    assert len(lines) == 5 and lines[0].startswith("| device | model | method |")
+    full = "| cpu | small | full | 128 | no | 50 | 0.250 | 0.400 | 1.60x | 800 | 1000 | 0.80 |"
+    assert lines[2].startswith(full + " beforehand | 30.0 | 40.0 | 0.75 |")
+    assert lines[3].startswith(full + " in the run | 30.0 | 40.0 | 0.75 |")
+    assert lines[4].startswith("| cpu | small | LoRA r4 | 128 | no | 50 | 0.200 | - | - | 800 | - | - | beforehand | "
+                               "30.0 | - | - |")
     text = doc.read_text()
     assert "old" not in text and text.startswith("# Bench\n\nbefore\n") and text.endswith("after\n")
     assert table in text

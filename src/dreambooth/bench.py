@@ -13,7 +13,9 @@ clock with the same definition of a step. Reported per program:
 - MFU (GPU only): model FLOPs of one training step (VAE encode + UNet forward and backward of the batch, counted
   by FlopCounterMode on the meta device with plain attention, so the same number for both programs) per second,
   over the device's dense bf16 peak.
-- wall time of the training process, from launch to exit.
+- wall time of the training process, from launch to exit. With `fresh_class_images` each run starts with an
+  empty class folder, so that wall time includes making the class images, each program its own way (this
+  tool: 30 denoising steps, batched; diffusers' script: its pipeline's default 50 steps, batches of 4).
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class BenchSettings:
     out: Path = Path("runs/bench")
     results: Path = Path("bench/results")
     keep_outputs: bool = False
+    fresh_class_images: bool = False  # every run generates its class images in its timed process
 
 
 def check_settings(s: BenchSettings, cuda: bool) -> None:
@@ -217,11 +220,12 @@ def default_resolution(model: Path) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-def prepare_data(s: BenchSettings, model: Path, resolution: int) -> tuple[Path, Path, Path, float]:
+def prepare_data(s: BenchSettings, model: Path, resolution: int, work: Path) -> tuple[Path, Path, Path, float]:
     """Instance photos, class images generated once by this tool, and a copy of them for the peer.
 
     The copy holds the images only: diffusers' script opens every file of the class folder as an image, and
     ours keeps its manifest there. Returns (instance dir, our class dir, the peer's class dir, seconds spent).
+    With `fresh_class_images`, the class folders are in `work`, emptied before every run (see `measure`).
     """
     from dreambooth.tiny import synthetic_photo
 
@@ -231,6 +235,8 @@ def prepare_data(s: BenchSettings, model: Path, resolution: int) -> tuple[Path, 
     for i in range(INSTANCE_IMAGES):
         if not (instance / f"subject-{i}.png").is_file():
             synthetic_photo(i, size=max(80, resolution)).save(instance / f"subject-{i}.png")
+    if s.fresh_class_images:
+        return instance, work / "ours-class", work / "peer-class", 0.0
     tag = model.name if model.name.endswith(f"-{resolution}px") else f"{model.name}-{resolution}px"
     class_dir = data / f"class-{tag}"
     t0 = time.perf_counter()
@@ -251,7 +257,7 @@ def generate_class_images(class_dir: Path, model: Path, resolution: int, count: 
     """
     import torch
 
-    from dreambooth.class_images import ensure_class_images
+    from dreambooth.class_images import default_batch_size, ensure_class_images
     from dreambooth.config import SECTION_TYPES
     from dreambooth.generate import load_pipeline, pick_device, pick_dtype
 
@@ -259,7 +265,7 @@ def generate_class_images(class_dir: Path, model: Path, resolution: int, count: 
     images = ensure_class_images(
         class_dir, prompt=CLASS_PROMPT, model=str(model), resolution=resolution, num_images=count, seed=0,
         load_pipe=lambda: load_pipeline(model, device=device, dtype=pick_dtype(None, device), safety_checker=False),
-        batch_size=16 if device.type == "cuda" else 4,
+        batch_size=default_batch_size(device.type, resolution),
         steps=SECTION_TYPES["dataset"].model_fields["class_inference_steps"].default)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -434,6 +440,7 @@ def measure(s: BenchSettings, cmds: dict[str, list[str]], envs: dict[str, dict],
     for r in range(s.repeats):
         for who in list(cmds) if r % 2 == 0 else list(cmds)[::-1]:
             shutil.rmtree(work / who, ignore_errors=True)
+            shutil.rmtree(work / f"{who}-class", ignore_errors=True)  # with fresh_class_images
             times = Path(envs[who][TIMES_ENV])
             record = run_timed(cmds[who], envs[who], logs[who], times, f"{who} repeat {r + 1}")
             runs[who].append(figures(record, s.warmup, 2, flops, peak))
@@ -457,9 +464,10 @@ def run_bench(s: BenchSettings) -> dict:
     precision = s.precision or ("bf16" if cuda else "no")
     name = s.model if s.model in BUILT_MODELS else Path(s.model).name
     model, resolution = prepare_model(s)
-    *data, class_s = prepare_data(s, model, resolution)
-    stem = f"{dev['device_key']}-{name}-{s.method}-{resolution}-{precision}"
+    fresh = "-fresh" if s.fresh_class_images else ""
+    stem = f"{dev['device_key']}-{name}-{s.method}-{resolution}-{precision}{fresh}"
     work = (s.out / "runs" / stem).resolve()
+    *data, class_s = prepare_data(s, model, resolution, work)
     (work / "timer").mkdir(parents=True, exist_ok=True)
     (work / "timer" / "sitecustomize.py").write_text(TIMER_SOURCE)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -482,6 +490,7 @@ def run_bench(s: BenchSettings) -> dict:
         "warmup": s.warmup, "repeats": s.repeats, "samples_per_step": 2, "num_class_images": s.num_class_images,
         "rank": s.rank if s.method == "lora" else None, "flops_per_step": flops,
         "bf16_peak_flops": dev["bf16_peak_flops"], "class_images_s": round(class_s, 2),
+        "class_images_in_run": s.fresh_class_images,
         "bench_wall_s": round(time.perf_counter() - started, 2), "runs": runs, "commands": cmds,
         "machine": machine_facts(threads), "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings_record(s),
@@ -516,18 +525,21 @@ def _num(value, fmt: str, missing: str = "-") -> str:
 def format_table(results: list[dict]) -> str:
     """A markdown table, one row per result, this tool's figures beside diffusers' script's."""
     rows = ["| device | model | method | px | precision | steps | s/step ours | s/step diffusers | speedup | "
-            "peak MB ours | peak MB diffusers | memory ours/diffusers | run s ours | run s diffusers | "
-            "MFU ours | MFU diffusers |", "|" + "---|" * 16]
+            "peak MB ours | peak MB diffusers | memory ours/diffusers | class images | run s ours | run s diffusers | "
+            "run ours/diffusers | MFU ours | MFU diffusers |", "|" + "---|" * 18]
     size = {m: i for i, m in enumerate(BUILT_MODELS)}
     for r in sorted(results, key=lambda r: (r["device"], size.get(r["model"], len(size)), r["model"], r["resolution"],
-                                            r["method"], r["precision"])):
+                                            r["method"], r["precision"], r.get("class_images_in_run", False))):
         p = r.get("peer") or {}
         method = f"LoRA r{r['rank']}" if r["method"] == "lora" and r.get("rank") else r["method"]
+        made = "in the run" if r.get("class_images_in_run") else "beforehand"
+        run_ratio = p.get("wall_s") and r["wall_s"] / p["wall_s"]
         rows.append(
             f"| {r['device']} | {r['model']} | {method} | {r['resolution']} | {r['precision']} | {r['steps']} | "
             f"{r['s_per_step_median']:.3f} | {_num(p.get('s_per_step_median'), '.3f')} | "
             f"{_num(r.get('speedup'), '.2f')}x | {r['peak_mem_mb']:.0f} | {_num(p.get('peak_mem_mb'), '.0f')} | "
-            f"{_num(r.get('memory_ratio'), '.2f')} | {r['wall_s']:.1f} | {_num(p.get('wall_s'), '.1f')} | "
+            f"{_num(r.get('memory_ratio'), '.2f')} | {made} | {r['wall_s']:.1f} | {_num(p.get('wall_s'), '.1f')} | "
+            f"{_num(run_ratio, '.2f')} | "
             f"{_num(r.get('mfu'), '.1%')} | {_num(p.get('mfu'), '.1%')} |")
     return "\n".join(rows).replace("| -x |", "| - |")
 

@@ -19,6 +19,18 @@ from dreambooth.runinfo import write_json_atomic
 MANIFEST = "dreambooth_class_images.json"  # listed in data.TOOL_FILES, so scans skip it
 
 
+def default_batch_size(device_type: str, resolution: int) -> int:
+    """Class images per generation batch: 16 on a GPU; on a CPU, 16 up to 256 px and the same pixels above.
+
+    Fewer, larger UNet calls are faster on a CPU too (10 images at 30 steps: `small` at 128 px 16.1 s in one
+    batch against 21.6 s in batches of 4; `tiny` at 64 px 1.9 s against 2.9 s). The pixel budget keeps SD
+    sizes where the old default of 4 was: 4 at 512 px, 1 at 768 px.
+    """
+    if device_type == "cuda":
+        return 16
+    return max(1, min(16, 16 * 256 * 256 // (resolution * resolution)))
+
+
 def read_manifest(class_dir: Path) -> dict:
     path = class_dir / MANIFEST
     if not path.is_file():

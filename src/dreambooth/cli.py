@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=Path("bench/results"),
                    help="Where the JSON and logs go [default: bench/results].")
     p.add_argument("--keep-outputs", action="store_true", help="Keep the trained models (deleted by default).")
+    p.add_argument("--fresh-class-images", action="store_true",
+                   help="Start every run with an empty class folder, so that each program generates its class images "
+                   "inside the timed run [default: both get the same class images, made beforehand].")
     p.add_argument("--table", action="store_true",
                    help="Measure nothing: rewrite the table in --doc from --results/*.json.")
     p.add_argument("--doc", type=Path, default=Path("docs/bench.md"), help="[default: docs/bench.md]")
@@ -258,7 +261,10 @@ def run(args: argparse.Namespace) -> None:
         from dreambooth.config import load_config
 
         cfg = load_config(args.config, config_overrides(args))
-        from dreambooth.train import train
+        from dreambooth.startup import collection_paused
+
+        with collection_paused():  # torch's import
+            from dreambooth.train import train
 
         train(cfg, config_path=args.config)
     elif args.command == "generate":
@@ -295,7 +301,7 @@ def run(args: argparse.Namespace) -> None:
             model=args.model, method=args.method, resolution=args.resolution, precision=args.precision,
             steps=args.steps, warmup=args.warmup, num_class_images=args.num_class_images, rank=args.rank,
             repeats=args.repeats, peer=args.peer, tv_shim=args.tv_shim, out=args.out, results=args.results,
-            keep_outputs=args.keep_outputs))
+            keep_outputs=args.keep_outputs, fresh_class_images=args.fresh_class_images))
     elif args.command == "demo":
         from dreambooth.demo import run_demo
 
@@ -318,3 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def entry() -> int:
+    """The `dreambooth` command and `python -m dreambooth`: main(), then an exit without the last collection."""
+    from dreambooth.startup import skip_final_collection
+
+    code = main()
+    skip_final_collection()
+    return code

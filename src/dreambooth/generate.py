@@ -14,6 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 from dreambooth.errors import UserError
 from dreambooth.export import find_lora_file, parse_lora_spec
 from dreambooth.lora import load_loras
+from dreambooth.startup import collection_paused
 
 # Short sampler names as users type them, and the diffusers classes (with config tweaks) they mean.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -91,13 +92,14 @@ def check_model_folder(path: Path | str, what: str = "model") -> None:
 def load_pipeline(model: str | Path, *, device: torch.device, dtype: torch.dtype, scheduler: str | None = None,
                   safety_checker: bool = True, **kwargs):
     """Loads a Stable Diffusion pipeline from a diffusers folder (or hub id), on `device` in `dtype`."""
-    from diffusers import StableDiffusionPipeline
-
     if Path(model).exists() or "/" not in str(model):
         check_model_folder(model)
     extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=dtype, **extra, **kwargs)
+        with collection_paused():  # diffusers' import and the weights live on (dreambooth.startup)
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=dtype, **extra, **kwargs)
     except OSError as e:
         raise UserError(f"could not load the model {model}: {e}. Give a local diffusers folder; a hub id "
                         "needs a network connection and a cached download.") from None

@@ -38,6 +38,7 @@ from dreambooth.loss import LossParts, dreambooth_loss, min_snr_weights, noise_w
 from dreambooth.outputs import save_outputs
 from dreambooth.preflight import Preflight, run_preflight
 from dreambooth.runinfo import library_versions, write_json_atomic, write_text_atomic
+from dreambooth.startup import collection_paused
 
 
 class TrainingStopped(Exception):
@@ -281,7 +282,7 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[li
     """Each subject's class images, generating the missing ones on the main process."""
     if not cfg.dataset.with_prior_preservation:
         return None
-    from dreambooth.class_images import ensure_class_images
+    from dreambooth.class_images import default_batch_size, ensure_class_images
     from dreambooth.generate import load_pipeline, pick_dtype
 
     ds = cfg.dataset
@@ -299,7 +300,7 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[li
         pipe = pipe or load_pipe()
         return pipe
 
-    batch_size = ds.sample_batch_size or (16 if accelerator.device.type == "cuda" else 4)
+    batch_size = ds.sample_batch_size or default_batch_size(accelerator.device.type, cfg.training.resolution)
     per_subject = []
     for s in cfg.subject_list():
         with accelerator.main_process_first():
@@ -360,7 +361,8 @@ def setup(cfg: Config, report: Preflight) -> Run:
         torch.backends.cudnn.allow_tf32 = True
     classes = prepare_class_images(cfg, accelerator, report)
     weight_dtype = DTYPES[cfg.training.mixed_precision]
-    models = load_models(cfg, report.plans, weight_dtype)
+    with collection_paused():  # diffusers' import and the weights live on (dreambooth.startup)
+        models = load_models(cfg, report.plans, weight_dtype)
     loader = make_dataloader(cfg, cfg.subject_list(), [s.instance.usable for s in report.subjects], classes)
     t = cfg.training
     scale = t.gradient_accumulation_steps * t.batch_size * accelerator.num_processes if t.scale_lr else 1.0
