@@ -5,10 +5,16 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+import weakref
 
 import pytest
+from test_train_e2e import base_overrides
 
+from dreambooth import generate, startup
+from dreambooth import train as train_module
 from dreambooth.class_images import default_batch_size
+from dreambooth.cli import main
+from dreambooth.config import load_config
 from dreambooth.startup import collection_paused
 
 
@@ -40,6 +46,52 @@ def test_the_command_freezes_the_heap_before_exit_and_main_does_not(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split()[-3:] == ["0", "0", "True"]
     assert (tmp_path / "b" / "config.yaml").is_file()
+
+
+def test_only_a_process_that_ends_with_its_run_freezes_its_start_up():
+    probe = ("import gc; from dreambooth import startup; startup.start_up_done(); before = gc.get_freeze_count(); "
+             "startup.process_ends_with_its_run(); startup.start_up_done(); print(before, gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "True"]
+
+
+def test_the_train_command_says_when_its_process_ends_with_the_run(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(startup, "_ends_with_its_run", False)
+    monkeypatch.setattr(train_module, "train", lambda cfg, config_path: seen.append(startup._ends_with_its_run))
+    argv = ["train", "--pretrained_model_name_or_path", "m", "--instance_data_dir", "i", "--instance_prompt",
+            "a photo of sks dog", "--output_dir", str(tmp_path)]
+    assert main(argv) == 0 and seen == [False]  # in-process callers (tests, notebooks) go on after the run
+    assert main(argv, ends_process=True) == 0 and seen == [False, True]
+
+
+def test_the_class_image_pipeline_is_gone_before_the_training_models_load(tiny_model, instance_dir, tmp_path,
+                                                                           monkeypatch):
+    pipes, alive_at_load = [], []
+    real_pipeline, real_models = generate.load_pipeline, train_module.load_models
+
+    def load_pipeline(*args, **kwargs):
+        pipe = real_pipeline(*args, **kwargs)
+        # A pipeline's first load in a process leaves it in reference cycles (seen with diffusers 0.42); this one
+        # makes sure of it.
+        pipe.__dict__["_cycle"] = pipe
+        pipes.append(weakref.ref(pipe))
+        return pipe
+
+    def load_models(*args, **kwargs):
+        alive_at_load.append(pipes[0]() is not None)
+        return real_models(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "load_pipeline", load_pipeline)
+    monkeypatch.setattr(train_module, "load_models", load_models)
+    cfg = load_config(None, base_overrides(tiny_model, instance_dir, tmp_path / "class", tmp_path / "out",
+                                           **{"training.max_train_steps": 1, "dataset.num_class_images": 1}))
+    gc.disable()  # only an explicit collection frees the pipeline's reference cycles
+    try:
+        train_module.train(cfg)
+    finally:
+        gc.enable()
+    assert len(pipes) == 1 and alive_at_load == [False]
 
 
 @pytest.mark.parametrize(("device", "resolution", "batch"), [

@@ -20,6 +20,7 @@ clock with the same definition of a step. Reported per program:
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -58,6 +59,7 @@ nothing. Importing nothing heavy here keeps the program's own import order as it
 import atexit
 import importlib.abc
 import importlib.machinery
+import gc
 import importlib.util
 import json
 import os
@@ -267,6 +269,7 @@ def generate_class_images(class_dir: Path, model: Path, resolution: int, count: 
         load_pipe=lambda: load_pipeline(model, device=device, dtype=pick_dtype(None, device), safety_checker=False),
         batch_size=default_batch_size(device.type, resolution),
         steps=SECTION_TYPES["dataset"].model_fields["class_inference_steps"].default)
+    gc.collect()  # the pipeline sits in reference cycles (see train.prepare_class_images)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return images

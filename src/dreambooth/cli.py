@@ -250,7 +250,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, ends_process: bool = False) -> None:
     quiet_libraries()
     if args.command == "init":
         from dreambooth.project import init_project
@@ -261,11 +261,12 @@ def run(args: argparse.Namespace) -> None:
         from dreambooth.config import load_config
 
         cfg = load_config(args.config, config_overrides(args))
-        from dreambooth.startup import collection_paused
+        from dreambooth.startup import collection_paused, process_ends_with_its_run
 
         with collection_paused():  # torch's import
             from dreambooth.train import train
-
+        if ends_process:
+            process_ends_with_its_run()
         train(cfg, config_path=args.config)
     elif args.command == "generate":
         from dreambooth.generate import generate_command
@@ -313,10 +314,11 @@ def run(args: argparse.Namespace) -> None:
                        recipe=Recipe(steps=args.steps, images_per_prompt=args.images_per_prompt))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, ends_process: bool = False) -> int:
+    """Runs one command; `ends_process` when the process exits right after (the console script)."""
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(args, ends_process)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -330,6 +332,6 @@ def entry() -> int:
     """The `dreambooth` command and `python -m dreambooth`: main(), then an exit without the last collection."""
     from dreambooth.startup import skip_final_collection
 
-    code = main()
+    code = main(ends_process=True)
     skip_final_collection()
     return code

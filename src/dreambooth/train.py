@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -38,7 +39,7 @@ from dreambooth.loss import LossParts, dreambooth_loss, min_snr_weights, noise_w
 from dreambooth.outputs import save_outputs
 from dreambooth.preflight import Preflight, run_preflight
 from dreambooth.runinfo import library_versions, write_json_atomic, write_text_atomic
-from dreambooth.startup import collection_paused
+from dreambooth.startup import collection_paused, start_up_done
 
 
 class TrainingStopped(Exception):
@@ -312,7 +313,14 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[li
         if not images:
             raise UserError(f"dataset.class_dir: {s.class_dir} holds no usable class image after generation.")
         per_subject.append(images)
-    del pipe
+    if pipe is not None:
+        # The pipeline sits in reference cycles, so deleting it frees nothing until the collector's next full
+        # pass, which may come long after the training models have loaded beside it (on a GPU: its fp16
+        # weights on top of the training peak). Collect it now.
+        del pipe
+        gc.collect()
+        if accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
     return per_subject
 
 
@@ -407,6 +415,7 @@ def train(cfg: Config, config_path: Path | None = None) -> Path:
     remove_partial_saves(out)
     resume_path = resolve_resume(out, cfg.output.resume_from_checkpoint)
     run = setup(cfg, report)
+    start_up_done()
     is_main = run.accelerator.is_main_process
     try:
         if run.accelerator.is_main_process:
