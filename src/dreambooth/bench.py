@@ -59,7 +59,6 @@ nothing. Importing nothing heavy here keeps the program's own import order as it
 import atexit
 import importlib.abc
 import importlib.machinery
-import gc
 import importlib.util
 import json
 import os
