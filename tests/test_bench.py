@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from dreambooth.bench import (
     figures,
     format_table,
     run_bench,
+    train_flags,
     write_table,
 )
 from dreambooth.errors import UserError
@@ -118,6 +120,18 @@ def test_settings_are_checked_before_anything_runs(tmp_path):
     assert "give train_dreambooth_lora.py" in message and "--steps (3)" in message and "nowhere" in message
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         check_settings(BenchSettings(precision="fp16"), cuda=False)
+    with pytest.raises(UserError, match="--lean-memory needs a CUDA GPU"):
+        check_settings(BenchSettings(lean_memory=True), cuda=False)
+
+
+def test_lean_memory_gives_both_programs_8bit_adam_and_checkpointing(tmp_path):
+    flags = train_flags(BenchSettings(lean_memory=True, method="lora"), tmp_path, tmp_path, tmp_path, tmp_path, 64,
+                        "bf16")
+    assert flags[-4:] == ["--use_8bit_adam", "--gradient_checkpointing", "--rank", "4"]
+    assert "--use_8bit_adam" not in train_flags(BenchSettings(), tmp_path, tmp_path, tmp_path, tmp_path, 64, "no")
+    row = _result("cuda", "full", 0.02, 0.05)
+    row["lean_memory"] = True
+    assert "| cuda | small | full, 8-bit AdamW + checkpointing | 128 |" in format_table([row])
 
 
 def _result(device, method, ours, peer=None, fresh=False):
@@ -164,3 +178,14 @@ def test_table_command_rewrites_the_doc_and_says_when_there_is_nothing(tmp_path,
     (results / "cpu-small-full-128-no.json").write_text(json.dumps(_result("cpu", "full", 0.25, 0.40)))
     assert main(["bench", "--table", "--results", str(results), "--doc", str(doc)]) == 0
     assert "| cpu | small | full |" in doc.read_text()
+
+
+def test_profile_script_records_exactly_one_training_step(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "profile_step.py"
+    out = tmp_path / "profile"
+    subprocess.run([sys.executable, str(script), "--model", "tiny", "--step", "3", "--work", str(tmp_path / "work"),
+                    "--out", str(out)], check=True, capture_output=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["model"], summary["step"], summary["optimizer_steps_recorded"]) == ("tiny", 3, 1)
+    assert summary["step_s"] > 0 and "aten::" in (out / "operators.txt").read_text()
+    assert (out / "trace.json").stat().st_size > 0

@@ -145,6 +145,7 @@ class BenchSettings:
     results: Path = Path("bench/results")
     keep_outputs: bool = False
     fresh_class_images: bool = False  # every run generates its class images in its timed process
+    lean_memory: bool = False  # both programs with --use_8bit_adam --gradient_checkpointing (CUDA only)
 
 
 def check_settings(s: BenchSettings, cuda: bool) -> None:
@@ -159,6 +160,10 @@ def check_settings(s: BenchSettings, cuda: bool) -> None:
     if s.warmup < 1 or s.steps < s.warmup + 2:
         problems.append(f"--steps ({s.steps}) must exceed --warmup ({s.warmup}, at least 1) by 2 or more, "
                         "so that the median has at least two step times")
+    if s.lean_memory and not cuda:
+        problems.append("--lean-memory needs a CUDA GPU: bitsandbytes' 8-bit AdamW runs only there")
+    elif s.lean_memory and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("--lean-memory needs bitsandbytes for 8-bit AdamW: `pip install bitsandbytes`")
     if s.num_class_images < 1 or s.repeats < 1 or s.rank < 1:
         problems.append("--num-class-images, --repeats and --rank must be at least 1")
     if s.model not in BUILT_MODELS and not (Path(s.model) / "model_index.json").is_file():
@@ -285,7 +290,8 @@ def train_flags(s: BenchSettings, model: Path, instance: Path, class_dir: Path, 
              "--output_dir", str(output), "--mixed_precision", precision,
              # diffusers' script refuses "none"; an uninstalled tracker is skipped by both programs.
              "--report_to", "tensorboard"]
-    return flags + (["--rank", str(s.rank)] if s.method == "lora" else [])
+    lean = ["--use_8bit_adam", "--gradient_checkpointing"] if s.lean_memory else []
+    return flags + lean + (["--rank", str(s.rank)] if s.method == "lora" else [])
 
 
 def tv_shim_path(given: Path | None) -> Path | None:
@@ -466,8 +472,8 @@ def run_bench(s: BenchSettings) -> dict:
     precision = s.precision or ("bf16" if cuda else "no")
     name = s.model if s.model in BUILT_MODELS else Path(s.model).name
     model, resolution = prepare_model(s)
-    fresh = "-fresh" if s.fresh_class_images else ""
-    stem = f"{dev['device_key']}-{name}-{s.method}-{resolution}-{precision}{fresh}"
+    tags = ("-lean" if s.lean_memory else "") + ("-fresh" if s.fresh_class_images else "")
+    stem = f"{dev['device_key']}-{name}-{s.method}-{resolution}-{precision}{tags}"
     work = (s.out / "runs" / stem).resolve()
     *data, class_s = prepare_data(s, model, resolution, work)
     (work / "timer").mkdir(parents=True, exist_ok=True)
@@ -492,7 +498,7 @@ def run_bench(s: BenchSettings) -> dict:
         "warmup": s.warmup, "repeats": s.repeats, "samples_per_step": 2, "num_class_images": s.num_class_images,
         "rank": s.rank if s.method == "lora" else None, "flops_per_step": flops,
         "bf16_peak_flops": dev["bf16_peak_flops"], "class_images_s": round(class_s, 2),
-        "class_images_in_run": s.fresh_class_images,
+        "class_images_in_run": s.fresh_class_images, "lean_memory": s.lean_memory,
         "bench_wall_s": round(time.perf_counter() - started, 2), "runs": runs, "commands": cmds,
         "machine": machine_facts(threads), "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings_record(s),
@@ -531,9 +537,11 @@ def format_table(results: list[dict]) -> str:
             "run ours/diffusers | MFU ours | MFU diffusers |", "|" + "---|" * 18]
     size = {m: i for i, m in enumerate(BUILT_MODELS)}
     for r in sorted(results, key=lambda r: (r["device"], size.get(r["model"], len(size)), r["model"], r["resolution"],
-                                            r["method"], r["precision"], r.get("class_images_in_run", False))):
+                                            r["method"], r["precision"], r.get("lean_memory", False),
+                                            r.get("class_images_in_run", False))):
         p = r.get("peer") or {}
         method = f"LoRA r{r['rank']}" if r["method"] == "lora" and r.get("rank") else r["method"]
+        method += ", 8-bit AdamW + checkpointing" if r.get("lean_memory") else ""
         made = "in the run" if r.get("class_images_in_run") else "beforehand"
         run_ratio = p.get("wall_s") and r["wall_s"] / p["wall_s"]
         rows.append(

@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-class-images", action="store_true",
                    help="Start every run with an empty class folder, so that each program generates its class images "
                    "inside the timed run [default: both get the same class images, made beforehand].")
+    p.add_argument("--lean-memory", action="store_true",
+                   help="Both programs with --use_8bit_adam --gradient_checkpointing (needs CUDA and bitsandbytes).")
     p.add_argument("--table", action="store_true",
                    help="Measure nothing: rewrite the table in --doc from --results/*.json.")
     p.add_argument("--doc", type=Path, default=Path("docs/bench.md"), help="[default: docs/bench.md]")
@@ -302,7 +304,8 @@ def run(args: argparse.Namespace, ends_process: bool = False) -> None:
             model=args.model, method=args.method, resolution=args.resolution, precision=args.precision,
             steps=args.steps, warmup=args.warmup, num_class_images=args.num_class_images, rank=args.rank,
             repeats=args.repeats, peer=args.peer, tv_shim=args.tv_shim, out=args.out, results=args.results,
-            keep_outputs=args.keep_outputs, fresh_class_images=args.fresh_class_images))
+            keep_outputs=args.keep_outputs, fresh_class_images=args.fresh_class_images,
+            lean_memory=args.lean_memory))
     elif args.command == "demo":
         from dreambooth.demo import run_demo
 
