@@ -263,13 +263,11 @@ def run(args: argparse.Namespace, ends_process: bool = False) -> None:
         from dreambooth.config import load_config
 
         cfg = load_config(args.config, config_overrides(args))
-        from dreambooth.startup import collection_paused, process_ends_with_its_run
+        from dreambooth.startup import collection_paused
 
         with collection_paused():  # torch's import
             from dreambooth.train import train
-        if ends_process:
-            process_ends_with_its_run()
-        train(cfg, config_path=args.config)
+        train(cfg, config_path=args.config, ends_process=ends_process)
     elif args.command == "generate":
         from dreambooth.generate import generate_command
 
@@ -333,8 +331,8 @@ def main(argv: list[str] | None = None, ends_process: bool = False) -> int:
 
 def entry() -> int:
     """The `dreambooth` command and `python -m dreambooth`: main(), then an exit without the last collection."""
-    from dreambooth.startup import skip_final_collection
+    from dreambooth.startup import freeze_alive_objects
 
     code = main(ends_process=True)
-    skip_final_collection()
+    freeze_alive_objects()
     return code

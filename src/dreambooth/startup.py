@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import gc
 
-_ends_with_its_run = False
-
 
 @contextlib.contextmanager
 def collection_paused():
@@ -33,29 +31,14 @@ def collection_paused():
             gc.enable()
 
 
-def process_ends_with_its_run() -> None:
-    """Marks this process as one that ends when its one training run does (`dreambooth train`)."""
-    global _ends_with_its_run
-    _ends_with_its_run = True
+def freeze_alive_objects() -> None:
+    """Exempts every object alive now from all later collections, the one at exit included.
 
-
-def start_up_done() -> None:
-    """In a process that ends with its run, exempts everything alive now (libraries, models) from collection.
-
-    Frozen objects are never collected, so this is left out where the process goes on after the run (a
-    notebook, the tests, the demo's and the experiment's several runs): garbage in a reference cycle at this
-    moment would stay. The large such garbage, the class-image pipeline, is collected before (see
-    train.prepare_class_images).
-    """
-    if _ends_with_its_run:
-        gc.freeze()
-
-
-def skip_final_collection() -> None:
-    """Spares a process that is about to exit the collector's last walk over every object.
-
-    Only for the end of a command-line process: frozen objects are never collected again. Objects are still
-    released by reference counting as the interpreter shuts down, and everything this tool writes is closed
-    (and renamed into place) before a command returns.
+    Only for a process that ends with the work in hand: after a `dreambooth train` start-up (libraries and
+    models), and before a command-line process exits. Frozen objects are never collected, so garbage in a
+    reference cycle at this moment would stay: a process that goes on (a notebook, the tests, the demo's and
+    the experiment's several runs) must not call it, and the large such garbage, the class-image pipeline, is
+    collected before (train.prepare_class_images). Objects are still released by reference counting, and
+    everything this tool writes is closed (and renamed into place) before a command returns.
     """
     gc.freeze()

@@ -39,7 +39,7 @@ from dreambooth.loss import LossParts, dreambooth_loss, min_snr_weights, noise_w
 from dreambooth.outputs import save_outputs
 from dreambooth.preflight import Preflight, run_preflight
 from dreambooth.runinfo import library_versions, write_json_atomic, write_text_atomic
-from dreambooth.startup import collection_paused, start_up_done
+from dreambooth.startup import collection_paused, freeze_alive_objects
 
 
 class TrainingStopped(Exception):
@@ -406,8 +406,12 @@ def resume(run: Run, path: Path | None) -> int:
     return int(state["global_step"])
 
 
-def train(cfg: Config, config_path: Path | None = None) -> Path:
-    """Runs a whole DreamBooth training job; returns the output folder."""
+def train(cfg: Config, config_path: Path | None = None, ends_process: bool = False) -> Path:
+    """Runs a whole DreamBooth training job; returns the output folder.
+
+    `ends_process`: the process exits after this run (`dreambooth train`), so what start-up made is frozen
+    and later full collections skip it (dreambooth.startup).
+    """
     check_runtime(cfg)
     report = run_preflight(cfg)
     out = cfg.output.output_dir
@@ -415,7 +419,8 @@ def train(cfg: Config, config_path: Path | None = None) -> Path:
     remove_partial_saves(out)
     resume_path = resolve_resume(out, cfg.output.resume_from_checkpoint)
     run = setup(cfg, report)
-    start_up_done()
+    if ends_process:
+        freeze_alive_objects()
     is_main = run.accelerator.is_main_process
     try:
         if run.accelerator.is_main_process:
