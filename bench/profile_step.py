@@ -59,7 +59,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     run_dir = (args.work / "runs" / f"profile-{name}-{args.method}").resolve()
     instance, class_dir, _, _ = prepare_data(s, model, resolution, run_dir)
-    flags = train_flags(s, model, instance, class_dir, run_dir / "out", resolution, precision)
+    # No tracker in a profile; a rerun replaces the previous profile's run folder.
+    flags = train_flags(s, model, instance, class_dir, run_dir / "out", resolution, precision, tracker="none")
+    flags.append("--overwrite_output_dir")
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     # Profiler periods end at each optimizer step: period k runs from the end of step k to the end of step k + 1.

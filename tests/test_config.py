@@ -1,6 +1,7 @@
 """The config: DESIGN.md's YAML as written, diffusers' flags, and every problem reported at once by key."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,7 @@ def test_design_yaml_loads_as_written(tmp_path):
     path = write(tmp_path, DESIGN_YAML)
     (tmp_path / "prompts").mkdir()
     (tmp_path / "prompts" / "instance.txt").write_text("# comment\na photo of {identifier} girl\n")
+    (tmp_path / "prompts" / "class.txt").write_text("a photo of a girl\n")
     cfg = load_config(path)
     assert cfg.training.learning_rate == 5e-6  # YAML reads 5e-6 as a string
     assert cfg.training.gradient_accumulation_steps == 4
@@ -39,10 +41,15 @@ def test_design_yaml_loads_as_written(tmp_path):
     # paths in a config file are relative to the file's folder
     assert cfg.dataset.instance_dir == tmp_path / "data" / "instance"
     assert cfg.model.pretrained_model == "stabilityai/stable-diffusion-2-1-base"
+    # DESIGN's schema has no prior-preservation switch: naming a class folder means prior preservation
+    assert cfg.dataset.with_prior_preservation is True
+    assert cfg.dataset.class_prompt == "a photo of a girl"
+    assert any("prior preservation: on" in note for note in cfg._notes)
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(write(tmp_path, DESIGN_YAML), {"dataset.instance_prompt": "a photo of <saya_token> girl"})
+    cfg = load_config(write(tmp_path, DESIGN_YAML), {"dataset.instance_prompt": "a photo of <saya_token> girl",
+                                                     "dataset.class_prompt": "a photo of a girl"})
     again = load_config(write(tmp_path, dump_config(cfg), "resolved.yaml"))
     assert again.model_dump() == cfg.model_dump()
 
@@ -56,12 +63,13 @@ def test_issue_command_line_maps_onto_the_config():
     for chunk in argv:
         args += [chunk] if chunk.startswith("a photo") else chunk.split()
     cfg = load_config(None, overrides(args))
-    assert cfg.model.pretrained_model == "M"
-    assert str(cfg.dataset.instance_dir) == "D" and str(cfg.dataset.class_dir) == "C"
+    # paths on the command line are relative to the working directory, made absolute once
+    assert cfg.model.pretrained_model == str(Path("M").resolve())
+    assert cfg.dataset.instance_dir == Path("D").resolve() and cfg.dataset.class_dir == Path("C").resolve()
     assert cfg.dataset.with_prior_preservation and cfg.dataset.num_class_images == 10
     assert cfg.training.resolution == 64 and cfg.training.batch_size == 1 and cfg.training.max_train_steps == 6
     assert cfg.output.checkpointing_steps == 2 and cfg.output.checkpoints_total_limit == 2
-    assert str(cfg.output.output_dir) == "OUT"
+    assert cfg.output.output_dir == Path("OUT").resolve()
     assert cfg.token.identifier == "sks"  # inferred: the word the class prompt lacks
 
 
@@ -92,9 +100,16 @@ def test_offset_noise_flag_means_point_one():
     assert overrides(["--offset_noise"])["training.noise_offset"] == 0.1
 
 
-def test_hub_upload_flags_are_refused_clearly():
-    with pytest.raises(UserError, match="push_to_hub"):
-        overrides(["--push_to_hub"])
+def test_hub_flags_map_onto_the_config_and_the_token_is_never_recorded():
+    given = overrides(["--push_to_hub", "--hub_model_id", "me/dog", "--hub_token", "hf_secret"])
+    assert given == {"output.push_to_hub": True, "output.hub_model_id": "me/dog", "output.hub_token": "hf_secret"}
+    cfg = load_config(None, {"model.pretrained_model": "m", "dataset.instance_prompt": "x", **given})
+    assert cfg.output.hub_token == "hf_secret" and "hf_secret" not in dump_config(cfg)
+
+
+def test_deepfloyd_only_flags_are_refused_clearly():
+    with pytest.raises(UserError, match="DeepFloyd"):
+        overrides(["--validation_images", "a.png"])
 
 
 def test_all_problems_reported_at_once_by_key(tmp_path):

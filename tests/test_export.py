@@ -388,7 +388,7 @@ def test_single_file_refuses_what_it_cannot_map(tiny_model, tmp_path, monkeypatc
     shutil.copytree(tiny_model, sd2)
     config = json.loads((sd2 / "text_encoder" / "config.json").read_text())
     (sd2 / "text_encoder" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
-    monkeypatch.setattr(export, "_load_components", lambda *a: pytest.fail("weights loaded before the check"))
+    monkeypatch.setattr(export, "source_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
     with pytest.raises(UserError, match="OpenCLIP"):
         to_single_file(sd2, tmp_path / "sd2.safetensors")
 
@@ -454,19 +454,57 @@ def token_lora(lora_dir, tmp_path_factory):
     return folder
 
 
-def test_new_tokens_go_with_the_merged_model_and_never_get_lost(tiny_model, token_lora, tmp_path, capsys):
+def prompt_embedding(pipe, prompt="a photo of <zq> dog"):
+    ids = pipe.tokenizer([prompt], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_new_tokens_go_with_every_export_and_never_get_lost(tiny_model, token_lora, tmp_path, capsys):
+    want = load_file(token_lora / "token_embeddings.safetensors")["<zq>"]
     merged = load(merge_lora(tiny_model, [(token_lora, 1.0)], tmp_path / "merged"))
     token_id = merged.tokenizer.convert_tokens_to_ids("<zq>")
     assert token_id == len(load(tiny_model).tokenizer)  # one new token, at the end
-    want = load_file(token_lora / "token_embeddings.safetensors")["<zq>"]
     assert torch.equal(merged.text_encoder.get_input_embeddings().weight[token_id], want)
 
-    with pytest.raises(UserError, match="new token"):  # the original layout has no tokenizer to carry it
-        to_single_file(tiny_model, tmp_path / "m.safetensors", loras=[(token_lora, 1.0)])
+    # single file: the original layout has CLIP's fixed vocabulary, so the token goes to an embedding file beside it,
+    # and the file loads with the base model's own config
+    single = export_command(args(tiny_model, "single-file", tmp_path / "m.safetensors",
+                                 str(token_lora / export.LORA_WEIGHT_NAME)))
+    note = capsys.readouterr().out
+    embedding = tmp_path / "m.zq.safetensors"
+    assert embedding.is_file() and "m.zq" in note and "load_textual_inversion" in note
+    assert torch.equal(load_file(embedding)["emb_params"][0], want)
+    pipe = from_single_file(single, tiny_model)
+    pipe.load_textual_inversion(str(embedding), token="<zq>")
+    assert torch.allclose(prompt_embedding(pipe), prompt_embedding(merged), atol=1e-5)
+
+    # diffusers format: the token file takes the LoRA's own name, so two LoRAs can share a folder
+    first = export_command(args(token_lora, "diffusers", tmp_path / "shared" / "one.safetensors"))
+    second = export_command(args(token_lora, "diffusers", tmp_path / "shared" / "two.safetensors"))
+    assert (first.parent / "one.tokens.safetensors").is_file() and (second.parent / "two.tokens.safetensors").is_file()
     copied = export_command(args(token_lora, "diffusers", tmp_path / "copy"))
     assert (copied.parent / "token_embeddings.safetensors").is_file()
-    export_command(args(token_lora, "kohya", tmp_path / "k.safetensors"))
-    assert "<zq>" in capsys.readouterr().out
+
+    # kohya: the embedding is bundled in the LoRA the way A1111 reads it, and beside it for ComfyUI
+    kohya = export_command(args(token_lora, "kohya", tmp_path / "k.safetensors"))
+    note = capsys.readouterr().out
+    tensors = load_file(kohya)
+    assert torch.equal(tensors["bundle_emb.<zq>.emb_params"][0], want)
+    assert torch.equal(load_file(tmp_path / "k.zq.safetensors")["emb_params"][0], want)
+    assert "bundled" in note and "embedding:k.zq" in note
+    # our own loader takes the bundled token (stock diffusers refuses bundle keys, so they are split off)
+    from dreambooth.lora import load_loras
+
+    pipe = load(tiny_model)
+    load_loras(pipe, [(kohya, 1.0)])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<zq>")],
+                       want)
+    # an embedding file in the way stops the export before anything is written
+    (tmp_path / "k2.zq.safetensors").write_bytes(b"someone else's")
+    with pytest.raises(UserError, match="k2.zq.safetensors already exists"):
+        export_command(args(token_lora, "kohya", tmp_path / "k2.safetensors"))
+    assert not (tmp_path / "k2.safetensors").exists()
 
 
 def test_parse_lora_spec():
@@ -529,7 +567,7 @@ def test_command_lora_exports(lora_dir, tmp_path, capsys):
     ("kohya_to_diffusers", "kohya-format LoRA"),
 ])
 def test_command_refuses_bad_combinations(case, message, tiny_model, lora_dir, kohya_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "_load_components", lambda *a: pytest.fail("weights loaded before the check"))
+    monkeypatch.setattr(export, "source_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained",
                         lambda *a, **k: pytest.fail("weights loaded before the check"))
     lora = lora_dir / export.LORA_WEIGHT_NAME

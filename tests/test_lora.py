@@ -17,7 +17,7 @@ from dreambooth import train as train_module
 from dreambooth.cli import main
 from dreambooth.config import load_config
 from dreambooth.data import DreamBoothDataset, MultiSubjectDataset
-from dreambooth.errors import UserError
+from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.lora import LORA_FILE, TOKEN_FILE
 from dreambooth.train import train
 
@@ -52,9 +52,10 @@ def test_lora_run_writes_a_file_stock_diffusers_loads(tiny_model, instance_dir, 
     assert meta["dreambooth.rank"] == "4" and meta["dreambooth.alpha"] == "8" and meta["dreambooth.steps"] == "4"
     assert json.loads(meta["dreambooth.unet_target_modules"]) == ["to_q", "to_k", "to_v", "to_out.0"]
     assert keys and all(k.startswith("unet.") for k in keys)
-    # checkpoints hold the adapters only, not the frozen UNet
-    ckpt = load_file(str(out / "checkpoint-4" / "trainable_0.safetensors"))
-    assert ckpt and all("lora" in k for k in ckpt)
+    # checkpoints hold the adapters only, not the frozen UNet, in the file stock diffusers loads
+    ckpt = load_file(str(out / "checkpoint-4" / LORA_FILE))
+    assert ckpt.keys() == load_file(str(out / LORA_FILE)).keys()
+    assert not (out / "checkpoint-4" / "unet").exists()
 
     from diffusers import StableDiffusionPipeline
 
@@ -88,7 +89,7 @@ def test_lora_with_text_encoder_new_token_and_bf16(tiny_model, instance_dir, tmp
     # the token file is needed: without it the LoRA is refused clearly
     os.remove(out / TOKEN_FILE)
     assert main(["generate", "--model", str(tiny_model), "--lora", str(out), "--prompt", "x", "--steps", "2",
-                 "--out", str(gen)]) == 2
+                 "--out", str(tmp_path / "gen2")]) == 2
     assert TOKEN_FILE in capsys.readouterr().err
 
 
@@ -108,7 +109,7 @@ def test_lora_resume_gives_the_same_adapters(tiny_model, instance_dir, tmp_path,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "training_step", step)
-    with pytest.raises(UserError, match="stopped at step 2"):
+    with pytest.raises(TrainingStopped, match="stopped at step 2"):
         train(lora_cfg(tiny_model, instance_dir, stopped, **extra))
     monkeypatch.undo()
     train(lora_cfg(tiny_model, instance_dir, stopped, **extra, **{"output.resume_from_checkpoint": "latest"}))

@@ -15,7 +15,7 @@ from dreambooth import train as train_module
 from dreambooth.class_images import MANIFEST
 from dreambooth.cli import main
 from dreambooth.config import load_config
-from dreambooth.errors import UserError
+from dreambooth.errors import TrainingStopped
 from dreambooth.train import train
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -118,7 +118,7 @@ def test_resume_gives_the_same_weights_as_not_stopping(tiny_model, instance_dir,
 
     stopped = tmp_path / "stopped"
     interrupt_after(monkeypatch, calls=5)  # during step 3 (2 batches a step)
-    with pytest.raises(UserError, match="stopped at step 3"):
+    with pytest.raises(TrainingStopped, match="stopped at step 3"):
         train(load_config(None, base_overrides(tiny_model, instance_dir, class_dir, stopped, **extra)))
     monkeypatch.undo()
     assert [p.name for p in stopped.glob("checkpoint-*")] == ["checkpoint-3"]

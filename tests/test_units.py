@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth.checkpoint import STATE_FILE, list_checkpoints, remove_partial_saves, resolve_resume, rotate
 from dreambooth.class_images import MANIFEST, ensure_class_images
 from dreambooth.config import load_config
 from dreambooth.errors import UserError
@@ -67,39 +66,6 @@ def test_only_the_new_row_moves_under_adamw():
         opt.zero_grad()
     changed = (emb.weight.detach() != before).any(dim=1).tolist()
     assert changed == [False, False, False, False, True, False]
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-
-def make_ckpt(out, step, complete=True):
-    path = out / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    if complete:
-        (path / STATE_FILE).write_text(json.dumps({"global_step": step}))
-    return path
-
-
-def test_latest_ignores_partial_and_temporary_saves(tmp_path):
-    make_ckpt(tmp_path, 2)
-    make_ckpt(tmp_path, 10)
-    make_ckpt(tmp_path, 12, complete=False)  # killed before its state file was written
-    (tmp_path / "checkpoint-14.tmp").mkdir()  # killed before the rename
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
-    assert resolve_resume(tmp_path, "latest").name == "checkpoint-10"
-    remove_partial_saves(tmp_path)
-    assert not (tmp_path / "checkpoint-14.tmp").exists()
-    assert resolve_resume(tmp_path, "checkpoint-2").name == "checkpoint-2"
-    with pytest.raises(UserError, match="not a complete checkpoint"):
-        resolve_resume(tmp_path, str(tmp_path / "checkpoint-12"))
-    assert resolve_resume(tmp_path / "empty", "latest") is None
-
-
-def test_rotation_keeps_the_newest(tmp_path):
-    for step in (2, 4, 6, 8):
-        make_ckpt(tmp_path, step)
-    rotate(tmp_path, 2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-8"]
 
 
 # ----------------------------------------------------------------------------------------------- class images

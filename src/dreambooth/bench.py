@@ -280,7 +280,7 @@ def generate_class_images(class_dir: Path, model: Path, resolution: int, count: 
 
 
 def train_flags(s: BenchSettings, model: Path, instance: Path, class_dir: Path, output: Path, resolution: int,
-                precision: str) -> list[str]:
+                precision: str, tracker: str = "tensorboard") -> list[str]:
     """diffusers' train_dreambooth.py flags; this tool takes the same list with the same meaning."""
     flags = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance),
              "--instance_prompt", INSTANCE_PROMPT, "--with_prior_preservation", "--class_data_dir", str(class_dir),
@@ -288,8 +288,9 @@ def train_flags(s: BenchSettings, model: Path, instance: Path, class_dir: Path, 
              "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps", str(s.steps),
              "--checkpointing_steps", "100000", "--learning_rate", "1e-5", "--seed", "0",
              "--output_dir", str(output), "--mixed_precision", precision,
-             # diffusers' script refuses "none"; an uninstalled tracker is skipped by both programs.
-             "--report_to", "tensorboard"]
+             # diffusers' script refuses "none" and skips an uninstalled tracker with a warning; this tool refuses an
+             # uninstalled tracker, so it gets "none" where TensorBoard is missing: neither program logs to it then.
+             "--report_to", tracker]
     lean = ["--use_8bit_adam", "--gradient_checkpointing"] if s.lean_memory else []
     return flags + lean + (["--rank", str(s.rank)] if s.method == "lora" else [])
 
@@ -428,7 +429,10 @@ def commands(s: BenchSettings, model: Path, data: tuple[Path, Path, Path], work:
              precision: str, cuda: bool, threads: int) -> dict[str, list[str]]:
     """Both command lines: the same flags, except each program's class folder and output folder."""
     instance, class_dir, peer_class = data
-    ours = train_flags(s, model, instance, class_dir, work / "ours", resolution, precision)
+    from accelerate.utils import is_tensorboard_available
+
+    ours = train_flags(s, model, instance, class_dir, work / "ours", resolution, precision,
+                       "tensorboard" if is_tensorboard_available() else "none")
     out = {"ours": [sys.executable, "-m", "dreambooth", "train", *ours, "--method", s.method]}
     if s.peer:
         peer = train_flags(s, model, instance, peer_class, work / "peer", resolution, precision)

@@ -1,15 +1,22 @@
-"""Resumable checkpoints: atomic `checkpoint-N/` folders, rotation, `latest`, and a clean stop on Ctrl-C/SIGTERM.
+"""Resumable checkpoints: atomic `checkpoint-N/` folders in diffusers' layout, rotation, and a clean stop.
 
-A checkpoint is written into `checkpoint-N.tmp/` and renamed when complete, so a killed save never leaves a
-folder that `resume_from_checkpoint latest` would pick up. Old checkpoints are removed only after the new
-one is in place (diffusers removes them before saving, which loses them if the save then fails).
+A checkpoint holds what trains in the layout diffusers users already load intermediate checkpoints from:
+`unet/` and `text_encoder/` (save_pretrained folders) when they train whole, `pytorch_lora_weights.safetensors`
+for LoRA, and `token_embeddings.safetensors` with `tokenizer/` for new identifier tokens; beside them
+accelerate's optimizer, schedule and RNG state, each process's noise generator, the resolved `config.yaml`, and
+`trainer_state.json` (step, run id, the run's settings). So a checkpoint is usable on its own: `generate`,
+`evaluate` and `export` take it, and `UNet2DConditionModel.from_pretrained("checkpoint-400/unet")` loads it.
+
+It is written into `checkpoint-N.tmp/` and renamed when complete, so a killed save never leaves a folder that
+`resume_from_checkpoint latest` would pick up. Old checkpoints are removed only after the new one is in place
+(diffusers removes them before saving, which loses them if the save then fails), and never the one just
+written.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 from pathlib import Path
@@ -18,49 +25,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dreambooth.errors import UserError
+from dreambooth.rundir import STATE_FILE, next_save_index, rotate
 from dreambooth.runinfo import publish, write_json_atomic
 
-STATE_FILE = "trainer_state.json"
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if CHECKPOINT.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
-
-
-def remove_partial_saves(output_dir: Path) -> None:
-    """A `.tmp` folder is a save that was killed part-way: nothing in it is trustworthy."""
-    if output_dir.is_dir():
-        for p in output_dir.glob("checkpoint-*.tmp"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint folder to resume from: a path, 'latest' (None if there is none yet), or nothing."""
-    if not resume:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            print(f"resume: no checkpoint in {output_dir} yet; starting from the beginning")
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_dir() and (output_dir / resume).is_dir():
-        path = output_dir / resume
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"output.resume_from_checkpoint: {resume} is not a complete checkpoint folder "
-                        f"(no {STATE_FILE}); "
-                        f"pass a checkpoint-N folder from a run, or 'latest'.")
-    return path
+TOKENIZER_DIR = "tokenizer"
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, generator: torch.Generator,
                     total_limit: int | None, extra_files: dict[str, str] | None = None) -> Path:
-    """Saves models, optimizer, LR schedule, RNG and our trainer state as `checkpoint-<step>/`, atomically."""
+    """Saves models (through the hooks of `CheckpointFiles`), optimizer, LR schedule, RNG and our trainer state as
+    `checkpoint-<step>/`, atomically."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -74,22 +48,14 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, gener
     if accelerator.is_main_process:
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        write_json_atomic(tmp / STATE_FILE, {**state, "global_step": step})
+        write_json_atomic(tmp / STATE_FILE, {**state, "global_step": step, "save_index": next_save_index(output_dir)})
         if final.exists():
             shutil.rmtree(final)
         publish(tmp)
         os.replace(tmp, final)
-        rotate(output_dir, total_limit)
+        rotate(output_dir, total_limit, keep=final)
     accelerator.wait_for_everyone()
     return final
-
-
-def rotate(output_dir: Path, total_limit: int | None) -> None:
-    """Keeps the newest `total_limit` checkpoints."""
-    if total_limit is None:
-        return
-    for old in list_checkpoints(output_dir)[:-total_limit]:
-        shutil.rmtree(old)
 
 
 def load_checkpoint(accelerator, path: Path, generator: torch.Generator) -> dict:
@@ -102,6 +68,141 @@ def load_checkpoint(accelerator, path: Path, generator: torch.Generator) -> dict
     rng = load_file(str(rng_file))["noise_generator"]
     generator.set_state(rng)
     return json.loads((path / STATE_FILE).read_text())
+
+
+def _load_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a save_pretrained folder (one file, or the shards a large model is split into)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"output.resume_from_checkpoint: {folder} holds no .safetensors weights.")
+    weights = {}
+    for file in files:
+        weights.update(load_file(str(file)))
+    return weights
+
+
+class CheckpointFiles:
+    """Writes a run's trained modules into a checkpoint in diffusers' layout and reads them back exactly.
+
+    Replaces accelerate's own model saving, which would write every weight of every prepared model (for LoRA,
+    the frozen UNet in every checkpoint) in a layout only accelerate reads.
+    """
+
+    def __init__(self, run) -> None:
+        self.run = run
+
+    def register(self) -> None:
+        acc = self.run.accelerator
+
+        def save_hook(models, weights, output_dir):
+            if acc.is_main_process:
+                self.save(Path(output_dir))
+            weights.clear()
+
+        def load_hook(models, input_dir):
+            self.load(Path(input_dir))
+            models.clear()
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
+    def _modules(self):
+        acc, m = self.run.accelerator, self.run.models
+        return acc.unwrap_model(m.unet), acc.unwrap_model(m.text_encoder)
+
+    def save(self, folder: Path) -> None:
+        from dreambooth.lora import save_token_embeddings
+        from dreambooth.outputs import save_lora_output
+
+        cfg, m = self.run.cfg, self.run.models
+        unet, text_encoder = self._modules()
+        if cfg.model.method == "lora":
+            save_lora_output(self.run, folder)  # adapters and new tokens, as in the final output
+        else:
+            if cfg.model.train_unet:
+                unet.save_pretrained(folder / "unet", safe_serialization=True)
+            if cfg.model.train_text_encoder:
+                text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+            else:
+                save_token_embeddings(folder, m.tokenizer, text_encoder, m.new_token_ids)
+        if m.new_token_ids:
+            m.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+
+    def load(self, folder: Path) -> None:
+        cfg = self.run.cfg
+        unet, text_encoder = self._modules()
+        if any(folder.glob("trainable_*.safetensors")):
+            self._load_legacy(folder)
+        elif cfg.model.method == "lora":
+            self._load_lora(folder, unet, text_encoder)
+        else:
+            if cfg.model.train_unet:
+                self._load_whole(folder / "unet", unet)
+            if cfg.model.train_text_encoder:
+                self._load_whole(folder / "text_encoder", text_encoder)
+        if self.run.models.new_token_ids and not (cfg.model.method == "full" and cfg.model.train_text_encoder):
+            self._load_token_rows(folder, text_encoder)
+
+    def _load_whole(self, folder: Path, module: torch.nn.Module) -> None:
+        weights = _load_folder_weights(folder)
+        _check_loaded(folder, module, module.load_state_dict(weights, strict=False))
+
+    def _load_lora(self, folder: Path, unet, text_encoder) -> None:
+        from peft import set_peft_model_state_dict
+
+        from dreambooth.export import lora_state_for_peft
+        from dreambooth.lora import LORA_FILE
+
+        file = folder / LORA_FILE
+        if not file.is_file():
+            raise UserError(f"output.resume_from_checkpoint: {folder} has no {LORA_FILE}; it was not saved by a "
+                            "LoRA run. Resume with the method it was trained with.")
+        tensors = load_file(str(file))
+        for component, module in (("unet", unet), ("text_encoder", text_encoder)):
+            if not getattr(module, "peft_config", None):
+                continue
+            state = lora_state_for_peft(component, tensors)
+            result = set_peft_model_state_dict(module, state, adapter_name="default")
+            _check_loaded(file, module, result, only_lora=True)
+
+    def _load_token_rows(self, folder: Path, text_encoder) -> None:
+        from dreambooth.lora import TOKEN_FILE
+
+        file = folder / TOKEN_FILE
+        if not file.is_file():
+            raise UserError(f"output.resume_from_checkpoint: {folder} has no {TOKEN_FILE} for the new identifier "
+                            "token(s) of this run; resume with the identifier it was trained with.")
+        tokenizer, weight = self.run.models.tokenizer, text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            for token, vector in load_file(str(file)).items():
+                weight[tokenizer.convert_tokens_to_ids(token)] = vector.to(weight.device, weight.dtype)
+
+    def _load_legacy(self, folder: Path) -> None:
+        """Checkpoints saved before the diffusers layout: trainable_<i>.safetensors per prepared module."""
+        acc = self.run.accelerator
+        trained = [m for m in (self.run.models.unet, self.run.models.text_encoder)
+                   if any(p.requires_grad for p in m.parameters())]
+        for i, model in enumerate(trained):
+            path = folder / f"trainable_{i}.safetensors"
+            module = acc.unwrap_model(model)
+            result = module.load_state_dict(load_file(str(path)), strict=False)
+            trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+            if result.unexpected_keys or trainable & set(result.missing_keys):
+                raise UserError(f"output.resume_from_checkpoint: {path} does not match this run's trainable weights "
+                                "(was it saved with another method or LoRA settings?); resume with the same config.")
+
+
+def _check_loaded(source: Path, module: torch.nn.Module, result, only_lora: bool = False) -> None:
+    """Every trainable weight must have come from the checkpoint, and nothing else."""
+    missing = set(getattr(result, "missing_keys", []) or [])
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad and (not only_lora or "lora_" in n)}
+    lost = sorted(n for n in trainable if n in missing)
+    if unexpected or lost:
+        shown = ", ".join((unexpected + lost)[:3])
+        raise UserError(f"output.resume_from_checkpoint: {source} does not match this run's trainable weights ({shown}"
+                        "); was it saved with another method, LoRA settings or base model? Resume with the same "
+                        "config.")
 
 
 class StopRequest:
@@ -129,33 +230,3 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def save_trainable_only(accelerator) -> None:
-    """Checkpoints hold only the weights that train (a full UNet, LoRA adapters, a token's embedding).
-
-    accelerate would save every weight of every prepared model, frozen base weights included: for LoRA that is
-    the whole UNet per checkpoint instead of a few MB. These hooks replace its model saving and loading.
-    """
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for i, model in enumerate(models):
-                params = accelerator.unwrap_model(model).named_parameters()
-                state = {name: p.detach().contiguous() for name, p in params if p.requires_grad}
-                save_file(state, os.path.join(output_dir, f"trainable_{i}.safetensors"))
-        weights.clear()
-
-    def load_hook(models, input_dir):
-        for i, model in enumerate(models):
-            path = os.path.join(input_dir, f"trainable_{i}.safetensors")
-            module = accelerator.unwrap_model(model)
-            result = module.load_state_dict(load_file(path), strict=False)  # copied onto the module's device
-            trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-            if result.unexpected_keys or trainable & set(result.missing_keys):
-                raise UserError(f"output.resume_from_checkpoint: {path} does not match this run's trainable weights "
-                                "(was it saved with another method or LoRA settings?); resume with the same config.")
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,14 +1,24 @@
-"""Class images for prior preservation: generate the missing ones with the base model and record how.
+"""Class images for prior preservation: plan, generate the missing ones with the base model, commit at start.
 
-A manifest in the class folder records prompt, model, resolution and each image's seed. A later run
-reuses images whose recipe matches; a changed prompt, model or resolution moves the old generated images
-aside (never deletes them) and generates new ones. Images the user put there are always kept and used.
+A manifest in the class folder records the recipe (prompt, the base model's identity, resolution) and each
+generated image's seed. Images of the same recipe are reused; images the user put there are always kept and
+used. Nothing in the user's folder moves until the run is known to start:
+
+1. `plan_class_images` (pre-flight) reads the folder and decides what is kept, what was generated from another
+   recipe (stale), and how many are missing;
+2. `generate_missing` writes new images into a staging folder, `.dreambooth-pending/`, with its own manifest after
+   every batch, so an interrupted generation continues where it stopped;
+3. `commit` (when training is about to step) moves stale images aside into `replaced-<time>/`, never deleting
+   them, and moves the staged ones in.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -17,6 +27,7 @@ from dreambooth.data import scan_image_folder
 from dreambooth.runinfo import write_json_atomic
 
 MANIFEST = "dreambooth_class_images.json"  # listed in data.TOOL_FILES, so scans skip it
+STAGING = ".dreambooth-pending"
 
 
 def default_batch_size(device_type: str, resolution: int) -> int:
@@ -31,69 +42,153 @@ def default_batch_size(device_type: str, resolution: int) -> int:
     return max(1, min(16, 16 * 256 * 256 // (resolution * resolution)))
 
 
-def read_manifest(class_dir: Path) -> dict:
-    path = class_dir / MANIFEST
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError:
         return {}
+    return data if isinstance(data, dict) else {}
 
 
-def recipe(prompt: str, model: str, resolution: int) -> dict:
-    return {"prompt": prompt, "model": str(model), "resolution": resolution}
+def recipe(prompt: str, model: str, resolution: int, model_identity: str | None = None) -> dict:
+    """What decides a generated class image (besides its seed). `model` is kept for people reading the manifest;
+    the identity (dreambooth.basemodel.model_identity) is what is compared."""
+    return {"prompt": prompt, "model": str(model), "model_identity": model_identity or str(model),
+            "resolution": resolution}
 
 
-def retire_stale(class_dir: Path, manifest: dict, wanted: dict) -> dict:
-    """Moves images generated from another recipe into a subfolder, which scanning skips; returns the manifest."""
-    if not manifest or all(manifest.get(k) == v for k, v in wanted.items()):
-        return manifest or {**wanted, "images": []}
-    aside = class_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir()
-    for entry in manifest.get("images", []):
-        src = class_dir / entry["file"]
-        if src.exists():
-            src.rename(aside / src.name)
-    (class_dir / MANIFEST).rename(aside / MANIFEST)
-    print(f"class images: the prompt, model or resolution changed; moved the old generated images to {aside}")
-    return {**wanted, "images": []}
+def same_recipe(manifest: dict, wanted: dict) -> bool:
+    """Manifests written before identities were recorded compare the model's absolute path."""
+    if manifest.get("prompt") != wanted["prompt"] or manifest.get("resolution") != wanted["resolution"]:
+        return False
+    if "model_identity" in manifest:
+        return manifest["model_identity"] == wanted["model_identity"]
+    return os.path.abspath(str(manifest.get("model"))) == os.path.abspath(wanted["model"])
 
 
-def ensure_class_images(class_dir: Path, *, prompt: str, model: str, resolution: int, num_images: int,
-                        seed: int, load_pipe, batch_size: int, steps: int = 30) -> list[Path]:
-    """Makes `class_dir` hold at least `num_images` usable images; returns them all.
+@dataclass
+class ClassImagePlan:
+    """What one class folder holds for this run, and what the run will do to it."""
 
-    `load_pipe()` is called only when images are missing. Each image has its own seed, recorded in the manifest
-    after every batch, so an interrupted generation continues where it stopped.
+    folder: Path
+    recipe: dict
+    wanted: int
+    kept: list[Path] = field(default_factory=list)  # usable now: the user's images and this recipe's
+    stale: list[str] = field(default_factory=list)  # generated from another recipe: moved aside at commit
+    staged: list[Path] = field(default_factory=list)  # generated for this recipe, waiting in the staging folder
+    entries: list[dict] = field(default_factory=list)  # manifest entries of the kept generated images
+    staged_entries: list[dict] = field(default_factory=list)
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.wanted - len(self.kept) - len(self.staged))
+
+    def images(self) -> list[Path]:
+        """The images the run trains on: the first `wanted` in file-name order."""
+        return sorted(self.kept + self.staged, key=lambda p: p.name)[:self.wanted]
+
+    def describe(self) -> str:
+        line = (f"class images ({self.folder}): {len(self.kept) + len(self.staged)} usable, {self.missing} to "
+                f"generate (of {self.wanted} wanted)")
+        if self.stale:
+            line += (f"; {len(self.stale)} generated from another prompt, model or resolution will be moved to "
+                     f"{self.folder}/replaced-<time>/ when training starts")
+        return line
+
+
+def plan_class_images(folder: Path, wanted_recipe: dict, num_images: int) -> ClassImagePlan:
+    """Reads a class folder (and its staging folder) without changing anything."""
+    plan = ClassImagePlan(folder, wanted_recipe, num_images)
+    manifest = read_manifest(folder)
+    generated = {e["file"]: e for e in manifest.get("images", []) if isinstance(e, dict) and "file" in e}
+    if manifest and not same_recipe(manifest, wanted_recipe):
+        plan.stale = [name for name in generated if (folder / name).exists()]
+    else:
+        plan.entries = [e for name, e in generated.items() if (folder / name).exists()]
+    usable = scan_image_folder(folder, wanted_recipe["resolution"], check_duplicates=False).usable
+    plan.kept = [p for p in usable if p.name not in set(plan.stale)]
+    staging = read_manifest(folder / STAGING)
+    if staging and same_recipe(staging, wanted_recipe):
+        plan.staged_entries = [e for e in staging.get("images", []) if (folder / STAGING / e["file"]).is_file()]
+        plan.staged = [folder / STAGING / e["file"] for e in plan.staged_entries]
+    return plan
+
+
+def generate_missing(plan: ClassImagePlan, *, seed: int, load_pipe, batch_size: int, steps: int = 30) -> None:
+    """Generates the plan's missing images into the staging folder; `load_pipe()` is called only if any are missing.
+
+    Each image has its own seed, recorded in the staging manifest after every batch.
     """
     from dreambooth.generate import GenerationSettings, generate_images
 
+    missing = plan.missing
+    if not missing:
+        return
+    staging = plan.folder / STAGING
+    if staging.exists() and not plan.staged:
+        shutil.rmtree(staging)  # this tool's own scratch, left by a generation for another recipe
+    staging.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipe()
+    used = {e["seed"] for e in plan.entries + plan.staged_entries}
+    seeds = [s for s in range(seed, seed + plan.wanted + len(used) + missing) if s not in used][:missing]
+    bar = tqdm(total=missing, desc="generating class images", unit="img")
+    for start in range(0, missing, batch_size):
+        chunk = seeds[start:start + batch_size]
+        settings = GenerationSettings(prompts=[plan.recipe["prompt"]], seeds=chunk, steps=steps,
+                                      height=plan.recipe["resolution"], width=plan.recipe["resolution"])
+        for image, meta in generate_images(pipe, settings, batch_size=batch_size):
+            name = f"class-{meta['seed']:06d}.png"
+            tmp = staging / f".{name}.tmp"
+            image.save(tmp, format="PNG")
+            tmp.rename(staging / name)
+            plan.staged.append(staging / name)
+            plan.staged_entries.append({"file": name, "seed": meta["seed"]})
+        write_json_atomic(staging / MANIFEST, {**plan.recipe, "images": plan.staged_entries})
+        bar.update(len(chunk))
+    bar.close()
+
+
+def commit(plan: ClassImagePlan) -> dict[Path, Path]:
+    """Carries out the plan in the user's folder: stale images aside, staged images in; returns old -> new paths."""
+    folder, moved = plan.folder, {}
+    changes = bool(plan.stale or plan.staged)
+    if plan.stale:
+        aside = folder / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for name in plan.stale:
+            (folder / name).rename(aside / name)
+        if (folder / MANIFEST).exists():
+            (folder / MANIFEST).rename(aside / MANIFEST)
+        print(f"class images: the prompt, model or resolution changed; moved {len(plan.stale)} old generated "
+              f"image(s) to {aside}")
+        plan.stale = []
+    for path, entry in zip(list(plan.staged), list(plan.staged_entries)):
+        target = folder / path.name
+        if target.exists():  # a user's file of the same name is never replaced: keep ours under another name
+            target = folder / f"class-{entry['seed']:06d}-{time.strftime('%H%M%S')}.png"
+            entry = {**entry, "file": target.name}
+        path.rename(target)
+        moved[path] = target
+        plan.kept.append(target)
+        plan.entries.append(entry)
+    if changes:
+        write_json_atomic(folder / MANIFEST, {**plan.recipe, "images": plan.entries})
+    plan.staged, plan.staged_entries = [], []
+    shutil.rmtree(folder / STAGING, ignore_errors=True)
+    return moved
+
+
+def ensure_class_images(class_dir: Path, *, prompt: str, model: str, resolution: int, num_images: int,
+                        seed: int, load_pipe, batch_size: int, steps: int = 30,
+                        model_identity: str | None = None) -> list[Path]:
+    """Plan, generate and commit in one go (for callers outside a training run); returns the images to use."""
     class_dir.mkdir(parents=True, exist_ok=True)
-    wanted = recipe(prompt, model, resolution)
-    manifest = retire_stale(class_dir, read_manifest(class_dir), wanted)
-    usable = scan_image_folder(class_dir, resolution, check_duplicates=False).usable
-    missing = max(0, num_images - len(usable))
-    if missing:
-        pipe = load_pipe()
-        used = {e["seed"] for e in manifest["images"]}
-        seeds = [s for s in range(seed, seed + num_images + len(used) + missing) if s not in used][:missing]
-        bar = tqdm(total=missing, desc="generating class images", unit="img")
-        for start in range(0, missing, batch_size):
-            chunk = seeds[start:start + batch_size]
-            settings = GenerationSettings(prompts=[prompt], seeds=chunk, steps=steps, height=resolution,
-                                          width=resolution)
-            for image, meta in generate_images(pipe, settings, batch_size=batch_size):
-                name = f"class-{meta['seed']:06d}.png"
-                tmp = class_dir / f".{name}.tmp"
-                image.save(tmp, format="PNG")
-                tmp.rename(class_dir / name)
-                usable.append(class_dir / name)
-                manifest["images"].append({"file": name, "seed": meta["seed"]})
-            write_json_atomic(class_dir / MANIFEST, manifest)
-            bar.update(len(chunk))
-        bar.close()
-        del pipe
-    usable.sort()  # the order a scan gives, without decoding every image again
-    print(f"class images: {len(usable)} in {class_dir} ({missing} generated now)")
-    return usable[:num_images]
+    plan = plan_class_images(class_dir, recipe(prompt, model, resolution, model_identity), num_images)
+    generated = plan.missing
+    generate_missing(plan, seed=seed, load_pipe=load_pipe, batch_size=batch_size, steps=steps)
+    commit(plan)
+    print(f"class images: {len(plan.kept)} in {class_dir} ({generated} generated now)")
+    return plan.images()

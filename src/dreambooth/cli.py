@@ -7,6 +7,7 @@ answer at once.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import typing
 from pathlib import Path
@@ -14,20 +15,75 @@ from typing import Any
 
 from dreambooth import __version__
 from dreambooth.config import SECTION_TYPES, field_flags
-from dreambooth.errors import UserError
+from dreambooth.errors import TrainingStopped, UserError
 
 # diffusers' train_dreambooth.py flags that mean nothing here, with what to do instead.
 REFUSED_FLAGS = {
-    "--push_to_hub": "this tool does not upload; push the output folder with `huggingface-cli upload` afterwards",
-    "--hub_token": "this tool does not upload; push the output folder with `huggingface-cli upload` afterwards",
-    "--hub_model_id": "this tool does not upload; push the output folder with `huggingface-cli upload` afterwards",
     "--validation_images": "it is for DeepFloyd IF upscalers only; this tool trains Stable Diffusion 1/2",
     "--class_labels_conditioning": "it is for DeepFloyd IF only; this tool trains Stable Diffusion 1/2",
 }
 
 
+def spellings(flag: str) -> list[str]:
+    """The other spellings of a long flag: `--class-word` for `--class_word` and back.
+
+    A `--no-` prefix (argparse's BooleanOptionalAction) is kept as it is, since that action reads it.
+    """
+    if not flag.startswith("--"):
+        return []
+    prefix = "--no-" if flag.startswith("--no-") else "--"
+    rest = flag[len(prefix):]
+    return [v for v in (prefix + rest.replace("_", "-"), prefix + rest.replace("-", "_")) if v != flag]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with both spellings of every long flag and a "did you mean" for a mistyped one.
+
+    A command's help would double in length if it listed both spellings, so the other spelling is accepted
+    without being shown.
+    """
+
+    def add_spellings(self) -> None:
+        """Registers the other spelling of every flag of this parser and of its sub-commands."""
+        for action in self._actions:
+            for flag in list(action.option_strings):
+                for other in spellings(flag):
+                    self._option_string_actions.setdefault(other, action)
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    sub.add_spellings()
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102 - argparse's signature
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.subcommand(getattr(parsed, "command", None))
+            command.error("unrecognized arguments: " + " ".join(extras) + command.suggest(extras))
+        return parsed
+
+    def subcommand(self, name: str | None) -> Parser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return self
+
+    def suggest(self, extras: list[str]) -> str:
+        """'; did you mean --learning_rate?' for each unknown flag with a close known one."""
+        known = {f.replace("-", "_"): f for a in self._actions for f in a.option_strings if f.startswith("--")}
+        hints = []
+        for word in extras:
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=", 1)[0].replace("-", "_"), known, n=1, cutoff=0.75)
+                hints += [f"{word} -> {known[close[0]]}"] if close else []
+        return f" (did you mean: {'; '.join(hints)}?)" if hints else ""
+
+    def error(self, message: str):
+        """The message and where to read about the options; the `train` usage line alone runs to pages."""
+        self.exit(2, f"{self.prog}: error: {message}\nSee `{self.prog} --help` for its options.\n")
+
+
 def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
+    """bool, or bool | None (a switch whose unset value the config resolves)."""
+    return annotation is bool or set(typing.get_args(annotation)) == {bool, type(None)}
 
 
 def _is_list(annotation: Any) -> bool:
@@ -90,8 +146,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth fine-tuning of Stable Diffusion.",
-                                     allow_abbrev=False)
+    parser = Parser(prog="dreambooth", description="DreamBooth fine-tuning of Stable Diffusion.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"dreambooth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -100,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.add_argument("--identifier", default="sks", help="Identifier of the subject, e.g. sks or '<saya_token>'.")
     p.add_argument("--class-word", default="dog", help="Class word of the subject, e.g. dog, girl, person.")
-    p.add_argument("--model", default="stable-diffusion-v1-5", help="Base model path written into config.yaml.")
+    p.add_argument("--model", default="stable-diffusion-v1-5",
+                   help="Base model written into config.yaml: a diffusers folder (relative to the project folder) or "
+                   "a hub id.")
     p.add_argument("--force", action="store_true", help="Overwrite an existing config.yaml.")
 
     p = sub.add_parser("train", allow_abbrev=False,
@@ -111,10 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", allow_abbrev=False,
                        help="Generate images with a trained model.")
     p.add_argument("--model", required=True, type=Path,
-                   help="A diffusers model folder: a full fine-tune's output, or the base model of --lora files.")
+                   help="A diffusers model folder (a full fine-tune's output, or the base model of --lora files), or a "
+                   "training checkpoint-N folder.")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="A LoRA (.safetensors in diffusers or kohya format, or a LoRA training output folder) at a "
-                   "weight [default 1.0]; repeatable to mix several subjects.")
+                   help="A LoRA (.safetensors in diffusers or kohya format, a LoRA training output folder, or a LoRA "
+                   "run's checkpoint-N folder) at a weight [default 1.0]; repeatable to mix several subjects.")
     p.add_argument("--prompt", action="append", default=[], help="A prompt (repeatable).")
     p.add_argument("--prompts-file", type=Path, help="A text file with one prompt a line.")
     p.add_argument("--negative-prompt", default="", help="Negative prompt.")
@@ -128,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="Image width [default: the model's].")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="[default: fp16 on GPU, fp32 on CPU]")
     p.add_argument("--device", help="cuda, cpu, ... [default: cuda when available]")
-    p.add_argument("--out", type=Path, default=Path("generated"), help="Output folder [default: generated].")
+    p.add_argument("--out", type=Path, default=Path("generated"),
+                   help="Output folder, new or empty [default: generated].")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace the images of an earlier `generate` run in --out (nothing else is deleted).")
 
     p = sub.add_parser("evaluate", allow_abbrev=False,
                        help="Score a trained subject with the DreamBooth paper's metrics: DINO, CLIP-I, CLIP-T.")
@@ -158,11 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "save_pretrained, image processor included): enables DINO.")
     p.add_argument("--out", type=Path, default=Path("evaluation"),
                    help="Output folder: metrics.json, and images/ with --model [default: evaluation].")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace an earlier evaluation's metrics.json and images in --out.")
     p.add_argument("--device", help="cuda, cpu, ... [default: cuda when available]")
 
     p = sub.add_parser("export", allow_abbrev=False,
                        help="Convert a result: LoRA to kohya/A1111, full model to one .safetensors, merge LoRAs.")
-    p.add_argument("src", type=Path, help="A training output folder, a diffusers model folder, or a LoRA file.")
+    p.add_argument("src", type=Path, help="A training output folder, a checkpoint-N folder, a diffusers model "
+                   "folder, or a LoRA file.")
     p.add_argument("--format", required=True, choices=["kohya", "single-file", "diffusers"],
                    help="kohya: LoRA for A1111/Forge/ComfyUI; single-file: original SD checkpoint layout; "
                    "diffusers: a model folder (with --merge-lora).")
@@ -240,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, action="append", dest="seeds", help="Seed (repeatable) [default: 0 1 2].")
     p.add_argument("--steps", type=positive_int, default=600, help="Training steps per run [default: 600].")
     p.add_argument("--images-per-prompt", type=positive_int, default=8, help="[default: 8]")
+    parser.add_spellings()
     return parser
 
 
@@ -252,8 +317,29 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def quiet_library_bars() -> None:
+    """Off: transformers' "Loading weights" and "Writing model shards" bars and diffusers' "Loading pipeline
+    components" bar, nested bars whose cursor-up escape codes litter a log; this tool prints one line per thing
+    saved instead. Kept: the hub's download bars, which show that a first run is fetching gigabytes, not hanging."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # which turns the hub's bars off too
+    enable_progress_bars()
+
+
+HEAVY_COMMANDS = ("generate", "evaluate", "export", "compare", "bench", "demo", "experiment")
+
+
 def run(args: argparse.Namespace, ends_process: bool = False) -> None:
     quiet_libraries()
+    if args.command in HEAVY_COMMANDS:
+        from dreambooth.startup import collection_paused
+
+        with collection_paused():
+            quiet_library_bars()
     if args.command == "init":
         from dreambooth.project import init_project
 
@@ -267,6 +353,8 @@ def run(args: argparse.Namespace, ends_process: bool = False) -> None:
 
         with collection_paused():  # torch's import
             from dreambooth.train import train
+
+            quiet_library_bars()
         train(cfg, config_path=args.config, ends_process=ends_process)
     elif args.command == "generate":
         from dreambooth.generate import generate_command
@@ -323,6 +411,9 @@ def main(argv: list[str] | None = None, ends_process: bool = False) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(str(e), file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -291,30 +291,44 @@ def generated_image_paths(folder: Path) -> list[Path]:
 
 
 def read_generated(paths: list[Path]) -> tuple[list[Image.Image], list[str]]:
-    """Each image and its prompt, read from the 'dreambooth' metadata that `dreambooth generate` writes."""
-    images, prompts = [], []
+    """Each image and its prompt, read from the 'dreambooth' metadata that `dreambooth generate` writes.
+
+    Images of more than one model (or set of LoRAs) are refused: their scores would be averaged as one model's.
+    """
+    images, prompts, sources = [], [], {}
     for path in paths:
         images.append(load_image(path))
         with Image.open(path) as opened:
             text = (getattr(opened, "text", None) or {}).get("dreambooth")
         try:
-            prompts.append(str(json.loads(text)["prompt"]))
+            meta = json.loads(text)
+            prompts.append(str(meta["prompt"]))
         except (TypeError, ValueError, KeyError):
             raise UserError(f"{path} carries no prompt in its metadata (the 'dreambooth' PNG text that "
                             "`dreambooth generate` writes), so CLIP-T cannot know what it was asked to show. "
                             "Generate the images with `dreambooth generate`, or use --model.") from None
+        source = json.dumps([meta.get("model"), meta.get("loras") or []])
+        sources.setdefault(source, path.name)
+    if len(sources) > 1:
+        described = "; ".join(f"{json.loads(k)[0]} {json.loads(k)[1] or ''} (e.g. {v})".replace(" ()", "")
+                              for k, v in list(sources.items())[:3])
+        raise UserError(f"the images in {paths[0].parent} come from {len(sources)} different models or LoRA sets "
+                        f"({described}); their scores would be averaged as one model's. Evaluate each model's images "
+                        "in a folder of their own.")
     return images, prompts
 
 
 def _generate(args) -> list[Path]:
     """The --model images, made by `dreambooth generate`'s own code into OUT/images (settings.json beside them)."""
-    from dreambooth.generate import generate_command
+    from dreambooth.export import parse_lora_spec
+    from dreambooth.generate import GenerateJob, GenerationSettings, read_prompts, run_job
 
-    return generate_command(SimpleNamespace(
-        model=args.model, lora=args.lora, prompt=args.prompt, prompts_file=args.prompts_file, negative_prompt="",
-        steps=args.steps, guidance=args.guidance, seeds=args.seeds, num_images=args.num_images,
-        scheduler=args.scheduler, height=None, width=None, precision=None, device=args.device,
-        out=args.out / "images"))
+    settings = GenerationSettings(prompts=read_prompts(args.prompt, args.prompts_file), steps=args.steps,
+                                  guidance=args.guidance, seeds=args.seeds or [0], num_images=args.num_images,
+                                  scheduler=args.scheduler)
+    return run_job(GenerateJob(model=args.model, settings=settings, out=args.out / "images",
+                               loras=[parse_lora_spec(t) for t in args.lora], device=args.device,
+                               overwrite=args.overwrite))
 
 
 def _uses_world_model(args) -> bool:
@@ -347,6 +361,9 @@ def evaluate_command(args) -> dict:
     if args.images is not None and (args.prompt or args.prompts_file or args.lora or args.seeds):
         raise UserError("--prompt, --prompts-file, --lora and --seed choose what --model generates; with --images "
                         "each image's prompt is read from its metadata. Drop them, or use --model.")
+    if (args.out / "metrics.json").is_file() and not args.overwrite:
+        raise UserError(f"--out {args.out} holds the results of an earlier evaluation (metrics.json); choose another "
+                        "--out, or pass --overwrite to replace them.")
     real = load_real_images(args.real)
     paths = generated_image_paths(args.images) if args.images is not None else _generate(args)
     images, prompts = read_generated(paths)

@@ -143,6 +143,13 @@ def new_tokens(lora_file: Path) -> list[str]:
         return []
 
 
+def _header_metadata(path: Path) -> dict[str, str]:
+    from dreambooth.basemodel import safetensors_metadata
+
+    read = safetensors_metadata(path)
+    return read[1] if read else {}
+
+
 def _is_kohya(keys) -> bool:
     return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys)
 
@@ -178,6 +185,13 @@ def _to_peft_names(component: str, tensors: dict) -> dict:
         return tensors  # unknown spelling: reported key by key by the caller
 
 
+def lora_state_for_peft(component: str, tensors: dict) -> dict:
+    """One component's tensors of a diffusers-format LoRA file ("unet." or "text_encoder." keys), under peft's
+    names (`...to_q.lora_A.weight`)."""
+    prefix = component + "."
+    return _to_peft_names(component, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
 def read_lora(src: Path) -> LoraFile:
     """Reads a diffusers/peft LoRA file (or folder) into per-component (down, up) pairs; refuses anything else."""
     path = find_lora_file(src)
@@ -195,7 +209,7 @@ def read_lora(src: Path) -> LoraFile:
     layers, unknown = {}, []
     for component in COMPONENTS:
         prefix = component + "."
-        part = _to_peft_names(component, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        part = lora_state_for_peft(component, tensors)
         pairs: dict[str, dict] = {}
         for key, value in part.items():
             m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
@@ -300,13 +314,50 @@ def lora_to_kohya(src: Path, out: Path, *, half: bool = False) -> Path:
     ranks = {down.shape[0] for _, down, _, _ in layers}
     if len(ranks) == 1:
         metadata["ss_network_dim"] = str(ranks.pop())
-    return save_safetensors_atomic(tensors, out, metadata)
+    vectors = lora_token_vectors(lora.path)
+    embedding_files = {token: embedding_file_for(out, token) for token in vectors}
+    for file in embedding_files.values():
+        _check_file_out(file)
+    # A1111 and Forge read embeddings bundled in a LoRA as `bundle_emb.<name>.<key>`, and match <name> in the prompt
+    # token by token, so the token itself is the name. ComfyUI does not read bundles: it gets each as an embedding
+    # file of its own beside the LoRA (`emb_params`, the key kohya's textual-inversion files use).
+    for token, vector in vectors.items():
+        tensors[f"bundle_emb.{token}.emb_params"] = _cast({"v": vector.reshape(1, -1)}, half)["v"]
+    if vectors:
+        metadata["dreambooth.embedding_files"] = json.dumps({t: f.name for t, f in embedding_files.items()})
+    written = save_safetensors_atomic(tensors, out, metadata)
+    for token, vector in vectors.items():
+        save_safetensors_atomic({"emb_params": vector.reshape(1, -1).float()}, embedding_files[token],
+                                {"dreambooth.token": token, "dreambooth.lora": out.name})
+    return written
+
+
+def lora_token_vectors(lora_file: Path) -> dict:
+    """The new-token embeddings a LoRA was trained with ({token: vector}), from its token file; a UserError if the
+    LoRA records new tokens and the file is missing."""
+    from dreambooth.lora import token_file_for
+
+    tokens = new_tokens(lora_file)
+    if not tokens:
+        return {}
+    file = token_file_for(lora_file)
+    if not file.is_file():
+        raise UserError(f"LoRA {lora_file} was trained with new token(s) {', '.join(tokens)} whose embeddings live in "
+                        f"{file.name} beside it, which is missing; put it back beside the LoRA.")
+    return _read_safetensors(file)[0]
+
+
+def embedding_file_for(out: Path, token: str) -> Path:
+    """`mydog.safetensors` + `<saya_token>` -> `mydog.saya_token.safetensors`: a textual-inversion file per new token,
+    named after the export so that several share a folder (the name is what ComfyUI's `embedding:` refers to)."""
+    clean = re.sub(r"[^\w.-]+", "_", token).strip("_.") or "token"
+    return out.with_name(f"{out.name.removesuffix('.safetensors')}.{clean}.safetensors")
 
 
 def copy_lora(src: Path, out: Path, *, half: bool = False) -> Path:
     """The diffusers-format LoRA as it is (optionally fp16), to a file or to `out/pytorch_lora_weights.safetensors`,
-    with its new tokens' `token_embeddings.safetensors` beside it."""
-    from dreambooth.lora import TOKEN_FILE
+    with its new tokens' embeddings beside it under the name `lora.token_file_for` gives."""
+    from dreambooth.lora import token_file_for
 
     path = find_lora_file(src)
     out = Path(out)
@@ -315,18 +366,14 @@ def copy_lora(src: Path, out: Path, *, half: bool = False) -> Path:
         out = out / LORA_WEIGHT_NAME
     else:
         _check_file_out(out)
-    token_file = path.parent / TOKEN_FILE
-    copy_tokens = bool(new_tokens(path))
-    if copy_tokens and not token_file.is_file():
-        raise UserError(f"LoRA {path} was trained with new token(s) {', '.join(new_tokens(path))} whose embeddings "
-                        f"live in {TOKEN_FILE} beside it, which is missing; put it back beside the LoRA.")
-    if copy_tokens and (out.parent / TOKEN_FILE).exists():
-        raise UserError(f"{out.parent / TOKEN_FILE} already exists; the LoRA's new-token embeddings go there. "
-                        "Give --out a folder of its own.")
+    vectors = lora_token_vectors(path)
+    token_out = token_file_for(out)
+    if vectors:
+        _check_file_out(token_out)
     tensors, metadata = _read_safetensors(path)
     save_safetensors_atomic(_cast(tensors, half), out, metadata)
-    if copy_tokens:
-        save_safetensors_atomic(_read_safetensors(token_file)[0], out.parent / TOKEN_FILE)
+    if vectors:
+        save_safetensors_atomic(vectors, token_out)
     return out
 
 
@@ -494,18 +541,57 @@ def _check_safetensors_weights(model_dir: Path, subfolders) -> None:
                             "StableDiffusionPipeline.from_pretrained(DIR).save_pretrained(NEW_DIR).")
 
 
-def _load_components(model_dir: Path):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def source_pipeline(src: Path, *, whole: bool = False):
+    """A model folder or a training checkpoint as an fp32 pipeline on the CPU, read from safetensors only, and the
+    LoRAs still to fuse into it (a LoRA run's checkpoint: its own).
 
-    _check_safetensors_weights(model_dir, ("unet", "vae", "text_encoder"))
+    `whole`: every part of the folder (safety checker included), for a diffusers re-save; otherwise only what
+    a single file holds.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth.basemodel import CHECKPOINT_STATE, check_model_folder
+
+    if (src / CHECKPOINT_STATE).is_file():
+        from dreambooth.generate import checkpoint_base, load_checkpoint_pipeline
+        from dreambooth.lora import LORA_FILE
+
+        base = Path(checkpoint_base(src)[0])
+        if base.is_dir():
+            _check_safetensors_weights(base, _weight_folders(base))
+        pipe = load_checkpoint_pipeline(src, device=torch.device("cpu"), dtype=torch.float32, safety_checker=False,
+                                        with_lora=False)
+        return pipe, [(src / LORA_FILE, 1.0)] if (src / LORA_FILE).is_file() else []
+    check_model_folder(src, what="SRC")
+    _check_safetensors_weights(src, _weight_folders(src) if whole else ("unet", "vae", "text_encoder"))
+    extra = {} if whole else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
-        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", use_safetensors=True)
-        text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", use_safetensors=True)
+        pipe = StableDiffusionPipeline.from_pretrained(src, use_safetensors=True, **extra)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load the model in {model_dir}: {e}") from None
-    return unet, vae, text_encoder
+        raise UserError(f"could not load the model in {src}: {e}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, []
+
+
+def split_new_tokens(pipe) -> dict:
+    """Takes identifier tokens added in training out of the text encoder ({token: vector}), so that what is left has
+    CLIP's own vocabulary: the original single-file layout has no tokenizer, and a loader builds the text encoder
+    from the base model's config, whose embedding has exactly that many rows."""
+    import torch
+
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    base_size = tokenizer.vocab_size
+    weight = text_encoder.get_input_embeddings().weight
+    if weight.shape[0] <= base_size:
+        return {}
+    vectors = {tokenizer.convert_ids_to_tokens(i): weight[i].detach().float().clone()
+               for i in range(base_size, weight.shape[0])}
+    kept = torch.nn.Embedding(base_size, weight.shape[1])
+    kept.weight.data = weight[:base_size].detach().clone()
+    text_encoder.set_input_embeddings(kept)
+    text_encoder.config.vocab_size = base_size
+    return vectors
 
 
 def _prediction_type(model_dir: Path) -> str:
@@ -513,9 +599,9 @@ def _prediction_type(model_dir: Path) -> str:
     return json.loads(config.read_text()).get("prediction_type", "epsilon") if config.is_file() else "epsilon"
 
 
-def _single_file_metadata(model_dir: Path, loras) -> dict[str, str]:
+def _single_file_metadata(src: Path, loras) -> dict[str, str]:
     """What made the file; the prediction type matters most, as the original layout has no place for it."""
-    metadata = {"dreambooth.source": str(model_dir), "dreambooth.prediction_type": _prediction_type(model_dir)}
+    metadata = {"dreambooth.source": str(src), "dreambooth.prediction_type": _prediction_type(_model_folder(src))}
     if loras:
         metadata["dreambooth.merged_loras"] = json.dumps([[str(p), w] for p, w in loras])
     return metadata
@@ -530,28 +616,53 @@ def _check_sd1_text_encoder(model_dir: Path) -> None:
                                      config.get("hidden_act", "quick_gelu"))
 
 
-def to_single_file(model_dir: Path, out: Path, *, half: bool = False,
-                   loras: Sequence[tuple[Path, float]] = ()) -> Path:
-    """Writes a diffusers SD 1.x folder (with `loras` fused in, if any) as one original-layout `.safetensors`."""
-    from dreambooth.generate import check_model_folder
+def _model_folder(src: Path) -> Path:
+    """The diffusers folder whose configs a source uses: itself, or a checkpoint's base model."""
+    from dreambooth.basemodel import CHECKPOINT_STATE
 
-    model_dir, out = Path(model_dir), Path(out)
-    check_model_folder(model_dir)
+    if (src / CHECKPOINT_STATE).is_file():
+        from dreambooth.generate import checkpoint_base
+
+        return Path(checkpoint_base(src)[0])
+    return src
+
+
+def to_single_file(src: Path, out: Path, *, half: bool = False, loras: Sequence[tuple[Path, float]] = ()) -> Path:
+    """Writes a diffusers SD 1.x folder or a training checkpoint (with `loras` fused in, if any) as one
+    original-layout `.safetensors`; new identifier tokens go into embedding files beside it."""
+    src, out = Path(src), Path(out)
     _check_file_out(out)
-    _check_sd1_text_encoder(model_dir)
+    _check_sd1_text_encoder(_model_folder(src))
     loras = [(find_lora_file(p), w) for p, w in loras]
-    for file, _ in loras:
-        if tokens := new_tokens(file):
-            raise UserError(
-                f"LoRA {file} was trained with new token(s) {', '.join(tokens)}, which the original single-file "
-                "layout cannot carry: its text encoder has CLIP's fixed vocabulary and no tokenizer. Use --format "
-                "diffusers with --merge-lora (the saved tokenizer keeps the tokens), or export the LoRA with "
-                "--format kohya and load its token_embeddings.safetensors as a textual-inversion embedding.")
-    unet, vae, text_encoder = _load_components(model_dir)
-    if loras:
-        fuse_loras(_pipeline_around(model_dir, unet, vae, text_encoder), loras)
-    tensors = checkpoint_tensors(unet, vae, text_encoder)
-    return save_safetensors_atomic(_cast(tensors, half), out, _single_file_metadata(model_dir, loras))
+    pipe, own = source_pipeline(src)
+    loras = own + loras
+    fuse_loras(pipe, loras)
+    vectors = split_new_tokens(pipe)
+    files = {token: embedding_file_for(out, token) for token in vectors}
+    for file in files.values():
+        _check_file_out(file)
+    tensors = checkpoint_tensors(pipe.unet, pipe.vae, pipe.text_encoder)
+    metadata = _single_file_metadata(src, loras)
+    if vectors:
+        metadata["dreambooth.new_tokens"] = json.dumps(list(vectors))
+        metadata["dreambooth.embedding_files"] = json.dumps({t: f.name for t, f in files.items()})
+    written = save_safetensors_atomic(_cast(tensors, half), out, metadata)
+    for token, vector in vectors.items():
+        save_safetensors_atomic({"emb_params": vector.reshape(1, -1)}, files[token],
+                                {"dreambooth.token": token, "dreambooth.model": out.name})
+    return written
+
+
+def embedding_note(out: Path, files: dict[str, str]) -> str:
+    """How to use the embedding files of new tokens written beside an export."""
+    lines = [f"note: new token(s) {', '.join(files)} are not in CLIP's fixed vocabulary; each one's trained embedding "
+             "is a textual-inversion file beside the export:"]
+    for token, name in files.items():
+        stem = name.removesuffix(".safetensors")
+        lines.append(f"  {token}: {out.parent / name}  (A1111/Forge: put it in embeddings/ and write {stem} where "
+                     f"the prompt has {token}; ComfyUI: embedding:{stem}; diffusers: "
+                     f"pipe.load_textual_inversion('{name}', token='{token}'))")
+    return "\n".join(lines)
 
 
 # --- Merging LoRAs into a model ---------------------------------------------------------------------------------
@@ -594,27 +705,22 @@ def fuse_loras(pipe, loras: Sequence[tuple[Path, float]]):
     `save_pretrained` writes a plain model. A LoRA layer that finds no module to attach to is an error, not a
     warning: a LoRA made for another architecture would otherwise merge as a silent no-op.
     """
-    from dreambooth.lora import load_token_embeddings
+    from dreambooth.lora import load_lora_adapter
 
     if not loras:
         return pipe
     names = []
     for i, (path, _) in enumerate(loras):
-        file, name = find_lora_file(path), f"export_{i}"
-        try:
-            with warnings.catch_warnings():
-                # Several adapters on one model is the point here, not the mistake peft warns about.
-                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                pipe.load_lora_weights(str(file), adapter_name=name)
-        except (ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise UserError(f"could not apply LoRA {file} to this model: {e}. Is it a LoRA for this base "
-                            "model's architecture (SD 1.x, 2.x and SDXL LoRAs do not mix)?") from None
+        name = f"export_{i}"
+        with warnings.catch_warnings():
+            # Several adapters on one model is the point here, not the mistake peft warns about.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            # A new identifier token's trained embedding joins the tokenizer and text encoder, saved with them.
+            file = load_lora_adapter(pipe, path, name)
         expected, loaded = _lora_layer_count(file), _loaded_layer_count(pipe, name)
         if loaded != expected:
             raise UserError(f"LoRA {file} has {expected} layers but only {loaded} found a matching layer in this "
                             "model; it was made for a different architecture. Merge it into its own base model.")
-        # A new identifier token's trained embedding joins the tokenizer and text encoder, and is saved with them.
-        load_token_embeddings(pipe, file)
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[weight for _, weight in loras])
     pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
@@ -645,22 +751,17 @@ def _weight_folders(model_dir: Path) -> list[str]:
 
 
 def merge_lora(base_dir: Path, loras: Sequence[tuple[Path, float]], out: Path, *, half: bool = False) -> Path:
-    """Saves `base_dir` with each (LoRA, weight) fused in as a plain diffusers folder; no LoRAs: a plain re-save."""
+    """Saves a model folder or training checkpoint with each (LoRA, weight) fused in as a plain diffusers folder;
+    no LoRAs: a plain re-save."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    from dreambooth.generate import check_model_folder
     from dreambooth.runinfo import library_versions
 
     base_dir, out = Path(base_dir), Path(out)
-    check_model_folder(base_dir)
     _check_folder_out(out)
     loras = [(find_lora_file(p), w) for p, w in loras]
-    _check_safetensors_weights(base_dir, _weight_folders(base_dir))
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load the model in {base_dir}: {e}") from None
+    pipe, own = source_pipeline(base_dir, whole=True)
+    loras = own + loras
     fuse_loras(pipe, loras)
     if half:
         pipe.to(torch.float16)
@@ -685,14 +786,19 @@ def merge_lora(base_dir: Path, loras: Sequence[tuple[Path, float]], out: Path, *
 
 
 def source_kind(src: Path) -> str:
-    """'model' for a diffusers folder, 'lora' for a LoRA file or LoRA folder; anything else is a UserError."""
+    """'model' for a diffusers folder or a full fine-tune's checkpoint, 'lora' for a LoRA file, LoRA folder or a LoRA
+    run's checkpoint ('lora-checkpoint'); anything else is a UserError."""
     from safetensors import SafetensorError, safe_open
 
+    from dreambooth.basemodel import CHECKPOINT_STATE
+
     if not src.exists():
-        raise UserError(f"SRC {src} does not exist. Pass a training output folder, a diffusers model folder, or "
-                        "a LoRA .safetensors file.")
+        raise UserError(f"SRC {src} does not exist. Pass a training output folder, a checkpoint-N folder, a "
+                        "diffusers model folder, or a LoRA .safetensors file.")
     _refuse_pickle(src, "SRC")
     if src.is_dir():
+        if (src / CHECKPOINT_STATE).is_file():
+            return "lora-checkpoint" if (src / LORA_WEIGHT_NAME).is_file() else "model"
         if (src / "model_index.json").is_file():
             return "model"
         if (src / LORA_WEIGHT_NAME).is_file():
@@ -710,7 +816,7 @@ def source_kind(src: Path) -> str:
         raise UserError(f"SRC {src} is already a single-file Stable Diffusion checkpoint. To get a diffusers "
                         "folder from it use diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained"
                         "(DIR), then export that folder.")
-    if keys and all("lora" in k or k.endswith(".alpha") for k in keys):
+    if keys and all("lora" in k or k.endswith(".alpha") or k.startswith("bundle_emb.") for k in keys):
         return "lora"
     raise UserError(f"SRC {src} holds neither LoRA weights nor a model (first key: {keys[0] if keys else 'none'}).")
 
@@ -741,6 +847,8 @@ def export_command(args) -> Path:
     for path, _ in loras:
         find_lora_file(path)
     kind = source_kind(src)
+    if kind == "lora-checkpoint":  # its LoRA as it is, or fused into its base model for one file
+        kind = "model" if fmt == "single-file" else "lora"
     if kind == "lora":
         if loras:
             raise UserError(f"--merge-lora merges LoRAs into a full model, but SRC {src} is a LoRA. Pass the base "
@@ -764,11 +872,13 @@ def export_command(args) -> Path:
             else:
                 path, what = merge_lora(src, loras, out, half=half), "diffusers model"
     print(f"wrote {what} {path} ({human_size(_size_of(path))})")
-    if kind == "lora" and fmt == "kohya" and (tokens := new_tokens(find_lora_file(src))):
-        print(f"note: the LoRA was trained with new token(s) {', '.join(tokens)}; their embeddings are in "
-              "token_embeddings.safetensors beside it, not in the kohya file. Use that file as a textual-inversion "
-              "embedding alongside the LoRA.")
-    if kind == "model" and fmt == "single-file" and _prediction_type(src) == "v_prediction":
+    embedded = json.loads(_header_metadata(path).get("dreambooth.embedding_files", "{}")) if path.is_file() else {}
+    if embedded:
+        if fmt == "kohya":
+            print(f"note: the kohya file carries the new token(s) {', '.join(embedded)} itself (A1111 and Forge read "
+                  "its bundled embeddings; write the token in the prompt as trained).")
+        print(embedding_note(path, embedded))
+    if kind == "model" and fmt == "single-file" and _prediction_type(_model_folder(src)) == "v_prediction":
         print("note: this model predicts v (v_prediction), which a single file does not record; A1111 needs a "
               "config .yaml with `parameterization: v` beside it, ComfyUI a v_prediction sampling node.")
     return path

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,8 +13,9 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from dreambooth.basemodel import check_model_folder
 from dreambooth.errors import UserError
-from dreambooth.export import find_lora_file, parse_lora_spec
+from dreambooth.export import parse_lora_spec
 from dreambooth.lora import load_loras
 from dreambooth.startup import collection_paused
 
@@ -72,27 +75,17 @@ def pick_dtype(precision: str | None, device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def check_model_folder(path: Path | str, what: str = "model") -> None:
-    """A diffusers pipeline folder has model_index.json; say what else was found and what to do."""
-    p = Path(path)
-    if (p / "model_index.json").is_file():
-        return
-    if p.is_file() and p.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
-        raise UserError(f"{what} {p} is a single-file checkpoint; this command needs a diffusers folder "
-                        "(with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/). Convert it "
-                        "with diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR).")
-    if p.is_dir():
-        raise UserError(f"{what} {p} is not a diffusers model folder: it has no model_index.json. Expected a "
-                        "folder as written by StableDiffusionPipeline.save_pretrained (model_index.json, unet/, "
-                        "vae/, text_encoder/, tokenizer/, scheduler/).")
-    raise UserError(f"{what} {p} does not exist. Pass a diffusers model folder (e.g. a training output "
-                    "folder, or one made by `dreambooth tiny-model DIR`).")
-
-
 def load_pipeline(model: str | Path, *, device: torch.device, dtype: torch.dtype, scheduler: str | None = None,
                   safety_checker: bool = True, **kwargs):
-    """Loads a Stable Diffusion pipeline from a diffusers folder (or hub id), on `device` in `dtype`."""
-    if Path(model).exists() or "/" not in str(model):
+    """Loads a Stable Diffusion pipeline from a diffusers folder, a training checkpoint or a hub id, on `device`."""
+    from dreambooth.basemodel import CHECKPOINT_STATE, is_hub_id, resolve_hub_model
+
+    if (Path(model) / CHECKPOINT_STATE).is_file():
+        return load_checkpoint_pipeline(Path(model), device=device, dtype=dtype, scheduler=scheduler,
+                                        safety_checker=safety_checker)
+    if is_hub_id(str(model)):
+        model = resolve_hub_model(str(model), kwargs.get("revision"), what="--model")
+    else:
         check_model_folder(model)
     extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     try:
@@ -109,13 +102,77 @@ def load_pipeline(model: str | Path, *, device: torch.device, dtype: torch.dtype
     return pipe.to(device)
 
 
+def checkpoint_base(ckpt: Path) -> tuple[str, dict]:
+    """The base model a training checkpoint was trained from, and its saved config's model section."""
+    import yaml
+
+    from dreambooth.basemodel import CHECKPOINT_STATE, is_hub_id
+
+    state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
+    config = {}
+    if (ckpt / "config.yaml").is_file():
+        config = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("model") or {}
+    base = state.get("base_model") or config.get("pretrained_model")
+    if any(ckpt.glob("trainable_*.safetensors")):
+        raise UserError(f"{ckpt} was saved by an earlier version of this tool in a layout only training reads. "
+                        "Resume it for one step (--resume_from_checkpoint, one more step than it has) to get a "
+                        "checkpoint in diffusers' layout.")
+    if not base or not (Path(base).exists() or is_hub_id(str(base))):
+        raise UserError(f"{ckpt} was trained from the base model {base}, which is not there any more. A checkpoint "
+                        "holds only what trained; put the base model back at that path.")
+    return str(base), config
+
+
+def load_checkpoint_pipeline(ckpt: Path, *, device: torch.device, dtype: torch.dtype, scheduler: str | None = None,
+                             safety_checker: bool = True, with_lora: bool = True):
+    """A training checkpoint as a pipeline: its base model with what trained swapped in (UNet, text encoder, LoRA,
+    new tokens), as diffusers users load intermediate checkpoints. `with_lora=False` leaves a LoRA run's adapters
+    out (for a caller that fuses them itself)."""
+    from dreambooth.lora import LORA_FILE, TOKEN_FILE, load_token_file
+
+    base, config = checkpoint_base(ckpt)
+    parts = {}
+    with collection_paused():
+        if (ckpt / "unet").is_dir():
+            from diffusers import UNet2DConditionModel
+
+            parts["unet"] = UNet2DConditionModel.from_pretrained(ckpt / "unet", torch_dtype=dtype)
+        if (ckpt / "text_encoder").is_dir():
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            parts["text_encoder"] = CLIPTextModel.from_pretrained(ckpt / "text_encoder", torch_dtype=dtype)
+            if (ckpt / "tokenizer").is_dir():
+                parts["tokenizer"] = CLIPTokenizer.from_pretrained(ckpt / "tokenizer")
+    pipe = load_pipeline(base, device=device, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker,
+                         revision=config.get("revision"), variant=config.get("variant"), **parts)
+    if (ckpt / LORA_FILE).is_file():
+        if with_lora:
+            load_loras(pipe, [(ckpt / LORA_FILE, 1.0)])
+    elif (ckpt / TOKEN_FILE).is_file() and "text_encoder" not in parts:
+        load_token_file(pipe, ckpt / TOKEN_FILE)
+    return pipe
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of the index-th image drawn for `seed`: the seed itself for the first, a hash of both for the rest.
+
+    `seed + index` would make `--seed 0 --seed 1 --num-images 2` draw the image of seed 1 twice. The first image
+    of a seed stays the one `--seed` alone gives, and every image's own seed is recorded, so `--seed` with it
+    draws that image again.
+    """
+    if index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def generate_images(pipe, settings: GenerationSettings, *, batch_size: int = 4) -> list[tuple[Image.Image, dict]]:
     """Images for every prompt x seed x num_images, each with the settings that reproduce it.
 
-    Each image gets its own generator seeded with `seed + k`, so an image is the same whatever the batch
-    it was drawn in.
+    Each image gets its own generator, seeded with `image_seed(seed, k)`, so an image is the same whatever
+    the batch it was drawn in.
     """
-    jobs = [(p, s + k) for p in settings.prompts for s in settings.seeds for k in range(settings.num_images)]
+    jobs = [(p, image_seed(s, k)) for p in settings.prompts for s in settings.seeds for k in range(settings.num_images)]
     results = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
@@ -137,14 +194,31 @@ def generate_images(pipe, settings: GenerationSettings, *, batch_size: int = 4) 
     return results
 
 
-def png_info(meta: dict, model: str) -> PngInfo:
+def _lora_text(loras: list) -> str:
+    return ", ".join(f"{Path(p).name}:{w:g}" for p, w in loras)
+
+
+def png_info(meta: dict, model: str, loras: list | None = None) -> PngInfo:
     """A1111-style 'parameters' text, which image viewers and web UIs read, plus the exact JSON."""
+    loras = [[str(p), w] for p, w in loras or []]
     info = PngInfo()
     text = (f"{meta['prompt']}\nNegative prompt: {meta['negative_prompt']}\nSteps: {meta['steps']}, "
             f"Sampler: {meta['scheduler']}, CFG scale: {meta['guidance']}, Seed: {meta['seed']}, "
             f"Size: {meta['width']}x{meta['height']}, Model: {model}")
+    if loras:
+        text += f", Lora: {_lora_text(loras)}"
     info.add_text("parameters", text)
-    info.add_text("dreambooth", json.dumps({**meta, "model": model}))
+    info.add_text("dreambooth", json.dumps({**meta, "model": model, "loras": loras}))
+    return info
+
+
+def grid_info(metas: list[dict], source: str, extra: dict | None = None) -> PngInfo:
+    """Metadata of a grid of images: where they came from and every image's settings, in order."""
+    info = PngInfo()
+    first = metas[0] if metas else {}
+    info.add_text("parameters", f"grid of {len(metas)} image(s) from {source}; first: {first.get('prompt')}, "
+                                f"Seed: {first.get('seed')}, Steps: {first.get('steps')}")
+    info.add_text("dreambooth", json.dumps({"source": source, **(extra or {}), "images": metas}))
     return info
 
 
@@ -159,16 +233,18 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
     return grid
 
 
-def save_images(results: list[tuple[Image.Image, dict]], out_dir: Path, model: str,
-                cols: int | None = None) -> list[Path]:
+def save_images(results: list[tuple[Image.Image, dict]], out_dir: Path, model: str, cols: int | None = None,
+                loras: list | None = None) -> list[Path]:
     """Writes each image as a PNG with its settings in the metadata, and grid.png beside them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (image, meta) in enumerate(results):
         path = out_dir / f"{i:04d}-seed{meta['seed']}.png"
-        image.save(path, pnginfo=png_info(meta, model))
+        image.save(path, pnginfo=png_info(meta, model, loras))
         paths.append(path)
-    make_grid([img for img, _ in results], cols).save(out_dir / "grid.png")
+    grid = make_grid([img for img, _ in results], cols)
+    grid.save(out_dir / GRID_NAME, pnginfo=grid_info([meta for _, meta in results], model, {"loras": [
+        [str(p), w] for p, w in loras or []]}))
     return paths
 
 
@@ -183,27 +259,108 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     return prompts
 
 
+# --------------------------------------------------------------------------------------------- the output folder
+
+SETTINGS_FILE = "settings.json"
+GRID_NAME = "grid.png"
+_OWN_IMAGE = re.compile(r"^\d{4}-seed\d+\.png$")
+
+
+def claim_image_folder(out: Path, overwrite: bool) -> None:
+    """`--out` must be new, empty, or an earlier `generate` output replaced with --overwrite: never a mix.
+
+    Two runs' images in one folder would be scored as one model by `evaluate --images`, and settings.json would
+    describe only the last run.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the images.")
+    entries = [p for p in out.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        return
+    own = {SETTINGS_FILE, GRID_NAME}
+    if (out / SETTINGS_FILE).is_file():
+        try:
+            own |= set(json.loads((out / SETTINGS_FILE).read_text()).get("images") or [])
+        except (ValueError, AttributeError):
+            pass
+    foreign = [p.name for p in entries if p.name not in own and not _OWN_IMAGE.match(p.name)]
+    if foreign or not (out / SETTINGS_FILE).is_file():
+        shown = ", ".join(sorted(foreign)[:5]) or ", ".join(sorted(p.name for p in entries)[:5])
+        raise UserError(f"--out {out} holds files that `dreambooth generate` did not write ({shown}); images "
+                        "written there would mix with them. Choose a new or empty folder.")
+    if not overwrite:
+        raise UserError(f"--out {out} holds {len(entries) - 1} file(s) of an earlier `dreambooth generate` run; new "
+                        "images would mix with them (and `evaluate --images` would score both runs as one). Choose "
+                        "another --out, or pass --overwrite to replace them.")
+    for entry in entries:
+        entry.unlink()
+
+
+@dataclass
+class GenerateJob:
+    """One `dreambooth generate` (or `evaluate --model`) run: the model, LoRAs, settings and where the images go."""
+
+    model: Path
+    settings: GenerationSettings
+    out: Path
+    loras: list[tuple[Path, float]] = field(default_factory=list)
+    precision: str | None = None
+    device: str | None = None
+    overwrite: bool = False
+
+
+def check_job(job: GenerateJob) -> None:
+    """Everything about a job that can be wrong, found before any weights load."""
+    from dreambooth.basemodel import CHECKPOINT_STATE, is_hub_id
+    from dreambooth.lora import check_lora_source
+
+    s = job.settings
+    for name, value in (("--steps", s.steps), ("--num-images", s.num_images)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1 (got {value}).")
+    for name, value in (("--height", s.height), ("--width", s.width)):
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"{name} {value} is not a multiple of 8; Stable Diffusion's VAE needs sides divisible "
+                            f"by 8 (e.g. {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}).")
+    repeated = sorted({seed for seed in s.seeds if s.seeds.count(seed) > 1})
+    if repeated:
+        raise UserError(f"--seed {repeated[0]} is given more than once; a seed draws the same images every time. "
+                        "Give each seed once (--num-images draws more images per seed).")
+    make_scheduler(s.scheduler, {})  # an unknown name fails before the model loads
+    if not (Path(job.model) / CHECKPOINT_STATE).is_file() and not is_hub_id(str(job.model)):
+        check_model_folder(job.model)
+    for path, _ in job.loras:
+        check_lora_source(path)  # a missing, pickle or full-model "LoRA" fails before the model loads
+    claim_image_folder(job.out, job.overwrite)
+
+
+def run_job(job: GenerateJob) -> list[Path]:
+    """Loads the model once, draws every prompt x seed x image, saves PNGs, grid.png and settings.json."""
+    check_job(job)
+    device = pick_device(job.device)
+    pipe = load_pipeline(job.model, device=device, dtype=pick_dtype(job.precision, device),
+                         scheduler=job.settings.scheduler)
+    load_loras(pipe, job.loras, model=job.model)
+    results = generate_images(pipe, job.settings)
+    paths = save_images(results, job.out, str(job.model), cols=len(job.settings.seeds) * job.settings.num_images,
+                        loras=job.loras)
+    record = {"command": "generate", **asdict(job.settings), "model": str(job.model),
+              "loras": [[str(p), w] for p, w in job.loras], "images": [p.name for p in paths]}
+    from dreambooth.runinfo import write_json_atomic
+
+    write_json_atomic(job.out / SETTINGS_FILE, record)
+    print(f"wrote {len(paths)} image(s) and grid.png to {job.out}")
+    return paths
+
+
 def generate_command(args) -> list[Path]:
-    """`dreambooth generate`: load the model once, draw every prompt x seed, save PNGs and a grid."""
-    for name in ("steps", "num_images"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
+    """`dreambooth generate`: the CLI's arguments as a job."""
     settings = GenerationSettings(
         prompts=read_prompts(args.prompt, args.prompts_file), negative_prompt=args.negative_prompt,
         steps=args.steps, guidance=args.guidance, seeds=args.seeds or [0], num_images=args.num_images,
         scheduler=args.scheduler, height=args.height, width=args.width)
-    check_model_folder(args.model)
-    make_scheduler(args.scheduler, {})  # an unknown name fails before the model loads
-    device = pick_device(args.device)
-    loras = [parse_lora_spec(text) for text in args.lora]
-    for path, _ in loras:
-        find_lora_file(path)  # a missing or pickle LoRA fails before the model loads
-    pipe = load_pipeline(args.model, device=device, dtype=pick_dtype(args.precision, device),
-                         scheduler=args.scheduler)
-    load_loras(pipe, loras)
-    results = generate_images(pipe, settings)
-    paths = save_images(results, args.out, str(args.model), cols=len(settings.seeds) * settings.num_images)
-    record = {**asdict(settings), "model": str(args.model), "loras": [[str(p), w] for p, w in loras]}
-    (args.out / "settings.json").write_text(json.dumps(record, indent=2))
-    print(f"wrote {len(paths)} image(s) and grid.png to {args.out}")
-    return paths
+    return run_job(GenerateJob(model=args.model, settings=settings, out=args.out,
+                               loras=[parse_lora_spec(text) for text in args.lora], precision=args.precision,
+                               device=args.device, overwrite=args.overwrite))

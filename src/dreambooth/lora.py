@@ -7,7 +7,6 @@ The file is `pytorch_lora_weights.safetensors`, diffusers' own name and layout, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,25 +15,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from dreambooth.basemodel import model_fingerprint  # noqa: F401 - where outputs and tests read it
 from dreambooth.errors import UserError
 from dreambooth.export import LORA_WEIGHT_NAME as LORA_FILE
 from dreambooth.export import find_lora_file
 from dreambooth.runinfo import publish
 
 TOKEN_FILE = "token_embeddings.safetensors"
-
-
-def model_fingerprint(model: str) -> str:
-    """A short hash of the base model's UNet weights file, to tell base models apart; '' for a hub id."""
-    folder = Path(model) / "unet"
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
-        return ""
-    digest = hashlib.sha256()
-    with files[0].open("rb") as f:
-        digest.update(f.read(1 << 20))  # the header and first MiB: enough to tell models apart, fast for 3 GB files
-    digest.update(str(files[0].stat().st_size).encode())
-    return digest.hexdigest()[:16]
 
 
 def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -88,34 +75,129 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_loras(pipe, loras: list[tuple[Path, float]]) -> None:
+def token_file_for(lora_file: Path) -> Path:
+    """Where a LoRA's new-token embeddings are: `token_embeddings.safetensors` beside diffusers' fixed file name
+    (one LoRA per folder), `NAME.tokens.safetensors` beside any other `NAME.safetensors`, so that LoRAs can
+    share a folder."""
+    if lora_file.name == LORA_FILE:
+        return lora_file.parent / TOKEN_FILE
+    return lora_file.with_name(lora_file.name.removesuffix(".safetensors") + ".tokens.safetensors")
+
+
+def check_lora_source(path: Path) -> Path:
+    """A --lora argument as the LoRA file it names; a full model given as a LoRA is refused, saying what to pass."""
+    from dreambooth.basemodel import CHECKPOINT_STATE, file_kind
+
+    p = Path(path)
+    if p.is_dir() and (p / "model_index.json").is_file():
+        raise UserError(f"--lora {p} is a full model folder, not a LoRA; pass it as --model (and a LoRA trained on "
+                        "it as --lora).")
+    if p.is_dir() and (p / CHECKPOINT_STATE).is_file() and not (p / LORA_FILE).is_file():
+        raise UserError(f"--lora {p} is a checkpoint of a full fine-tune, not a LoRA; pass it as --model.")
+    if p.is_file() and p.suffix == ".safetensors" and file_kind(p) == "single-file":
+        raise UserError(f"--lora {p} is a full single-file Stable Diffusion checkpoint, not a LoRA. Convert it to a "
+                        "diffusers folder (StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)) and "
+                        "pass that as --model.")
+    return find_lora_file(p)
+
+
+def lora_mismatch(file: Path, error: Exception, model: Path | str | None) -> UserError:
+    """peft's error for a LoRA on the wrong base lists every layer (~100 lines of `size mismatch`): one line of
+    it, how many, and the base model the LoRA records."""
+    from dreambooth.basemodel import lora_base_model
+
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    mismatched = [line for line in lines if "size mismatch" in line]
+    detail = (mismatched or lines or [type(error).__name__])[0][:300]
+    count = f"{len(mismatched)} of its layers do not fit" if mismatched else "it does not fit"
+    base = lora_base_model(file)
+    hint = (f" It was trained on {base}; pass that model (or a fine-tune of it) as --model." if base else
+            " Is it a LoRA for this model's architecture (SD 1.x, 2.x and SDXL LoRAs do not mix)?")
+    return UserError(f"LoRA {file} cannot be applied to {model or 'this model'}: {count} ({detail}).{hint}")
+
+
+def note_other_base(file: Path, model: Path | str | None) -> None:
+    """A LoRA on another model of the same shape loads, and may be what the user wants (a fine-tune of its base);
+    say so rather than refuse."""
+
+    meta = read_metadata(file)
+    recorded, here = meta.get("dreambooth.base_model_hash"), model_fingerprint(model) if model else ""
+    if recorded and here and recorded != here:
+        print(f"note: LoRA {file} was trained on {meta.get('dreambooth.base_model')} (weights {recorded}); "
+              f"{model} has other weights ({here}). It loads; results depend on how close the two models are.")
+
+
+def bundled_embeddings(tensors: dict) -> dict[str, torch.Tensor]:
+    """Embeddings bundled in a kohya LoRA as A1111 reads them: `bundle_emb.<token>.emb_params` (or
+    `.string_to_param.*`), as {token: vectors}."""
+    found = {}
+    for key, value in tensors.items():
+        if key.startswith("bundle_emb."):
+            token = key[len("bundle_emb."):].rsplit(".emb_params", 1)[0].split(".string_to_param")[0]
+            found[token] = value
+    return found
+
+
+def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | None = None) -> Path:
+    """One LoRA (diffusers or kohya format, file or folder) as a named adapter, with its new tokens; returns its file.
+
+    diffusers refuses a kohya file with bundled embeddings ("Invalid LoRA checkpoint"), so those keys are taken
+    out here and their embeddings loaded as textual inversions.
+    """
+    file = check_lora_source(path)
+    with safe_open(str(file), "pt") as f:
+        bundled = [k for k in f.keys() if k.startswith("bundle_emb.")]
+    source = str(file)
+    tensors = {}
+    if bundled:
+        tensors = load_file(str(file))
+        source = {k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")}
+    try:
+        if isinstance(source, dict):
+            pipe.load_lora_weights(source, adapter_name=adapter_name)
+        else:
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise lora_mismatch(file, e, model) from None
+    note_other_base(file, model)
+    load_token_embeddings(pipe, file, bundled_embeddings(tensors))
+    return file
+
+
+def load_loras(pipe, loras: list[tuple[Path, float]], model: Path | str | None = None) -> None:
     """Loads each LoRA as its own adapter at its weight (diffusers or kohya format), and any token embeddings."""
     names, weights = [], []
     for i, (path, weight) in enumerate(loras):
-        file = find_lora_file(path)
-        name = f"lora{i}"
-        try:
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"could not load LoRA {file} into this model: {e}. Was it trained on a model of this "
-                            "architecture?") from None
-        names.append(name)
+        load_lora_adapter(pipe, path, f"lora{i}", model)
+        names.append(f"lora{i}")
         weights.append(weight)
-        load_token_embeddings(pipe, file)
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
 
 
-def load_token_embeddings(pipe, lora: Path) -> None:
-    """The new identifier tokens trained with a LoRA: from token_embeddings.safetensors beside it."""
-    file = lora.parent / TOKEN_FILE
+def load_token_vectors(pipe, vectors: dict[str, torch.Tensor]) -> None:
+    """New tokens with their trained embeddings, into the pipeline's tokenizer and text encoder."""
+    vocab = pipe.tokenizer.get_vocab()
+    for token, vector in vectors.items():
+        if token not in vocab:
+            vector = vector[0] if vector.ndim == 2 and vector.shape[0] == 1 else vector
+            pipe.load_textual_inversion({token: vector}, token=token)
+
+
+def load_token_file(pipe, file: Path) -> None:
+    load_token_vectors(pipe, load_file(str(file)))
+
+
+def load_token_embeddings(pipe, lora: Path, bundled: dict | None = None) -> None:
+    """The new identifier tokens trained with a LoRA: bundled in it (kohya export), or in its token file."""
+    if bundled:
+        load_token_vectors(pipe, bundled)
+        return
+    file = token_file_for(lora)
     meta = read_metadata(lora)
     if not file.is_file():
         if json.loads(meta.get("dreambooth.new_tokens", "[]")):
             raise UserError(f"LoRA {lora} was trained with new token(s) {meta['dreambooth.new_tokens']} whose "
-                            f"embeddings live in {TOKEN_FILE} beside it, which is missing; copy it along.")
+                            f"embeddings live in {file.name} beside it, which is missing; copy it along.")
         return
-    vocab = pipe.tokenizer.get_vocab()
-    for token, vector in load_file(str(file)).items():
-        if token not in vocab:
-            pipe.load_textual_inversion({token: vector}, token=token)
+    load_token_file(pipe, file)

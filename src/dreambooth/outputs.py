@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import torch
 
@@ -66,20 +67,23 @@ def lora_metadata(run) -> dict[str, str]:
             cfg.lora.text_encoder_target_modules if cfg.model.train_text_encoder else []),
         "dreambooth.steps": str(run.global_step),
         "dreambooth.resolution": str(cfg.training.resolution),
+        "dreambooth.run_id": run.run_id,
     }
 
 
-def save_lora_output(run) -> None:
-    """`pytorch_lora_weights.safetensors` (stock `load_lora_weights` reads it) and any new tokens' embeddings."""
+def save_lora_output(run, folder: Path | None = None) -> None:
+    """`pytorch_lora_weights.safetensors` (stock `load_lora_weights` reads it) and any new tokens' embeddings, in
+    the output folder or in a checkpoint being written."""
     from dreambooth.lora import save_lora, save_token_embeddings
 
+    folder = folder or run.out
     acc, cfg, m = run.accelerator, run.cfg, run.models
     unet = acc.unwrap_model(m.unet) if cfg.model.train_unet else None
     text_encoder = acc.unwrap_model(m.text_encoder) if cfg.model.train_text_encoder else None
     configs = {"unet": _adapter_config(unet) if unet else None,
                "text_encoder": _adapter_config(text_encoder) if text_encoder else None}
-    save_lora(run.out, unet, text_encoder, configs, lora_metadata(run))
-    save_token_embeddings(run.out, m.tokenizer, acc.unwrap_model(m.text_encoder), m.new_token_ids)
+    save_lora(folder, unet, text_encoder, configs, lora_metadata(run))
+    save_token_embeddings(folder, m.tokenizer, acc.unwrap_model(m.text_encoder), m.new_token_ids)
 
 
 def save_outputs(run) -> None:
@@ -91,3 +95,51 @@ def save_outputs(run) -> None:
         save_lora_output(run)
     else:
         save_full_model(run)
+
+
+def model_card(run) -> str:
+    """README.md for the output folder, with the YAML header the Hugging Face hub reads (base model, tags, the
+    instance prompt as the trigger, sample images as widgets)."""
+    import yaml
+
+    cfg, out = run.cfg, run.out
+    subjects = cfg.subject_list()
+    lora = cfg.model.method == "lora"
+    samples = sorted((out / "samples").glob("step-*.png")) if (out / "samples").is_dir() else []
+    header = {
+        "base_model": str(cfg.model.pretrained_model),
+        "library_name": "diffusers",
+        "license": "other",
+        "tags": ["text-to-image", "diffusers", "stable-diffusion", "dreambooth", "dreambooth-tool"]
+        + (["lora"] if lora else []),
+        "instance_prompt": subjects[0].instance_prompt,
+        "inference": True,
+    }
+    if samples:
+        shown = cfg.validation.prompts[0] if cfg.validation.prompts else subjects[0].instance_prompt
+        header["widget"] = [{"text": shown, "output": {"url": f"samples/{samples[-1].name}"}}]
+    load = (f'StableDiffusionPipeline.from_pretrained("{cfg.model.pretrained_model}")\n'
+            'pipe.load_lora_weights("PATH_TO_THIS_FOLDER")' if lora
+            else 'StableDiffusionPipeline.from_pretrained("PATH_TO_THIS_FOLDER")')
+    how = f"```python\nfrom diffusers import StableDiffusionPipeline\n\npipe = {load}\n```"
+    identifiers = ", ".join(f"`{s.identifier}`" for s in subjects if s.identifier)
+    lines = [f"---\n{yaml.safe_dump(header, sort_keys=False)}---", "",
+             f"# DreamBooth {'LoRA' if lora else 'model'}: {identifiers or subjects[0].instance_prompt}", "",
+             f"Trained by `dreambooth` {__version__} (run {run.run_id}) from `{cfg.model.pretrained_model}`, "
+             f"{run.global_step} steps at {cfg.training.resolution} px, "
+             f"{'with' if cfg.dataset.with_prior_preservation else 'without'} prior preservation.", "",
+             "Prompts: " + "; ".join(f"\"{s.instance_prompt}\"" for s in subjects) + ".", "",
+             "## Use", "", how, ""]
+    if any(s.identifier and s.identifier.startswith("<") for s in subjects):
+        lines += ["The identifier is a new token; its trained embedding is in `token_embeddings.safetensors` "
+                  "(LoRA) or in the saved tokenizer and text encoder (full model).", ""]
+    if samples:
+        lines += ["## Samples", "", *(f"![step {p.stem[5:]}](samples/{p.name})" for p in samples[-3:]), ""]
+    lines += ["Everything that made this model is in `config.yaml` and `run_info.json` beside this card."]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(run) -> None:
+    from dreambooth.runinfo import write_text_atomic
+
+    write_text_atomic(run.out / "README.md", model_card(run))

@@ -1,29 +1,33 @@
-"""Everything checked before any weights load: model folder, images, identifier, prompts. One report."""
+"""Everything checked before any weights load: model, images, identifier, prompts, output folder, class images,
+validation sampler, tracker and upload. Every problem is collected and reported at once, then one report."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreambooth.basemodel import check_model_folder, is_hub_id, model_identity, resolve_hub_model
+from dreambooth.class_images import ClassImagePlan, plan_class_images, recipe
 from dreambooth.config import Config, Subject
 from dreambooth.data import ImageFolderReport, check_instance_folder, scan_image_folder
 from dreambooth.errors import UserError
-from dreambooth.generate import check_model_folder
+from dreambooth.rundir import RunPlan, plan_run
 from dreambooth.tokens import IdentifierPlan, plan_identifier, prompt_token_count, wants_new_token
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# pip names of accelerate's trackers, for the message when one is missing
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "comet_ml": "comet-ml",
+                    "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "aim": "aim"}
 
 
 @dataclass
 class SubjectReport:
-    """One subject's inputs as checked: its photos, existing class images and identifier."""
+    """One subject's inputs as checked: its photos and identifier."""
 
     subject: Subject
     instance: ImageFolderReport
-    classes: ImageFolderReport | None
     identifier: IdentifierPlan
 
 
@@ -33,7 +37,12 @@ class Preflight:
 
     subjects: list[SubjectReport]
     prediction_type: str
+    base_identity: str
+    run_plan: RunPlan
+    class_plans: dict[Path, ClassImagePlan] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    hub_repo: str | None = None
 
     @property
     def plans(self) -> list[IdentifierPlan]:
@@ -45,12 +54,33 @@ class Preflight:
             if len(self.subjects) > 1:
                 lines.append(f"subject {i + 1}: \"{s.subject.instance_prompt}\"")
             lines.append(s.instance.format("instance images"))
-            if s.classes is not None:
-                lines.append(s.classes.format("class images (existing)"))
             lines.append(s.identifier.describe())
+        lines += [plan.describe() for plan in self.class_plans.values()]
         lines.append(f"prediction type: {self.prediction_type}")
+        lines += self.notes
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+class Problems:
+    """Every problem pre-flight finds, so that one run of the command reports them all."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def check(self, fn: Callable, *args, **kwargs):
+        """`fn(*args)`, or None with its UserError recorded."""
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            self.found.append(str(e))
+            return None
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            listed = "\n  - ".join(p.replace("\n", "\n    ") for p in self.found)
+            raise UserError(f"pre-flight found {len(self.found)} problem(s); nothing was loaded or changed:\n  - "
+                            f"{listed}")
 
 
 def load_tokenizer(cfg: Config):
@@ -66,11 +96,17 @@ def load_tokenizer(cfg: Config):
 
 
 def check_base_model(cfg: Config) -> str:
-    """The base model must be a diffusers folder (or a hub id); returns its scheduler's prediction type."""
+    """The base model must be a diffusers folder or a hub id the hub answers for; returns its prediction type.
+
+    A hub id that the hub cannot serve but the local cache holds is replaced by the cached folder, so that the
+    run loads exactly that copy and no library retries the network for it.
+    """
     model = cfg.model.pretrained_model
-    local = Path(model).expanduser()
-    if not local.exists() and HUB_ID.match(model):
-        return "epsilon"  # a hub id: the real value is read when the scheduler loads
+    if is_hub_id(model):
+        cfg.model.pretrained_model = resolve_hub_model(model, cfg.model.revision, token=cfg.output.hub_token)
+        if cfg.model.pretrained_model == model:
+            return "epsilon"  # the real value is read when the scheduler loads
+    local = Path(cfg.model.pretrained_model)
     check_model_folder(local, what="model.pretrained_model")
     sched = local / "scheduler" / "scheduler_config.json"
     if not sched.is_file():
@@ -79,8 +115,26 @@ def check_base_model(cfg: Config) -> str:
     return json.loads(sched.read_text()).get("prediction_type", "epsilon")
 
 
-def check_prompts(cfg: Config, tokenizer, plans: list[IdentifierPlan]) -> list[str]:
-    """Prompt lengths (an error past the token limit) and each identifier's presence (a warning)."""
+def vae_scale_factor(model: str) -> int:
+    """How much the VAE shrinks an image: 2 ** (levels - 1), 8 for every Stable Diffusion VAE."""
+    config = Path(model) / "vae" / "config.json"
+    if not config.is_file():
+        return 8
+    return 2 ** (len(json.loads(config.read_text()).get("block_out_channels", [0] * 4)) - 1)
+
+
+def check_resolution(resolution: int, factor: int, key: str = "training.resolution") -> None:
+    """diffusers' pipelines need sides divisible by 8, and latents need whole pixels."""
+    step = max(8, factor)
+    if resolution % step:
+        low, high = resolution // step * step, (resolution // step + 1) * step
+        raise UserError(f"{key}: {resolution} is not a multiple of {step}; the VAE shrinks images {factor}x and "
+                        f"diffusers' pipelines need sides divisible by 8. Use {low or high} or {high} (SD 1.x: 512, "
+                        "SD 2.x: 512 or 768).")
+
+
+def check_prompts(cfg: Config, tokenizer, plans: list[IdentifierPlan], problems: Problems) -> list[str]:
+    """Prompt lengths (a problem past the token limit) and each identifier's presence (a warning)."""
     new = [p.identifier for p in plans if p.kind == "new" and p.identifier not in tokenizer.get_vocab()]
     if new:
         tokenizer = _with_tokens(tokenizer, new)
@@ -96,8 +150,8 @@ def check_prompts(cfg: Config, tokenizer, plans: list[IdentifierPlan]) -> list[s
     for key, prompt in prompts.items():
         n = prompt_token_count(tokenizer, prompt)
         if n > limit:
-            raise UserError(f"{key} is {n} tokens long, over the text encoder's limit of {limit}: \"{prompt}\". "
-                            "Shorten it; the text encoder would silently cut off the end.")
+            problems.found.append(f"{key} is {n} tokens long, over the text encoder's limit of {limit}: \"{prompt}\". "
+                                  "Shorten it; the text encoder would silently cut off the end.")
     return [w for s in subjects for w in _identifier_warnings(s)]
 
 
@@ -122,30 +176,101 @@ def _with_tokens(tokenizer, tokens: list[str]):
     return tok
 
 
-def check_subject(cfg: Config, subject: Subject, tokenizer) -> SubjectReport:
-    res = cfg.training.resolution
-    instance = scan_image_folder(subject.instance_dir, res)
+def check_instance_photos(cfg: Config, subject: Subject) -> ImageFolderReport:
+    instance = scan_image_folder(subject.instance_dir, cfg.training.resolution)
     check_instance_folder(instance)
-    classes = None
-    if cfg.dataset.with_prior_preservation and subject.class_dir is not None and subject.class_dir.is_dir():
-        classes = scan_image_folder(subject.class_dir, res, check_duplicates=False)
-    if cfg.dataset.strict:
-        bad = instance.rejected() + (classes.rejected() if classes else [])
-        if bad:
-            listed = "; ".join(f"{i.path}: {i.reason}" for i in bad)
-            raise UserError(f"dataset.strict is on and {len(bad)} file(s) were rejected: {listed}. Remove or fix "
-                            "them, or run without --strict to skip them.")
-    plan = plan_identifier(tokenizer, subject.identifier, subject.initializer)
-    return SubjectReport(subject, instance, classes, plan)
+    if cfg.dataset.strict and instance.rejected():
+        _refuse_strict(instance)
+    return instance
+
+
+def _refuse_strict(report: ImageFolderReport) -> None:
+    bad = report.rejected()
+    listed = "; ".join(f"{i.path}: {i.reason}" for i in bad)
+    raise UserError(f"dataset.strict is on and {len(bad)} file(s) in {report.folder} were rejected: {listed}. Remove "
+                    "or fix them, or run without --strict to skip them.")
+
+
+def plan_all_class_images(cfg: Config, identity: str) -> dict[Path, ClassImagePlan]:
+    """One plan per class folder (subjects may share one; config validation made their prompts agree)."""
+    plans = {}
+    for s in cfg.subject_list():
+        folder = Path(s.class_dir)
+        if folder in plans:
+            continue
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"dataset.class_dir: {folder} is a file, not a folder; class images need a folder.")
+        wanted = recipe(s.class_prompt, str(cfg.model.pretrained_model), cfg.training.resolution, identity)
+        plan = plan_class_images(folder, wanted, cfg.dataset.num_class_images)
+        if cfg.dataset.strict:
+            report = scan_image_folder(folder, cfg.training.resolution, check_duplicates=False)
+            if report.rejected():
+                _refuse_strict(report)
+        plans[folder] = plan
+    return plans
+
+
+def check_scheduler_name(name: str, key: str) -> None:
+    from dreambooth.generate import make_scheduler
+
+    try:
+        make_scheduler(name, {})
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+
+
+def check_tracker(name: str | None) -> None:
+    """The experiment tracker asked for must be installed; accelerate would fail on it at the first log."""
+    if name in (None, "none", "all"):
+        return
+    from accelerate.utils import imports
+
+    if not getattr(imports, f"is_{name}_available")():
+        raise UserError(f"output.report_to: {name} is not installed. Install it (`pip install "
+                        f"{TRACKER_PACKAGES[name]}`, and log in if it needs an account), or pass --report_to none; "
+                        f"the loss log logs/train_log.jsonl is written either way.")
 
 
 def run_preflight(cfg: Config) -> Preflight:
-    """Checks the inputs and prints the report; raises UserError on anything that stops training."""
-    prediction_type = check_base_model(cfg)
-    tokenizer = load_tokenizer(cfg)
-    subjects = [check_subject(cfg, s, tokenizer) for s in cfg.subject_list()]
-    warnings = check_prompts(cfg, tokenizer, [s.identifier for s in subjects])
-    report = Preflight(subjects, prediction_type, warnings)
+    """Checks the inputs and prints the report; raises one UserError listing every problem that stops training."""
+    from dreambooth.components import check_runtime
+
+    problems = Problems()
+    problems.check(check_runtime, cfg)
+    prediction_type = problems.check(check_base_model, cfg)
+    model_ok = prediction_type is not None
+    model = cfg.model.pretrained_model
+    if model_ok and not is_hub_id(model):
+        factor = vae_scale_factor(model)
+        problems.check(check_resolution, cfg.training.resolution, factor)
+    elif cfg.training.resolution % 8:
+        problems.check(check_resolution, cfg.training.resolution, 8)
+    identity = model_identity(model, cfg.model.revision, cfg.model.variant)
+    subjects, warnings = [], []
+    tokenizer = problems.check(load_tokenizer, cfg) if model_ok or cfg.model.tokenizer_name else None
+    for s in cfg.subject_list():
+        instance = problems.check(check_instance_photos, cfg, s)
+        plan = problems.check(plan_identifier, tokenizer, s.identifier, s.initializer) if tokenizer else None
+        if instance is not None and plan is not None:
+            subjects.append(SubjectReport(s, instance, plan))
+    if tokenizer is not None:
+        warnings = check_prompts(cfg, tokenizer, [s.identifier for s in subjects], problems)
+    class_plans = {}
+    if cfg.dataset.with_prior_preservation:
+        class_plans = problems.check(plan_all_class_images, cfg, identity) or {}
+    run_plan = problems.check(plan_run, cfg, lambda c: model_identity(c.model.pretrained_model, c.model.revision,
+                                                                      c.model.variant))
+    if cfg.validation.prompts:
+        problems.check(check_scheduler_name, cfg.validation.scheduler, "validation.scheduler")
+    problems.check(check_tracker, cfg.output.report_to)
+    hub_repo = None
+    if cfg.output.push_to_hub:
+        from dreambooth.hub import check_upload
+
+        hub_repo = problems.check(check_upload, cfg)
+    problems.raise_if_any()
+    report = Preflight(subjects, prediction_type, identity, run_plan, class_plans, warnings,
+                       notes=cfg._notes + run_plan.notes, hub_repo=hub_repo)
     if int(os.environ.get("RANK", "0")) == 0:  # launched processes all check; one reports
         print(report.format(), flush=True)
     return report

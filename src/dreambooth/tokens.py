@@ -44,6 +44,8 @@ def plan_identifier(tokenizer, identifier: str | None, initializer: str | None) 
         if not initializer:
             raise UserError(f"token.initializer: the new token '{identifier}' needs an initializer word whose "
                             "embedding it starts from; set token.initializer (or token.class_word), e.g. 'girl'.")
+        if not tokenizer(initializer, add_special_tokens=False).input_ids:
+            raise UserError(f"token.initializer '{initializer}' tokenizes to nothing; pick a plain word.")
         return IdentifierPlan(identifier, "new", [identifier], initializer)
     pieces = tokenizer.tokenize(identifier)
     return IdentifierPlan(identifier, "existing" if len(pieces) == 1 else "split", pieces)

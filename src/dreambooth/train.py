@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,19 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from dreambooth.cache import LatentCache
-from dreambooth.checkpoint import (
-    StopRequest,
-    load_checkpoint,
-    remove_partial_saves,
-    resolve_resume,
-    save_checkpoint,
-    save_trainable_only,
-)
+from dreambooth.checkpoint import CheckpointFiles, StopRequest, load_checkpoint, save_checkpoint
 from dreambooth.components import (
     DTYPES,
     Models,
     PromptEncoder,
-    check_runtime,
     convolution_kernels,
     load_models,
     make_dataloader,
@@ -34,16 +27,13 @@ from dreambooth.components import (
     param_groups,
 )
 from dreambooth.config import Config, dump_config
-from dreambooth.errors import UserError
+from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.loss import LossParts, dreambooth_loss, min_snr_weights, noise_with_offset, snr_from_alphas
 from dreambooth.outputs import save_outputs
 from dreambooth.preflight import Preflight, run_preflight
+from dreambooth.rundir import RunLock, new_run_id
 from dreambooth.runinfo import library_versions, write_json_atomic, write_text_atomic
 from dreambooth.startup import collection_paused, freeze_alive_objects
-
-
-class TrainingStopped(Exception):
-    """Raised after an interrupt has been saved as a checkpoint."""
 
 
 def training_step(cfg: Config, models: Models, batch: dict, encode: PromptEncoder, latent_cache: LatentCache,
@@ -81,6 +71,8 @@ class Run:
     weight_dtype: torch.dtype
     out: Path
     total_steps: int
+    report: Preflight
+    run_id: str = ""
     global_step: int = 0
 
 
@@ -140,7 +132,7 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
     """Steps until total_steps; checkpoints, validates and logs on their intervals; stops cleanly on request."""
     cfg, acc = run.cfg, run.accelerator
     encode = PromptEncoder(cfg, run.models, acc.device)
-    salt = f"{cfg.model.pretrained_model}|{cfg.model.revision}|{cfg.model.variant}|"
+    salt = f"{run.report.base_identity}|"
     latent_cache = LatentCache(run.models.vae, cfg.training.latent_cache, run.out / "latent_cache", salt)
     modules = trained_modules(run)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -168,10 +160,11 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
         if logger.due():
             bar.set_postfix(logger.flush(), refresh=False)
         if run.global_step % cfg.output.checkpointing_steps == 0 or stop.requested:
-            checkpoint(run)
+            path = checkpoint(run)
         if stop.requested:
             bar.close()
-            raise TrainingStopped(f"stopped at step {run.global_step}; resume with --resume_from_checkpoint latest")
+            raise TrainingStopped(f"stopped at step {run.global_step} as asked: the checkpoint is {path}. Continue "
+                                  "with the same command and --resume_from_checkpoint latest.")
         if cfg.validation.prompts and (run.global_step % cfg.validation.steps == 0
                                        or run.global_step == run.total_steps):
             validate(run)
@@ -215,21 +208,24 @@ class MetricsLog:
         return {"loss": f"{loss:.4f}", "lr": f"{record['lr']:.2e}"}
 
 
-def checkpoint(run: Run) -> None:
-    state = {"base_model": run.cfg.model.pretrained_model, "total_steps": run.total_steps,
-             "versions": library_versions()}
+def checkpoint(run: Run) -> Path:
+    """A resumable checkpoint that names its run, and one line saying where it went."""
+    cfg = run.cfg
+    state = {"run_id": run.run_id, "settings": run.report.run_plan.settings, "base_model": cfg.model.pretrained_model,
+             "method": cfg.model.method, "total_steps": run.total_steps, "versions": library_versions()}
     extra = {"config.yaml": dump_config(run.cfg)}
     path = save_checkpoint(run.accelerator, run.out, run.global_step, state, run.generator,
                            run.cfg.output.checkpoints_total_limit, extra)
-    if run.models.new_token_ids and run.accelerator.is_main_process:
-        run.models.tokenizer.save_pretrained(path / "tokenizer")
+    if run.accelerator.is_main_process:
+        tqdm.write(f"checkpoint saved: {path}")
+    return path
 
 
 def validate(run: Run) -> None:
     """Samples the validation prompts with the same code as `dreambooth generate`; saves a grid per step."""
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth.generate import GenerationSettings, generate_images, make_grid, make_scheduler
+    from dreambooth.generate import GenerationSettings, generate_images, grid_info, make_grid, make_scheduler
 
     acc, v, m = run.accelerator, run.cfg.validation, run.models
     if not acc.is_main_process:
@@ -248,71 +244,90 @@ def validate(run: Run) -> None:
     grid = make_grid([img for img, _ in results], cols=v.num_images)
     path = run.out / "samples" / f"step-{run.global_step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    source = f"{run.cfg.model.pretrained_model} + run {run.run_id} at step {run.global_step}"
+    grid.save(path, pnginfo=grid_info([meta for _, meta in results], source, {"step": run.global_step,
+                                                                              "run_id": run.run_id}))
+    tqdm.write(f"samples saved: {path}")
+
+
+def trackers(cfg: Config) -> list[str]:
+    """accelerate trackers for `output.report_to`: unset means TensorBoard when it is installed."""
+    from accelerate.utils import imports
+
+    name = cfg.output.report_to
+    if name is None:
+        return ["tensorboard"] if imports.is_tensorboard_available() else []
+    return [] if name == "none" else [name]
 
 
 def make_accelerator(cfg: Config, out: Path):
-    import importlib.util
-
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
-    tensorboard = cfg.output.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is not None
     # sync_with_dataloader=False: an optimizer step is always exactly gradient_accumulation_steps batches, also
     # across epoch ends, so a step count maps to a batch count and resuming lands on the same batch.
     plugin = GradientAccumulationPlugin(num_steps=cfg.training.gradient_accumulation_steps,
                                         sync_with_dataloader=False)
     return Accelerator(gradient_accumulation_plugin=plugin, mixed_precision=cfg.training.mixed_precision,
-                       log_with="tensorboard" if tensorboard else None,
+                       log_with=trackers(cfg) or None,
                        project_config=ProjectConfiguration(project_dir=str(out),
                                                            logging_dir=str(out / cfg.output.logging_dir)))
 
 
-def write_run_info(cfg: Config, out: Path, report: Preflight, models: Models) -> None:
-    write_text_atomic(out / "config.yaml", dump_config(cfg))
+def write_run_info(run: Run) -> None:
+    """run_info.json and config.yaml: what this run is, in data a program can read back."""
+    cfg, report, models = run.cfg, run.report, run.models
+    from dreambooth.basemodel import model_fingerprint
+
+    write_text_atomic(run.out / "config.yaml", dump_config(cfg))
     trainable = sum(p.numel() for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad)
-    write_json_atomic(out / "run_info.json", {
-        "base_model": cfg.model.pretrained_model, "method": cfg.model.method, "trainable_parameters": trainable,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prediction_type": report.prediction_type,
-        "subjects": [{"identifier": s.identifier.describe(), "instance_prompt": s.subject.instance_prompt,
-                      "instance_images": [str(p) for p in s.instance.usable]} for s in report.subjects],
-        "versions": library_versions()})
+    subjects = []
+    for s in report.subjects:
+        plan, subject = s.identifier, s.subject
+        subjects.append({
+            "identifier": plan.identifier, "identifier_kind": plan.kind, "identifier_tokens": plan.pieces,
+            "initializer": plan.initializer, "class_word": cfg.token.class_word if not cfg.subjects else
+            subject.class_word, "instance_prompt": subject.instance_prompt,
+            "class_prompt": subject.class_prompt if cfg.dataset.with_prior_preservation else None,
+            "instance_images": [str(p) for p in s.instance.usable],
+            "class_dir": str(subject.class_dir) if cfg.dataset.with_prior_preservation else None})
+    write_json_atomic(run.out / "run_info.json", {
+        "run_id": run.run_id, "settings": report.run_plan.settings, "base_model": cfg.model.pretrained_model,
+        "base_model_hash": model_fingerprint(cfg.model.pretrained_model), "base_model_identity": report.base_identity,
+        "method": cfg.model.method, "trainable_parameters": trainable, "prediction_type": report.prediction_type,
+        "prior_preservation": cfg.dataset.with_prior_preservation,
+        "resumed_from": str(report.run_plan.resume_from.path) if report.run_plan.resume_from else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "subjects": subjects, "versions": library_versions()})
 
 
 def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[list[Path]] | None:
-    """Each subject's class images, generating the missing ones on the main process."""
+    """Each subject's class images, generating the missing ones (into the staging folder) on the main process.
+
+    Nothing in the class folder itself changes here: `start_run` commits the plans once the run can start.
+    """
     if not cfg.dataset.with_prior_preservation:
         return None
-    from dreambooth.class_images import default_batch_size, ensure_class_images
+    from dreambooth.class_images import default_batch_size, generate_missing, plan_class_images
     from dreambooth.generate import load_pipeline, pick_dtype
 
     ds = cfg.dataset
-    precision = ds.prior_generation_precision
-
-    def load_pipe():
-        return load_pipeline(cfg.model.pretrained_model, device=accelerator.device,
-                             dtype=pick_dtype(precision, accelerator.device), safety_checker=False,
-                             revision=cfg.model.revision, variant=cfg.model.variant)
-
     pipe = None
 
     def load_once():  # subjects share one pipeline
         nonlocal pipe
-        pipe = pipe or load_pipe()
+        pipe = pipe or load_pipeline(cfg.model.pretrained_model, device=accelerator.device,
+                                     dtype=pick_dtype(ds.prior_generation_precision, accelerator.device),
+                                     safety_checker=False, revision=cfg.model.revision, variant=cfg.model.variant)
         return pipe
 
     batch_size = ds.sample_batch_size or default_batch_size(accelerator.device.type, cfg.training.resolution)
-    per_subject = []
-    for s in cfg.subject_list():
+    for folder, plan in report.class_plans.items():
         with accelerator.main_process_first():
-            images = ensure_class_images(s.class_dir, prompt=s.class_prompt, model=cfg.model.pretrained_model,
-                                         resolution=cfg.training.resolution, num_images=ds.num_class_images,
-                                         seed=cfg.training.seed, load_pipe=load_once,
-                                         batch_size=batch_size,
-                                         steps=ds.class_inference_steps)
-        if not images:
-            raise UserError(f"dataset.class_dir: {s.class_dir} holds no usable class image after generation.")
-        per_subject.append(images)
+            if accelerator.is_main_process:
+                generate_missing(plan, seed=cfg.training.seed, load_pipe=load_once, batch_size=batch_size,
+                                 steps=ds.class_inference_steps)
+            else:  # the main process has generated them by now
+                report.class_plans[folder] = plan_class_images(folder, plan.recipe, plan.wanted)
     if pipe is not None:
         # The pipeline sits in reference cycles, so deleting it frees nothing until the collector's next full
         # pass, which may come long after the training models have loaded beside it (on a GPU: its fp16
@@ -321,6 +336,12 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[li
         gc.collect()
         if accelerator.device.type == "cuda":
             torch.cuda.empty_cache()
+    per_subject = []
+    for s in cfg.subject_list():
+        images = report.class_plans[Path(s.class_dir)].images()
+        if not images:
+            raise UserError(f"dataset.class_dir: {s.class_dir} holds no usable class image after generation.")
+        per_subject.append(images)
     return per_subject
 
 
@@ -358,7 +379,7 @@ def speed_up(cfg: Config, models: Models, accelerator) -> None:
 
 
 def setup(cfg: Config, report: Preflight) -> Run:
-    """Accelerator, class images, models, data, optimizer, ready to step."""
+    """Accelerator, class images, models, data, optimizer, ready to step; nothing of the user's has changed yet."""
     from accelerate.utils import set_seed
 
     out = cfg.output.output_dir
@@ -383,63 +404,101 @@ def setup(cfg: Config, report: Preflight) -> Run:
     for module, wrapped in zip(trained, prepared):
         setattr(models, "unet" if module is models.unet else "text_encoder", wrapped)
     optimizer, lr_scheduler = prepared[-2:]
-    save_trainable_only(accelerator)
     speed_up(cfg, models, accelerator)
     for module in (models.vae, models.unet, models.text_encoder):
         module.to(accelerator.device)
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed + accelerator.process_index)
-    if accelerator.is_main_process and accelerator.trackers == [] and accelerator.log_with:
-        accelerator.init_trackers("dreambooth")
-    return Run(cfg, accelerator, models, optimizer, lr_scheduler, loader, generator, weight_dtype, out, total)
+    run = Run(cfg, accelerator, models, optimizer, lr_scheduler, loader, generator, weight_dtype, out, total, report)
+    CheckpointFiles(run).register()
+    return run
 
 
-def resume(run: Run, path: Path | None) -> int:
-    """Loads a checkpoint into the run; returns the step to continue from."""
-    if path is None:
+def resume(run: Run) -> int:
+    """Loads the planned checkpoint into the run; returns the step to continue from."""
+    checkpoint = run.report.run_plan.resume_from
+    if checkpoint is None:
         return 0
-    state = load_checkpoint(run.accelerator, path, run.generator)
-    if state.get("base_model") != run.cfg.model.pretrained_model:
-        raise UserError(f"output.resume_from_checkpoint: {path} was trained from {state.get('base_model')}, not "
-                        f"{run.cfg.model.pretrained_model}; resume with the same base model or start a new output_dir.")
+    if checkpoint.step > run.total_steps:
+        raise UserError(f"output.resume_from_checkpoint: {checkpoint.path} is at step {checkpoint.step}, past this "
+                        f"run's {run.total_steps} steps. Train for more epochs or steps to continue it.")
+    state = load_checkpoint(run.accelerator, checkpoint.path, run.generator)
+    step = int(state["global_step"])
     if run.accelerator.is_main_process:
-        print(f"resumed from {path} at step {state['global_step']}")
-    return int(state["global_step"])
+        print(f"resumed from {checkpoint.path} at step {step}")
+        if step == run.total_steps:
+            print(f"it is already at max_train_steps ({step}): nothing left to train; saving the final outputs from it")
+    return step
+
+
+def start_run(run: Run) -> None:
+    """The run can start: its id is settled, the output folder and class folders are changed as planned."""
+    from accelerate.utils import broadcast_object_list
+
+    from dreambooth.class_images import commit
+
+    acc, plan = run.accelerator, run.report.run_plan
+    run.run_id = broadcast_object_list([plan.run_id or new_run_id()])[0] if acc.num_processes > 1 else \
+        plan.run_id or new_run_id()
+    if acc.is_main_process:
+        plan.claim(str(run.cfg.output.logging_dir))
+        for class_plan in run.report.class_plans.values():
+            commit(class_plan)
+        write_run_info(run)
+    acc.wait_for_everyone()
+    if acc.is_main_process and acc.log_with:
+        acc.init_trackers("dreambooth", config={"run_id": run.run_id})
 
 
 def train(cfg: Config, config_path: Path | None = None, ends_process: bool = False) -> Path:
     """Runs a whole DreamBooth training job; returns the output folder.
 
-    `ends_process`: the process exits after this run (`dreambooth train`), so what start-up made is frozen
-    and later full collections skip it (dreambooth.startup).
+    Order matters for the user's folders: pre-flight checks everything and changes nothing; setup loads and
+    generates (into a staging folder); only when the run can step does `start_run` replace an earlier run or
+    move class images. `ends_process`: the process exits after this run (`dreambooth train`), so what start-up
+    made is frozen and later full collections skip it (dreambooth.startup).
     """
-    check_runtime(cfg)
     report = run_preflight(cfg)
     out = cfg.output.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    remove_partial_saves(out)
-    resume_path = resolve_resume(out, cfg.output.resume_from_checkpoint)
-    run = setup(cfg, report)
-    if ends_process:
-        freeze_alive_objects()
-    is_main = run.accelerator.is_main_process
+    existed = out.exists()
+    lock = RunLock(out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        lock.acquire()
+    run = None
     try:
-        if run.accelerator.is_main_process:
-            write_run_info(cfg, out, report, run.models)
-        start = resume(run, resume_path)
+        run = setup(cfg, report)
+        if ends_process:
+            freeze_alive_objects()
+        start = resume(run)
+        start_run(run)
         kernels = cpu_convolution(cfg, run.models, run.accelerator.device)
         with StopRequest() as stop, convolution_kernels(kernels):
-            try:
-                loop(run, start, stop)
-            except TrainingStopped as e:
-                raise UserError(str(e)) from None
-        save_outputs(run)
+            loop(run, start, stop)
+        finish(run)
     finally:
-        release(run.accelerator)
-    if is_main:
-        what = (f"LoRA in {out / 'pytorch_lora_weights.safetensors'} (pipe.load_lora_weights)"
-                if cfg.model.method == "lora" else f"model in {out} (StableDiffusionPipeline.from_pretrained)")
-        print(f"done: {what}; checkpoints, samples/ and {cfg.output.logging_dir}/ beside it")
+        if run is not None:
+            release(run.accelerator)
+        lock.release()
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before it started leaves no empty folder behind
     return out
+
+
+def finish(run: Run) -> None:
+    """The final outputs, the model card, the upload; one line saying where they are."""
+    from dreambooth.outputs import write_model_card
+
+    save_outputs(run)
+    cfg, out = run.cfg, run.out
+    if not run.accelerator.is_main_process:
+        return
+    write_model_card(run)
+    what = (f"LoRA in {out / 'pytorch_lora_weights.safetensors'} (pipe.load_lora_weights)"
+            if cfg.model.method == "lora" else f"model in {out} (StableDiffusionPipeline.from_pretrained)")
+    print(f"done: {what}; checkpoints, samples/ and {cfg.output.logging_dir}/ beside it")
+    if cfg.output.push_to_hub:
+        from dreambooth.hub import upload_run
+
+        print(f"uploaded to {upload_run(cfg, run.report.hub_repo)}")
 
 
 def release(accelerator) -> None:

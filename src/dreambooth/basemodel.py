@@ -1,0 +1,198 @@
+"""A model as the user names it: a local diffusers folder or a hub id, what else it might be, and its identity.
+
+Torch-free, so that pre-flight can check every model argument before anything heavy loads:
+
+- `check_model_folder` says what a path is when it is not a diffusers folder (a LoRA file or LoRA output, a
+  training checkpoint, a single-file checkpoint) and what to pass instead.
+- `resolve_hub_model` asks the hub once, without retries, before any library tries: huggingface_hub retries
+  a failing download for about half a minute per file (`Retrying in 8s`), two minutes and more before a
+  pipeline gives up, when a proxy answers 5xx or the network is half there.
+- `model_identity` names a model by its weights, not by the spelling of its path, for the caches that depend
+  on it (class images, latents).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from dreambooth.errors import UserError
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+CHECKPOINT_STATE = "trainer_state.json"
+SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
+def safetensors_metadata(path: Path) -> tuple[list[str], dict[str, str]] | None:
+    """The tensor names and metadata of a safetensors file, from its header alone; None if it is not one."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 100_000_000:
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    metadata = header.pop("__metadata__", None) or {}
+    return list(header), {k: str(v) for k, v in metadata.items()}
+
+
+def file_kind(path: Path) -> str:
+    """'lora', 'single-file' or 'other' for a .safetensors file, read from its tensor names."""
+    read = safetensors_metadata(path)
+    if read is None:
+        return "other"
+    keys, _ = read
+    if any(k.startswith(SINGLE_FILE_PREFIXES) for k in keys):
+        return "single-file"
+    if keys and all("lora" in k or k.endswith(".alpha") or k.startswith("bundle_emb.") for k in keys):
+        return "lora"
+    return "other"
+
+
+def lora_base_model(path: Path) -> str | None:
+    """The base model a LoRA of this tool records (`dreambooth.base_model`), if any."""
+    read = safetensors_metadata(path)
+    return read[1].get("dreambooth.base_model") if read else None
+
+
+def _lora_advice(lora: Path, flag: str) -> str:
+    base = lora_base_model(lora if lora.is_file() else lora / LORA_FILE)
+    model = base or "BASE_MODEL_FOLDER"
+    where = f" It was trained on {base}." if base else ""
+    return (f"{where} Pass the base model as {flag} and the LoRA as --lora: `{flag} {model} --lora {lora}`.")
+
+
+def check_model_folder(path: Path | str, what: str = "--model") -> None:
+    """A diffusers pipeline folder has model_index.json; otherwise say what `path` is and what to pass instead."""
+    p = Path(path)
+    if (p / "model_index.json").is_file():
+        return
+    if p.is_file() and p.suffix == ".safetensors":
+        kind = file_kind(p)
+        if kind == "lora":
+            raise UserError(f"{what} {p} is a LoRA (adapter weights only), not a model.{_lora_advice(p, what)}")
+        maybe = "" if kind == "single-file" else " (or not a model at all)"
+        raise UserError(f"{what} {p} is a single-file checkpoint{maybe}; this command needs a diffusers folder. "
+                        "Convert a Stable Diffusion single file once with StableDiffusionPipeline.from_single_file("
+                        "FILE).save_pretrained(DIR) and pass DIR.")
+    if p.is_file() and p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise UserError(f"{what} {p} is a pickle checkpoint ({p.suffix}); this tool reads diffusers folders with "
+                        "safetensors weights. Convert it where you trust it with StableDiffusionPipeline"
+                        ".from_single_file(FILE).save_pretrained(DIR) and pass DIR.")
+    if p.is_file():
+        raise UserError(f"{what} {p} is a file; pass a diffusers model folder (model_index.json, unet/, vae/, "
+                        "text_encoder/, tokenizer/, scheduler/).")
+    if p.is_dir() and (p / CHECKPOINT_STATE).is_file():
+        raise UserError(f"{what} {p} is a training checkpoint, not a model folder. `dreambooth generate`, "
+                        "`evaluate` and `export` take it as it is; to train from it, resume it with "
+                        f"--resume_from_checkpoint {p}, or make a model of it with `dreambooth export {p} --format "
+                        "diffusers --out DIR`.")
+    if p.is_dir() and (p / LORA_FILE).is_file():
+        raise UserError(f"{what} {p} is a LoRA training output, not a full model.{_lora_advice(p, what)}")
+    if p.is_dir():
+        raise UserError(f"{what} {p} is not a diffusers model folder: it has no model_index.json. Expected a "
+                        "folder as written by StableDiffusionPipeline.save_pretrained (model_index.json, unet/, "
+                        "vae/, text_encoder/, tokenizer/, scheduler/).")
+    raise UserError(f"{what} {p} does not exist. Pass a diffusers model folder (e.g. a training output "
+                    "folder, or one made by `dreambooth tiny-model DIR`).")
+
+
+def is_hub_id(model: str) -> bool:
+    """An 'org/name' that is not a path on this machine."""
+    return bool(HUB_ID.match(model)) and not Path(model).expanduser().exists() and not model.startswith((".", "~"))
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    return path if (Path(path) / "model_index.json").is_file() else None
+
+
+def resolve_hub_model(repo_id: str, revision: str | None = None, what: str = "model.pretrained_model",
+                      token: str | None = None) -> str:
+    """The hub model to load: `repo_id` when the hub answers, else its cached copy; a UserError at once otherwise.
+
+    One request with a timeout and no retries decides. Offline (HF_HUB_OFFLINE=1, or no answer) a complete
+    cached copy is used, returned as its local folder, so that no library retries the network for it.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    cached = _cached_snapshot(repo_id, revision)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return cached
+        raise UserError(f"{what} {repo_id} is not a local folder, and HF_HUB_OFFLINE is set, so it cannot be "
+                        "fetched from the hub (nor is it in the local hub cache). Pass a local diffusers folder, or "
+                        "download it on a connected machine first (`hf download " + repo_id + "`).")
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=float(os.environ.get("DREAMBOOTH_HUB_TIMEOUT", 10)),
+                           token=token)
+        return repo_id
+    except GatedRepoError:
+        reason = "it is gated: accept its licence on the hub and log in (`hf auth login`) or pass a token"
+    except RevisionNotFoundError:
+        reason = f"it has no revision '{revision}'"
+    except RepositoryNotFoundError:
+        reason = "there is no such repository (or it is private: log in with `hf auth login`)"
+    except Exception as e:  # noqa: BLE001 - any transport failure means the hub cannot be reached
+        if cached:
+            print(f"note: the hub did not answer ({type(e).__name__}); using the cached copy of {repo_id} at {cached}")
+            return cached
+        reason = f"the hub cannot be reached ({type(e).__name__}: {str(e)[:160]}): this machine is offline or behind " \
+                 "a proxy"
+    raise UserError(f"{what} {repo_id} is not a local folder, and it cannot be fetched from the hub: {reason}. "
+                    "Pass a local diffusers folder (e.g. one saved with StableDiffusionPipeline.save_pretrained).")
+
+
+def _first_weights(folder: Path) -> Path | None:
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return files[0] if files else None
+
+
+def model_fingerprint(model: str | Path) -> str:
+    """A short hash of the base model's UNet weights file, to tell base models apart; '' for a hub id.
+
+    The header and first MiB of the file, and its size: enough to tell models apart, fast for 3 GB files.
+    LoRA files record it as `dreambooth.base_model_hash`, so its definition stays as it is.
+    """
+    file = _first_weights(Path(model) / "unet")
+    if file is None:
+        return ""
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+        digest.update(f.read(1 << 20))
+    digest.update(str(file.stat().st_size).encode())
+    return digest.hexdigest()[:16]
+
+
+def model_identity(model: str | Path, revision: str | None = None, variant: str | None = None) -> str:
+    """What a model is, for caches that depend on it: a hash over its UNet, text encoder and VAE weight files
+    (header, first MiB and size of each), so two spellings of one folder agree and two models differ; a hub
+    id with its revision when it is not on disk."""
+    folder = Path(model)
+    if not (folder / "model_index.json").is_file():
+        return f"hub:{model}@{revision or 'main'}"
+    digest = hashlib.sha256()
+    for part in ("unet", "text_encoder", "vae"):
+        file = _first_weights(folder / part)
+        if variant and file is not None:
+            file = next((f for f in sorted((folder / part).glob(f"*.{variant}.safetensors"))), file)
+        if file is None:
+            continue
+        with file.open("rb") as f:
+            digest.update(f.read(1 << 20))
+        digest.update(f"{part}:{file.stat().st_size}".encode())
+    return "sha256:" + digest.hexdigest()[:24]
