@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -68,8 +68,8 @@ def make_lora(model_dir, out_dir, *, seed, unet_config, te_config=None, writer="
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # peft draws lora_A from the global generator
         pipe.unet.add_adapter(unet_config)
-        if te_config is not None:
-            pipe.text_encoder.add_adapter(te_config)
+        if te_config is not None:  # with peft itself, as training does (components.add_lora_adapters)
+            inject_adapter_in_model(te_config, pipe.text_encoder, adapter_name="default")
     gen = torch.Generator().manual_seed(seed)
     for model in (pipe.unet, pipe.text_encoder):
         for name, param in model.named_parameters():
@@ -292,6 +292,7 @@ def seed1_model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("seed1") / "model", seed=1)
 
 
+@pytest.mark.smoke
 def test_single_file_loads_in_stock_diffusers_with_every_weight(tiny_model, seed1_model, tmp_path):
     file = to_single_file(seed1_model, tmp_path / "model.safetensors")
     keys = set(load_file(file))
@@ -460,6 +461,7 @@ def prompt_embedding(pipe, prompt="a photo of <zq> dog"):
         return pipe.text_encoder(ids)[0]
 
 
+@pytest.mark.smoke
 def test_new_tokens_go_with_every_export_and_never_get_lost(tiny_model, token_lora, tmp_path, capsys):
     want = load_file(token_lora / "token_embeddings.safetensors")["<zq>"]
     merged = load(merge_lora(tiny_model, [(token_lora, 1.0)], tmp_path / "merged"))

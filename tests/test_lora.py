@@ -39,6 +39,7 @@ def image_of(pipe, prompt="a photo of sks dog", seed=0):
     return pipe(prompt, num_inference_steps=3, generator=gen, output_type="np", height=64, width=64).images[0]
 
 
+@pytest.mark.smoke
 def test_lora_run_writes_a_file_stock_diffusers_loads(tiny_model, instance_dir, tmp_path):
     out = tmp_path / "out"
     train(lora_cfg(tiny_model, instance_dir, out))
@@ -65,6 +66,7 @@ def test_lora_run_writes_a_file_stock_diffusers_loads(tiny_model, instance_dir, 
     assert np.abs(image_of(pipe) - base).max() > 1e-3, "the LoRA changes nothing"
 
 
+@pytest.mark.smoke
 def test_lora_with_text_encoder_new_token_and_bf16(tiny_model, instance_dir, tmp_path, capsys):
     out = tmp_path / "out"
     train(lora_cfg(tiny_model, instance_dir, out, **{

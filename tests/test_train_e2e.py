@@ -34,6 +34,7 @@ def base_overrides(model, instance_dir, class_dir, out, **extra):
     return values
 
 
+@pytest.mark.smoke
 def test_issue_command_end_to_end(tiny_model, instance_dir, class_dir, class_dir_cache, tmp_path, capsys):
     out = tmp_path / "OUT"
     argv = ["train", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(instance_dir),

@@ -148,6 +148,16 @@ def resolve_hub_model(repo_id: str, revision: str | None = None, what: str = "mo
     except RepositoryNotFoundError:
         reason = "there is no such repository (or it is private: log in with `hf auth login`)"
     except Exception as e:  # noqa: BLE001 - any transport failure means the hub cannot be reached
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 404:
+            reason = "there is no such repository (or it is private: log in with `hf auth login`)"
+            raise UserError(f"{what} {repo_id} is not a local folder, and it cannot be fetched from the hub: "
+                            f"{reason}. Pass a local diffusers folder (e.g. one saved with "
+                            "StableDiffusionPipeline.save_pretrained).") from None
+        if status in (401, 403):
+            raise UserError(f"{what} {repo_id} is not a local folder, and the hub refused it ({status}): it is "
+                            "private or gated. Log in with `hf auth login` (accept its licence on the hub first), "
+                            "or pass a local diffusers folder.") from None
         if cached:
             print(f"note: the hub did not answer ({type(e).__name__}); using the cached copy of {repo_id} at {cached}")
             return cached

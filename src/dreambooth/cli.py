@@ -90,6 +90,13 @@ def _is_list(annotation: Any) -> bool:
     return typing.get_origin(annotation) is list
 
 
+class Switch(argparse.BooleanOptionalAction):
+    """`--flag` / `--no-flag`, in either spelling: argparse's own action ignores a spelling it was not built with."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no-"))
+
+
 def _help_text(field: Any) -> str:
     default = field.default
     shown = "" if default in (None, [], "") or isinstance(default, bool) else f" [default: {default}]"
@@ -104,7 +111,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             flags = field_flags(section, name)
             kw: dict[str, Any] = {"dest": f"{section}.{name}", "default": argparse.SUPPRESS, "help": _help_text(field)}
             if _is_bool(field.annotation):
-                kw["action"] = argparse.BooleanOptionalAction
+                kw["action"] = Switch
             elif _is_list(field.annotation):
                 kw.update(action="append", metavar="TEXT")
             else:
@@ -369,8 +376,10 @@ def run(args: argparse.Namespace, ends_process: bool = False) -> None:
 
         export_command(args)
     elif args.command == "tiny-model":
+        from dreambooth.rundir import claim_work_folder
         from dreambooth.tiny import build_tiny_model
 
+        claim_work_folder(args.dir, "tiny-model")  # never writes random weights over someone's model
         path = build_tiny_model(args.dir, prediction_type=args.prediction_type, seed=args.seed,
                                 resolution=args.resolution, size=args.size)
         print(f"{args.size} random-weight model written to {path}")

@@ -113,9 +113,10 @@ def measure_child(args_json: str) -> None:
 def run_compare(out: Path, *, model: Path | None, instance_dir: Path | None, steps: int, resolution: int,
                 rank: int, learning_rates: dict[str, float]) -> list[dict]:
     """Trains each method in its own process on the same data; writes results.json and table.md under `out`."""
+    from dreambooth.rundir import claim_work_folder
     from dreambooth.tiny import build_tiny_model, synthetic_photo
 
-    out.mkdir(parents=True, exist_ok=True)
+    claim_work_folder(out, "compare", legacy=("results.json",))
     if model is None:
         model = build_tiny_model(out / "tiny-model", seed=0)
     if instance_dir is None:
@@ -132,7 +133,7 @@ def run_compare(out: Path, *, model: Path | None, instance_dir: Path | None, ste
             "dataset.num_class_images": 8, "training.resolution": resolution, "training.max_train_steps": steps,
             "training.learning_rate": learning_rates[method], "training.seed": 0, "lora.rank": rank,
             "output.output_dir": str(out / method), "output.logging_steps": 1, "output.report_to": "none",
-            "output.checkpointing_steps": steps + 1,
+            "output.checkpointing_steps": steps + 1, "output.overwrite_output_dir": True,  # compare's own folder
         }
         proc = subprocess.run([sys.executable, "-c", "import sys; from dreambooth.compare import measure_child; "
                                "measure_child(sys.argv[1])", json.dumps({"overrides": overrides})],

@@ -108,11 +108,20 @@ def lora_config(cfg: Config, target_modules: list[str]):
 
 
 def add_lora_adapters(cfg: Config, models: Models) -> None:
-    """peft LoRA adapters on the UNet's attention projections (and the text encoder's, when it trains)."""
+    """peft LoRA adapters on the UNet's attention projections (and the text encoder's, when it trains).
+
+    The text encoder's come from peft directly, not through transformers' `add_adapter`: transformers 5.24 refuses
+    every peft release that exists (it asks for peft >= 0.22), while peft itself, like diffusers' loader, works
+    with all of them. `peft_config` is what transformers would set, and what saving reads.
+    """
+    from peft import inject_adapter_in_model
+
     if cfg.model.train_unet:
         models.unet.add_adapter(lora_config(cfg, cfg.lora.unet_target_modules))
     if cfg.model.train_text_encoder:
-        models.text_encoder.add_adapter(lora_config(cfg, cfg.lora.text_encoder_target_modules))
+        config = lora_config(cfg, cfg.lora.text_encoder_target_modules)
+        inject_adapter_in_model(config, models.text_encoder, adapter_name="default")
+        models.text_encoder.peft_config = {"default": config}
 
 
 def param_groups(cfg: Config, models: Models, lr_scale: float) -> list[dict]:

@@ -20,11 +20,12 @@ from dreambooth import experiment, world
 
 def run_demo(out: Path, steps: int | None = None, seed: int = 0) -> dict:
     """Trains the built-in subject into the built-in model under `out`; writes grids and metrics.json."""
+    from dreambooth.rundir import claim_work_folder
     from dreambooth.world_model import builtin_model_path
 
     recipe = experiment.Recipe() if steps is None else experiment.Recipe(steps=steps)
     model = builtin_model_path()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_work_folder(out, "demo", legacy=("metrics.json", "model"))
     variant = experiment.Variant("full + prior", "full", prior=True)
     run_dir = experiment.train_variant(model, variant, seed, out, recipe, extra={
         "output.output_dir": str(out / "model"), "output.checkpointing_steps": max(recipe.steps // 2, 1),

@@ -100,6 +100,8 @@ def train_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: 
                                      if recipe.lora_targets else {}),
         "output.output_dir": str(work / "runs" / f"{_slug(variant)}-seed{seed}"),
         "output.checkpointing_steps": recipe.steps + 1, "output.logging_steps": 50, "output.report_to": "none",
+        # the experiment's and the demo's own folders (rundir.claim_work_folder): a rerun replaces its runs
+        "output.overwrite_output_dir": True,
         **(extra or {}),
     }
     return train(load_config(None, overrides))
@@ -157,10 +159,11 @@ def run_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: Re
 def run_experiment(out: Path, *, model: Path | None = None, seeds: list[int], recipe: Recipe,
                    variants: tuple[Variant, ...] = VARIANTS) -> list[dict]:
     """Every variant at every seed; writes results.json, table.md and the grids of the first seed under `out`."""
+    from dreambooth.rundir import claim_work_folder
     from dreambooth.world_model import builtin_model_path
 
     model = model or builtin_model_path()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_work_folder(out, "experiment", legacy=("results.json",))
     results = []
     for seed in seeds:
         for variant in variants:

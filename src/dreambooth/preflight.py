@@ -210,6 +210,49 @@ def plan_all_class_images(cfg: Config, identity: str) -> dict[Path, ClassImagePl
     return plans
 
 
+def _module_names(model: str, part: str) -> dict[str, str]:
+    """The modules of one part of a local model ({name: class name}), built from its config on the meta device."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        if part == "unet":
+            from diffusers import UNet2DConditionModel
+
+            module = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(model) / "unet"))
+        else:
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            module = CLIPTextModel(CLIPTextConfig.from_pretrained(Path(model) / "text_encoder"))
+    return {name: type(m).__name__ for name, m in module.named_modules()}
+
+
+def check_lora_targets(cfg: Config) -> None:
+    """Every LoRA target module name must match a module (as peft matches: the name or its last parts); peft
+    would otherwise fail after class images were generated and the weights loaded."""
+    parts = [("unet", "lora.unet_target_modules", cfg.lora.unet_target_modules)] if cfg.model.train_unet else []
+    if cfg.model.train_text_encoder:
+        parts.append(("text_encoder", "lora.text_encoder_target_modules", cfg.lora.text_encoder_target_modules))
+    for part, key, targets in parts:
+        names = _module_names(cfg.model.pretrained_model, part)
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if unmatched:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, kind in names.items()
+                             if kind in ("Linear", "Conv2d") and not n.rsplit(".", 1)[-1].isdigit()})
+            raise UserError(f"{key}: {', '.join(unmatched)} match no module of this model's {part}; adapters go on "
+                            f"modules named like {', '.join(leaves)} (or a dotted path such as to_out.0).")
+
+
+def check_token_length(cfg: Config) -> None:
+    """training.tokenizer_max_length cannot exceed the text encoder's positions."""
+    config = Path(cfg.model.pretrained_model) / "text_encoder" / "config.json"
+    wanted = cfg.training.tokenizer_max_length
+    if wanted and config.is_file():
+        limit = json.loads(config.read_text()).get("max_position_embeddings", 77)
+        if wanted > limit:
+            raise UserError(f"training.tokenizer_max_length: {wanted} is more than the text encoder's {limit} "
+                            "positions; leave it unset (the tokenizer's own length) or lower it.")
+
+
 def check_scheduler_name(name: str, key: str) -> None:
     from dreambooth.generate import make_scheduler
 
@@ -245,6 +288,10 @@ def run_preflight(cfg: Config) -> Preflight:
         problems.check(check_resolution, cfg.training.resolution, factor)
     elif cfg.training.resolution % 8:
         problems.check(check_resolution, cfg.training.resolution, 8)
+    if model_ok and not is_hub_id(model):
+        problems.check(check_token_length, cfg)
+        if cfg.model.method == "lora":
+            problems.check(check_lora_targets, cfg)
     identity = model_identity(model, cfg.model.revision, cfg.model.variant)
     subjects, warnings = [], []
     tokenizer = problems.check(load_tokenizer, cfg) if model_ok or cfg.model.tokenizer_name else None

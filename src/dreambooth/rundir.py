@@ -292,6 +292,11 @@ def _plan_resume(cfg, plan: RunPlan, folder: FolderState, resume: str, identity_
         raise UserError(f"output.resume_from_checkpoint: {checkpoint.path} is at step {checkpoint.step}, past "
                         f"max_train_steps {total}. Raise --max_train_steps to train further, or use the checkpoint "
                         "as it is (`dreambooth generate --model` and `export` take it).")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    saved = len(list(checkpoint.path.glob("noise_generator_*.safetensors")))
+    if saved and saved < processes:
+        raise UserError(f"output.resume_from_checkpoint: {checkpoint.path} was saved by {saved} process(es) and this "
+                        f"run has {processes}; resume with the same number of processes.")
     plan.resume_from, plan.run_id = checkpoint, checkpoint.run_id
     return plan
 
@@ -349,3 +354,20 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def claim_work_folder(out: Path, command: str, legacy: tuple[str, ...] = ()) -> None:
+    """A folder a whole command owns (demo, experiment, compare): new, empty, or written by that command before,
+    whose runs it then replaces. `legacy`: entries that mark a folder written before the marker existed."""
+    marker = out / f".dreambooth-{command}"
+    if marker.is_file():
+        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; give `dreambooth {command}` a folder of its own.")
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.exists() else []
+    if entries and not (legacy and all((out / name).exists() for name in legacy)):
+        raise UserError(f"{out} holds files that `dreambooth {command}` did not write ({', '.join(entries[:5])}); it "
+                        "writes its models and results there and would replace or mix with them. Choose a new or "
+                        "empty folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"written by `dreambooth {command}`, which replaces its own runs here\n")
