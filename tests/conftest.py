@@ -62,3 +62,17 @@ def class_dir(tmp_path, class_dir_cache):
 def remember_class_dir(folder, cache):
     if not cache.exists():
         shutil.copytree(folder, cache)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if training gets as far as loading weights (or setting up a run at all)."""
+    from dreambooth import components
+    from dreambooth import train as train_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the input was checked")
+
+    monkeypatch.setattr(components, "load_models", refuse)
+    monkeypatch.setattr(train_module, "load_models", refuse)
+    monkeypatch.setattr(train_module, "setup", refuse)

@@ -188,16 +188,6 @@ def test_evaluate_refuses_images_of_two_models(tmp_path):
 # --------------------------------------------------------------------------------------------- mistakes caught early
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were loaded before the input was checked")
-
-    monkeypatch.setattr(components, "load_models", refuse)
-    monkeypatch.setattr(train_module, "load_models", refuse)
-    monkeypatch.setattr(train_module, "setup", refuse)
-
-
 def test_every_mistake_is_reported_at_once_before_any_work(tiny_model, instance_dir, tmp_path, capsys,
                                                            no_model_load):
     (tmp_path / "a-file").write_text("x")
