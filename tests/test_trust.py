@@ -535,3 +535,23 @@ def test_lora_targets_and_token_length_are_checked_before_any_work(tiny_model, i
               code=2).err
     assert "lora.unet_target_modules: attn_qkv match no module" in err and "to_k" in err
     assert "training.tokenizer_max_length: 500 is more than" in err
+
+
+def test_what_a_model_argument_is_is_said_for_every_command(tiny_model, tmp_path, capsys):
+    from dreambooth.basemodel import check_model_folder
+    from dreambooth.errors import UserError
+
+    sdxl = tmp_path / "sdxl"
+    sdxl.mkdir()
+    (sdxl / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    with pytest.raises(UserError, match="is a StableDiffusionXLPipeline model"):
+        check_model_folder(sdxl)
+    lora = tmp_path / "lora.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"unet.a.lora_A.weight": torch.zeros(1)}, str(lora), metadata={"dreambooth.base_model": "/m/sd15"})
+    with pytest.raises(UserError, match=r"is a LoRA .* Train from its base model \(model.pretrained_model: /m/sd15\)"):
+        check_model_folder(lora, what="model.pretrained_model")
+    err = run(capsys, ["export", str(tiny_model), "--format", "diffusers", "--out", str(tmp_path / "x"),
+                       "--merge-lora", str(tiny_model)], code=2).err
+    assert "--merge-lora" in err and "is a full model folder, not a LoRA" in err

@@ -24,6 +24,9 @@ from dreambooth.errors import UserError
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CHECKPOINT_STATE = "trainer_state.json"
+# model_index.json's _class_name of the models this tool works with (img2img and inpaint folders share the layout
+# of text-to-image ones and are saved under their own names by some tools).
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 
 
@@ -66,13 +69,23 @@ def _lora_advice(lora: Path, flag: str) -> str:
     base = lora_base_model(lora if lora.is_file() else lora / LORA_FILE)
     model = base or "BASE_MODEL_FOLDER"
     where = f" It was trained on {base}." if base else ""
-    return (f"{where} Pass the base model as {flag} and the LoRA as --lora: `{flag} {model} --lora {lora}`.")
+    if flag.startswith("model."):  # training: a LoRA is no base model
+        return (f"{where} Train from its base model ({flag}: {model}); to train the LoRA further, resume its run "
+                "with --resume_from_checkpoint.")
+    return f"{where} Pass the base model as {flag} and the LoRA as --lora: `{flag} {model} --lora {lora}`."
 
 
 def check_model_folder(path: Path | str, what: str = "--model") -> None:
     """A diffusers pipeline folder has model_index.json; otherwise say what `path` is and what to pass instead."""
     p = Path(path)
     if (p / "model_index.json").is_file():
+        try:
+            pipeline = json.loads((p / "model_index.json").read_text()).get("_class_name", "")
+        except ValueError:
+            pipeline = ""
+        if pipeline and pipeline not in SUPPORTED_PIPELINES:
+            raise UserError(f"{what} {p} is a {pipeline} model; this tool trains and draws Stable Diffusion 1.x and "
+                            "2.x (StableDiffusionPipeline folders). Pass such a model.")
         return
     if p.is_file() and p.suffix == ".safetensors":
         kind = file_kind(p)

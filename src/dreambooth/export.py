@@ -843,9 +843,11 @@ def export_command(args) -> Path:
     src, out, fmt, half = Path(args.src), Path(args.out), args.format, bool(args.half)
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt} is not one of {', '.join(FORMATS)}.")
+    from dreambooth.lora import check_lora_source
+
     loras = [parse_lora_spec(spec) for spec in (args.merge_lora or [])]
     for path, _ in loras:
-        find_lora_file(path)
+        check_lora_source(path, "--merge-lora")  # a full model given as a LoRA is refused, saying what to pass
     kind = source_kind(src)
     if kind == "lora-checkpoint":  # its LoRA as it is, or fused into its base model for one file
         kind = "model" if fmt == "single-file" else "lora"

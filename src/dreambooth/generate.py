@@ -291,9 +291,10 @@ def claim_image_folder(out: Path, overwrite: bool) -> None:
         raise UserError(f"--out {out} holds files that `dreambooth generate` did not write ({shown}); images "
                         "written there would mix with them. Choose a new or empty folder.")
     if not overwrite:
-        raise UserError(f"--out {out} holds {len(entries) - 1} file(s) of an earlier `dreambooth generate` run; new "
-                        "images would mix with them (and `evaluate --images` would score both runs as one). Choose "
-                        "another --out, or pass --overwrite to replace them.")
+        images = sum(1 for p in entries if _OWN_IMAGE.match(p.name))
+        raise UserError(f"--out {out} holds the {images} image(s) of an earlier `dreambooth generate` run; new images "
+                        "would mix with them (and `evaluate --images` would score both runs as one). Choose another "
+                        "--out, or pass --overwrite to replace them.")
     for entry in entries:
         entry.unlink()
 

@@ -84,18 +84,19 @@ def token_file_for(lora_file: Path) -> Path:
     return lora_file.with_name(lora_file.name.removesuffix(".safetensors") + ".tokens.safetensors")
 
 
-def check_lora_source(path: Path) -> Path:
+def check_lora_source(path: Path, flag: str = "--lora") -> Path:
     """A --lora argument as the LoRA file it names; a full model given as a LoRA is refused, saying what to pass."""
     from dreambooth.basemodel import CHECKPOINT_STATE, file_kind
 
     p = Path(path)
     if p.is_dir() and (p / "model_index.json").is_file():
-        raise UserError(f"--lora {p} is a full model folder, not a LoRA; pass it as --model (and a LoRA trained on "
-                        "it as --lora).")
+        raise UserError(f"{flag} {p} is a full model folder, not a LoRA; pass it as the model (--model, or export's "
+                        "SRC), and a LoRA trained on it as the LoRA.")
     if p.is_dir() and (p / CHECKPOINT_STATE).is_file() and not (p / LORA_FILE).is_file():
-        raise UserError(f"--lora {p} is a checkpoint of a full fine-tune, not a LoRA; pass it as --model.")
+        raise UserError(f"{flag} {p} is a checkpoint of a full fine-tune, not a LoRA; pass it as the model (--model, "
+                        "or export's SRC).")
     if p.is_file() and p.suffix == ".safetensors" and file_kind(p) == "single-file":
-        raise UserError(f"--lora {p} is a full single-file Stable Diffusion checkpoint, not a LoRA. Convert it to a "
+        raise UserError(f"{flag} {p} is a full single-file Stable Diffusion checkpoint, not a LoRA. Convert it to a "
                         "diffusers folder (StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)) and "
                         "pass that as --model.")
     return find_lora_file(p)
