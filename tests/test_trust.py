@@ -166,8 +166,14 @@ def test_generate_gives_every_image_its_own_noise_and_never_mixes_folders(tiny_m
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "holiday.jpg").write_bytes(b"x")
     assert "did not write" in run(capsys, argv[:-1] + [str(tmp_path / "mine"), "--overwrite"], code=2).err
-    # a seed given twice would draw the same images twice
+    # a seed given twice would draw the same images twice; a negative one is A1111's "random", not a seed
     assert "given more than once" in run(capsys, argv[:-1] + [str(tmp_path / "x"), "--seed", "0"], code=2).err
+    assert "seeds are 0 or more" in run(capsys, argv[:-1] + [str(tmp_path / "x"), "--seed", "-1"], code=2).err
+    from dreambooth.config import load_config
+    from dreambooth.errors import UserError
+
+    with pytest.raises(UserError, match="training.seed: input should be less than 4294967296"):
+        load_config(None, {"model.pretrained_model": "m", "dataset.instance_prompt": "x", "training.seed": 2**32})
 
 
 def test_evaluate_refuses_images_of_two_models(tmp_path):

@@ -132,7 +132,7 @@ class TrainingSection(Section):
     allow_tf32: bool = opt(True, "TF32 matmuls and convolutions on Ampere and newer GPUs (--no-allow_tf32: off).")
     snr_gamma: float | None = opt(None, "Min-SNR-gamma loss weighting (5.0 is the paper's value).", gt=0)
     noise_offset: float = opt(0.0, "Offset-noise strength (--offset_noise sets 0.1).", ge=0)
-    seed: int | None = opt(None, "Random seed (default: drawn and recorded in the run folder).")
+    seed: int | None = opt(None, "Random seed (default: drawn and recorded in the run folder).", ge=0, lt=2**32)
     dataloader_num_workers: int = opt(0, "Data-loading worker processes.", ge=0)
     latent_cache: Literal["memory", "disk", "off"] = opt(
         "memory", "Encode each augmented image once and reuse its VAE latents: in device memory, on disk "
@@ -158,7 +158,7 @@ class ValidationSection(Section):
     num_inference_steps: int = opt(25, "Denoising steps of validation images.", "--validation_inference_steps", ge=1)
     guidance_scale: float = opt(7.5, "Classifier-free guidance of validation images.", "--validation_guidance", ge=0)
     scheduler: str = opt("DPMSolverMultistepScheduler", "Sampler of validation images.", "--validation_scheduler")
-    seed: int = opt(0, "Seed of validation images, so that steps compare.", "--validation_seed")
+    seed: int = opt(0, "Seed of validation images, so that steps compare.", "--validation_seed", ge=0)
 
     @field_validator("prompts", mode="before")
     @classmethod

@@ -325,6 +325,9 @@ def check_job(job: GenerateJob) -> None:
         if value is not None and (value < 8 or value % 8):
             raise UserError(f"{name} {value} is not a multiple of 8; Stable Diffusion's VAE needs sides divisible "
                             f"by 8 (e.g. {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}).")
+    if any(seed < 0 for seed in s.seeds):
+        raise UserError(f"--seed {min(s.seeds)}: seeds are 0 or more (A1111's -1 for a random seed is not one here); "
+                        "omit --seed for seed 0, or give the seeds to draw.")
     repeated = sorted({seed for seed in s.seeds if s.seeds.count(seed) > 1})
     if repeated:
         raise UserError(f"--seed {repeated[0]} is given more than once; a seed draws the same images every time. "

@@ -43,12 +43,13 @@ def builtin_model_path() -> pathlib.Path:
 
 
 def is_world_model(path) -> bool:
-    """True for a model folder pretrained on the shape world (it carries world.json), or a run trained from one."""
+    """True for a model folder pretrained on the shape world (it carries world.json), or a run or checkpoint
+    trained from one."""
     path = pathlib.Path(path)
     if (path / "world.json").is_file():
         return True
-    info = path / "run_info.json"
-    if not info.is_file():
+    info = next((path / name for name in ("run_info.json", "trainer_state.json") if (path / name).is_file()), None)
+    if info is None:
         return False
     try:
         base = json.loads(info.read_text()).get("base_model")
