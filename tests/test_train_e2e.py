@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 from conftest import remember_class_dir
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dreambooth import train as train_module
 from dreambooth.class_images import MANIFEST
@@ -124,16 +124,41 @@ def test_resume_gives_the_same_weights_as_not_stopping(tiny_model, instance_dir,
     monkeypatch.undo()
     assert [p.name for p in stopped.glob("checkpoint-*")] == ["checkpoint-3"]
     assert not (stopped / "model_index.json").exists()
+    legacy = make_legacy_copy(stopped, tmp_path / "legacy", tiny_model)
 
     resumed = dict(extra, **{"output.resume_from_checkpoint": "latest"})
-    train(load_config(None, base_overrides(tiny_model, instance_dir, class_dir, stopped, **resumed)))
-
-    a, b = unet_weights(straight), unet_weights(stopped)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
     te = "text_encoder/model.safetensors"
-    ta, tb = load_file(str(straight / te)), load_file(str(stopped / te))
-    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    for folder in (stopped, legacy):  # and a checkpoint saved by the layout before this one's, still resumable
+        train(load_config(None, base_overrides(tiny_model, instance_dir, class_dir, folder, **resumed)))
+        a, b = unet_weights(straight), unet_weights(folder)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"resumed run {folder.name} differs from the uninterrupted one"
+        ta, tb = load_file(str(straight / te)), load_file(str(folder / te))
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def make_legacy_copy(run_dir, dest, base_model):
+    """`run_dir` as the previous version wrote it: trainable_<i>.safetensors per trained module in each checkpoint
+    (the UNet, then the text encoder's whole embedding matrix), no run id or settings recorded anywhere."""
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    shutil.copytree(run_dir, dest)
+    info = json.loads((dest / "run_info.json").read_text())
+    (dest / "run_info.json").write_text(json.dumps({k: v for k, v in info.items() if k not in ("run_id", "settings")}))
+    for ckpt in dest.glob("checkpoint-*"):
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        (ckpt / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items()
+                                                             if k not in ("run_id", "settings", "save_index")}))
+        save_file(load_file(str(ckpt / UNET_FILE)), str(ckpt / "trainable_0.safetensors"))
+        shutil.rmtree(ckpt / "unet")
+        embedding = CLIPTextModel.from_pretrained(base_model / "text_encoder").get_input_embeddings().weight.detach()
+        rows = load_file(str(ckpt / "token_embeddings.safetensors"))
+        save_file({"embeddings.token_embedding.weight": torch.cat([embedding, rows["<zq>"][None]]).contiguous()},
+                  str(ckpt / "trainable_1.safetensors"))
+        (ckpt / "token_embeddings.safetensors").unlink()
+    return dest
 
 
 def test_new_token_trains_only_its_row_and_is_saved(tiny_model, instance_dir, tmp_path):

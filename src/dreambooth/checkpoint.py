@@ -132,8 +132,9 @@ class CheckpointFiles:
         cfg = self.run.cfg
         unet, text_encoder = self._modules()
         if any(folder.glob("trainable_*.safetensors")):
-            self._load_legacy(folder)
-        elif cfg.model.method == "lora":
+            self._load_legacy(folder)  # every trainable weight, token rows included
+            return
+        if cfg.model.method == "lora":
             self._load_lora(folder, unet, text_encoder)
         else:
             if cfg.model.train_unet:

@@ -187,14 +187,20 @@ def inspect_folder(path: Path, logging_dir: str = "logs") -> FolderState:
 
 
 def legacy_settings(checkpoint: CheckpointInfo, identity_of) -> dict | None:
-    """The settings of a checkpoint saved before they were recorded, from the config.yaml saved in it."""
-    from dreambooth.config import load_config
+    """The settings of a checkpoint saved before they were recorded, from the config.yaml saved in it.
+
+    Those versions recorded the base model as it was typed; a relative one was relative to the working directory
+    of that run, which is taken to be this one's.
+    """
+    from dreambooth.config import load_config, resolve_model_ref
 
     config = checkpoint.path / "config.yaml"
     if not config.is_file():
         return None
+    base = checkpoint.state.get("base_model")
+    overrides = {"model.pretrained_model": resolve_model_ref(str(base), Path.cwd())} if base else {}
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, overrides)
     except UserError:
         return None
     return run_settings(cfg, identity_of(cfg))
