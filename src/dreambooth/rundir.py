@@ -221,8 +221,12 @@ class RunPlan:
         """Removes the replaced run's files (only what a run writes) and leftovers of killed saves."""
         if self.replace is not None and self.replace.exists:
             for entry in sorted(self.output_dir.iterdir()):
-                if entry.name != LOCK_FILE and _is_run_entry(entry.name, logging_dir):
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                if entry.name == LOCK_FILE or not _is_run_entry(entry.name, logging_dir):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
         remove_partial_saves(self.output_dir)
 
 
