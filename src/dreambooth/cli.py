@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", allow_abbrev=False,
                        help="Train the built-in subject into the built-in model on a CPU; measure before and after.")
     p.add_argument("--out", type=Path, default=Path("demo-run"), help="Folder for everything [default: demo-run].")
-    p.add_argument("--steps", type=positive_int, help="Training steps [default: 600, the experiment's].")
+    p.add_argument("--steps", type=positive_int, help="Training steps [default: 900, the experiment's].")
 
     p = sub.add_parser("experiment", allow_abbrev=False,
                        help="The DreamBooth paper's experiment on the built-in world: base vs full/LoRA, with and "
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("experiment-run"),
                    help="Folder for everything [default: experiment-run].")
     p.add_argument("--seed", type=int, action="append", dest="seeds", help="Seed (repeatable) [default: 0 1 2].")
-    p.add_argument("--steps", type=positive_int, default=600, help="Training steps per run [default: 600].")
+    p.add_argument("--steps", type=positive_int, default=900, help="Training steps per run [default: 900].")
     p.add_argument("--images-per-prompt", type=positive_int, default=8, help="[default: 8]")
     parser.add_spellings()
     return parser
