@@ -378,6 +378,13 @@ def speed_up(cfg: Config, models: Models, accelerator) -> None:
         unet.forward = torch.compile(unet.forward)
 
 
+def set_tf32(cfg: Config) -> None:
+    """TF32 matmuls and convolutions as configured, both ways: torch leaves cuDNN's on by default, so
+    `--no-allow_tf32` has to switch it off, not merely leave it alone. No effect off Ampere-or-newer GPUs."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.training.allow_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.training.allow_tf32
+
+
 def setup(cfg: Config, report: Preflight) -> Run:
     """Accelerator, class images, models, data, optimizer, ready to step; nothing of the user's has changed yet."""
     from accelerate.utils import set_seed
@@ -385,9 +392,7 @@ def setup(cfg: Config, report: Preflight) -> Run:
     out = cfg.output.output_dir
     accelerator = make_accelerator(cfg, out)
     set_seed(cfg.training.seed)
-    if cfg.training.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_tf32(cfg)
     classes = prepare_class_images(cfg, accelerator, report)
     weight_dtype = DTYPES[cfg.training.mixed_precision]
     with collection_paused():  # diffusers' import and the weights live on (dreambooth.startup)

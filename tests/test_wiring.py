@@ -1,0 +1,813 @@
+"""Every option that changes numbers is proven to reach the computation it should change.
+
+The options are listed from the typed config itself (`all_keys()`) and from the parsers of `generate`, `evaluate`
+and `export`. Each is either wired (a test here, registered with `@wires`, that fails if the option is ignored),
+tested for its wiring in another file (`ELSEWHERE`, the test named), or changes no number (`NO_NUMBERS`, with
+the reason). `test_every_option_is_accounted_for` fails, naming the option, when a new one is in none of them.
+
+The training tests run the real `train()` on the tiny model and watch it from the inside: `training_step`'s
+batches and losses, the optimizer's groups at each update, the models before the first step. They assert what
+the option must do (a group's rate, a dtype, a batch's pixels), not only that something changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import shutil
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from test_evaluate import dino_dir, real_dir  # noqa: F401  (fixtures)
+
+from dreambooth import train as train_module
+from dreambooth.cli import build_parser, main
+from dreambooth.config import all_keys, load_config
+from dreambooth.train import train
+
+WIRED: dict[str, str] = {}
+
+
+def wires(*keys: str):
+    """Registers the decorated test as the wiring test of `keys`."""
+    def register(test):
+        for key in keys:
+            WIRED.setdefault(key, test.__name__)
+        return test
+    return register
+
+
+# Options whose wiring another file tests; the meta-test checks that each named test exists.
+ELSEWHERE = {
+    "output.resume_from_checkpoint": "test_train_e2e.py::test_resume_gives_the_same_weights_as_not_stopping",
+    "output.overwrite_output_dir": "test_trust.py::test_a_second_run_is_refused_until_resumed_or_overwritten",
+    "output.report_to": "test_trust.py::test_report_to_uses_an_installed_tracker",
+    "output.push_to_hub": "test_trust.py::test_push_to_hub_uploads_the_run_without_checkpoints",
+    "output.hub_model_id": "test_trust.py::test_push_to_hub_uploads_the_run_without_checkpoints",
+    "output.hub_token": "test_config.py::test_hub_flags_map_onto_the_config_and_the_token_is_never_recorded",
+    "dataset.strict": "test_bad_input.py::test_bad_files_are_skipped_and_named_or_refused_when_strict",
+    "subjects": "test_lora.py::test_two_subjects_in_one_run",
+    "generate.overwrite": "test_trust.py::test_generate_gives_every_image_its_own_noise_and_never_mixes_folders",
+    "evaluate.real": "test_evaluate.py::test_cli_scores_a_generate_folder",
+    "evaluate.identifier": "test_evaluate.py::test_class_prompt_rule",
+    "evaluate.class_word": "test_evaluate.py::test_class_prompt_rule",
+    "evaluate.images": "test_evaluate.py::test_cli_scores_a_generate_folder",
+    "evaluate.clip": "test_evaluate.py::test_overall_is_image_weighted_mean_and_extra_scorers_add_columns",
+    "evaluate.dino": "test_evaluate.py::test_cli_scores_a_generate_folder",
+    "evaluate.overwrite": "test_trust.py::test_evaluate_refuses_images_of_two_models",
+}
+
+# Options that change no number of the result, and why.
+NO_NUMBERS = {
+    "output.output_dir": "where the run is written",
+    "output.logging_dir": "where the logs are written",
+    "training.set_grads_to_none": "accepted for diffusers' flag; gradients are always freed (zero_grad(set_to_none))",
+    "training.pre_compute_text_embeddings": "accepted for diffusers' flag; frozen prompt embeddings are always "
+                                            "computed once per prompt (PromptEncoder)",
+    "generate.out": "where the images are written",
+    "evaluate.out": "where the metrics are written",
+    "export.out": "where the export is written",
+}
+
+CLI_COMMANDS = ("generate", "evaluate", "export")
+
+
+def cli_options(command: str) -> list[str]:
+    """`command.dest` for every option of a subcommand's parser."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [f"{command}.{a.dest}" for a in sub.choices[command]._actions
+            if not isinstance(a, argparse._HelpAction)]
+
+
+def test_every_option_is_accounted_for():
+    options = all_keys() + ["subjects"] + [o for c in CLI_COMMANDS for o in cli_options(c)]
+    unaccounted = [o for o in options if o not in WIRED and o not in ELSEWHERE and o not in NO_NUMBERS]
+    assert not unaccounted, ("options with no wiring test (add one with @wires, or name the test in ELSEWHERE, or "
+                             f"say in NO_NUMBERS why no number depends on them): {unaccounted}")
+    twice = (set(WIRED) & set(NO_NUMBERS)) | (set(ELSEWHERE) & set(NO_NUMBERS))
+    assert not twice, f"listed as wired and as changing no number: {sorted(twice)}"
+    stale = sorted((set(WIRED) | set(ELSEWHERE) | set(NO_NUMBERS)) - set(options))
+    assert not stale, f"listed, but no such option: {stale}"
+    for key, node in ELSEWHERE.items():
+        module, name = node.split("::")
+        assert hasattr(importlib.import_module(module.removesuffix(".py")), name), f"{key}: no test {node}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Watching a training run from the inside
+
+
+@dataclass
+class Probe:
+    """What one training run did: each training_step call, each optimizer update, the models before step 1."""
+
+    out: Path
+    run: object = None
+    calls: list[dict] = field(default_factory=list)
+    updates: list[dict] = field(default_factory=list)
+    before: dict = field(default_factory=dict)
+
+    @property
+    def log(self) -> list[dict]:
+        path = self.out / self.run.cfg.output.logging_dir / "train_log.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def groups(self) -> list[dict]:
+        inner = getattr(self.run.optimizer, "optimizer", self.run.optimizer)
+        return inner.param_groups
+
+    def group_of(self, param: torch.nn.Parameter) -> dict:
+        return next(g for g in self.groups() if any(p is param for p in g["params"]))
+
+    def trainable(self, module: str) -> dict[str, torch.nn.Parameter]:
+        m = getattr(self.run.models, module)
+        return {n: p for n, p in m.named_parameters() if p.requires_grad}
+
+    def changed(self, module: str) -> set[str]:
+        """Parameter names of `module` whose values differ from before the first step."""
+        now = dict(getattr(self.run.models, module).named_parameters())
+        return {n for n, v in self.before[module].items() if not torch.equal(v, now[n].detach())}
+
+
+def snapshot(run) -> dict:
+    return {name: {n: p.detach().clone() for n, p in getattr(run.models, name).named_parameters()}
+            for name in ("unet", "text_encoder")}
+
+
+def watch(probe: Probe, mp: pytest.MonkeyPatch) -> None:
+    real_loop, real_step = train_module.loop, train_module.training_step
+
+    def loop(run, start, stop):
+        probe.run, probe.before = run, snapshot(run)
+
+        def autocast_dtype(module, args):
+            if "autocast" not in probe.before:
+                on = torch.is_autocast_enabled(run.accelerator.device.type)
+                probe.before["autocast"] = torch.get_autocast_dtype(run.accelerator.device.type) if on else None
+
+        run.accelerator.unwrap_model(run.models.unet).conv_in.register_forward_pre_hook(autocast_dtype)
+        inner = getattr(run.optimizer, "optimizer", run.optimizer)
+        step = inner.step
+
+        def watched_step(*args, **kwargs):
+            grads = [p.grad for g in inner.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            scale = getattr(inner, "grad_scale", None)  # clipping folded into fused AdamW (GradientClipping)
+            probe.updates.append({"lrs": [g["lr"] for g in inner.param_groups],
+                                  "grad_norm": float(norm / (scale if scale is not None else 1.0))})
+            return step(*args, **kwargs)
+
+        inner.step = watched_step
+        return real_loop(run, start, stop)
+
+    def training_step(cfg, models, batch, encode, cache, generator):
+        seen = {}
+
+        def watched_encode(prompts):
+            seen["embeddings"] = encode(prompts)
+            return seen["embeddings"]
+
+        parts = real_step(cfg, models, batch, watched_encode, cache, generator)
+        probe.calls.append({"prompts": list(batch["prompts"]), "pixels": batch["pixel_values"].detach().clone(),
+                            "is_prior": batch["is_prior"].clone(), "loss": parts.loss.item(),
+                            "instance_loss": parts.instance_loss.item(), "prior_loss": parts.prior_loss.item(),
+                            "embeddings": seen["embeddings"].detach().clone(),
+                            "onednn": torch.backends.mkldnn.enabled})
+        return parts
+
+    mp.setattr(train_module, "loop", loop)
+    mp.setattr(train_module, "training_step", training_step)
+
+
+@pytest.fixture
+def probe(tiny_model, instance_dir, tmp_path):
+    """probe(**overrides) runs train() on the tiny model (2 steps, no prior, seed 0) with the dotted overrides."""
+    count = [0]
+
+    def run(**overrides) -> Probe:
+        count[0] += 1
+        out = tmp_path / f"run{count[0]}"
+        values = {
+            "model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
+            "dataset.instance_prompt": "a photo of sks dog", "dataset.with_prior_preservation": False,
+            "training.resolution": 64, "training.max_train_steps": 2, "training.learning_rate": 1e-3,
+            "training.seed": 0, "output.output_dir": str(out), "output.logging_steps": 1,
+            "output.checkpointing_steps": 1000, "output.report_to": "none"}
+        values.update({k.replace("__", "."): v for k, v in overrides.items()})
+        result = Probe(out)
+        with pytest.MonkeyPatch.context() as mp:
+            watch(result, mp)
+            train(load_config(None, values))
+        return result
+
+    return run
+
+
+def opts(**kw) -> dict:
+    """Dotted option names as keyword arguments: opts(training__seed=1)."""
+    return kw
+
+
+def solid_folder(folder: Path, colors: list[tuple[int, int, int]], size=(64, 64)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, color in enumerate(colors):
+        Image.new("RGB", size, color).save(folder / f"img-{i}.png")
+    return folder
+
+
+def as_pixels(rgb) -> torch.Tensor:
+    """An RGB colour as the model sees it: [-1, 1] per channel."""
+    return torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1) / 127.5 - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model.*
+
+
+@wires("model.pretrained_model")
+def test_the_named_model_is_the_one_trained(probe, tiny_model_v):
+    p = probe(model__pretrained_model=str(tiny_model_v))
+    on_disk = load_file(str(tiny_model_v / "unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(p.before["unet"][k], on_disk[k]) for k in on_disk)
+    assert p.run.models.noise_scheduler.config.prediction_type == "v_prediction"
+
+
+@wires("model.variant")
+def test_variant_loads_the_variant_files(probe, tiny_model, tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    model = tmp_path / "with-variant"
+    shutil.copytree(tiny_model, model)
+    for cls, sub in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")):
+        module = cls.from_pretrained(model / sub)
+        with torch.no_grad():
+            for param in module.parameters():
+                param.mul_(1.5)
+        module.save_pretrained(model / sub, variant="alt")
+    p = probe(model__pretrained_model=str(model), model__variant="alt")
+    alt = load_file(str(model / "unet/diffusion_pytorch_model.alt.safetensors"))
+    assert all(torch.equal(p.before["unet"][k], alt[k]) for k in alt)
+
+
+@wires("model.revision")
+def test_revision_reaches_every_weight_load(probe, monkeypatch):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    seen, depth = [], [0]
+    for cls in (AutoencoderKL, DDPMScheduler, UNet2DConditionModel, CLIPTextModel, StableDiffusionPipeline):
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _real=real, **kwargs):
+            if not depth[0]:  # our calls, not the pipeline's own loading of its parts
+                seen.append((klass.__name__, kwargs.get("revision")))
+            depth[0] += 1
+            try:
+                return _real(klass, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    probe(model__revision="v1.0")  # a local folder has no revisions: the libraries ignore it there
+    loaded = {name for name, _ in seen}
+    assert {"UNet2DConditionModel", "CLIPTextModel", "AutoencoderKL", "DDPMScheduler"} <= loaded
+    assert all(revision == "v1.0" for _, revision in seen), seen
+
+
+@wires("model.tokenizer_name", "training.tokenizer_max_length")
+def test_tokenizer_folder_and_token_length(probe, tiny_model, tmp_path):
+    from transformers import CLIPTokenizer
+
+    folder = tmp_path / "tokenizer"
+    tok = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
+    tok.model_max_length = 12
+    tok.save_pretrained(folder)
+    assert probe(model__tokenizer_name=str(folder)).calls[0]["embeddings"].shape[1] == 12
+    assert probe(training__tokenizer_max_length=10).calls[0]["embeddings"].shape[1] == 10
+    assert probe().calls[0]["embeddings"].shape[1] == tok.__class__.from_pretrained(
+        tiny_model / "tokenizer").model_max_length
+
+
+@wires("model.method", "model.train_unet", "model.train_text_encoder")
+@pytest.mark.parametrize("method,unet,text", [("full", True, False), ("full", False, True), ("full", True, True),
+                                               ("lora", True, False), ("lora", False, True)])
+def test_what_trains_is_what_is_asked(probe, method, unet, text):
+    p = probe(model__method=method, model__train_unet=unet, model__train_text_encoder=text,
+              training__learning_rate=1e-2)
+    for module, wanted in (("unet", unet), ("text_encoder", text)):
+        changed = p.changed(module)
+        adapters = {n for n in changed if "lora_" in n}
+        if not wanted:
+            assert not changed, f"{module} changed though it should not train"
+        elif method == "lora":
+            assert adapters and adapters == changed, f"{module}: only its LoRA adapters should change"
+        else:
+            assert changed and not adapters
+    assert not any(p.requires_grad for p in p.run.models.vae.parameters())
+
+
+@wires("model.enable_xformers_memory_efficient_attention")
+def test_xformers_attention_is_switched_on(probe, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth import components
+
+    calls, real = [], importlib.util.find_spec
+    monkeypatch.setattr(components.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "xformers" else real(name, *a))
+    monkeypatch.setattr(UNet2DConditionModel, "enable_xformers_memory_efficient_attention",
+                        lambda self: calls.append(self))
+    probe(model__enable_xformers_memory_efficient_attention=True)
+    assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# token.*
+
+
+@wires("token.identifier", "token.initializer", "token.class_word")
+def test_new_identifier_starts_as_its_initializer_and_only_its_row_learns(probe):
+    p = probe(token__identifier="<zwx>", token__initializer="cat", token__class_word="dog",
+              dataset__instance_prompt=None)
+    assert {c["prompts"][0] for c in p.calls} == {"a photo of <zwx> dog"}
+    tok = p.run.models.tokenizer
+    new, cat, dog = (tok.convert_tokens_to_ids(t) for t in ("<zwx>", "cat</w>", "dog</w>"))
+    embedding = p.run.models.text_encoder.get_input_embeddings().weight
+    key = next(n for n, q in p.run.models.text_encoder.named_parameters() if q is embedding)
+    before = p.before["text_encoder"][key]
+    assert torch.equal(before[new], before[cat]) and not torch.equal(before[new], before[dog])
+    after = embedding.detach()
+    assert p.changed("text_encoder") == {key}
+    assert [i for i in range(len(after)) if not torch.equal(after[i], before[i])] == [new]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training.*: what reaches the optimizer
+
+
+@wires("training.learning_rate", "training.text_encoder_lr", "training.adam_weight_decay")
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_each_optimizer_group_gets_its_rate_and_decay(probe, method):
+    p = probe(model__method=method, model__train_text_encoder=True, token__identifier="<zwx>",
+              token__class_word="dog", dataset__instance_prompt=None, training__learning_rate=3e-3,
+              training__text_encoder_lr=7e-4, training__adam_weight_decay=0.05)
+    embedding = p.run.models.text_encoder.get_input_embeddings().weight
+    unet, text = p.trainable("unet"), p.trainable("text_encoder")
+    assert unet and len(text) > 1
+    if method == "lora":
+        assert all("lora_" in n for n in unet) and all("lora_" in n or p_ is embedding for n, p_ in text.items())
+    for param in unet.values():
+        assert (p.group_of(param)["lr"], p.group_of(param)["weight_decay"]) == (3e-3, 0.05)
+    for param in text.values():
+        group = p.group_of(param)
+        # A lone new-token row gets no decay (it would shrink the frozen rows); a wholly trained encoder does.
+        decay = 0.0 if param is embedding and method == "lora" else 0.05
+        assert (group["lr"], group["weight_decay"]) == (7e-4, decay)
+    assert sum(len(g["params"]) for g in p.groups()) == len(unet) + len(text)
+    assert p.updates[0]["lrs"] == [g["lr"] for g in p.groups()]
+
+
+@wires("training.scale_lr")
+def test_scale_lr_multiplies_by_batch_and_accumulation(probe):
+    p = probe(training__scale_lr=True, training__batch_size=2, training__gradient_accumulation_steps=2,
+              training__learning_rate=1e-3)
+    assert [u["lrs"] for u in p.updates] == [[pytest.approx(4e-3)]] * 2
+
+
+@wires("training.adam_beta1", "training.adam_beta2", "training.adam_epsilon")
+def test_adam_settings_reach_the_optimizer(probe):
+    p = probe(training__adam_beta1=0.8, training__adam_beta2=0.95, training__adam_epsilon=1e-6)
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in p.groups())
+
+
+@wires("training.use_8bit_adam")
+def test_8bit_adam_is_the_optimizer(probe, monkeypatch):
+    from dreambooth import components
+
+    made = []
+
+    class AdamW8bit(torch.optim.AdamW):  # bitsandbytes needs CUDA; this stand-in records that it was chosen
+        def __init__(self, params, **kwargs):
+            made.append(kwargs)
+            super().__init__(params, **kwargs)
+
+    fake = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=AdamW8bit))
+    real = importlib.util.find_spec
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    monkeypatch.setattr(components.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    p = probe(training__use_8bit_adam=True, training__adam_beta1=0.7)
+    assert isinstance(getattr(p.run.optimizer, "optimizer", p.run.optimizer), AdamW8bit)
+    assert made == [{"betas": (0.7, 0.999), "eps": 1e-8}]
+
+
+@wires("training.max_grad_norm")
+def test_gradients_are_clipped_to_max_grad_norm(probe):
+    unclipped = probe(training__max_grad_norm=1e6).updates
+    clipped = probe(training__max_grad_norm=1e-3).updates
+    assert all(u["grad_norm"] > 1e-2 for u in unclipped)
+    assert all(u["grad_norm"] <= 1e-3 * 1.001 for u in clipped)
+
+
+@wires("training.max_train_steps", "training.gradient_accumulation_steps")
+def test_accumulation_steps_the_optimizer_every_n_batches(probe):
+    p = probe(training__max_train_steps=3, training__gradient_accumulation_steps=2, output__checkpointing_steps=3)
+    assert len(p.calls) == 6 and len(p.updates) == 3
+    state = json.loads((p.out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+
+
+@wires("training.num_train_epochs")
+def test_epochs_set_the_step_count(probe):
+    # 4 photos, 1 a batch, 2 batches an optimizer step: 2 steps an epoch.
+    p = probe(training__max_train_steps=None, training__num_train_epochs=2, training__gradient_accumulation_steps=2)
+    assert len(p.calls) == 8 and len(p.updates) == 4
+
+
+@wires("training.batch_size", "training.resolution")
+def test_batch_size_and_resolution_shape_the_batch(probe):
+    p = probe(training__batch_size=2, training__resolution=32)
+    assert {tuple(c["pixels"].shape) for c in p.calls} == {(2, 3, 32, 32)}
+
+
+def schedule(name: str, k: int, total: int, warmup: int, cycles: int, power: float, lr: float) -> float:
+    """diffusers' schedules, written out from their definitions (the learning rate of update k, from 0)."""
+    if name == "constant":
+        return lr
+    if k < warmup:
+        return lr * k / warmup
+    progress = (k - warmup) / (total - warmup)
+    if name == "constant_with_warmup":
+        return lr
+    if name == "linear":
+        return lr * max(0.0, (total - k) / (total - warmup))
+    if name == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if name == "cosine_with_restarts":
+        return lr * 0.5 * (1 + math.cos(math.pi * ((cycles * progress) % 1.0)))
+    end = 1e-7  # polynomial decays to diffusers' lr_end
+    return (lr - end) * (1 - progress) ** power + end
+
+
+@wires("training.lr_scheduler", "training.lr_warmup_steps", "training.lr_num_cycles", "training.lr_power")
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                  "polynomial"])
+def test_learning_rate_follows_the_schedule(probe, name):
+    p = probe(training__lr_scheduler=name, training__lr_warmup_steps=2, training__lr_num_cycles=2,
+              training__lr_power=2.0, training__max_train_steps=6, training__learning_rate=1e-3)
+    want = [schedule(name, k, 6, 2, 2, 2.0, 1e-3) for k in range(6)]
+    assert [u["lrs"][0] for u in p.updates] == pytest.approx(want, abs=1e-12)
+
+
+@wires("training.mixed_precision")
+def test_mixed_precision_runs_frozen_parts_in_half_and_keeps_trained_weights_fp32(probe):
+    p = probe(training__mixed_precision="bf16")
+    m = p.run.models
+    assert p.before["autocast"] == torch.bfloat16  # the UNet's forward
+    assert m.vae.dtype == torch.bfloat16 and m.text_encoder.dtype == torch.bfloat16
+    assert all(q.dtype == torch.float32 for q in p.trainable("unet").values())
+
+
+@wires("training.gradient_checkpointing")
+def test_gradient_checkpointing_is_switched_on(probe):
+    p = probe(training__gradient_checkpointing=True, model__train_text_encoder=True)
+    assert p.run.models.unet.is_gradient_checkpointing
+    assert p.run.models.text_encoder.is_gradient_checkpointing
+
+
+@wires("training.allow_tf32")
+def test_tf32_follows_the_setting_both_ways():
+    from dreambooth.train import set_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for value in (False, True, False):
+            set_tf32(load_config(None, {"training.allow_tf32": value, "model.pretrained_model": "m",
+                                        "dataset.instance_prompt": "a photo of sks dog"}))
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (value, value)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@wires("training.snr_gamma", "training.noise_offset", "training.seed", "training.text_encoder_use_attention_mask")
+def test_loss_options_change_the_first_step(probe):
+    """Their formulas are checked in test_step_known_answers.py; here, that each reaches the step of a real run."""
+    base = probe().calls[0]["loss"]
+    for option, value in (("training__snr_gamma", 1e-4), ("training__noise_offset", 0.5), ("training__seed", 1),
+                          ("training__text_encoder_use_attention_mask", True)):
+        assert probe(**{option: value}).calls[0]["loss"] != pytest.approx(base, rel=1e-6), option
+    assert probe().calls[0]["loss"] == base
+
+
+@wires("training.dataloader_num_workers")
+def test_data_loader_gets_its_workers(instance_dir):
+    from dreambooth.components import make_dataloader
+
+    cfg = load_config(None, {"model.pretrained_model": "m", "dataset.instance_dir": str(instance_dir),
+                             "dataset.instance_prompt": "a photo of sks dog", "training.seed": 0,
+                             "training.dataloader_num_workers": 2})
+    assert make_dataloader(cfg, cfg.subject_list(), [sorted(instance_dir.iterdir())], None).num_workers == 2
+
+
+@wires("training.latent_cache")
+def test_latent_cache_mode_reaches_the_cache(probe, monkeypatch):
+    modes = []
+    real = train_module.LatentCache
+
+    def spy(vae, mode, *args, **kwargs):
+        modes.append(mode)
+        return real(vae, mode, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "LatentCache", spy)
+    probe(training__latent_cache="off")
+    disk = probe(training__latent_cache="disk")
+    assert modes == ["off", "disk"]
+    assert list((disk.out / "latent_cache").glob("*.safetensors"))
+
+
+@wires("training.compile", "training.channels_last")
+def test_compile_and_channels_last_reach_the_unet(probe, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or fn)
+    p = probe(training__compile=True, training__channels_last=True)
+    unet = p.run.models.unet
+    assert compiled == [unet.forward]
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@wires("training.cpu_convolution")
+def test_cpu_convolution_choice_holds_during_the_steps(probe):
+    assert {c["onednn"] for c in probe(training__cpu_convolution="native").calls} == {False}
+    assert {c["onednn"] for c in probe(training__cpu_convolution="onednn").calls} == {True}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dataset.*
+
+
+RED, GREEN, BLUE = (220, 20, 20), (20, 200, 20), (20, 20, 230)
+
+
+@wires("dataset.instance_dir", "dataset.instance_prompt", "dataset.class_dir", "dataset.class_prompt",
+       "dataset.with_prior_preservation", "training.prior_loss_weight")
+def test_prior_preservation_pairs_each_photo_with_a_class_image(probe, tmp_path):
+    photos = solid_folder(tmp_path / "red", [RED] * 3)
+    classes = solid_folder(tmp_path / "blue", [BLUE] * 4)
+    p = probe(dataset__instance_dir=str(photos), dataset__class_dir=str(classes), dataset__with_prior_preservation=True,
+              dataset__instance_prompt="a photo of sks toy", dataset__class_prompt="a photo of a toy",
+              dataset__num_class_images=4, training__prior_loss_weight=0.25)
+    for c in p.calls:
+        assert c["is_prior"].tolist() == [False, True]
+        assert c["prompts"] == ["a photo of sks toy", "a photo of a toy"]
+        assert torch.allclose(c["pixels"][0], as_pixels(RED).expand(3, 64, 64), atol=1e-6)
+        assert torch.allclose(c["pixels"][1], as_pixels(BLUE).expand(3, 64, 64), atol=1e-6)
+        assert c["loss"] == pytest.approx(c["instance_loss"] + 0.25 * c["prior_loss"], rel=1e-5)
+        assert c["prior_loss"] > 0
+    without = probe(dataset__instance_dir=str(photos), dataset__class_dir=str(classes),
+                    dataset__with_prior_preservation=False)
+    assert all(c["is_prior"].tolist() == [False] and c["prior_loss"] == 0 for c in without.calls)
+
+
+@wires("dataset.num_class_images", "dataset.sample_batch_size", "dataset.class_inference_steps",
+       "dataset.prior_generation_precision")
+def test_class_image_generation_settings(probe, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    calls, real = [], StableDiffusionPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append((len(kwargs["prompt"]), kwargs["num_inference_steps"], self.unet.dtype))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
+    p = probe(dataset__with_prior_preservation=True, dataset__class_dir=str(tmp_path / "class"),
+              dataset__class_prompt="a photo of dog", dataset__num_class_images=3, dataset__sample_batch_size=2,
+              dataset__class_inference_steps=2, dataset__prior_generation_precision="bf16")
+    assert calls == [(2, 2, torch.bfloat16), (1, 2, torch.bfloat16)]
+    assert len(list((tmp_path / "class").glob("class-*.png"))) == 3
+    assert all(c["is_prior"].tolist() == [False, True] for c in p.calls)
+
+
+def stripes(path: Path, colors, size=(64, 96), vertical=False) -> None:
+    """Bands of colour: across the height (top to bottom), or across the width with vertical=True."""
+    w, h = size
+    a = np.zeros((h, w, 3), np.uint8)
+    n = len(colors)
+    for i, color in enumerate(colors):
+        if vertical:
+            a[:, i * w // n:(i + 1) * w // n] = color
+        else:
+            a[i * h // n:(i + 1) * h // n] = color
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+
+
+@wires("dataset.center_crop")
+def test_center_crop_takes_the_middle(probe, tmp_path):
+    stripes(tmp_path / "tall" / "a.png", [RED, GREEN, BLUE])  # 64 x 96: the middle 64 rows are 16 red, 32 green...
+    middle = np.asarray(Image.open(tmp_path / "tall" / "a.png"))[16:80]
+    want = torch.from_numpy(middle).permute(2, 0, 1).float() / 127.5 - 1
+    crops = [c["pixels"][0] for c in probe(dataset__instance_dir=str(tmp_path / "tall"), dataset__center_crop=True,
+                                           training__max_train_steps=4).calls]
+    assert all(torch.allclose(x, want, atol=1e-6) for x in crops)
+    randomly = [c["pixels"][0] for c in probe(dataset__instance_dir=str(tmp_path / "tall"),
+                                              training__max_train_steps=6).calls]
+    assert not all(torch.allclose(x, want, atol=1e-6) for x in randomly)
+
+
+@wires("dataset.random_flip")
+def test_random_flip_mirrors_some_batches(probe, tmp_path):
+    stripes(tmp_path / "halves" / "a.png", [RED, BLUE], size=(64, 64), vertical=True)
+
+    def left_is_red(flip: bool) -> set[bool]:
+        p = probe(dataset__instance_dir=str(tmp_path / "halves"), dataset__random_flip=flip,
+                  training__max_train_steps=8)
+        return {bool(c["pixels"][0, 0, 0, 0] > 0) for c in p.calls}
+
+    assert left_is_red(False) == {True}
+    assert left_is_red(True) == {True, False}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lora.*
+
+
+@wires("lora.rank", "lora.alpha", "lora.dropout", "lora.unet_target_modules", "lora.text_encoder_target_modules")
+def test_lora_shape_scale_dropout_and_targets(probe):
+    p = probe(model__method="lora", model__train_text_encoder=True, lora__rank=3, lora__alpha=6.0,
+              lora__dropout=0.1, lora__unet_target_modules=["to_q", "to_v"],
+              lora__text_encoder_target_modules=["q_proj"])
+    for module, targets in (("unet", {"to_q", "to_v"}), ("text_encoder", {"q_proj"})):
+        layers = {n: m for n, m in getattr(p.run.models, module).named_modules() if hasattr(m, "lora_A")}
+        assert layers and {n.rsplit(".", 1)[-1] for n in layers} == targets
+        for layer in layers.values():
+            assert layer.lora_A["default"].weight.shape[0] == 3
+            assert layer.scaling["default"] == 2.0
+            assert layer.lora_dropout["default"].p == 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation.* and output.*
+
+
+@wires("validation.prompts", "validation.steps", "validation.num_images", "validation.negative_prompt",
+       "validation.num_inference_steps", "validation.guidance_scale", "validation.scheduler", "validation.seed")
+def test_validation_settings_reach_the_sampler(probe, monkeypatch):
+    from dreambooth import generate
+
+    seen, real = [], generate.generate_images
+
+    def spy(pipe, settings, **kwargs):
+        seen.append((type(pipe.scheduler).__name__, settings))
+        return real(pipe, settings, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_images", spy)
+    p = probe(validation__prompts=["a photo of sks dog", "a dog"], validation__steps=2, validation__num_images=2,
+              validation__negative_prompt="blurry", validation__num_inference_steps=3,
+              validation__guidance_scale=4.0, validation__scheduler="euler", validation__seed=5,
+              training__max_train_steps=4)
+    assert len(seen) == 2 and {name for name, _ in seen} == {"EulerDiscreteScheduler"}
+    s = seen[0][1]
+    assert (s.prompts, s.num_images, s.negative_prompt, s.steps, s.guidance, s.seeds) == (
+        ["a photo of sks dog", "a dog"], 2, "blurry", 3, 4.0, [5])
+    assert sorted(x.name for x in (p.out / "samples").iterdir()) == ["step-000002.png", "step-000004.png"]
+    assert Image.open(p.out / "samples" / "step-000002.png").size == (2 * 64, 2 * 64)
+
+
+@wires("output.checkpointing_steps", "output.checkpoints_total_limit")
+def test_checkpoints_every_n_steps_and_only_the_newest_kept(probe):
+    p = probe(training__max_train_steps=5, output__checkpointing_steps=2, output__checkpoints_total_limit=1)
+    assert [x.name for x in p.out.glob("checkpoint-*")] == ["checkpoint-4"]
+    unlimited = probe(training__max_train_steps=5, output__checkpointing_steps=2)
+    assert sorted(x.name for x in unlimited.out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+@wires("output.logging_steps")
+def test_loss_is_logged_every_n_steps(probe):
+    p = probe(training__max_train_steps=5, output__logging_steps=2)
+    assert [r["step"] for r in p.log] == [1, 2, 4, 5]
+
+
+@wires("output.save_precision", "output.skip_save_text_encoder")
+def test_saved_model_precision_and_text_encoder(probe):
+    half = probe(output__save_precision="fp16")
+    unet = load_file(str(half.out / "unet/diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in unet.values()} == {torch.float16}
+    assert (half.out / "text_encoder").is_dir()
+    skipped = probe(output__skip_save_text_encoder=True)
+    assert not (skipped.out / "text_encoder").exists()
+    assert json.loads((skipped.out / "model_index.json").read_text())["text_encoder"] == [None, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate and evaluate: the command's options reach the pipeline call
+
+
+@pytest.fixture
+def pipeline_calls(monkeypatch):
+    """Each StableDiffusionPipeline call's arguments, scheduler, dtype and UNet, and the device asked for."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth import generate
+
+    calls, devices = [], []
+    real_call, real_device = StableDiffusionPipeline.__call__, generate.pick_device
+
+    def spy(self, *args, **kwargs):
+        lora_scales = {v for m in self.unet.modules() for v in getattr(m, "scaling", {}).values()}
+        calls.append({**kwargs, "scheduler": type(self.scheduler).__name__, "dtype": self.unet.dtype,
+                      "lora_scales": lora_scales,
+                      "unet": {k: v.detach().clone() for k, v in self.unet.state_dict().items()},
+                      "seeds": [g.initial_seed() for g in kwargs["generator"]]})
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
+    monkeypatch.setattr(generate, "pick_device", lambda device=None: devices.append(device) or real_device(device))
+    return calls, devices
+
+
+@wires(*(f"generate.{o}" for o in ("model", "prompt", "prompts_file", "negative_prompt", "steps", "guidance",
+                                   "seeds", "num_images", "scheduler", "height", "width", "precision", "device")))
+def test_generate_options_reach_the_pipeline(tiny_model_v, tmp_path, pipeline_calls):
+    from dreambooth.generate import image_seed
+
+    calls, devices = pipeline_calls
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat on the beach\n")
+    assert main(["generate", "--model", str(tiny_model_v), "--prompt", "a photo of sks dog", "--prompts-file",
+                 str(prompts), "--negative-prompt", "blurry", "--steps", "3", "--guidance", "4.5", "--seed", "3",
+                 "--seed", "8", "--num-images", "2", "--scheduler", "euler", "--height", "48", "--width", "32",
+                 "--precision", "bf16", "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    assert devices == ["cpu"]
+    drawn = [(prompt, seed) for c in calls for prompt, seed in zip(c["prompt"], c["seeds"])]
+    assert sorted(drawn) == sorted((p, image_seed(s, k)) for p in ("a photo of sks dog", "a cat on the beach")
+                                   for s in (3, 8) for k in range(2))
+    on_disk = load_file(str(tiny_model_v / "unet/diffusion_pytorch_model.safetensors"))
+    for c in calls:
+        assert c["negative_prompt"] == ["blurry"] * len(c["prompt"])
+        assert (c["num_inference_steps"], c["guidance_scale"], c["height"], c["width"]) == (3, 4.5, 48, 32)
+        assert (c["scheduler"], c["dtype"]) == ("EulerDiscreteScheduler", torch.bfloat16)
+        assert all(torch.equal(c["unet"][k], on_disk[k].to(torch.bfloat16)) for k in on_disk)
+
+
+@wires(*(f"evaluate.{o}" for o in ("model", "prompt", "prompts_file", "seeds", "num_images", "steps", "guidance",
+                                   "scheduler", "device")))
+def test_evaluate_generation_options_reach_the_pipeline(tiny_model, tmp_path, real_dir, dino_dir,  # noqa: F811
+                                                        pipeline_calls):
+    from dreambooth.generate import image_seed
+
+    calls, devices = pipeline_calls
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks dog on a beach\n")
+    assert main(["evaluate", "--real", str(real_dir), "--identifier", "sks", "--class-word", "dog", "--model",
+                 str(tiny_model), "--prompt", "a photo of sks dog", "--prompts-file", str(prompts), "--seed", "2",
+                 "--num-images", "2", "--steps", "3", "--guidance", "5.0", "--scheduler", "ddim", "--dino",
+                 str(dino_dir), "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    assert devices[0] == "cpu"
+    drawn = [(prompt, seed) for c in calls for prompt, seed in zip(c["prompt"], c["seeds"])]
+    assert sorted(drawn) == sorted((p, image_seed(2, k)) for p in ("a photo of sks dog", "sks dog on a beach")
+                                   for k in range(2))
+    on_disk = load_file(str(tiny_model / "unet/diffusion_pytorch_model.safetensors"))
+    for c in calls:
+        assert (c["num_inference_steps"], c["guidance_scale"], c["scheduler"]) == (3, 5.0, "DDIMScheduler")
+        assert all(torch.equal(c["unet"][k], on_disk[k]) for k in on_disk)
+
+
+@wires("generate.lora", "evaluate.lora", "export.src", "export.format", "export.half", "export.merge_lora")
+def test_lora_options_reach_generation_and_export(probe, tiny_model, tmp_path, real_dir, dino_dir,  # noqa: F811
+                                                  pipeline_calls):
+    calls, _ = pipeline_calls
+    lora = probe(model__method="lora", training__learning_rate=1e-2).out
+    common = ["--model", str(tiny_model), "--prompt", "a photo of sks dog", "--steps", "2"]
+    assert main(["generate", *common, "--lora", f"{lora}:0.5", "--out", str(tmp_path / "gen")]) == 0
+    assert main(["evaluate", *common, "--lora", f"{lora}:0.25", "--num-images", "1", "--real", str(real_dir),
+                 "--identifier", "sks", "--class-word", "dog", "--dino", str(dino_dir), "--out",
+                 str(tmp_path / "eval")]) == 0
+    assert [c["lora_scales"] for c in calls] == [{0.5}, {0.25}]  # weight x alpha / rank, alpha = rank
+
+    assert main(["export", str(lora), "--format", "kohya", "--half", "--out", str(tmp_path / "k.safetensors")]) == 0
+    kohya = load_file(str(tmp_path / "k.safetensors"))
+    assert any(k.startswith("lora_unet_") for k in kohya)
+    assert {v.dtype for k, v in kohya.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert main(["export", str(tiny_model), "--format", "diffusers", "--merge-lora", f"{lora}:0.5", "--out",
+                 str(tmp_path / "merged")]) == 0
+    base = load_file(str(tiny_model / "unet/diffusion_pytorch_model.safetensors"))
+    merged = load_file(str(tmp_path / "merged/unet/diffusion_pytorch_model.safetensors"))
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(".to_" in k for k in changed)  # the adapted attention projections, nothing else
+    assert main(["export", str(tiny_model), "--format", "diffusers", "--merge-lora", str(lora), "--out",
+                 str(tmp_path / "whole")]) == 0
+    whole = load_file(str(tmp_path / "whole/unet/diffusion_pytorch_model.safetensors"))
+    for k in changed:  # at weight 0.5, half the change
+        assert torch.allclose(merged[k] - base[k], 0.5 * (whole[k] - base[k]), atol=1e-6)
