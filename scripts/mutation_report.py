@@ -148,9 +148,9 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--estimate"]:
         estimate(globs(argv[1:]), int(os.environ.get("MUTATION_WORKERS", "2")))
         return
-    if argv[:1] == ["--sample"]:  # the same mutants every time: a hash of the name picks them
-        k = int(argv[1])
-        print("\n".join(n for n in results(globs(argv[2:])) if zlib.crc32(n.encode()) % k == 0))
+    if argv[:1] == ["--sample"]:  # the same mutants every time: a hash of the name picks them, k shards cover all
+        k, shard = int(argv[1]), int(os.environ.get("MUTATION_SHARD", "0"))
+        print("\n".join(n for n in results(globs(argv[2:])) if zlib.crc32(n.encode()) % k == shard % k))
         return
     sys.path.insert(0, str(ROOT / "scripts"))
     from mutation_equivalent import EQUIVALENT

@@ -84,3 +84,30 @@ def test_offset_noise_adds_a_per_channel_constant():
     assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff))
     again = noise_with_offset(latents, 0.5, torch.Generator().manual_seed(0))
     assert torch.equal(shifted, again)
+
+
+def test_everything_stays_on_the_inputs_device_and_in_fp32_or_their_dtype():
+    """On the meta device (shapes and dtypes only), a tensor made on the CPU by mistake fails to mix with the rest,
+    as it would on a GPU; the dtypes are the ones a half-precision run needs."""
+    timesteps = torch.tensor([0, 1, 1, 0], device="meta")
+    snr = snr_from_alphas(torch.tensor([0.8, 0.5], dtype=torch.float64), timesteps)
+    assert (snr.device.type, snr.dtype) == ("meta", torch.float32)
+    weights = min_snr_weights(snr, 5.0, "v_prediction")
+    pred = torch.zeros(4, 4, 2, 2, device="meta", dtype=torch.bfloat16)
+    parts = dreambooth_loss(pred, pred, torch.tensor([0, 0, 1, 1], device="meta"), 1.0, weights)
+    assert {(t.device.type, t.dtype) for t in (parts.loss, parts.instance_loss, parts.prior_loss)} == {
+        ("meta", torch.float32)}
+    for offset in (0.0, 0.1):
+        noise = noise_with_offset(pred, offset, None)
+        assert (noise.device.type, noise.dtype, noise.shape) == ("meta", torch.bfloat16, pred.shape)
+
+
+def test_an_integer_prior_mask_means_the_same_as_a_boolean_one():
+    pred, target = preds([1, 2, 3, 4]), torch.zeros(4, 1, 1, 2)
+    parts = dreambooth_loss(pred, target, torch.tensor([0, 0, 1, 1]), prior_loss_weight=0.5)
+    assert (parts.instance_loss.item(), parts.prior_loss.item()) == pytest.approx((2.5, 12.5))
+
+
+def test_an_unknown_prediction_type_is_named():
+    with pytest.raises(ValueError, match="unknown prediction_type 'sample'; expected 'epsilon' or 'v_prediction'"):
+        min_snr_weights(torch.tensor([1.0]), 5.0, "sample")
