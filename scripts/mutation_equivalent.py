@@ -7,5 +7,8 @@ that no longer name a survivor.
 """
 
 EQUIVALENT: dict[str, str] = {
-    # "dreambooth.loss.x_example__mutmut_1": "why no test can tell the mutant from the original",
+    "dreambooth.checkpoint.xǁCheckpointFilesǁ_load_lora__mutmut_35":
+        "drops adapter_name='default' from set_peft_model_state_dict, whose default adapter name is 'default'",
+    "dreambooth.data.x__not_an_image_reason__mutmut_25":
+        "'utf-8' -> 'UTF-8': Python's codec names are case-insensitive",
 }

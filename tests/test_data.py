@@ -390,3 +390,35 @@ def test_collate_puts_instance_rows_first_then_class_rows():
 
     alone = collate_examples([{"instance_pixels": torch.zeros(3, 4, 4), "instance_prompt": "x", "instance_key": "k"}])
     assert alone["pixel_values"].shape == (1, 3, 4, 4) and alone["is_prior"].tolist() == [False]
+
+
+@pytest.mark.parametrize("mode, values, want", [
+    ("I;16", [0, 257 * 100, 257 * 200], [0, 100, 200]),  # 16-bit: the whole range onto 8 bits, not stretched
+    ("I", [0, 257 * 100, 257 * 200], [0, 100, 200]),     # 32-bit integer holding 16-bit values: the same
+    ("F", [0.0, 0.5, 1.0], [0, 128, 255]),            # float in [0, 1]: times 255
+    ("I", [-100, 0, 300], [0, 64, 255]),              # out of range: what is there, stretched
+    ("F", [0.0, 0.5, 4.0], [0, 32, 255]),
+])
+def test_high_depth_grayscale_scales_by_its_mode(mode, values, want):
+    from dreambooth.data import _high_depth_to_l
+
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    image = Image.fromarray(np.array([values], dtype=dtype))
+    assert image.mode == mode
+    assert np.asarray(_high_depth_to_l(image)).tolist() == [want]
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("a.heic", b"\0\0\0 ftypheic", "HEIC is not readable by this Pillow build"),
+    ("a.heif", b"\0\0\0 ftypheif", "HEIF is not readable by this Pillow build"),
+    ("a.avif", b"\0\0\0 ftypavif", "AVIF is not readable by this Pillow build"),
+    ("notes.png", b"just some words\n", "text file"),
+    ("blob.png", b"abc\0def", "unrecognised content"),   # valid UTF-8, but a NUL byte: not text
+    ("blank.png", b"   \n", "unrecognised content"),
+    ("latin.png", "café".encode("latin-1"), "unrecognised content"),
+])
+def test_what_a_file_that_is_not_an_image_is_called(tmp_path, name, content, says):
+    from dreambooth.data import _not_an_image_reason
+
+    (tmp_path / name).write_bytes(content)
+    assert says in _not_an_image_reason(tmp_path / name)

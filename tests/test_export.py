@@ -589,3 +589,24 @@ def test_command_refuses_bad_combinations(case, message, tiny_model, lora_dir, k
     }[case]
     with pytest.raises(UserError, match=message):
         export_command(namespace)
+
+
+@pytest.mark.parametrize("key, kohya", [
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", True),
+    ("lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", True),
+    ("lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha", True),   # SDXL's two text encoders
+    ("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha", True),
+    ("unet.down_blocks.0.attentions.0.proj_in.lora.down.weight", False),
+    ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight", False),
+])
+def test_each_kohya_prefix_alone_marks_a_kohya_file(key, kohya):
+    assert export._is_kohya([key]) is kohya
+
+
+def test_kohya_text_encoder_names_start_at_text_model_whatever_the_transformers_version():
+    # transformers >= 5.6 names CLIP's layers from `encoder.`, earlier releases from `text_model.encoder.`
+    want = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert export._kohya_name("text_encoder", "encoder.layers.0.self_attn.q_proj") == want
+    assert export._kohya_name("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj") == want
+    unet = export._kohya_name("unet", "down_blocks.0.attentions.0.proj_in")
+    assert unet == "lora_unet_down_blocks_0_attentions_0_proj_in"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -200,3 +201,29 @@ def test_several_loras_mix_at_their_weights(tiny_model, instance_dir, tmp_path):
         images.append(image_of(pipe))
     assert np.abs(images[0] - images[1]).max() < 1e-4
     assert np.abs(images[0] - images[2]).max() > 1e-3  # and the weights do matter
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("drop_adapter_key", "does not match this run's trainable weights"),
+    ("drop_token_file", "for the new identifier token(s) of this run"),
+])
+def test_resuming_from_a_damaged_lora_checkpoint_is_refused(tiny_model, instance_dir, tmp_path, damage, says):
+    from safetensors.torch import save_file
+
+    from dreambooth.errors import UserError
+    from dreambooth.lora import TOKEN_FILE
+
+    extra = {"token.identifier": "<zwx>", "token.initializer": "dog", "dataset.instance_prompt": "a photo of <zwx> dog",
+             "training.max_train_steps": 2}
+    out = tmp_path / "out"
+    train(lora_cfg(tiny_model, instance_dir, out, **extra))
+    ckpt = out / "checkpoint-2"
+    if damage == "drop_adapter_key":
+        tensors = load_file(str(ckpt / LORA_FILE))
+        del tensors[next(k for k in sorted(tensors) if k.startswith("unet.") and "lora" in k)]
+        save_file(tensors, str(ckpt / LORA_FILE))
+    else:
+        (ckpt / TOKEN_FILE).unlink()
+    with pytest.raises(UserError, match=re.escape(says)):
+        train(lora_cfg(tiny_model, instance_dir, out, **{**extra, "training.max_train_steps": 4,
+                                                           "output.resume_from_checkpoint": "latest"}))
