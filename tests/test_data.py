@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import draw_subject
 from PIL import Image
 
 from dreambooth.data import (
@@ -395,9 +396,11 @@ def test_collate_puts_instance_rows_first_then_class_rows():
 @pytest.mark.parametrize("mode, values, want", [
     ("I;16", [0, 257 * 100, 257 * 200], [0, 100, 200]),  # 16-bit: the whole range onto 8 bits, not stretched
     ("I", [0, 257 * 100, 257 * 200], [0, 100, 200]),     # 32-bit integer holding 16-bit values: the same
-    ("F", [0.0, 0.5, 1.0], [0, 128, 255]),            # float in [0, 1]: times 255
-    ("I", [-100, 0, 300], [0, 64, 255]),              # out of range: what is there, stretched
-    ("F", [0.0, 0.5, 4.0], [0, 32, 255]),
+    ("I", [1000, 65535], [4, 255]),                      # ... up to 65535 exactly
+    ("I", [1000, 65536], [0, 255]),                      # beyond: what is there, stretched
+    ("I", [-100, 0, 300], [0, 64, 255]),                 # negative: stretched
+    ("F", [0.25, 0.5], [64, 128]),                       # float in [0, 1]: times 255, not stretched
+    ("F", [0.0, 0.75, 1.5], [0, 128, 255]),              # float beyond 1 (HDR): stretched
 ])
 def test_high_depth_grayscale_scales_by_its_mode(mode, values, want):
     from dreambooth.data import _high_depth_to_l
@@ -412,13 +415,31 @@ def test_high_depth_grayscale_scales_by_its_mode(mode, values, want):
     ("a.heic", b"\0\0\0 ftypheic", "HEIC is not readable by this Pillow build"),
     ("a.heif", b"\0\0\0 ftypheif", "HEIF is not readable by this Pillow build"),
     ("a.avif", b"\0\0\0 ftypavif", "AVIF is not readable by this Pillow build"),
-    ("notes.png", b"just some words\n", "text file"),
-    ("blob.png", b"abc\0def", "unrecognised content"),   # valid UTF-8, but a NUL byte: not text
-    ("blank.png", b"   \n", "unrecognised content"),
-    ("latin.png", "café".encode("latin-1"), "unrecognised content"),
+    ("notes.png", b"just some words\n", "not an image (text file named .png)"),
+    ("blob.png", b"abc\0def", "not an image (unrecognised content named .png)"),  # UTF-8, but a NUL: not text
+    ("blank.png", b"   \n", "not an image (unrecognised content named .png)"),
+    ("latin.png", "café".encode("latin-1"), "not an image (unrecognised content named .png)"),
+    ("notes.txt", b"just some words\n", "not an image"),
+    ("blob.bin", b"abc\0def", "not an image (unrecognised content)"),
 ])
 def test_what_a_file_that_is_not_an_image_is_called(tmp_path, name, content, says):
     from dreambooth.data import _not_an_image_reason
 
     (tmp_path / name).write_bytes(content)
-    assert says in _not_an_image_reason(tmp_path / name)
+    reason = _not_an_image_reason(tmp_path / name)
+    assert reason == says or (says.endswith("Pillow build") and reason.startswith(says))
+
+
+def test_several_subjects_move_to_the_next_epoch_together(tmp_path):
+    from dreambooth.data import MultiSubjectDataset
+
+    photos = []
+    for i in range(2):
+        draw_subject(i).save(tmp_path / f"p{i}.png")
+        photos.append(tmp_path / f"p{i}.png")
+    parts = [DreamBoothDataset([p], "a photo of sks dog", 64, random_flip=True, seed=i) for i, p in enumerate(photos)]
+    both = MultiSubjectDataset(parts)
+    both.set_epoch(5)
+    assert [part.epoch for part in parts] == [5, 5]
+    with pytest.raises(ValueError, match="at least one subject is needed"):
+        MultiSubjectDataset([])

@@ -96,9 +96,10 @@ def test_lora_with_text_encoder_new_token_and_bf16(tiny_model, instance_dir, tmp
     assert TOKEN_FILE in capsys.readouterr().err
 
 
-def test_lora_resume_gives_the_same_adapters(tiny_model, instance_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("train_unet", [True, False])  # False: the text encoder's adapters alone
+def test_lora_resume_gives_the_same_adapters(tiny_model, instance_dir, tmp_path, monkeypatch, train_unet):
     extra = {"model.train_text_encoder": True, "training.max_train_steps": 4, "output.checkpointing_steps": 100,
-             "dataset.random_flip": True}
+             "dataset.random_flip": True, "model.train_unet": train_unet}
     straight = tmp_path / "straight"
     train(lora_cfg(tiny_model, instance_dir, straight, **extra))
 
