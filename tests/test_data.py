@@ -441,5 +441,5 @@ def test_several_subjects_move_to_the_next_epoch_together(tmp_path):
     both = MultiSubjectDataset(parts)
     both.set_epoch(5)
     assert [part.epoch for part in parts] == [5, 5]
-    with pytest.raises(ValueError, match="at least one subject is needed"):
+    with pytest.raises(ValueError, match="^at least one subject is needed$"):
         MultiSubjectDataset([])
