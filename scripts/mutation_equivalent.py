@@ -15,6 +15,10 @@ EQUIVALENT: dict[str, str] = {
         "the early return only skips diffusers' conversion, which leaves keys already in peft's spelling as they are",
     "dreambooth.export.x__to_peft_names__mutmut_9":
         "the early return only skips diffusers' conversion, which leaves keys already in peft's spelling as they are",
+    "dreambooth.export.x__to_peft_names__mutmut_4":
+        "the early return only skips diffusers' conversion, which leaves keys already in peft's spelling as they are",
+    "dreambooth.checkpoint.xǁCheckpointFilesǁ_load_token_rows__mutmut_13":
+        "drops the dtype of .to(): assigning into the embedding's rows casts to its dtype anyway",
     "dreambooth.data.x__high_depth_to_l__mutmut_2":
         "astype(None) is astype(float64) in numpy",
     "dreambooth.checkpoint.xǁCheckpointFilesǁ_load_token_rows__mutmut_15":

@@ -400,6 +400,7 @@ def test_collate_puts_instance_rows_first_then_class_rows():
     ("I", [1000, 65536], [0, 255]),                      # beyond: what is there, stretched
     ("I", [-100, 0, 300], [0, 64, 255]),                 # negative: stretched
     ("F", [0.25, 0.5], [64, 128]),                       # float in [0, 1]: times 255, not stretched
+    ("F", [0.0, 0.5], [0, 128]),
     ("F", [0.0, 0.75, 1.5], [0, 128, 255]),              # float beyond 1 (HDR): stretched
 ])
 def test_high_depth_grayscale_scales_by_its_mode(mode, values, want):
@@ -420,6 +421,7 @@ def test_high_depth_grayscale_scales_by_its_mode(mode, values, want):
     ("blank.png", b"   \n", "not an image (unrecognised content named .png)"),
     ("latin.png", "café".encode("latin-1"), "not an image (unrecognised content named .png)"),
     ("notes.txt", b"just some words\n", "not an image"),
+    ("long.png", b"word " * 300 + b"\0", "not an image (text file named .png)"),  # judged by its first 1 KB
     ("blob.bin", b"abc\0def", "not an image (unrecognised content)"),
 ])
 def test_what_a_file_that_is_not_an_image_is_called(tmp_path, name, content, says):

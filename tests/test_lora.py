@@ -96,10 +96,12 @@ def test_lora_with_text_encoder_new_token_and_bf16(tiny_model, instance_dir, tmp
     assert TOKEN_FILE in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("train_unet", [True, False])  # False: the text encoder's adapters alone
-def test_lora_resume_gives_the_same_adapters(tiny_model, instance_dir, tmp_path, monkeypatch, train_unet):
+# (False, ...): the text encoder's adapters alone; <zq>: a new token's row trains beside the adapters
+@pytest.mark.parametrize("train_unet, identifier", [(True, "sks"), (False, "sks"), (True, "<zq>")])
+def test_lora_resume_gives_the_same_adapters(tiny_model, instance_dir, tmp_path, monkeypatch, train_unet, identifier):
     extra = {"model.train_text_encoder": True, "training.max_train_steps": 4, "output.checkpointing_steps": 100,
-             "dataset.random_flip": True, "model.train_unet": train_unet}
+             "dataset.random_flip": True, "model.train_unet": train_unet, "token.identifier": identifier,
+             "token.initializer": "dog", "dataset.instance_prompt": f"a photo of {identifier} dog"}
     straight = tmp_path / "straight"
     train(lora_cfg(tiny_model, instance_dir, straight, **extra))
 
@@ -205,8 +207,11 @@ def test_several_loras_mix_at_their_weights(tiny_model, instance_dir, tmp_path):
 
 
 @pytest.mark.parametrize("damage, says", [
-    ("drop_adapter_key", "does not match this run's trainable weights"),
-    ("drop_token_file", "for the new identifier token(s) of this run"),
+    ("drop_adapter_key", "{ckpt}/pytorch_lora_weights.safetensors does not match this run's trainable weights"),
+    ("drop_token_file", "{ckpt} has no {token_file} for the new identifier token(s) of this run; resume with the "
+                        "identifier it was trained with."),
+    ("drop_lora_file", "{ckpt} has no pytorch_lora_weights.safetensors; it was not saved by a LoRA run. Resume with "
+                       "the method it was trained with."),
 ])
 def test_resuming_from_a_damaged_lora_checkpoint_is_refused(tiny_model, instance_dir, tmp_path, damage, says):
     from safetensors.torch import save_file
@@ -224,7 +229,7 @@ def test_resuming_from_a_damaged_lora_checkpoint_is_refused(tiny_model, instance
         del tensors[next(k for k in sorted(tensors) if k.startswith("unet.") and "lora" in k)]
         save_file(tensors, str(ckpt / LORA_FILE))
     else:
-        (ckpt / TOKEN_FILE).unlink()
-    with pytest.raises(UserError, match=re.escape(says)):
+        (ckpt / (TOKEN_FILE if damage == "drop_token_file" else LORA_FILE)).unlink()
+    with pytest.raises(UserError, match=re.escape(says.format(ckpt=ckpt, token_file=TOKEN_FILE))):
         train(lora_cfg(tiny_model, instance_dir, out, **{**extra, "training.max_train_steps": 4,
                                                            "output.resume_from_checkpoint": "latest"}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -15,7 +16,7 @@ from dreambooth import train as train_module
 from dreambooth.class_images import MANIFEST
 from dreambooth.cli import main
 from dreambooth.config import load_config
-from dreambooth.errors import TrainingStopped
+from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.train import train
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -125,6 +126,10 @@ def test_resume_gives_the_same_weights_as_not_stopping(tiny_model, instance_dir,
     assert [p.name for p in stopped.glob("checkpoint-*")] == ["checkpoint-3"]
     assert not (stopped / "model_index.json").exists()
     legacy = make_legacy_copy(stopped, tmp_path / "legacy", tiny_model)
+    damaged = make_legacy_copy(stopped, tmp_path / "damaged", tiny_model)
+    unet_file = damaged / "checkpoint-3" / "trainable_0.safetensors"
+    tensors = load_file(str(unet_file))
+    save_file({k: v for k, v in tensors.items() if k != sorted(tensors)[0]}, str(unet_file))
 
     resumed = dict(extra, **{"output.resume_from_checkpoint": "latest"})
     te = "text_encoder/model.safetensors"
@@ -135,6 +140,9 @@ def test_resume_gives_the_same_weights_as_not_stopping(tiny_model, instance_dir,
         assert all(torch.equal(a[k], b[k]) for k in a), f"resumed run {folder.name} differs from the uninterrupted one"
         ta, tb = load_file(str(straight / te)), load_file(str(folder / te))
         assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    with pytest.raises(UserError, match=re.escape(f"{unet_file} does not match this run's trainable weights (was it "
+                                                  "saved with another method or LoRA settings?)")):
+        train(load_config(None, base_overrides(tiny_model, instance_dir, class_dir, damaged, **resumed)))
 
 
 def make_legacy_copy(run_dir, dest, base_model):

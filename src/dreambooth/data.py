@@ -181,7 +181,7 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
         scaled = values * 255.0
     else:  # out-of-range data (HDR floats, negative ints): stretch what is there
         scaled = (values - low) * (255.0 / max(high - low, 1e-12))
-    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")  # each branch lands in [0, 255]
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))  # 8-bit, one channel: "L"; each branch is in [0, 255]
 
 
 # ---------------------------------------------------------------------------------------------- scanning
