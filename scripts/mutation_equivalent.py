@@ -20,7 +20,7 @@ EQUIVALENT: dict[str, str] = {
     "dreambooth.checkpoint.xǁCheckpointFilesǁ_load_token_rows__mutmut_13":
         "drops the dtype of .to(): assigning into the embedding's rows casts to its dtype anyway",
     "dreambooth.data.x__high_depth_to_l__mutmut_2":
-        "astype(None) is astype(float64) in numpy",
+        "astype(None) is astype(float64) in numpy (the first astype; the last one's mutant is killed by the mode)",
     "dreambooth.checkpoint.xǁCheckpointFilesǁ_load_token_rows__mutmut_15":
         "drops the dtype of .to(): assigning into the embedding's rows casts to its dtype anyway",
 }

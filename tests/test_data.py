@@ -401,6 +401,8 @@ def test_collate_puts_instance_rows_first_then_class_rows():
     ("I", [-100, 0, 300], [0, 64, 255]),                 # negative: stretched
     ("F", [0.25, 0.5], [64, 128]),                       # float in [0, 1]: times 255, not stretched
     ("F", [0.0, 0.5], [0, 128]),
+    ("F", [0.5, 1.0], [128, 255]),                       # ... up to 1 exactly
+    ("F", [1.5, 2.0], [0, 255]),                         # a range narrower than 1, stretched
     ("F", [0.0, 0.75, 1.5], [0, 128, 255]),              # float beyond 1 (HDR): stretched
 ])
 def test_high_depth_grayscale_scales_by_its_mode(mode, values, want):
@@ -409,7 +411,8 @@ def test_high_depth_grayscale_scales_by_its_mode(mode, values, want):
     dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
     image = Image.fromarray(np.array([values], dtype=dtype))
     assert image.mode == mode
-    assert np.asarray(_high_depth_to_l(image)).tolist() == [want]
+    gray = _high_depth_to_l(image)
+    assert gray.mode == "L" and np.asarray(gray).tolist() == [want]
 
 
 @pytest.mark.parametrize("name, content, says", [
