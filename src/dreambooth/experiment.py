@@ -45,10 +45,10 @@ class Recipe:
     prompt) went 0.24, 0.62, 0.43, 0.69, 0.47 at steps 400, 450, 500, 550, 600, so a run printed a draw from that
     range; seeds 0-4 gave 0.40-0.80, and float rounding alone (1 against 2 CPU threads) left the UNet weights 8%
     of the fine-tune apart, enough to move one run's measures by 0.1. Halving the gradient noise (batch 2) and
-    ending at a zero rate settles the model: seeds 0-4 gave 0.85-0.93 with the class prior within 0.06 of the base,
+    ending at a zero rate settles the model: seeds 0-4 gave 0.85-0.93 with the class prior within 0.07 of the base,
     identical at 1, 2 and 4 threads (weights 5e-5 apart). More steps or a higher rate at a constant rate learn the
     subject but let red and yellow circles drift towards it (class prior 0.50 at 1200 steps). A step of 2 + 2
-    images costs about 1.5 steps of 1 + 1 on the 2-core CPU: the demo takes 54 s instead of 37 s.
+    images costs about 1.5 steps of 1 + 1 on the 2-core CPU: one demo each took 54 s against 37 s (wall).
     """
 
     steps: int = 900
