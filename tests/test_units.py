@@ -118,6 +118,27 @@ def test_class_images_are_generated_then_reused_then_regenerated(tmp_path):
     assert json.loads((folder / MANIFEST).read_text())["prompt"] == "a photo of a cat"
 
 
+def test_class_images_moved_aside_twice_in_one_second_keep_both_sets(tmp_path, monkeypatch):
+    from dreambooth import class_images
+
+    monkeypatch.setattr(class_images.time, "strftime", lambda fmt: "20261130-120000")  # every change in one second
+    folder = tmp_path / "class"
+    kw = dict(model="m", resolution=16, num_images=2, seed=3, load_pipe=FakePipe, batch_size=2, steps=2)
+    for prompt in ("a photo of a dog", "a photo of a cat", "a photo of a fox"):
+        ensure_class_images(folder, prompt=prompt, **kw)
+    aside = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    assert aside == ["replaced-20261130-120000", "replaced-20261130-120000-2"]
+    assert all(len(list((folder / name).glob("class-*.png"))) == 2 for name in aside)
+
+
+def test_a_generated_image_never_replaces_a_file_of_the_name_it_falls_back_to(tmp_path):
+    from dreambooth.class_images import unused_path
+
+    (tmp_path / "class-000003-120000.png").write_bytes(b"mine")
+    assert unused_path(tmp_path, "class-000003-120000", ".png") == tmp_path / "class-000003-120000-2.png"
+    assert unused_path(tmp_path, "replaced-x") == tmp_path / "replaced-x"
+
+
 # ----------------------------------------------------------------------------------------------- init, generate
 
 

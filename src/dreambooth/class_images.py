@@ -151,12 +151,22 @@ def generate_missing(plan: ClassImagePlan, *, seed: int, load_pipe, batch_size: 
     bar.close()
 
 
+def unused_path(folder: Path, stem: str, suffix: str = "") -> Path:
+    """folder/stem+suffix, or stem-2, stem-3, ... if taken: a time-stamped name is not unique within a second, and a
+    rename onto an existing file would silently replace it."""
+    path, n = folder / f"{stem}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}{suffix}"
+    return path
+
+
 def commit(plan: ClassImagePlan) -> dict[Path, Path]:
     """Carries out the plan in the user's folder: stale images aside, staged images in; returns old -> new paths."""
     folder, moved = plan.folder, {}
     changes = bool(plan.stale or plan.staged)
     if plan.stale:
-        aside = folder / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = unused_path(folder, f"replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         aside.mkdir()
         for name in plan.stale:
             (folder / name).rename(aside / name)
@@ -168,7 +178,7 @@ def commit(plan: ClassImagePlan) -> dict[Path, Path]:
     for path, entry in zip(list(plan.staged), list(plan.staged_entries)):
         target = folder / path.name
         if target.exists():  # a user's file of the same name is never replaced: keep ours under another name
-            target = folder / f"class-{entry['seed']:06d}-{time.strftime('%H%M%S')}.png"
+            target = unused_path(folder, f"class-{entry['seed']:06d}-{time.strftime('%H%M%S')}", ".png")
             entry = {**entry, "file": target.name}
         path.rename(target)
         moved[path] = target
