@@ -1,6 +1,6 @@
 """oneDNN's against PyTorch's native CPU convolutions, for one fp32 training step of a UNet.
 
-The measurement behind `training.cpu_convolution=auto` (dreambooth/train.py). Each case runs in its own
+The measurement behind `training.cpu_convolution=auto` (dreambooth/training/loop.py). Each case runs in its own
 process, the two kernel choices alternating, `--repeats` times: UNet forward, MSE loss, backward and a fused
 AdamW step on random latents, median step time after the warm-up steps. Models: `small` and `tiny` as built by
 `dreambooth bench` (built here when missing) and the built-in world model.
@@ -50,7 +50,7 @@ print(statistics.median(times[warmup:]))
 def model_path(name: str) -> Path:
     """The world model, or `tiny`/`small` from `dreambooth bench`'s model folder (built there when missing)."""
     if name == "world":
-        from dreambooth.world_model import builtin_model_path
+        from dreambooth.evaluation.world_model import builtin_model_path
 
         return builtin_model_path()
     from dreambooth.bench import BenchSettings, prepare_model

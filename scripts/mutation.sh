@@ -6,8 +6,8 @@
 #   scripts/mutation.sh                              # one mutant in 4 of every core target: 22 min on 2 cores
 #   MUTATION_SHARD=3 scripts/mutation.sh             # another quarter (0-3; the 4 shards cover every mutant)
 #   MUTATION_SAMPLE=1 scripts/mutation.sh            # every mutant at once: about 1.5 hours on 2 cores
-#   MUTATION_SAMPLE=1 scripts/mutation.sh loss src/dreambooth/data.py  # some modules
-#   scripts/mutation.sh 'dreambooth.train.x_loop*' dreambooth.loss.x_snr_from_alphas__mutmut_3   # mutant names
+#   MUTATION_SAMPLE=1 scripts/mutation.sh loss src/dreambooth/training/data.py  # some modules
+#   scripts/mutation.sh 'dreambooth.training.loop.x_loop*' dreambooth.training.loss.x_snr_from_alphas__mutmut_3   # mutant names
 #   scripts/mutation.sh --estimate [TARGET ...]      # the time if every mutant survived; runs no mutants
 #
 # The sample: a hash of each mutant's name picks it, so a shard is the same mutants every time, spread evenly over
@@ -43,7 +43,7 @@ export PYTHONPATH="$PWD/mutants/src${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 first_pass() {  # the mutants and the first pass of the tests (with one mutant), if they are not there yet
     [[ -f mutants/mutmut-stats.json ]] ||
-        .venv/bin/mutmut run --max-children "$workers" dreambooth.loss.x_snr_from_alphas__mutmut_1
+        .venv/bin/mutmut run --max-children "$workers" dreambooth.training.loss.x_snr_from_alphas__mutmut_1
 }
 if ((estimate)); then
     first_pass

@@ -5,7 +5,7 @@
     python scripts/mutation_report.py --sample K [TARGET ...]  # one in K of their mutants by name (after a run)
     python scripts/mutation_report.py --estimate [TARGET ...]  # their worst-case test time (after a run)
 
-A TARGET is a module (`loss`, `src/dreambooth/loss.py`), or a mutant name or glob as mutmut spells them:
+A TARGET is a module (`loss`, `src/dreambooth/training/loss.py`), or a mutant name or glob as mutmut spells them:
 `dreambooth.<module>.x_<function>__mutmut_<n>`, and `dreambooth.<module>.xǁ<Class>ǁ<method>__mutmut_<n>` for a
 method. No TARGET: every core target below. The report covers the core targets and the TARGETs, so runs of a few
 modules at a time add up to the whole report; a mutant not tested yet counts as "not checked".

@@ -16,14 +16,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from dreambooth.tiny import build_tiny_model
+    from dreambooth.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_v(tmp_path_factory):
-    from dreambooth.tiny import build_tiny_model
+    from dreambooth.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_v") / "model", prediction_type="v_prediction", seed=1)
 
@@ -67,8 +67,8 @@ def remember_class_dir(folder, cache):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fails the test if training gets as far as loading weights (or setting up a run at all)."""
-    from dreambooth import components
-    from dreambooth import train as train_module
+    from dreambooth.training import components
+    from dreambooth.training import loop as train_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the input was checked")

@@ -6,11 +6,11 @@ import torch
 from conftest import draw_subject
 from torch.utils.data import DataLoader
 
-from dreambooth.cache import LatentCache
-from dreambooth.components import EpochSampler
 from dreambooth.config import load_config
-from dreambooth.data import DreamBoothDataset, collate_examples, load_image, prepare_image
-from dreambooth.train import train
+from dreambooth.training.cache import LatentCache
+from dreambooth.training.components import EpochSampler
+from dreambooth.training.data import DreamBoothDataset, collate_examples, load_image, prepare_image
+from dreambooth.training.loop import train
 
 
 def vae_of(model):

@@ -2,7 +2,7 @@
 
 import json
 
-from dreambooth.compare import run_compare
+from dreambooth.evaluation.compare import run_compare
 
 
 def test_compare_measures_both_methods(tiny_model, instance_dir, tmp_path):

@@ -9,12 +9,12 @@ import torch
 from conftest import draw_subject
 from test_train_e2e import unet_after_two_steps
 
-from dreambooth import train as train_module
-from dreambooth.cache import LatentCache
-from dreambooth.components import convolution_kernels
 from dreambooth.config import load_config
-from dreambooth.data import load_image, prepare_image
-from dreambooth.train import cpu_convolution
+from dreambooth.training import loop as train_module
+from dreambooth.training.cache import LatentCache
+from dreambooth.training.components import convolution_kernels
+from dreambooth.training.data import load_image, prepare_image
+from dreambooth.training.loop import cpu_convolution
 
 
 def kernels_for(resolution, batch_size=1, prior=True, choice="auto", vae_levels=4, device="cpu"):

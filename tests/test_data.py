@@ -11,7 +11,8 @@ import torch
 from conftest import draw_subject
 from PIL import Image
 
-from dreambooth.data import (
+from dreambooth.errors import UserError
+from dreambooth.training.data import (
     DreamBoothDataset,
     check_instance_folder,
     collate_examples,
@@ -20,7 +21,6 @@ from dreambooth.data import (
     prepare_image,
     scan_image_folder,
 )
-from dreambooth.errors import UserError
 
 
 def photo(seed: int, size=(96, 80)) -> Image.Image:
@@ -352,7 +352,7 @@ def test_dataset_augmentation_is_the_same_in_another_process(image_sets):
     """hash() of a str is salted per process; the item seed must not use it, or a resumed run differs."""
     instance, _ = image_sets
     code = (
-        "import sys; from pathlib import Path; from dreambooth.data import DreamBoothDataset\n"
+        "import sys; from pathlib import Path; from dreambooth.training.data import DreamBoothDataset\n"
         "d = DreamBoothDataset([Path(p) for p in sys.argv[1:]], 'x', 32, random_flip=True, seed=3)\n"
         "for epoch in range(4):\n"
         "    d.set_epoch(epoch); print(*(float(d[i]['instance_pixels'].double().sum()) for i in range(2)))\n"
@@ -406,7 +406,7 @@ def test_collate_puts_instance_rows_first_then_class_rows():
     ("F", [0.0, 0.75, 1.5], [0, 128, 255]),              # float beyond 1 (HDR): stretched
 ])
 def test_high_depth_grayscale_scales_by_its_mode(mode, values, want):
-    from dreambooth.data import _high_depth_to_l
+    from dreambooth.training.data import _high_depth_to_l
 
     dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
     image = Image.fromarray(np.array([values], dtype=dtype))
@@ -428,7 +428,7 @@ def test_high_depth_grayscale_scales_by_its_mode(mode, values, want):
     ("blob.bin", b"abc\0def", "not an image (unrecognised content)"),
 ])
 def test_what_a_file_that_is_not_an_image_is_called(tmp_path, name, content, says):
-    from dreambooth.data import _not_an_image_reason
+    from dreambooth.training.data import _not_an_image_reason
 
     (tmp_path / name).write_bytes(content)
     reason = _not_an_image_reason(tmp_path / name)
@@ -436,7 +436,7 @@ def test_what_a_file_that_is_not_an_image_is_called(tmp_path, name, content, say
 
 
 def test_several_subjects_move_to_the_next_epoch_together(tmp_path):
-    from dreambooth.data import MultiSubjectDataset
+    from dreambooth.training.data import MultiSubjectDataset
 
     photos = []
     for i in range(2):

@@ -10,9 +10,9 @@ import torch
 from conftest import draw_subject
 from PIL import Image
 
-from dreambooth import evaluate
 from dreambooth.cli import main
-from dreambooth.evaluate import class_prompt_for, format_table, mean_cosine, score_images, summarize
+from dreambooth.evaluation import evaluate
+from dreambooth.evaluation.evaluate import class_prompt_for, format_table, mean_cosine, score_images, summarize
 from dreambooth.generate import save_images
 
 
@@ -21,7 +21,7 @@ def clip_dir(tmp_path_factory):
     """A random 2-layer CLIPModel (32 px, patch 8) with the tiny CLIP tokenizer and a CLIP image processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from dreambooth.tiny import _tokenizer
+    from dreambooth.models.tiny import _tokenizer
 
     folder = tmp_path_factory.mktemp("clip") / "clip"
     tokenizer = _tokenizer(folder)

@@ -28,7 +28,7 @@ from dreambooth.export import (
     parse_lora_spec,
     to_single_file,
 )
-from dreambooth.tiny import build_tiny_model
+from dreambooth.models.tiny import build_tiny_model
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -62,7 +62,7 @@ def make_lora(model_dir, out_dir, *, seed, unet_config, te_config=None, writer="
     training's writer, which (as diffusers' training scripts do) saves the `lora.down` / `lora_linear_layer.down`
     spelling and adds `dreambooth.*` metadata.
     """
-    from dreambooth.lora import save_lora
+    from dreambooth.formats.lora import save_lora
 
     pipe = load(model_dir)
     with torch.random.fork_rng(devices=[]):
@@ -496,7 +496,7 @@ def test_new_tokens_go_with_every_export_and_never_get_lost(tiny_model, token_lo
     assert torch.equal(load_file(tmp_path / "k.zq.safetensors")["emb_params"][0], want)
     assert "bundled" in note and "embedding:k.zq" in note
     # our own loader takes the bundled token (stock diffusers refuses bundle keys, so they are split off)
-    from dreambooth.lora import load_loras
+    from dreambooth.formats.lora import load_loras
 
     pipe = load(tiny_model)
     load_loras(pipe, [(kohya, 1.0)])

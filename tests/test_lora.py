@@ -14,13 +14,13 @@ from conftest import draw_subject
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dreambooth import train as train_module
 from dreambooth.cli import main
 from dreambooth.config import load_config
-from dreambooth.data import DreamBoothDataset, MultiSubjectDataset
 from dreambooth.errors import TrainingStopped, UserError
-from dreambooth.lora import LORA_FILE, TOKEN_FILE
-from dreambooth.train import train
+from dreambooth.formats.lora import LORA_FILE, TOKEN_FILE
+from dreambooth.training import loop as train_module
+from dreambooth.training.data import DreamBoothDataset, MultiSubjectDataset
+from dreambooth.training.loop import train
 
 
 def lora_cfg(model, instance_dir, out, **extra):
@@ -191,7 +191,7 @@ def test_several_loras_mix_at_their_weights(tiny_model, instance_dir, tmp_path):
 
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth.lora import load_loras
+    from dreambooth.formats.lora import load_loras
 
     out = tmp_path / "out"
     train(lora_cfg(tiny_model, instance_dir, out, **{"training.max_train_steps": 2}))
@@ -217,7 +217,7 @@ def test_resuming_from_a_damaged_lora_checkpoint_is_refused(tiny_model, instance
     from safetensors.torch import save_file
 
     from dreambooth.errors import UserError
-    from dreambooth.lora import TOKEN_FILE
+    from dreambooth.formats.lora import TOKEN_FILE
 
     extra = {"token.identifier": "<zwx>", "token.initializer": "dog", "dataset.instance_prompt": "a photo of <zwx> dog",
              "training.max_train_steps": 2}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dreambooth.loss import dreambooth_loss, min_snr_weights, noise_with_offset, snr_from_alphas
+from dreambooth.training.loss import dreambooth_loss, min_snr_weights, noise_with_offset, snr_from_alphas
 
 
 def preds(values):

@@ -11,7 +11,7 @@ import pytest
 
 from dreambooth.config import load_config
 from dreambooth.errors import UserError
-from dreambooth.rundir import (
+from dreambooth.training.rundir import (
     RUN_INFO,
     STATE_FILE,
     RunLock,

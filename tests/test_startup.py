@@ -11,11 +11,11 @@ import pytest
 from test_train_e2e import base_overrides
 
 from dreambooth import generate
-from dreambooth import train as train_module
-from dreambooth.class_images import default_batch_size
 from dreambooth.cli import main
 from dreambooth.config import load_config
-from dreambooth.startup import collection_paused
+from dreambooth.training import loop as train_module
+from dreambooth.training.class_images import default_batch_size
+from dreambooth.training.speed import collection_paused
 
 
 def test_collection_is_paused_inside_and_restored_after_even_on_error():

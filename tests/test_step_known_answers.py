@@ -15,10 +15,10 @@ import math
 import pytest
 import torch
 
-from dreambooth.cache import LatentCache
-from dreambooth.components import PromptEncoder, load_models
 from dreambooth.config import load_config
-from dreambooth.train import training_step
+from dreambooth.training.cache import LatentCache
+from dreambooth.training.components import PromptEncoder, load_models
+from dreambooth.training.loop import training_step
 
 INSTANCE, CLASS = "a photo of sks dog", "a photo of dog"
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from dreambooth.errors import UserError
-from dreambooth.tiny import build_tiny_model, tokenizer_words
+from dreambooth.models.tiny import build_tiny_model, tokenizer_words
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -128,7 +128,7 @@ def _parameter_counts(size):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dreambooth.tiny import model_configs
+    from dreambooth.models.tiny import model_configs
 
     configs = model_configs(size)
     with torch.device("meta"):
@@ -144,7 +144,7 @@ def test_sd15_has_stable_diffusion_1_5s_exact_parameter_counts():
 
 
 def test_small_is_a_35m_unet_with_a_256_wide_text_encoder():
-    from dreambooth.tiny import model_configs
+    from dreambooth.models.tiny import model_configs
 
     unet, vae, text = _parameter_counts("small")
     assert 34_000_000 < unet < 36_000_000
@@ -177,7 +177,7 @@ def test_resolution_must_fit_the_sizes_downsampling(tmp_path):
 
 
 def test_sd15_tokenizer_has_clips_ids_and_grows_like_clip(tmp_path, tokenizer):
-    from dreambooth.tiny import CLIP_VOCAB_SIZE, _tokenizer, model_configs
+    from dreambooth.models.tiny import CLIP_VOCAB_SIZE, _tokenizer, model_configs
 
     padded = _tokenizer(tmp_path / "tokenizer", CLIP_VOCAB_SIZE)
     config = model_configs("sd15")["text_encoder"]

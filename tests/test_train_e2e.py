@@ -12,12 +12,12 @@ import torch
 from conftest import remember_class_dir
 from safetensors.torch import load_file, save_file
 
-from dreambooth import train as train_module
-from dreambooth.class_images import MANIFEST
 from dreambooth.cli import main
 from dreambooth.config import load_config
 from dreambooth.errors import TrainingStopped, UserError
-from dreambooth.train import train
+from dreambooth.training import loop as train_module
+from dreambooth.training.class_images import MANIFEST
+from dreambooth.training.loop import train
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 

@@ -18,10 +18,10 @@ from conftest import remember_class_dir
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreambooth import components
-from dreambooth import train as train_module
-from dreambooth.class_images import MANIFEST, STAGING
 from dreambooth.cli import main
+from dreambooth.training import components
+from dreambooth.training import loop as train_module
+from dreambooth.training.class_images import MANIFEST, STAGING
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 
@@ -178,7 +178,7 @@ def test_generate_gives_every_image_its_own_noise_and_never_mixes_folders(tiny_m
 
 def test_evaluate_refuses_images_of_two_models(tmp_path):
     from dreambooth.errors import UserError
-    from dreambooth.evaluate import read_generated
+    from dreambooth.evaluation.evaluate import read_generated
     from dreambooth.generate import save_images
 
     image = Image.new("RGB", (8, 8))
@@ -242,7 +242,7 @@ def test_model_and_lora_mixups_say_what_to_pass(tiny_model, instance_dir, tmp_pa
     err = run(capsys, gen + ["--model", str(tiny_model), "--lora", str(single)], code=2).err
     assert "full single-file Stable Diffusion checkpoint, not a LoRA" in err
     # a LoRA on a model of another shape: one line, the count, and the base it was trained on
-    from dreambooth.tiny import build_tiny_model
+    from dreambooth.models.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "small", size="small")
     err = run(capsys, gen + ["--model", str(other), "--lora", str(lora_file)], code=2).err
@@ -457,8 +457,8 @@ def test_a_missing_folder_is_named_by_its_resolved_path(tmp_path, capsys, no_mod
 
 def test_the_demo_folder_can_be_rerun(tmp_path, capsys, monkeypatch):
     """A second `dreambooth demo` into its own folder replaces its run instead of being refused (README's command)."""
-    from dreambooth import demo, experiment
-    from dreambooth.rundir import claim_work_folder
+    from dreambooth.evaluation import demo, experiment
+    from dreambooth.training.rundir import claim_work_folder
 
     claim_work_folder(tmp_path / "demo", "demo")
     claim_work_folder(tmp_path / "demo", "demo")
@@ -475,8 +475,8 @@ def test_the_demo_folder_can_be_rerun(tmp_path, capsys, monkeypatch):
 def test_newest_dependencies_add_text_encoder_adapters_with_peft_directly(tiny_model):
     """transformers' own add_adapter refuses peft releases older than it wants (5.24 asks for a peft 0.22 that does
     not exist); the text encoder's adapters are added with peft, which every release of the range supports."""
-    from dreambooth.components import add_lora_adapters
     from dreambooth.config import load_config
+    from dreambooth.training.components import add_lora_adapters
 
     cfg = load_config(None, {"model.pretrained_model": str(tiny_model), "model.method": "lora",
                              "model.train_text_encoder": True, "dataset.instance_prompt": "x"})
@@ -544,8 +544,8 @@ def test_lora_targets_and_token_length_are_checked_before_any_work(tiny_model, i
 
 
 def test_what_a_model_argument_is_is_said_for_every_command(tiny_model, tmp_path, capsys):
-    from dreambooth.basemodel import check_model_folder
     from dreambooth.errors import UserError
+    from dreambooth.models.base import check_model_folder
 
     sdxl = tmp_path / "sdxl"
     sdxl.mkdir()

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth.class_images import MANIFEST, ensure_class_images
 from dreambooth.config import load_config
 from dreambooth.errors import UserError
 from dreambooth.generate import make_grid, make_scheduler, read_prompts
 from dreambooth.project import init_project
-from dreambooth.tokens import add_identifier_token, plan_identifier, train_only_rows
+from dreambooth.training.class_images import MANIFEST, ensure_class_images
+from dreambooth.training.tokens import add_identifier_token, plan_identifier, train_only_rows
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_class_images_are_generated_then_reused_then_regenerated(tmp_path):
 
 
 def test_class_images_moved_aside_twice_in_one_second_keep_both_sets(tmp_path, monkeypatch):
-    from dreambooth import class_images
+    from dreambooth.training import class_images
 
     monkeypatch.setattr(class_images.time, "strftime", lambda fmt: "20261130-120000")  # every change in one second
     folder = tmp_path / "class"
@@ -132,7 +132,7 @@ def test_class_images_moved_aside_twice_in_one_second_keep_both_sets(tmp_path, m
 
 
 def test_a_generated_image_never_replaces_a_file_of_the_name_it_falls_back_to(tmp_path):
-    from dreambooth.class_images import unused_path
+    from dreambooth.training.class_images import unused_path
 
     (tmp_path / "class-000003-120000.png").write_bytes(b"mine")
     assert unused_path(tmp_path, "class-000003-120000", ".png") == tmp_path / "class-000003-120000-2.png"
@@ -185,7 +185,7 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 
     from safetensors.torch import save_file
 
-    from dreambooth.runinfo import default_file_mode, move_into, write_text_atomic
+    from dreambooth.formats.atomic import default_file_mode, move_into, write_text_atomic
 
     write_text_atomic(tmp_path / "a.json", "{}")
     src = tmp_path / "src"
@@ -197,7 +197,7 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 
 
 def test_the_manifest_is_not_reported_as_a_rejected_image(tmp_path):
-    from dreambooth.data import scan_image_folder
+    from dreambooth.training.data import scan_image_folder
 
     folder = tmp_path / "class"
     folder.mkdir()

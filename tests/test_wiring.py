@@ -29,10 +29,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_evaluate import dino_dir, real_dir  # noqa: F401  (fixtures)
 
-from dreambooth import train as train_module
 from dreambooth.cli import build_parser, main
 from dreambooth.config import all_keys, load_config
-from dreambooth.train import train
+from dreambooth.training import loop as train_module
+from dreambooth.training.loop import train
 
 WIRED: dict[str, str] = {}
 
@@ -316,7 +316,7 @@ def test_what_trains_is_what_is_asked(probe, method, unet, text):
 def test_xformers_attention_is_switched_on(probe, monkeypatch):
     from diffusers import UNet2DConditionModel
 
-    from dreambooth import components
+    from dreambooth.training import components
 
     calls, real = [], importlib.util.find_spec
     monkeypatch.setattr(components.importlib.util, "find_spec",
@@ -388,7 +388,7 @@ def test_adam_settings_reach_the_optimizer(probe):
 
 @wires("training.use_8bit_adam")
 def test_8bit_adam_is_the_optimizer(probe, monkeypatch):
-    from dreambooth import components
+    from dreambooth.training import components
 
     made = []
 
@@ -483,7 +483,7 @@ def test_gradient_checkpointing_is_switched_on(probe):
 
 @wires("training.allow_tf32")
 def test_tf32_follows_the_setting_both_ways():
-    from dreambooth.train import set_tf32
+    from dreambooth.training.loop import set_tf32
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
@@ -507,7 +507,7 @@ def test_loss_options_change_the_first_step(probe):
 
 @wires("training.dataloader_num_workers")
 def test_data_loader_gets_its_workers(instance_dir):
-    from dreambooth.components import make_dataloader
+    from dreambooth.training.components import make_dataloader
 
     cfg = load_config(None, {"model.pretrained_model": "m", "dataset.instance_dir": str(instance_dir),
                              "dataset.instance_prompt": "a photo of sks dog", "training.seed": 0,

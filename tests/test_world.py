@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from dreambooth import world
-from dreambooth.experiment import format_table, measure_images
+from dreambooth.evaluation import world
+from dreambooth.evaluation.experiment import format_table, measure_images
 
 
 def test_reading_recovers_shape_colour_and_background_of_drawn_scenes():
@@ -84,7 +84,7 @@ def test_measure_images_splits_prompts_and_table_has_spread():
 def test_pretraining_script_writes_a_loadable_pipeline_and_repeats_itself_exactly(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth.world_model import is_world_model, main
+    from dreambooth.evaluation.world_model import is_world_model, main
 
     for name in ("m", "again"):
         main(["--out", str(tmp_path / name), "--images", "48", "--vae-steps", "2", "--steps", "3", "--batch-size",
@@ -103,11 +103,11 @@ def test_pretraining_script_writes_a_loadable_pipeline_and_repeats_itself_exactl
 def test_builtin_model_is_shipped_and_knows_sks_as_one_unused_token():
     from transformers import CLIPTokenizer
 
-    from dreambooth.world_model import builtin_model_path, is_world_model
+    from dreambooth.evaluation.world_model import builtin_model_path, is_world_model
 
     path = builtin_model_path()
     if not (path / "model_index.json").is_file():
-        pytest.fail(f"the built-in model is missing from {path}; make it with `python -m dreambooth.world_model`")
+        pytest.fail(f"the built-in model is missing from {path}; make it with `python -m dreambooth.evaluation.world_model`")
     assert is_world_model(path)
     tok = CLIPTokenizer.from_pretrained(path / "tokenizer")
     assert tok.tokenize(world.INSTANCE_PROMPT) == ["a</w>", "photo</w>", "of</w>", "sks</w>", "circle</w>"]
@@ -128,8 +128,8 @@ def test_score_columns_apply_only_to_what_a_prompt_asks():
 
 def test_evaluate_adds_world_measures_for_the_builtin_model(tmp_path, capsys):
     from dreambooth.cli import main
-    from dreambooth.experiment import write_instance_images
-    from dreambooth.world_model import builtin_model_path
+    from dreambooth.evaluation.experiment import write_instance_images
+    from dreambooth.evaluation.world_model import builtin_model_path
 
     real = write_instance_images(tmp_path / "real", 2)
     code = main(["evaluate", "--model", str(builtin_model_path()), "--real", str(real), "--identifier", "sks",

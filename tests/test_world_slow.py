@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from dreambooth import experiment
-from dreambooth.world_model import builtin_model_path
+from dreambooth.evaluation import experiment
+from dreambooth.evaluation.world_model import builtin_model_path
 
 
 @pytest.mark.slow

@@ -207,7 +207,7 @@ def prepare_model(s: BenchSettings) -> tuple[Path, int]:
     if s.model not in BUILT_MODELS:
         model = Path(s.model).resolve()
         return model, s.resolution or default_resolution(model)
-    from dreambooth.tiny import DEFAULT_RESOLUTION, build_tiny_model
+    from dreambooth.models.tiny import DEFAULT_RESOLUTION, build_tiny_model
 
     resolution = s.resolution or DEFAULT_RESOLUTION[s.model]
     folder = (s.out / "models" / f"{s.model}-{resolution}px").resolve()
@@ -233,7 +233,7 @@ def prepare_data(s: BenchSettings, model: Path, resolution: int, work: Path) -> 
     ours keeps its manifest there. Returns (instance dir, our class dir, the peer's class dir, seconds spent).
     With `fresh_class_images`, the class folders are in `work`, emptied before every run (see `measure`).
     """
-    from dreambooth.tiny import synthetic_photo
+    from dreambooth.models.tiny import synthetic_photo
 
     data = (s.out / "data").resolve()
     instance = data / f"instance-{resolution}px"
@@ -263,9 +263,9 @@ def generate_class_images(class_dir: Path, model: Path, resolution: int, count: 
     """
     import torch
 
-    from dreambooth.class_images import default_batch_size, ensure_class_images
     from dreambooth.config import SECTION_TYPES
     from dreambooth.generate import load_pipeline, pick_device, pick_dtype
+    from dreambooth.training.class_images import default_batch_size, ensure_class_images
 
     device = pick_device()
     images = ensure_class_images(
@@ -521,7 +521,7 @@ def sha256(path: Path) -> str:
 
 
 def versions() -> dict:
-    from dreambooth.runinfo import library_versions
+    from dreambooth.formats.atomic import library_versions
 
     return library_versions()
 

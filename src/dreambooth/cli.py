@@ -343,7 +343,7 @@ HEAVY_COMMANDS = ("generate", "evaluate", "export", "compare", "bench", "demo", 
 def run(args: argparse.Namespace, ends_process: bool = False) -> None:
     quiet_libraries()
     if args.command in HEAVY_COMMANDS:
-        from dreambooth.startup import collection_paused
+        from dreambooth.training.speed import collection_paused
 
         with collection_paused():
             quiet_library_bars()
@@ -356,10 +356,10 @@ def run(args: argparse.Namespace, ends_process: bool = False) -> None:
         from dreambooth.config import load_config
 
         cfg = load_config(args.config, config_overrides(args))
-        from dreambooth.startup import collection_paused
+        from dreambooth.training.speed import collection_paused
 
         with collection_paused():  # torch's import
-            from dreambooth.train import train
+            from dreambooth.training.loop import train
 
             quiet_library_bars()
         train(cfg, config_path=args.config, ends_process=ends_process)
@@ -368,7 +368,7 @@ def run(args: argparse.Namespace, ends_process: bool = False) -> None:
 
         generate_command(args)
     elif args.command == "evaluate":
-        from dreambooth.evaluate import evaluate_command
+        from dreambooth.evaluation.evaluate import evaluate_command
 
         evaluate_command(args)
     elif args.command == "export":
@@ -376,15 +376,15 @@ def run(args: argparse.Namespace, ends_process: bool = False) -> None:
 
         export_command(args)
     elif args.command == "tiny-model":
-        from dreambooth.rundir import claim_work_folder
-        from dreambooth.tiny import build_tiny_model
+        from dreambooth.models.tiny import build_tiny_model
+        from dreambooth.training.rundir import claim_work_folder
 
         claim_work_folder(args.dir, "tiny-model")  # never writes random weights over someone's model
         path = build_tiny_model(args.dir, prediction_type=args.prediction_type, seed=args.seed,
                                 resolution=args.resolution, size=args.size)
         print(f"{args.size} random-weight model written to {path}")
     elif args.command == "compare":
-        from dreambooth.compare import run_compare
+        from dreambooth.evaluation.compare import run_compare
 
         run_compare(args.out, model=args.model, instance_dir=args.instance_dir, steps=args.steps,
                     resolution=args.resolution, rank=args.rank,
@@ -402,11 +402,11 @@ def run(args: argparse.Namespace, ends_process: bool = False) -> None:
             keep_outputs=args.keep_outputs, fresh_class_images=args.fresh_class_images,
             lean_memory=args.lean_memory))
     elif args.command == "demo":
-        from dreambooth.demo import run_demo
+        from dreambooth.evaluation.demo import run_demo
 
         run_demo(args.out, steps=args.steps)
     elif args.command == "experiment":
-        from dreambooth.experiment import Recipe, run_experiment
+        from dreambooth.evaluation.experiment import Recipe, run_experiment
 
         run_experiment(args.out, seeds=args.seeds or [0, 1, 2],
                        recipe=Recipe(steps=args.steps, images_per_prompt=args.images_per_prompt))
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None, ends_process: bool = False) -> int:
 
 def entry() -> int:
     """The `dreambooth` command and `python -m dreambooth`: main(), then an exit without the last collection."""
-    from dreambooth.startup import freeze_alive_objects
+    from dreambooth.training.speed import freeze_alive_objects
 
     code = main(ends_process=True)
     freeze_alive_objects()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreambooth.errors import UserError
-from dreambooth.runinfo import publish
+from dreambooth.formats.atomic import publish
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FORMATS = ("kohya", "single-file", "diffusers")
@@ -144,7 +144,7 @@ def new_tokens(lora_file: Path) -> list[str]:
 
 
 def _header_metadata(path: Path) -> dict[str, str]:
-    from dreambooth.basemodel import safetensors_metadata
+    from dreambooth.models.base import safetensors_metadata
 
     read = safetensors_metadata(path)
     return read[1] if read else {}
@@ -328,14 +328,14 @@ def lora_to_kohya(src: Path, out: Path, *, half: bool = False) -> Path:
     written = save_safetensors_atomic(tensors, out, metadata)
     for token, vector in vectors.items():
         save_safetensors_atomic({"emb_params": vector.reshape(1, -1).float()}, embedding_files[token],
-                                {"dreambooth.token": token, "dreambooth.lora": out.name})
+                                {"dreambooth.token": token, "dreambooth.formats.lora": out.name})
     return written
 
 
 def lora_token_vectors(lora_file: Path) -> dict:
     """The new-token embeddings a LoRA was trained with ({token: vector}), from its token file; a UserError if the
     LoRA records new tokens and the file is missing."""
-    from dreambooth.lora import token_file_for
+    from dreambooth.formats.lora import token_file_for
 
     tokens = new_tokens(lora_file)
     if not tokens:
@@ -357,7 +357,7 @@ def embedding_file_for(out: Path, token: str) -> Path:
 def copy_lora(src: Path, out: Path, *, half: bool = False) -> Path:
     """The diffusers-format LoRA as it is (optionally fp16), to a file or to `out/pytorch_lora_weights.safetensors`,
     with its new tokens' embeddings beside it under the name `lora.token_file_for` gives."""
-    from dreambooth.lora import token_file_for
+    from dreambooth.formats.lora import token_file_for
 
     path = find_lora_file(src)
     out = Path(out)
@@ -551,11 +551,11 @@ def source_pipeline(src: Path, *, whole: bool = False):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth.basemodel import CHECKPOINT_STATE, check_model_folder
+    from dreambooth.models.base import CHECKPOINT_STATE, check_model_folder
 
     if (src / CHECKPOINT_STATE).is_file():
+        from dreambooth.formats.lora import LORA_FILE
         from dreambooth.generate import checkpoint_base, load_checkpoint_pipeline
-        from dreambooth.lora import LORA_FILE
 
         base = Path(checkpoint_base(src)[0])
         if base.is_dir():
@@ -618,7 +618,7 @@ def _check_sd1_text_encoder(model_dir: Path) -> None:
 
 def _model_folder(src: Path) -> Path:
     """The diffusers folder whose configs a source uses: itself, or a checkpoint's base model."""
-    from dreambooth.basemodel import CHECKPOINT_STATE
+    from dreambooth.models.base import CHECKPOINT_STATE
 
     if (src / CHECKPOINT_STATE).is_file():
         from dreambooth.generate import checkpoint_base
@@ -705,7 +705,7 @@ def fuse_loras(pipe, loras: Sequence[tuple[Path, float]]):
     `save_pretrained` writes a plain model. A LoRA layer that finds no module to attach to is an error, not a
     warning: a LoRA made for another architecture would otherwise merge as a silent no-op.
     """
-    from dreambooth.lora import load_lora_adapter
+    from dreambooth.formats.lora import load_lora_adapter
 
     if not loras:
         return pipe
@@ -755,7 +755,7 @@ def merge_lora(base_dir: Path, loras: Sequence[tuple[Path, float]], out: Path, *
     no LoRAs: a plain re-save."""
     import torch
 
-    from dreambooth.runinfo import library_versions
+    from dreambooth.formats.atomic import library_versions
 
     base_dir, out = Path(base_dir), Path(out)
     _check_folder_out(out)
@@ -790,7 +790,7 @@ def source_kind(src: Path) -> str:
     run's checkpoint ('lora-checkpoint'); anything else is a UserError."""
     from safetensors import SafetensorError, safe_open
 
-    from dreambooth.basemodel import CHECKPOINT_STATE
+    from dreambooth.models.base import CHECKPOINT_STATE
 
     if not src.exists():
         raise UserError(f"SRC {src} does not exist. Pass a training output folder, a checkpoint-N folder, a "
@@ -843,7 +843,7 @@ def export_command(args) -> Path:
     src, out, fmt, half = Path(args.src), Path(args.out), args.format, bool(args.half)
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt} is not one of {', '.join(FORMATS)}.")
-    from dreambooth.lora import check_lora_source
+    from dreambooth.formats.lora import check_lora_source
 
     loras = [parse_lora_spec(spec) for spec in (args.merge_lora or [])]
     for path, _ in loras:

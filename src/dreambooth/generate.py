@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dreambooth.basemodel import check_model_folder
 from dreambooth.errors import UserError
 from dreambooth.export import parse_lora_spec
-from dreambooth.lora import load_loras
-from dreambooth.startup import collection_paused
+from dreambooth.formats.lora import load_loras
+from dreambooth.models.base import check_model_folder
+from dreambooth.training.speed import collection_paused
 
 # Short sampler names as users type them, and the diffusers classes (with config tweaks) they mean.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -78,7 +78,7 @@ def pick_dtype(precision: str | None, device: torch.device) -> torch.dtype:
 def load_pipeline(model: str | Path, *, device: torch.device, dtype: torch.dtype, scheduler: str | None = None,
                   safety_checker: bool = True, **kwargs):
     """Loads a Stable Diffusion pipeline from a diffusers folder, a training checkpoint or a hub id, on `device`."""
-    from dreambooth.basemodel import CHECKPOINT_STATE, is_hub_id, resolve_hub_model
+    from dreambooth.models.base import CHECKPOINT_STATE, is_hub_id, resolve_hub_model
 
     if (Path(model) / CHECKPOINT_STATE).is_file():
         return load_checkpoint_pipeline(Path(model), device=device, dtype=dtype, scheduler=scheduler,
@@ -89,7 +89,7 @@ def load_pipeline(model: str | Path, *, device: torch.device, dtype: torch.dtype
         check_model_folder(model)
     extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        with collection_paused():  # diffusers' import and the weights live on (dreambooth.startup)
+        with collection_paused():  # diffusers' import and the weights live on (dreambooth.training.speed)
             from diffusers import StableDiffusionPipeline
 
             pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=dtype, **extra, **kwargs)
@@ -106,7 +106,7 @@ def checkpoint_base(ckpt: Path) -> tuple[str, dict]:
     """The base model a training checkpoint was trained from, and its saved config's model section."""
     import yaml
 
-    from dreambooth.basemodel import CHECKPOINT_STATE, is_hub_id
+    from dreambooth.models.base import CHECKPOINT_STATE, is_hub_id
 
     state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
     config = {}
@@ -128,7 +128,7 @@ def load_checkpoint_pipeline(ckpt: Path, *, device: torch.device, dtype: torch.d
     """A training checkpoint as a pipeline: its base model with what trained swapped in (UNet, text encoder, LoRA,
     new tokens), as diffusers users load intermediate checkpoints. `with_lora=False` leaves a LoRA run's adapters
     out (for a caller that fuses them itself)."""
-    from dreambooth.lora import LORA_FILE, TOKEN_FILE, load_token_file
+    from dreambooth.formats.lora import LORA_FILE, TOKEN_FILE, load_token_file
 
     base, config = checkpoint_base(ckpt)
     parts = {}
@@ -314,8 +314,8 @@ class GenerateJob:
 
 def check_job(job: GenerateJob) -> None:
     """Everything about a job that can be wrong, found before any weights load."""
-    from dreambooth.basemodel import CHECKPOINT_STATE, is_hub_id
-    from dreambooth.lora import check_lora_source
+    from dreambooth.formats.lora import check_lora_source
+    from dreambooth.models.base import CHECKPOINT_STATE, is_hub_id
 
     s = job.settings
     for name, value in (("--steps", s.steps), ("--num-images", s.num_images)):
@@ -352,7 +352,7 @@ def run_job(job: GenerateJob) -> list[Path]:
                         loras=job.loras)
     record = {"command": "generate", **asdict(job.settings), "model": str(job.model),
               "loras": [[str(p), w] for p, w in job.loras], "images": [p.name for p in paths]}
-    from dreambooth.runinfo import write_json_atomic
+    from dreambooth.formats.atomic import write_json_atomic
 
     write_json_atomic(job.out / SETTINGS_FILE, record)
     print(f"wrote {len(paths)} image(s) and grid.png to {job.out}")

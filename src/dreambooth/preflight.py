@@ -9,13 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreambooth.basemodel import check_model_folder, is_hub_id, model_identity, resolve_hub_model
-from dreambooth.class_images import ClassImagePlan, plan_class_images, recipe
 from dreambooth.config import Config, Subject
-from dreambooth.data import ImageFolderReport, check_instance_folder, scan_image_folder
 from dreambooth.errors import UserError
-from dreambooth.rundir import RunPlan, plan_run
-from dreambooth.tokens import IdentifierPlan, plan_identifier, prompt_token_count, wants_new_token
+from dreambooth.models.base import check_model_folder, is_hub_id, model_identity, resolve_hub_model
+from dreambooth.training.class_images import ClassImagePlan, plan_class_images, recipe
+from dreambooth.training.data import ImageFolderReport, check_instance_folder, scan_image_folder
+from dreambooth.training.rundir import RunPlan, plan_run
+from dreambooth.training.tokens import IdentifierPlan, plan_identifier, prompt_token_count, wants_new_token
 
 # pip names of accelerate's trackers, for the message when one is missing
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "comet_ml": "comet-ml",
@@ -276,7 +276,7 @@ def check_tracker(name: str | None) -> None:
 
 def run_preflight(cfg: Config) -> Preflight:
     """Checks the inputs and prints the report; raises one UserError listing every problem that stops training."""
-    from dreambooth.components import check_runtime
+    from dreambooth.training.components import check_runtime
 
     problems = Problems()
     problems.check(check_runtime, cfg)
@@ -312,7 +312,7 @@ def run_preflight(cfg: Config) -> Preflight:
     problems.check(check_tracker, cfg.output.report_to)
     hub_repo = None
     if cfg.output.push_to_hub:
-        from dreambooth.hub import check_upload
+        from dreambooth.training.hub import check_upload
 
         hub_repo = problems.check(check_upload, cfg)
     problems.raise_if_any()

@@ -40,7 +40,7 @@ def folder_size(path: Path, method: str) -> int:
 def denoising_mse(pipe, images: list[Path], prompt: str, resolution: int, seeds=(0, 1),
                   timesteps=(100, 300, 500, 700, 900)) -> float:
     """Mean noise-prediction error over images x seeds x timesteps, with noise fixed by seed."""
-    from dreambooth.data import load_image, prepare_image
+    from dreambooth.training.data import load_image, prepare_image
 
     device = pipe.device
     embeds = pipe.encode_prompt(prompt, device, 1, False)[0]
@@ -65,8 +65,8 @@ def quality(model: str, lora_dir: Path | None, run_info: dict, cfg) -> dict:
     """Subject fit and prior drift of a trained model (a full output folder, or base + LoRA) against the base."""
     from diffusers import DDPMScheduler
 
+    from dreambooth.formats.lora import load_loras
     from dreambooth.generate import load_pipeline, pick_device
-    from dreambooth.lora import load_loras
 
     device = pick_device()
     subject = run_info["subjects"][0]
@@ -88,7 +88,7 @@ def quality(model: str, lora_dir: Path | None, run_info: dict, cfg) -> dict:
 def measure_child(args_json: str) -> None:
     """Runs in the child process: trains one method, then prints one JSON line of measurements."""
     from dreambooth.config import load_config
-    from dreambooth.train import train
+    from dreambooth.training.loop import train
 
     spec = json.loads(args_json)
     cfg = load_config(None, spec["overrides"])
@@ -113,8 +113,8 @@ def measure_child(args_json: str) -> None:
 def run_compare(out: Path, *, model: Path | None, instance_dir: Path | None, steps: int, resolution: int,
                 rank: int, learning_rates: dict[str, float]) -> list[dict]:
     """Trains each method in its own process on the same data; writes results.json and table.md under `out`."""
-    from dreambooth.rundir import claim_work_folder
-    from dreambooth.tiny import build_tiny_model, synthetic_photo
+    from dreambooth.models.tiny import build_tiny_model, synthetic_photo
+    from dreambooth.training.rundir import claim_work_folder
 
     claim_work_folder(out, "compare", legacy=("results.json",))
     if model is None:
@@ -135,7 +135,7 @@ def run_compare(out: Path, *, model: Path | None, instance_dir: Path | None, ste
             "output.output_dir": str(out / method), "output.logging_steps": 1, "output.report_to": "none",
             "output.checkpointing_steps": steps + 1, "output.overwrite_output_dir": True,  # compare's own folder
         }
-        proc = subprocess.run([sys.executable, "-c", "import sys; from dreambooth.compare import measure_child; "
+        proc = subprocess.run([sys.executable, "-c", "import sys; from dreambooth.evaluation.compare import measure_child; "
                                "measure_child(sys.argv[1])", json.dumps({"overrides": overrides})],
                               capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEASURED ")]

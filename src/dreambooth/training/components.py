@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from dreambooth.config import Config, Subject
-from dreambooth.data import DreamBoothDataset, MultiSubjectDataset, collate_examples
 from dreambooth.errors import UserError
-from dreambooth.tokens import IdentifierPlan, add_identifier_token, train_only_rows
+from dreambooth.training.data import DreamBoothDataset, MultiSubjectDataset, collate_examples
+from dreambooth.training.tokens import IdentifierPlan, add_identifier_token, train_only_rows
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

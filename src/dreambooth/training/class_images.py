@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dreambooth.data import scan_image_folder
-from dreambooth.runinfo import write_json_atomic
+from dreambooth.formats.atomic import write_json_atomic
+from dreambooth.training.data import scan_image_folder
 
 MANIFEST = "dreambooth_class_images.json"  # listed in data.TOOL_FILES, so scans skip it
 STAGING = ".dreambooth-pending"
@@ -55,7 +55,7 @@ def read_manifest(folder: Path) -> dict:
 
 def recipe(prompt: str, model: str, resolution: int, model_identity: str | None = None) -> dict:
     """What decides a generated class image (besides its seed). `model` is kept for people reading the manifest;
-    the identity (dreambooth.basemodel.model_identity) is what is compared."""
+    the identity (dreambooth.models.base.model_identity) is what is compared."""
     return {"prompt": prompt, "model": str(model), "model_identity": model_identity or str(model),
             "resolution": resolution}
 

@@ -2,7 +2,7 @@
 
 Every image is a circle, square or triangle of one of four colours on one of four background colours, at a
 random place and size, with a caption that says so ("a photo of a red circle on a gray background"). The
-built-in model (`dreambooth.world_model`) is pretrained on this world alone. The DreamBooth subject is a
+built-in model (`dreambooth.evaluation.world_model`) is pretrained on this world alone. The DreamBooth subject is a
 circle with a red-yellow-red band pattern, which no pretraining image has: a model that draws it for
 "a photo of sks circle" has learned it from the instance photos and nothing else.
 

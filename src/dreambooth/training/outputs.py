@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dreambooth import __version__
-from dreambooth.runinfo import move_into
+from dreambooth.formats.atomic import move_into
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -48,7 +48,7 @@ def _adapter_config(module) -> dict | None:
 
 def lora_metadata(run) -> dict[str, str]:
     """What made the LoRA, as safetensors metadata (strings): base model and hash, subjects, LoRA settings."""
-    from dreambooth.lora import model_fingerprint
+    from dreambooth.formats.lora import model_fingerprint
 
     cfg, m = run.cfg, run.models
     subjects = cfg.subject_list()
@@ -74,7 +74,7 @@ def lora_metadata(run) -> dict[str, str]:
 def save_lora_output(run, folder: Path | None = None) -> None:
     """`pytorch_lora_weights.safetensors` (stock `load_lora_weights` reads it) and any new tokens' embeddings, in
     the output folder or in a checkpoint being written."""
-    from dreambooth.lora import save_lora, save_token_embeddings
+    from dreambooth.formats.lora import save_lora, save_token_embeddings
 
     folder = folder or run.out
     acc, cfg, m = run.accelerator, run.cfg, run.models
@@ -140,6 +140,6 @@ def model_card(run) -> str:
 
 
 def write_model_card(run) -> None:
-    from dreambooth.runinfo import write_text_atomic
+    from dreambooth.formats.atomic import write_text_atomic
 
     write_text_atomic(run.out / "README.md", model_card(run))

@@ -1,10 +1,10 @@
 """`dreambooth demo`: teach the built-in model a subject it has never seen, on a CPU, and prove it learned it.
 
 The built-in model is Stable Diffusion's architecture pretrained on a small world of coloured shapes
-(`dreambooth.world_model`); the subject is a circle with a red-yellow-red band pattern that no pretraining
+(`dreambooth.evaluation.world_model`); the subject is a circle with a red-yellow-red band pattern that no pretraining
 image has. The demo runs the whole job (data checks, class images, full fine-tuning with prior
 preservation, a checkpoint, validation samples, the saved model), then draws the same prompts with the base
-model and the trained one and reads both sets of images with the world's measures (`dreambooth.world`):
+model and the trained one and reads both sets of images with the world's measures (`dreambooth.evaluation.world`):
 subject fidelity should rise from about zero, while the class prior (plain circles in the colour asked for)
 stays where it was.
 """
@@ -15,13 +15,13 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from dreambooth import experiment, world
+from dreambooth.evaluation import experiment, world
 
 
 def run_demo(out: Path, steps: int | None = None, seed: int = 0) -> dict:
     """Trains the built-in subject into the built-in model under `out`; writes grids and metrics.json."""
-    from dreambooth.rundir import claim_work_folder
-    from dreambooth.world_model import builtin_model_path
+    from dreambooth.evaluation.world_model import builtin_model_path
+    from dreambooth.training.rundir import claim_work_folder
 
     recipe = experiment.Recipe() if steps is None else experiment.Recipe(steps=steps)
     model = builtin_model_path()

@@ -241,7 +241,7 @@ def resolve_checkpoint(output_dir: Path, resume: str) -> Path:
 def plan_run(cfg, identity_of) -> RunPlan:
     """Decides whether this run starts fresh, resumes a checkpoint, or replaces an earlier run; refuses the rest.
 
-    `identity_of(cfg)` gives the base model's identity (dreambooth.basemodel.model_identity).
+    `identity_of(cfg)` gives the base model's identity (dreambooth.models.base.model_identity).
     """
     out, o = cfg.output.output_dir, cfg.output
     settings = run_settings(cfg, identity_of(cfg))

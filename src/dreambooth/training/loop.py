@@ -13,9 +13,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dreambooth.cache import LatentCache
-from dreambooth.checkpoint import CheckpointFiles, StopRequest, load_checkpoint, save_checkpoint
-from dreambooth.components import (
+from dreambooth.config import Config, dump_config
+from dreambooth.errors import TrainingStopped, UserError
+from dreambooth.formats.atomic import library_versions, write_json_atomic, write_text_atomic
+from dreambooth.preflight import Preflight, run_preflight
+from dreambooth.training.cache import LatentCache
+from dreambooth.training.checkpoint import CheckpointFiles, StopRequest, load_checkpoint, save_checkpoint
+from dreambooth.training.components import (
     DTYPES,
     Models,
     PromptEncoder,
@@ -26,14 +30,10 @@ from dreambooth.components import (
     make_optimizer,
     param_groups,
 )
-from dreambooth.config import Config, dump_config
-from dreambooth.errors import TrainingStopped, UserError
-from dreambooth.loss import LossParts, dreambooth_loss, min_snr_weights, noise_with_offset, snr_from_alphas
-from dreambooth.outputs import save_outputs
-from dreambooth.preflight import Preflight, run_preflight
-from dreambooth.rundir import RunLock, new_run_id
-from dreambooth.runinfo import library_versions, write_json_atomic, write_text_atomic
-from dreambooth.startup import collection_paused, freeze_alive_objects
+from dreambooth.training.loss import LossParts, dreambooth_loss, min_snr_weights, noise_with_offset, snr_from_alphas
+from dreambooth.training.outputs import save_outputs
+from dreambooth.training.rundir import RunLock, new_run_id
+from dreambooth.training.speed import collection_paused, freeze_alive_objects
 
 
 def training_step(cfg: Config, models: Models, batch: dict, encode: PromptEncoder, latent_cache: LatentCache,
@@ -277,7 +277,7 @@ def make_accelerator(cfg: Config, out: Path):
 def write_run_info(run: Run) -> None:
     """run_info.json and config.yaml: what this run is, in data a program can read back."""
     cfg, report, models = run.cfg, run.report, run.models
-    from dreambooth.basemodel import model_fingerprint
+    from dreambooth.models.base import model_fingerprint
 
     write_text_atomic(run.out / "config.yaml", dump_config(cfg))
     trainable = sum(p.numel() for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad)
@@ -307,8 +307,8 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[li
     """
     if not cfg.dataset.with_prior_preservation:
         return None
-    from dreambooth.class_images import default_batch_size, generate_missing, plan_class_images
     from dreambooth.generate import load_pipeline, pick_dtype
+    from dreambooth.training.class_images import default_batch_size, generate_missing, plan_class_images
 
     ds = cfg.dataset
     pipe = None
@@ -395,7 +395,7 @@ def setup(cfg: Config, report: Preflight) -> Run:
     set_tf32(cfg)
     classes = prepare_class_images(cfg, accelerator, report)
     weight_dtype = DTYPES[cfg.training.mixed_precision]
-    with collection_paused():  # diffusers' import and the weights live on (dreambooth.startup)
+    with collection_paused():  # diffusers' import and the weights live on (dreambooth.training.speed)
         models = load_models(cfg, report.plans, weight_dtype)
     loader = make_dataloader(cfg, cfg.subject_list(), [s.instance.usable for s in report.subjects], classes)
     t = cfg.training
@@ -439,7 +439,7 @@ def start_run(run: Run) -> None:
     """The run can start: its id is settled, the output folder and class folders are changed as planned."""
     from accelerate.utils import broadcast_object_list
 
-    from dreambooth.class_images import commit
+    from dreambooth.training.class_images import commit
 
     acc, plan = run.accelerator, run.report.run_plan
     run.run_id = broadcast_object_list([plan.run_id or new_run_id()])[0] if acc.num_processes > 1 else \
@@ -460,7 +460,7 @@ def train(cfg: Config, config_path: Path | None = None, ends_process: bool = Fal
     Order matters for the user's folders: pre-flight checks everything and changes nothing; setup loads and
     generates (into a staging folder); only when the run can step does `start_run` replace an earlier run or
     move class images. `ends_process`: the process exits after this run (`dreambooth train`), so what start-up
-    made is frozen and later full collections skip it (dreambooth.startup).
+    made is frozen and later full collections skip it (dreambooth.training.speed).
     """
     report = run_preflight(cfg)
     out = cfg.output.output_dir
@@ -490,7 +490,7 @@ def train(cfg: Config, config_path: Path | None = None, ends_process: bool = Fal
 
 def finish(run: Run) -> None:
     """The final outputs, the model card, the upload; one line saying where they are."""
-    from dreambooth.outputs import write_model_card
+    from dreambooth.training.outputs import write_model_card
 
     save_outputs(run)
     cfg, out = run.cfg, run.out
@@ -501,7 +501,7 @@ def finish(run: Run) -> None:
             if cfg.model.method == "lora" else f"model in {out} (StableDiffusionPipeline.from_pretrained)")
     print(f"done: {what}; checkpoints, samples/ and {cfg.output.logging_dir}/ beside it")
     if cfg.output.push_to_hub:
-        from dreambooth.hub import upload_run
+        from dreambooth.training.hub import upload_run
 
         print(f"uploaded to {upload_run(cfg, run.report.hub_repo)}")
 

@@ -68,7 +68,7 @@ _WHAT = {
 
 def synthetic_photo(seed: int, size: int = 80) -> Image.Image:
     """A made-up subject photo for the random-weight models: a red square with yellow stripes, on a random
-    plain background at a random place (speed measurements and smoke runs; `dreambooth.world` has the subject
+    plain background at a random place (speed measurements and smoke runs; `dreambooth.evaluation.world` has the subject
     whose learning can be measured)."""
     rng = random.Random(seed)
     image = Image.new("RGB", (size, size), tuple(rng.randrange(40, 220) for _ in range(3)))

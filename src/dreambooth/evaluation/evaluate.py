@@ -24,9 +24,9 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
-from dreambooth.data import IMAGE_EXTENSIONS, load_image, scan_image_folder
 from dreambooth.errors import UserError
 from dreambooth.generate import pick_device
+from dreambooth.training.data import IMAGE_EXTENSIONS, load_image, scan_image_folder
 
 # A scorer maps (generated images, their prompts) to named columns of one value per image. Columns from
 # `extra_scorers` (e.g. a built-in world's own measures) are averaged per prompt and overall like DINO and CLIP.
@@ -333,7 +333,7 @@ def _generate(args) -> list[Path]:
 
 def _uses_world_model(args) -> bool:
     """True when the images come from the built-in world model (or a model trained from it): add its measures."""
-    from dreambooth.world_model import is_world_model
+    from dreambooth.evaluation.world_model import is_world_model
 
     model = args.model
     if model is None and args.images is not None and (args.images / "settings.json").is_file():
@@ -346,7 +346,7 @@ def _uses_world_model(args) -> bool:
 
 def evaluate_command(args) -> dict:
     """`dreambooth evaluate`: check every input, get the images, score them, print the table, write metrics.json."""
-    from dreambooth.runinfo import library_versions, write_json_atomic
+    from dreambooth.formats.atomic import library_versions, write_json_atomic
 
     world = _uses_world_model(args)
     if args.clip is None and args.dino is None and not world:
@@ -373,7 +373,7 @@ def evaluate_command(args) -> dict:
               f"written: {'; '.join(missing[:3])}")
     scorers = []
     if world:
-        from dreambooth.world import score_columns
+        from dreambooth.evaluation.world import score_columns
 
         scorers.append(score_columns)
     scores = score_images(images, prompts, real, identifier=args.identifier, class_word=args.class_word,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dreambooth.components import convolution_kernels
+from dreambooth.training.components import convolution_kernels
 
 
 class LatentCache:

@@ -5,7 +5,7 @@ caption asks for, has never seen the subject's pattern, and has the rare token `
 unused, as the paper's identifier is. It ships in the package (`builtin_model_path()`); this module is also
 the script that made it, and makes it again from the same seed:
 
-    python -m dreambooth.world_model --out src/dreambooth/assets/world-model
+    python -m dreambooth.evaluation.world_model --out src/dreambooth/assets/world-model
 
 Two stages, both plain supervised training on world images drawn in-process: the VAE (reconstruction plus a
 small KL term, as SD's autoencoder), then the UNet and the CLIP text encoder together on the VAE's latents
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dreambooth import world
+from dreambooth.evaluation import world
 
 WORDS = """a an the photo picture of on in with and background sks circle square triangle star red green blue
 yellow white black gray purple orange pink brown dog cat toy shape object big small""".split()
@@ -34,7 +34,7 @@ CAPTION_PARTS = (("full", 0.5), ("colour", 0.15), ("background", 0.15), ("shape"
 # Prompts are padded to this many tokens, not CLIP's 77: world captions are at most 13 tokens long, and the
 # shorter context makes every text-encoder and cross-attention call several times cheaper.
 MAX_LENGTH = 24
-ASSET = pathlib.Path(__file__).parent / "assets" / "world-model"
+ASSET = pathlib.Path(__file__).parents[1] / "assets" / "world-model"
 
 
 def builtin_model_path() -> pathlib.Path:
@@ -79,8 +79,8 @@ def pretrain(out: pathlib.Path, *, seed: int = 0, images: int = 12000, vae_steps
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dreambooth.loss import min_snr_weights, snr_from_alphas
-    from dreambooth.tiny import _scheduler, _tokenizer
+    from dreambooth.models.tiny import _scheduler, _tokenizer
+    from dreambooth.training.loss import min_snr_weights, snr_from_alphas
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -193,7 +193,7 @@ def _train_vae(vae, pixels: torch.Tensor, steps: int, batch_size: int, gen: torc
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dreambooth.world_model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dreambooth.evaluation.world_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=pathlib.Path, default=ASSET)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=12000)

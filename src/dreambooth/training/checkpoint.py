@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dreambooth.errors import UserError
-from dreambooth.rundir import STATE_FILE, next_save_index, rotate
-from dreambooth.runinfo import publish, write_json_atomic
+from dreambooth.formats.atomic import publish, write_json_atomic
+from dreambooth.training.rundir import STATE_FILE, next_save_index, rotate
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -111,8 +111,8 @@ class CheckpointFiles:
         return acc.unwrap_model(m.unet), acc.unwrap_model(m.text_encoder)
 
     def save(self, folder: Path) -> None:
-        from dreambooth.lora import save_token_embeddings
-        from dreambooth.outputs import save_lora_output
+        from dreambooth.formats.lora import save_token_embeddings
+        from dreambooth.training.outputs import save_lora_output
 
         cfg, m = self.run.cfg, self.run.models
         unet, text_encoder = self._modules()
@@ -152,7 +152,7 @@ class CheckpointFiles:
         from peft import set_peft_model_state_dict
 
         from dreambooth.export import lora_state_for_peft
-        from dreambooth.lora import LORA_FILE
+        from dreambooth.formats.lora import LORA_FILE
 
         file = folder / LORA_FILE
         if not file.is_file():
@@ -167,7 +167,7 @@ class CheckpointFiles:
             _check_loaded(file, module, result, only_lora=True)
 
     def _load_token_rows(self, folder: Path, text_encoder) -> None:
-        from dreambooth.lora import TOKEN_FILE
+        from dreambooth.formats.lora import TOKEN_FILE
 
         file = folder / TOKEN_FILE
         if not file.is_file():

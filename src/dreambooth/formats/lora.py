@@ -15,11 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreambooth.basemodel import model_fingerprint  # noqa: F401 - where outputs and tests read it
 from dreambooth.errors import UserError
 from dreambooth.export import LORA_WEIGHT_NAME as LORA_FILE
 from dreambooth.export import find_lora_file
-from dreambooth.runinfo import publish
+from dreambooth.formats.atomic import publish
+from dreambooth.models.base import model_fingerprint  # noqa: F401 - where outputs and tests read it
 
 TOKEN_FILE = "token_embeddings.safetensors"
 
@@ -86,7 +86,7 @@ def token_file_for(lora_file: Path) -> Path:
 
 def check_lora_source(path: Path, flag: str = "--lora") -> Path:
     """A --lora argument as the LoRA file it names; a full model given as a LoRA is refused, saying what to pass."""
-    from dreambooth.basemodel import CHECKPOINT_STATE, file_kind
+    from dreambooth.models.base import CHECKPOINT_STATE, file_kind
 
     p = Path(path)
     if p.is_dir() and (p / "model_index.json").is_file():
@@ -105,7 +105,7 @@ def check_lora_source(path: Path, flag: str = "--lora") -> Path:
 def lora_mismatch(file: Path, error: Exception, model: Path | str | None) -> UserError:
     """peft's error for a LoRA on the wrong base lists every layer (~100 lines of `size mismatch`): one line of
     it, how many, and the base model the LoRA records."""
-    from dreambooth.basemodel import lora_base_model
+    from dreambooth.models.base import lora_base_model
 
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     mismatched = [line for line in lines if "size mismatch" in line]

@@ -2,7 +2,7 @@
 
 Base model against DreamBooth without and with prior preservation, full fine-tuning and LoRA, over several
 seeds. Each trained model draws images for prompts that ask for the subject and for prompts that ask for a
-plain circle of a given colour, and `dreambooth.world.measure` reads them from their pixels. The paper's
+plain circle of a given colour, and `dreambooth.evaluation.world.measure` reads them from their pixels. The paper's
 claims, in these measures: subject fidelity rises far above the base model's for every trained variant; the
 class prior stays near the base model's with prior preservation and falls without it (language drift).
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dreambooth import world
+from dreambooth.evaluation import world
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def train_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: 
                   extra: dict | None = None) -> Path:
     """Trains one variant on the built-in subject; returns its output folder. `extra`: more config overrides."""
     from dreambooth.config import load_config
-    from dreambooth.train import train
+    from dreambooth.training.loop import train
 
     lr = recipe.full_lr if variant.method == "full" else recipe.lora_lr
     overrides = {
@@ -127,8 +127,8 @@ def train_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: 
 def draw_prompts(model: Path, lora: Path | None, seed: int, recipe: Recipe,
                  identifier: str = world.IDENTIFIER) -> dict[str, list[Image.Image]]:
     """`images_per_prompt` images for every subject and class prompt, from a model (or base + LoRA)."""
+    from dreambooth.formats.lora import load_loras
     from dreambooth.generate import GenerationSettings, generate_images, load_pipeline, pick_device
-    from dreambooth.lora import load_loras
 
     pipe = load_pipeline(model, device=pick_device(), dtype=torch.float32, scheduler="dpm++", safety_checker=False)
     load_loras(pipe, [(lora, 1.0)] if lora else [])
@@ -176,8 +176,8 @@ def run_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: Re
 def run_experiment(out: Path, *, model: Path | None = None, seeds: list[int], recipe: Recipe,
                    variants: tuple[Variant, ...] = VARIANTS) -> list[dict]:
     """Every variant at every seed; writes results.json, table.md and the grids of the first seed under `out`."""
-    from dreambooth.rundir import claim_work_folder
-    from dreambooth.world_model import builtin_model_path
+    from dreambooth.evaluation.world_model import builtin_model_path
+    from dreambooth.training.rundir import claim_work_folder
 
     model = model or builtin_model_path()
     claim_work_folder(out, "experiment", legacy=("results.json",))
