@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 from dreambooth.config import load_config
 from dreambooth.training.cache import LatentCache
 from dreambooth.training.components import EpochSampler
-from dreambooth.training.data import DreamBoothDataset, collate_examples, load_image, prepare_image
+from dreambooth.training.data import DreamBoothDataset, collate_examples, prepare_image
+from dreambooth.training.images import load_image
 from dreambooth.training.loop import train
 
 

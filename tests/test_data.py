@@ -12,15 +12,8 @@ from conftest import draw_subject
 from PIL import Image
 
 from dreambooth.errors import UserError
-from dreambooth.training.data import (
-    DreamBoothDataset,
-    check_instance_folder,
-    collate_examples,
-    find_near_duplicates,
-    load_image,
-    prepare_image,
-    scan_image_folder,
-)
+from dreambooth.training.data import DreamBoothDataset, collate_examples, prepare_image
+from dreambooth.training.images import check_instance_folder, find_near_duplicates, load_image, scan_image_folder
 
 
 def photo(seed: int, size=(96, 80)) -> Image.Image:
@@ -406,7 +399,7 @@ def test_collate_puts_instance_rows_first_then_class_rows():
     ("F", [0.0, 0.75, 1.5], [0, 128, 255]),              # float beyond 1 (HDR): stretched
 ])
 def test_high_depth_grayscale_scales_by_its_mode(mode, values, want):
-    from dreambooth.training.data import _high_depth_to_l
+    from dreambooth.training.images import _high_depth_to_l
 
     dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
     image = Image.fromarray(np.array([values], dtype=dtype))
@@ -428,7 +421,7 @@ def test_high_depth_grayscale_scales_by_its_mode(mode, values, want):
     ("blob.bin", b"abc\0def", "not an image (unrecognised content)"),
 ])
 def test_what_a_file_that_is_not_an_image_is_called(tmp_path, name, content, says):
-    from dreambooth.training.data import _not_an_image_reason
+    from dreambooth.training.images import _not_an_image_reason
 
     (tmp_path / name).write_bytes(content)
     reason = _not_an_image_reason(tmp_path / name)

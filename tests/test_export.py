@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,16 +19,14 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreambooth import export
 from dreambooth.errors import UserError
-from dreambooth.export import (
-    export_command,
-    kohya_alpha,
-    lora_to_kohya,
-    merge_lora,
-    parse_lora_spec,
-    to_single_file,
-)
+from dreambooth.export import export_command
+from dreambooth.formats import kohya, lora, single_file
+from dreambooth.formats.kohya import kohya_alpha, lora_to_kohya
+from dreambooth.formats.lora import parse_lora_spec
+from dreambooth.formats.merge import merge_lora
+from dreambooth.formats.single_file import to_single_file
+from dreambooth.models.base import LORA_FILE
 from dreambooth.models.tiny import build_tiny_model
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -106,7 +105,7 @@ def lora_dir(tiny_model, tmp_path_factory):
                     te_config=LoraConfig(r=4, lora_alpha=3, use_rslora=True, target_modules=TE_TARGETS,
                                          init_lora_weights="gaussian"))
     # Our training adds its own keys to the header; they must survive the conversion.
-    file = out / export.LORA_WEIGHT_NAME
+    file = out / LORA_FILE
     with safe_open(str(file), framework="pt") as f:
         metadata = f.metadata()
     save_file(load_file(file), file, metadata={**metadata, "dreambooth.identifier": "sks"})
@@ -185,7 +184,7 @@ def peft_scale(component: str, module: str) -> float:
 
 def test_kohya_layers_scale_like_peft(lora_dir, kohya_file):
     """Every layer: kohya's alpha / rank * up @ down equals peft's scale * B @ A, with one alpha for the file."""
-    source, kohya = load_file(lora_dir / export.LORA_WEIGHT_NAME), load_file(kohya_file)
+    source, kohya = load_file(lora_dir / LORA_FILE), load_file(kohya_file)
     modules = {k.removesuffix(".lora_A.weight") for k in source if k.endswith(".lora_A.weight")}
     assert len(modules) == len([k for k in kohya if k.endswith(".alpha")]) == 40
     for module in modules:
@@ -203,7 +202,7 @@ def test_kohya_metadata(kohya_file):
     with safe_open(str(kohya_file), framework="pt") as f:
         metadata = f.metadata()
     assert metadata["dreambooth.identifier"] == "sks"
-    assert export.ADAPTER_METADATA_KEY not in metadata  # diffusers refuses a file with both it and alphas
+    assert lora.ADAPTER_METADATA_KEY not in metadata  # diffusers refuses a file with both it and alphas
     assert metadata["ss_network_module"] == "networks.lora" and float(metadata["ss_network_alpha"]) == 8
     assert "ss_network_dim" not in metadata  # ranks 4 and 2: no single dim
 
@@ -228,7 +227,7 @@ def test_kohya_half_and_our_trainings_lora_file(tiny_model, lora_dir, kohya_file
                     unet_config=unet_config(rank_pattern={"attn2.to_v": 2}, alpha_pattern={"attn1.to_q": 16}),
                     te_config=LoraConfig(r=4, lora_alpha=3, use_rslora=True, target_modules=TE_TARGETS,
                                          init_lora_weights="gaussian"))
-    assert any(".lora.down." in k for k in load_file(old / export.LORA_WEIGHT_NAME))
+    assert any(".lora.down." in k for k in load_file(old / LORA_FILE))
     half = lora_to_kohya(old, tmp_path / "half.safetensors", half=True)
     expected, got = load_file(kohya_file), load_file(half)
     assert expected.keys() == got.keys()
@@ -257,7 +256,7 @@ def test_kohya_refuses_what_it_cannot_convert(kohya_file, lora_dir, tmp_path):
     with pytest.raises(UserError, match="already in the kohya format"):
         lora_to_kohya(kohya_file, tmp_path / "b.safetensors")
     odd = tmp_path / "odd.safetensors"
-    save_file({**load_file(lora_dir / export.LORA_WEIGHT_NAME), "unet.conv_in.lora_magnitude_vector": torch.ones(3)},
+    save_file({**load_file(lora_dir / LORA_FILE), "unet.conv_in.lora_magnitude_vector": torch.ones(3)},
               odd)
     with pytest.raises(UserError, match="lora_magnitude_vector"):
         lora_to_kohya(odd, tmp_path / "c.safetensors")
@@ -358,7 +357,7 @@ def test_single_file_names_match_stable_diffusion_1_5():
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
         text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                     num_attention_heads=12, hidden_act="quick_gelu"))
-    tensors = export.checkpoint_tensors(unet, vae, text_encoder)
+    tensors = single_file.checkpoint_tensors(unet, vae, text_encoder)
     count = {p: sum(k.startswith(p) for k in tensors) for p in ("model.", "first_stage_model.", "cond_stage_model.")}
     assert count == {"model.": 686, "first_stage_model.": 248, "cond_stage_model.": 196}
     shapes = {
@@ -383,13 +382,13 @@ def test_single_file_refuses_what_it_cannot_map(tiny_model, tmp_path, monkeypatc
                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), norm_num_groups=8,
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), time_cond_proj_dim=8)
     with pytest.raises(UserError, match="time_embedding.cond_proj"):
-        export.apply_rules(unet.state_dict(), export.unet_rules(unet), "model.diffusion_model.", "UNet")
+        single_file.apply_rules(unet.state_dict(), single_file.unet_rules(unet), "model.diffusion_model.", "UNet")
 
     sd2 = tmp_path / "sd2"
     shutil.copytree(tiny_model, sd2)
     config = json.loads((sd2 / "text_encoder" / "config.json").read_text())
     (sd2 / "text_encoder" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
-    monkeypatch.setattr(export, "source_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    monkeypatch.setattr(single_file, "source_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
     with pytest.raises(UserError, match="OpenCLIP"):
         to_single_file(sd2, tmp_path / "sd2.safetensors")
 
@@ -411,7 +410,7 @@ def test_merged_model_has_the_lora_in_its_weights(tiny_model, lora_dir, second_k
     base, out = load(tiny_model), load(merged)
     assert not [k for k in out.unet.state_dict() if "lora" in k]
 
-    first = load_file(lora_dir / export.LORA_WEIGHT_NAME)
+    first = load_file(lora_dir / LORA_FILE)
     second = load_file(second_kohya)
     kohya_q = "lora_unet_" + Q_ATTN1.replace(".", "_")
     delta_q = (0.7 * 4.0 * first[f"unet.{Q_ATTN1}.lora_B.weight"] @ first[f"unet.{Q_ATTN1}.lora_A.weight"]
@@ -432,7 +431,7 @@ def test_merged_model_has_the_lora_in_its_weights(tiny_model, lora_dir, second_k
 
 def test_merge_refuses_a_lora_for_another_model(tiny_model, lora_dir, tmp_path):
     foreign = tmp_path / "foreign.safetensors"
-    tensors = load_file(lora_dir / export.LORA_WEIGHT_NAME)
+    tensors = load_file(lora_dir / LORA_FILE)
     extra = {k.replace("down_blocks.0.", "down_blocks.3."): v.clone() for k, v in tensors.items()
              if "down_blocks.0." in k}
     save_file({**tensors, **extra}, foreign)
@@ -445,10 +444,10 @@ def test_merge_refuses_a_lora_for_another_model(tiny_model, lora_dir, tmp_path):
 def token_lora(lora_dir, tmp_path_factory):
     """The LoRA as our training writes it for a new identifier token: the token's embedding beside it."""
     folder = tmp_path_factory.mktemp("token_lora")
-    file = folder / export.LORA_WEIGHT_NAME
-    with safe_open(str(lora_dir / export.LORA_WEIGHT_NAME), framework="pt") as f:
+    file = folder / LORA_FILE
+    with safe_open(str(lora_dir / LORA_FILE), framework="pt") as f:
         metadata = f.metadata()
-    save_file(load_file(lora_dir / export.LORA_WEIGHT_NAME), file,
+    save_file(load_file(lora_dir / LORA_FILE), file,
               metadata={**metadata, "dreambooth.new_tokens": '["<zq>"]'})
     save_file({"<zq>": torch.randn(32, generator=torch.Generator().manual_seed(7))},
               folder / "token_embeddings.safetensors")
@@ -472,7 +471,7 @@ def test_new_tokens_go_with_every_export_and_never_get_lost(tiny_model, token_lo
     # single file: the original layout has CLIP's fixed vocabulary, so the token goes to an embedding file beside it,
     # and the file loads with the base model's own config
     single = export_command(args(tiny_model, "single-file", tmp_path / "m.safetensors",
-                                 str(token_lora / export.LORA_WEIGHT_NAME)))
+                                 str(token_lora / LORA_FILE)))
     note = capsys.readouterr().out
     embedding = tmp_path / "m.zq.safetensors"
     assert embedding.is_file() and "m.zq" in note and "load_textual_inversion" in note
@@ -496,7 +495,7 @@ def test_new_tokens_go_with_every_export_and_never_get_lost(tiny_model, token_lo
     assert torch.equal(load_file(tmp_path / "k.zq.safetensors")["emb_params"][0], want)
     assert "bundled" in note and "embedding:k.zq" in note
     # our own loader takes the bundled token (stock diffusers refuses bundle keys, so they are split off)
-    from dreambooth.formats.lora import load_loras
+    from dreambooth.formats.lora_loading import load_loras
 
     pipe = load(tiny_model)
     load_loras(pipe, [(kohya, 1.0)])
@@ -510,12 +509,12 @@ def test_new_tokens_go_with_every_export_and_never_get_lost(tiny_model, token_lo
 
 
 def test_parse_lora_spec():
-    assert parse_lora_spec("a.safetensors") == (export.Path("a.safetensors"), 1.0)
-    assert parse_lora_spec("a.safetensors:0.6") == (export.Path("a.safetensors"), 0.6)
-    assert parse_lora_spec("a.safetensors:-1e-1") == (export.Path("a.safetensors"), -0.1)
-    assert parse_lora_spec(r"C:\loras\a.safetensors") == (export.Path(r"C:\loras\a.safetensors"), 1.0)
-    assert parse_lora_spec(r"C:\loras\a.safetensors:2") == (export.Path(r"C:\loras\a.safetensors"), 2.0)
-    assert parse_lora_spec("dir:with:colons/a.safetensors") == (export.Path("dir:with:colons/a.safetensors"), 1.0)
+    assert parse_lora_spec("a.safetensors") == (Path("a.safetensors"), 1.0)
+    assert parse_lora_spec("a.safetensors:0.6") == (Path("a.safetensors"), 0.6)
+    assert parse_lora_spec("a.safetensors:-1e-1") == (Path("a.safetensors"), -0.1)
+    assert parse_lora_spec(r"C:\loras\a.safetensors") == (Path(r"C:\loras\a.safetensors"), 1.0)
+    assert parse_lora_spec(r"C:\loras\a.safetensors:2") == (Path(r"C:\loras\a.safetensors"), 2.0)
+    assert parse_lora_spec("dir:with:colons/a.safetensors") == (Path("dir:with:colons/a.safetensors"), 1.0)
     with pytest.raises(UserError, match="finite"):
         parse_lora_spec("a.safetensors:nan")
 
@@ -528,7 +527,7 @@ def args(src, fmt, out, *loras, half=False):
 
 
 def test_command_single_file_with_merged_lora_equals_merged_folder(tiny_model, lora_dir, tmp_path, capsys):
-    spec = f"{lora_dir / export.LORA_WEIGHT_NAME}:0.5"
+    spec = f"{lora_dir / LORA_FILE}:0.5"
     direct = export_command(args(tiny_model, "single-file", tmp_path / "direct.safetensors", spec))
     assert "wrote single-file checkpoint" in capsys.readouterr().out
     folder = export_command(args(tiny_model, "diffusers", tmp_path / "merged", spec))
@@ -551,8 +550,8 @@ def test_command_lora_exports(lora_dir, tmp_path, capsys):
     kohya = export_command(args(lora_dir, "kohya", tmp_path / "k.safetensors"))
     line = capsys.readouterr().out
     assert f"wrote kohya LoRA {kohya}" in line and "KB" in line
-    copied = export_command(args(lora_dir / export.LORA_WEIGHT_NAME, "diffusers", tmp_path / "copy", half=True))
-    assert copied == tmp_path / "copy" / export.LORA_WEIGHT_NAME
+    copied = export_command(args(lora_dir / LORA_FILE, "diffusers", tmp_path / "copy", half=True))
+    assert copied == tmp_path / "copy" / LORA_FILE
     assert all(v.dtype == torch.float16 for v in load_file(copied).values())
 
 
@@ -569,10 +568,10 @@ def test_command_lora_exports(lora_dir, tmp_path, capsys):
     ("kohya_to_diffusers", "kohya-format LoRA"),
 ])
 def test_command_refuses_bad_combinations(case, message, tiny_model, lora_dir, kohya_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "source_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    monkeypatch.setattr(single_file, "source_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained",
                         lambda *a, **k: pytest.fail("weights loaded before the check"))
-    lora = lora_dir / export.LORA_WEIGHT_NAME
+    lora = lora_dir / LORA_FILE
     (tmp_path / "taken.safetensors").write_bytes(b"x")
     (tmp_path / "model.ckpt").write_bytes(b"x")
     namespace = {
@@ -600,13 +599,13 @@ def test_command_refuses_bad_combinations(case, message, tiny_model, lora_dir, k
     ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight", False),
 ])
 def test_each_kohya_prefix_alone_marks_a_kohya_file(key, kohya):
-    assert export._is_kohya([key]) is kohya
+    assert lora.is_kohya([key]) is kohya
 
 
 def test_kohya_text_encoder_names_start_at_text_model_whatever_the_transformers_version():
     # transformers >= 5.6 names CLIP's layers from `encoder.`, earlier releases from `text_model.encoder.`
     want = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    assert export._kohya_name("text_encoder", "encoder.layers.0.self_attn.q_proj") == want
-    assert export._kohya_name("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj") == want
-    unet = export._kohya_name("unet", "down_blocks.0.attentions.0.proj_in")
+    assert kohya._kohya_name("text_encoder", "encoder.layers.0.self_attn.q_proj") == want
+    assert kohya._kohya_name("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj") == want
+    unet = kohya._kohya_name("unet", "down_blocks.0.attentions.0.proj_in")
     assert unet == "lora_unet_down_blocks_0_attentions_0_proj_in"

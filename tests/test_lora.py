@@ -191,7 +191,7 @@ def test_several_loras_mix_at_their_weights(tiny_model, instance_dir, tmp_path):
 
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth.formats.lora import load_loras
+    from dreambooth.formats.lora_loading import load_loras
 
     out = tmp_path / "out"
     train(lora_cfg(tiny_model, instance_dir, out, **{"training.max_train_steps": 2}))

@@ -10,7 +10,8 @@ from PIL import Image
 
 from dreambooth.config import load_config
 from dreambooth.errors import UserError
-from dreambooth.generate import make_grid, make_scheduler, read_prompts
+from dreambooth.generate import make_grid, read_prompts
+from dreambooth.models.loading import make_scheduler
 from dreambooth.project import init_project
 from dreambooth.training.class_images import MANIFEST, ensure_class_images
 from dreambooth.training.tokens import add_identifier_token, plan_identifier, train_only_rows
@@ -197,7 +198,7 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 
 
 def test_the_manifest_is_not_reported_as_a_rejected_image(tmp_path):
-    from dreambooth.training.data import scan_image_folder
+    from dreambooth.training.images import scan_image_folder
 
     folder = tmp_path / "class"
     folder.mkdir()

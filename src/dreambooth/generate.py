@@ -1,4 +1,5 @@
-"""Image generation, shared by `dreambooth generate`, training-time validation and class-image generation."""
+"""Drawing images and saving them with what made them: `dreambooth generate`, and the same code for training-time
+validation, class images and `evaluate --model`. Loading the pipeline is `models.loading`."""
 
 from __future__ import annotations
 
@@ -14,24 +15,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from dreambooth.errors import UserError
-from dreambooth.export import parse_lora_spec
-from dreambooth.formats.lora import load_loras
-from dreambooth.models.base import check_model_folder
-from dreambooth.training.speed import collection_paused
-
-# Short sampler names as users type them, and the diffusers classes (with config tweaks) they mean.
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "dpm++": ("DPMSolverMultistepScheduler", {}),
-    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-}
+from dreambooth.formats.atomic import write_json_atomic
+from dreambooth.formats.lora import check_lora_source, parse_lora_spec
+from dreambooth.formats.lora_loading import load_loras
+from dreambooth.models.base import CHECKPOINT_STATE, check_model_folder, is_hub_id
+from dreambooth.models.loading import load_pipeline, make_scheduler, pick_device, pick_dtype
 
 
 @dataclass
@@ -47,110 +35,6 @@ class GenerationSettings:
     scheduler: str = "dpm++"
     height: int | None = None
     width: int | None = None
-
-
-def make_scheduler(name: str, base_config: dict):
-    """A sampler by short name ('dpm++') or diffusers class name, built from the model's scheduler config."""
-    import diffusers
-
-    cls_name, tweaks = SCHEDULERS.get(name, (name, {}))
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None or not cls_name.endswith("Scheduler"):
-        raise UserError(f"unknown scheduler '{name}'; use one of {', '.join(SCHEDULERS)} "
-                        "or a diffusers scheduler class name such as DDIMScheduler.")
-    return cls.from_config({**base_config, **tweaks})
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(precision: str | None, device: torch.device) -> torch.dtype:
-    """fp16 on a GPU and fp32 on the CPU unless told, since CPU fp16 kernels are slow or missing."""
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision:
-        return names[precision]
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def load_pipeline(model: str | Path, *, device: torch.device, dtype: torch.dtype, scheduler: str | None = None,
-                  safety_checker: bool = True, **kwargs):
-    """Loads a Stable Diffusion pipeline from a diffusers folder, a training checkpoint or a hub id, on `device`."""
-    from dreambooth.models.base import CHECKPOINT_STATE, is_hub_id, resolve_hub_model
-
-    if (Path(model) / CHECKPOINT_STATE).is_file():
-        return load_checkpoint_pipeline(Path(model), device=device, dtype=dtype, scheduler=scheduler,
-                                        safety_checker=safety_checker)
-    if is_hub_id(str(model)):
-        model = resolve_hub_model(str(model), kwargs.get("revision"), what="--model")
-    else:
-        check_model_folder(model)
-    extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
-    try:
-        with collection_paused():  # diffusers' import and the weights live on (dreambooth.training.speed)
-            from diffusers import StableDiffusionPipeline
-
-            pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=dtype, **extra, **kwargs)
-    except OSError as e:
-        raise UserError(f"could not load the model {model}: {e}. Give a local diffusers folder; a hub id "
-                        "needs a network connection and a cached download.") from None
-    if scheduler:
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def checkpoint_base(ckpt: Path) -> tuple[str, dict]:
-    """The base model a training checkpoint was trained from, and its saved config's model section."""
-    import yaml
-
-    from dreambooth.models.base import CHECKPOINT_STATE, is_hub_id
-
-    state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
-    config = {}
-    if (ckpt / "config.yaml").is_file():
-        config = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("model") or {}
-    base = state.get("base_model") or config.get("pretrained_model")
-    if any(ckpt.glob("trainable_*.safetensors")):
-        raise UserError(f"{ckpt} was saved by an earlier version of this tool in a layout only training reads. "
-                        "Resume it for one step (--resume_from_checkpoint, one more step than it has) to get a "
-                        "checkpoint in diffusers' layout.")
-    if not base or not (Path(base).exists() or is_hub_id(str(base))):
-        raise UserError(f"{ckpt} was trained from the base model {base}, which is not there any more. A checkpoint "
-                        "holds only what trained; put the base model back at that path.")
-    return str(base), config
-
-
-def load_checkpoint_pipeline(ckpt: Path, *, device: torch.device, dtype: torch.dtype, scheduler: str | None = None,
-                             safety_checker: bool = True, with_lora: bool = True):
-    """A training checkpoint as a pipeline: its base model with what trained swapped in (UNet, text encoder, LoRA,
-    new tokens), as diffusers users load intermediate checkpoints. `with_lora=False` leaves a LoRA run's adapters
-    out (for a caller that fuses them itself)."""
-    from dreambooth.formats.lora import LORA_FILE, TOKEN_FILE, load_token_file
-
-    base, config = checkpoint_base(ckpt)
-    parts = {}
-    with collection_paused():
-        if (ckpt / "unet").is_dir():
-            from diffusers import UNet2DConditionModel
-
-            parts["unet"] = UNet2DConditionModel.from_pretrained(ckpt / "unet", torch_dtype=dtype)
-        if (ckpt / "text_encoder").is_dir():
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            parts["text_encoder"] = CLIPTextModel.from_pretrained(ckpt / "text_encoder", torch_dtype=dtype)
-            if (ckpt / "tokenizer").is_dir():
-                parts["tokenizer"] = CLIPTokenizer.from_pretrained(ckpt / "tokenizer")
-    pipe = load_pipeline(base, device=device, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker,
-                         revision=config.get("revision"), variant=config.get("variant"), **parts)
-    if (ckpt / LORA_FILE).is_file():
-        if with_lora:
-            load_loras(pipe, [(ckpt / LORA_FILE, 1.0)])
-    elif (ckpt / TOKEN_FILE).is_file() and "text_encoder" not in parts:
-        load_token_file(pipe, ckpt / TOKEN_FILE)
-    return pipe
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -314,9 +198,6 @@ class GenerateJob:
 
 def check_job(job: GenerateJob) -> None:
     """Everything about a job that can be wrong, found before any weights load."""
-    from dreambooth.formats.lora import check_lora_source
-    from dreambooth.models.base import CHECKPOINT_STATE, is_hub_id
-
     s = job.settings
     for name, value in (("--steps", s.steps), ("--num-images", s.num_images)):
         if value < 1:
@@ -352,8 +233,6 @@ def run_job(job: GenerateJob) -> list[Path]:
                         loras=job.loras)
     record = {"command": "generate", **asdict(job.settings), "model": str(job.model),
               "loras": [[str(p), w] for p, w in job.loras], "images": [p.name for p in paths]}
-    from dreambooth.formats.atomic import write_json_atomic
-
     write_json_atomic(job.out / SETTINGS_FILE, record)
     print(f"wrote {len(paths)} image(s) and grid.png to {job.out}")
     return paths

@@ -13,7 +13,7 @@ from dreambooth.config import Config, Subject
 from dreambooth.errors import UserError
 from dreambooth.models.base import check_model_folder, is_hub_id, model_identity, resolve_hub_model
 from dreambooth.training.class_images import ClassImagePlan, plan_class_images, recipe
-from dreambooth.training.data import ImageFolderReport, check_instance_folder, scan_image_folder
+from dreambooth.training.images import ImageFolderReport, check_instance_folder, scan_image_folder
 from dreambooth.training.rundir import RunPlan, plan_run
 from dreambooth.training.tokens import IdentifierPlan, plan_identifier, prompt_token_count, wants_new_token
 
@@ -81,6 +81,23 @@ class Problems:
             listed = "\n  - ".join(p.replace("\n", "\n    ") for p in self.found)
             raise UserError(f"pre-flight found {len(self.found)} problem(s); nothing was loaded or changed:\n  - "
                             f"{listed}")
+
+
+def check_runtime(cfg: Config) -> None:
+    """Settings the machine or the installed packages cannot honour, found before any weights load."""
+    import importlib.util
+
+    import torch
+
+    t = cfg.training
+    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("training.mixed_precision: fp16 needs a CUDA GPU and none is available; use bf16 or no.")
+    if t.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("training.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes` "
+                        "(needs a CUDA GPU) or drop --use_8bit_adam.")
+    if cfg.model.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise UserError("model.enable_xformers_memory_efficient_attention: xformers is not installed; "
+                        "`pip install xformers` or drop the flag (PyTorch SDPA attention is used by default).")
 
 
 def load_tokenizer(cfg: Config):
@@ -254,7 +271,7 @@ def check_token_length(cfg: Config) -> None:
 
 
 def check_scheduler_name(name: str, key: str) -> None:
-    from dreambooth.generate import make_scheduler
+    from dreambooth.models.loading import make_scheduler
 
     try:
         make_scheduler(name, {})
@@ -276,8 +293,6 @@ def check_tracker(name: str | None) -> None:
 
 def run_preflight(cfg: Config) -> Preflight:
     """Checks the inputs and prints the report; raises one UserError listing every problem that stops training."""
-    from dreambooth.training.components import check_runtime
-
     problems = Problems()
     problems.check(check_runtime, cfg)
     prediction_type = problems.check(check_base_model, cfg)

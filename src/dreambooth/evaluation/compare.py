@@ -40,7 +40,8 @@ def folder_size(path: Path, method: str) -> int:
 def denoising_mse(pipe, images: list[Path], prompt: str, resolution: int, seeds=(0, 1),
                   timesteps=(100, 300, 500, 700, 900)) -> float:
     """Mean noise-prediction error over images x seeds x timesteps, with noise fixed by seed."""
-    from dreambooth.training.data import load_image, prepare_image
+    from dreambooth.training.data import prepare_image
+    from dreambooth.training.images import load_image
 
     device = pipe.device
     embeds = pipe.encode_prompt(prompt, device, 1, False)[0]
@@ -65,8 +66,8 @@ def quality(model: str, lora_dir: Path | None, run_info: dict, cfg) -> dict:
     """Subject fit and prior drift of a trained model (a full output folder, or base + LoRA) against the base."""
     from diffusers import DDPMScheduler
 
-    from dreambooth.formats.lora import load_loras
-    from dreambooth.generate import load_pipeline, pick_device
+    from dreambooth.formats.lora_loading import load_loras
+    from dreambooth.models.loading import load_pipeline, pick_device
 
     device = pick_device()
     subject = run_info["subjects"][0]

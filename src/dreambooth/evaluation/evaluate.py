@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from dreambooth.errors import UserError
-from dreambooth.generate import pick_device
-from dreambooth.training.data import IMAGE_EXTENSIONS, load_image, scan_image_folder
+from dreambooth.models.loading import pick_device
+from dreambooth.training.images import IMAGE_EXTENSIONS, load_image, scan_image_folder
 
 # A scorer maps (generated images, their prompts) to named columns of one value per image. Columns from
 # `extra_scorers` (e.g. a built-in world's own measures) are averaged per prompt and overall like DINO and CLIP.
@@ -346,7 +346,8 @@ def _uses_world_model(args) -> bool:
 
 def evaluate_command(args) -> dict:
     """`dreambooth evaluate`: check every input, get the images, score them, print the table, write metrics.json."""
-    from dreambooth.formats.atomic import library_versions, write_json_atomic
+    from dreambooth.formats.atomic import write_json_atomic
+    from dreambooth.versions import library_versions
 
     world = _uses_world_model(args)
     if args.clip is None and args.dino is None and not world:

@@ -127,8 +127,9 @@ def train_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: 
 def draw_prompts(model: Path, lora: Path | None, seed: int, recipe: Recipe,
                  identifier: str = world.IDENTIFIER) -> dict[str, list[Image.Image]]:
     """`images_per_prompt` images for every subject and class prompt, from a model (or base + LoRA)."""
-    from dreambooth.formats.lora import load_loras
-    from dreambooth.generate import GenerationSettings, generate_images, load_pipeline, pick_device
+    from dreambooth.formats.lora_loading import load_loras
+    from dreambooth.generate import GenerationSettings, generate_images
+    from dreambooth.models.loading import load_pipeline, pick_device
 
     pipe = load_pipeline(model, device=pick_device(), dtype=torch.float32, scheduler="dpm++", safety_checker=False)
     load_loras(pipe, [(lora, 1.0)] if lora else [])

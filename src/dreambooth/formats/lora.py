@@ -1,76 +1,195 @@
-"""LoRA files: writing the diffusers-format file (with what made it) and loading LoRAs for generation.
+"""The LoRA file: its names, reading it (diffusers, peft and kohya spellings), writing it, and its new tokens.
 
-The file is `pytorch_lora_weights.safetensors`, diffusers' own name and layout, so stock
+The file is `pytorch_lora_weights.safetensors` (`models.base.LORA_FILE`), diffusers' own name and layout, so stock
 `pipe.load_lora_weights(output_dir)` loads it. A new identifier token's trained embedding goes beside it in
-`token_embeddings.safetensors` ({token: vector}, the layout `pipe.load_textual_inversion` reads).
+`token_embeddings.safetensors` ({token: vector}, the layout `pipe.load_textual_inversion` reads), or
+`NAME.tokens.safetensors` beside any other `NAME.safetensors`. Loading LoRAs into a pipeline is
+`formats.lora_loading`; the kohya layout is `formats.kohya`. Torch and safetensors load when a function needs them.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from dreambooth.errors import UserError
-from dreambooth.export import LORA_WEIGHT_NAME as LORA_FILE
-from dreambooth.export import find_lora_file
-from dreambooth.formats.atomic import publish
-from dreambooth.models.base import model_fingerprint  # noqa: F401 - where outputs and tests read it
+from dreambooth.formats.atomic import check_new_file, check_new_folder, save_safetensors_atomic
+from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, file_kind, safetensors_metadata
+
+if TYPE_CHECKING:
+    import torch
 
 TOKEN_FILE = "token_embeddings.safetensors"
 
-
-def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights of a peft-wrapped diffusers/transformers module, in diffusers' key layout."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
-def save_lora(out_dir: Path, unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None,
-              adapter_configs: dict[str, dict], metadata: dict[str, str]) -> Path:
-    """Writes the LoRA with stock diffusers, then adds our metadata; atomic (temp file + rename)."""
-    from diffusers import StableDiffusionPipeline
-
-    tmp_dir = out_dir / ".lora.tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        tmp_dir, unet_lora_layers=lora_layers(unet) if unet is not None else None,
-        text_encoder_lora_layers=lora_layers(text_encoder) if text_encoder is not None else None,
-        unet_lora_adapter_metadata=adapter_configs.get("unet"),
-        text_encoder_lora_adapter_metadata=adapter_configs.get("text_encoder"),
-        safe_serialization=True)
-    written = tmp_dir / LORA_FILE
-    with safe_open(str(written), "pt") as f:
-        header = dict(f.metadata() or {})
-    tensors = {k: v.to(torch.float32).contiguous() for k, v in load_file(str(written)).items()}
-    save_file(tensors, str(written), metadata={**header, **metadata})
-    final = out_dir / LORA_FILE
-    publish(written)
-    os.replace(written, final)
-    tmp_dir.rmdir()
-    return final
+# diffusers' key under which `save_lora_weights(..., *_lora_adapter_metadata=...)` stores the peft LoraConfig
+# fields, as JSON with keys prefixed by component ("unet.r", "text_encoder.lora_alpha", ...).
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 
-def save_token_embeddings(out_dir: Path, tokenizer, text_encoder, token_ids: list[int]) -> Path | None:
-    """The trained rows of new identifier tokens, {token: vector}."""
-    if not token_ids:
-        return None
-    weight = text_encoder.get_input_embeddings().weight.detach().float().cpu()
-    rows = {tokenizer.convert_ids_to_tokens(i): weight[i].clone().contiguous() for i in token_ids}
-    tmp = out_dir / f".{TOKEN_FILE}.tmp"
-    save_file(rows, str(tmp))
-    publish(tmp)
-    os.replace(tmp, out_dir / TOKEN_FILE)
-    return out_dir / TOKEN_FILE
+COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+def refuse_pickle(path: Path, what: str) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(f"{what} {path} is a pickle file ({path.suffix}); this tool reads safetensors only, "
+                        "because loading a pickle can run arbitrary code. Convert it where you trust it, e.g. "
+                        "`safetensors.torch.save_file(torch.load(FILE, weights_only=True), 'out.safetensors')`, "
+                        "and pass the .safetensors file.")
+
+
+def cast_half(tensors: dict, half: bool) -> dict:
+    import torch
+
+    if not half:
+        return tensors
+    return {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+@dataclass
+class LoraFile:
+    """A diffusers/peft LoRA, normalised: per component, module path -> (lora_A = down, lora_B = up)."""
+
+    path: Path
+    layers: dict[str, dict[str, tuple]]  # component -> module -> (down, up)
+    adapter_config: dict[str, dict]  # component -> peft LoraConfig fields, when the file recorded them
+    metadata: dict[str, str] = field(default_factory=dict)  # the file's other safetensors metadata
+
+
+def find_lora_file(src: Path) -> Path:
+    """`src` itself, or the `pytorch_lora_weights.safetensors` inside a folder."""
+    src = Path(src)
+    refuse_pickle(src, "LoRA")
+    if src.is_dir():
+        if (src / LORA_FILE).is_file():
+            return src / LORA_FILE
+        pickles = [p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        hint = f" It holds {', '.join(pickles)}: pickle files are not read, only safetensors." if pickles else ""
+        raise UserError(f"LoRA folder {src} has no {LORA_FILE}.{hint} Pass the LoRA .safetensors file "
+                        "itself, or the folder that diffusers' save_lora_weights wrote.")
+    if not src.is_file():
+        raise UserError(f"LoRA {src} does not exist.")
+    if src.suffix != ".safetensors":
+        raise UserError(f"LoRA {src} is not a .safetensors file; pass a LoRA saved as safetensors.")
+    return src
+
+
+def new_tokens(lora_file: Path) -> list[str]:
+    """The identifier tokens a LoRA was trained with that the base tokenizer lacks (our training records them);
+    their embeddings live in `token_embeddings.safetensors` beside the LoRA, not in it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(lora_file), framework="pt", device="cpu") as f:
+            return list(json.loads((f.metadata() or {}).get("dreambooth.new_tokens", "[]")))
+    except (SafetensorError, OSError, json.JSONDecodeError):
+        return []
+
+
+def header_metadata(path: Path) -> dict[str, str]:
+    read = safetensors_metadata(path)
+    return read[1] if read else {}
+
+
+def is_kohya(keys) -> bool:
+    return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys)
+
+
+def read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt.") from None
+    metadata.pop("format", None)
+    return tensors, metadata
+
+
+def _to_peft_names(component: str, tensors: dict) -> dict:
+    """diffusers' older on-disk spellings (`lora.down`, `lora_linear_layer.down`, `processor.to_q_lora`) -> peft's.
+
+    diffusers' own training scripts still save through `convert_state_dict_to_diffusers`, so their files use the
+    old spellings; diffusers ships the inverse mapping, which we use rather than restate it.
+    """
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    if all(".lora_A." in k or ".lora_B." in k for k in tensors):
+        return tensors
+    if component == "unet":
+        return convert_unet_state_dict_to_peft(tensors)
+    try:
+        return convert_state_dict_to_peft(tensors)
+    except ValueError:
+        return tensors  # unknown spelling: reported key by key by the caller
+
+
+def lora_state_for_peft(component: str, tensors: dict) -> dict:
+    """One component's tensors of a diffusers-format LoRA file ("unet." or "text_encoder." keys), under peft's
+    names (`...to_q.lora_A.weight`)."""
+    prefix = component + "."
+    return _to_peft_names(component, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def read_lora(src: Path) -> LoraFile:
+    """Reads a diffusers/peft LoRA file (or folder) into per-component (down, up) pairs; refuses anything else."""
+    path = find_lora_file(src)
+    tensors, metadata = read_safetensors(path)
+    if not tensors:
+        raise UserError(f"LoRA {path} holds no tensors.")
+    if is_kohya(tensors):
+        raise UserError(f"LoRA {path} is already in the kohya format (keys like {next(iter(tensors))}); "
+                        "A1111, ComfyUI and diffusers' load_lora_weights read it as it is.")
+    try:
+        raw_config = json.loads(metadata.pop(ADAPTER_METADATA_KEY, "null") or "null") or {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"LoRA {path}: its '{ADAPTER_METADATA_KEY}' header is not valid JSON ({e}), so its alpha "
+                        "is unknown. Re-save the LoRA with diffusers' save_lora_weights.") from None
+    layers, unknown = {}, []
+    for component in COMPONENTS:
+        prefix = component + "."
+        part = lora_state_for_peft(component, tensors)
+        pairs: dict[str, dict] = {}
+        for key, value in part.items():
+            m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
+            if m is None:
+                unknown.append(prefix + key)
+                continue
+            pairs.setdefault(m.group(1), {})[m.group(2)] = value
+        layers[component] = {}
+        for module, ab in pairs.items():
+            if set(ab) != {"A", "B"}:
+                unknown.append(f"{prefix}{module} (only lora_{''.join(ab)})")
+            else:
+                layers[component][module] = (ab["A"], ab["B"])
+    unknown += [k for k in tensors if not k.startswith(tuple(c + "." for c in COMPONENTS))]
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise UserError(f"LoRA {path} has keys this export cannot convert: {shown}. It reads Stable Diffusion 1/2 "
+                        "LoRAs saved by diffusers or peft (unet.* and text_encoder.* with lora_A/lora_B or "
+                        "lora.down/lora.up weights); DoRA, LoRA biases, SDXL's text_encoder_2 and other "
+                        "adapter types are not converted.")
+    configs = {c: {k[len(c) + 1:]: v for k, v in raw_config.items() if k.startswith(c + ".")} for c in COMPONENTS}
+    for component, cfg in configs.items():
+        if cfg.get("use_dora") or cfg.get("lora_bias"):
+            what = "DoRA" if cfg.get("use_dora") else "LoRA biases (lora_bias)"
+            raise UserError(f"LoRA {path}: its {component} adapter uses {what}, which the kohya/A1111 LoRA "
+                            "format cannot express. Export it with --format diffusers, or merge it into a model.")
+    return LoraFile(path=path, layers=layers, adapter_config={c: v for c, v in configs.items() if v},
+                    metadata=metadata)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata() or {})
 
@@ -84,10 +203,63 @@ def token_file_for(lora_file: Path) -> Path:
     return lora_file.with_name(lora_file.name.removesuffix(".safetensors") + ".tokens.safetensors")
 
 
+def lora_token_vectors(lora_file: Path) -> dict:
+    """The new-token embeddings a LoRA was trained with ({token: vector}), from its token file; a UserError if the
+    LoRA records new tokens and the file is missing."""
+    tokens = new_tokens(lora_file)
+    if not tokens:
+        return {}
+    file = token_file_for(lora_file)
+    if not file.is_file():
+        raise UserError(f"LoRA {lora_file} was trained with new token(s) {', '.join(tokens)} whose embeddings live in "
+                        f"{file.name} beside it, which is missing; put it back beside the LoRA.")
+    return read_safetensors(file)[0]
+
+
+def embedding_file_for(out: Path, token: str) -> Path:
+    """`mydog.safetensors` + `<saya_token>` -> `mydog.saya_token.safetensors`: a textual-inversion file per new token,
+    named after the export so that several share a folder (the name is what ComfyUI's `embedding:` refers to)."""
+    clean = re.sub(r"[^\w.-]+", "_", token).strip("_.") or "token"
+    return out.with_name(f"{out.name.removesuffix('.safetensors')}.{clean}.safetensors")
+
+
+def copy_lora(src: Path, out: Path, *, half: bool = False) -> Path:
+    """The diffusers-format LoRA as it is (optionally fp16), to a file or to `out/pytorch_lora_weights.safetensors`,
+    with its new tokens' embeddings beside it under the name `lora.token_file_for` gives."""
+    path = find_lora_file(src)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        check_new_folder(out)
+        out = out / LORA_FILE
+    else:
+        check_new_file(out)
+    vectors = lora_token_vectors(path)
+    token_out = token_file_for(out)
+    if vectors:
+        check_new_file(token_out)
+    tensors, metadata = read_safetensors(path)
+    save_safetensors_atomic(cast_half(tensors, half), out, metadata)
+    if vectors:
+        save_safetensors_atomic(vectors, token_out)
+    return out
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """`FILE[:WEIGHT]`: the text after the last ':' is the weight only if it reads as a number (C:\\x stays a path)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return Path(spec), 1.0
+        if not math.isfinite(weight):
+            raise UserError(f"--merge-lora {spec}: the weight {tail} is not a finite number.")
+        return Path(head), weight
+    return Path(spec), 1.0
+
+
 def check_lora_source(path: Path, flag: str = "--lora") -> Path:
     """A --lora argument as the LoRA file it names; a full model given as a LoRA is refused, saying what to pass."""
-    from dreambooth.models.base import CHECKPOINT_STATE, file_kind
-
     p = Path(path)
     if p.is_dir() and (p / "model_index.json").is_file():
         raise UserError(f"{flag} {p} is a full model folder, not a LoRA; pass it as the model (--model, or export's "
@@ -102,103 +274,43 @@ def check_lora_source(path: Path, flag: str = "--lora") -> Path:
     return find_lora_file(p)
 
 
-def lora_mismatch(file: Path, error: Exception, model: Path | str | None) -> UserError:
-    """peft's error for a LoRA on the wrong base lists every layer (~100 lines of `size mismatch`): one line of
-    it, how many, and the base model the LoRA records."""
-    from dreambooth.models.base import lora_base_model
+def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights of a peft-wrapped diffusers/transformers module, in diffusers' key layout."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
 
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    mismatched = [line for line in lines if "size mismatch" in line]
-    detail = (mismatched or lines or [type(error).__name__])[0][:300]
-    count = f"{len(mismatched)} of its layers do not fit" if mismatched else "it does not fit"
-    base = lora_base_model(file)
-    hint = (f" It was trained on {base}; pass that model (or a fine-tune of it) as --model." if base else
-            " Is it a LoRA for this model's architecture (SD 1.x, 2.x and SDXL LoRAs do not mix)?")
-    return UserError(f"LoRA {file} cannot be applied to {model or 'this model'}: {count} ({detail}).{hint}")
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
 
 
-def note_other_base(file: Path, model: Path | str | None) -> None:
-    """A LoRA on another model of the same shape loads, and may be what the user wants (a fine-tune of its base);
-    say so rather than refuse."""
+def save_lora(out_dir: Path, unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None,
+              adapter_configs: dict[str, dict], metadata: dict[str, str]) -> Path:
+    """Writes the LoRA with stock diffusers, in fp32 and with our metadata added, atomically."""
+    import shutil
 
-    meta = read_metadata(file)
-    recorded, here = meta.get("dreambooth.base_model_hash"), model_fingerprint(model) if model else ""
-    if recorded and here and recorded != here:
-        print(f"note: LoRA {file} was trained on {meta.get('dreambooth.base_model')} (weights {recorded}); "
-              f"{model} has other weights ({here}). It loads; results depend on how close the two models are.")
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
 
-
-def bundled_embeddings(tensors: dict) -> dict[str, torch.Tensor]:
-    """Embeddings bundled in a kohya LoRA as A1111 reads them: `bundle_emb.<token>.emb_params` (or
-    `.string_to_param.*`), as {token: vectors}."""
-    found = {}
-    for key, value in tensors.items():
-        if key.startswith("bundle_emb."):
-            token = key[len("bundle_emb."):].rsplit(".emb_params", 1)[0].split(".string_to_param")[0]
-            found[token] = value
-    return found
-
-
-def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | None = None) -> Path:
-    """One LoRA (diffusers or kohya format, file or folder) as a named adapter, with its new tokens; returns its file.
-
-    diffusers refuses a kohya file with bundled embeddings ("Invalid LoRA checkpoint"), so those keys are taken
-    out here and their embeddings loaded as textual inversions.
-    """
-    file = check_lora_source(path)
-    with safe_open(str(file), "pt") as f:
-        bundled = [k for k in f.keys() if k.startswith("bundle_emb.")]
-    source = str(file)
-    tensors = {}
-    if bundled:
-        tensors = load_file(str(file))
-        source = {k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")}
+    scratch = out_dir / ".lora.tmp"  # diffusers writes only to a folder; the run folder's rules know this name
+    shutil.rmtree(scratch, ignore_errors=True)
     try:
-        if isinstance(source, dict):
-            pipe.load_lora_weights(source, adapter_name=adapter_name)
-        else:
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
-    except (ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise lora_mismatch(file, e, model) from None
-    note_other_base(file, model)
-    load_token_embeddings(pipe, file, bundled_embeddings(tensors))
-    return file
+        StableDiffusionPipeline.save_lora_weights(
+            scratch, unet_lora_layers=lora_layers(unet) if unet is not None else None,
+            text_encoder_lora_layers=lora_layers(text_encoder) if text_encoder is not None else None,
+            unet_lora_adapter_metadata=adapter_configs.get("unet"),
+            text_encoder_lora_adapter_metadata=adapter_configs.get("text_encoder"),
+            safe_serialization=True)
+        header = read_metadata(scratch / LORA_FILE)
+        tensors = {k: v.to(torch.float32) for k, v in load_file(str(scratch / LORA_FILE)).items()}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return save_safetensors_atomic(tensors, out_dir / LORA_FILE, {**header, **metadata})
 
 
-def load_loras(pipe, loras: list[tuple[Path, float]], model: Path | str | None = None) -> None:
-    """Loads each LoRA as its own adapter at its weight (diffusers or kohya format), and any token embeddings."""
-    names, weights = [], []
-    for i, (path, weight) in enumerate(loras):
-        load_lora_adapter(pipe, path, f"lora{i}", model)
-        names.append(f"lora{i}")
-        weights.append(weight)
-    if names:
-        pipe.set_adapters(names, adapter_weights=weights)
-
-
-def load_token_vectors(pipe, vectors: dict[str, torch.Tensor]) -> None:
-    """New tokens with their trained embeddings, into the pipeline's tokenizer and text encoder."""
-    vocab = pipe.tokenizer.get_vocab()
-    for token, vector in vectors.items():
-        if token not in vocab:
-            vector = vector[0] if vector.ndim == 2 and vector.shape[0] == 1 else vector
-            pipe.load_textual_inversion({token: vector}, token=token)
-
-
-def load_token_file(pipe, file: Path) -> None:
-    load_token_vectors(pipe, load_file(str(file)))
-
-
-def load_token_embeddings(pipe, lora: Path, bundled: dict | None = None) -> None:
-    """The new identifier tokens trained with a LoRA: bundled in it (kohya export), or in its token file."""
-    if bundled:
-        load_token_vectors(pipe, bundled)
-        return
-    file = token_file_for(lora)
-    meta = read_metadata(lora)
-    if not file.is_file():
-        if json.loads(meta.get("dreambooth.new_tokens", "[]")):
-            raise UserError(f"LoRA {lora} was trained with new token(s) {meta['dreambooth.new_tokens']} whose "
-                            f"embeddings live in {file.name} beside it, which is missing; copy it along.")
-        return
-    load_token_file(pipe, file)
+def save_token_embeddings(out_dir: Path, tokenizer, text_encoder, token_ids: list[int]) -> Path | None:
+    """The trained rows of new identifier tokens, {token: vector}."""
+    if not token_ids:
+        return None
+    weight = text_encoder.get_input_embeddings().weight.detach().float().cpu()
+    rows = {tokenizer.convert_ids_to_tokens(i): weight[i].clone() for i in token_ids}
+    return save_safetensors_atomic(rows, out_dir / TOKEN_FILE)

@@ -15,8 +15,9 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from dreambooth.formats.atomic import save_safetensors_atomic
 from dreambooth.training.components import convolution_kernels
 
 
@@ -75,10 +76,7 @@ class LatentCache:
         if self.mode == "memory":
             self.memory[key] = (entry[0].detach(), entry[1].detach())
         elif self.mode == "disk":
-            file = self._file(key)
-            tmp = file.with_suffix(".tmp")
-            save_file({"mean": entry[0].contiguous().cpu(), "std": entry[1].contiguous().cpu()}, str(tmp))
-            tmp.replace(file)
+            save_safetensors_atomic({"mean": entry[0].cpu(), "std": entry[1].cpu()}, self._file(key))
 
     def __len__(self) -> int:
         return len(self.memory)

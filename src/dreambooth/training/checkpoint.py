@@ -16,7 +16,6 @@ written.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dreambooth.errors import UserError
-from dreambooth.formats.atomic import publish, write_json_atomic
+from dreambooth.formats.atomic import commit_folder
 from dreambooth.training.rundir import STATE_FILE, next_save_index, rotate
 
 TOKENIZER_DIR = "tokenizer"
@@ -36,7 +35,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, gener
     """Saves models (through the hooks of `CheckpointFiles`), optimizer, LR schedule, RNG and our trainer state as
     `checkpoint-<step>/`, atomically."""
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f"checkpoint-{step}.tmp"
+    tmp = output_dir / f"checkpoint-{step}.tmp"  # the name training.rundir clears as a killed save
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -46,13 +45,15 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, gener
               str(tmp / f"noise_generator_{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        write_json_atomic(tmp / STATE_FILE, {**state, "global_step": step, "save_index": next_save_index(output_dir)})
-        if final.exists():
-            shutil.rmtree(final)
-        publish(tmp)
-        os.replace(tmp, final)
+        try:
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            (tmp / STATE_FILE).write_text(json.dumps(
+                {**state, "global_step": step, "save_index": next_save_index(output_dir)}, indent=2, default=str))
+            commit_folder(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         rotate(output_dir, total_limit, keep=final)
     accelerator.wait_for_everyone()
     return final
@@ -151,8 +152,7 @@ class CheckpointFiles:
     def _load_lora(self, folder: Path, unet, text_encoder) -> None:
         from peft import set_peft_model_state_dict
 
-        from dreambooth.export import lora_state_for_peft
-        from dreambooth.formats.lora import LORA_FILE
+        from dreambooth.formats.lora import LORA_FILE, lora_state_for_peft
 
         file = folder / LORA_FILE
         if not file.is_file():

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dreambooth.formats.atomic import write_json_atomic
-from dreambooth.training.data import scan_image_folder
+from dreambooth.formats.atomic import atomic_file, write_json_atomic
+from dreambooth.training.images import scan_image_folder
 
 MANIFEST = "dreambooth_class_images.json"  # listed in data.TOOL_FILES, so scans skip it
 STAGING = ".dreambooth-pending"
@@ -141,9 +141,8 @@ def generate_missing(plan: ClassImagePlan, *, seed: int, load_pipe, batch_size: 
                                       height=plan.recipe["resolution"], width=plan.recipe["resolution"])
         for image, meta in generate_images(pipe, settings, batch_size=batch_size):
             name = f"class-{meta['seed']:06d}.png"
-            tmp = staging / f".{name}.tmp"
-            image.save(tmp, format="PNG")
-            tmp.rename(staging / name)
+            with atomic_file(staging / name) as tmp:
+                image.save(tmp, format="PNG")
             plan.staged.append(staging / name)
             plan.staged_entries.append({"file": name, "seed": meta["seed"]})
         write_json_atomic(staging / MANIFEST, {**plan.recipe, "images": plan.staged_entries})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from dreambooth.config import Config, Subject
-from dreambooth.errors import UserError
 from dreambooth.training.data import DreamBoothDataset, MultiSubjectDataset, collate_examples
 from dreambooth.training.tokens import IdentifierPlan, add_identifier_token, train_only_rows
 
@@ -32,19 +30,6 @@ class Models:
     @property
     def text_trains(self) -> bool:
         return any(p.requires_grad for p in self.text_encoder.parameters())
-
-
-def check_runtime(cfg: Config) -> None:
-    """Settings the machine or the installed packages cannot honour, found before any weights load."""
-    t = cfg.training
-    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("training.mixed_precision: fp16 needs a CUDA GPU and none is available; use bf16 or no.")
-    if t.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("training.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes` "
-                        "(needs a CUDA GPU) or drop --use_8bit_adam.")
-    if cfg.model.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
-        raise UserError("model.enable_xformers_memory_efficient_attention: xformers is not installed; "
-                        "`pip install xformers` or drop the flag (PyTorch SDPA attention is used by default).")
 
 
 def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dtype) -> Models:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from dreambooth.config import Config, dump_config
 from dreambooth.errors import TrainingStopped, UserError
-from dreambooth.formats.atomic import library_versions, write_json_atomic, write_text_atomic
+from dreambooth.formats.atomic import write_json_atomic, write_text_atomic
 from dreambooth.preflight import Preflight, run_preflight
 from dreambooth.training.cache import LatentCache
 from dreambooth.training.checkpoint import CheckpointFiles, StopRequest, load_checkpoint, save_checkpoint
@@ -34,6 +34,7 @@ from dreambooth.training.loss import LossParts, dreambooth_loss, min_snr_weights
 from dreambooth.training.outputs import save_outputs
 from dreambooth.training.rundir import RunLock, new_run_id
 from dreambooth.training.speed import collection_paused, freeze_alive_objects
+from dreambooth.versions import library_versions
 
 
 def training_step(cfg: Config, models: Models, batch: dict, encode: PromptEncoder, latent_cache: LatentCache,
@@ -225,7 +226,8 @@ def validate(run: Run) -> None:
     """Samples the validation prompts with the same code as `dreambooth generate`; saves a grid per step."""
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth.generate import GenerationSettings, generate_images, grid_info, make_grid, make_scheduler
+    from dreambooth.generate import GenerationSettings, generate_images, grid_info, make_grid
+    from dreambooth.models.loading import make_scheduler
 
     acc, v, m = run.accelerator, run.cfg.validation, run.models
     if not acc.is_main_process:
@@ -307,7 +309,7 @@ def prepare_class_images(cfg: Config, accelerator, report: Preflight) -> list[li
     """
     if not cfg.dataset.with_prior_preservation:
         return None
-    from dreambooth.generate import load_pipeline, pick_dtype
+    from dreambooth.models.loading import load_pipeline, pick_dtype
     from dreambooth.training.class_images import default_batch_size, generate_missing, plan_class_images
 
     ds = cfg.dataset

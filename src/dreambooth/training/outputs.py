@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from dreambooth import __version__
-from dreambooth.formats.atomic import move_into
+from dreambooth.formats.atomic import move_into, temporary_folder, write_text_atomic
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,11 +31,10 @@ def save_full_model(run) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(cfg.model.pretrained_model, revision=cfg.model.revision,
                                                    variant=cfg.model.variant, **parts)
     pipe.to(dtype=SAVE_DTYPES[cfg.output.save_precision])
-    tmp = run.out / ".final-model.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    move_into(tmp, run.out, last="model_index.json")
+    # Beside checkpoints in the run folder, so it cannot be swapped in whole: its entries move in one by one.
+    with temporary_folder(run.out / ".final-model.tmp") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        move_into(tmp, run.out, last="model_index.json")
 
 
 def _adapter_config(module) -> dict | None:
@@ -48,7 +46,7 @@ def _adapter_config(module) -> dict | None:
 
 def lora_metadata(run) -> dict[str, str]:
     """What made the LoRA, as safetensors metadata (strings): base model and hash, subjects, LoRA settings."""
-    from dreambooth.formats.lora import model_fingerprint
+    from dreambooth.models.base import model_fingerprint
 
     cfg, m = run.cfg, run.models
     subjects = cfg.subject_list()
@@ -140,6 +138,4 @@ def model_card(run) -> str:
 
 
 def write_model_card(run) -> None:
-    from dreambooth.formats.atomic import write_text_atomic
-
     write_text_atomic(run.out / "README.md", model_card(run))

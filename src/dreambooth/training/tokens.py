@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from dreambooth.errors import UserError
+
+if TYPE_CHECKING:  # torch loads when a token is added, not when pre-flight plans one
+    import torch
 
 
 @dataclass
@@ -56,6 +58,8 @@ def add_identifier_token(tokenizer, text_encoder, plan: IdentifierPlan) -> list[
 
     Returns the ids of the added tokens ([] when nothing was added).
     """
+    import torch
+
     if plan.kind != "new":
         return []
     init_ids = tokenizer(plan.initializer, add_special_tokens=False).input_ids
@@ -78,6 +82,8 @@ def train_only_rows(embedding: torch.nn.Embedding, row_ids: list[int]) -> None:
     With zero gradients and no weight decay (the optimizer group for this weight has none), AdamW leaves those
     rows exactly unchanged, so the rest of the vocabulary keeps its pretrained meaning.
     """
+    import torch
+
     mask = torch.zeros(embedding.weight.shape[0], 1, dtype=embedding.weight.dtype, device=embedding.weight.device)
     mask[row_ids] = 1.0
     embedding.weight.requires_grad_(True)

@@ -1,0 +1,124 @@
+"""LoRAs into a pipeline for drawing: each as a named adapter at its weight, with its new identifier tokens.
+
+diffusers' `load_lora_weights` does the loading; what is added here is what it lacks: a kohya file with bundled
+embeddings (which diffusers refuses) is split, a LoRA made for another architecture gets one paragraph instead of
+peft's page of size mismatches, and new tokens' embeddings join the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dreambooth.errors import UserError
+from dreambooth.formats.lora import check_lora_source, read_metadata, token_file_for
+from dreambooth.models.base import lora_base_model, model_fingerprint
+
+if TYPE_CHECKING:
+    import torch
+
+
+def lora_mismatch(file: Path, error: Exception, model: Path | str | None) -> UserError:
+    """peft's error for a LoRA on the wrong base lists every layer (~100 lines of `size mismatch`): one line of
+    it, how many, and the base model the LoRA records."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    mismatched = [line for line in lines if "size mismatch" in line]
+    detail = (mismatched or lines or [type(error).__name__])[0][:300]
+    count = f"{len(mismatched)} of its layers do not fit" if mismatched else "it does not fit"
+    base = lora_base_model(file)
+    hint = (f" It was trained on {base}; pass that model (or a fine-tune of it) as --model." if base else
+            " Is it a LoRA for this model's architecture (SD 1.x, 2.x and SDXL LoRAs do not mix)?")
+    return UserError(f"LoRA {file} cannot be applied to {model or 'this model'}: {count} ({detail}).{hint}")
+
+
+def note_other_base(file: Path, model: Path | str | None) -> None:
+    """A LoRA on another model of the same shape loads, and may be what the user wants (a fine-tune of its base);
+    say so rather than refuse."""
+
+    meta = read_metadata(file)
+    recorded, here = meta.get("dreambooth.base_model_hash"), model_fingerprint(model) if model else ""
+    if recorded and here and recorded != here:
+        print(f"note: LoRA {file} was trained on {meta.get('dreambooth.base_model')} (weights {recorded}); "
+              f"{model} has other weights ({here}). It loads; results depend on how close the two models are.")
+
+
+def bundled_embeddings(tensors: dict) -> dict[str, torch.Tensor]:
+    """Embeddings bundled in a kohya LoRA as A1111 reads them: `bundle_emb.<token>.emb_params` (or
+    `.string_to_param.*`), as {token: vectors}."""
+    found = {}
+    for key, value in tensors.items():
+        if key.startswith("bundle_emb."):
+            token = key[len("bundle_emb."):].rsplit(".emb_params", 1)[0].split(".string_to_param")[0]
+            found[token] = value
+    return found
+
+
+def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | None = None) -> Path:
+    """One LoRA (diffusers or kohya format, file or folder) as a named adapter, with its new tokens; returns its file.
+
+    diffusers refuses a kohya file with bundled embeddings ("Invalid LoRA checkpoint"), so those keys are taken
+    out here and their embeddings loaded as textual inversions.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = check_lora_source(path)
+    with safe_open(str(file), "pt") as f:
+        bundled = [k for k in f.keys() if k.startswith("bundle_emb.")]
+    source = str(file)
+    tensors = {}
+    if bundled:
+        tensors = load_file(str(file))
+        source = {k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")}
+    try:
+        if isinstance(source, dict):
+            pipe.load_lora_weights(source, adapter_name=adapter_name)
+        else:
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise lora_mismatch(file, e, model) from None
+    note_other_base(file, model)
+    load_token_embeddings(pipe, file, bundled_embeddings(tensors))
+    return file
+
+
+def load_loras(pipe, loras: list[tuple[Path, float]], model: Path | str | None = None) -> None:
+    """Loads each LoRA as its own adapter at its weight (diffusers or kohya format), and any token embeddings."""
+    names, weights = [], []
+    for i, (path, weight) in enumerate(loras):
+        load_lora_adapter(pipe, path, f"lora{i}", model)
+        names.append(f"lora{i}")
+        weights.append(weight)
+    if names:
+        pipe.set_adapters(names, adapter_weights=weights)
+
+
+def load_token_vectors(pipe, vectors: dict[str, torch.Tensor]) -> None:
+    """New tokens with their trained embeddings, into the pipeline's tokenizer and text encoder."""
+    vocab = pipe.tokenizer.get_vocab()
+    for token, vector in vectors.items():
+        if token not in vocab:
+            vector = vector[0] if vector.ndim == 2 and vector.shape[0] == 1 else vector
+            pipe.load_textual_inversion({token: vector}, token=token)
+
+
+def load_token_file(pipe, file: Path) -> None:
+    from safetensors.torch import load_file
+
+    load_token_vectors(pipe, load_file(str(file)))
+
+
+def load_token_embeddings(pipe, lora: Path, bundled: dict | None = None) -> None:
+    """The new identifier tokens trained with a LoRA: bundled in it (kohya export), or in its token file."""
+    if bundled:
+        load_token_vectors(pipe, bundled)
+        return
+    file = token_file_for(lora)
+    meta = read_metadata(lora)
+    if not file.is_file():
+        if json.loads(meta.get("dreambooth.new_tokens", "[]")):
+            raise UserError(f"LoRA {lora} was trained with new token(s) {meta['dreambooth.new_tokens']} whose "
+                            f"embeddings live in {file.name} beside it, which is missing; copy it along.")
+        return
+    load_token_file(pipe, file)

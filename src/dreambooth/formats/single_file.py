@@ -1,0 +1,254 @@
+"""A diffusers SD 1.x folder as one `.safetensors` in the original Stable Diffusion (CompVis/LDM) layout, which
+AUTOMATIC1111 and ComfyUI load.
+
+The key map is derived from the model's own blocks (`unet_rules`, `vae_rules`), so it is right for any SD
+1.x-shaped UNet (diffusers' own conversion script assumes SD's four levels and drops the up-block weights of other
+shapes), and a tensor the map does not cover stops the export (docs/design.md, "The exports' key maps").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dreambooth.errors import UserError
+from dreambooth.formats.atomic import check_new_file, save_safetensors_atomic
+from dreambooth.formats.lora import cast_half, embedding_file_for, find_lora_file
+from dreambooth.formats.merge import fuse_loras, model_folder, source_pipeline
+
+# A rule maps one diffusers module to its LDM name; `children` renames its direct sub-modules (None: same names).
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+
+
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+@dataclass
+class Rule:
+    diffusers: str
+    ldm: str
+    children: dict[str, str] | None = None
+
+
+def _attentions(block) -> list:
+    return list(getattr(block, "attentions", None) or [])
+
+
+def _check_mid_block(mid, what: str) -> None:
+    """The original layout has one middle block shape: ResBlock, attention, ResBlock."""
+    if mid is None or len(mid.resnets) != 2 or len(_attentions(mid)) != 1 or _attentions(mid)[0] is None:
+        raise UserError(f"the {what} has no 'ResNet, attention, ResNet' middle block, so it has no place in the "
+                        "original Stable Diffusion layout; export it with --format diffusers.")
+
+
+def unet_rules(unet) -> list[Rule]:
+    """The LDM name of every UNet module, walked in the order LDM numbers its input and output blocks.
+
+    LDM's `input_blocks` are conv_in, then per level `layers` blocks of [ResBlock, (SpatialTransformer)] and,
+    except where diffusers has no downsampler, one [Downsample]; `output_blocks` run over the levels in
+    reverse, each block [ResBlock, (SpatialTransformer), (Upsample on a level's last block)].
+    """
+    rules = [Rule("conv_in", "input_blocks.0.0"), Rule("time_embedding.linear_1", "time_embed.0"),
+             Rule("time_embedding.linear_2", "time_embed.2"), Rule("conv_norm_out", "out.0"),
+             Rule("conv_out", "out.2")]
+    k = 1
+    for i, block in enumerate(unet.down_blocks):
+        attentions = _attentions(block)
+        for j in range(len(block.resnets)):
+            rules.append(Rule(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{k}.0", UNET_RESNET))
+            if attentions:
+                rules.append(Rule(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{k}.1"))
+            k += 1
+        if block.downsamplers is not None:
+            rules.append(Rule(f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{k}.0.op"))
+            k += 1
+    _check_mid_block(unet.mid_block, "UNet")
+    rules += [Rule("mid_block.resnets.0", "middle_block.0", UNET_RESNET),
+              Rule("mid_block.attentions.0", "middle_block.1"),
+              Rule("mid_block.resnets.1", "middle_block.2", UNET_RESNET)]
+    k = 0
+    for i, block in enumerate(unet.up_blocks):
+        attentions = _attentions(block)
+        for j in range(len(block.resnets)):
+            rules.append(Rule(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{k}.0", UNET_RESNET))
+            if attentions:
+                rules.append(Rule(f"up_blocks.{i}.attentions.{j}", f"output_blocks.{k}.1"))
+            if j == len(block.resnets) - 1 and block.upsamplers is not None:
+                slot = 2 if attentions else 1
+                rules.append(Rule(f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{k}.{slot}.conv"))
+            k += 1
+    return rules
+
+
+def vae_rules(vae) -> list[Rule]:
+    """The LDM names of the VAE: `down.N.block.M`, `mid.block_1/attn_1/block_2`, and `up.N` numbered from the
+    lowest resolution, which is the reverse of diffusers' decoder `up_blocks` order."""
+    rules = [Rule(f"{part}.{name}", f"{part}.{ldm}") for part in ("encoder", "decoder")
+             for name, ldm in (("conv_in", "conv_in"), ("conv_norm_out", "norm_out"), ("conv_out", "conv_out"))]
+    rules += [Rule("quant_conv", "quant_conv"), Rule("post_quant_conv", "post_quant_conv")]
+    for i, block in enumerate(vae.encoder.down_blocks):
+        rules += [Rule(f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", VAE_RESNET)
+                  for j in range(len(block.resnets))]
+        if block.downsamplers is not None:
+            rules.append(Rule(f"encoder.down_blocks.{i}.downsamplers.0.conv", f"encoder.down.{i}.downsample.conv"))
+    levels = len(vae.decoder.up_blocks)
+    for i, block in enumerate(vae.decoder.up_blocks):
+        level = levels - 1 - i
+        rules += [Rule(f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}", VAE_RESNET)
+                  for j in range(len(block.resnets))]
+        if block.upsamplers is not None:
+            rules.append(Rule(f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{level}.upsample.conv"))
+    for part in ("encoder", "decoder"):
+        _check_mid_block(getattr(vae, part).mid_block, f"VAE {part}")
+        rules += [Rule(f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", VAE_RESNET),
+                  Rule(f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", VAE_ATTENTION),
+                  Rule(f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", VAE_RESNET)]
+    return rules
+
+
+def apply_rules(state_dict: dict, rules: list[Rule], ldm_prefix: str, what: str) -> dict:
+    """Renames every tensor by the rule of its deepest module; a tensor no rule covers stops the export."""
+    by_module = {r.diffusers: r for r in rules}
+    out, unmapped = {}, []
+    for key, tensor in state_dict.items():
+        parts = key.split(".")
+        rule = next((by_module[".".join(parts[:n])] for n in range(len(parts) - 1, 0, -1)
+                     if ".".join(parts[:n]) in by_module), None)
+        rest = key[len(rule.diffusers) + 1:] if rule else None
+        if rule is not None and rule.children is not None:
+            child = next((c for c in rule.children if rest.startswith(c + ".")), None)
+            rest = None if child is None else rule.children[child] + rest[len(child):]
+        if rest is None:
+            unmapped.append(key)
+            continue
+        target = f"{ldm_prefix}{rule.ldm}.{rest}"
+        if target in out:
+            raise AssertionError(f"two {what} tensors map to {target}; the key map is wrong")
+        out[target] = tensor
+    if unmapped:
+        shown = ", ".join(unmapped[:5]) + (f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else "")
+        raise UserError(f"the {what} has tensors with no place in the original Stable Diffusion layout: {shown}. "
+                        "It is not a Stable Diffusion 1/2-shaped model (SDXL, an upscaler or an inpainting "
+                        "variant with extra embeddings?); export it with --format diffusers instead.")
+    return out
+
+
+def _vae_attention_as_conv(tensors: dict) -> dict:
+    """LDM's VAE attention q/k/v/proj_out are 1x1 convolutions: [C, C] linear weights become [C, C, 1, 1]."""
+    names = tuple(f"mid.attn_1.{n}.weight" for n in ("q", "k", "v", "proj_out"))
+    return {k: v[:, :, None, None] if k.endswith(names) and v.ndim == 2 else v for k, v in tensors.items()}
+
+
+def _refuse_non_sd1_text_encoder(class_name: str, hidden_act: str) -> None:
+    if class_name != "CLIPTextModel" or hidden_act != "quick_gelu":
+        raise UserError(
+            f"the text encoder is {class_name} with {hidden_act} activations, not SD 1.x's OpenAI CLIP. For "
+            "Stable Diffusion 2.x (OpenCLIP ViT-H) diffusers keeps only 23 of the 24 text layers and drops the text "
+            "projection, so the original single-file layout cannot be rebuilt faithfully from a diffusers folder. "
+            "Export with --format diffusers, or export the LoRA with --format kohya and apply it to the original "
+            "checkpoint.")
+
+
+def text_encoder_tensors(text_encoder) -> dict:
+    """SD 1.x keeps OpenAI's CLIP text model under `cond_stage_model.transformer.text_model.`."""
+    _refuse_non_sd1_text_encoder(type(text_encoder).__name__, text_encoder.config.hidden_act)
+    # transformers >= 5.6 dropped CLIPTextModel's `text_model.` level; older versions still have it.
+    return {f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v
+            for k, v in text_encoder.state_dict().items()}
+
+
+def checkpoint_tensors(unet, vae, text_encoder) -> dict:
+    """Every weight of the three models under its original Stable Diffusion name."""
+    tensors = apply_rules(unet.state_dict(), unet_rules(unet), "model.diffusion_model.", "UNet")
+    tensors.update(_vae_attention_as_conv(apply_rules(vae.state_dict(), vae_rules(vae), "first_stage_model.", "VAE")))
+    tensors.update(text_encoder_tensors(text_encoder))
+    expected = len(unet.state_dict()) + len(vae.state_dict()) + len(text_encoder.state_dict())
+    if len(tensors) != expected:
+        raise AssertionError(f"{expected} tensors in, {len(tensors)} out: the key map lost some")
+    return tensors
+
+
+def split_new_tokens(pipe) -> dict:
+    """Takes identifier tokens added in training out of the text encoder ({token: vector}), so that what is left has
+    CLIP's own vocabulary: the original single-file layout has no tokenizer, and a loader builds the text encoder
+    from the base model's config, whose embedding has exactly that many rows."""
+    import torch
+
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    base_size = tokenizer.vocab_size
+    weight = text_encoder.get_input_embeddings().weight
+    if weight.shape[0] <= base_size:
+        return {}
+    vectors = {tokenizer.convert_ids_to_tokens(i): weight[i].detach().float().clone()
+               for i in range(base_size, weight.shape[0])}
+    kept = torch.nn.Embedding(base_size, weight.shape[1])
+    kept.weight.data = weight[:base_size].detach().clone()
+    text_encoder.set_input_embeddings(kept)
+    text_encoder.config.vocab_size = base_size
+    return vectors
+
+
+def prediction_type(model_dir: Path) -> str:
+    config = model_dir / "scheduler" / "scheduler_config.json"
+    return json.loads(config.read_text()).get("prediction_type", "epsilon") if config.is_file() else "epsilon"
+
+
+def _single_file_metadata(src: Path, loras) -> dict[str, str]:
+    """What made the file; the prediction type matters most, as the original layout has no place for it."""
+    metadata = {"dreambooth.source": str(src), "dreambooth.prediction_type": prediction_type(model_folder(src))}
+    if loras:
+        metadata["dreambooth.merged_loras"] = json.dumps([[str(p), w] for p, w in loras])
+    return metadata
+
+
+def _check_sd1_text_encoder(model_dir: Path) -> None:
+    """The SD 2 refusal, read from config.json so that it comes before any weights load."""
+    config_file = model_dir / "text_encoder" / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        _refuse_non_sd1_text_encoder((config.get("architectures") or ["CLIPTextModel"])[0],
+                                     config.get("hidden_act", "quick_gelu"))
+
+
+def to_single_file(src: Path, out: Path, *, half: bool = False, loras: Sequence[tuple[Path, float]] = ()) -> Path:
+    """Writes a diffusers SD 1.x folder or a training checkpoint (with `loras` fused in, if any) as one
+    original-layout `.safetensors`; new identifier tokens go into embedding files beside it."""
+    src, out = Path(src), Path(out)
+    check_new_file(out)
+    _check_sd1_text_encoder(model_folder(src))
+    loras = [(find_lora_file(p), w) for p, w in loras]
+    pipe, own = source_pipeline(src)
+    loras = own + loras
+    fuse_loras(pipe, loras)
+    vectors = split_new_tokens(pipe)
+    files = {token: embedding_file_for(out, token) for token in vectors}
+    for file in files.values():
+        check_new_file(file)
+    tensors = checkpoint_tensors(pipe.unet, pipe.vae, pipe.text_encoder)
+    metadata = _single_file_metadata(src, loras)
+    if vectors:
+        metadata["dreambooth.new_tokens"] = json.dumps(list(vectors))
+        metadata["dreambooth.embedding_files"] = json.dumps({t: f.name for t, f in files.items()})
+    written = save_safetensors_atomic(cast_half(tensors, half), out, metadata)
+    for token, vector in vectors.items():
+        save_safetensors_atomic({"emb_params": vector.reshape(1, -1)}, files[token],
+                                {"dreambooth.token": token, "dreambooth.model": out.name})
+    return written
+
+
+def embedding_note(out: Path, files: dict[str, str]) -> str:
+    """How to use the embedding files of new tokens written beside an export."""
+    lines = [f"note: new token(s) {', '.join(files)} are not in CLIP's fixed vocabulary; each one's trained embedding "
+             "is a textual-inversion file beside the export:"]
+    for token, name in files.items():
+        stem = name.removesuffix(".safetensors")
+        lines.append(f"  {token}: {out.parent / name}  (A1111/Forge: put it in embeddings/ and write {stem} where "
+                     f"the prompt has {token}; ComfyUI: embedding:{stem}; diffusers: "
+                     f"pipe.load_textual_inversion('{name}', token='{token}'))")
+    return "\n".join(lines)

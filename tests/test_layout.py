@@ -1,0 +1,86 @@
+"""The package's layout holds: no import cycles, and pre-flight stays light (docs/design.md, "Layers")."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dreambooth"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
+
+
+def imports_of(path: Path) -> set[str]:
+    """The package's modules `path` imports, at the top or inside a function alike: a cycle through a function-level
+    import is still a cycle in the design, only one that does not crash at start-up."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dreambooth"):
+            for alias in node.names:  # `from dreambooth.training import loop` imports a module
+                full = f"{node.module}.{alias.name}"
+                found.add(full if full in MODULES else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("dreambooth"))
+    me = module_name(path)
+    return {m for m in found if m in MODULES and m != me and m != "dreambooth"}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as a path (first module repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one_and_only_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_the_package_has_no_import_cycle():
+    graph = {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+    assert graph["dreambooth.cli"], "the import graph is empty: the scan is broken"
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_module_imports_on_its_own(module):
+    """In a fresh interpreter, first thing: an order-dependent import (a cycle that only works one way) fails here."""
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("module", ["dreambooth.preflight", "dreambooth.config", "dreambooth.cli",
+                                    "dreambooth.options"])
+def test_light_modules_do_not_import_torch(module):
+    """Pre-flight checks everything it can before anything heavy loads; `--help` and config errors answer at once."""
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", f"{module} imports {proc.stdout.strip()}"
