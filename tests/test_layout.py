@@ -80,7 +80,8 @@ def test_every_module_imports_on_its_own(module):
                                     "dreambooth.options"])
 def test_light_modules_do_not_import_torch(module):
     """Pre-flight checks everything it can before anything heavy loads; `--help` and config errors answer at once."""
-    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))"
+    heavy = "('torch', 'diffusers', 'transformers', 'peft')"
+    code = f"import sys, {module}; print(sorted(m for m in {heavy} if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", f"{module} imports {proc.stdout.strip()}"

@@ -15,7 +15,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from dreambooth.errors import UserError
-from dreambooth.formats.atomic import write_json_atomic
+from dreambooth.formats.atomic import atomic_file, write_json_atomic
 from dreambooth.formats.lora import check_lora_source, parse_lora_spec
 from dreambooth.formats.lora_loading import load_loras
 from dreambooth.models.base import CHECKPOINT_STATE, check_model_folder, is_hub_id
@@ -124,11 +124,13 @@ def save_images(results: list[tuple[Image.Image, dict]], out_dir: Path, model: s
     paths = []
     for i, (image, meta) in enumerate(results):
         path = out_dir / f"{i:04d}-seed{meta['seed']}.png"
-        image.save(path, pnginfo=png_info(meta, model, loras))
+        with atomic_file(path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=png_info(meta, model, loras))
         paths.append(path)
     grid = make_grid([img for img, _ in results], cols)
-    grid.save(out_dir / GRID_NAME, pnginfo=grid_info([meta for _, meta in results], model, {"loras": [
-        [str(p), w] for p, w in loras or []]}))
+    with atomic_file(out_dir / GRID_NAME) as tmp:
+        grid.save(tmp, format="PNG", pnginfo=grid_info([meta for _, meta in results], model, {"loras": [
+            [str(p), w] for p, w in loras or []]}))
     return paths
 
 
@@ -238,12 +240,12 @@ def run_job(job: GenerateJob) -> list[Path]:
     return paths
 
 
-def generate_command(args) -> list[Path]:
-    """`dreambooth generate`: the CLI's arguments as a job."""
+def generate_command(options) -> list[Path]:
+    """`dreambooth generate`: its options (a command_options.GenerateOptions) as a job."""
     settings = GenerationSettings(
-        prompts=read_prompts(args.prompt, args.prompts_file), negative_prompt=args.negative_prompt,
-        steps=args.steps, guidance=args.guidance, seeds=args.seeds or [0], num_images=args.num_images,
-        scheduler=args.scheduler, height=args.height, width=args.width)
-    return run_job(GenerateJob(model=args.model, settings=settings, out=args.out,
-                               loras=[parse_lora_spec(text) for text in args.lora], precision=args.precision,
-                               device=args.device, overwrite=args.overwrite))
+        prompts=read_prompts(options.prompt, options.prompts_file), negative_prompt=options.negative_prompt,
+        steps=options.steps, guidance=options.guidance, seeds=options.seeds or [0], num_images=options.num_images,
+        scheduler=options.scheduler, height=options.height, width=options.width)
+    return run_job(GenerateJob(model=options.model, settings=settings, out=options.out,
+                               loras=[parse_lora_spec(text) for text in options.lora], precision=options.precision,
+                               device=options.device, overwrite=options.overwrite))

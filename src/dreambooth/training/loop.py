@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from dreambooth.config import Config, dump_config
 from dreambooth.errors import TrainingStopped, UserError
-from dreambooth.formats.atomic import write_json_atomic, write_text_atomic
+from dreambooth.formats.atomic import atomic_file, write_json_atomic, write_text_atomic
 from dreambooth.preflight import Preflight, run_preflight
 from dreambooth.training.cache import LatentCache
 from dreambooth.training.checkpoint import CheckpointFiles, StopRequest, load_checkpoint, save_checkpoint
@@ -245,10 +245,10 @@ def validate(run: Run) -> None:
         results = generate_images(pipe, settings)
     grid = make_grid([img for img, _ in results], cols=v.num_images)
     path = run.out / "samples" / f"step-{run.global_step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
     source = f"{run.cfg.model.pretrained_model} + run {run.run_id} at step {run.global_step}"
-    grid.save(path, pnginfo=grid_info([meta for _, meta in results], source, {"step": run.global_step,
-                                                                              "run_id": run.run_id}))
+    with atomic_file(path) as tmp:
+        grid.save(tmp, format="PNG", pnginfo=grid_info([meta for _, meta in results], source,
+                                                       {"step": run.global_step, "run_id": run.run_id}))
     tqdm.write(f"samples saved: {path}")
 
 

@@ -28,6 +28,7 @@ RUN_INFO = "run_info.json"
 STATE_FILE = "trainer_state.json"
 LOCK_FILE = ".dreambooth.lock"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+PARTIAL_FILE = re.compile(r"^\..+\.\d+\.tmp$")  # formats.atomic.temporary_name
 # What a run writes at the top of its folder; overwriting a run removes these and nothing else.
 MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker",
                "feature_extractor", "pytorch_lora_weights.safetensors", "token_embeddings.safetensors")
@@ -117,11 +118,17 @@ def rotate(output_dir: Path, total_limit: int | None, keep: Path) -> list[Path]:
     return removed
 
 
+def is_partial_save(name: str) -> bool:
+    """`checkpoint-N.tmp`, or `.NAME.PID.tmp` from `formats.atomic`: a save that was killed part-way."""
+    return (name.startswith("checkpoint-") and name.endswith(".tmp")) or bool(PARTIAL_FILE.match(name))
+
+
 def remove_partial_saves(output_dir: Path) -> None:
-    """A `.tmp` folder is a save that was killed part-way: nothing in it is trustworthy."""
+    """Nothing in a save killed part-way is trustworthy; it goes when the next run of the folder starts."""
     if output_dir.is_dir():
-        for p in output_dir.glob("checkpoint-*.tmp"):
-            shutil.rmtree(p, ignore_errors=True)
+        for p in output_dir.iterdir():
+            if is_partial_save(p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------- the folder
@@ -157,7 +164,7 @@ class FolderState:
 
 def _is_run_entry(name: str, logging_dir: str) -> bool:
     return (name in MODEL_PARTS or name in RUN_FILES or name == logging_dir or name == LOCK_FILE
-            or bool(CHECKPOINT.match(name)) or (name.startswith("checkpoint-") and name.endswith(".tmp")))
+            or bool(CHECKPOINT.match(name)) or is_partial_save(name))
 
 
 def inspect_folder(path: Path, logging_dir: str = "logs") -> FolderState:
