@@ -42,6 +42,7 @@ def denoising_mse(pipe, images: list[Path], prompt: str, resolution: int, seeds=
     """Mean noise-prediction error over images x seeds x timesteps, with noise fixed by seed."""
     from dreambooth.training.data import prepare_image
     from dreambooth.training.images import load_image
+    from dreambooth.training.loss import diffusion_target
 
     device = pipe.device
     embeds = pipe.encode_prompt(prompt, device, 1, False)[0]
@@ -55,8 +56,7 @@ def denoising_mse(pipe, images: list[Path], prompt: str, resolution: int, seeds=
             for t in timesteps:
                 tt = torch.tensor([t], device=device)
                 noisy = pipe.scheduler.add_noise(latents, noise, tt)
-                target = noise if pipe.scheduler.config.prediction_type == "epsilon" else \
-                    pipe.scheduler.get_velocity(latents, noise, tt)
+                target = diffusion_target(pipe.scheduler, latents, noise, tt)
                 pred = pipe.unet(noisy.to(pipe.unet.dtype), tt, embeds.to(pipe.unet.dtype)).sample.float()
                 errors.append(torch.mean((pred - target) ** 2).item())
     return float(sum(errors) / len(errors))
@@ -148,6 +148,13 @@ def run_compare(out: Path, *, model: Path | None, instance_dir: Path | None, ste
     (out / "table.md").write_text(table + "\n")
     print(table)
     return results
+
+
+def compare_command(options) -> list[dict]:
+    """`dreambooth compare`: `options` is a command_options.CompareOptions."""
+    return run_compare(options.out, model=options.model, instance_dir=options.instance_dir, steps=options.steps,
+                       resolution=options.resolution, rank=options.rank,
+                       learning_rates={"full": options.full_lr, "lora": options.lora_lr})
 
 
 def format_table(results: list[dict]) -> str:

@@ -79,20 +79,19 @@ def pretrain(out: pathlib.Path, *, seed: int = 0, images: int = 12000, vae_steps
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dreambooth.models.tiny import _scheduler, _tokenizer
-    from dreambooth.training.loss import min_snr_weights, snr_from_alphas
+    from dreambooth.models.tiny import build_tokenizer, sd_noise_scheduler
 
     start = time.perf_counter()
     torch.manual_seed(seed)
     out = pathlib.Path(out)
-    tokenizer = _tokenizer(out / "tokenizer", words=WORDS, max_length=MAX_LENGTH)
+    tokenizer = build_tokenizer(out / "tokenizer", words=WORDS, max_length=MAX_LENGTH)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     cfg = configs(len(tokenizer), ids)
     vae = AutoencoderKL(**cfg["vae"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     unet = UNet2DConditionModel(**cfg["unet"])
-    scheduler = _scheduler("epsilon")
+    scheduler = sd_noise_scheduler("epsilon")
 
     scenes = world.pretraining_set(images, seed)
     pixels = torch.from_numpy(np.stack([np.asarray(world.draw(s, k)) for s, k in scenes]))
@@ -104,45 +103,17 @@ def pretrain(out: pathlib.Path, *, seed: int = 0, images: int = 12000, vae_steps
     vae.requires_grad_(False).eval()
     with torch.no_grad():
         dists = [vae.encode(pixels[i:i + 256]).latent_dist for i in range(0, len(pixels), 256)]
-    mean = torch.cat([d.mean for d in dists])
-    std = torch.cat([d.std for d in dists])
-    scaling = 1.0 / float(mean.std())
+    latent_dist = (torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists]))
+    scaling = 1.0 / float(latent_dist[0].std())
     vae.register_to_config(scaling_factor=scaling)
-
     rng = random.Random(seed)
     captions = [[s.caption(p) if p != "empty" else "" for p, _ in CAPTION_PARTS] for s, _ in scenes]
-    weights = [w for _, w in CAPTION_PARTS]
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    alphas = scheduler.alphas_cumprod
-    unet.train()
-    text_encoder.train()
-    running = []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr)
-        idx = torch.randint(len(pixels), (batch_size,), generator=gen)
-        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
-        texts = [captions[i][rng.choices(range(len(CAPTION_PARTS)), weights)[0]] for i in idx.tolist()]
-        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt").input_ids
-        context = text_encoder(tokens)[0]
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-        pred = unet(scheduler.add_noise(latents, noise, t), t, context).sample
-        w = min_snr_weights(snr_from_alphas(alphas, t), 5.0, "epsilon")
-        loss = ((pred - noise).pow(2).flatten(1).mean(1) * w).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        running.append(loss.item())
-        if (step + 1) % log_every == 0:
-            log["unet"].append({"step": step + 1, "loss": sum(running) / len(running),
-                                "elapsed_s": round(time.perf_counter() - start, 1)})
-            print(f"unet step {step + 1}/{steps} loss {log['unet'][-1]['loss']:.4f} "
-                  f"({log['unet'][-1]['elapsed_s']} s)", flush=True)
-            running = []
+
+    def caption(i: int) -> str:  # a caption of image i, dropping parts as CAPTION_PARTS weighs them
+        return captions[i][rng.choices(range(len(CAPTION_PARTS)), [w for _, w in CAPTION_PARTS])[0]]
+
+    _train_unet(unet, text_encoder, tokenizer, scheduler, latent_dist, scaling, caption,
+                dict(steps=steps, batch_size=batch_size, lr=lr, log_every=log_every, start=start), gen, log["unet"])
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                                    unet=unet.eval(), scheduler=scheduler, safety_checker=None,
@@ -156,6 +127,43 @@ def pretrain(out: pathlib.Path, *, seed: int = 0, images: int = 12000, vae_steps
     (out / "world.json").write_text(json.dumps({"world": world.describe(), "pretraining": summary}, indent=2))
     (out / "pretraining_log.json").write_text(json.dumps(log))
     return summary
+
+
+def _train_unet(unet, text_encoder, tokenizer, scheduler, latent_dist, scaling: float, caption, run: dict,
+                gen: torch.Generator, log: list) -> None:
+    """The UNet and text encoder together on the VAE's latent distributions, with the training loss of
+    `dreambooth.training.loss` (Min-SNR-5 weighted, no class images) and a cosine learning rate."""
+    from dreambooth.training.loss import diffusion_target, dreambooth_loss, min_snr_weights, snr_from_alphas
+
+    mean, std = latent_dist
+    steps, batch_size, peak = run["steps"], run["batch_size"], run["lr"]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=peak, weight_decay=1e-2)
+    unet.train()
+    text_encoder.train()
+    running, no_prior = [], torch.zeros(batch_size, dtype=torch.bool)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, peak)
+        idx = torch.randint(len(mean), (batch_size,), generator=gen)
+        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        tokens = tokenizer([caption(i) for i in idx.tolist()], padding="max_length", truncation=True,
+                           max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        pred = unet(scheduler.add_noise(latents, noise, t), t, text_encoder(tokens)[0]).sample
+        weights = min_snr_weights(snr_from_alphas(scheduler.alphas_cumprod, t), 5.0, "epsilon")
+        loss = dreambooth_loss(pred, diffusion_target(scheduler, latents, noise, t), no_prior, 0.0, weights).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        running.append(loss.item())
+        if (step + 1) % run["log_every"] == 0:
+            log.append({"step": step + 1, "loss": sum(running) / len(running),
+                        "elapsed_s": round(time.perf_counter() - run["start"], 1)})
+            print(f"unet step {step + 1}/{steps} loss {log[-1]['loss']:.4f} ({log[-1]['elapsed_s']} s)", flush=True)
+            running = []
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int = 200) -> float:

@@ -31,6 +31,10 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 }
 
 
+# Precision names as the options spell them (`no` is accelerate's for fp32 mixed precision) and their dtypes.
+DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def make_scheduler(name: str, base_config: dict):
     """A sampler by short name ('dpm++') or diffusers class name, built from the model's scheduler config."""
     import diffusers
@@ -51,9 +55,8 @@ def pick_device(device: str | None = None) -> torch.device:
 
 def pick_dtype(precision: str | None, device: torch.device) -> torch.dtype:
     """fp16 on a GPU and fp32 on the CPU unless told, since CPU fp16 kernels are slow or missing."""
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision:
-        return names[precision]
+        return DTYPES[precision]
     return torch.float16 if device.type == "cuda" else torch.float32
 
 

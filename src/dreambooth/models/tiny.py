@@ -102,7 +102,7 @@ def build_tiny_model(
     if resolution <= 0 or resolution % step:
         raise UserError(f"resolution must be a positive multiple of {step} for size {size}, got {resolution}")
     out_dir = pathlib.Path(out_dir)
-    tokenizer = _tokenizer(out_dir / "tokenizer", _vocab_size(size))
+    tokenizer = build_tokenizer(out_dir / "tokenizer", _vocab_size(size))
     configs = model_configs(size, resolution)
     # Module constructors draw from the global generator; forking keeps the caller's random state intact.
     # The order (VAE, text encoder, UNet) is part of what a seed means: keep it.
@@ -113,7 +113,7 @@ def build_tiny_model(
             text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
             tokenizer=tokenizer,
             unet=UNet2DConditionModel(**configs["unet"]),
-            scheduler=_scheduler(prediction_type),
+            scheduler=sd_noise_scheduler(prediction_type),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -123,6 +123,17 @@ def build_tiny_model(
     readme = _README if size == "tiny" else _SIZED_README.format(size=size, what=_WHAT[size])
     (out_dir / "README.md").write_text(readme)
     return out_dir
+
+
+def tiny_model_command(options) -> pathlib.Path:
+    """`dreambooth tiny-model`: `options` is a command_options.TinyModelOptions."""
+    from dreambooth.training.rundir import claim_work_folder
+
+    claim_work_folder(options.dir, "tiny-model")  # never writes random weights over someone's model
+    path = build_tiny_model(options.dir, prediction_type=options.prediction_type, seed=options.seed,
+                            resolution=options.resolution, size=options.size)
+    print(f"{options.size} random-weight model written to {path}")
+    return path
 
 
 def resolution_multiple(size: str) -> int:
@@ -293,7 +304,7 @@ def _sd15_text_config(vocab_size: int, ids: dict) -> dict:
                 layer_norm_eps=1e-5, **ids)
 
 
-def _scheduler(prediction_type: str) -> DDPMScheduler:
+def sd_noise_scheduler(prediction_type: str) -> DDPMScheduler:
     """The noise schedule SD 1.x was trained with.
 
     `from_config` keeps `set_alpha_to_one`, which DDPM ignores, in the saved config, so a DDIM or PNDM
@@ -313,7 +324,7 @@ def _scheduler(prediction_type: str) -> DDPMScheduler:
     )
 
 
-def _tokenizer(folder: pathlib.Path, vocab_size: int | None = None, words: list[str] | None = None,
+def build_tokenizer(folder: pathlib.Path, vocab_size: int | None = None, words: list[str] | None = None,
                max_length: int = 77) -> CLIPTokenizer:
     """Write CLIP-format vocab.json and merges.txt to `folder` and load them as a CLIPTokenizer.
 

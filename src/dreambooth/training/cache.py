@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth.formats.atomic import save_safetensors_atomic
-from dreambooth.training.components import convolution_kernels
+from dreambooth.training.speed import convolution_kernels
 
 
 class LatentCache:

@@ -14,6 +14,7 @@ used. Nothing in the user's folder moves until the run is known to start:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from dreambooth.config import Config
+from dreambooth.errors import UserError
 from dreambooth.formats.atomic import atomic_file, write_json_atomic
 from dreambooth.training.images import scan_image_folder
 
@@ -201,3 +204,49 @@ def ensure_class_images(class_dir: Path, *, prompt: str, model: str, resolution:
     commit(plan)
     print(f"class images: {len(plan.kept)} in {class_dir} ({generated} generated now)")
     return plan.images()
+
+
+def prepare_class_images(cfg: Config, accelerator, report) -> list[list[Path]] | None:
+    """Each subject's class images, generating the missing ones (into the staging folder) on the main process.
+
+    Nothing in the class folder itself changes here: `start_run` commits the plans once the run can start.
+    """
+    if not cfg.dataset.with_prior_preservation:
+        return None
+    import torch
+
+    from dreambooth.models.loading import load_pipeline, pick_dtype
+
+    ds = cfg.dataset
+    pipe = None
+
+    def load_once():  # subjects share one pipeline
+        nonlocal pipe
+        pipe = pipe or load_pipeline(cfg.model.pretrained_model, device=accelerator.device,
+                                     dtype=pick_dtype(ds.prior_generation_precision, accelerator.device),
+                                     safety_checker=False, revision=cfg.model.revision, variant=cfg.model.variant)
+        return pipe
+
+    batch_size = ds.sample_batch_size or default_batch_size(accelerator.device.type, cfg.training.resolution)
+    for folder, plan in report.class_plans.items():
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                generate_missing(plan, seed=cfg.training.seed, load_pipe=load_once, batch_size=batch_size,
+                                 steps=ds.class_inference_steps)
+            else:  # the main process has generated them by now
+                report.class_plans[folder] = plan_class_images(folder, plan.recipe, plan.wanted)
+    if pipe is not None:
+        # The pipeline sits in reference cycles, so deleting it frees nothing until the collector's next full
+        # pass, which may come long after the training models have loaded beside it (on a GPU: its fp16
+        # weights on top of the training peak). Collect it now.
+        del pipe
+        gc.collect()
+        if accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
+    per_subject = []
+    for s in cfg.subject_list():
+        images = report.class_plans[Path(s.class_dir)].images()
+        if not images:
+            raise UserError(f"dataset.class_dir: {s.class_dir} holds no usable class image after generation.")
+        per_subject.append(images)
+    return per_subject

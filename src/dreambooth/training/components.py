@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,8 +11,6 @@ from torch.utils.data import DataLoader, Sampler
 from dreambooth.config import Config, Subject
 from dreambooth.training.data import DreamBoothDataset, MultiSubjectDataset, collate_examples
 from dreambooth.training.tokens import IdentifierPlan, add_identifier_token, train_only_rows
-
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -216,13 +213,3 @@ class PromptEncoder:
         return torch.stack([self.cache[p] for p in prompts])
 
 
-@contextlib.contextmanager
-def convolution_kernels(kind: str | None):
-    """Selects the CPU convolution kernels for the block (forward and backward), then restores the setting."""
-    before = torch.backends.mkldnn.enabled
-    if kind is not None:
-        torch.backends.mkldnn.enabled = kind == "onednn"
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before

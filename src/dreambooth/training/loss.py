@@ -11,6 +11,17 @@ from dataclasses import dataclass
 import torch
 
 
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict at `timesteps`, as the scheduler's config says: the noise itself (epsilon), or
+    the velocity alpha_t * noise - sigma_t * latents (v_prediction, Salimans & Ho 2022, arXiv:2202.00512)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unknown prediction_type {kind!r}; expected 'epsilon' or 'v_prediction'")
+
+
 def snr_from_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of each sample's timestep."""
     a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]

@@ -1,16 +1,19 @@
-"""What a finished run leaves in its output folder: a full diffusers model, or a LoRA file with its tokens."""
+"""What a run writes to explain itself and what it leaves: run_info.json, the log, the model card, and the final
+model (a full diffusers folder, or a LoRA file with its tokens)."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from dreambooth import __version__
-from dreambooth.formats.atomic import move_into, temporary_folder, write_text_atomic
-
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from dreambooth.config import dump_config
+from dreambooth.formats.atomic import move_into, temporary_folder, write_json_atomic, write_text_atomic
+from dreambooth.models.loading import DTYPES
+from dreambooth.versions import library_versions
 
 
 def save_full_model(run) -> None:
@@ -30,7 +33,7 @@ def save_full_model(run) -> None:
         parts["text_encoder"] = None
     pipe = StableDiffusionPipeline.from_pretrained(cfg.model.pretrained_model, revision=cfg.model.revision,
                                                    variant=cfg.model.variant, **parts)
-    pipe.to(dtype=SAVE_DTYPES[cfg.output.save_precision])
+    pipe.to(dtype=DTYPES[cfg.output.save_precision])
     # Beside checkpoints in the run folder, so it cannot be swapped in whole: its entries move in one by one.
     with temporary_folder(run.out / ".final-model.tmp") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -139,3 +142,66 @@ def model_card(run) -> str:
 
 def write_model_card(run) -> None:
     write_text_atomic(run.out / "README.md", model_card(run))
+
+
+def write_run_info(run) -> None:
+    """run_info.json and config.yaml: what this run is, in data a program can read back."""
+    cfg, report, models = run.cfg, run.report, run.models
+    from dreambooth.models.base import model_fingerprint
+
+    write_text_atomic(run.out / "config.yaml", dump_config(cfg))
+    trainable = sum(p.numel() for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad)
+    subjects = []
+    for s in report.subjects:
+        plan, subject = s.identifier, s.subject
+        subjects.append({
+            "identifier": plan.identifier, "identifier_kind": plan.kind, "identifier_tokens": plan.pieces,
+            "initializer": plan.initializer, "class_word": cfg.token.class_word if not cfg.subjects else
+            subject.class_word, "instance_prompt": subject.instance_prompt,
+            "class_prompt": subject.class_prompt if cfg.dataset.with_prior_preservation else None,
+            "instance_images": [str(p) for p in s.instance.usable],
+            "class_dir": str(subject.class_dir) if cfg.dataset.with_prior_preservation else None})
+    write_json_atomic(run.out / "run_info.json", {
+        "run_id": run.run_id, "settings": report.run_plan.settings, "base_model": cfg.model.pretrained_model,
+        "base_model_hash": model_fingerprint(cfg.model.pretrained_model), "base_model_identity": report.base_identity,
+        "method": cfg.model.method, "trainable_parameters": trainable, "prediction_type": report.prediction_type,
+        "prior_preservation": cfg.dataset.with_prior_preservation,
+        "resumed_from": str(report.run_plan.resume_from.path) if report.run_plan.resume_from else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "subjects": subjects, "versions": library_versions()})
+
+
+class MetricsLog:
+    """Loss, LR and step time to a JSON-lines file (always) and TensorBoard (when installed).
+
+    Losses are summed on the device and read only every `logging_steps`, so the loop has no per-step host sync.
+    """
+
+    def __init__(self, run) -> None:
+        self.run = run
+        self.path = run.out / run.cfg.output.logging_dir / "train_log.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sums: torch.Tensor | None = None
+        self.count = 0
+        self.t0 = time.perf_counter()
+        self.steps_at_t0 = run.global_step
+
+    def add(self, parts) -> None:
+        values = torch.stack([parts.loss.detach(), parts.instance_loss.detach(), parts.prior_loss.detach()])
+        self.sums = values if self.sums is None else self.sums + values
+        self.count += 1
+
+    def due(self) -> bool:
+        step = self.run.global_step
+        return step % self.run.cfg.output.logging_steps == 0 or step == self.run.total_steps or step == 1
+
+    def flush(self) -> dict:
+        loss, inst, prior = (self.sums / max(self.count, 1)).tolist()
+        now, steps = time.perf_counter(), self.run.global_step - self.steps_at_t0
+        record = {"step": self.run.global_step, "loss": loss, "instance_loss": inst, "prior_loss": prior,
+                  "lr": self.run.lr_scheduler.get_last_lr()[0], "step_time_s": (now - self.t0) / max(steps, 1)}
+        self.sums, self.count, self.t0, self.steps_at_t0 = None, 0, now, self.run.global_step
+        if self.run.accelerator.is_main_process:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            self.run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        return {"loss": f"{loss:.4f}", "lr": f"{record['lr']:.2e}"}

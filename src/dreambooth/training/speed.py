@@ -1,17 +1,32 @@
-"""Garbage collection around a command's start-up and exit, which it slows down on a CPU.
+"""The fast path's switches, apart from the loop they speed up; each one's measurement is cited where it is made.
+
+Every trick here keeps the numbers of the plain path (tests/test_wiring.py and tests/test_train_e2e.py check that
+each is switched on, and that it trains the same weights), so the loop reads as if none existed:
+
+- garbage collection paused while libraries import and models load, and skipped at exit (`collection_paused`,
+  `freeze_alive_objects`);
+- gradient clipping folded into torch's fused AdamW (`GradientClipping`);
+- PyTorch's native CPU convolutions where they beat oneDNN's (`cpu_convolution`, `convolution_kernels`);
+- channels-last layout and torch.compile of the UNet, TF32 on Ampere-or-newer GPUs (`speed_up`, `set_tf32`).
 
 Importing torch, diffusers (with torch._dynamo and peft) and transformers creates about 700,000 Python objects
 that live until the process ends. Python's collector walks all of them about six times as they arrive, again
 at each later full collection, and once more when the interpreter exits. On the 2-core CPU machine, measured
 in docs/bench.md ("Where a `tiny` run's time goes"), the walks during import cost about 0.5 s of a 6 s import,
-each later one 0.2-0.3 s, and the one at exit 1.2 s. This module is torch-free, so that pausing the collector
-can start before torch is imported.
+each later one 0.2-0.3 s, and the one at exit 1.2 s. This module is torch-free at import, so that pausing the
+collector can start before torch is imported; torch loads inside the functions that need it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from dreambooth.config import Config
 
 
 @contextlib.contextmanager
@@ -42,3 +57,101 @@ def freeze_alive_objects() -> None:
     everything this tool writes is closed (and renamed into place) before a command returns.
     """
     gc.freeze()
+
+
+class GradientClipping:
+    """clip_grad_norm_, folded into torch's fused AdamW where that is exact, accelerate's otherwise.
+
+    Clipping multiplies every gradient by min(1, max_norm / norm): one pass to measure and one to rewrite all
+    of them. The fused AdamW kernel can divide each gradient by a `grad_scale` as it reads it, the protocol
+    torch's GradScaler uses to unscale inside that kernel, so the rewrite pass is skipped: grad_scale =
+    max(1, (norm + 1e-6) / max_norm), the same coefficient as clip_grad_norm_. On the 35 M-parameter `small`
+    UNet (2-core CPU, median of 13) clipping plus the AdamW step took 83-88 ms, folded 69-72 ms. Only without a
+    GradScaler (which owns grad_scale: fp16) and where gradients are complete after backward (one process or
+    DDP; not DeepSpeed, FSDP or XLA, which clip their own way).
+    """
+
+    def __init__(self, accelerator, optimizer, params: list[torch.nn.Parameter], max_norm: float) -> None:
+        import torch
+        from accelerate.utils import DistributedType
+
+        self.accelerator, self.params, self.max_norm = accelerator, params, max_norm
+        inner = getattr(optimizer, "optimizer", optimizer)
+        fusable = (isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and inner.defaults.get("fused")
+                   and accelerator.scaler is None and accelerator.distributed_type in
+                   (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU))
+        self.fused_into = inner if fusable else None
+
+    def __call__(self) -> None:
+        """Before the optimizer step of a synchronised step."""
+        if self.fused_into is None:
+            self.accelerator.clip_grad_norm_(self.params, self.max_norm)
+            return
+        import torch
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()
+        self.fused_into.grad_scale = torch.clamp((norm + 1e-6) / self.max_norm, min=1.0)
+
+    def done(self) -> None:
+        """After the optimizer step: nothing stays behind for a later step or a GradScaler."""
+        if self.fused_into is not None:
+            self.fused_into.__dict__.pop("grad_scale", None)
+
+
+# PyTorch's native CPU convolutions against oneDNN's, one fp32 UNet training step (forward, backward, fused
+# AdamW) on the 2-core CPU, `python bench/cpu_convolutions.py` (docs/bench.md): native 1.21x faster for `small`
+# at 2 x 16x16 latents, 1.46x for the world model and 1.45x for `tiny` at 2 x 16x16; oneDNN 1.11x faster for
+# `small` at 8 x 16x16; within noise at 2 x 32x32 and above. Hence the threshold, in images x latent pixels.
+NATIVE_CONV_MAX_PIXELS = 1024
+
+
+def cpu_convolution(cfg: Config, models, device) -> str | None:
+    """The CPU convolution kernels to train with, "native" or "onednn"; None on other devices."""
+    if device.type != "cpu":
+        return None
+    choice = cfg.training.cpu_convolution
+    if choice != "auto":
+        return choice
+    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    images = cfg.training.batch_size * (2 if cfg.dataset.with_prior_preservation else 1)
+    pixels = images * (cfg.training.resolution // factor) ** 2
+    return "native" if pixels <= NATIVE_CONV_MAX_PIXELS else "onednn"
+
+
+@contextlib.contextmanager
+def convolution_kernels(kind: str | None):
+    """Selects the CPU convolution kernels for the block (forward and backward), then restores the setting."""
+    import torch
+
+    before = torch.backends.mkldnn.enabled
+    if kind is not None:
+        torch.backends.mkldnn.enabled = kind == "onednn"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def speed_up(cfg: Config, models, accelerator) -> None:
+    """Optional channels-last layout and torch.compile of the UNet.
+
+    Only `forward` is compiled, so the module itself (its parameter names, checkpoints, the saved model) stays
+    exactly as it is without compilation.
+    """
+    import torch
+
+    unet = accelerator.unwrap_model(models.unet)
+    if cfg.training.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if cfg.training.compile:
+        unet.forward = torch.compile(unet.forward)
+
+
+def set_tf32(cfg: Config) -> None:
+    """TF32 matmuls and convolutions as configured, both ways: torch leaves cuDNN's on by default, so
+    `--no-allow_tf32` has to switch it off, not merely leave it alone. No effect off Ampere-or-newer GPUs."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = cfg.training.allow_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.training.allow_tf32
