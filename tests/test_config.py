@@ -1,4 +1,4 @@
-"""The config: DESIGN.md's YAML as written, diffusers' flags, and every problem reported at once by key."""
+"""The config: the YAML of docs/design.md as written, diffusers' flags, and every problem reported at once by key."""
 
 import textwrap
 from pathlib import Path
@@ -41,7 +41,7 @@ def test_design_yaml_loads_as_written(tmp_path):
     # paths in a config file are relative to the file's folder
     assert cfg.dataset.instance_dir == tmp_path / "data" / "instance"
     assert cfg.model.pretrained_model == "stabilityai/stable-diffusion-2-1-base"
-    # DESIGN's schema has no prior-preservation switch: naming a class folder means prior preservation
+    # The config file's schema has no prior-preservation switch (docs/design.md): naming a class folder means prior preservation
     assert cfg.dataset.with_prior_preservation is True
     assert cfg.dataset.class_prompt == "a photo of a girl"
     assert any("prior preservation: on" in note for note in cfg._notes)

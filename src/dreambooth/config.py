@@ -203,7 +203,8 @@ class Subject(Section):
 
 
 class Config(BaseModel):
-    """The resolved training config: DESIGN.md's sections model/token/training/dataset, plus validation/output."""
+    """The resolved training config: the sections model/token/training/dataset of docs/design.md ("The config
+    file"), plus lora, validation, output and subjects."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     # How loading resolved what the user left unset, for the pre-flight report ("prior preservation: on, because
@@ -376,8 +377,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 def _prior_preservation(data: dict[str, Any], file_data: dict[str, Any], from_flags: set[str]) -> str | None:
     """Fills an unset dataset.with_prior_preservation; returns the sentence that tells the user why.
 
-    DESIGN's config schema has no switch: a config file that names a class folder describes a run with prior
-    preservation. diffusers' flags keep their meaning: off unless --with_prior_preservation.
+    The config file's schema has no switch (docs/design.md): a config file that names a class folder describes a
+    run with prior preservation. diffusers' flags keep their meaning: off unless --with_prior_preservation.
     """
     ds = data.setdefault("dataset", {})
     if not isinstance(ds, dict) or ds.get("with_prior_preservation") is not None:
