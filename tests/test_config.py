@@ -41,7 +41,7 @@ def test_design_yaml_loads_as_written(tmp_path):
     # paths in a config file are relative to the file's folder
     assert cfg.dataset.instance_dir == tmp_path / "data" / "instance"
     assert cfg.model.pretrained_model == "stabilityai/stable-diffusion-2-1-base"
-    # The config file's schema has no prior-preservation switch (docs/design.md): naming a class folder means prior preservation
+    # The config file's schema has no prior-preservation switch (docs/design.md): a class folder means it is on
     assert cfg.dataset.with_prior_preservation is True
     assert cfg.dataset.class_prompt == "a photo of a girl"
     assert any("prior preservation: on" in note for note in cfg._notes)
