@@ -107,7 +107,8 @@ def test_builtin_model_is_shipped_and_knows_sks_as_one_unused_token():
 
     path = builtin_model_path()
     if not (path / "model_index.json").is_file():
-        pytest.fail(f"the built-in model is missing from {path}; make it with `python -m dreambooth.evaluation.world_model`")
+        pytest.fail(f"the built-in model is missing from {path}; make it with "
+                    "`python -m dreambooth.evaluation.world_model`")
     assert is_world_model(path)
     tok = CLIPTokenizer.from_pretrained(path / "tokenizer")
     assert tok.tokenize(world.INSTANCE_PROMPT) == ["a</w>", "photo</w>", "of</w>", "sks</w>", "circle</w>"]

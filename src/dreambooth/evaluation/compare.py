@@ -136,8 +136,8 @@ def run_compare(out: Path, *, model: Path | None, instance_dir: Path | None, ste
             "output.output_dir": str(out / method), "output.logging_steps": 1, "output.report_to": "none",
             "output.checkpointing_steps": steps + 1, "output.overwrite_output_dir": True,  # compare's own folder
         }
-        proc = subprocess.run([sys.executable, "-c", "import sys; from dreambooth.evaluation.compare import measure_child; "
-                               "measure_child(sys.argv[1])", json.dumps({"overrides": overrides})],
+        child = "import sys; from dreambooth.evaluation.compare import measure_child; measure_child(sys.argv[1])"
+        proc = subprocess.run([sys.executable, "-c", child, json.dumps({"overrides": overrides})],
                               capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEASURED ")]
         if proc.returncode != 0 or not lines:

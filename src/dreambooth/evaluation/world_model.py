@@ -201,7 +201,8 @@ def _train_vae(vae, pixels: torch.Tensor, steps: int, batch_size: int, gen: torc
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dreambooth.evaluation.world_model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dreambooth.evaluation.world_model",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=pathlib.Path, default=ASSET)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=12000)
