@@ -9,17 +9,17 @@ that no longer name a survivor.
 EQUIVALENT: dict[str, str] = {
     "dreambooth.training.checkpoint.xǁCheckpointFilesǁ_load_lora__mutmut_35":
         "drops adapter_name='default' from set_peft_model_state_dict, whose default adapter name is 'default'",
-    "dreambooth.training.data.x__not_an_image_reason__mutmut_25":
+    "dreambooth.training.images.x__not_an_image_reason__mutmut_25":
         "'utf-8' -> 'UTF-8': Python's codec names are case-insensitive",
-    "dreambooth.export.x__to_peft_names__mutmut_2":
+    "dreambooth.formats.lora.x__to_peft_names__mutmut_2":
         "the early return only skips diffusers' conversion, which leaves keys already in peft's spelling as they are",
-    "dreambooth.export.x__to_peft_names__mutmut_9":
+    "dreambooth.formats.lora.x__to_peft_names__mutmut_9":
         "the early return only skips diffusers' conversion, which leaves keys already in peft's spelling as they are",
-    "dreambooth.export.x__to_peft_names__mutmut_4":
+    "dreambooth.formats.lora.x__to_peft_names__mutmut_4":
         "the early return only skips diffusers' conversion, which leaves keys already in peft's spelling as they are",
     "dreambooth.training.checkpoint.xǁCheckpointFilesǁ_load_token_rows__mutmut_13":
         "drops the dtype of .to(): assigning into the embedding's rows casts to its dtype anyway",
-    "dreambooth.training.data.x__high_depth_to_l__mutmut_2":
+    "dreambooth.training.images.x__high_depth_to_l__mutmut_2":
         "astype(None) is astype(float64) in numpy (the first astype; the last one's mutant is killed by the mode)",
     "dreambooth.training.checkpoint.xǁCheckpointFilesǁ_load_token_rows__mutmut_15":
         "drops the dtype of .to(): assigning into the embedding's rows casts to its dtype anyway",

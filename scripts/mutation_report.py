@@ -5,7 +5,8 @@
     python scripts/mutation_report.py --sample K [TARGET ...]  # one in K of their mutants by name (after a run)
     python scripts/mutation_report.py --estimate [TARGET ...]  # their worst-case test time (after a run)
 
-A TARGET is a module (`loss`, `src/dreambooth/training/loss.py`), or a mutant name or glob as mutmut spells them:
+A TARGET is a module (`loss`, `training.loss`, `src/dreambooth/training/loss.py`), or a mutant name or glob as
+mutmut spells them:
 `dreambooth.<module>.x_<function>__mutmut_<n>`, and `dreambooth.<module>.xǁ<Class>ǁ<method>__mutmut_<n>` for a
 method. No TARGET: every core target below. The report covers the core targets and the TARGETs, so runs of a few
 modules at a time add up to the whole report; a mutant not tested yet counts as "not checked".
@@ -26,13 +27,16 @@ REPORT = ROOT / "docs" / "results" / "mutation.md"
 
 # Modules mutated whole, and the modules of which only some functions (or classes, capitalised) are. The files
 # must also be in [tool.mutmut] only_mutate in pyproject.toml.
-WHOLE = ["loss", "data", "components", "checkpoint", "tokens", "outputs", "generate"]
+WHOLE = ["training.loss", "training.images", "training.data", "training.components", "training.checkpoint",
+         "training.tokens", "training.outputs", "generate"]
 SOME = {
-    "train": ["training_step", "batch_stream", "trained_modules", "GradientClipping", "loop", "MetricsLog",
-              "make_accelerator", "cpu_convolution", "speed_up", "setup"],
+    "training.loop": ["training_step", "batch_stream", "trained_modules", "loop", "make_accelerator", "setup"],
+    "training.speed": ["GradientClipping", "cpu_convolution", "speed_up"],
     # the key maps between the diffusers, peft, kohya and original (LDM) state-dict layouts
-    "export": ["_is_kohya", "_to_peft_names", "lora_state_for_peft", "_kohya_name", "unet_rules", "vae_rules",
-               "_check_mid_block", "_attentions", "apply_rules", "text_encoder_tensors", "checkpoint_tensors"],
+    "formats.lora": ["is_kohya", "_to_peft_names", "lora_state_for_peft"],
+    "formats.kohya": ["_kohya_name"],
+    "formats.single_file": ["unet_rules", "vae_rules", "_check_mid_block", "_attentions", "apply_rules",
+                            "text_encoder_tensors", "checkpoint_tensors"],
 }
 COLUMNS = ["killed", "survived", "timeout", "no tests", "skipped", "other", "not checked"]
 
@@ -51,11 +55,14 @@ def globs(targets: list[str]) -> list[str]:
     out = []
     for target in targets:
         if target.endswith(".py"):
-            out += module_globs(Path(target).stem)
+            out += module_globs(".".join(Path(target).resolve().relative_to(ROOT / "src" / "dreambooth")
+                                         .with_suffix("").parts))
+        elif target in WHOLE or target in SOME:
+            out += module_globs(target)
         elif "." in target or "*" in target:
             out.append(target)
-        else:
-            out += module_globs(target)
+        else:  # a module's last name: `loss` for training.loss
+            out += module_globs(next((m for m in WHOLE + list(SOME) if m.rsplit(".", 1)[-1] == target), target))
     return out
 
 
