@@ -1,9 +1,10 @@
-"""`dreambooth bench`: training speed and memory of this tool, and of diffusers' DreamBooth script beside it.
+"""`dreambooth bench` (or `python bench/bench.py`): training speed and memory of this tool, and of diffusers'
+DreamBooth script beside it. Developer tooling: it lives in the repository, not in the installed package.
 
 Both programs run as subprocesses with the same diffusers-style flag list, the same data (5 instance photos and
 the same pre-filled class folder, so neither generates class images in the timed part) and the same thread
 count. Neither program is changed: a `sitecustomize.py` on the child's PYTHONPATH registers a global optimizer
-step hook (see TIMER_SOURCE) that records the clock after every optimizer step, so both are timed by the same
+step hook (timer/sitecustomize.py) that records the clock after every optimizer step, so both are timed by the same
 clock with the same definition of a step. Reported per program:
 
 - s/step: median of consecutive step-end differences after `warmup` steps (start-up, model loading and
@@ -35,7 +36,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dreambooth.errors import UserError
+from dreambooth.options import option, parse_settings, problems
 
+HERE = Path(__file__).resolve().parent
+REPOSITORY = HERE.parent
 TIMES_ENV = "DREAMBOOTH_BENCH_TIMES"
 BUILT_MODELS = ("tiny", "small", "sd15")
 INSTANCE_PROMPT = "a photo of sks toy"
@@ -47,136 +51,68 @@ BF16_DENSE_PEAK = (("H100 PCIe", "h100-pcie", 756e12), ("H200", "h200", 989e12),
                    ("A100", "a100", 312e12))
 TABLE_START, TABLE_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
-TIMER_SOURCE = '''"""Written by `dreambooth bench`; Python runs it at start-up because its folder is on PYTHONPATH.
-
-When torch.optim.optimizer is first imported, a global optimizer-step post-hook is registered. torch calls it
-after the step of every torch optimizer (AdamW for-loop, foreach or fused, bitsandbytes' 8-bit ones, and through
-accelerate's AcceleratedOptimizer, which forwards only real steps). It records the clock (after a CUDA
-synchronize, so the step has finished), the peak RSS so far and the peak CUDA memory so far. At exit a process
-that stepped writes them to the JSON file named by DREAMBOOTH_BENCH_TIMES; a launcher that did not step writes
-nothing. Importing nothing heavy here keeps the program's own import order as it is.
-"""
-import atexit
-import importlib.abc
-import importlib.machinery
-import importlib.util
-import json
-import os
-import resource
-import sys
-import time
-
-_OUT = os.environ.get("DREAMBOOTH_BENCH_TIMES")
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_REC = {"pid": os.getpid(), "argv": sys.argv, "times": [], "rss_kb": [], "cuda_allocated": [], "cuda_reserved": []}
+TIMER_DIR = HERE / "timer"  # sitecustomize.py: the step timer each training process runs at start-up
 
 
-def _on_step(optimizer, args, kwargs):
-    torch = sys.modules["torch"]
-    cuda = torch.cuda.is_initialized()
-    if cuda:
-        torch.cuda.synchronize()
-    _REC["times"].append(time.perf_counter())
-    _REC["rss_kb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    if cuda:
-        _REC["cuda_allocated"].append(torch.cuda.max_memory_allocated())
-        _REC["cuda_reserved"].append(torch.cuda.max_memory_reserved())
-
-
-class _HookOnImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "torch.optim.optimizer":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        execute = spec.loader.exec_module
-
-        def exec_module(module):
-            execute(module)
-            module.register_optimizer_step_post_hook(_on_step)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-def _write():
-    if not _REC["times"]:
-        return
-    _REC["rss_kb_exit"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        _REC["cuda_allocated_exit"] = torch.cuda.max_memory_allocated()
-    tmp = f"{_OUT}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_REC, f)
-    os.replace(tmp, _OUT)
-
-
-if _OUT:
-    sys.meta_path.insert(0, _HookOnImport())
-    atexit.register(_write)
-
-# Shadowing another sitecustomize (some distributions ship one) must not drop it: run it too.
-_spec = importlib.machinery.PathFinder.find_spec(
-    "sitecustomize", [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE])
-if _spec is not None and _spec.loader is not None:
-    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
-'''
-
-
-@dataclass
+@dataclass(kw_only=True)
 class BenchSettings:
-    """What one `dreambooth bench` run measures."""
+    """Measure training speed and memory of `dreambooth train`, optionally beside diffusers' train_dreambooth.py.
 
-    model: str = "tiny"  # tiny, small, sd15 (random weights, built here) or a diffusers model folder
-    method: str = "full"
-    resolution: int | None = None  # default: the model's own
-    precision: str | None = None  # no, fp16, bf16; default bf16 on a GPU, no on the CPU
-    steps: int = 50
-    warmup: int = 5
-    num_class_images: int = 10
-    rank: int = 4
-    repeats: int = 1
-    peer: Path | None = None
-    tv_shim: Path | None = None
-    out: Path = Path("runs/bench")
-    results: Path = Path("bench/results")
-    keep_outputs: bool = False
-    fresh_class_images: bool = False  # every run generates its class images in its timed process
-    lean_memory: bool = False  # both programs with --use_8bit_adam --gradient_checkpointing (CUDA only)
+    The options of `dreambooth bench` and `python bench/bench.py`.
+    """
+
+    model: str = option("tiny", help="tiny, small or sd15 (random weights, built under --out) or a diffusers model "
+                        "folder.")
+    method: str = option("full", choices=("full", "lora"), help="Full fine-tuning or LoRA.")
+    resolution: int | None = option(None, minimum=8, help="[default: the model's]")
+    precision: str | None = option(None, choices=("no", "fp16", "bf16"), help="--mixed_precision of both programs "
+                                   "[default: bf16 on a GPU, no on the CPU].")
+    steps: int = option(50, minimum=1, help="Optimizer steps per run.")
+    warmup: int = option(5, minimum=1, help="Steps left out of the median.")
+    num_class_images: int = option(10, minimum=1, help="Class images (prior preservation).")
+    rank: int = option(4, minimum=1, help="LoRA rank.")
+    repeats: int = option(1, minimum=1, help="Runs per program, in alternating order; figures are their medians.")
+    peer: Path | None = option(None, metavar="SCRIPT", help="diffusers' examples/dreambooth/train_dreambooth.py "
+                               "(train_dreambooth_lora.py for --method lora), run with the same flags beside this "
+                               "tool.")
+    tv_shim: Path | None = option(None, help="A torchvision stand-in for the peer's process only [default: "
+                                  "../shared/peer-tools/tv_shim when torchvision is missing].")
+    out: Path = option(Path("runs/bench"), help="Working folder: models, data, runs.")
+    results: Path = option(HERE / "results", help="Where the JSON and logs go [default: bench/results of the "
+                           "repository].")
+    keep_outputs: bool = option(False, help="Keep the trained models (deleted by default).")
+    fresh_class_images: bool = option(False, help="Start every run with an empty class folder, so that each program "
+                                      "generates its class images inside the timed run [default: both get the same "
+                                      "class images, made beforehand].")
+    lean_memory: bool = option(False, help="Both programs with --use_8bit_adam --gradient_checkpointing (needs CUDA "
+                               "and bitsandbytes).")
+    table: bool = option(False, help="Measure nothing: rewrite the table in --doc from --results/*.json.")
+    doc: Path = option(REPOSITORY / "docs" / "bench.md", help="[default: docs/bench.md of the repository]")
 
 
 def check_settings(s: BenchSettings, cuda: bool) -> None:
     """Every problem with the settings, before anything is built."""
-    problems = []
-    if s.method not in ("full", "lora"):
-        problems.append(f"--method must be full or lora, got {s.method!r}")
-    if s.precision not in (None, "no", "fp16", "bf16"):
-        problems.append(f"--precision must be no, fp16 or bf16, got {s.precision!r}")
+    found = problems(s)  # the declared choices and ranges, for settings made in code
     if s.precision == "fp16" and not cuda:
-        problems.append("--precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
-    if s.warmup < 1 or s.steps < s.warmup + 2:
-        problems.append(f"--steps ({s.steps}) must exceed --warmup ({s.warmup}, at least 1) by 2 or more, "
-                        "so that the median has at least two step times")
+        found.append("--precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    if s.steps < s.warmup + 2:
+        found.append(f"--steps ({s.steps}) must exceed --warmup ({s.warmup}) by 2 or more, so that the median has "
+                     "at least two step times")
     if s.lean_memory and not cuda:
-        problems.append("--lean-memory needs a CUDA GPU: bitsandbytes' 8-bit AdamW runs only there")
+        found.append("--lean-memory needs a CUDA GPU: bitsandbytes' 8-bit AdamW runs only there")
     elif s.lean_memory and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append("--lean-memory needs bitsandbytes for 8-bit AdamW: `pip install bitsandbytes`")
-    if s.num_class_images < 1 or s.repeats < 1 or s.rank < 1:
-        problems.append("--num-class-images, --repeats and --rank must be at least 1")
+        found.append("--lean-memory needs bitsandbytes for 8-bit AdamW: `pip install bitsandbytes`")
     if s.model not in BUILT_MODELS and not (Path(s.model) / "model_index.json").is_file():
-        problems.append(f"--model {s.model!r} is neither tiny, small, sd15 nor a diffusers model folder "
-                        "(no model_index.json there)")
+        found.append(f"--model {s.model!r} is neither tiny, small, sd15 nor a diffusers model folder "
+                     "(no model_index.json there)")
     if s.peer is not None:
         if not s.peer.is_file():
-            problems.append(f"--peer {s.peer}: no such file; take examples/dreambooth/ from a diffusers clone")
+            found.append(f"--peer {s.peer}: no such file; take examples/dreambooth/ from a diffusers clone")
         elif ("lora" in s.peer.name) != (s.method == "lora"):
             want = "train_dreambooth_lora.py" if s.method == "lora" else "train_dreambooth.py"
-            problems.append(f"--peer {s.peer.name} does not match --method {s.method}; give {want}")
-    if problems:
-        raise UserError("bench settings:\n  " + "\n  ".join(problems))
+            found.append(f"--peer {s.peer.name} does not match --method {s.method}; give {want}")
+    if found:
+        raise UserError("bench settings:\n  " + "\n  ".join(found))
 
 
 def device_info() -> dict:
@@ -264,7 +200,7 @@ def generate_class_images(class_dir: Path, model: Path, resolution: int, count: 
     import torch
 
     from dreambooth.config import SECTION_TYPES
-    from dreambooth.generate import load_pipeline, pick_device, pick_dtype
+    from dreambooth.models.loading import load_pipeline, pick_device, pick_dtype
     from dreambooth.training.class_images import default_batch_size, ensure_class_images
 
     device = pick_device()
@@ -303,8 +239,7 @@ def tv_shim_path(given: Path | None) -> Path | None:
         return given.resolve()
     if importlib.util.find_spec("torchvision") is not None:
         return None
-    repo = Path(__file__).resolve().parents[2]
-    for root in (repo.parent, repo, Path.cwd().parent, Path.cwd()):
+    for root in (REPOSITORY.parent, REPOSITORY, Path.cwd().parent, Path.cwd()):
         shim = root / "shared" / "peer-tools" / "tv_shim"
         if shim.is_dir():
             return shim
@@ -480,12 +415,10 @@ def run_bench(s: BenchSettings) -> dict:
     stem = f"{dev['device_key']}-{name}-{s.method}-{resolution}-{precision}{tags}"
     work = (s.out / "runs" / stem).resolve()
     *data, class_s = prepare_data(s, model, resolution, work)
-    (work / "timer").mkdir(parents=True, exist_ok=True)
-    (work / "timer" / "sitecustomize.py").write_text(TIMER_SOURCE)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     flops = step_flops(model, s.method, resolution, s.rank)
     cmds = commands(s, model, tuple(data), work, resolution, precision, cuda, threads)
-    envs = {who: child_env(work / "timer", work / f"{who}-times.json", threads,
+    envs = {who: child_env(TIMER_DIR, work / f"{who}-times.json", threads,
                            [shim] if who == "peer" and shim else []) for who in cmds}
     s.results.mkdir(parents=True, exist_ok=True)
     runs = measure(s, cmds, envs, {who: s.results / f"{stem}.{who}.log" for who in cmds}, work, flops,
@@ -521,13 +454,14 @@ def sha256(path: Path) -> str:
 
 
 def versions() -> dict:
-    from dreambooth.formats.atomic import library_versions
+    from dreambooth.versions import library_versions
 
     return library_versions()
 
 
 def settings_record(s: BenchSettings) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
+    """The settings of a measuring run, as JSON (--table and --doc say not to measure, so they are left out)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items() if k not in ("table", "doc")}
 
 
 def _num(value, fmt: str, missing: str = "-") -> str:
@@ -580,3 +514,19 @@ def write_table(doc: Path, results_dir: Path) -> str:
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
     return table
+
+
+def bench_command(s: BenchSettings) -> dict | None:
+    """`dreambooth bench`: measure, or with --table only rewrite the table of --doc."""
+    if s.table:
+        print(write_table(s.doc, s.results))
+        return None
+    return run_bench(s)
+
+
+if __name__ == "__main__":
+    try:
+        bench_command(parse_settings(BenchSettings, sys.argv[1:], prog="python bench/bench.py"))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -53,7 +53,7 @@ def model_path(name: str) -> Path:
         from dreambooth.evaluation.world_model import builtin_model_path
 
         return builtin_model_path()
-    from dreambooth.bench import BenchSettings, prepare_model
+    from bench import BenchSettings, prepare_model
 
     return prepare_model(BenchSettings(model=name))[0]
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dreambooth.bench import BenchSettings, check_settings, device_info, prepare_data, prepare_model, train_flags
+from bench import BenchSettings, check_settings, device_info, prepare_data, prepare_model, train_flags
 
 
 def parse_args() -> tuple[argparse.Namespace, list[str]]:

@@ -1,4 +1,5 @@
-"""`dreambooth bench`: the step timer counts every optimizer step, a run reports every figure, the table builds."""
+"""`dreambooth bench` (bench/bench.py, developer tooling in the repository): the step timer counts every optimizer
+step, a run reports every figure, the table builds, and the command finds the script or says where it lives."""
 
 from __future__ import annotations
 
@@ -10,18 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth.bench import (
-    TIMER_SOURCE,
-    TIMES_ENV,
-    BenchSettings,
-    check_settings,
-    figures,
-    format_table,
-    run_bench,
-    train_flags,
-    write_table,
-)
+from dreambooth import cli
 from dreambooth.errors import UserError
+
+bench = cli.load_script("bench/bench.py", "bench")  # as `dreambooth bench` loads it
+TIMER_DIR, TIMES_ENV, BenchSettings = bench.TIMER_DIR, bench.TIMES_ENV, bench.BenchSettings
+check_settings, figures, format_table, run_bench, train_flags, write_table = (
+    bench.check_settings, bench.figures, bench.format_table, bench.run_bench, bench.train_flags, bench.write_table)
 
 REQUIRED = ("device", "torch", "model", "method", "resolution", "precision", "steps", "s_per_step_median",
             "samples_per_s", "peak_mem_mb", "mfu", "wall_s", "peer", "speedup", "memory_ratio")
@@ -49,9 +45,8 @@ for _ in range(4):  # two optimizer steps: accelerate skips the step on accumula
 
 
 def test_timer_records_every_optimizer_step_of_an_unchanged_program(tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(TIMER_SOURCE)
     out = tmp_path / "times.json"
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), TIMES_ENV: str(out)}
+    env = {**os.environ, "PYTHONPATH": str(TIMER_DIR), TIMES_ENV: str(out)}
     subprocess.run([sys.executable, "-c", STEPPER], env=env, check=True, capture_output=True)
     record = json.loads(out.read_text())
     assert len(record["times"]) == 3 * 3 + 2  # for-loop, foreach and fused AdamW, and accelerate's real steps
@@ -60,9 +55,8 @@ def test_timer_records_every_optimizer_step_of_an_unchanged_program(tmp_path):
 
 
 def test_a_process_without_optimizer_steps_writes_nothing(tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(TIMER_SOURCE)
     out = tmp_path / "times.json"
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), TIMES_ENV: str(out)}
+    env = {**os.environ, "PYTHONPATH": str(TIMER_DIR), TIMES_ENV: str(out)}
     subprocess.run([sys.executable, "-c", "import torch.optim"], env=env, check=True)
     assert not out.exists()
 
@@ -178,6 +172,32 @@ def test_table_command_rewrites_the_doc_and_says_when_there_is_nothing(tmp_path,
     (results / "cpu-small-full-128-no.json").write_text(json.dumps(_result("cpu", "full", 0.25, 0.40)))
     assert main(["bench", "--table", "--results", str(results), "--doc", str(doc)]) == 0
     assert "| cpu | small | full |" in doc.read_text()
+
+
+def test_the_command_passes_every_argument_to_the_script(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: dreambooth bench") and "--fresh-class-images" in shown and "--peer SCRIPT" in shown
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--num_class_images", "0"])  # the other spelling reaches the script's parser too
+    assert e.value.code == 2
+    assert "--num-class-images must be at least 1 (got 0)" in capsys.readouterr().err
+
+
+def test_an_installation_without_the_repository_says_where_bench_lives(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "repository", lambda: tmp_path)
+    assert cli.main(["bench", "--table"]) == 2
+    err = capsys.readouterr().err
+    assert "developer tool" in err and "bench/bench.py" in err and "Traceback" not in err
+
+
+def test_the_script_runs_from_the_repository_root(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "bench/bench.py", "--table", "--results", str(tmp_path)], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and f"no results in {tmp_path}" in proc.stderr
 
 
 def test_profile_script_records_exactly_one_training_step(tmp_path):

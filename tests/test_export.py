@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -19,6 +18,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from dreambooth.command_options import ExportOptions
 from dreambooth.errors import UserError
 from dreambooth.export import export_command
 from dreambooth.formats import kohya, lora, single_file
@@ -523,7 +523,7 @@ def test_parse_lora_spec():
 
 
 def args(src, fmt, out, *loras, half=False):
-    return argparse.Namespace(src=src, format=fmt, out=out, half=half, merge_lora=list(loras))
+    return ExportOptions(src=src, format=fmt, out=out, half=half, merge_lora=list(loras))
 
 
 def test_command_single_file_with_merged_lora_equals_merged_folder(tiny_model, lora_dir, tmp_path, capsys):

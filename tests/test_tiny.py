@@ -177,9 +177,9 @@ def test_resolution_must_fit_the_sizes_downsampling(tmp_path):
 
 
 def test_sd15_tokenizer_has_clips_ids_and_grows_like_clip(tmp_path, tokenizer):
-    from dreambooth.models.tiny import CLIP_VOCAB_SIZE, _tokenizer, model_configs
+    from dreambooth.models.tiny import CLIP_VOCAB_SIZE, build_tokenizer, model_configs
 
-    padded = _tokenizer(tmp_path / "tokenizer", CLIP_VOCAB_SIZE)
+    padded = build_tokenizer(tmp_path / "tokenizer", CLIP_VOCAB_SIZE)
     config = model_configs("sd15")["text_encoder"]
     assert len(padded) == config["vocab_size"] == 49408
     assert (padded.bos_token_id, padded.eos_token_id, padded.pad_token_id) == (49406, 49407, 49407)

@@ -168,7 +168,9 @@ def test_generate_gives_every_image_its_own_noise_and_never_mixes_folders(tiny_m
     assert "did not write" in run(capsys, argv[:-1] + [str(tmp_path / "mine"), "--overwrite"], code=2).err
     # a seed given twice would draw the same images twice; a negative one is A1111's "random", not a seed
     assert "given more than once" in run(capsys, argv[:-1] + [str(tmp_path / "x"), "--seed", "0"], code=2).err
-    assert "seeds are 0 or more" in run(capsys, argv[:-1] + [str(tmp_path / "x"), "--seed", "-1"], code=2).err
+    with pytest.raises(SystemExit) as e:  # out of --seed's declared range: refused as argparse refuses a bad value
+        main(argv[:-1] + [str(tmp_path / "x"), "--seed", "-1"])
+    assert e.value.code == 2 and "--seed -1: seeds are 0 or more" in capsys.readouterr().err
     from dreambooth.config import load_config
     from dreambooth.errors import UserError
 

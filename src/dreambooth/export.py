@@ -106,12 +106,15 @@ def quiet_progress_bars():
                 lib.enable_progress_bar()
 
 
-def export_command(args) -> Path:
-    """`dreambooth export SRC --format kohya|single-file|diffusers --out PATH [--half] [--merge-lora FILE[:W]]`."""
-    src, out, fmt, half = Path(args.src), Path(args.out), args.format, bool(args.half)
+def export_command(options) -> Path:
+    """`dreambooth export SRC --format kohya|single-file|diffusers --out PATH [--half] [--merge-lora FILE[:W]]`.
+
+    `options`: a command_options.ExportOptions.
+    """
+    src, out, fmt, half = Path(options.src), Path(options.out), options.format, bool(options.half)
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt} is not one of {', '.join(FORMATS)}.")
-    loras = [parse_lora_spec(spec) for spec in (args.merge_lora or [])]
+    loras = [parse_lora_spec(spec) for spec in options.merge_lora]
     for path, _ in loras:
         check_lora_source(path, "--merge-lora")  # a full model given as a LoRA is refused, saying what to pass
     kind = source_kind(src)

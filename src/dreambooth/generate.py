@@ -20,6 +20,7 @@ from dreambooth.formats.lora import check_lora_source, parse_lora_spec
 from dreambooth.formats.lora_loading import load_loras
 from dreambooth.models.base import CHECKPOINT_STATE, check_model_folder, is_hub_id
 from dreambooth.models.loading import load_pipeline, make_scheduler, pick_device, pick_dtype
+from dreambooth.options import check_settings
 
 
 @dataclass
@@ -200,17 +201,11 @@ class GenerateJob:
 
 def check_job(job: GenerateJob) -> None:
     """Everything about a job that can be wrong, found before any weights load."""
-    s = job.settings
-    for name, value in (("--steps", s.steps), ("--num-images", s.num_images)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1 (got {value}).")
+    s = job.settings  # steps, image count and seed ranges are declared with the options (command_options)
     for name, value in (("--height", s.height), ("--width", s.width)):
         if value is not None and (value < 8 or value % 8):
             raise UserError(f"{name} {value} is not a multiple of 8; Stable Diffusion's VAE needs sides divisible "
                             f"by 8 (e.g. {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}).")
-    if any(seed < 0 for seed in s.seeds):
-        raise UserError(f"--seed {min(s.seeds)}: seeds are 0 or more (A1111's -1 for a random seed is not one here); "
-                        "omit --seed for seed 0, or give the seeds to draw.")
     repeated = sorted({seed for seed in s.seeds if s.seeds.count(seed) > 1})
     if repeated:
         raise UserError(f"--seed {repeated[0]} is given more than once; a seed draws the same images every time. "
@@ -242,6 +237,7 @@ def run_job(job: GenerateJob) -> list[Path]:
 
 def generate_command(options) -> list[Path]:
     """`dreambooth generate`: its options (a command_options.GenerateOptions) as a job."""
+    check_settings(options)
     settings = GenerationSettings(
         prompts=read_prompts(options.prompt, options.prompts_file), negative_prompt=options.negative_prompt,
         steps=options.steps, guidance=options.guidance, seeds=options.seeds or [0], num_images=options.num_images,

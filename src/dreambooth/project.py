@@ -1,4 +1,4 @@
-"""`dreambooth init`: the project layout of DESIGN.md, ready for photos."""
+"""`dreambooth init`: a project folder ready for photos, with the config file of docs/design.md."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ Prompts: `prompts/instance.txt` and `prompts/class.txt` (first non-comment line;
 
 
 def project_config(identifier: str, class_word: str, model: str) -> dict:
-    """The config.yaml that init writes: DESIGN.md's sections, with prior preservation on."""
+    """The config.yaml that init writes: the sections of docs/design.md, with prior preservation on."""
     return {
         "model": {"pretrained_model": model, "train_unet": True, "train_text_encoder": False},
         "token": {"identifier": identifier, "initializer": class_word, "class_word": class_word},
@@ -58,3 +58,9 @@ def init_project(directory: Path, *, identifier: str, class_word: str, model: st
                           encoding="utf-8")
     print(f"project written to {directory}: put photos in {directory / 'data/instance'}, set "
           f"model.pretrained_model in {config}, then `dreambooth train --config {config}`")
+
+
+def init_command(options) -> None:
+    """`dreambooth init`: `options` is a command_options.InitOptions."""
+    init_project(options.dir, identifier=options.identifier, class_word=options.class_word, model=options.model,
+                 force=options.force)

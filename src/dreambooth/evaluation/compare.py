@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from dreambooth.errors import UserError
+from dreambooth.evaluation.experiment import save_results
 
 METHODS = ("full", "lora")
 
@@ -143,10 +144,7 @@ def run_compare(out: Path, *, model: Path | None, instance_dir: Path | None, ste
         if proc.returncode != 0 or not lines:
             raise UserError(f"the {method} run failed:\n{proc.stderr[-2000:]}")
         results.append(json.loads(lines[-1][len("MEASURED "):]))
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = format_table(results)
-    (out / "table.md").write_text(table + "\n")
-    print(table)
+    save_results(out, results, format_table(results))
     return results
 
 

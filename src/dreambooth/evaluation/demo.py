@@ -56,3 +56,8 @@ def print_summary(metrics: dict, run_dir: Path, out: Path, grids: dict) -> None:
     print("  Rows of the grids: 'a photo of sks circle' alone and on each background, then 'a photo of a <colour>\n"
           "  circle' for red, green, blue, yellow. subject_fidelity: share of subject images showing the banded\n"
           "  circle; class_prior: share of class images that are the asked colour and not the subject.")
+
+
+def demo_command(options) -> dict:
+    """`dreambooth demo`: `options` is a command_options.DemoOptions."""
+    return run_demo(options.out, steps=options.steps)

@@ -26,6 +26,7 @@ from PIL import Image
 
 from dreambooth.errors import UserError
 from dreambooth.models.loading import pick_device
+from dreambooth.options import check_settings
 from dreambooth.training.images import IMAGE_EXTENSIONS, load_image, scan_image_folder
 
 # A scorer maps (generated images, their prompts) to named columns of one value per image. Columns from
@@ -318,78 +319,76 @@ def read_generated(paths: list[Path]) -> tuple[list[Image.Image], list[str]]:
     return images, prompts
 
 
-def _generate(args) -> list[Path]:
-    """The --model images, made by `dreambooth generate`'s own code into OUT/images (settings.json beside them)."""
-    from dreambooth.export import parse_lora_spec
-    from dreambooth.generate import GenerateJob, GenerationSettings, read_prompts, run_job
+def _generate(options) -> list[Path]:
+    """The --model images, made by `dreambooth generate` itself into OUT/images (settings.json beside them)."""
+    from dreambooth.generate import generate_command
 
-    settings = GenerationSettings(prompts=read_prompts(args.prompt, args.prompts_file), steps=args.steps,
-                                  guidance=args.guidance, seeds=args.seeds or [0], num_images=args.num_images,
-                                  scheduler=args.scheduler)
-    return run_job(GenerateJob(model=args.model, settings=settings, out=args.out / "images",
-                               loras=[parse_lora_spec(t) for t in args.lora], device=args.device,
-                               overwrite=args.overwrite))
+    return generate_command(options.generate_options())
 
 
-def _uses_world_model(args) -> bool:
+def _uses_world_model(options) -> bool:
     """True when the images come from the built-in world model (or a model trained from it): add its measures."""
     from dreambooth.evaluation.world_model import is_world_model
 
-    model = args.model
-    if model is None and args.images is not None and (args.images / "settings.json").is_file():
+    model = options.model
+    if model is None and options.images is not None and (options.images / "settings.json").is_file():
         try:
-            model = json.loads((args.images / "settings.json").read_text()).get("model")
+            model = json.loads((options.images / "settings.json").read_text()).get("model")
         except ValueError:
             model = None
     return bool(model) and is_world_model(model)
 
 
-def evaluate_command(args) -> dict:
-    """`dreambooth evaluate`: check every input, get the images, score them, print the table, write metrics.json."""
+def evaluate_command(options) -> dict:
+    """`dreambooth evaluate`: check every input, get the images, score them, print the table, write metrics.json.
+
+    `options`: a command_options.EvaluateOptions.
+    """
     from dreambooth.formats.atomic import write_json_atomic
     from dreambooth.versions import library_versions
 
-    world = _uses_world_model(args)
-    if args.clip is None and args.dino is None and not world:
+    check_settings(options)
+    world = _uses_world_model(options)
+    if options.clip is None and options.dino is None and not world:
         raise UserError("nothing to measure: pass --clip DIR (CLIP-I and CLIP-T) and/or --dino DIR (DINO), local "
                         "folders saved with save_pretrained.")
-    if args.clip is not None:
-        check_scorer_folder(args.clip, "--clip", _CLIP_EXAMPLE, tokenizer=True)
-    if args.dino is not None:
-        check_scorer_folder(args.dino, "--dino", _DINO_EXAMPLE)
-    if not args.identifier.strip() or not args.class_word.strip():
+    if options.clip is not None:
+        check_scorer_folder(options.clip, "--clip", _CLIP_EXAMPLE, tokenizer=True)
+    if options.dino is not None:
+        check_scorer_folder(options.dino, "--dino", _DINO_EXAMPLE)
+    if not options.identifier.strip() or not options.class_word.strip():
         raise UserError("--identifier and --class-word must not be empty (e.g. --identifier sks --class-word dog).")
-    if args.images is not None and (args.prompt or args.prompts_file or args.lora or args.seeds):
+    if options.images is not None and (options.prompt or options.prompts_file or options.lora or options.seeds):
         raise UserError("--prompt, --prompts-file, --lora and --seed choose what --model generates; with --images "
                         "each image's prompt is read from its metadata. Drop them, or use --model.")
-    if (args.out / "metrics.json").is_file() and not args.overwrite:
-        raise UserError(f"--out {args.out} holds the results of an earlier evaluation (metrics.json); choose another "
-                        "--out, or pass --overwrite to replace them.")
-    real = load_real_images(args.real)
-    paths = generated_image_paths(args.images) if args.images is not None else _generate(args)
+    if (options.out / "metrics.json").is_file() and not options.overwrite:
+        raise UserError(f"--out {options.out} holds the results of an earlier evaluation (metrics.json); choose "
+                        "another --out, or pass --overwrite to replace them.")
+    real = load_real_images(options.real)
+    paths = generated_image_paths(options.images) if options.images is not None else _generate(options)
     images, prompts = read_generated(paths)
-    missing = sorted({p for p in prompts if class_prompt_for(p, args.identifier, args.class_word) == p})
+    missing = sorted({p for p in prompts if class_prompt_for(p, options.identifier, options.class_word) == p})
     if missing:
-        print(f"note: {len(missing)} prompt(s) do not contain the identifier '{args.identifier}' and are scored as "
+        print(f"note: {len(missing)} prompt(s) do not contain the identifier '{options.identifier}' and are scored as "
               f"written: {'; '.join(missing[:3])}")
     scorers = []
     if world:
         from dreambooth.evaluation.world import score_columns
 
         scorers.append(score_columns)
-    scores = score_images(images, prompts, real, identifier=args.identifier, class_word=args.class_word,
-                          clip_dir=args.clip, dino_dir=args.dino, device=args.device, extra_scorers=scorers)
+    scores = score_images(images, prompts, real, identifier=options.identifier, class_word=options.class_word,
+                          clip_dir=options.clip, dino_dir=options.dino, device=options.device, extra_scorers=scorers)
     metrics = {
-        "inputs": {"real": str(args.real), "real_images": len(real),
-                   "images": str(args.images if args.images is not None else args.out / "images"),
-                   "generated_images": len(images), "model": str(args.model) if args.model else None,
-                   "loras": list(args.lora), "clip": str(args.clip) if args.clip else None,
-                   "dino": str(args.dino) if args.dino else None, "identifier": args.identifier,
-                   "class_word": args.class_word},
+        "inputs": {"real": str(options.real), "real_images": len(real),
+                   "images": str(options.images if options.images is not None else options.out / "images"),
+                   "generated_images": len(images), "model": str(options.model) if options.model else None,
+                   "loras": list(options.lora), "clip": str(options.clip) if options.clip else None,
+                   "dino": str(options.dino) if options.dino else None, "identifier": options.identifier,
+                   "class_word": options.class_word},
         **scores,
         "versions": library_versions(),
     }
-    write_json_atomic(args.out / "metrics.json", metrics)
+    write_json_atomic(options.out / "metrics.json", metrics)
     print(format_table(metrics))
-    print(f"wrote {args.out / 'metrics.json'}")
+    print(f"wrote {options.out / 'metrics.json'}")
     return metrics

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from dreambooth.evaluation import world
+from dreambooth.formats.atomic import write_json_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -193,11 +194,21 @@ def run_experiment(out: Path, *, model: Path | None = None, seeds: list[int], re
     summary = {"model": str(model), "seeds": seeds, "recipe": asdict(recipe), "results": results,
                "prompts": {"subject": [p for p, _ in world.subject_prompts("IDENTIFIER")],
                            "class": [p for p, _ in world.class_prompts()]}}
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = format_table(results)
-    (out / "table.md").write_text(table + "\n")
-    print(table)
+    save_results(out, summary, format_table(results))
     return results
+
+
+def save_results(out: Path, data, table: str) -> None:
+    """results.json and table.md in `out`, and the table on the screen."""
+    write_json_atomic(out / "results.json", data)
+    write_text_atomic(out / "table.md", table + "\n")
+    print(table)
+
+
+def experiment_command(options) -> list[dict]:
+    """`dreambooth experiment`: `options` is a command_options.ExperimentOptions."""
+    return run_experiment(options.out, seeds=options.seeds or [0, 1, 2],
+                          recipe=Recipe(steps=options.steps, images_per_prompt=options.images_per_prompt))
 
 
 MEASURES = ("subject_fidelity", "prompt_fidelity", "class_prior", "class_shape", "diversity")

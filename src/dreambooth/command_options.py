@@ -1,0 +1,160 @@
+"""The options of every `dreambooth` command but `train` (whose flags come from the typed Config), one dataclass
+a command. Each field declares its option once (dreambooth.options); the command's function takes the instance.
+
+Torch-free: `dreambooth --help` and `dreambooth generate --help` read these and answer at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from dreambooth.options import option
+
+LORA_SPEC = "FILE[:WEIGHT]"
+SEED_BELOW = ("seeds are 0 or more (A1111's -1 for a random seed is not one here); omit --seed for seed 0, or give "
+              "the seeds to draw.")
+
+
+@dataclass(kw_only=True)
+class InitOptions:
+    """`dreambooth init`: a project folder with data/, prompts/, config.yaml and a README."""
+
+    dir: Path = option(help="The project folder to write.", positional=True)
+    identifier: str = option("sks", help="Identifier of the subject, e.g. sks or '<saya_token>'.")
+    class_word: str = option("dog", help="Class word of the subject, e.g. dog, girl, person.")
+    model: str = option("stable-diffusion-v1-5", help="Base model written into config.yaml: a diffusers folder "
+                        "(relative to the project folder) or a hub id.")
+    force: bool = option(False, help="Overwrite an existing config.yaml.")
+
+
+@dataclass(kw_only=True)
+class SamplingOptions:
+    """How images are drawn: the options `generate` and `evaluate --model` share."""
+
+    lora: list[str] = option([], metavar=LORA_SPEC, help="A LoRA (.safetensors in diffusers or kohya format, a LoRA "
+                             "training output folder, or a LoRA run's checkpoint-N folder) at a weight [default "
+                             "1.0]; repeatable to mix several subjects.")
+    prompt: list[str] = option([], help="A prompt (repeatable).")
+    prompts_file: Path | None = option(None, help="A text file with one prompt a line.")
+    seeds: list[int] = option([], flags=("--seed",), minimum=0, below=SEED_BELOW,
+                              help="Seed (repeatable) [default: 0].")
+    num_images: int = option(1, minimum=1, help="Images per prompt and seed.")
+    steps: int = option(30, minimum=1, help="Denoising steps.")
+    guidance: float = option(7.5, help="Classifier-free guidance scale.")
+    scheduler: str = option("dpm++", help="Sampler: dpm++, ddim, euler, euler_a, pndm, unipc, ddpm, lms, heun, or a "
+                            "diffusers scheduler class name.")
+    device: str | None = option(None, help="cuda, cpu, ... [default: cuda when available]")
+
+
+@dataclass(kw_only=True)
+class GenerateOptions(SamplingOptions):
+    """`dreambooth generate`: images from a trained model, with their settings in each PNG and in settings.json."""
+
+    model: Path = option(help="A diffusers model folder (a full fine-tune's output, or the base model of --lora "
+                         "files), or a training checkpoint-N folder.")
+    negative_prompt: str = option("", help="Negative prompt.")
+    height: int | None = option(None, help="Image height [default: the model's].")
+    width: int | None = option(None, help="Image width [default: the model's].")
+    precision: str | None = option(None, choices=("fp32", "fp16", "bf16"),
+                                   help="Weights' precision [default: fp16 on GPU, fp32 on CPU].")
+    out: Path = option(Path("generated"), help="Output folder, new or empty.")
+    overwrite: bool = option(False, help="Replace the images of an earlier `generate` run in --out (nothing else "
+                             "is deleted).")
+
+
+# The sampling options that only say what `evaluate --model` generates; --device also runs the scorers.
+_GENERATION_ONLY = {f.name for f in fields(SamplingOptions)} - {"device"}
+
+
+@dataclass(kw_only=True)
+class EvaluateOptions(SamplingOptions):
+    """`dreambooth evaluate`: the DreamBooth paper's DINO, CLIP-I and CLIP-T of generated images."""
+
+    real: Path = option(help="The subject's real photos (the instance images).")
+    identifier: str = option(help="The subject's identifier in the prompts, e.g. sks.")
+    class_word: str = option(help="Its class word, e.g. dog; CLIP-T reads prompts with the identifier replaced by "
+                             "it.")
+    images: Path | None = option(None, one_of="source", help="Score the images of a `dreambooth generate` output "
+                                 "folder (prompts read from their metadata).")
+    model: Path | None = option(None, one_of="source", help="Generate the images with this diffusers model folder "
+                                "into OUT/images, then score them.")
+    num_images: int = option(4, minimum=1, help="Images per prompt and seed [default: 4, as in the paper].")
+    clip: Path | None = option(None, help="Local CLIP model folder (CLIPModel, tokenizer, image processor): enables "
+                               "CLIP-I and CLIP-T.")
+    dino: Path | None = option(None, help="Local DINO ViT folder (e.g. facebook/dino-vits16 saved with "
+                               "save_pretrained, image processor included): enables DINO.")
+    out: Path = option(Path("evaluation"), help="Output folder: metrics.json, and images/ with --model.")
+    overwrite: bool = option(False, help="Replace an earlier evaluation's metrics.json and images in --out.")
+
+    @classmethod
+    def help_for(cls, name: str, text: str) -> str:
+        """The sampling options apply with --model only, and their help says so."""
+        return f"With --model: {text[0].lower()}{text[1:]}" if name in _GENERATION_ONLY else text
+
+    def generate_options(self) -> GenerateOptions:
+        """What `generate` is asked for with --model: the shared sampling options, the images in OUT/images."""
+        shared = {f.name: getattr(self, f.name) for f in fields(SamplingOptions)}
+        return GenerateOptions(**shared, model=self.model, out=self.out / "images", overwrite=self.overwrite)
+
+
+@dataclass(kw_only=True)
+class ExportOptions:
+    """`dreambooth export`: a LoRA to kohya/A1111, a full model to one .safetensors, LoRAs merged into a model."""
+
+    src: Path = option(positional=True, help="A training output folder, a checkpoint-N folder, a diffusers model "
+                       "folder, or a LoRA file.")
+    format: str = option(choices=("kohya", "single-file", "diffusers"), help="kohya: LoRA for A1111/Forge/ComfyUI; "
+                         "single-file: original SD checkpoint layout; diffusers: a model folder (with --merge-lora).")
+    out: Path = option(help="The file or folder to write.")
+    half: bool = option(False, help="Save in fp16.")
+    merge_lora: list[str] = option([], metavar=LORA_SPEC,
+                                   help="Bake a LoRA into the model at a weight [default 1.0]; repeatable.")
+
+
+@dataclass(kw_only=True)
+class TinyModelOptions:
+    """`dreambooth tiny-model`: a random-weight Stable Diffusion model, built offline."""
+
+    dir: Path = option(positional=True, help="The folder to write the model to (new or empty).")
+    size: str = option("tiny", choices=("tiny", "small", "sd15"), help="tiny: 0.2 M UNet, 64 px (tests); small: 35 M "
+                       "UNet, 128 px (CPU benchmarks); sd15: Stable Diffusion 1.5's exact architecture, 512 px, ~4 GB "
+                       "on disk.")
+    resolution: int | None = option(None, minimum=8,
+                                    help="Image side the model is configured for [default: the size's].")
+    prediction_type: str = option("epsilon", choices=("epsilon", "v_prediction"),
+                                  help="What the UNet learns to predict (its scheduler's prediction_type).")
+    seed: int = option(0, minimum=0, help="Seed of the random weights.")
+
+
+@dataclass(kw_only=True)
+class CompareOptions:
+    """`dreambooth compare`: full DreamBooth and LoRA trained on the same data, in one table."""
+
+    out: Path = option(Path("compare-run"), help="Folder for everything.")
+    model: Path | None = option(None, help="Base model folder [default: a tiny random model built here].")
+    instance_dir: Path | None = option(None, help="Subject photos [default: a synthetic subject].")
+    steps: int = option(60, minimum=1, help="Training steps per method.")
+    resolution: int = option(64, minimum=8, help="Training resolution.")
+    rank: int = option(4, minimum=1, help="LoRA rank.")
+    full_lr: float = option(1e-4, help="Learning rate of full fine-tuning [default: 1e-4].")
+    lora_lr: float = option(1e-3, help="Learning rate of LoRA [default: 1e-3].")
+
+
+@dataclass(kw_only=True)
+class DemoOptions:
+    """`dreambooth demo`: the built-in subject trained into the built-in model on a CPU, measured before and after."""
+
+    out: Path = option(Path("demo-run"), help="Folder for everything.")
+    steps: int | None = option(None, minimum=1, help="Training steps [default: 900, the experiment's].")
+
+
+@dataclass(kw_only=True)
+class ExperimentOptions:
+    """`dreambooth experiment`: the DreamBooth paper's experiment on the built-in world, over seeds."""
+
+    out: Path = option(Path("experiment-run"), help="Folder for everything.")
+    seeds: list[int] = option([], flags=("--seed",), minimum=0, below=SEED_BELOW,
+                              help="Seed (repeatable) [default: 0 1 2].")
+    steps: int = option(900, minimum=1, help="Training steps per run.")
+    images_per_prompt: int = option(8, minimum=1, help="Images drawn per prompt for the measures.")

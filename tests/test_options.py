@@ -1,0 +1,142 @@
+"""Options declared once on typed dataclasses: parsed in both spellings, range-checked as argparse checks a value,
+and delivered to the command's function as its settings object. CPU-only, no model loaded."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import pytest
+
+from dreambooth import cli
+from dreambooth.command_options import EvaluateOptions, GenerateOptions, SamplingOptions
+from dreambooth.options import add_options, option, problems
+
+EVALUATE = ["evaluate", "--real", "r", "--identifier", "sks", "--class-word", "dog"]
+
+
+def options_of(argv: list[str]):
+    """The typed options the command of `argv` would run with."""
+    parser = cli.build_parser()
+    args = parser.parse_args(argv)
+    command = cli.COMMANDS[args.command]
+    return cli.command_options(command, args, parser.subcommand(command.name), ends_process=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "m", "--steps", "0"], "--steps must be at least 1 (got 0)"),
+    (["generate", "--model", "m", "--num-images", "0"], "--num-images must be at least 1 (got 0)"),
+    (["generate", "--model", "m", "--seed", "2", "--seed", "-1"], "--seed -1: seeds are 0 or more"),
+    ([*EVALUATE, "--model", "m", "--steps", "-3"], "--steps must be at least 1 (got -3)"),
+    ([*EVALUATE, "--model", "m", "--num_images", "0"], "--num-images must be at least 1 (got 0)"),
+    ([*EVALUATE, "--model", "m", "--seed", "-1"], "--seed -1: seeds are 0 or more"),
+    (["experiment", "--images-per-prompt", "0"], "--images-per-prompt must be at least 1 (got 0)"),
+    (["demo", "--steps", "0"], "--steps must be at least 1 (got 0)"),
+])
+def test_a_value_out_of_range_exits_2_naming_the_flag(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load", lambda *a: pytest.fail("the command ran with a value out of range"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"dreambooth {argv[0]}: error: {message}" in err and "Traceback" not in err
+
+
+def test_both_spellings_of_every_option_work():
+    dashes = options_of(["generate", "--model", "m", "--prompts-file", "p.txt", "--num-images", "3",
+                         "--negative-prompt", "blurry"])
+    underscores = options_of(["generate", "--model", "m", "--prompts_file", "p.txt", "--num_images", "3",
+                              "--negative_prompt", "blurry"])
+    assert dashes == underscores
+    assert (dashes.prompts_file, dashes.num_images, dashes.negative_prompt) == (Path("p.txt"), 3, "blurry")
+    assert options_of([*EVALUATE[:-2], "--class_word", "cat", "--images", "i"]).class_word == "cat"
+    assert options_of(["export", "s", "--format", "kohya", "--out", "o", "--merge_lora", "a:0.5"]).merge_lora == [
+        "a:0.5"]
+
+
+def test_declared_options_reach_the_command_function(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "quiet_library_bars", lambda: None)  # no diffusers import for a function that is faked
+    monkeypatch.setattr(cli, "load", lambda target, command: seen.append((target, command)) or seen.append)
+    assert cli.main(["generate", "--model", "m", "--prompt", "a", "--prompt", "b", "--seed", "3", "--seed", "8",
+                     "--steps", "4", "--guidance", "5", "--precision", "bf16", "--height", "48"]) == 0
+    (target, command), options = seen
+    assert (target, command) == ("dreambooth.generate:generate_command", "generate")
+    assert options == GenerateOptions(model=Path("m"), prompt=["a", "b"], seeds=[3, 8], steps=4, guidance=5.0,
+                                      precision="bf16", height=48)
+    assert (options.num_images, options.scheduler, options.out, options.lora) == (1, "dpm++", Path("generated"), [])
+
+
+def test_evaluate_keeps_its_own_defaults_and_hands_generate_the_shared_options():
+    options = options_of([*EVALUATE, "--model", "m", "--prompt", "a", "--seed", "2", "--lora", "x:0.5",
+                          "--steps", "3", "--scheduler", "ddim", "--device", "cpu", "--out", "ev", "--overwrite"])
+    assert options.num_images == 4 and GenerateOptions(model=Path("m")).num_images == 1
+    job = options.generate_options()
+    assert {f.name: getattr(job, f.name) for f in fields(SamplingOptions)} == {
+        f.name: getattr(options, f.name) for f in fields(SamplingOptions)}
+    assert (job.model, job.out, job.overwrite) == (Path("m"), Path("ev") / "images", True)
+
+
+def test_evaluate_takes_exactly_one_of_images_and_model(capsys):
+    for extra in ([], ["--images", "i", "--model", "m"]):
+        with pytest.raises(SystemExit) as e:
+            options_of([*EVALUATE, *extra])
+        assert e.value.code == 2
+    assert "--images" in capsys.readouterr().err
+    assert options_of([*EVALUATE, "--images", "i"]).model is None
+
+
+def test_help_says_which_evaluate_options_apply_with_model_only():
+    def helps(command: str) -> dict[str, str]:
+        sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        return {a.dest: a.help for a in sub.choices[command]._actions}
+
+    evaluate, generate = helps("evaluate"), helps("generate")
+    assert evaluate["steps"] == "With --model: denoising steps [default: 30]."
+    assert evaluate["num_images"] == "With --model: images per prompt and seed [default: 4, as in the paper]."
+    assert generate["steps"] == "Denoising steps [default: 30]." and generate["num_images"].endswith("[default: 1].")
+    assert evaluate["device"] == generate["device"]  # --device also runs the scorers
+
+
+def test_settings_made_in_code_are_checked_against_the_same_declarations():
+    assert problems(EvaluateOptions(real=Path("r"), identifier="s", class_word="d", images=Path("i"))) == []
+    assert problems(GenerateOptions(model=Path("m"), steps=0, precision="fp8", seeds=[1, -2])) == [
+        "--seed -2: seeds are 0 or more (A1111's -1 for a random seed is not one here); omit --seed for seed 0, or "
+        "give the seeds to draw.", "--steps must be at least 1 (got 0)",
+        "--precision 'fp8' is not one of fp32, fp16, bf16"]
+
+
+def test_commands_called_from_code_refuse_what_their_flags_would(tmp_path, monkeypatch):
+    """evaluate hands generate options it built itself; a notebook may too: the declarations still hold."""
+    from dreambooth.errors import UserError
+    from dreambooth.evaluation.evaluate import evaluate_command
+    from dreambooth.generate import generate_command
+    from dreambooth.models import loading
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    with pytest.raises(UserError, match=r"--steps must be at least 1 \(got 0\)"):
+        generate_command(GenerateOptions(model=tmp_path, prompt=["a dog"], steps=0, out=tmp_path / "out"))
+    with pytest.raises(UserError, match="--seed -1: seeds are 0 or more"):
+        evaluate_command(EvaluateOptions(real=tmp_path, identifier="sks", class_word="dog", model=tmp_path,
+                                         seeds=[-1], clip=tmp_path, out=tmp_path / "eval"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "eval").exists()
+
+
+def test_types_come_from_the_annotations():
+    @dataclass(kw_only=True)
+    class Example:
+        """An example."""
+
+        where: Path = option(positional=True, help="A folder.")
+        count: int = option(2, minimum=0, help="How many.")
+        scale: float | None = option(None, help="A scale.")
+        tags: list[str] = option([], flags=("--tag", "-t"), help="A tag (repeatable).")
+        fast: bool = option(False, help="Go fast.")
+
+    parser = argparse.ArgumentParser()
+    add_options(parser, Example)
+    args = parser.parse_args(["here", "--count", "3", "--scale", "0.5", "-t", "a", "--tag", "b", "--fast"])
+    assert (args.where, args.count, args.scale, args.tags, args.fast) == (Path("here"), 3, 0.5, ["a", "b"], True)
+    assert vars(parser.parse_args(["here"])) == {"where": Path("here"), "count": None, "scale": None, "tags": None,
+                                                 "fast": False}
