@@ -1,5 +1,7 @@
 """`dreambooth bench` (or `python bench/bench.py`): training speed and memory of this tool, and of diffusers'
-DreamBooth script beside it. Developer tooling: it lives in the repository, not in the installed package.
+DreamBooth script beside it. Developer tooling: it lives in the repository, not in the installed package. One
+file of about 530 lines on purpose: a benchmark's numbers are trusted by reading, in one place, how both programs
+are set up, started, timed and compared.
 
 Both programs run as subprocesses with the same diffusers-style flag list, the same data (5 instance photos and
 the same pre-filled class folder, so neither generates class images in the timed part) and the same thread
