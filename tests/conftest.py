@@ -1,9 +1,14 @@
-"""Shared fixtures: one tiny model per session, synthetic subject photos, and a CLI runner."""
+"""Shared fixtures and helpers: one tiny model per session, synthetic subject photos, the settings of short runs,
+and `probe`, which watches a real training run from the inside."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +81,211 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(components, "load_models", refuse)
     monkeypatch.setattr(train_module, "load_models", refuse)
     monkeypatch.setattr(train_module, "setup", refuse)
+
+
+UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
+
+
+def base_overrides(model, instance_dir, class_dir, out, **extra):
+    """Dotted config values of a short prior-preservation run on `model` (4 class images, 64 px), plus `extra`."""
+    values = {
+        "model.pretrained_model": str(model), "dataset.instance_dir": str(instance_dir),
+        "dataset.class_dir": str(class_dir), "dataset.instance_prompt": "a photo of sks dog",
+        "dataset.class_prompt": "a photo of dog", "dataset.with_prior_preservation": True,
+        "dataset.num_class_images": 4, "dataset.class_inference_steps": 2, "training.resolution": 64,
+        "training.learning_rate": 1e-3, "training.seed": 7, "output.output_dir": str(out),
+        "output.checkpointing_steps": 3, "output.logging_steps": 1, "output.report_to": "none",
+    }
+    values.update(extra)
+    return values
+
+
+def unet_after_two_steps(tiny_model, instance_dir, out, **training):
+    """UNet weights after 2 steps of a plain run with the given `training.*` settings."""
+    from safetensors.torch import load_file
+
+    from dreambooth.config import load_config
+    from dreambooth.training.loop import train
+
+    values = {
+        "model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
+        "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.max_train_steps": 2,
+        "training.learning_rate": 1e-3, "training.seed": 0, "output.output_dir": str(out), "output.report_to": "none"}
+    train(load_config(None, {**values, **{f"training.{k}": v for k, v in training.items()}}))
+    return load_file(str(out / UNET_FILE))
+
+
+@pytest.fixture(scope="session")
+def dino_dir(tmp_path_factory):
+    """A random 2-layer ViTModel (32 px, patch 8, hidden 32), as DINO ViT-S/16 is saved, with its processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("dino") / "dino"
+    torch.manual_seed(1)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def real_dir(tmp_path):
+    """Three photos of the subject, as `evaluate --real` reads them."""
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for i in range(3):
+        draw_subject(i, size=48).save(folder / f"photo-{i}.png")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Watching a training run from the inside
+
+
+@dataclass
+class Probe:
+    """What one training run did: each training_step call, each optimizer update, the models before step 1."""
+
+    out: Path
+    run: object = None
+    calls: list[dict] = field(default_factory=list)
+    updates: list[dict] = field(default_factory=list)
+    before: dict = field(default_factory=dict)
+    count_saved: bool = False
+
+    @property
+    def log(self) -> list[dict]:
+        path = self.out / self.run.cfg.output.logging_dir / "train_log.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def groups(self) -> list[dict]:
+        inner = getattr(self.run.optimizer, "optimizer", self.run.optimizer)
+        return inner.param_groups
+
+    def group_of(self, param: torch.nn.Parameter) -> dict:
+        return next(g for g in self.groups() if any(p is param for p in g["params"]))
+
+    def trainable(self, module: str) -> dict[str, torch.nn.Parameter]:
+        m = getattr(self.run.models, module)
+        return {n: p for n, p in m.named_parameters() if p.requires_grad}
+
+    def changed(self, module: str) -> set[str]:
+        """Parameter names of `module` whose values differ from before the first step."""
+        now = dict(getattr(self.run.models, module).named_parameters())
+        return {n for n, v in self.before[module].items() if not torch.equal(v, now[n].detach())}
+
+
+def snapshot(run) -> dict:
+    return {name: {n: p.detach().clone() for n, p in getattr(run.models, name).named_parameters()}
+            for name in ("unet", "text_encoder")}
+
+
+def watch(probe: Probe, mp: pytest.MonkeyPatch) -> None:
+    from dreambooth.training import loop as train_module
+
+    real_loop, real_step = train_module.loop, train_module.training_step
+
+    def loop(run, start, stop):
+        probe.run, probe.before = run, snapshot(run)
+
+        def autocast_dtype(module, args):
+            if "autocast" not in probe.before:
+                on = torch.is_autocast_enabled(run.accelerator.device.type)
+                probe.before["autocast"] = torch.get_autocast_dtype(run.accelerator.device.type) if on else None
+
+        run.accelerator.unwrap_model(run.models.unet).conv_in.register_forward_pre_hook(autocast_dtype)
+        inner = getattr(run.optimizer, "optimizer", run.optimizer)
+        step = inner.step
+
+        def watched_step(*args, **kwargs):
+            grads = [p.grad for g in inner.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            scale = getattr(inner, "grad_scale", None)  # clipping folded into fused AdamW (GradientClipping)
+            probe.updates.append({"lrs": [g["lr"] for g in inner.param_groups],
+                                  "grad_norm": float(norm / (scale if scale is not None else 1.0))})
+            return step(*args, **kwargs)
+
+        inner.step = watched_step
+        return real_loop(run, start, stop)
+
+    def training_step(cfg, models, batch, encode, cache, generator):
+        seen = {}
+
+        def watched_encode(prompts):
+            seen["embeddings"] = encode(prompts)
+            return seen["embeddings"]
+
+        saved = []
+
+        def pack(tensor):
+            saved.append(tensor.nbytes)
+            return tensor
+
+        # Opt-in: torch.compile guards on the active hooks, so a run that compiles would trace them each step.
+        counting = (torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor) if probe.count_saved
+                    else contextlib.nullcontext())
+        with counting:
+            parts = real_step(cfg, models, batch, watched_encode, cache, generator)
+        probe.calls.append({"prompts": list(batch["prompts"]), "pixels": batch["pixel_values"].detach().clone(),
+                            "is_prior": batch["is_prior"].clone(), "loss": parts.loss.item(),
+                            "instance_loss": parts.instance_loss.item(), "prior_loss": parts.prior_loss.item(),
+                            "embeddings": seen["embeddings"].detach().clone(),
+                            "onednn": torch.backends.mkldnn.enabled,
+                            "saved_bytes": sum(saved) if probe.count_saved else None})
+        return parts
+
+    mp.setattr(train_module, "loop", loop)
+    mp.setattr(train_module, "training_step", training_step)
+
+
+@pytest.fixture
+def probe(tiny_model, instance_dir, tmp_path):
+    """probe(**overrides) runs train() on the tiny model (2 steps, no prior, seed 0) with the dotted overrides.
+
+    count_saved=True records, in each call's "saved_bytes", the bytes autograd keeps for backward during the step.
+    """
+    from dreambooth.config import load_config
+    from dreambooth.training.loop import train
+
+    count = [0]
+
+    def run(count_saved: bool = False, **overrides) -> Probe:
+        count[0] += 1
+        out = tmp_path / f"run{count[0]}"
+        values = {
+            "model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
+            "dataset.instance_prompt": "a photo of sks dog", "dataset.with_prior_preservation": False,
+            "training.resolution": 64, "training.max_train_steps": 2, "training.learning_rate": 1e-3,
+            "training.seed": 0, "output.output_dir": str(out), "output.logging_steps": 1,
+            "output.checkpointing_steps": 1000, "output.report_to": "none"}
+        values.update({k.replace("__", "."): v for k, v in overrides.items()})
+        result = Probe(out, count_saved=count_saved)
+        with pytest.MonkeyPatch.context() as mp:
+            watch(result, mp)
+            train(load_config(None, values))
+        return result
+
+    return run
+
+
+@pytest.fixture
+def pipeline_calls(monkeypatch):
+    """Each StableDiffusionPipeline call's arguments, scheduler, dtype, device and UNet, and the device asked for."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth import generate
+
+    calls, devices = [], []
+    real_call, real_device = StableDiffusionPipeline.__call__, generate.pick_device
+
+    def spy(self, *args, **kwargs):
+        lora_scales = {v for m in self.unet.modules() for v in getattr(m, "scaling", {}).values()}
+        calls.append({**kwargs, "scheduler": type(self.scheduler).__name__, "dtype": self.unet.dtype,
+                      "device": self.device, "lora_scales": lora_scales,
+                      "unet": {k: v.detach().clone() for k, v in self.unet.state_dict().items()},
+                      "seeds": [g.initial_seed() for g in kwargs["generator"]]})
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
+    monkeypatch.setattr(generate, "pick_device", lambda device=None: devices.append(device) or real_device(device))
+    return calls, devices

@@ -6,15 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import draw_subject
-from test_train_e2e import unet_after_two_steps
+from conftest import draw_subject, unet_after_two_steps
 
 from dreambooth.config import load_config
 from dreambooth.training import loop as train_module
 from dreambooth.training.cache import LatentCache
-from dreambooth.training.components import convolution_kernels
-from dreambooth.training.data import load_image, prepare_image
-from dreambooth.training.loop import cpu_convolution
+from dreambooth.training.data import prepare_image
+from dreambooth.training.images import load_image
+from dreambooth.training.speed import convolution_kernels, cpu_convolution
 
 
 def kernels_for(resolution, batch_size=1, prior=True, choice="auto", vae_levels=4, device="cpu"):

@@ -21,10 +21,10 @@ def clip_dir(tmp_path_factory):
     """A random 2-layer CLIPModel (32 px, patch 8) with the tiny CLIP tokenizer and a CLIP image processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from dreambooth.models.tiny import _tokenizer
+    from dreambooth.models.tiny import build_tokenizer
 
     folder = tmp_path_factory.mktemp("clip") / "clip"
-    tokenizer = _tokenizer(folder)
+    tokenizer = build_tokenizer(folder)
     tokenizer.save_pretrained(folder)
     tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
     config = CLIPConfig(
@@ -35,28 +35,6 @@ def clip_dir(tmp_path_factory):
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def dino_dir(tmp_path_factory):
-    """A random 2-layer ViTModel (32 px, patch 8, hidden 32), as DINO ViT-S/16 is saved, with its processor."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    folder = tmp_path_factory.mktemp("dino") / "dino"
-    torch.manual_seed(1)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=37)).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def real_dir(tmp_path):
-    folder = tmp_path / "real"
-    folder.mkdir()
-    for i in range(3):
-        draw_subject(i, size=48).save(folder / f"photo-{i}.png")
     return folder
 
 

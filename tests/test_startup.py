@@ -8,11 +8,11 @@ import sys
 import weakref
 
 import pytest
-from test_train_e2e import base_overrides
+from conftest import base_overrides
 
-from dreambooth import generate
 from dreambooth.cli import main
 from dreambooth.config import load_config
+from dreambooth.models import loading
 from dreambooth.training import loop as train_module
 from dreambooth.training.class_images import default_batch_size
 from dreambooth.training.speed import collection_paused
@@ -50,7 +50,7 @@ def test_the_command_freezes_the_heap_before_exit_and_main_does_not(tmp_path):
 
 def test_the_train_command_says_when_its_process_ends_with_the_run(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(train_module, "train", lambda cfg, config_path, ends_process: seen.append(ends_process))
+    monkeypatch.setattr(train_module, "train", lambda cfg, ends_process: seen.append(ends_process))
     argv = ["train", "--pretrained_model_name_or_path", "m", "--instance_data_dir", "i", "--instance_prompt",
             "a photo of sks dog", "--output_dir", str(tmp_path)]
     assert main(argv) == 0 and seen == [False]  # in-process callers (tests, notebooks) go on after the run
@@ -60,7 +60,7 @@ def test_the_train_command_says_when_its_process_ends_with_the_run(monkeypatch, 
 def test_the_class_image_pipeline_is_gone_before_the_training_models_load(tiny_model, instance_dir, tmp_path,
                                                                            monkeypatch):
     pipes, alive_at_load = [], []
-    real_pipeline, real_models = generate.load_pipeline, train_module.load_models
+    real_pipeline, real_models = loading.load_pipeline, train_module.load_models
 
     def load_pipeline(*args, **kwargs):
         pipe = real_pipeline(*args, **kwargs)
@@ -74,7 +74,7 @@ def test_the_class_image_pipeline_is_gone_before_the_training_models_load(tiny_m
         alive_at_load.append(pipes[0]() is not None)
         return real_models(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "load_pipeline", load_pipeline)
+    monkeypatch.setattr(loading, "load_pipeline", load_pipeline)
     monkeypatch.setattr(train_module, "load_models", load_models)
     cfg = load_config(None, base_overrides(tiny_model, instance_dir, tmp_path / "class", tmp_path / "out",
                                            **{"training.max_train_steps": 1, "dataset.num_class_images": 1}))

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import torch
-from conftest import remember_class_dir
+from conftest import UNET_FILE, base_overrides, remember_class_dir
 from safetensors.torch import load_file, save_file
 
 from dreambooth.cli import main
@@ -18,21 +18,6 @@ from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.training import loop as train_module
 from dreambooth.training.class_images import MANIFEST
 from dreambooth.training.loop import train
-
-UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
-
-
-def base_overrides(model, instance_dir, class_dir, out, **extra):
-    values = {
-        "model.pretrained_model": str(model), "dataset.instance_dir": str(instance_dir),
-        "dataset.class_dir": str(class_dir), "dataset.instance_prompt": "a photo of sks dog",
-        "dataset.class_prompt": "a photo of dog", "dataset.with_prior_preservation": True,
-        "dataset.num_class_images": 4, "dataset.class_inference_steps": 2, "training.resolution": 64,
-        "training.learning_rate": 1e-3, "training.seed": 7, "output.output_dir": str(out),
-        "output.checkpointing_steps": 3, "output.logging_steps": 1, "output.report_to": "none",
-    }
-    values.update(extra)
-    return values
 
 
 @pytest.mark.smoke
@@ -213,26 +198,40 @@ def test_v_prediction_and_text_encoder_training(tiny_model_v, instance_dir, tmp_
     assert all(json.loads(r)["prior_loss"] == 0.0 for r in log)
 
 
-def unet_after_two_steps(tiny_model, instance_dir, out, **training):
-    """UNet weights after 2 steps of a plain run with the given `training.*` settings."""
-    values = {
-        "model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
-        "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.max_train_steps": 2,
-        "training.learning_rate": 1e-3, "training.seed": 0, "output.output_dir": str(out), "output.report_to": "none"}
-    train(load_config(None, {**values, **{f"training.{k}": v for k, v in training.items()}}))
-    return unet_weights(out)
+def trained_unet(p) -> torch.nn.Module:
+    """The UNet a probed run trained, as the loop left it (unwrapped from accelerate)."""
+    return p.run.accelerator.unwrap_model(p.run.models.unet)
 
 
-def test_gradient_checkpointing_gives_the_same_step(tiny_model, instance_dir, tmp_path):
-    """Recomputing activations must not change the result, only the memory."""
-    a = unet_after_two_steps(tiny_model, instance_dir, tmp_path / "a", gradient_checkpointing=False)
-    b = unet_after_two_steps(tiny_model, instance_dir, tmp_path / "b", gradient_checkpointing=True)
+def test_gradient_checkpointing_gives_the_same_step(probe):
+    """Recomputing activations must not change the result, only what the forward keeps for backward."""
+    plain = probe(count_saved=True)
+    recomputed = probe(count_saved=True, training__gradient_checkpointing=True)
+    a, b = unet_weights(plain.out), unet_weights(recomputed.out)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # Checkpointed blocks keep only their inputs for backward; the tiny UNet then saves about a fifth of the bytes.
+    kept, full = [c["saved_bytes"] for c in recomputed.calls], [c["saved_bytes"] for c in plain.calls]
+    assert max(kept) < 0.5 * min(full), f"bytes saved for backward per step: {kept} checkpointed, {full} not"
+
+
+def spatial_kernel_layouts(unet: torch.nn.Module) -> set[tuple[bool, bool]]:
+    """(channels-last, NCHW-contiguous) of the UNet's k x k convolution kernels, k > 1 (a 1 x 1 kernel is both)."""
+    return {(w.is_contiguous(memory_format=torch.channels_last), w.is_contiguous())
+            for w in unet.parameters() if w.dim() == 4 and w.shape[-1] > 1}
 
 
 @pytest.mark.slow
-def test_torch_compile_and_channels_last_train_the_same(tiny_model, instance_dir, tmp_path):
+def test_torch_compile_and_channels_last_train_the_same(probe):
     """Slow (inductor compiles for minutes on a CPU): `pytest -m slow`."""
-    a = unet_after_two_steps(tiny_model, instance_dir, tmp_path / "a")
-    b = unet_after_two_steps(tiny_model, instance_dir, tmp_path / "b", compile=True, channels_last=True)
+    plain = probe()
+    fast = probe(training__compile=True, training__channels_last=True)
+    a, b = unet_weights(plain.out), unet_weights(fast.out)
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    unet = trained_unet(fast)
+    # The forward that ran is torch.compile's wrapper of the UNet's own (speed.speed_up), the plain run's is not.
+    wrapped = getattr(unet.forward, "_torchdynamo_orig_callable", None)
+    assert wrapped is not None and wrapped.__func__ is type(unet).forward and wrapped.__self__ is unet
+    assert not hasattr(trained_unet(plain).forward, "_torchdynamo_orig_callable")
+    # Every spatial kernel is laid out channels-last, and so no longer NCHW, after the optimizer's updates too.
+    assert spatial_kernel_layouts(unet) == {(True, False)}
+    assert spatial_kernel_layouts(trained_unet(plain)) == {(False, True)}

@@ -5,7 +5,8 @@ and `export`. Each is either wired (a test here, registered with `@wires`, that 
 tested for its wiring in another file (`ELSEWHERE`, the test named), or changes no number (`NO_NUMBERS`, with
 the reason). `test_every_option_is_accounted_for` fails, naming the option, when a new one is in none of them.
 
-The training tests run the real `train()` on the tiny model and watch it from the inside: `training_step`'s
+The training tests run the real `train()` on the tiny model and watch it from the inside (conftest's `probe`
+fixture; generation is watched by its `pipeline_calls`): `training_step`'s
 batches and losses, the optimizer's groups at each update, the models before the first step. They assert what
 the option must do (a group's rate, a dtype, a batch's pixels), not only that something changed.
 """
@@ -19,7 +20,6 @@ import math
 import shutil
 import sys
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +27,10 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_evaluate import dino_dir, real_dir  # noqa: F401  (fixtures)
 
 from dreambooth.cli import build_parser, main
 from dreambooth.config import all_keys, load_config
 from dreambooth.training import loop as train_module
-from dreambooth.training.loop import train
 
 WIRED: dict[str, str] = {}
 
@@ -104,113 +102,7 @@ def test_every_option_is_accounted_for():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Watching a training run from the inside
-
-
-@dataclass
-class Probe:
-    """What one training run did: each training_step call, each optimizer update, the models before step 1."""
-
-    out: Path
-    run: object = None
-    calls: list[dict] = field(default_factory=list)
-    updates: list[dict] = field(default_factory=list)
-    before: dict = field(default_factory=dict)
-
-    @property
-    def log(self) -> list[dict]:
-        path = self.out / self.run.cfg.output.logging_dir / "train_log.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()]
-
-    def groups(self) -> list[dict]:
-        inner = getattr(self.run.optimizer, "optimizer", self.run.optimizer)
-        return inner.param_groups
-
-    def group_of(self, param: torch.nn.Parameter) -> dict:
-        return next(g for g in self.groups() if any(p is param for p in g["params"]))
-
-    def trainable(self, module: str) -> dict[str, torch.nn.Parameter]:
-        m = getattr(self.run.models, module)
-        return {n: p for n, p in m.named_parameters() if p.requires_grad}
-
-    def changed(self, module: str) -> set[str]:
-        """Parameter names of `module` whose values differ from before the first step."""
-        now = dict(getattr(self.run.models, module).named_parameters())
-        return {n for n, v in self.before[module].items() if not torch.equal(v, now[n].detach())}
-
-
-def snapshot(run) -> dict:
-    return {name: {n: p.detach().clone() for n, p in getattr(run.models, name).named_parameters()}
-            for name in ("unet", "text_encoder")}
-
-
-def watch(probe: Probe, mp: pytest.MonkeyPatch) -> None:
-    real_loop, real_step = train_module.loop, train_module.training_step
-
-    def loop(run, start, stop):
-        probe.run, probe.before = run, snapshot(run)
-
-        def autocast_dtype(module, args):
-            if "autocast" not in probe.before:
-                on = torch.is_autocast_enabled(run.accelerator.device.type)
-                probe.before["autocast"] = torch.get_autocast_dtype(run.accelerator.device.type) if on else None
-
-        run.accelerator.unwrap_model(run.models.unet).conv_in.register_forward_pre_hook(autocast_dtype)
-        inner = getattr(run.optimizer, "optimizer", run.optimizer)
-        step = inner.step
-
-        def watched_step(*args, **kwargs):
-            grads = [p.grad for g in inner.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            scale = getattr(inner, "grad_scale", None)  # clipping folded into fused AdamW (GradientClipping)
-            probe.updates.append({"lrs": [g["lr"] for g in inner.param_groups],
-                                  "grad_norm": float(norm / (scale if scale is not None else 1.0))})
-            return step(*args, **kwargs)
-
-        inner.step = watched_step
-        return real_loop(run, start, stop)
-
-    def training_step(cfg, models, batch, encode, cache, generator):
-        seen = {}
-
-        def watched_encode(prompts):
-            seen["embeddings"] = encode(prompts)
-            return seen["embeddings"]
-
-        parts = real_step(cfg, models, batch, watched_encode, cache, generator)
-        probe.calls.append({"prompts": list(batch["prompts"]), "pixels": batch["pixel_values"].detach().clone(),
-                            "is_prior": batch["is_prior"].clone(), "loss": parts.loss.item(),
-                            "instance_loss": parts.instance_loss.item(), "prior_loss": parts.prior_loss.item(),
-                            "embeddings": seen["embeddings"].detach().clone(),
-                            "onednn": torch.backends.mkldnn.enabled})
-        return parts
-
-    mp.setattr(train_module, "loop", loop)
-    mp.setattr(train_module, "training_step", training_step)
-
-
-@pytest.fixture
-def probe(tiny_model, instance_dir, tmp_path):
-    """probe(**overrides) runs train() on the tiny model (2 steps, no prior, seed 0) with the dotted overrides."""
-    count = [0]
-
-    def run(**overrides) -> Probe:
-        count[0] += 1
-        out = tmp_path / f"run{count[0]}"
-        values = {
-            "model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
-            "dataset.instance_prompt": "a photo of sks dog", "dataset.with_prior_preservation": False,
-            "training.resolution": 64, "training.max_train_steps": 2, "training.learning_rate": 1e-3,
-            "training.seed": 0, "output.output_dir": str(out), "output.logging_steps": 1,
-            "output.checkpointing_steps": 1000, "output.report_to": "none"}
-        values.update({k.replace("__", "."): v for k, v in overrides.items()})
-        result = Probe(out)
-        with pytest.MonkeyPatch.context() as mp:
-            watch(result, mp)
-            train(load_config(None, values))
-        return result
-
-    return run
+# Training runs are watched by conftest's `probe` fixture; the helpers below build their inputs.
 
 
 def solid_folder(folder: Path, colors: list[tuple[int, int, int]], size=(64, 64)) -> Path:
@@ -316,10 +208,8 @@ def test_what_trains_is_what_is_asked(probe, method, unet, text):
 def test_xformers_attention_is_switched_on(probe, monkeypatch):
     from diffusers import UNet2DConditionModel
 
-    from dreambooth.training import components
-
     calls, real = [], importlib.util.find_spec
-    monkeypatch.setattr(components.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "xformers" else real(name, *a))
     monkeypatch.setattr(UNet2DConditionModel, "enable_xformers_memory_efficient_attention",
                         lambda self: calls.append(self))
@@ -388,8 +278,6 @@ def test_adam_settings_reach_the_optimizer(probe):
 
 @wires("training.use_8bit_adam")
 def test_8bit_adam_is_the_optimizer(probe, monkeypatch):
-    from dreambooth.training import components
-
     made = []
 
     class AdamW8bit(torch.optim.AdamW):  # bitsandbytes needs CUDA; this stand-in records that it was chosen
@@ -400,7 +288,7 @@ def test_8bit_adam_is_the_optimizer(probe, monkeypatch):
     fake = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=AdamW8bit))
     real = importlib.util.find_spec
     monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
-    monkeypatch.setattr(components.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
     p = probe(training__use_8bit_adam=True, training__adam_beta1=0.7)
     assert isinstance(getattr(p.run.optimizer, "optimizer", p.run.optimizer), AdamW8bit)
@@ -483,7 +371,7 @@ def test_gradient_checkpointing_is_switched_on(probe):
 
 @wires("training.allow_tf32")
 def test_tf32_follows_the_setting_both_ways():
-    from dreambooth.training.loop import set_tf32
+    from dreambooth.training.speed import set_tf32
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
@@ -702,29 +590,6 @@ def test_saved_model_precision_and_text_encoder(probe):
 # generate and evaluate: the command's options reach the pipeline call
 
 
-@pytest.fixture
-def pipeline_calls(monkeypatch):
-    """Each StableDiffusionPipeline call's arguments, scheduler, dtype and UNet, and the device asked for."""
-    from diffusers import StableDiffusionPipeline
-
-    from dreambooth import generate
-
-    calls, devices = [], []
-    real_call, real_device = StableDiffusionPipeline.__call__, generate.pick_device
-
-    def spy(self, *args, **kwargs):
-        lora_scales = {v for m in self.unet.modules() for v in getattr(m, "scaling", {}).values()}
-        calls.append({**kwargs, "scheduler": type(self.scheduler).__name__, "dtype": self.unet.dtype,
-                      "lora_scales": lora_scales,
-                      "unet": {k: v.detach().clone() for k, v in self.unet.state_dict().items()},
-                      "seeds": [g.initial_seed() for g in kwargs["generator"]]})
-        return real_call(self, *args, **kwargs)
-
-    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
-    monkeypatch.setattr(generate, "pick_device", lambda device=None: devices.append(device) or real_device(device))
-    return calls, devices
-
-
 @wires(*(f"generate.{o}" for o in ("model", "prompt", "prompts_file", "negative_prompt", "steps", "guidance",
                                    "seeds", "num_images", "scheduler", "height", "width", "precision", "device")))
 def test_generate_options_reach_the_pipeline(tiny_model_v, tmp_path, pipeline_calls):
@@ -751,8 +616,7 @@ def test_generate_options_reach_the_pipeline(tiny_model_v, tmp_path, pipeline_ca
 
 @wires(*(f"evaluate.{o}" for o in ("model", "prompt", "prompts_file", "seeds", "num_images", "steps", "guidance",
                                    "scheduler", "device")))
-def test_evaluate_generation_options_reach_the_pipeline(tiny_model, tmp_path, real_dir, dino_dir,  # noqa: F811
-                                                        pipeline_calls):
+def test_evaluate_generation_options_reach_the_pipeline(tiny_model, tmp_path, real_dir, dino_dir, pipeline_calls):
     from dreambooth.generate import image_seed
 
     calls, devices = pipeline_calls
@@ -773,8 +637,7 @@ def test_evaluate_generation_options_reach_the_pipeline(tiny_model, tmp_path, re
 
 
 @wires("generate.lora", "evaluate.lora", "export.src", "export.format", "export.half", "export.merge_lora")
-def test_lora_options_reach_generation_and_export(probe, tiny_model, tmp_path, real_dir, dino_dir,  # noqa: F811
-                                                  pipeline_calls):
+def test_lora_options_reach_generation_and_export(probe, tiny_model, tmp_path, real_dir, dino_dir, pipeline_calls):
     calls, _ = pipeline_calls
     lora = probe(model__method="lora", training__learning_rate=1e-2).out
     common = ["--model", str(tiny_model), "--prompt", "a photo of sks dog", "--steps", "2"]

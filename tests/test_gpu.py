@@ -1,0 +1,108 @@
+"""The CUDA paths, opt-in (`pytest -m gpu` on a machine with a GPU; skipped without one).
+
+Mixed precision, fused and 8-bit AdamW, TF32, fp16 generation and class images, LoRA: each a few steps of the tiny
+model, watched from the inside by conftest's `probe` (training) and `pipeline_calls` (generation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth.cli import main
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def inner_optimizer(p) -> torch.optim.Optimizer:
+    return getattr(p.run.optimizer, "optimizer", p.run.optimizer)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_keeps_trained_weights_fp32_on_cuda(probe, precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    # fp16's GradScaler starts at 2**16 and skips a step whose gradients overflow: a few steps, so some update.
+    p = probe(training__mixed_precision=precision, training__max_train_steps=4)
+    m = p.run.models
+    assert (p.run.accelerator.scaler is not None) == (precision == "fp16")  # fp16 only: loss scaling
+    assert p.before["autocast"] == HALF[precision]  # the UNet's forward
+    assert m.vae.dtype == HALF[precision] and m.text_encoder.dtype == HALF[precision]
+    trained = p.trainable("unet")
+    assert trained and all(q.dtype == torch.float32 and q.is_cuda for q in trained.values())
+    assert all(math.isfinite(c["loss"]) for c in p.calls), [c["loss"] for c in p.calls]
+    assert p.changed("unet"), "no step updated the UNet"
+    assert all(torch.isfinite(q).all() for q in trained.values())
+
+
+def test_fused_adamw_with_clipping_folded_in_on_cuda(probe):
+    p = probe(training__max_grad_norm=1e-3)  # so small that every step clips
+    optimizer = inner_optimizer(p)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"]
+    assert all(q.is_cuda for g in optimizer.param_groups for q in g["params"])
+    assert len(p.updates) == 2 and all(u["grad_norm"] <= 1e-3 * 1.001 for u in p.updates)
+    assert p.changed("unet")
+
+
+@pytest.mark.parametrize("allow", [True, False])
+def test_tf32_follows_allow_tf32_on_cuda(probe, allow):
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not allow
+        probe(training__allow_tf32=allow)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (allow, allow)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_generate_draws_in_fp16_on_cuda_by_default(tiny_model, tmp_path, pipeline_calls):
+    from dreambooth.models.loading import pick_dtype
+
+    calls, devices = pipeline_calls
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", str(tiny_model), "--prompt", "a photo of sks dog", "--steps", "2",
+                 "--out", str(out)]) == 0
+    assert devices == [None]  # neither --device nor --precision: the code picks both
+    assert pick_dtype(None, torch.device("cuda")) == torch.float16
+    assert [(c["device"].type, c["dtype"]) for c in calls] == [("cuda", torch.float16)]
+    assert len(list(out.glob("0*.png"))) == 1
+
+
+def test_class_images_generate_in_fp16_in_one_batch_on_cuda(probe, tmp_path, pipeline_calls):
+    calls, _ = pipeline_calls
+    p = probe(dataset__with_prior_preservation=True, dataset__class_dir=str(tmp_path / "class"),
+              dataset__class_prompt="a photo of dog", dataset__num_class_images=3, dataset__class_inference_steps=2)
+    # default_batch_size: 16 a batch on a GPU; pick_dtype: fp16 there
+    assert [(len(c["prompt"]), c["device"].type, c["dtype"]) for c in calls] == [(3, "cuda", torch.float16)]
+    assert len(list((tmp_path / "class").glob("class-*.png"))) == 3
+    assert all(c["is_prior"].tolist() == [False, True] for c in p.calls)
+
+
+def test_8bit_adam_trains_on_cuda(probe):
+    bnb = pytest.importorskip("bitsandbytes")
+    p = probe(training__use_8bit_adam=True)
+    optimizer = inner_optimizer(p)
+    assert isinstance(optimizer, bnb.optim.AdamW8bit)
+    # bitsandbytes keeps 8-bit moments for tensors of 4096 elements or more, fp32 ones below
+    assert any(s.get("state1") is not None and s["state1"].dtype == torch.uint8 for s in optimizer.state.values())
+    assert all(math.isfinite(c["loss"]) for c in p.calls)
+    assert p.changed("unet")
+
+
+def test_lora_trains_fp32_adapters_on_a_half_unet_on_cuda(probe):
+    p = probe(model__method="lora", training__mixed_precision="fp16", training__learning_rate=1e-2,
+              training__max_train_steps=4)
+    unet = p.run.accelerator.unwrap_model(p.run.models.unet)
+    adapters = p.trainable("unet")
+    assert adapters and all("lora_" in n and q.dtype == torch.float32 and q.is_cuda for n, q in adapters.items())
+    assert {q.dtype for q in unet.parameters() if not q.requires_grad} == {torch.float16}
+    changed = p.changed("unet")
+    assert changed and changed <= set(adapters), "only the LoRA adapters may train"
+    assert all(math.isfinite(c["loss"]) for c in p.calls)
+    saved = load_file(str(p.out / "pytorch_lora_weights.safetensors"))
+    assert saved and all(torch.isfinite(v).all() for v in saved.values())
