@@ -106,3 +106,15 @@ def test_lora_trains_fp32_adapters_on_a_half_unet_on_cuda(probe):
     assert all(math.isfinite(c["loss"]) for c in p.calls)
     saved = load_file(str(p.out / "pytorch_lora_weights.safetensors"))
     assert saved and all(torch.isfinite(v).all() for v in saved.values())
+
+
+@pytest.mark.parametrize("layout", [{}, {"training__channels_last": True}], ids=["compiled", "compiled-channels-last"])
+def test_compile_trains_with_the_same_gradients_on_cuda(probe, layout):
+    """On a CPU, torch.compile's code computed wrong gradients (preflight refuses it there); on a GPU it must not."""
+    exact = {"training__max_grad_norm": 1e9, "training__allow_tf32": False}  # the raw norm, no TF32 rounding
+    plain = probe(**exact)
+    compiled = probe(training__compile=True, **layout, **exact)
+    unet = compiled.run.accelerator.unwrap_model(compiled.run.models.unet)
+    assert getattr(unet.forward, "_torchdynamo_orig_callable", None) is not None
+    norms = [[u["grad_norm"] for u in p.updates] for p in (plain, compiled)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-3)

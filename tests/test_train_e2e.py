@@ -220,18 +220,18 @@ def spatial_kernel_layouts(unet: torch.nn.Module) -> set[tuple[bool, bool]]:
             for w in unet.parameters() if w.dim() == 4 and w.shape[-1] > 1}
 
 
-@pytest.mark.slow
-def test_torch_compile_and_channels_last_train_the_same(probe):
-    """Slow (inductor compiles for minutes on a CPU): `pytest -m slow`."""
-    plain = probe()
-    fast = probe(training__compile=True, training__channels_last=True)
+def test_channels_last_trains_the_same(probe):
+    """The same gradients in another memory layout. The gradient norms are compared, not only the weights: after
+    AdamW's first steps a weight moves by about the learning rate whatever the size of its gradient, so weights
+    alone would hide wrong gradients (torch.compile's CPU code gave 126 of the 208 parameters none, and the weights
+    still agreed to 1e-4; hence preflight refuses compile without a GPU, and tests/test_gpu.py checks it there)."""
+    unclipped = {"training__max_grad_norm": 1e9}  # the probe's norm is the clipped one otherwise: 1.0 for both
+    plain = probe(**unclipped)
+    fast = probe(training__channels_last=True, **unclipped)
     a, b = unet_weights(plain.out), unet_weights(fast.out)
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
-    unet = trained_unet(fast)
-    # The forward that ran is torch.compile's wrapper of the UNet's own (speed.speed_up), the plain run's is not.
-    wrapped = getattr(unet.forward, "_torchdynamo_orig_callable", None)
-    assert wrapped is not None and wrapped.__func__ is type(unet).forward and wrapped.__self__ is unet
-    assert not hasattr(trained_unet(plain).forward, "_torchdynamo_orig_callable")
+    norms = [[u["grad_norm"] for u in p.updates] for p in (plain, fast)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
     # Every spatial kernel is laid out channels-last, and so no longer NCHW, after the optimizer's updates too.
-    assert spatial_kernel_layouts(unet) == {(True, False)}
+    assert spatial_kernel_layouts(trained_unet(fast)) == {(True, False)}
     assert spatial_kernel_layouts(trained_unet(plain)) == {(False, True)}

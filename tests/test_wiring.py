@@ -21,6 +21,7 @@ import shutil
 import sys
 import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from safetensors.torch import load_file
 
 from dreambooth.cli import build_parser, main
 from dreambooth.config import all_keys, load_config
+from dreambooth.errors import UserError
 from dreambooth.training import loop as train_module
 
 WIRED: dict[str, str] = {}
@@ -419,14 +421,34 @@ def test_latent_cache_mode_reaches_the_cache(probe, monkeypatch):
     assert list((disk.out / "latent_cache").glob("*.safetensors"))
 
 
-@wires("training.compile", "training.channels_last")
-def test_compile_and_channels_last_reach_the_unet(probe, monkeypatch):
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or fn)
-    p = probe(training__compile=True, training__channels_last=True)
-    unet = p.run.models.unet
-    assert compiled == [unet.forward]
+@wires("training.channels_last")
+def test_channels_last_reaches_the_unet(probe):
+    unet = probe(training__channels_last=True).run.models.unet
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@wires("training.compile")
+def test_compile_reaches_the_unet_forward(tiny_model, monkeypatch):
+    """The step runs what speed_up leaves in unet.forward (on a GPU: tests/test_gpu.py trains with it)."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth.training.speed import speed_up
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or (lambda *a, **k: "compiled"))
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    own = unet.forward
+    cfg = load_config(None, {"model.pretrained_model": str(tiny_model), "dataset.instance_prompt": "a sks dog",
+                             "training.compile": True})
+    speed_up(cfg, SimpleNamespace(unet=unet), SimpleNamespace(unwrap_model=lambda m: m))
+    assert compiled == [own] and unet(None) == "compiled"
+
+
+@wires("training.compile")
+def test_compile_is_refused_without_a_gpu(probe, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"training.compile \(--torch_compile\) needs a CUDA GPU"):
+        probe(training__compile=True)
 
 
 @wires("training.cpu_convolution")

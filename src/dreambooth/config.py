@@ -137,7 +137,7 @@ class TrainingSection(Section):
     latent_cache: Literal["memory", "disk", "off"] = opt(
         "memory", "Encode each augmented image once and reuse its VAE latents: in device memory, on disk "
         "(output_dir/latent_cache, for large class sets), or off.")
-    compile: bool = opt(False, "torch.compile the UNet (and a trained text encoder); pays off on long GPU runs.",
+    compile: bool = opt(False, "torch.compile the UNet's forward; GPU only, pays off on long runs.",
                         "--torch_compile")
     channels_last: bool = opt(False, "Run the UNet in channels-last memory format (faster on some GPUs).")
     cpu_convolution: Literal["auto", "onednn", "native"] = opt(

@@ -92,6 +92,14 @@ def check_runtime(cfg: Config) -> None:
     t = cfg.training
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("training.mixed_precision: fp16 needs a CUDA GPU and none is available; use bf16 or no.")
+    if t.compile and not torch.cuda.is_available():
+        # Measured with torch 2.13.0+cpu on the tiny UNet: compiled with channels-last, a training step's gradient
+        # norm was 1.90 instead of 2.29; compiled alone, one forward and backward left 126 of its 208 parameters
+        # without a gradient (torch.compile's "eager" and "aot_eager" backends gave the right ones, so inductor's
+        # CPU code is at fault). A run would train silently wrong, and it was slower than eager too (docs/bench.md).
+        raise UserError("training.compile (--torch_compile) needs a CUDA GPU and none is available: on a CPU, "
+                        "torch.compile's code for the UNet's backward pass computes wrong gradients (measured with "
+                        "torch 2.13) and runs slower than without it. Drop --torch_compile.")
     if t.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("training.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes` "
                         "(needs a CUDA GPU) or drop --use_8bit_adam.")
