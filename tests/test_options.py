@@ -21,7 +21,7 @@ def options_of(argv: list[str]):
     parser = cli.build_parser()
     args = parser.parse_args(argv)
     command = cli.COMMANDS[args.command]
-    return cli.command_options(command, args, parser.subcommand(command.name), ends_process=False)
+    return cli.command_options(command, args, parser.subcommand(command.name))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -10,7 +10,6 @@ import weakref
 import pytest
 from conftest import base_overrides
 
-from dreambooth.cli import main
 from dreambooth.config import load_config
 from dreambooth.models import loading
 from dreambooth.training import loop as train_module
@@ -48,13 +47,17 @@ def test_the_command_freezes_the_heap_before_exit_and_main_does_not(tmp_path):
     assert (tmp_path / "b" / "config.yaml").is_file()
 
 
-def test_the_train_command_says_when_its_process_ends_with_the_run(monkeypatch, tmp_path):
-    seen = []
-    monkeypatch.setattr(train_module, "train", lambda cfg, ends_process: seen.append(ends_process))
-    argv = ["train", "--pretrained_model_name_or_path", "m", "--instance_data_dir", "i", "--instance_prompt",
-            "a photo of sks dog", "--output_dir", str(tmp_path)]
-    assert main(argv) == 0 and seen == [False]  # in-process callers (tests, notebooks) go on after the run
-    assert main(argv, ends_process=True) == 0 and seen == [False, True]
+def test_a_run_freezes_its_start_up_only_in_a_process_that_ends_with_it(tiny_model, instance_dir, tmp_path):
+    """main() in a notebook or the tests goes on after the run: nothing frozen. The console script (entry) ends
+    with its command: the run freezes what its start-up made, before the first step."""
+    probe = ("import gc, sys; from dreambooth.cli import entry, main; from dreambooth.training import loop; "
+             "real = loop.loop; loop.loop = lambda *a: print('FROZEN', gc.get_freeze_count() > 0) or real(*a); "
+             "args = sys.argv[1:]; main(args); sys.argv = ['dreambooth', *args[:-1], args[-1] + '2']; entry()")
+    argv = ["train", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(instance_dir),
+            "--instance_prompt", "a photo of sks dog", "--resolution", "64", "--max_train_steps", "1",
+            "--report_to", "none", "--output_dir", str(tmp_path / "out")]
+    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True).stdout
+    assert [line for line in out.splitlines() if line.startswith("FROZEN")] == ["FROZEN False", "FROZEN True"]
 
 
 def test_the_class_image_pipeline_is_gone_before_the_training_models_load(tiny_model, instance_dir, tmp_path,

@@ -102,11 +102,10 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 @dataclass
 class TrainRun:
-    """What `dreambooth train` runs: the YAML config, the flags given over it, whether the process ends with it."""
+    """What `dreambooth train` runs: the YAML config and the flags given over it."""
 
     config: Path | None
     overrides: dict[str, Any]
-    ends_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,12 +189,12 @@ def quiet_library_bars() -> None:
     enable_progress_bars()
 
 
-def run(parser: Parser, args: argparse.Namespace, ends_process: bool = False) -> None:
+def run(parser: Parser, args: argparse.Namespace) -> None:
     """The command's options (a value out of range ends the command here, as argparse's errors do), then its
     function."""
     quiet_libraries()
     command = COMMANDS[args.command]
-    options = command_options(command, args, parser.subcommand(command.name), ends_process)
+    options = command_options(command, args, parser.subcommand(command.name))
     if command.heavy:
         from dreambooth.training.speed import collection_paused
 
@@ -204,10 +203,10 @@ def run(parser: Parser, args: argparse.Namespace, ends_process: bool = False) ->
     load(command.function, command.name)(options)
 
 
-def command_options(command: Command, args: argparse.Namespace, parser: Parser, ends_process: bool) -> Any:
+def command_options(command: Command, args: argparse.Namespace, parser: Parser) -> Any:
     """The typed options the command's function takes."""
     if command.options is TrainRun:
-        return TrainRun(args.config, config_overrides(args), ends_process)
+        return TrainRun(args.config, config_overrides(args))
     if isinstance(command.options, str):
         return parse_settings(load(command.options, command.name), args.forwarded, prog=parser.prog)
     return settings_from(command.options, args, parser)
@@ -224,7 +223,7 @@ def train_command(request: TrainRun) -> None:
         from dreambooth.training.loop import train
 
         quiet_library_bars()
-    train(cfg, ends_process=request.ends_process)
+    train(cfg)
 
 
 def repository() -> Path:
@@ -257,12 +256,12 @@ def load_script(path: str, command: str) -> types.ModuleType:
     return module
 
 
-def main(argv: list[str] | None = None, ends_process: bool = False) -> int:
-    """Runs one command; `ends_process` when the process exits right after (the console script)."""
+def main(argv: list[str] | None = None) -> int:
+    """Runs one command; returns its exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        run(parser, args, ends_process)
+        run(parser, args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -277,8 +276,9 @@ def main(argv: list[str] | None = None, ends_process: bool = False) -> int:
 
 def entry() -> int:
     """The `dreambooth` command and `python -m dreambooth`: main(), then an exit without the last collection."""
-    from dreambooth.training.speed import freeze_alive_objects
+    from dreambooth.training.speed import freeze_alive_objects, process_ends_with_command
 
-    code = main(ends_process=True)
+    process_ends_with_command()
+    code = main()
     freeze_alive_objects()
     return code

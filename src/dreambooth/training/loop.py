@@ -42,7 +42,7 @@ from dreambooth.training.speed import (
     collection_paused,
     convolution_kernels,
     cpu_convolution,
-    freeze_alive_objects,
+    freeze_if_process_ends,
     set_tf32,
     speed_up,
 )
@@ -280,13 +280,13 @@ def start_run(run: Run) -> None:
         acc.init_trackers("dreambooth", config={"run_id": run.run_id})
 
 
-def train(cfg: Config, ends_process: bool = False) -> Path:
+def train(cfg: Config) -> Path:
     """Runs a whole DreamBooth training job; returns the output folder.
 
     Order matters for the user's folders: pre-flight checks everything and changes nothing; setup loads and
     generates (into a staging folder); only when the run can step does `start_run` replace an earlier run or
-    move class images. `ends_process`: the process exits after this run (`dreambooth train`), so what start-up
-    made is frozen and later full collections skip it (dreambooth.training.speed).
+    move class images. In a process that ends with the run (`dreambooth train`), what start-up made is frozen
+    and later full collections skip it (`speed.freeze_if_process_ends`).
     """
     report = run_preflight(cfg)
     out = cfg.output.output_dir
@@ -297,8 +297,7 @@ def train(cfg: Config, ends_process: bool = False) -> Path:
     run = None
     try:
         run = setup(cfg, report)
-        if ends_process:
-            freeze_alive_objects()
+        freeze_if_process_ends()
         start = resume(run)
         start_run(run)
         kernels = cpu_convolution(cfg, run.models, run.accelerator.device)

@@ -46,6 +46,22 @@ def collection_paused():
             gc.enable()
 
 
+_process_ends_with_command = False
+
+
+def process_ends_with_command() -> None:
+    """Says that this process exits as soon as its command returns (the console script says so; a notebook, the
+    tests, the demo's and experiment's several runs do not), so that a run may freeze what its start-up made."""
+    global _process_ends_with_command
+    _process_ends_with_command = True
+
+
+def freeze_if_process_ends() -> None:
+    """After a run's start-up (libraries and models): `freeze_alive_objects`, in a process that ends with the run."""
+    if _process_ends_with_command:
+        freeze_alive_objects()
+
+
 def freeze_alive_objects() -> None:
     """Exempts every object alive now from all later collections, the one at exit included.
 
@@ -53,7 +69,7 @@ def freeze_alive_objects() -> None:
     models), and before a command-line process exits. Frozen objects are never collected, so garbage in a
     reference cycle at this moment would stay: a process that goes on (a notebook, the tests, the demo's and
     the experiment's several runs) must not call it, and the large such garbage, the class-image pipeline, is
-    collected before (train.prepare_class_images). Objects are still released by reference counting, and
+    collected before (class_images.prepare_class_images). Objects are still released by reference counting, and
     everything this tool writes is closed (and renamed into place) before a command returns.
     """
     gc.freeze()
