@@ -104,7 +104,7 @@ def unet_after_two_steps(tiny_model, instance_dir, out, **training):
     """UNet weights after 2 steps of a plain run with the given `training.*` settings."""
     from safetensors.torch import load_file
 
-    from dreambooth.config import load_config
+    from dreambooth.config_file import load_config
     from dreambooth.training.loop import train
 
     values = {
@@ -244,7 +244,7 @@ def probe(tiny_model, instance_dir, tmp_path):
 
     count_saved=True records, in each call's "saved_bytes", the bytes autograd keeps for backward during the step.
     """
-    from dreambooth.config import load_config
+    from dreambooth.config_file import load_config
     from dreambooth.training.loop import train
 
     count = [0]

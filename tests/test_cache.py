@@ -6,7 +6,7 @@ import torch
 from conftest import draw_subject
 from torch.utils.data import DataLoader
 
-from dreambooth.config import load_config
+from dreambooth.config_file import load_config
 from dreambooth.training.cache import LatentCache
 from dreambooth.training.components import EpochSampler
 from dreambooth.training.data import DreamBoothDataset, collate_examples, prepare_image

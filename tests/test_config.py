@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from dreambooth.cli import build_parser, config_overrides
-from dreambooth.config import Config, all_keys, dump_config, field_flags, load_config
+from dreambooth.config import Config, all_keys, field_flags
+from dreambooth.config_file import dump_config, load_config
 from dreambooth.errors import UserError
 
 DESIGN_YAML = """\

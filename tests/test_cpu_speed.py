@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import draw_subject, unet_after_two_steps
 
-from dreambooth.config import load_config
+from dreambooth.config_file import load_config
 from dreambooth.training import loop as train_module
 from dreambooth.training.cache import LatentCache
 from dreambooth.training.data import prepare_image

@@ -76,8 +76,8 @@ def test_every_module_imports_on_its_own(module):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("module", ["dreambooth.preflight", "dreambooth.config", "dreambooth.cli",
-                                    "dreambooth.options", "dreambooth.command_options"])
+@pytest.mark.parametrize("module", ["dreambooth.preflight", "dreambooth.config", "dreambooth.config_file",
+                                    "dreambooth.cli", "dreambooth.options", "dreambooth.command_options"])
 def test_light_modules_do_not_import_torch(module):
     """Pre-flight checks everything it can before anything heavy loads; `--help` and config errors answer at once."""
     heavy = "('torch', 'diffusers', 'transformers', 'peft')"

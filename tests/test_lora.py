@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dreambooth.cli import main
-from dreambooth.config import load_config
+from dreambooth.config_file import load_config
 from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.formats.lora import LORA_FILE, TOKEN_FILE
 from dreambooth.training import loop as train_module

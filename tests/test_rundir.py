@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dreambooth.config import load_config
+from dreambooth.config_file import load_config
 from dreambooth.errors import UserError
 from dreambooth.training.rundir import (
     RUN_INFO,

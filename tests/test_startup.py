@@ -10,7 +10,7 @@ import weakref
 import pytest
 from conftest import base_overrides
 
-from dreambooth.config import load_config
+from dreambooth.config_file import load_config
 from dreambooth.models import loading
 from dreambooth.training import loop as train_module
 from dreambooth.training.class_images import default_batch_size

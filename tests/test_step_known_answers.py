@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from dreambooth.config import load_config
+from dreambooth.config_file import load_config
 from dreambooth.training.cache import LatentCache
 from dreambooth.training.components import PromptEncoder, load_models
 from dreambooth.training.loop import training_step

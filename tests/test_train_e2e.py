@@ -13,7 +13,7 @@ from conftest import UNET_FILE, base_overrides, remember_class_dir
 from safetensors.torch import load_file, save_file
 
 from dreambooth.cli import main
-from dreambooth.config import load_config
+from dreambooth.config_file import load_config
 from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.training import loop as train_module
 from dreambooth.training.class_images import MANIFEST

@@ -171,7 +171,7 @@ def test_generate_gives_every_image_its_own_noise_and_never_mixes_folders(tiny_m
     with pytest.raises(SystemExit) as e:  # out of --seed's declared range: refused as argparse refuses a bad value
         main(argv[:-1] + [str(tmp_path / "x"), "--seed", "-1"])
     assert e.value.code == 2 and "--seed -1: seeds are 0 or more" in capsys.readouterr().err
-    from dreambooth.config import load_config
+    from dreambooth.config_file import load_config
     from dreambooth.errors import UserError
 
     with pytest.raises(UserError, match="training.seed: input should be less than 4294967296"):
@@ -477,7 +477,7 @@ def test_the_demo_folder_can_be_rerun(tmp_path, capsys, monkeypatch):
 def test_newest_dependencies_add_text_encoder_adapters_with_peft_directly(tiny_model):
     """transformers' own add_adapter refuses peft releases older than it wants (5.24 asks for a peft 0.22 that does
     not exist); the text encoder's adapters are added with peft, which every release of the range supports."""
-    from dreambooth.config import load_config
+    from dreambooth.config_file import load_config
     from dreambooth.training.components import add_lora_adapters
 
     cfg = load_config(None, {"model.pretrained_model": str(tiny_model), "model.method": "lora",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth.config import load_config
+from dreambooth.config_file import load_config
 from dreambooth.errors import UserError
 from dreambooth.generate import make_grid, read_prompts
 from dreambooth.models.loading import make_scheduler

@@ -30,7 +30,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth.cli import build_parser, main
-from dreambooth.config import all_keys, load_config
+from dreambooth.config import all_keys
+from dreambooth.config_file import load_config
 from dreambooth.errors import UserError
 from dreambooth.training import loop as train_module
 

@@ -214,7 +214,7 @@ def command_options(command: Command, args: argparse.Namespace, parser: Parser) 
 
 def train_command(request: TrainRun) -> None:
     """`dreambooth train`: the config is checked in full before torch is imported."""
-    from dreambooth.config import load_config
+    from dreambooth.config_file import load_config
 
     cfg = load_config(request.config, request.overrides)
     from dreambooth.training.speed import collection_paused

@@ -89,7 +89,7 @@ def quality(model: str, lora_dir: Path | None, run_info: dict, cfg) -> dict:
 
 def measure_child(args_json: str) -> None:
     """Runs in the child process: trains one method, then prints one JSON line of measurements."""
-    from dreambooth.config import load_config
+    from dreambooth.config_file import load_config
     from dreambooth.training.loop import train
 
     spec = json.loads(args_json)

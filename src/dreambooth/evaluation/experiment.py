@@ -97,7 +97,7 @@ def write_instance_images(folder: Path, n: int = 5) -> Path:
 def train_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: Recipe,
                   extra: dict | None = None) -> Path:
     """Trains one variant on the built-in subject; returns its output folder. `extra`: more config overrides."""
-    from dreambooth.config import load_config
+    from dreambooth.config_file import load_config
     from dreambooth.training.loop import train
 
     lr = recipe.full_lr if variant.method == "full" else recipe.lora_lr

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dreambooth.config import Config, dump_config
+from dreambooth.config import Config
+from dreambooth.config_file import dump_config
 from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.formats.atomic import atomic_file
 from dreambooth.models.loading import DTYPES

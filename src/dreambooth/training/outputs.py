@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dreambooth import __version__
-from dreambooth.config import dump_config
+from dreambooth.config_file import dump_config
 from dreambooth.formats.atomic import move_into, temporary_folder, write_json_atomic, write_text_atomic
 from dreambooth.models.loading import DTYPES
 from dreambooth.versions import library_versions

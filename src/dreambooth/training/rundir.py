@@ -199,7 +199,7 @@ def legacy_settings(checkpoint: CheckpointInfo, identity_of) -> dict | None:
     Those versions recorded the base model as it was typed; a relative one was relative to the working directory
     of that run, which is taken to be this one's.
     """
-    from dreambooth.config import load_config, resolve_model_ref
+    from dreambooth.config_file import load_config, resolve_model_ref
 
     config = checkpoint.path / "config.yaml"
     if not config.is_file():

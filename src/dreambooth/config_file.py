@@ -1,0 +1,237 @@
+"""A config file and the flags given over it, read into the typed `config.Config`, and written back.
+
+`load_config` merges the YAML and the flags, makes every path absolute once (paths in the file are relative to
+the file's folder, flags' to the working directory), fills prompts from files and defaults, and validates
+everything before any weights load, reporting every problem at once, each under its dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from dreambooth.config import DEFAULT_MAX_TRAIN_STEPS, HUB_ID, SECTION_TYPES, Config, all_keys, cross_check
+from dreambooth.errors import UserError
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Reads a config file; a missing file or broken YAML is the user's to fix."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist. Create one with `dreambooth init DIR`, "
+                        "or pass the options as flags.") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping with sections {', '.join(SECTION_TYPES)}.")
+    return data
+
+
+PATH_KEYS = {("dataset", "instance_dir"), ("dataset", "class_dir"), ("output", "output_dir")}
+MODEL_KEYS = {("model", "pretrained_model"), ("model", "tokenizer_name")}
+
+
+def resolve_model_ref(value: str, base: Path) -> str:
+    """A model given as a folder or a hub id: a folder is made absolute against `base`; an 'org/name' that is no
+    folder there stays a hub id. `./name` and `../name` are always folders."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    candidate = base / path
+    if candidate.exists() or not HUB_ID.match(value) or value.startswith((".", "~")):
+        return os.path.abspath(candidate)
+    return value
+
+
+def _resolve_value(section: str, key: str, value: Any, base: Path) -> Any:
+    """One config value with its path made absolute against `base`, so that every later use reads the same path."""
+    if not isinstance(value, str | Path):
+        return value
+    if (section, key) in PATH_KEYS:
+        return os.path.abspath(base / Path(value).expanduser())
+    if (section, key) in MODEL_KEYS:
+        return resolve_model_ref(str(value), base)
+    if (section, key) == ("output", "resume_from_checkpoint") and value != "latest":
+        # A bare name such as `checkpoint-400` means that folder in output_dir (diffusers' meaning), unless it
+        # names a folder here.
+        if (base / value).exists() or os.sep in str(value) or "/" in str(value):
+            return os.path.abspath(base / Path(value).expanduser())
+    return value
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Paths written in a config file are relative to that file's folder, not to where the command runs; paths of
+    defaults and flags are relative to the working directory. Each is made absolute once, here."""
+    for section, key in PATH_KEYS:
+        values = data.setdefault(section, {})
+        if isinstance(values, dict) and key not in values:
+            values[key] = str(SECTION_TYPES[section].model_fields[key].default)
+    for section, values in data.items():
+        if section in SECTION_TYPES and isinstance(values, dict):
+            for key, value in values.items():
+                values[key] = _resolve_value(section, key, value, base)
+    for subject in data.get("subjects") or []:
+        for key in ("instance_dir", "class_dir"):
+            if isinstance(subject, dict) and isinstance(subject.get(key), str):
+                subject[key] = os.path.abspath(base / Path(subject[key]).expanduser())
+
+
+def _prior_preservation(data: dict[str, Any], file_data: dict[str, Any], from_flags: set[str]) -> str | None:
+    """Fills an unset dataset.with_prior_preservation; returns the sentence that tells the user why.
+
+    The config file's schema has no switch (docs/design.md): a config file that names a class folder describes a
+    run with prior preservation. diffusers' flags keep their meaning: off unless --with_prior_preservation.
+    """
+    ds = data.setdefault("dataset", {})
+    if not isinstance(ds, dict) or ds.get("with_prior_preservation") is not None:
+        return None
+    file_ds = file_data.get("dataset") if isinstance(file_data.get("dataset"), dict) else {}
+    named_in_file = file_ds.get("class_dir") is not None or any(
+        isinstance(s, dict) and s.get("class_dir") for s in file_data.get("subjects") or [])
+    ds["with_prior_preservation"] = named_in_file
+    if named_in_file:
+        return ("prior preservation: on, because the config file names a class folder (dataset.class_dir); set "
+                "dataset.with_prior_preservation: false to train without class images")
+    if "dataset.class_dir" in from_flags:
+        return ("prior preservation: off, as in diffusers' script: --class_data_dir is given without "
+                "--with_prior_preservation, which turns it on")
+    return None
+
+
+def _read_prompt_file(path: Path) -> str | None:
+    """First non-empty, non-comment line of a prompts file."""
+    if not path.is_file():
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return line.strip()
+    return None
+
+
+def _default_prompts(values: dict[str, Any], ident: Any, word: Any) -> None:
+    """Missing prompts from the identifier and class word; {identifier}/{class_word} filled in every prompt."""
+    if not values.get("instance_prompt") and ident and word:
+        values["instance_prompt"] = "a photo of {identifier} {class_word}"
+    if not values.get("class_prompt") and word:
+        values["class_prompt"] = "a photo of a {class_word}"
+    for key in ("instance_prompt", "class_prompt"):
+        if isinstance(values.get(key), str):
+            values[key] = values[key].replace("{identifier}", str(ident or "")).replace("{class_word}",
+                                                                                       str(word or ""))
+
+
+def _fill_subject_prompts(subject: dict[str, Any]) -> None:
+    """A listed subject's prompts and initializer default from its own identifier and class word."""
+    _default_prompts(subject, subject.get("identifier"), subject.get("class_word"))
+    if not subject.get("initializer") and subject.get("class_word"):
+        subject["initializer"] = subject["class_word"]
+
+
+def _fill_prompts(data: dict[str, Any], base: Path | None) -> None:
+    """Default prompts: prompts/*.txt beside the config, else built from the identifier and class word."""
+    ds, tok = data.setdefault("dataset", {}), data.get("token") or {}
+    for key, filename in (("instance_prompt", "instance.txt"), ("class_prompt", "class.txt")):
+        if not ds.get(key) and base is not None:
+            ds[key] = _read_prompt_file(base / "prompts" / filename)
+    _default_prompts(ds, tok.get("identifier"), tok.get("class_word"))
+
+
+def _format_error(err: dict[str, Any]) -> list[str]:
+    """One pydantic error as lines naming the dotted key, with the closest valid key for a typo."""
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        candidates = list(SECTION_TYPES) if len(loc) == 1 else [
+            k.split(".", 1)[1] for k in all_keys() if k.startswith(loc[0] + ".")]
+        close = difflib.get_close_matches(loc[-1], candidates, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
+        return [f"{key}: unknown key{hint}"]
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return [f"{key}: {err['msg'][0].lower() + err['msg'][1:]}{shown}"]
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Config from an optional YAML file plus `{"section.key": value}` overrides, validated in full.
+
+    Raises UserError listing every problem at once.
+    """
+    import copy
+
+    data = read_yaml(path) if path is not None else {}
+    for section, values in list(data.items()):
+        if section in SECTION_TYPES and values is None:
+            data[section] = {}
+        elif section in SECTION_TYPES and not isinstance(values, dict):
+            raise UserError(f"config file {path}: section '{section}' must be a mapping of keys to values, "
+                            f"not {type(values).__name__}.")
+    file_data = copy.deepcopy(data)
+    base = path.resolve().parent if path is not None else None
+    _resolve_paths(data, base or Path.cwd())
+    overrides = overrides or {}
+    for dotted, value in overrides.items():
+        if "." not in dotted:  # a whole top-level entry, such as `subjects`
+            data[dotted] = value
+            if dotted == "subjects" and isinstance(value, list):
+                _resolve_paths({"subjects": value}, Path.cwd())
+            continue
+        section, key = dotted.split(".", 1)
+        if not isinstance(data.get(section), dict):
+            data[section] = {}
+        data[section][key] = _resolve_value(section, key, value, Path.cwd())
+    notes = [note] if (note := _prior_preservation(data, file_data, set(overrides))) else []
+    _fill_prompts(data, base)
+    for subject in data.get("subjects") or []:
+        if isinstance(subject, dict):
+            _fill_subject_prompts(subject)
+    lines = cross_check(data)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        lines = [line for err in e.errors() for line in _format_error(err)] + lines
+    if lines:
+        where = f" in {path}" if path is not None else ""
+        raise UserError(f"the training config{where} has {len(lines)} problem(s):\n  - " + "\n  - ".join(lines)
+                        + "\nFix these keys (in the YAML or as --flags) and run again.") from None
+    cfg = resolve_defaults(cfg)
+    cfg._notes = notes
+    return cfg
+
+
+def resolve_defaults(cfg: Config) -> Config:
+    """Fills the values that depend on others, so the recorded config is exactly what ran."""
+    t = cfg.training
+    if t.seed is None:
+        t.seed = random.SystemRandom().randrange(2**31)
+    if t.max_train_steps is None and t.num_train_epochs is None:
+        t.max_train_steps = DEFAULT_MAX_TRAIN_STEPS
+    if t.text_encoder_lr is None:
+        t.text_encoder_lr = t.learning_rate
+    if cfg.dataset.with_prior_preservation is None:
+        cfg.dataset.with_prior_preservation = False
+    if cfg.token.identifier is None and not cfg.subjects:
+        cfg.token.identifier = infer_identifier(cfg.dataset.instance_prompt, cfg.dataset.class_prompt)
+    if cfg.token.initializer is None and cfg.token.class_word:
+        cfg.token.initializer = cfg.token.class_word
+    return cfg
+
+
+def infer_identifier(instance_prompt: str | None, class_prompt: str | None) -> str | None:
+    """The instance prompt's words that the class prompt lacks: 'sks' for 'a photo of sks dog' / 'a photo of dog'."""
+    if not instance_prompt or not class_prompt:
+        return None
+    class_words = set(class_prompt.lower().split())
+    extra = [w for w in instance_prompt.split() if w.lower() not in class_words]
+    return " ".join(extra) or None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, loadable again by `dreambooth train --config`."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
