@@ -460,6 +460,11 @@ def prompt_embedding(pipe, prompt="a photo of <zq> dog"):
         return pipe.text_encoder(ids)[0]
 
 
+def header(path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 @pytest.mark.smoke
 def test_new_tokens_go_with_every_export_and_never_get_lost(tiny_model, token_lora, tmp_path, capsys):
     want = load_file(token_lora / "token_embeddings.safetensors")["<zq>"]
@@ -476,6 +481,7 @@ def test_new_tokens_go_with_every_export_and_never_get_lost(tiny_model, token_lo
     embedding = tmp_path / "m.zq.safetensors"
     assert embedding.is_file() and "m.zq" in note and "load_textual_inversion" in note
     assert torch.equal(load_file(embedding)["emb_params"][0], want)
+    assert header(embedding) == {"format": "pt", "dreambooth.token": "<zq>", "dreambooth.model": "m.safetensors"}
     pipe = from_single_file(single, tiny_model)
     pipe.load_textual_inversion(str(embedding), token="<zq>")
     assert torch.allclose(prompt_embedding(pipe), prompt_embedding(merged), atol=1e-5)
@@ -493,6 +499,8 @@ def test_new_tokens_go_with_every_export_and_never_get_lost(tiny_model, token_lo
     tensors = load_file(kohya)
     assert torch.equal(tensors["bundle_emb.<zq>.emb_params"][0], want)
     assert torch.equal(load_file(tmp_path / "k.zq.safetensors")["emb_params"][0], want)
+    assert header(tmp_path / "k.zq.safetensors") == {"format": "pt", "dreambooth.token": "<zq>",
+                                                    "dreambooth.lora": "k.safetensors"}
     assert "bundled" in note and "embedding:k.zq" in note
     # our own loader takes the bundled token (stock diffusers refuses bundle keys, so they are split off)
     from dreambooth.formats.lora_loading import load_loras

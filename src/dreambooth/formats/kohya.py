@@ -99,5 +99,5 @@ def lora_to_kohya(src: Path, out: Path, *, half: bool = False) -> Path:
     written = save_safetensors_atomic(tensors, out, metadata)
     for token, vector in vectors.items():
         save_safetensors_atomic({"emb_params": vector.reshape(1, -1).float()}, embedding_files[token],
-                                {"dreambooth.token": token, "dreambooth.formats.lora": out.name})
+                                {"dreambooth.token": token, "dreambooth.lora": out.name})
     return written
