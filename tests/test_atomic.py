@@ -85,13 +85,51 @@ def test_a_scratch_folder_goes_when_its_block_fails(tmp_path):
 
 def test_a_temporary_name_left_by_a_killed_process_is_a_partial_save(tmp_path):
     name = atomic.temporary_name(tmp_path / "run_info.json").name
-    assert is_partial_save(name) and is_partial_save("checkpoint-40.tmp")
+    assert is_partial_save(name) and is_partial_save("checkpoint-40.tmp") and is_partial_save(".lora.tmp")
     assert not is_partial_save("run_info.json") and not is_partial_save("photos.tmp")
     (tmp_path / name).write_text("half")
-    (tmp_path / "checkpoint-40.tmp").mkdir()
-    (tmp_path / "checkpoint-20").mkdir()
+    for folder in ("checkpoint-40.tmp", ".final-model.tmp/unet", "checkpoint-20", "samples"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "samples" / "step-000010.png").write_bytes(b"png")
+    (tmp_path / "samples" / atomic.temporary_name(tmp_path / "step-000020.png").name).write_bytes(b"half a png")
     remove_partial_saves(tmp_path)
-    assert listing(tmp_path) == ["checkpoint-20"]
+    assert listing(tmp_path) == ["checkpoint-20", "samples", "samples/step-000010.png"]
+
+
+def test_a_folder_saved_again_replaces_the_old_one_whole(tmp_path):
+    final = tmp_path / "checkpoint-10"
+    for content in ("old", "new"):
+        scratch = tmp_path / "checkpoint-10.tmp"
+        scratch.mkdir()
+        (scratch / "weights").write_text(content)
+        atomic.commit_folder(scratch, final)
+    assert listing(tmp_path) == ["checkpoint-10", "checkpoint-10/weights"]
+    assert (final / "weights").read_text() == "new"
+
+
+def test_a_model_moved_in_part_way_does_not_load_as_the_old_one(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    for part in ("unet", "text_encoder"):
+        (run / part).mkdir(parents=True)
+        (run / part / "w").write_text("old")
+    (run / "model_index.json").write_text("{}")
+    new = tmp_path / "new"
+    for part in ("unet", "text_encoder"):
+        (new / part).mkdir(parents=True)
+        (new / part / "w").write_text("new")
+    (new / "model_index.json").write_text("{}")
+    real, moved = os.replace, []
+
+    def killed_after_one(src, dst):
+        if moved:
+            raise KeyboardInterrupt
+        moved.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.move_into(new, run, last="model_index.json")
+    assert not (run / "model_index.json").exists()  # a mix of old and new parts: no loader takes it for a model
 
 
 def test_a_failed_lora_save_leaves_neither_file_nor_scratch_folder(tmp_path, monkeypatch):

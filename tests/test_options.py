@@ -4,6 +4,7 @@ and delivered to the command's function as its settings object. CPU-only, no mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_both_spellings_of_every_option_work():
 
 def test_declared_options_reach_the_command_function(monkeypatch):
     seen = []
-    monkeypatch.setattr(cli, "quiet_library_bars", lambda: None)  # no diffusers import for a function that is faked
+    monkeypatch.setattr(cli, "quiet_progress_bars", contextlib.nullcontext)  # the function is faked: no torch import
     monkeypatch.setattr(cli, "load", lambda target, command: seen.append((target, command)) or seen.append)
     assert cli.main(["generate", "--model", "m", "--prompt", "a", "--prompt", "b", "--seed", "3", "--seed", "8",
                      "--steps", "4", "--guidance", "5", "--precision", "bf16", "--height", "48"]) == 0

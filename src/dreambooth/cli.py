@@ -8,6 +8,7 @@ others' a dataclass in dreambooth.command_options) and the function that runs it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -176,17 +177,13 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def quiet_library_bars() -> None:
-    """Off: transformers' "Loading weights" and "Writing model shards" bars and diffusers' "Loading pipeline
-    components" bar, nested bars whose cursor-up escape codes litter a log; this tool prints one line per thing
-    saved instead. Kept: the hub's download bars, which show that a first run is fetching gigabytes, not hanging."""
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import enable_progress_bars
-    from transformers.utils import logging as transformers_logging
+def quiet_progress_bars() -> contextlib.AbstractContextManager:
+    """`models.loading.quiet_progress_bars()`, imported with the collector paused: it brings torch and diffusers."""
+    from dreambooth.training.speed import collection_paused
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()  # which turns the hub's bars off too
-    enable_progress_bars()
+    with collection_paused():
+        from dreambooth.models.loading import quiet_progress_bars as quiet
+    return quiet()
 
 
 def run(parser: Parser, args: argparse.Namespace) -> None:
@@ -195,12 +192,8 @@ def run(parser: Parser, args: argparse.Namespace) -> None:
     quiet_libraries()
     command = COMMANDS[args.command]
     options = command_options(command, args, parser.subcommand(command.name))
-    if command.heavy:
-        from dreambooth.training.speed import collection_paused
-
-        with collection_paused():
-            quiet_library_bars()
-    load(command.function, command.name)(options)
+    with quiet_progress_bars() if command.heavy else contextlib.nullcontext():
+        load(command.function, command.name)(options)
 
 
 def command_options(command: Command, args: argparse.Namespace, parser: Parser) -> Any:
@@ -221,9 +214,8 @@ def train_command(request: TrainRun) -> None:
 
     with collection_paused():  # torch's import
         from dreambooth.training.loop import train
-
-        quiet_library_bars()
-    train(cfg)
+    with quiet_progress_bars():
+        train(cfg)
 
 
 def repository() -> Path:

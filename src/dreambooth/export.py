@@ -7,7 +7,6 @@ A1111/Forge/ComfyUI), `formats.lora.copy_lora` (a diffusers LoRA as it is), `for
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from dreambooth.formats.lora import (
 from dreambooth.formats.merge import merge_lora, model_folder
 from dreambooth.formats.single_file import embedding_note, prediction_type, to_single_file
 from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
+from dreambooth.models.loading import quiet_progress_bars
 
 FORMATS = ("kohya", "single-file", "diffusers")
 
@@ -87,23 +87,6 @@ def source_kind(src: Path) -> str:
     if keys and all("lora" in k or k.endswith(".alpha") or k.startswith("bundle_emb.") for k in keys):
         return "lora"
     raise UserError(f"SRC {src} holds neither LoRA weights nor a model (first key: {keys[0] if keys else 'none'}).")
-
-
-@contextlib.contextmanager
-def quiet_progress_bars():
-    """diffusers' and transformers' load and save bars off, so the command reports in one line; then restored."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    enabled = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
-    for lib, _ in enabled:
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, was_on in enabled:
-            if was_on:
-                lib.enable_progress_bar()
 
 
 def export_command(options) -> Path:

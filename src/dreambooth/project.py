@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from dreambooth.errors import UserError
+from dreambooth.formats.atomic import write_text_atomic
 
 PROJECT_README = """# DreamBooth project: {identifier} {class_word}
 
@@ -51,11 +52,10 @@ def init_project(directory: Path, *, identifier: str, class_word: str, model: st
         if not path.exists():
             path.write_text(f"# first non-comment line is used\n{text}\n", encoding="utf-8")
     cfg = project_config(identifier, class_word, model)
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    write_text_atomic(config, yaml.safe_dump(cfg, sort_keys=False))
     readme = directory / "README.md"
     if not readme.exists() or force:
-        readme.write_text(PROJECT_README.format(identifier=identifier, class_word=class_word, resolution=512),
-                          encoding="utf-8")
+        write_text_atomic(readme, PROJECT_README.format(identifier=identifier, class_word=class_word, resolution=512))
     print(f"project written to {directory}: put photos in {directory / 'data/instance'}, set "
           f"model.pretrained_model in {config}, then `dreambooth train --config {config}`")
 

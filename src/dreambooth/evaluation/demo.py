@@ -11,11 +11,11 @@ stays where it was.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from dreambooth.evaluation import experiment, world
+from dreambooth.formats.atomic import atomic_file, write_json_atomic
 
 
 def run_demo(out: Path, steps: int | None = None, seed: int = 0) -> dict:
@@ -36,11 +36,12 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0) -> dict:
         images = experiment.draw_prompts(path, None, seed, recipe)
         metrics[name] = experiment.measure_images(images)
         grids[name] = out / f"{'before' if name == 'base' else 'after'}.png"
-        experiment.prompt_grid(images).save(grids[name])
+        with atomic_file(grids[name]) as tmp:
+            experiment.prompt_grid(images).save(tmp, format="PNG")
     record = {"base_model": str(model), "trained_model": str(run_dir), "seed": seed, "recipe": asdict(recipe),
               "metrics": metrics, "prompts": {"subject": [p for p, _ in world.subject_prompts()],
                                               "class": [p for p, _ in world.class_prompts()]}}
-    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(out / "metrics.json", record)
     print_summary(metrics, run_dir, out, grids)
     return record
 

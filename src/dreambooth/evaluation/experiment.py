@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from dreambooth.evaluation import world
-from dreambooth.formats.atomic import write_json_atomic, write_text_atomic
+from dreambooth.formats.atomic import atomic_file, write_json_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,8 @@ def run_experiment(out: Path, *, model: Path | None = None, seeds: list[int], re
             results.append(result)
             print(json.dumps(result), flush=True)
             if seed == seeds[0]:
-                grid.save(out / f"grid-{_slug(variant)}.png")
+                with atomic_file(out / f"grid-{_slug(variant)}.png") as tmp:
+                    grid.save(tmp, format="PNG")
     summary = {"model": str(model), "seeds": seeds, "recipe": asdict(recipe), "results": results,
                "prompts": {"subject": [p for p, _ in world.subject_prompts("IDENTIFIER")],
                            "class": [p for p, _ in world.class_prompts()]}}

@@ -73,9 +73,22 @@ def configs(vocab_size: int, ids: dict) -> dict[str, dict]:
     return {"vae": vae, "unet": unet, "text_encoder": text}
 
 
-def pretrain(out: pathlib.Path, *, seed: int = 0, images: int = 12000, vae_steps: int = 800, steps: int = 4000,
-             batch_size: int = 32, lr: float = 8e-4, log_every: int = 100) -> dict:
-    """Trains the VAE, then the UNet and text encoder, and saves the pipeline to `out`; returns a summary."""
+def pretrain(out: pathlib.Path, **settings) -> dict:
+    """Trains the VAE, then the UNet and text encoder, and saves the pipeline to `out`; returns a summary.
+
+    Built in a scratch folder beside `out` and moved in with model_index.json last (`formats.atomic`).
+    """
+    from dreambooth.formats.atomic import move_into, temporary_folder, temporary_name
+
+    out = pathlib.Path(out)
+    with temporary_folder(temporary_name(out)) as tmp:
+        summary = _pretrain(tmp, **settings)
+        move_into(tmp, out, last="model_index.json")
+    return summary
+
+
+def _pretrain(out: pathlib.Path, *, seed: int = 0, images: int = 12000, vae_steps: int = 800, steps: int = 4000,
+              batch_size: int = 32, lr: float = 8e-4, log_every: int = 100) -> dict:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -107,12 +107,21 @@ def temporary_folder(tmp: Path) -> Iterator[Path]:
 
 
 def commit_folder(tmp: Path, path: Path) -> None:
-    """Renames a finished temporary folder to `path`, replacing a folder already there (a checkpoint saved again)."""
+    """Renames a finished temporary folder to `path`, replacing a folder already there (a checkpoint saved again).
+
+    The old folder is renamed aside first and removed only after the new one is in place, so no moment has
+    neither on disk, and the slow removal of gigabytes happens after the swap, not between its two renames.
+    """
     publish(tmp)
+    old = None
     if path.exists() or path.is_symlink():
-        _remove(path)
+        old = temporary_name(path.with_name(path.name + ".old"))
+        _remove(old)
+        os.replace(path, old)
     os.replace(tmp, path)
     _sync_folder(path.parent)
+    if old is not None:
+        _remove(old)
 
 
 @contextlib.contextmanager
@@ -158,6 +167,9 @@ def move_into(src_dir: Path, dst_dir: Path, last: str | None = None) -> None:
     """
     dst_dir.mkdir(parents=True, exist_ok=True)
     publish(src_dir)
+    if last is not None:  # the old marker goes first: half a move must not load as the old model
+        _remove(dst_dir / last)
+        _sync_folder(dst_dir)
     entries = sorted(src_dir.iterdir(), key=lambda p: p.name == last)
     for entry in entries:
         target = dst_dir / entry.name

@@ -5,6 +5,7 @@ evaluation and export.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -29,6 +30,31 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "lms": ("LMSDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
 }
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """diffusers' and transformers' load and save bars off inside the block, then as they were.
+
+    They are nested bars whose cursor-up escape codes litter a log, for steps this tool reports in one line each.
+    The hub's download bars stay on: they show that a first run is fetching gigabytes, not hanging.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    before, hub_was_off = [lib.is_progress_bar_enabled() for lib in libraries], are_progress_bars_disabled()
+    for lib in libraries:
+        lib.disable_progress_bar()  # transformers' turns the hub's off too
+    if not hub_was_off:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        for lib, was_on in zip(libraries, before):
+            lib.enable_progress_bar() if was_on else lib.disable_progress_bar()
+        disable_progress_bars() if hub_was_off else enable_progress_bars()
 
 
 # Precision names as the options spell them (`no` is accelerate's for fp32 mixed precision) and their dtypes.

@@ -10,7 +10,6 @@ path that reads a real base model can be exercised offline. Three sizes:
   512 px, so speed and memory measured on it are those of real SD 1.5 (GPU benchmarks; ~4 GB on disk).
 """
 
-import contextlib
 import json
 import pathlib
 import random
@@ -21,9 +20,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from PIL import Image, ImageDraw
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from transformers.utils import logging as hf_logging
 
 from dreambooth.errors import UserError
+from dreambooth.formats.atomic import move_into, temporary_folder, temporary_name
+from dreambooth.models.loading import quiet_progress_bars
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SIZES = ("tiny", "small", "sd15")
@@ -102,6 +102,14 @@ def build_tiny_model(
     if resolution <= 0 or resolution % step:
         raise UserError(f"resolution must be a positive multiple of {step} for size {size}, got {resolution}")
     out_dir = pathlib.Path(out_dir)
+    # Built beside out_dir and moved in with model_index.json last: a folder that loads is a whole model.
+    with temporary_folder(temporary_name(out_dir)) as tmp:
+        _build(tmp, size, resolution, prediction_type, seed)
+        move_into(tmp, out_dir, last="model_index.json")
+    return out_dir
+
+
+def _build(out_dir: pathlib.Path, size: str, resolution: int, prediction_type: str, seed: int) -> None:
     tokenizer = build_tokenizer(out_dir / "tokenizer", _vocab_size(size))
     configs = model_configs(size, resolution)
     # Module constructors draw from the global generator; forking keeps the caller's random state intact.
@@ -118,11 +126,10 @@ def build_tiny_model(
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         pipeline.save_pretrained(out_dir, safe_serialization=True)
     readme = _README if size == "tiny" else _SIZED_README.format(size=size, what=_WHAT[size])
     (out_dir / "README.md").write_text(readme)
-    return out_dir
 
 
 def tiny_model_command(options) -> pathlib.Path:
@@ -157,18 +164,6 @@ def model_configs(size: str = "tiny", resolution: int | None = None) -> dict[str
     vocab = _vocab_size(size)
     ids = {"bos_token_id": vocab - 2, "eos_token_id": vocab - 1, "pad_token_id": vocab - 1}
     return {"unet": unet(resolution // factor), "vae": vae(resolution), "text_encoder": text(vocab, ids)}
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars():
-    """Hide transformers' one-step "Writing model shards" bar, then restore whatever the caller had."""
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _unet(sample_size: int) -> dict:

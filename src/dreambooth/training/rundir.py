@@ -23,17 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreambooth.errors import UserError
+from dreambooth.formats.atomic import write_text_atomic
 
 RUN_INFO = "run_info.json"
 STATE_FILE = "trainer_state.json"
 LOCK_FILE = ".dreambooth.lock"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL_FILE = re.compile(r"^\..+\.\d+\.tmp$")  # formats.atomic.temporary_name
+SCRATCH_FOLDERS = (".final-model.tmp", ".lora.tmp")  # training.outputs and formats.lora save through these
 # What a run writes at the top of its folder; overwriting a run removes these and nothing else.
 MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker",
                "feature_extractor", "pytorch_lora_weights.safetensors", "token_embeddings.safetensors")
-RUN_FILES = (RUN_INFO, "config.yaml", "README.md", "samples", "latent_cache", "report.html", ".final-model.tmp",
-             ".lora.tmp")
+RUN_FILES = (RUN_INFO, "config.yaml", "README.md", "samples", "latent_cache", "report.html", *SCRATCH_FOLDERS)
 
 
 def new_run_id() -> str:
@@ -119,16 +120,19 @@ def rotate(output_dir: Path, total_limit: int | None, keep: Path) -> list[Path]:
 
 
 def is_partial_save(name: str) -> bool:
-    """`checkpoint-N.tmp`, or `.NAME.PID.tmp` from `formats.atomic`: a save that was killed part-way."""
-    return (name.startswith("checkpoint-") and name.endswith(".tmp")) or bool(PARTIAL_FILE.match(name))
+    """A save killed part-way: `checkpoint-N.tmp`, the final model's and the LoRA's scratch folders, or
+    `.NAME.PID.tmp` from `formats.atomic` (anywhere in the run folder: samples/ and latent_cache/ too)."""
+    return ((name.startswith("checkpoint-") and name.endswith(".tmp")) or name in SCRATCH_FOLDERS
+            or bool(PARTIAL_FILE.match(name)))
 
 
 def remove_partial_saves(output_dir: Path) -> None:
     """Nothing in a save killed part-way is trustworthy; it goes when the next run of the folder starts."""
-    if output_dir.is_dir():
-        for p in output_dir.iterdir():
-            if is_partial_save(p.name):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if not output_dir.is_dir():
+        return
+    for p in sorted(output_dir.rglob("*.tmp"), key=lambda p: len(p.parts)):
+        if is_partial_save(p.name) and p.exists():  # gone already if inside one removed before
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------- the folder
@@ -387,4 +391,4 @@ def claim_work_folder(out: Path, command: str, legacy: tuple[str, ...] = ()) -> 
                         "writes its models and results there and would replace or mix with them. Choose a new or "
                         "empty folder.")
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"written by `dreambooth {command}`, which replaces its own runs here\n")
+    write_text_atomic(marker, f"written by `dreambooth {command}`, which replaces its own runs here\n")
