@@ -1,9 +1,9 @@
 """oneDNN's against PyTorch's native CPU convolutions, for one fp32 training step of a UNet.
 
-The measurement behind `training.cpu_convolution=auto` (dreambooth/training/loop.py). Each case runs in its own
-process, the two kernel choices alternating, `--repeats` times: UNet forward, MSE loss, backward and a fused
-AdamW step on random latents, median step time after the warm-up steps. Models: `small` and `tiny` as built by
-`dreambooth bench` (built here when missing) and the built-in world model.
+The measurement behind `training.cpu_convolution=auto` (`cpu_convolution` in dreambooth/training/speed.py).
+Each case runs in its own process, the two kernel choices alternating, `--repeats` times: UNet forward, MSE
+loss, backward and a fused AdamW step on random latents, median step time after the warm-up steps. Models:
+`small` and `tiny` as built by `dreambooth bench` (built here when missing) and the built-in world model.
 
     python bench/cpu_convolutions.py --out bench/results/cpu-convolutions.json
 """

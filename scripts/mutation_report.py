@@ -30,7 +30,7 @@ REPORT = ROOT / "docs" / "results" / "mutation.md"
 WHOLE = ["training.loss", "training.images", "training.data", "training.components", "training.checkpoint",
          "training.tokens", "training.outputs", "generate"]
 SOME = {
-    "training.loop": ["training_step", "batch_stream", "trained_modules", "loop", "make_accelerator", "setup"],
+    "training.loop": ["training_step", "batch_stream", "loop", "make_accelerator", "setup"],
     "training.speed": ["GradientClipping", "cpu_convolution", "speed_up"],
     # the key maps between the diffusers, peft, kohya and original (LDM) state-dict layouts
     "formats.lora": ["is_kohya", "_to_peft_names", "lora_state_for_peft"],

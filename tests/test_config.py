@@ -45,7 +45,7 @@ def test_design_yaml_loads_as_written(tmp_path):
     # The config file's schema has no prior-preservation switch (docs/design.md): a class folder means it is on
     assert cfg.dataset.with_prior_preservation is True
     assert cfg.dataset.class_prompt == "a photo of a girl"
-    assert any("prior preservation: on" in note for note in cfg._notes)
+    assert any("prior preservation: on" in note for note in cfg.notes)
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -20,11 +20,36 @@ def module_name(path: Path) -> str:
 MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
 
 
+# The layers of docs/design.md, bottom first: a module imports only from its own layer or the layers below it.
+LAYERS = {
+    "base": ["errors", "versions", "options", "command_options", "formats.atomic", "training.speed"],
+    "what things are": ["config", "config_file", "models.base", "formats.lora", "training.images", "training.tokens",
+                        "training.rundir", "training.loss"],
+    "models and drawing": ["models.loading", "formats.lora_loading", "models.tiny", "generate"],
+    "exports": ["formats.kohya", "formats.merge", "formats.single_file"],
+    "training": ["training.data", "training.cache", "training.components", "training.checkpoint",
+                 "training.outputs", "training.class_images", "training.hub", "preflight", "training.loop"],
+    "evaluation": ["evaluation.evaluate", "evaluation.world", "evaluation.world_model", "evaluation.experiment",
+                   "evaluation.demo", "evaluation.compare"],
+    "front doors": ["export", "project", "cli", "__main__"],
+}
+
+
+def type_checking_only(tree: ast.Module) -> set[int]:
+    """The ids of import nodes under `if TYPE_CHECKING:`, which never run."""
+    return {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
+            and getattr(node.test, "id", None) == "TYPE_CHECKING" for inner in ast.walk(node)}
+
+
 def imports_of(path: Path) -> set[str]:
     """The package's modules `path` imports, at the top or inside a function alike: a cycle through a function-level
     import is still a cycle in the design, only one that does not crash at start-up."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = type_checking_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dreambooth"):
             for alias in node.names:  # `from dreambooth.training import loop` imports a module
                 full = f"{node.module}.{alias.name}"
@@ -69,6 +94,15 @@ def test_the_package_has_no_import_cycle():
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
+def test_every_import_goes_down_the_layers():
+    layer = {f"dreambooth.{m}": i for i, modules in enumerate(LAYERS.values()) for m in modules}
+    packages = {m for m in MODULES if (PACKAGE.parent / m.replace(".", "/") / "__init__.py").is_file()}
+    assert sorted(set(MODULES) - packages - set(layer)) == [], "modules missing from LAYERS (and docs/design.md)"
+    upward = [f"{m} -> {dep}" for m in sorted(layer) for dep in sorted(imports_of(PACKAGE.parent / (
+        m.replace(".", "/") + ".py"))) if dep in layer and layer[dep] > layer[m]]
+    assert upward == [], "imports from a higher layer: " + "; ".join(upward)
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_every_module_imports_on_its_own(module):
     """In a fresh interpreter, first thing: an order-dependent import (a cycle that only works one way) fails here."""
@@ -76,8 +110,10 @@ def test_every_module_imports_on_its_own(module):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("module", ["dreambooth.preflight", "dreambooth.config", "dreambooth.config_file",
-                                    "dreambooth.cli", "dreambooth.options", "dreambooth.command_options"])
+LIGHT = [f"dreambooth.{m}" for layer in ("base", "what things are") for m in LAYERS[layer] if m != "training.loss"]
+
+
+@pytest.mark.parametrize("module", [*LIGHT, "dreambooth.preflight", "dreambooth.cli"])
 def test_light_modules_do_not_import_torch(module):
     """Pre-flight checks everything it can before anything heavy loads; `--help` and config errors answer at once."""
     heavy = "('torch', 'diffusers', 'transformers', 'peft')"

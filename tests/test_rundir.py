@@ -11,9 +11,9 @@ import pytest
 
 from dreambooth.config_file import load_config
 from dreambooth.errors import UserError
+from dreambooth.models.base import CHECKPOINT_STATE
 from dreambooth.training.rundir import (
     RUN_INFO,
-    STATE_FILE,
     RunLock,
     inspect_folder,
     list_checkpoints,
@@ -38,7 +38,7 @@ def make_ckpt(out, step, *, run_id="r1", save_index=None, settings=None, complet
     path = out / f"checkpoint-{step}"
     path.mkdir(parents=True)
     if complete:
-        (path / STATE_FILE).write_text(json.dumps({"global_step": step, "run_id": run_id, "settings": settings,
+        (path / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step, "run_id": run_id, "settings": settings,
                                                    "save_index": save_index if save_index is not None else step}))
     return path
 

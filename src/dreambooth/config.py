@@ -8,7 +8,6 @@ and the flags into it is `config_file.load_config`.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +18,6 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 TRACKERS = ("tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab", "aim", "all",
             "none")
 DEFAULT_MAX_TRAIN_STEPS = 800
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def opt(default: Any, help: str, *flags: str, **kw: Any) -> Any:
@@ -204,6 +202,15 @@ class Config(BaseModel):
     # How loading resolved what the user left unset, for the pre-flight report ("prior preservation: on, because
     # ..."); not part of the recorded config.
     _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """What reading the config decided for the user (e.g. prior preservation on, and why), for the report."""
+        return self._notes
+
+    @notes.setter
+    def notes(self, notes: list[str]) -> None:
+        self._notes = list(notes)
     model: ModelSection = ModelSection()
     token: TokenSection = TokenSection()
     training: TrainingSection = TrainingSection()

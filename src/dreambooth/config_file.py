@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dreambooth.config import DEFAULT_MAX_TRAIN_STEPS, HUB_ID, SECTION_TYPES, Config, all_keys, cross_check
+from dreambooth.config import DEFAULT_MAX_TRAIN_STEPS, SECTION_TYPES, Config, all_keys, cross_check
 from dreambooth.errors import UserError
+from dreambooth.models.base import HUB_ID
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -201,7 +202,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         raise UserError(f"the training config{where} has {len(lines)} problem(s):\n  - " + "\n  - ".join(lines)
                         + "\nFix these keys (in the YAML or as --flags) and run again.") from None
     cfg = resolve_defaults(cfg)
-    cfg._notes = notes
+    cfg.notes = notes
     return cfg
 
 

@@ -16,15 +16,15 @@ from dreambooth.formats.lora import (
     check_lora_source,
     copy_lora,
     find_lora_file,
-    header_metadata,
     is_kohya,
     parse_lora_spec,
+    read_metadata,
     read_safetensors,
     refuse_pickle,
 )
 from dreambooth.formats.merge import merge_lora, model_folder
 from dreambooth.formats.single_file import embedding_note, prediction_type, to_single_file
-from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
+from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, file_kind, safetensors_metadata
 from dreambooth.models.loading import quiet_progress_bars
 
 FORMATS = ("kohya", "single-file", "diffusers")
@@ -43,22 +43,9 @@ def _size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-# --- LoRA -> kohya ----------------------------------------------------------------------------------------------
-
-
-# --- Diffusers folder -> one original-layout (LDM) file ---------------------------------------------------------
-
-
-# --- Merging LoRAs into a model ---------------------------------------------------------------------------------
-
-
-# --- The command ------------------------------------------------------------------------------------------------
-
-
 def source_kind(src: Path) -> str:
     """'model' for a diffusers folder or a full fine-tune's checkpoint, 'lora' for a LoRA file, LoRA folder or a LoRA
     run's checkpoint ('lora-checkpoint'); anything else is a UserError."""
-    from safetensors import SafetensorError, safe_open
 
     if not src.exists():
         raise UserError(f"SRC {src} does not exist. Pass a training output folder, a checkpoint-N folder, a "
@@ -75,16 +62,16 @@ def source_kind(src: Path) -> str:
                         f"(no {LORA_FILE}). Pass the folder that training wrote, or the LoRA file.")
     if src.suffix != ".safetensors":
         raise UserError(f"SRC {src} is not a .safetensors file or a folder; pass a model folder or a LoRA file.")
-    try:
-        with safe_open(str(src), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"SRC {src} is not a readable safetensors file ({e}).") from None
-    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
+    read = safetensors_metadata(src)
+    if read is None:
+        raise UserError(f"SRC {src} is not a readable safetensors file (its header does not read); it may be "
+                        "truncated or not a safetensors file at all.")
+    kind, keys = file_kind(src), read[0]
+    if kind == "single-file":
         raise UserError(f"SRC {src} is already a single-file Stable Diffusion checkpoint. To get a diffusers "
                         "folder from it use diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained"
                         "(DIR), then export that folder.")
-    if keys and all("lora" in k or k.endswith(".alpha") or k.startswith("bundle_emb.") for k in keys):
+    if kind == "lora":
         return "lora"
     raise UserError(f"SRC {src} holds neither LoRA weights nor a model (first key: {keys[0] if keys else 'none'}).")
 
@@ -126,7 +113,7 @@ def export_command(options) -> Path:
             else:
                 path, what = merge_lora(src, loras, out, half=half), "diffusers model"
     print(f"wrote {what} {path} ({human_size(_size_of(path))})")
-    embedded = json.loads(header_metadata(path).get("dreambooth.embedding_files", "{}")) if path.is_file() else {}
+    embedded = json.loads(read_metadata(path).get("dreambooth.embedding_files", "{}")) if path.is_file() else {}
     if embedded:
         if fmt == "kohya":
             print(f"note: the kohya file carries the new token(s) {', '.join(embedded)} itself (A1111 and Forge read "

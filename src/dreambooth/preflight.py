@@ -15,7 +15,13 @@ from dreambooth.models.base import check_model_folder, is_hub_id, model_identity
 from dreambooth.training.class_images import ClassImagePlan, plan_class_images, recipe
 from dreambooth.training.images import ImageFolderReport, check_instance_folder, scan_image_folder
 from dreambooth.training.rundir import RunPlan, plan_run
-from dreambooth.training.tokens import IdentifierPlan, plan_identifier, prompt_token_count, wants_new_token
+from dreambooth.training.tokens import (
+    IdentifierPlan,
+    load_tokenizer,
+    plan_identifier,
+    prompt_token_count,
+    wants_new_token,
+)
 
 # pip names of accelerate's trackers, for the message when one is missing
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "comet_ml": "comet-ml",
@@ -106,18 +112,6 @@ def check_runtime(cfg: Config) -> None:
     if cfg.model.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
         raise UserError("model.enable_xformers_memory_efficient_attention: xformers is not installed; "
                         "`pip install xformers` or drop the flag (PyTorch SDPA attention is used by default).")
-
-
-def load_tokenizer(cfg: Config):
-    """The tokenizer alone (no weights), to check prompts before a model loads."""
-    from transformers import CLIPTokenizer
-
-    source = cfg.model.tokenizer_name or cfg.model.pretrained_model
-    sub = {} if cfg.model.tokenizer_name else {"subfolder": "tokenizer"}
-    try:
-        return CLIPTokenizer.from_pretrained(source, revision=cfg.model.revision, **sub)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model.pretrained_model: could not load the tokenizer of {source}: {e}") from None
 
 
 def check_base_model(cfg: Config) -> str:
@@ -340,7 +334,7 @@ def run_preflight(cfg: Config) -> Preflight:
         hub_repo = problems.check(check_upload, cfg)
     problems.raise_if_any()
     report = Preflight(subjects, prediction_type, identity, run_plan, class_plans, warnings,
-                       notes=cfg._notes + run_plan.notes, hub_repo=hub_repo)
+                       notes=cfg.notes + run_plan.notes, hub_repo=hub_repo)
     if int(os.environ.get("RANK", "0")) == 0:  # launched processes all check; one reports
         print(report.format(), flush=True)
     return report

@@ -1,4 +1,5 @@
-"""The LoRA file: its names, reading it (diffusers, peft and kohya spellings), writing it, and its new tokens.
+"""The LoRA file: its names, reading it (the spellings diffusers and peft write; a kohya file is told apart and
+refused where it cannot be converted), writing it, and its new tokens.
 
 The file is `pytorch_lora_weights.safetensors` (`models.base.LORA_FILE`), diffusers' own name and layout, so stock
 `pipe.load_lora_weights(output_dir)` loads it. A new identifier token's trained embedding goes beside it in
@@ -92,9 +93,6 @@ def new_tokens(lora_file: Path) -> list[str]:
         return []
 
 
-def header_metadata(path: Path) -> dict[str, str]:
-    read = safetensors_metadata(path)
-    return read[1] if read else {}
 
 
 def is_kohya(keys) -> bool:
@@ -188,10 +186,9 @@ def read_lora(src: Path) -> LoraFile:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
+    """A safetensors file's metadata, from its header alone ({} if it is not one)."""
+    read = safetensors_metadata(path)
+    return read[1] if read else {}
 
 
 def token_file_for(lora_file: Path) -> Path:

@@ -1,8 +1,9 @@
 """The VAE latent cache: each augmented training image is encoded once, then reused for every later step.
 
-Entries are keyed by what the image IS (file, resolution, crop corner, flip: the dataset's `cache_key`), never
-by step or batch position: diffusers' `--cache_latents` encoded the first epoch's batches in order and
-replayed them, pairing latents with the wrong captions once shuffling changed the order (#14430).
+Entries are keyed by what the image IS (file, resolution, crop corner, flip: the key `data.DreamBoothDataset`
+gives each item), never by step or batch position: diffusers' `--cache_latents` encoded the first epoch's
+batches in order and replayed them, pairing latents with the wrong captions once shuffling changed the order
+(#14430).
 
 What is stored is the encoder's distribution (mean and std), not a sample: each step still draws its own
 sample with the run's generator, exactly as `latent_dist.sample(generator)` does, so a cached run computes the

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import commit_folder
-from dreambooth.training.rundir import STATE_FILE, next_save_index, rotate
+from dreambooth.models.base import CHECKPOINT_STATE
+from dreambooth.training.rundir import next_save_index, rotate
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -48,7 +49,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, gener
         try:
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text, encoding="utf-8")
-            (tmp / STATE_FILE).write_text(json.dumps(
+            (tmp / CHECKPOINT_STATE).write_text(json.dumps(
                 {**state, "global_step": step, "save_index": next_save_index(output_dir)}, indent=2, default=str))
             commit_folder(tmp, final)
         except BaseException:
@@ -68,7 +69,7 @@ def load_checkpoint(accelerator, path: Path, generator: torch.Generator) -> dict
                         f"(no {rng_file.name}); resume with the same number of processes.")
     rng = load_file(str(rng_file))["noise_generator"]
     generator.set_state(rng)
-    return json.loads((path / STATE_FILE).read_text())
+    return json.loads((path / CHECKPOINT_STATE).read_text())
 
 
 def _load_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -181,9 +182,7 @@ class CheckpointFiles:
     def _load_legacy(self, folder: Path) -> None:
         """Checkpoints saved before the diffusers layout: trainable_<i>.safetensors per prepared module."""
         acc = self.run.accelerator
-        trained = [m for m in (self.run.models.unet, self.run.models.text_encoder)
-                   if any(p.requires_grad for p in m.parameters())]
-        for i, model in enumerate(trained):
+        for i, model in enumerate(self.run.models.trained()):
             path = folder / f"trainable_{i}.safetensors"
             module = acc.unwrap_model(model)
             result = module.load_state_dict(load_file(str(path)), strict=False)

@@ -29,7 +29,7 @@ from dreambooth.errors import UserError
 from dreambooth.formats.atomic import atomic_file, write_json_atomic
 from dreambooth.training.images import scan_image_folder
 
-MANIFEST = "dreambooth_class_images.json"  # listed in data.TOOL_FILES, so scans skip it
+MANIFEST = "dreambooth_class_images.json"  # listed in images.TOOL_FILES, so scans skip it
 STAGING = ".dreambooth-pending"
 
 

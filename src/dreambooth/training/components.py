@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from dreambooth.config import Config, Subject
 from dreambooth.training.data import DreamBoothDataset, MultiSubjectDataset, collate_examples
-from dreambooth.training.tokens import IdentifierPlan, add_identifier_token, train_only_rows
+from dreambooth.training.tokens import IdentifierPlan, add_identifier_token, load_tokenizer, train_only_rows
 
 
 @dataclass
@@ -24,6 +24,10 @@ class Models:
     noise_scheduler: object
     new_token_ids: list[int] = field(default_factory=list)
 
+    def trained(self) -> list[torch.nn.Module]:
+        """The UNet and the text encoder, each if any of its parameters trains (LoRA adapters, a new token's row)."""
+        return [m for m in (self.unet, self.text_encoder) if any(p.requires_grad for p in m.parameters())]
+
     @property
     def text_trains(self) -> bool:
         return any(p.requires_grad for p in self.text_encoder.parameters())
@@ -33,8 +37,6 @@ def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dt
     """Loads the base model's parts; frozen weights go to `weight_dtype`, trainable ones stay fp32."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
-
-    from dreambooth.preflight import load_tokenizer
 
     src = {"revision": cfg.model.revision}
     base = cfg.model.pretrained_model

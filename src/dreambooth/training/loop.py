@@ -14,11 +14,11 @@ from dreambooth.config import Config
 from dreambooth.config_file import dump_config
 from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.formats.atomic import atomic_file
-from dreambooth.models.loading import DTYPES
+from dreambooth.models.loading import DTYPES, make_scheduler
 from dreambooth.preflight import Preflight, run_preflight
 from dreambooth.training.cache import LatentCache
 from dreambooth.training.checkpoint import CheckpointFiles, StopRequest, load_checkpoint, save_checkpoint
-from dreambooth.training.class_images import prepare_class_images
+from dreambooth.training.class_images import commit, prepare_class_images
 from dreambooth.training.components import (
     Models,
     PromptEncoder,
@@ -36,7 +36,7 @@ from dreambooth.training.loss import (
     noise_with_offset,
     snr_from_alphas,
 )
-from dreambooth.training.outputs import MetricsLog, save_outputs, write_run_info
+from dreambooth.training.outputs import MetricsLog, save_outputs, write_model_card, write_run_info
 from dreambooth.training.rundir import RunLock, new_run_id
 from dreambooth.training.speed import (
     GradientClipping,
@@ -99,17 +99,13 @@ def batch_stream(run: Run, batches_done: int):
         epoch, skip = epoch + 1, 0
 
 
-def trained_modules(run: Run) -> list[torch.nn.Module]:
-    return [m for m in (run.models.unet, run.models.text_encoder) if any(p.requires_grad for p in m.parameters())]
-
-
 def loop(run: Run, start_step: int, stop: StopRequest) -> None:
     """Steps until total_steps; checkpoints, validates and logs on their intervals; stops cleanly on request."""
     cfg, acc = run.cfg, run.accelerator
     encode = PromptEncoder(cfg, run.models, acc.device)
     salt = f"{run.report.base_identity}|"
     latent_cache = LatentCache(run.models.vae, cfg.training.latent_cache, run.out / "latent_cache", salt)
-    modules = trained_modules(run)
+    modules = run.models.trained()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     clip = GradientClipping(acc, run.optimizer, params, cfg.training.max_grad_norm)
     logger = MetricsLog(run)
@@ -164,7 +160,6 @@ def validate(run: Run) -> None:
     from diffusers import StableDiffusionPipeline
 
     from dreambooth.generate import GenerationSettings, generate_images, grid_info, make_grid
-    from dreambooth.models.loading import make_scheduler
 
     acc, v, m = run.accelerator, run.cfg.validation, run.models
     if not acc.is_main_process:
@@ -231,7 +226,7 @@ def setup(cfg: Config, report: Preflight) -> Run:
     loader = accelerator.prepare(loader)
     total = t.max_train_steps or t.num_train_epochs * math.ceil(len(loader) / t.gradient_accumulation_steps)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, accelerator.num_processes, total)
-    trained = [m for m in (models.unet, models.text_encoder) if any(p.requires_grad for p in m.parameters())]
+    trained = models.trained()
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
     for module, wrapped in zip(trained, prepared):
         setattr(models, "unet" if module is models.unet else "text_encoder", wrapped)
@@ -265,8 +260,6 @@ def resume(run: Run) -> int:
 def start_run(run: Run) -> None:
     """The run can start: its id is settled, the output folder and class folders are changed as planned."""
     from accelerate.utils import broadcast_object_list
-
-    from dreambooth.training.class_images import commit
 
     acc, plan = run.accelerator, run.report.run_plan
     run.run_id = broadcast_object_list([plan.run_id or new_run_id()])[0] if acc.num_processes > 1 else \
@@ -316,8 +309,6 @@ def train(cfg: Config) -> Path:
 
 def finish(run: Run) -> None:
     """The final outputs, the model card, the upload; one line saying where they are."""
-    from dreambooth.training.outputs import write_model_card
-
     save_outputs(run)
     cfg, out = run.cfg, run.out
     if not run.accelerator.is_main_process:

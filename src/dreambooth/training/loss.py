@@ -1,4 +1,5 @@
-"""The DreamBooth loss as pure functions: noise-prediction MSE, prior preservation and Min-SNR-gamma weighting.
+"""The DreamBooth loss as pure functions: the diffusion target (epsilon or v), noise-prediction MSE with prior
+preservation, Min-SNR-gamma weighting, and offset noise.
 
 Nothing here touches a model, an optimizer or global randomness, so every number can be checked by hand
 (tests/test_loss.py does).

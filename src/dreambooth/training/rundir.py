@@ -6,7 +6,9 @@ identifiers, resolution). Training into a folder that holds another run is refus
 it or asks to replace it; resuming from a checkpoint whose settings differ, or that belongs to another run
 than the folder, is refused. Nothing is removed before the run is known to start (`claim`).
 
-Torch-free: everything here is decided in pre-flight, before weights load.
+Torch-free: the plan is made in pre-flight, before weights load; the lock and `claim` act on it when the run
+starts. `claim_work_folder` gives the same protection to the folders of `demo`, `experiment`, `compare` and
+`tiny-model`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from pathlib import Path
 
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import write_text_atomic
+from dreambooth.models.base import CHECKPOINT_STATE
 
 RUN_INFO = "run_info.json"
-STATE_FILE = "trainer_state.json"
 LOCK_FILE = ".dreambooth.lock"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL_FILE = re.compile(r"^\..+\.\d+\.tmp$")  # formats.atomic.temporary_name
@@ -88,7 +90,7 @@ class CheckpointInfo:
 def read_checkpoint(path: Path) -> CheckpointInfo | None:
     """A complete checkpoint folder's record; None if `path` is not one."""
     try:
-        state = json.loads((path / STATE_FILE).read_text())
+        state = json.loads((path / CHECKPOINT_STATE).read_text())
     except (OSError, ValueError):
         return None
     step = int(state.get("global_step", 0))
@@ -298,7 +300,7 @@ def _plan_resume(cfg, plan: RunPlan, folder: FolderState, resume: str, identity_
         checkpoint = read_checkpoint(path)
         if checkpoint is None:
             raise UserError(f"output.resume_from_checkpoint: {path} is not a complete checkpoint folder (no "
-                            f"{STATE_FILE}); pass a checkpoint-N folder from a run, or 'latest'.")
+                            f"{CHECKPOINT_STATE}); pass a checkpoint-N folder from a run, or 'latest'.")
         if folder.is_run and folder.run_id and checkpoint.run_id and folder.run_id != checkpoint.run_id:
             raise UserError(f"output.resume_from_checkpoint: {path} belongs to run {checkpoint.run_id}, but "
                             f"output_dir {out} holds run {folder.run_id}. Resume it into its own folder or an empty "

@@ -10,6 +10,8 @@ from dreambooth.errors import UserError
 if TYPE_CHECKING:  # torch loads when a token is added, not when pre-flight plans one
     import torch
 
+    from dreambooth.config import Config
+
 
 @dataclass
 class IdentifierPlan:
@@ -93,3 +95,15 @@ def train_only_rows(embedding: torch.nn.Embedding, row_ids: list[int]) -> None:
 def prompt_token_count(tokenizer, prompt: str) -> int:
     """Tokens the prompt takes, start and end tokens included."""
     return len(tokenizer(prompt, truncation=False).input_ids)
+
+
+def load_tokenizer(cfg: Config):
+    """The tokenizer alone (no weights), to check prompts before a model loads."""
+    from transformers import CLIPTokenizer
+
+    source = cfg.model.tokenizer_name or cfg.model.pretrained_model
+    sub = {} if cfg.model.tokenizer_name else {"subfolder": "tokenizer"}
+    try:
+        return CLIPTokenizer.from_pretrained(source, revision=cfg.model.revision, **sub)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.pretrained_model: could not load the tokenizer of {source}: {e}") from None
