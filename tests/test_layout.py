@@ -27,11 +27,12 @@ LAYERS = {
                         "training.rundir", "training.loss"],
     "models and drawing": ["models.loading", "formats.lora_loading", "models.tiny", "generate"],
     "exports": ["formats.kohya", "formats.merge", "formats.single_file"],
+    "characters": ["characters.state", "characters.character", "characters.compiler"],
     "training": ["training.data", "training.cache", "training.components", "training.checkpoint",
                  "training.outputs", "training.class_images", "training.hub", "preflight", "training.loop"],
     "evaluation": ["evaluation.evaluate", "evaluation.world", "evaluation.world_model", "evaluation.experiment",
                    "evaluation.demo", "evaluation.compare"],
-    "front doors": ["export", "project", "cli", "__main__"],
+    "front doors": ["export", "project", "characters.commands", "cli", "__main__"],
 }
 
 

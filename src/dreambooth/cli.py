@@ -22,6 +22,7 @@ import dreambooth
 from dreambooth import __version__
 from dreambooth.command_options import (
     CompareOptions,
+    CompilePromptOptions,
     DemoOptions,
     EvaluateOptions,
     ExperimentOptions,
@@ -142,6 +143,8 @@ COMMANDS = {command.name: command for command in (
     Command("bench", "Measure training speed and memory, optionally beside diffusers' train_dreambooth.py "
             "(bench/bench.py of the repository).",
             "bench/bench.py:bench_command", "bench/bench.py:BenchSettings", heavy=True),
+    Command("compile-prompt", "A character's prompt, seed and settings for a state (characters.yaml), as JSON.",
+            "dreambooth.characters.commands:compile_prompt_command", CompilePromptOptions),
     Command("demo", "Train the built-in subject into the built-in model on a CPU; measure before and after.",
             "dreambooth.evaluation.demo:demo_command", DemoOptions, heavy=True),
     Command("experiment", "The DreamBooth paper's experiment on the built-in world: base vs full/LoRA, with and "

@@ -142,6 +142,16 @@ class CompareOptions:
 
 
 @dataclass(kw_only=True)
+class CompilePromptOptions:
+    """`dreambooth compile-prompt`: a character's render request for a state (prompt, seed, settings), as JSON."""
+
+    characters: Path = option(Path("characters.yaml"), help="The characters file.")
+    character: str | None = option(None, help="The character's name in the file.")
+    state: Path | None = option(None, help="A JSON file with the character's state.")
+    schema: bool = option(False, help="Print the state's JSON Schema (a language model's tool parameters) instead.")
+
+
+@dataclass(kw_only=True)
 class DemoOptions:
     """`dreambooth demo`: the built-in subject trained into the built-in model on a CPU, measured before and after."""
 

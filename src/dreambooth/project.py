@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -37,6 +38,15 @@ def project_config(identifier: str, class_word: str, model: str) -> dict:
     }
 
 
+def project_characters(identifier: str, class_word: str) -> dict:
+    """The characters.yaml that init writes: the subject as a character of the trained model (`output`)."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", identifier).strip("_") or "character"
+    return {"characters": [{
+        "name": name, "model": "output", "identifier": identifier, "class_word": class_word,
+        "appearance": [], "style": None, "negative_prompt": "blurry, lowres", "width": 512, "height": 512,
+        "steps": 30, "guidance": 7.5, "scheduler": "dpm++", "seed_policy": "state", "seed": 0}]}
+
+
 def init_project(directory: Path, *, identifier: str, class_word: str, model: str, force: bool = False) -> None:
     """Writes data/instance, data/class, prompts/, config.yaml and a README; never overwrites without --force."""
     config = directory / "config.yaml"
@@ -53,6 +63,11 @@ def init_project(directory: Path, *, identifier: str, class_word: str, model: st
             path.write_text(f"# first non-comment line is used\n{text}\n", encoding="utf-8")
     cfg = project_config(identifier, class_word, model)
     write_text_atomic(config, yaml.safe_dump(cfg, sort_keys=False))
+    characters = directory / "characters.yaml"
+    if not characters.exists() or force:
+        header = "# Characters for `dreambooth compile-prompt` (`--schema` prints the state it reads).\n"
+        write_text_atomic(characters, header + yaml.safe_dump(project_characters(identifier, class_word),
+                                                              sort_keys=False))
     readme = directory / "README.md"
     if not readme.exists() or force:
         write_text_atomic(readme, PROJECT_README.format(identifier=identifier, class_word=class_word, resolution=512))

@@ -30,6 +30,22 @@ SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipelin
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 
 
+# Short sampler names as users type them, and the diffusers classes (with config tweaks) they mean.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+}
+
+
+
 def safetensors_metadata(path: Path) -> tuple[list[str], dict[str, str]] | None:
     """The tensor names and metadata of a safetensors file, from its header alone; None if it is not one."""
     try:

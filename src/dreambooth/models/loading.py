@@ -14,22 +14,15 @@ import torch
 from dreambooth.errors import UserError
 from dreambooth.formats.lora import TOKEN_FILE
 from dreambooth.formats.lora_loading import load_loras, load_token_file
-from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, check_model_folder, is_hub_id, resolve_hub_model
+from dreambooth.models.base import (
+    CHECKPOINT_STATE,
+    LORA_FILE,
+    SCHEDULERS,
+    check_model_folder,
+    is_hub_id,
+    resolve_hub_model,
+)
 from dreambooth.training.speed import collection_paused
-
-# Short sampler names as users type them, and the diffusers classes (with config tweaks) they mean.
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "dpm++": ("DPMSolverMultistepScheduler", {}),
-    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-}
 
 
 @contextlib.contextmanager

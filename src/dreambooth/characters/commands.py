@@ -1,0 +1,71 @@
+"""`dreambooth compile-prompt`: a character's render request for a state, printed as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from dreambooth.characters.character import Character, load_characters
+from dreambooth.characters.compiler import compile_prompt, token_counter
+from dreambooth.characters.state import CharacterState
+from dreambooth.errors import UserError
+
+
+def read_state(path: Path) -> CharacterState:
+    """A state from a JSON file; every problem named by its key."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--state {path} does not exist.") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--state {path} is not valid JSON: {e}") from None
+    try:
+        return CharacterState.model_validate(data)
+    except ValidationError as e:
+        problems = [f"{'.'.join(map(str, err['loc'])) or 'state'}: {err['msg']}" for err in e.errors()]
+        raise UserError(f"--state {path} is not a valid state ({'; '.join(problems)}). `dreambooth compile-prompt "
+                        "--schema` prints what a state holds.") from None
+
+
+def character_tokenizer(character: Character):
+    """The tokenizer of the character's model, with the new tokens its LoRAs were trained with, so that an
+    identifier such as `<saya>` counts as the one token it is."""
+    from transformers import CLIPTokenizer
+
+    from dreambooth.formats.lora import find_lora_file, new_tokens
+
+    folder = Path(character.model) / "tokenizer"
+    if not folder.is_dir():
+        raise UserError(f"character {character.name}: {character.model} has no tokenizer/ folder; prompts are "
+                        "measured with the model's own tokenizer. Give a local diffusers model folder as `model`.")
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    for lora in character.loras:
+        tokenizer.add_tokens(new_tokens(find_lora_file(lora.file)))
+    return tokenizer
+
+
+def compile_prompt_command(options) -> dict:
+    """`options`: a command_options.CompilePromptOptions."""
+    from dreambooth.characters.state import state_schema
+
+    if options.schema:
+        print(json.dumps(state_schema(), indent=2))
+        return state_schema()
+    if options.character is None or options.state is None:
+        raise UserError("compile-prompt needs --character NAME and --state FILE (or --schema to print the state's "
+                        "JSON Schema).")
+    characters = load_characters(options.characters)
+    if options.character not in characters:
+        raise UserError(f"--character {options.character}: no such character in {options.characters} (it has "
+                        f"{', '.join(characters)}).")
+    character = characters[options.character]
+    state = read_state(options.state)
+    tokenizer = character_tokenizer(character)
+    request = compile_prompt(character, state, count_tokens=token_counter(tokenizer),
+                             max_tokens=tokenizer.model_max_length)
+    record = asdict(request)
+    print(json.dumps(record, indent=2))
+    return record

@@ -1,0 +1,122 @@
+"""The prompt compiler: (character, state) -> render request. A pure function: no model, no randomness, no clock.
+
+The prompt is the character's identity (its `prompt_template`, which holds the identifier and class word), then
+one fragment per state slot in the vocabulary's order, joined by commas. When it would exceed the text encoder's
+tokens, the fragment of the lowest priority is dropped first, repeatedly, and the request says what was dropped;
+the identity is never dropped. The emotion's intensity weights its words in `weighted_prompt`, in the syntax of
+`compel` (`(happy, smiling)1.3`), which the renderer reads; `prompt` is the same text unweighted. The seed is the
+character's own (`seed_policy: fixed`) or a hash of the character and the whole state (`state`), so the same
+state always draws the same picture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dreambooth.characters.character import Character, merged_vocabulary
+from dreambooth.characters.state import CharacterState
+from dreambooth.errors import UserError
+
+SLOTS_IN_STATE = ("expression", "gaze", "action", "outfit", "shot", "location", "time_of_day", "lighting", "style")
+EMPHASIS_RANGE = (0.7, 1.3)  # the weight at intensity 0 and at 1; 1.0 (no weight) at 0.5
+
+
+@dataclass(frozen=True)
+class Fragment:
+    slot: str
+    text: str
+    priority: int
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """Everything that decides a picture of a character, and how the prompt was made."""
+
+    character: str
+    prompt: str
+    weighted_prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    scheduler: str
+    seed: int
+    tokens: int
+    dropped: list[str] = field(default_factory=list)
+
+
+def _escape(text: str) -> str:
+    """Free text as compel reads it literally: its weighting brackets escaped."""
+    return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+
+def _emphasis(intensity: float) -> float:
+    low, high = EMPHASIS_RANGE
+    return round(low + (high - low) * intensity, 2)
+
+
+def fragments(character: Character, state: CharacterState, vocabulary: dict) -> list[Fragment]:
+    """The state's fragments in prompt order (the identity not included), each with its priority and weight."""
+    slots, words = vocabulary["slots"], vocabulary["words"]
+    values: dict[str, list[str]] = {"appearance": [", ".join(character.appearance)] if character.appearance else [],
+                                    "emotion": [state.emotion]}
+    for slot in SLOTS_IN_STATE:
+        value = getattr(state, slot)
+        if slot == "style" and value is None:
+            value = character.style
+        values[slot] = [value] if value else []
+    values["extra"] = [word for word in state.extra if word.strip()]
+    found = []
+    for slot, settings in slots.items():  # the vocabulary's order is the prompt's
+        weight = _emphasis(state.intensity) if settings.get("emphasis") else 1.0
+        for value in values.get(slot, []):
+            text = str(words.get(slot, {}).get(value, value)).strip()
+            if text:
+                found.append(Fragment(slot, text, int(settings.get("priority", 0)), weight))
+    return found
+
+
+def render_text(identity: str, parts: list[Fragment], weighted: bool) -> str:
+    texts = [identity]
+    for part in parts:
+        text = _escape(part.text) if weighted else part.text
+        texts.append(f"({text}){part.weight:g}" if weighted and part.weight != 1.0 else text)
+    return ", ".join(texts)
+
+
+def state_seed(character: Character, state: CharacterState) -> int:
+    """The seed a state draws with: the character's own, or a hash of the character and the state."""
+    if character.seed_policy == "fixed":
+        return character.seed
+    digest = hashlib.sha256(f"{character.name}|{character.seed}|{state.canonical()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def compile_prompt(character: Character, state: CharacterState, *, count_tokens: Callable[[str], int],
+                   max_tokens: int = 77, vocabulary: dict | None = None) -> RenderRequest:
+    """The render request of a state: the prompt within `max_tokens` (start and end tokens included, as
+    `count_tokens` counts them), the character's defaults, and the seed."""
+    vocabulary = vocabulary if vocabulary is not None else merged_vocabulary(character)
+    identity = character.prompt_template.format(identifier=character.identifier, class_word=character.class_word)
+    if count_tokens(identity) > max_tokens:
+        raise UserError(f"character {character.name}: its prompt_template alone takes {count_tokens(identity)} "
+                        f"tokens, more than the text encoder's {max_tokens}; shorten it.")
+    kept, dropped = fragments(character, state, vocabulary), []
+    while kept and count_tokens(render_text(identity, kept, weighted=False)) > max_tokens:
+        lowest = min(range(len(kept)), key=lambda i: (kept[i].priority, -i))  # the later one on a tie
+        dropped.append(kept.pop(lowest).text)
+    prompt = render_text(identity, kept, weighted=False)
+    return RenderRequest(
+        character=character.name, prompt=prompt, weighted_prompt=render_text(identity, kept, weighted=True),
+        negative_prompt=character.negative_prompt, width=character.width, height=character.height,
+        steps=character.steps, guidance=character.guidance, scheduler=character.scheduler,
+        seed=state_seed(character, state), tokens=count_tokens(prompt), dropped=dropped)
+
+
+def token_counter(tokenizer) -> Callable[[str], int]:
+    """A CLIP tokenizer's count of a prompt's tokens, start and end tokens included."""
+    return lambda text: len(tokenizer(text, truncation=False).input_ids)

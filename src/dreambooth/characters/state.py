@@ -1,0 +1,48 @@
+"""A character's state: what an application, or a language model through tool calling, says about the moment to
+draw. Its JSON Schema (`state_schema`) is usable as-is as a tool's parameters.
+
+Slots with a closed vocabulary are enums, so a language model's structured output cannot leave them; the others
+are short free text, used as written unless the vocabulary has words for them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EMOTIONS = ("neutral", "happy", "joyful", "sad", "angry", "afraid", "surprised", "disgusted", "calm", "shy",
+            "confident", "tired", "excited", "curious", "proud", "embarrassed", "bored", "loving")
+GAZES = ("at_viewer", "away", "down", "up", "sideways", "eyes_closed")
+SHOTS = ("close_up", "portrait", "upper_body", "cowboy_shot", "full_body", "wide")
+TIMES_OF_DAY = ("dawn", "morning", "noon", "afternoon", "sunset", "evening", "night")
+LIGHTING = ("natural", "soft", "studio", "dramatic", "backlit", "neon", "candlelight")
+
+
+class CharacterState(BaseModel):
+    """The character's state for one picture: emotion and how strongly, expression, action, gaze, outfit, place,
+    time of day, lighting, camera shot, style, and extra words."""
+
+    model_config = ConfigDict(extra="forbid", title="CharacterState")
+
+    emotion: Literal[EMOTIONS] = Field("neutral", description="What the character feels.")  # type: ignore[valid-type]
+    intensity: float = Field(0.5, ge=0.0, le=1.0, description="How strongly: 0 faint, 1 overwhelming.")
+    expression: str | None = Field(None, max_length=80, description="Facial expression, e.g. 'raised eyebrow'.")
+    action: str | None = Field(None, max_length=80, description="What the character does, e.g. 'reading a book'.")
+    gaze: Literal[GAZES] | None = Field(None, description="Where the character looks.")  # type: ignore[valid-type]
+    outfit: str | None = Field(None, max_length=80, description="What the character wears.")
+    location: str | None = Field(None, max_length=80, description="Where, e.g. 'beach', 'a rainy street'.")
+    time_of_day: Literal[TIMES_OF_DAY] | None = Field(None, description="Time of day.")  # type: ignore[valid-type]
+    lighting: Literal[LIGHTING] | None = Field(None, description="Light.")  # type: ignore[valid-type]
+    shot: Literal[SHOTS] | None = Field(None, description="Camera framing.")  # type: ignore[valid-type]
+    style: str | None = Field(None, max_length=80, description="Style over the character's own, e.g. 'watercolor'.")
+    extra: list[str] = Field(default_factory=list, max_length=8, description="Extra words, least important last.")
+
+    def canonical(self) -> str:
+        """The state as one deterministic string (what a seed derived from the state hashes)."""
+        return self.model_dump_json(exclude_defaults=False)
+
+
+def state_schema() -> dict:
+    """The JSON Schema of the state, for a language model's tool or structured output."""
+    return CharacterState.model_json_schema()

@@ -1,0 +1,192 @@
+"""Characters and the prompt compiler: the file is validated in full, and every state gives a prompt that keeps the
+identity, fits the text encoder, and is the same every time (property tests with hypothesis)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dreambooth.characters.character import Character, load_characters, merged_vocabulary, shipped_vocabulary
+from dreambooth.characters.compiler import compile_prompt, token_counter
+from dreambooth.characters.state import EMOTIONS, GAZES, LIGHTING, SHOTS, TIMES_OF_DAY, CharacterState, state_schema
+from dreambooth.cli import main
+from dreambooth.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
+
+
+def character(**fields) -> Character:
+    return Character(**{"name": "saya", "model": "m", "identifier": "sks", "class_word": "dog", **fields})
+
+
+free_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=80)
+states = st.builds(
+    CharacterState, emotion=st.sampled_from(EMOTIONS), intensity=st.floats(0, 1),
+    expression=st.none() | free_text, action=st.none() | free_text, gaze=st.none() | st.sampled_from(GAZES),
+    outfit=st.none() | free_text, location=st.none() | free_text | st.sampled_from(["beach", "forest"]),
+    time_of_day=st.none() | st.sampled_from(TIMES_OF_DAY), lighting=st.none() | st.sampled_from(LIGHTING),
+    shot=st.none() | st.sampled_from(SHOTS), style=st.none() | free_text, extra=st.lists(free_text, max_size=8))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(state=states)
+def test_every_state_keeps_the_identity_within_the_tokens_and_compiles_the_same_twice(tokenizer, state):
+    who = character(appearance=["long black hair", "red scarf"], style="watercolor")
+    count = token_counter(tokenizer)
+    request = compile_prompt(who, state, count_tokens=count, max_tokens=77)
+    assert request.prompt.startswith("a photo of sks dog")
+    assert request.tokens == count(request.prompt) <= 77
+    assert compile_prompt(who, CharacterState.model_validate_json(state.model_dump_json()), count_tokens=count,
+                          max_tokens=77) == request
+    assert 0 <= request.seed < 2**63
+
+
+def test_fragments_follow_the_vocabulary_and_intensity_weights_the_emotion():
+    words = len  # one token a character: enough room for everything
+    state = CharacterState(emotion="happy", intensity=1.0, location="beach", shot="close_up", gaze="at_viewer",
+                           action="eating (an) apple", extra=["film grain"])
+    request = compile_prompt(character(appearance=["red scarf"]), state, count_tokens=words, max_tokens=10_000)
+    assert request.prompt == ("a photo of sks dog, red scarf, happy, smiling, looking at viewer, eating (an) apple, "
+                              "close-up, on a beach, film grain")
+    assert request.weighted_prompt == ("a photo of sks dog, red scarf, (happy, smiling)1.3, looking at viewer, "
+                                       "eating \\(an\\) apple, close-up, on a beach, film grain")
+    calm = compile_prompt(character(), CharacterState(intensity=0.5), count_tokens=words, max_tokens=10_000)
+    assert calm.weighted_prompt == calm.prompt == "a photo of sks dog, neutral expression"
+    faint = compile_prompt(character(), CharacterState(intensity=0.0), count_tokens=words, max_tokens=10_000)
+    assert faint.weighted_prompt == "a photo of sks dog, (neutral expression)0.7"
+
+
+def test_a_long_prompt_loses_its_least_important_fragments_first(tokenizer):
+    count = token_counter(tokenizer)
+    state = CharacterState(emotion="sad", location="forest", style="oil painting, thick brush strokes",
+                           extra=[f"extra words number {i}" for i in range(8)], lighting="dramatic")
+    request = compile_prompt(character(appearance=["long black hair"]), state, count_tokens=count, max_tokens=40)
+    assert request.tokens <= 40 and request.prompt.startswith("a photo of sks dog, long black hair, sad")
+    # extras (10) first, the later ones first on a tie, then style (20), then lighting (35) if still needed
+    assert request.dropped[:8] == [f"extra words number {i}" for i in reversed(range(8))]
+    assert all(text not in request.prompt for text in request.dropped)
+    assert "in a forest" in request.prompt or "in a forest" in request.dropped
+
+
+def test_the_identity_is_never_dropped_and_a_template_too_long_is_refused(tokenizer):
+    count = token_counter(tokenizer)
+    with pytest.raises(UserError, match="prompt_template alone takes"):
+        compile_prompt(character(prompt_template="a photo of {identifier} {class_word}" + " very" * 100),
+                       CharacterState(), count_tokens=count)
+    tight = compile_prompt(character(appearance=["long black hair"]), CharacterState(emotion="happy"),
+                           count_tokens=count, max_tokens=count("a photo of sks dog"))
+    assert tight.prompt == "a photo of sks dog" and tight.dropped == ["happy, smiling", "long black hair"]
+
+
+def test_the_seed_policy():
+    state = CharacterState(emotion="sad")
+    fixed = character(seed_policy="fixed", seed=42)
+    assert compile_prompt(fixed, state, count_tokens=len, max_tokens=999).seed == 42
+    by_state = character(seed_policy="state")
+    seeds = {compile_prompt(by_state, s, count_tokens=len, max_tokens=999).seed
+             for s in (state, CharacterState(emotion="happy"), CharacterState(emotion="sad", intensity=0.9))}
+    assert len(seeds) == 3  # another state, another picture
+    assert compile_prompt(character(name="other"), state, count_tokens=len, max_tokens=999).seed not in seeds
+
+
+def test_a_character_overrides_the_vocabulary():
+    own = character(vocabulary={"words": {"location": {"beach": "on a black sand beach"}},
+                                "slots": {"extra": {"priority": 95}}})
+    vocabulary = merged_vocabulary(own)
+    assert vocabulary["words"]["location"]["beach"] == "on a black sand beach"
+    assert vocabulary["words"]["location"]["forest"] == shipped_vocabulary()["words"]["location"]["forest"]
+    assert vocabulary["slots"]["extra"]["priority"] == 95
+    request = compile_prompt(own, CharacterState(location="beach"), count_tokens=len, max_tokens=999)
+    assert "on a black sand beach" in request.prompt
+
+
+def test_the_state_schema_is_a_tool_definition():
+    schema = state_schema()
+    assert schema["title"] == "CharacterState" and schema["additionalProperties"] is False
+    assert set(schema["properties"]["emotion"]["enum"]) == set(EMOTIONS)
+    assert schema["properties"]["intensity"]["maximum"] == 1.0
+
+
+def write_characters(tmp_path, entries) -> object:
+    path = tmp_path / "characters.yaml"
+    path.write_text(yaml.safe_dump({"characters": entries}))
+    return path
+
+
+def test_every_problem_of_the_characters_file_is_reported_at_once(tmp_path):
+    path = write_characters(tmp_path, [
+        {"name": "a", "model": "m", "identifier": "sks", "class_word": "dog", "width": 500, "steps": 0},
+        {"name": "a", "model": "m", "identifier": "sks", "class_word": "dog", "scheduler": "fastest",
+         "prompt_template": "a picture", "vocabulary": {"words": {"locaton": {}}}},
+        {"name": "b c", "model": "m", "identifier": "", "class_word": "dog", "colour": "red"}])
+    with pytest.raises(UserError) as err:
+        load_characters(path)
+    message = str(err.value)
+    for expected in ("characters[0] (a).width: Value error, 500 is not a multiple of 8",
+                     "characters[0] (a).steps: Input should be greater than or equal to 1",
+                     "characters[1] (a).scheduler: Value error, unknown scheduler 'fastest'",
+                     "characters[1] (a).prompt_template: Value error, must contain {identifier} and {class_word}",
+                     "characters[2] (b c).name: String should match pattern",
+                     "characters[2] (b c).identifier: String should have at least 1 character",
+                     "characters[2] (b c).colour: Extra inputs are not permitted"):
+        assert expected in message, message
+
+
+def test_a_characters_file_names_the_vocabulary_slot_and_repeated_names(tmp_path):
+    path = write_characters(tmp_path, [
+        {"name": "a", "model": "m", "identifier": "sks", "class_word": "dog", "vocabulary": {"words": {"locaton": {}}}},
+        {"name": "a", "model": "m", "identifier": "sks", "class_word": "dog"}])
+    with pytest.raises(UserError) as err:
+        load_characters(path)
+    assert "characters[0] (a).vocabulary.words.locaton: no such slot (did you mean location?)" in str(err.value)
+    assert "characters[1] (a).name: a is the name of an earlier character too" in str(err.value)
+
+
+def test_paths_in_the_characters_file_are_relative_to_it(tmp_path):
+    (tmp_path / "output").mkdir()
+    path = write_characters(tmp_path, [{"name": "a", "model": "output", "identifier": "sks", "class_word": "dog",
+                                        "loras": [{"file": "a.safetensors", "weight": 0.8}]},
+                                       {"name": "b", "model": "org/model", "identifier": "sks", "class_word": "dog"}])
+    loaded = load_characters(path)
+    assert loaded["a"].model == str(tmp_path / "output") and loaded["a"].loras[0].file == tmp_path / "a.safetensors"
+    assert loaded["b"].model == "org/model"  # a hub id stays one
+
+
+def test_compile_prompt_prints_the_request_of_a_character_of_init(tiny_model, tmp_path, capsys):
+    assert main(["init", str(tmp_path / "project"), "--identifier", "sks", "--class-word", "dog"]) == 0
+    characters = tmp_path / "project" / "characters.yaml"
+    data = yaml.safe_load(characters.read_text())
+    data["characters"][0]["model"] = str(tiny_model)
+    characters.write_text(yaml.safe_dump(data))
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"emotion": "happy", "location": "beach"}))
+    capsys.readouterr()
+    assert main(["compile-prompt", "--characters", str(characters), "--character", "sks", "--state", str(state)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["prompt"] == "a photo of sks dog, happy, smiling, on a beach"
+    assert record["negative_prompt"] == "blurry, lowres" and record["tokens"] <= 77 and record["dropped"] == []
+    assert main(["compile-prompt", "--schema"]) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == "CharacterState"
+
+
+@pytest.mark.parametrize(("state", "message"), [
+    ("{not json", "is not valid JSON"),
+    ('{"emotion": "elated", "intensity": 3}', "emotion: Input should be 'neutral'"),
+    ('{"mood": "happy"}', "mood: Extra inputs are not permitted"),
+])
+def test_a_bad_state_is_refused_with_its_key(tiny_model, tmp_path, capsys, state, message):
+    characters = write_characters(tmp_path, [{"name": "a", "model": str(tiny_model), "identifier": "sks",
+                                              "class_word": "dog"}])
+    (tmp_path / "state.json").write_text(state)
+    assert main(["compile-prompt", "--characters", str(characters), "--character", "a", "--state",
+                 str(tmp_path / "state.json")]) == 2
+    assert message in capsys.readouterr().err
