@@ -47,7 +47,10 @@ def test_every_state_keeps_the_identity_within_the_tokens_and_compiles_the_same_
     assert request.tokens == count(request.prompt) <= 77
     assert compile_prompt(who, CharacterState.model_validate_json(state.model_dump_json()), count_tokens=count,
                           max_tokens=77) == request
-    assert 0 <= request.seed < 2**63
+    assert ", ".join(f["text"] for f in request.fragments) == request.prompt  # what is weighted is what is drawn
+    assert {d["slot"] for d in request.dropped} <= {"appearance", "emotion", "expression", "gaze", "action", "outfit",
+                                                     "shot", "location", "time_of_day", "lighting", "style", "extra"}
+    assert 0 <= request.seed < 2**53
 
 
 def test_fragments_follow_the_vocabulary_and_intensity_weights_the_emotion():
@@ -57,12 +60,15 @@ def test_fragments_follow_the_vocabulary_and_intensity_weights_the_emotion():
     request = compile_prompt(character(appearance=["red scarf"]), state, count_tokens=words, max_tokens=10_000)
     assert request.prompt == ("a photo of sks dog, red scarf, happy, smiling, looking at viewer, eating (an) apple, "
                               "close-up, on a beach, film grain")
-    assert request.weighted_prompt == ("a photo of sks dog, red scarf, (happy, smiling)1.3, looking at viewer, "
-                                       "eating \\(an\\) apple, close-up, on a beach, film grain")
-    calm = compile_prompt(character(), CharacterState(intensity=0.5), count_tokens=words, max_tokens=10_000)
-    assert calm.weighted_prompt == calm.prompt == "a photo of sks dog, neutral expression"
-    faint = compile_prompt(character(), CharacterState(intensity=0.0), count_tokens=words, max_tokens=10_000)
-    assert faint.weighted_prompt == "a photo of sks dog, (neutral expression)0.7"
+    weights = {f["text"]: f["weight"] for f in request.fragments}
+    assert weights["happy, smiling"] == 1.3 and weights["eating (an) apple"] == 1.0  # free text stays as written
+    assert weights["a photo of sks dog"] == 1.0 and request.fragments[0]["slot"] == "identity"
+    faint = compile_prompt(character(), CharacterState(emotion="calm", intensity=0.0), count_tokens=words,
+                           max_tokens=10_000)
+    assert [(f["text"], f["weight"]) for f in faint.fragments][1:] == [("calm, relaxed", 0.7)]
+    unset = compile_prompt(character(), CharacterState(expression="smirk", intensity=1.0), count_tokens=words,
+                           max_tokens=10_000)
+    assert unset.prompt == "a photo of sks dog, smirk"  # no emotion given, none added
 
 
 def test_a_long_prompt_loses_its_least_important_fragments_first(tokenizer):
@@ -71,10 +77,11 @@ def test_a_long_prompt_loses_its_least_important_fragments_first(tokenizer):
                            extra=[f"extra words number {i}" for i in range(8)], lighting="dramatic")
     request = compile_prompt(character(appearance=["long black hair"]), state, count_tokens=count, max_tokens=40)
     assert request.tokens <= 40 and request.prompt.startswith("a photo of sks dog, long black hair, sad")
-    # extras (10) first, the later ones first on a tie, then style (20), then lighting (35) if still needed
-    assert request.dropped[:8] == [f"extra words number {i}" for i in reversed(range(8))]
-    assert all(text not in request.prompt for text in request.dropped)
-    assert "in a forest" in request.prompt or "in a forest" in request.dropped
+    # extras (10) first, the later ones first on a tie, then style (20), then lighting (35)
+    assert request.dropped == [*({"slot": "extra", "text": f"extra words number {i}"} for i in reversed(range(8))),
+                               {"slot": "style", "text": "oil painting, thick brush strokes"},
+                               {"slot": "lighting", "text": "dramatic lighting"}]
+    assert request.prompt == "a photo of sks dog, long black hair, sad, teary eyes, in a forest"
 
 
 def test_the_identity_is_never_dropped_and_a_template_too_long_is_refused(tokenizer):
@@ -84,7 +91,16 @@ def test_the_identity_is_never_dropped_and_a_template_too_long_is_refused(tokeni
                        CharacterState(), count_tokens=count)
     tight = compile_prompt(character(appearance=["long black hair"]), CharacterState(emotion="happy"),
                            count_tokens=count, max_tokens=count("a photo of sks dog"))
-    assert tight.prompt == "a photo of sks dog" and tight.dropped == ["happy, smiling", "long black hair"]
+    assert tight.prompt == "a photo of sks dog"
+    assert tight.dropped == [{"slot": "emotion", "text": "happy, smiling"},
+                             {"slot": "appearance", "text": "long black hair"}]
+
+
+def test_a_seed_is_the_same_in_every_process_and_for_every_later_schema():
+    """Pinned: a seed built on Python's hash() or on the schema's full field list would move."""
+    state = CharacterState(emotion="happy", location="beach", intensity=-0.0)
+    assert compile_prompt(character(), state, count_tokens=len, max_tokens=999).seed == 4919174120468941
+    assert state.canonical() == '{"emotion": "happy", "intensity": 0.0, "location": "beach"}'
 
 
 def test_the_seed_policy():
@@ -112,7 +128,8 @@ def test_a_character_overrides_the_vocabulary():
 def test_the_state_schema_is_a_tool_definition():
     schema = state_schema()
     assert schema["title"] == "CharacterState" and schema["additionalProperties"] is False
-    assert set(schema["properties"]["emotion"]["enum"]) == set(EMOTIONS)
+    emotion = schema["properties"]["emotion"]["anyOf"]
+    assert set(emotion[0]["enum"]) == set(EMOTIONS) and emotion[1] == {"type": "null"}
     assert schema["properties"]["intensity"]["maximum"] == 1.0
 
 
@@ -135,24 +152,48 @@ def test_every_problem_of_the_characters_file_is_reported_at_once(tmp_path):
                      "characters[0] (a).steps: Input should be greater than or equal to 1",
                      "characters[1] (a).scheduler: Value error, unknown scheduler 'fastest'",
                      "characters[1] (a).prompt_template: Value error, must contain {identifier} and {class_word}",
+                     "characters[1] (a).vocabulary.words.locaton.[key]: Input should be 'appearance'",
+                     "characters[1] (a).name: a is the name of an earlier character too",
                      "characters[2] (b c).name: String should match pattern",
-                     "characters[2] (b c).identifier: String should have at least 1 character",
+                     "characters[2] (b c).identifier: Value error, must not be empty",
                      "characters[2] (b c).colour: Extra inputs are not permitted"):
         assert expected in message, message
 
 
-def test_a_characters_file_names_the_vocabulary_slot_and_repeated_names(tmp_path):
+def test_the_vocabulary_template_and_files_of_a_character_are_checked(tmp_path):
+    (tmp_path / "model").mkdir()
+    base = {"model": "model", "identifier": "sks", "class_word": "dog"}
     path = write_characters(tmp_path, [
-        {"name": "a", "model": "m", "identifier": "sks", "class_word": "dog", "vocabulary": {"words": {"locaton": {}}}},
-        {"name": "a", "model": "m", "identifier": "sks", "class_word": "dog"}])
+        {**base, "name": "a", "vocabulary": {"words": {"location": {"beach": None}},
+                                             "slots": {"extra": {"priority": "high"}, "style": {"priorty": 5}}}},
+        {**base, "name": "a2", "vocabulary": {"words": {"emotion": {"hapy": "happy"}}}},
+        {**base, "name": "b", "prompt_template": "{identifier} {class_word} {style}", "seed": 2**60},
+        {**base, "name": "c", "prompt_template": "a {identifier {class_word}", "model": "missing",
+         "loras": [{"file": "none.safetensors"}]}])
     with pytest.raises(UserError) as err:
         load_characters(path)
-    assert "characters[0] (a).vocabulary.words.locaton: no such slot (did you mean location?)" in str(err.value)
-    assert "characters[1] (a).name: a is the name of an earlier character too" in str(err.value)
+    message = str(err.value)
+    for expected in ("(a2).vocabulary.words: Value error, words.emotion: hapy is not a value of emotion",
+                     "(a).vocabulary.words.location.beach: Input should be a valid string",
+                     "(a).vocabulary.slots.extra.priority: Input should be a valid integer",
+                     "(a).vocabulary.slots.style.priorty: Extra inputs are not permitted",
+                     "(b).prompt_template: Value error, {style} is not a field it can hold",
+                     "(b).seed: Input should be less than or equal to 9007199254740991",
+                     "(c).prompt_template: Value error, unexpected '{' in field name (write a literal brace as",
+                     f"(c).model: {tmp_path / 'missing'} does not exist",
+                     f"(c).loras[0].file: {tmp_path / 'none.safetensors'} does not exist"):
+        assert expected in message, message
+
+
+def test_the_shipped_vocabulary_is_a_valid_one():
+    from dreambooth.characters.character import Vocabulary
+
+    Vocabulary.model_validate(shipped_vocabulary())
 
 
 def test_paths_in_the_characters_file_are_relative_to_it(tmp_path):
     (tmp_path / "output").mkdir()
+    (tmp_path / "a.safetensors").write_bytes(b"")
     path = write_characters(tmp_path, [{"name": "a", "model": "output", "identifier": "sks", "class_word": "dog",
                                         "loras": [{"file": "a.safetensors", "weight": 0.8}]},
                                        {"name": "b", "model": "org/model", "identifier": "sks", "class_word": "dog"}])
@@ -174,6 +215,10 @@ def test_compile_prompt_prints_the_request_of_a_character_of_init(tiny_model, tm
     record = json.loads(capsys.readouterr().out)
     assert record["prompt"] == "a photo of sks dog, happy, smiling, on a beach"
     assert record["negative_prompt"] == "blurry, lowres" and record["tokens"] <= 77 and record["dropped"] == []
+    (tmp_path / "project" / "config.yaml").unlink()
+    assert main(["init", str(tmp_path / "project"), "--identifier", "zz", "--class-word", "cat", "--force"]) == 0
+    assert yaml.safe_load(characters.read_text())["characters"][0]["model"] == str(tiny_model)  # kept
+    capsys.readouterr()
     assert main(["compile-prompt", "--schema"]) == 0
     assert json.loads(capsys.readouterr().out)["title"] == "CharacterState"
 
@@ -182,11 +227,13 @@ def test_compile_prompt_prints_the_request_of_a_character_of_init(tiny_model, tm
     ("{not json", "is not valid JSON"),
     ('{"emotion": "elated", "intensity": 3}', "emotion: Input should be 'neutral'"),
     ('{"mood": "happy"}', "mood: Extra inputs are not permitted"),
+    (None, "is a folder; give the file"),
 ])
 def test_a_bad_state_is_refused_with_its_key(tiny_model, tmp_path, capsys, state, message):
     characters = write_characters(tmp_path, [{"name": "a", "model": str(tiny_model), "identifier": "sks",
                                               "class_word": "dog"}])
-    (tmp_path / "state.json").write_text(state)
+    state_file = tmp_path / "state.json"
+    state_file.mkdir() if state is None else state_file.write_text(state)
     assert main(["compile-prompt", "--characters", str(characters), "--character", "a", "--state",
-                 str(tmp_path / "state.json")]) == 2
+                 str(state_file)]) == 2
     assert message in capsys.readouterr().err

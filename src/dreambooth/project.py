@@ -21,6 +21,10 @@ PROJECT_README = """# DreamBooth project: {identifier} {class_word}
 
 Prompts: `prompts/instance.txt` and `prompts/class.txt` (first non-comment line; `{{identifier}}` and
 `{{class_word}}` are filled in from `config.yaml`).
+
+The trained subject as a character: `characters.yaml` (its look, style, negative prompt, seed policy).
+`dreambooth compile-prompt --character NAME --state state.json` turns a state (emotion, action, location, ...;
+`--schema` prints them all) into the prompt, settings and seed of a picture.
 """
 
 
@@ -64,7 +68,7 @@ def init_project(directory: Path, *, identifier: str, class_word: str, model: st
     cfg = project_config(identifier, class_word, model)
     write_text_atomic(config, yaml.safe_dump(cfg, sort_keys=False))
     characters = directory / "characters.yaml"
-    if not characters.exists() or force:
+    if not characters.exists():  # the user's characters are kept, as the prompts are, even with --force
         header = "# Characters for `dreambooth compile-prompt` (`--schema` prints the state it reads).\n"
         write_text_atomic(characters, header + yaml.safe_dump(project_characters(identifier, class_word),
                                                               sort_keys=False))

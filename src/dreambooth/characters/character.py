@@ -20,16 +20,55 @@ character.
 
 from __future__ import annotations
 
-import difflib
+import string
+import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from dreambooth.characters.state import CharacterState
 from dreambooth.errors import UserError
-from dreambooth.models.base import SCHEDULERS
+from dreambooth.models.base import SCHEDULERS, is_hub_id
+
+MAX_SEED = 2**53 - 1  # seeds travel through JSON, whose numbers are exact up to 2**53
+SLOTS = ("appearance", "emotion", "expression", "gaze", "action", "outfit", "shot", "location", "time_of_day",
+         "lighting", "style", "extra")
+CLOSED = ("emotion", "gaze", "shot", "time_of_day", "lighting")  # the state's enums
+
+
+class SlotSpec(BaseModel):
+    """A slot of the vocabulary: how late it is dropped, and whether the emotion's intensity weights it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    priority: int | None = None
+    emphasis: bool | None = None
+
+
+class Vocabulary(BaseModel):
+    """slots: {slot: SlotSpec}; words: {slot: {value: words}}. A character's is merged over the shipped one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slots: dict[Literal[SLOTS], SlotSpec] = Field(default_factory=dict)  # type: ignore[valid-type]
+    words: dict[Literal[SLOTS], dict[str, Annotated[str, StringConstraints(strict=True)]]] = Field(  # type: ignore
+        default_factory=dict)
+
+    @field_validator("words")
+    @classmethod
+    def _closed_slots_name_their_values(cls, words: dict) -> dict:
+        for slot, entries in words.items():
+            if slot not in CLOSED:
+                continue
+            allowed = set(typing.get_args(typing.get_args(CharacterState.model_fields[slot].annotation)[0]))
+            unknown = sorted(set(entries) - allowed)
+            if unknown:
+                raise ValueError(f"words.{slot}: {', '.join(unknown)} is not a value of {slot} (one of "
+                                 f"{', '.join(sorted(allowed))})")
+        return words
 
 
 class LoraRef(BaseModel):
@@ -47,20 +86,27 @@ class Character(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     model: str
     loras: list[LoraRef] = Field(default_factory=list)
-    identifier: str = Field(min_length=1)
-    class_word: str = Field(min_length=1)
+    identifier: str
+    class_word: str
     prompt_template: str = "a photo of {identifier} {class_word}"
     appearance: list[str] = Field(default_factory=list)
     style: str | None = None
-    negative_prompt: str = ""
+    negative_prompt: str | None = ""
     width: int = Field(512, ge=64, le=2048)
     height: int = Field(512, ge=64, le=2048)
     steps: int = Field(30, ge=1, le=150)
     guidance: float = Field(7.5, ge=0.0, le=30.0)
     scheduler: str = "dpm++"
     seed_policy: Literal["state", "fixed"] = "state"
-    seed: int = Field(0, ge=0)
-    vocabulary: dict[str, Any] = Field(default_factory=dict)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    vocabulary: Vocabulary = Field(default_factory=Vocabulary)
+
+    @field_validator("identifier", "class_word")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty: the identity is what draws the character")
+        return value
 
     @field_validator("width", "height")
     @classmethod
@@ -80,7 +126,14 @@ class Character(BaseModel):
     @field_validator("prompt_template")
     @classmethod
     def _template_holds_the_identity(cls, value: str) -> str:
-        missing = [k for k in ("{identifier}", "{class_word}") if k not in value]
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+        except ValueError as e:
+            raise ValueError(f"{e} (write a literal brace as {{{{ or }}}})") from None
+        other = sorted(set(names) - {"identifier", "class_word"})
+        if other:
+            raise ValueError(f"{{{other[0]}}} is not a field it can hold; only {{identifier}} and {{class_word}}")
+        missing = [f"{{{k}}}" for k in ("identifier", "class_word") if k not in names]
         if missing:
             raise ValueError(f"must contain {' and '.join(missing)}: the identity is what draws the character")
         return value
@@ -93,27 +146,41 @@ def shipped_vocabulary() -> dict:
 
 
 def merged_vocabulary(character: Character, base: dict | None = None) -> dict:
-    """The shipped vocabulary with the character's own `vocabulary:` merged over it, slot by slot."""
+    """The shipped vocabulary with the character's own merged over it, slot by slot, in the shipped order."""
     base = base if base is not None else shipped_vocabulary()
-    own = character.vocabulary
+    own = character.vocabulary.model_dump(exclude_none=True)
     return {part: {slot: {**(base.get(part, {}).get(slot) or {}), **(own.get(part, {}).get(slot) or {})}
-                   for slot in dict.fromkeys([*base.get(part, {}), *own.get(part, {})])}  # the file's order
+                   for slot in dict.fromkeys([*base.get(part, {}), *own.get(part, {})])}
             for part in ("slots", "words")}
 
 
-def _vocabulary_problems(character: Character, where: str, slots: dict) -> list[str]:
+def read_text(path: Path, what: str) -> str:
+    """A file the user names, or a UserError saying why it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist.") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder; give the file.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} cannot be read as UTF-8 text: {e}") from None
+
+
+def _missing_files(entry: dict, base: Path, where: str) -> list[str]:
+    """The model and LoRA files a character names that are not there, read from the entry as written, so that
+    they are reported beside its other problems."""
+    from dreambooth.config_file import resolve_model_ref
+
     problems = []
-    for part, entries in character.vocabulary.items():
-        if part not in ("slots", "words") or not isinstance(entries, dict):
-            problems.append(f"{where}.vocabulary.{part}: expected the sections slots and words")
-            continue
-        for slot, value in entries.items():
-            if slot not in slots:
-                close = difflib.get_close_matches(slot, slots, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                problems.append(f"{where}.vocabulary.{part}.{slot}: no such slot{hint}")
-            elif not isinstance(value, dict):
-                problems.append(f"{where}.vocabulary.{part}.{slot}: expected a mapping")
+    model = entry.get("model")
+    if isinstance(model, str) and model and not is_hub_id(model):
+        resolved = Path(resolve_model_ref(model, base))
+        if not resolved.exists():
+            problems.append(f"{where}.model: {resolved} does not exist")
+    for i, lora in enumerate(entry.get("loras") or []):
+        file = lora.get("file") if isinstance(lora, dict) else None
+        if isinstance(file, str) and not (base / Path(file).expanduser()).exists():
+            problems.append(f"{where}.loras[{i}].file: {(base / file).resolve()} does not exist")
     return problems
 
 
@@ -121,28 +188,27 @@ def load_characters(path: Path) -> dict[str, Character]:
     """Every character of a characters.yaml by name; a UserError listing every problem of the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise UserError(f"characters file {path} does not exist; `dreambooth init DIR` writes one.") from None
+        data = yaml.safe_load(read_text(path, "characters file")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"characters file {path} is not valid YAML: {e}") from None
     entries = data.get("characters") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise UserError(f"characters file {path} must hold `characters:`, a list of at least one character.")
-    slots = shipped_vocabulary()["slots"]
-    characters, problems = {}, []
+    characters, problems, names = {}, [], []
     for i, entry in enumerate(entries):
-        named = isinstance(entry, dict) and entry.get("name")
-        where = f"characters[{i}]" + (f" ({entry['name']})" if named else "")
+        name = entry.get("name") if isinstance(entry, dict) else None
+        where = f"characters[{i}]" + (f" ({name})" if name else "")
+        if name is not None and name in names:
+            problems.append(f"{where}.name: {name} is the name of an earlier character too")
+        names.append(name)
+        if isinstance(entry, dict):
+            problems += _missing_files(entry, path.parent, where)
         try:
-            character = Character.model_validate(entry)
+            character = _resolved(Character.model_validate(entry), path.parent)
         except ValidationError as e:
             problems += [f"{where}.{'.'.join(map(str, err['loc'])) or 'entry'}: {err['msg']}" for err in e.errors()]
             continue
-        problems += _vocabulary_problems(character, where, slots)
-        if character.name in characters:
-            problems.append(f"{where}.name: {character.name} is the name of an earlier character too")
-        characters[character.name] = _resolved(character, path.parent)
+        characters.setdefault(character.name, character)
     if problems:
         raise UserError(f"{path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return characters

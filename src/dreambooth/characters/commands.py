@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dreambooth.characters.character import Character, load_characters
+from dreambooth.characters.character import Character, load_characters, read_text
 from dreambooth.characters.compiler import compile_prompt, token_counter
 from dreambooth.characters.state import CharacterState
 from dreambooth.errors import UserError
@@ -17,9 +17,7 @@ from dreambooth.errors import UserError
 def read_state(path: Path) -> CharacterState:
     """A state from a JSON file; every problem named by its key."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"--state {path} does not exist.") from None
+        data = json.loads(read_text(path, "--state"))
     except json.JSONDecodeError as e:
         raise UserError(f"--state {path} is not valid JSON: {e}") from None
     try:
@@ -65,7 +63,7 @@ def compile_prompt_command(options) -> dict:
     state = read_state(options.state)
     tokenizer = character_tokenizer(character)
     request = compile_prompt(character, state, count_tokens=token_counter(tokenizer),
-                             max_tokens=tokenizer.model_max_length)
+                             max_tokens=min(tokenizer.model_max_length, 77))  # 77: CLIP's positions
     record = asdict(request)
     print(json.dumps(record, indent=2))
     return record

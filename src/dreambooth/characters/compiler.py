@@ -3,10 +3,11 @@
 The prompt is the character's identity (its `prompt_template`, which holds the identifier and class word), then
 one fragment per state slot in the vocabulary's order, joined by commas. When it would exceed the text encoder's
 tokens, the fragment of the lowest priority is dropped first, repeatedly, and the request says what was dropped;
-the identity is never dropped. The emotion's intensity weights its words in `weighted_prompt`, in the syntax of
-`compel` (`(happy, smiling)1.3`), which the renderer reads; `prompt` is the same text unweighted. The seed is the
-character's own (`seed_policy: fixed`) or a hash of the character and the whole state (`state`), so the same
-state always draws the same picture.
+the identity is never dropped. The emotion's intensity weights its words: each kept fragment comes with its
+weight (`fragments`), for a renderer to build weighted embeddings from (compel's `FlattenedPrompt` takes such
+(text, weight) pairs as they are, so free text needs no escaping of a prompt syntax). The seed is the character's
+own (`seed_policy: fixed`) or a hash of the character and the state's values (`state`), so the same state always
+draws the same picture; seeds stay below 2**53, exact in JSON.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class RenderRequest:
 
     character: str
     prompt: str
-    weighted_prompt: str
     negative_prompt: str
     width: int
     height: int
@@ -46,12 +46,8 @@ class RenderRequest:
     scheduler: str
     seed: int
     tokens: int
-    dropped: list[str] = field(default_factory=list)
-
-
-def _escape(text: str) -> str:
-    """Free text as compel reads it literally: its weighting brackets escaped."""
-    return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+    fragments: list[dict] = field(default_factory=list)  # {slot, text, weight} of the prompt, in order
+    dropped: list[dict] = field(default_factory=list)  # {slot, text}, in the order they went
 
 
 def _emphasis(intensity: float) -> float:
@@ -63,7 +59,7 @@ def fragments(character: Character, state: CharacterState, vocabulary: dict) -> 
     """The state's fragments in prompt order (the identity not included), each with its priority and weight."""
     slots, words = vocabulary["slots"], vocabulary["words"]
     values: dict[str, list[str]] = {"appearance": [", ".join(character.appearance)] if character.appearance else [],
-                                    "emotion": [state.emotion]}
+                                    "emotion": [state.emotion] if state.emotion else []}
     for slot in SLOTS_IN_STATE:
         value = getattr(state, slot)
         if slot == "style" and value is None:
@@ -80,12 +76,8 @@ def fragments(character: Character, state: CharacterState, vocabulary: dict) -> 
     return found
 
 
-def render_text(identity: str, parts: list[Fragment], weighted: bool) -> str:
-    texts = [identity]
-    for part in parts:
-        text = _escape(part.text) if weighted else part.text
-        texts.append(f"({text}){part.weight:g}" if weighted and part.weight != 1.0 else text)
-    return ", ".join(texts)
+def render_text(identity: str, parts: list[Fragment]) -> str:
+    return ", ".join([identity, *(part.text for part in parts)])
 
 
 def state_seed(character: Character, state: CharacterState) -> int:
@@ -93,7 +85,7 @@ def state_seed(character: Character, state: CharacterState) -> int:
     if character.seed_policy == "fixed":
         return character.seed
     digest = hashlib.sha256(f"{character.name}|{character.seed}|{state.canonical()}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return int.from_bytes(digest[:8], "big") >> 11  # 53 bits
 
 
 def compile_prompt(character: Character, state: CharacterState, *, count_tokens: Callable[[str], int],
@@ -106,15 +98,18 @@ def compile_prompt(character: Character, state: CharacterState, *, count_tokens:
         raise UserError(f"character {character.name}: its prompt_template alone takes {count_tokens(identity)} "
                         f"tokens, more than the text encoder's {max_tokens}; shorten it.")
     kept, dropped = fragments(character, state, vocabulary), []
-    while kept and count_tokens(render_text(identity, kept, weighted=False)) > max_tokens:
+    while kept and count_tokens(render_text(identity, kept)) > max_tokens:
         lowest = min(range(len(kept)), key=lambda i: (kept[i].priority, -i))  # the later one on a tie
-        dropped.append(kept.pop(lowest).text)
-    prompt = render_text(identity, kept, weighted=False)
+        gone = kept.pop(lowest)
+        dropped.append({"slot": gone.slot, "text": gone.text})
+    prompt = render_text(identity, kept)
+    weighted = [{"slot": "identity", "text": identity, "weight": 1.0},
+                *({"slot": f.slot, "text": f.text, "weight": f.weight} for f in kept)]
     return RenderRequest(
-        character=character.name, prompt=prompt, weighted_prompt=render_text(identity, kept, weighted=True),
-        negative_prompt=character.negative_prompt, width=character.width, height=character.height,
-        steps=character.steps, guidance=character.guidance, scheduler=character.scheduler,
-        seed=state_seed(character, state), tokens=count_tokens(prompt), dropped=dropped)
+        character=character.name, prompt=prompt, negative_prompt=character.negative_prompt or "",
+        width=character.width, height=character.height, steps=character.steps, guidance=character.guidance,
+        scheduler=character.scheduler, seed=state_seed(character, state), tokens=count_tokens(prompt),
+        fragments=weighted, dropped=dropped)
 
 
 def token_counter(tokenizer) -> Callable[[str], int]:

@@ -7,9 +7,10 @@ are short free text, used as written unless the vocabulary has words for them.
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 EMOTIONS = ("neutral", "happy", "joyful", "sad", "angry", "afraid", "surprised", "disgusted", "calm", "shy",
             "confident", "tired", "excited", "curious", "proud", "embarrassed", "bored", "loving")
@@ -25,8 +26,9 @@ class CharacterState(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="CharacterState")
 
-    emotion: Literal[EMOTIONS] = Field("neutral", description="What the character feels.")  # type: ignore[valid-type]
-    intensity: float = Field(0.5, ge=0.0, le=1.0, description="How strongly: 0 faint, 1 overwhelming.")
+    emotion: Literal[EMOTIONS] | None = Field(None, description="What the character feels.")  # type: ignore[valid-type]
+    intensity: float = Field(0.5, ge=0.0, le=1.0, description="How strongly the emotion shows: 0 faint, 1 "
+                             "overwhelming.")
     expression: str | None = Field(None, max_length=80, description="Facial expression, e.g. 'raised eyebrow'.")
     action: str | None = Field(None, max_length=80, description="What the character does, e.g. 'reading a book'.")
     gaze: Literal[GAZES] | None = Field(None, description="Where the character looks.")  # type: ignore[valid-type]
@@ -36,11 +38,18 @@ class CharacterState(BaseModel):
     lighting: Literal[LIGHTING] | None = Field(None, description="Light.")  # type: ignore[valid-type]
     shot: Literal[SHOTS] | None = Field(None, description="Camera framing.")  # type: ignore[valid-type]
     style: str | None = Field(None, max_length=80, description="Style over the character's own, e.g. 'watercolor'.")
-    extra: list[str] = Field(default_factory=list, max_length=8, description="Extra words, least important last.")
+    extra: list[Annotated[str, StringConstraints(max_length=80)]] = Field(
+        default_factory=list, max_length=8, description="Extra words, least important last.")
+
+    @field_validator("intensity")
+    @classmethod
+    def _no_negative_zero(cls, value: float) -> float:
+        return value + 0.0  # -0.0 and 0.0 are one intensity, and must be one seed
 
     def canonical(self) -> str:
-        """The state as one deterministic string (what a seed derived from the state hashes)."""
-        return self.model_dump_json(exclude_defaults=False)
+        """The state as one deterministic string, what a seed derived from the state hashes: only the values set
+        (so a slot added to the schema later changes no stored state's seed), keys sorted."""
+        return json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True, ensure_ascii=True)
 
 
 def state_schema() -> dict:
