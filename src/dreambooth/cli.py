@@ -126,7 +126,7 @@ class Command:
 
 
 COMMANDS = {command.name: command for command in (
-    Command("init", "Scaffold a project folder: data/, prompts/, config.yaml, README.",
+    Command("init", "Scaffold a project folder: data/, prompts/, config.yaml, characters.yaml, README.",
             "dreambooth.project:init_command", InitOptions),
     Command("train", "Fine-tune a model on a subject (diffusers' train_dreambooth.py flags work).",
             "dreambooth.cli:train_command", TrainRun),
