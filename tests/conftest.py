@@ -41,13 +41,17 @@ def draw_subject(i: int, size: int = 72) -> Image.Image:
     return image
 
 
+def photo_folder(folder: Path, count: int, size: int = 72) -> Path:
+    """`count` photos of the synthetic subject in a new folder."""
+    folder.mkdir()
+    for i in range(count):
+        draw_subject(i, size=size).save(folder / f"photo-{i}.png")
+    return folder
+
+
 @pytest.fixture
 def instance_dir(tmp_path):
-    folder = tmp_path / "instance"
-    folder.mkdir()
-    for i in range(4):
-        draw_subject(i).save(folder / f"photo-{i}.png")
-    return folder
+    return photo_folder(tmp_path / "instance", 4)
 
 
 @pytest.fixture(scope="session")
@@ -131,11 +135,7 @@ def dino_dir(tmp_path_factory):
 @pytest.fixture
 def real_dir(tmp_path):
     """Three photos of the subject, as `evaluate --real` reads them."""
-    folder = tmp_path / "real"
-    folder.mkdir()
-    for i in range(3):
-        draw_subject(i, size=48).save(folder / f"photo-{i}.png")
-    return folder
+    return photo_folder(tmp_path / "real", 3, size=48)
 
 
 # ---------------------------------------------------------------------------------------------------------------

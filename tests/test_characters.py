@@ -139,15 +139,20 @@ def write_characters(tmp_path, entries) -> object:
     return path
 
 
+def problems_of(path) -> str:
+    """The message of the UserError that loading the characters file raises."""
+    with pytest.raises(UserError) as err:
+        load_characters(path)
+    return str(err.value)
+
+
 def test_every_problem_of_the_characters_file_is_reported_at_once(tmp_path):
     path = write_characters(tmp_path, [
         {"name": "a", "model": "m", "identifier": "sks", "class_word": "dog", "width": 500, "steps": 0},
         {"name": "a", "model": "m", "identifier": "sks", "class_word": "dog", "scheduler": "fastest",
          "prompt_template": "a picture", "vocabulary": {"words": {"locaton": {}}}},
         {"name": "b c", "model": "m", "identifier": "", "class_word": "dog", "colour": "red"}])
-    with pytest.raises(UserError) as err:
-        load_characters(path)
-    message = str(err.value)
+    message = problems_of(path)
     for expected in ("characters[0] (a).width: Value error, 500 is not a multiple of 8",
                      "characters[0] (a).steps: Input should be greater than or equal to 1",
                      "characters[1] (a).scheduler: Value error, unknown scheduler 'fastest'",
@@ -170,9 +175,7 @@ def test_the_vocabulary_template_and_files_of_a_character_are_checked(tmp_path):
         {**base, "name": "b", "prompt_template": "{identifier} {class_word} {style}", "seed": 2**60},
         {**base, "name": "c", "prompt_template": "a {identifier {class_word}", "model": "missing",
          "loras": [{"file": "none.safetensors"}]}])
-    with pytest.raises(UserError) as err:
-        load_characters(path)
-    message = str(err.value)
+    message = problems_of(path)
     for expected in ("(a2).vocabulary.words: Value error, words.emotion: hapy is not a value of emotion",
                      "(a).vocabulary.words.location.beach: Input should be a valid string",
                      "(a).vocabulary.slots.extra.priority: Input should be a valid integer",
@@ -191,14 +194,20 @@ def test_the_shipped_vocabulary_is_a_valid_one():
     Vocabulary.model_validate(shipped_vocabulary())
 
 
-def test_paths_in_the_characters_file_are_relative_to_it(tmp_path):
+def test_paths_in_the_characters_file_are_relative_to_it(tmp_path, monkeypatch):
     (tmp_path / "output").mkdir()
     (tmp_path / "a.safetensors").write_bytes(b"")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "h.safetensors").write_bytes(b"")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     path = write_characters(tmp_path, [{"name": "a", "model": "output", "identifier": "sks", "class_word": "dog",
-                                        "loras": [{"file": "a.safetensors", "weight": 0.8}]},
+                                        "loras": [{"file": "a.safetensors", "weight": 0.8},
+                                                  {"file": "~/h.safetensors"}]},
                                        {"name": "b", "model": "org/model", "identifier": "sks", "class_word": "dog"}])
     loaded = load_characters(path)
-    assert loaded["a"].model == str(tmp_path / "output") and loaded["a"].loras[0].file == tmp_path / "a.safetensors"
+    assert loaded["a"].model == str(tmp_path / "output")
+    home_lora = tmp_path / "home" / "h.safetensors"
+    assert [lora.file for lora in loaded["a"].loras] == [tmp_path / "a.safetensors", home_lora]
     assert loaded["b"].model == "org/model"  # a hub id stays one
 
 

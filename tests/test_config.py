@@ -146,6 +146,11 @@ def test_broken_yaml_and_missing_file(tmp_path):
         load_config(write(tmp_path, "model: {pretrained_model: [\n"))
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="is a folder; give the file"):
+        load_config(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes("model: {pretrained_model: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(UserError, match="cannot be read as UTF-8 text"):
+        load_config(tmp_path / "latin1.yaml")
 
 
 def test_defaults_resolved_and_recorded():

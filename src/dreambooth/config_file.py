@@ -21,13 +21,23 @@ from dreambooth.errors import UserError
 from dreambooth.models.base import HUB_ID
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Reads a config file; a missing file or broken YAML is the user's to fix."""
+def read_text(path: Path, what: str, missing: str = "") -> str:
+    """A text file the user names, or a UserError saying why it cannot be read (`missing`: what to do then)."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist. Create one with `dreambooth init DIR`, "
-                        "or pass the options as flags.") from None
+        raise UserError(f"{what} {path} does not exist.{missing}") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder; give the file.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} cannot be read as UTF-8 text: {e}") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Reads a config file; a missing or unreadable file or broken YAML is the user's to fix."""
+    text = read_text(path, "config file", " Create one with `dreambooth init DIR`, or pass the options as flags.")
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -30,8 +30,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from dreambooth.characters.state import CharacterState
+from dreambooth.config_file import read_text, resolve_model_ref
 from dreambooth.errors import UserError
-from dreambooth.models.base import SCHEDULERS, is_hub_id
+from dreambooth.models.base import SCHEDULERS
 
 MAX_SEED = 2**53 - 1  # seeds travel through JSON, whose numbers are exact up to 2**53
 SLOTS = ("appearance", "emotion", "expression", "gaze", "action", "outfit", "shot", "location", "time_of_day",
@@ -154,33 +155,24 @@ def merged_vocabulary(character: Character, base: dict | None = None) -> dict:
             for part in ("slots", "words")}
 
 
-def read_text(path: Path, what: str) -> str:
-    """A file the user names, or a UserError saying why it cannot be read."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist.") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} {path} is a folder; give the file.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{what} {path} cannot be read as UTF-8 text: {e}") from None
+def _lora_path(file: Path, base: Path) -> Path:
+    file = Path(file).expanduser()
+    return file if file.is_absolute() else (base / file).resolve()
 
 
 def _missing_files(entry: dict, base: Path, where: str) -> list[str]:
-    """The model and LoRA files a character names that are not there, read from the entry as written, so that
-    they are reported beside its other problems."""
-    from dreambooth.config_file import resolve_model_ref
-
+    """The model folder and LoRA files a character names that are not there, read from the entry as written (as
+    `_resolved` resolves them), so that they are reported beside its other problems."""
     problems = []
     model = entry.get("model")
-    if isinstance(model, str) and model and not is_hub_id(model):
+    if isinstance(model, str) and model:
         resolved = Path(resolve_model_ref(model, base))
-        if not resolved.exists():
+        if resolved.is_absolute() and not resolved.exists():  # a hub id stays relative
             problems.append(f"{where}.model: {resolved} does not exist")
     for i, lora in enumerate(entry.get("loras") or []):
         file = lora.get("file") if isinstance(lora, dict) else None
-        if isinstance(file, str) and not (base / Path(file).expanduser()).exists():
-            problems.append(f"{where}.loras[{i}].file: {(base / file).resolve()} does not exist")
+        if isinstance(file, str) and not _lora_path(file, base).exists():
+            problems.append(f"{where}.loras[{i}].file: {_lora_path(file, base)} does not exist")
     return problems
 
 
@@ -188,7 +180,7 @@ def load_characters(path: Path) -> dict[str, Character]:
     """Every character of a characters.yaml by name; a UserError listing every problem of the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(read_text(path, "characters file")) or {}
+        data = yaml.safe_load(read_text(path, "characters file", " `dreambooth init DIR` writes one.")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"characters file {path} is not valid YAML: {e}") from None
     entries = data.get("characters") if isinstance(data, dict) else None
@@ -216,8 +208,5 @@ def load_characters(path: Path) -> dict[str, Character]:
 
 def _resolved(character: Character, base: Path) -> Character:
     """Relative model and LoRA paths made absolute against the file's folder; a hub id stays one."""
-    from dreambooth.config_file import resolve_model_ref
-
-    loras = [LoraRef(file=lora.file if lora.file.is_absolute() else (base / lora.file).resolve(), weight=lora.weight)
-             for lora in character.loras]
+    loras = [LoraRef(file=_lora_path(lora.file, base), weight=lora.weight) for lora in character.loras]
     return character.model_copy(update={"model": resolve_model_ref(character.model, base), "loras": loras})

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dreambooth.characters.character import Character, load_characters, read_text
+from dreambooth.characters.character import Character, load_characters
 from dreambooth.characters.compiler import compile_prompt, token_counter
 from dreambooth.characters.state import CharacterState
+from dreambooth.config_file import read_text
 from dreambooth.errors import UserError
 
 
