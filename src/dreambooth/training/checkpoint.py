@@ -25,7 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import commit_folder
-from dreambooth.models.base import CHECKPOINT_STATE
+from dreambooth.formats.lora import TOKEN_FILE, lora_state_for_peft, save_token_embeddings
+from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
+from dreambooth.training.outputs import save_lora_output
 from dreambooth.training.rundir import next_save_index, rotate
 
 TOKENIZER_DIR = "tokenizer"
@@ -113,9 +115,6 @@ class CheckpointFiles:
         return acc.unwrap_model(m.unet), acc.unwrap_model(m.text_encoder)
 
     def save(self, folder: Path) -> None:
-        from dreambooth.formats.lora import save_token_embeddings
-        from dreambooth.training.outputs import save_lora_output
-
         cfg, m = self.run.cfg, self.run.models
         unet, text_encoder = self._modules()
         if cfg.model.method == "lora":
@@ -153,7 +152,6 @@ class CheckpointFiles:
     def _load_lora(self, folder: Path, unet, text_encoder) -> None:
         from peft import set_peft_model_state_dict
 
-        from dreambooth.formats.lora import LORA_FILE, lora_state_for_peft
 
         file = folder / LORA_FILE
         if not file.is_file():
@@ -168,8 +166,6 @@ class CheckpointFiles:
             _check_loaded(file, module, result, only_lora=True)
 
     def _load_token_rows(self, folder: Path, text_encoder) -> None:
-        from dreambooth.formats.lora import TOKEN_FILE
-
         file = folder / TOKEN_FILE
         if not file.is_file():
             raise UserError(f"output.resume_from_checkpoint: {folder} has no {TOKEN_FILE} for the new identifier "

@@ -12,6 +12,8 @@ import torch
 from dreambooth import __version__
 from dreambooth.config_file import dump_config
 from dreambooth.formats.atomic import move_into, temporary_folder, write_json_atomic, write_text_atomic
+from dreambooth.formats.lora import save_lora, save_token_embeddings
+from dreambooth.models.base import model_fingerprint
 from dreambooth.models.loading import DTYPES
 from dreambooth.versions import library_versions
 
@@ -49,8 +51,6 @@ def _adapter_config(module) -> dict | None:
 
 def lora_metadata(run) -> dict[str, str]:
     """What made the LoRA, as safetensors metadata (strings): base model and hash, subjects, LoRA settings."""
-    from dreambooth.models.base import model_fingerprint
-
     cfg, m = run.cfg, run.models
     subjects = cfg.subject_list()
     return {
@@ -75,8 +75,6 @@ def lora_metadata(run) -> dict[str, str]:
 def save_lora_output(run, folder: Path | None = None) -> None:
     """`pytorch_lora_weights.safetensors` (stock `load_lora_weights` reads it) and any new tokens' embeddings, in
     the output folder or in a checkpoint being written."""
-    from dreambooth.formats.lora import save_lora, save_token_embeddings
-
     folder = folder or run.out
     acc, cfg, m = run.accelerator, run.cfg, run.models
     unet = acc.unwrap_model(m.unet) if cfg.model.train_unet else None
@@ -147,8 +145,6 @@ def write_model_card(run) -> None:
 def write_run_info(run) -> None:
     """run_info.json and config.yaml: what this run is, in data a program can read back."""
     cfg, report, models = run.cfg, run.report, run.models
-    from dreambooth.models.base import model_fingerprint
-
     write_text_atomic(run.out / "config.yaml", dump_config(cfg))
     trainable = sum(p.numel() for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad)
     subjects = []

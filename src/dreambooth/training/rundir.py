@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreambooth.config_file import load_config, resolve_model_ref
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import write_text_atomic
 from dreambooth.models.base import CHECKPOINT_STATE
@@ -205,8 +206,6 @@ def legacy_settings(checkpoint: CheckpointInfo, identity_of) -> dict | None:
     Those versions recorded the base model as it was typed; a relative one was relative to the working directory
     of that run, which is taken to be this one's.
     """
-    from dreambooth.config_file import load_config, resolve_model_ref
-
     config = checkpoint.path / "config.yaml"
     if not config.is_file():
         return None
