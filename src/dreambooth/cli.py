@@ -29,6 +29,7 @@ from dreambooth.command_options import (
     ExportOptions,
     GenerateOptions,
     InitOptions,
+    ServeOptions,
     TinyModelOptions,
 )
 from dreambooth.config import SECTION_TYPES, field_flags
@@ -145,6 +146,8 @@ COMMANDS = {command.name: command for command in (
             "bench/bench.py:bench_command", "bench/bench.py:BenchSettings", heavy=True),
     Command("compile-prompt", "A character's prompt, seed and settings for a state (characters.yaml), as JSON.",
             "dreambooth.characters.commands:compile_prompt_command", CompilePromptOptions),
+    Command("serve", "Draw characters on demand over HTTP: states in, pictures out; batched, queued, cached, "
+            "with API keys, limits and metrics.", "dreambooth.serving.command:serve_command", ServeOptions, heavy=True),
     Command("demo", "Train the built-in subject into the built-in model on a CPU; measure before and after.",
             "dreambooth.evaluation.demo:demo_command", DemoOptions, heavy=True),
     Command("experiment", "The DreamBooth paper's experiment on the built-in world: base vs full/LoRA, with and "

@@ -168,3 +168,41 @@ class ExperimentOptions:
                               help="Seed (repeatable) [default: 0 1 2].")
     steps: int = option(900, minimum=1, help="Training steps per run.")
     images_per_prompt: int = option(8, minimum=1, help="Images drawn per prompt for the measures.")
+
+
+@dataclass(kw_only=True)
+class ServeOptions:
+    """`dreambooth serve`: the characters of a characters.yaml drawn on demand over HTTP."""
+
+    characters: Path = option(Path("characters.yaml"), help="The characters file.")
+    demo: bool = option(False, help="Serve the built-in model's characters instead: the subject `dreambooth demo` "
+                        "trains (trained first, into --demo-dir, when missing) and a plain circle; no downloads.")
+    demo_dir: Path = option(Path("demo-run"), help="The `dreambooth demo` folder --demo uses.")
+    host: str = option("127.0.0.1", help="Address to listen on; anything but loopback needs API keys.")
+    port: int = option(8000, minimum=0, help="Port to listen on (0: any free port, printed).")
+    api_keys: Path | None = option(None, help="A file of API keys, one `NAME ROLE TOKEN` a line (ROLE: user or "
+                                   "operator); $DREAMBOOTH_API_KEYS may hold more, comma-separated.")
+    allow_no_auth: bool = option(False, help="Serve without API keys on a non-loopback --host (trusted networks only).")
+    device: str | None = option(None, help="Device to draw on [default: cuda if available, else cpu].")
+    precision: str | None = option(None, choices=("fp32", "fp16", "bf16"),
+                                   help="Weights' precision [default: fp16 on a GPU, fp32 on the CPU].")
+    cache_dir: Path | None = option(None, help="Folder of the image cache [default: .serve-cache beside the "
+                                    "characters file].")
+    no_cache: bool = option(False, help="Draw every request, keep no image cache.")
+    cache_mb: int = option(1024, minimum=1, help="Largest size of the image cache; least recently used go first.")
+    max_steps: int = option(50, minimum=1, help="Most sampling steps a request may ask for.")
+    max_pixels: int = option(768 * 768, minimum=64, help="Most pixels (width x height) a request may ask for.")
+    max_images: int = option(4, minimum=1, help="Most images in one request.")
+    max_body_kb: int = option(64, minimum=1, help="Largest request body, in KiB.")
+    rate_per_minute: float = option(120.0, minimum=0, help="Requests a minute per API key (0: no limit).")
+    burst: int = option(20, minimum=1, help="Requests a key may send at once before the rate applies.")
+    max_queue: int = option(64, minimum=1, help="Images waiting to be drawn before requests get 429.")
+    max_batch: int = option(4, minimum=1, help="Most images drawn in one pipeline call.")
+    batch_window_ms: float = option(25.0, minimum=0, help="How long a batch waits to fill before it is drawn.")
+    deadline_s: float = option(300.0, minimum=0.1, help="Longest a request waits for its images (then 504).")
+    llm_base_url: str | None = option(None, help="An OpenAI-compatible endpoint (llama.cpp, vLLM, Ollama, ...) that "
+                                      "turns /v1/chat-render's text into a state by tool calling; off when unset.")
+    llm_model: str = option("default", help="The model name to ask the --llm-base-url endpoint for.")
+    llm_api_key_env: str = option("OPENAI_API_KEY", help="The environment variable holding the endpoint's key "
+                                  "(a key is never a command-line argument).")
+    llm_timeout_s: float = option(60.0, minimum=1, help="Longest wait for the language model.")

@@ -1,0 +1,1 @@
+"""`dreambooth serve`: characters drawn on demand over HTTP, batched, queued, cached, authenticated and measured."""

@@ -1,0 +1,231 @@
+"""HTTP on the service (FastAPI): the endpoints, API keys and rate limits, the body limit, errors as JSON, metrics.
+
+Every refusal is JSON, `{"error": {"code": ..., "message": ...}}`, with the status that says what kind it is: 400 bad
+JSON, 401 no key, 403 a wrong key or an operator-only field, 404 an unknown character, 413 a body over the limit,
+422 a field out of range or over a limit, 429 the rate or the queue (with Retry-After), 504 the deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import logging
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
+from pydantic import BaseModel, ConfigDict, Field
+
+from dreambooth.characters.state import state_schema
+from dreambooth.serving.auth import LOCAL, Key, RateLimiter, find_key
+from dreambooth.serving.service import ApiError, RenderBody, Rendered, Service
+
+log = logging.getLogger("dreambooth.serve")
+disable_created_metrics()  # the `_created` series double the page and say nothing a scraper needs
+ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/characters", "/v1/state-schema", "/v1/compile", "/v1/render",
+             "/v1/chat-render", "/docs", "/openapi.json")
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers={**(headers or {}), "X-Error-Code": code})
+
+
+class BodyLimit:
+    """Refuses a body over `limit` bytes with 413, by its Content-Length or, when it has none (chunked), by what
+    arrives, before the endpoint reads it whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = error_response(413, "body_too_large", f"the request body is over this server's {self.limit} "
+                                  "bytes; a render request is a few hundred.")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Measured:
+    """Counts every request by endpoint and outcome (the error code, or ok) and times it."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        outcome = {"code": "ok"}
+
+        async def watched(message):
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or [])
+                status = message["status"]
+                code = headers.get(b"x-error-code", b"").decode() or ("ok" if status < 400 else f"http_{status}")
+                outcome["code"] = code
+            await send(message)
+
+        with self.service.metrics.latency.labels(endpoint).time():
+            try:
+                await self.app(scope, receive, watched)
+            finally:
+                self.service.metrics.requests.labels(endpoint, outcome["code"]).inc()
+
+
+class ChatBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    character: str = Field(max_length=64)
+    message: str = Field(min_length=1, max_length=2000, description="What happens, in words; a language model "
+                         "turns it into the character's state.")
+    format: str = Field("json", pattern="^(png|json)$")
+
+
+def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=None) -> FastAPI:
+    """The app. `auth=False` (loopback only, no keys configured) lets every caller in as an operator; `chat`: a
+    serving.chat.ChatStates for /v1/chat-render, or None (off)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.batcher.start()
+        yield
+        await service.batcher.stop()
+
+    app = FastAPI(title="dreambooth serve", version="1", lifespan=lifespan,
+                  description="Characters drawn on demand: a state (GET /v1/state-schema) becomes a prompt around the "
+                  "character's identifier, and the character's model draws it.")
+    limiter = RateLimiter(service.limits.rate_per_minute, service.limits.burst)
+    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
+    app.add_middleware(Measured, service=service)  # outermost: 413s are counted too
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(e.status, e.code, e.message, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            return error_response(400, "bad_json", "the body is not valid JSON: "
+                                  f"{errors[0].get('ctx', {}).get('error', errors[0].get('msg'))}.")
+        if any(tuple(err["loc"]) == ("body",) for err in errors):
+            return error_response(400, "bad_json", "the body must be a JSON object, sent with `Content-Type: "
+                                  "application/json`.")
+        problems = [f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in errors]
+        return error_response(422, "invalid_request", "; ".join(problems) + ". GET /v1/state-schema describes a "
+                              "state; /docs every field.")
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception):
+        log.exception("request failed")
+        return error_response(500, "internal", f"the server failed to draw: {type(e).__name__}: {e}")
+
+    def caller(request: Request) -> Key:
+        if not auth:
+            key = LOCAL
+            name = request.client.host if request.client else "local"
+        else:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise ApiError(401, "unauthorized", "send an API key as `Authorization: Bearer TOKEN`.",
+                               {"WWW-Authenticate": "Bearer"})
+            key = find_key(keys, token.strip())
+            if key is None:
+                raise ApiError(403, "forbidden", "this API key is not one of the server's.")
+            name = key.name
+        wait = limiter.take(name)
+        if wait:
+            raise ApiError(429, "rate_limited", f"more than {service.limits.rate_per_minute:g} requests a minute "
+                           f"for this key; retry in {wait} s.", {"Retry-After": str(wait)})
+        return key
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return resources.files("dreambooth.serving").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "characters": sorted(service.characters), "queue": service.batcher.depth,
+                "auth": auth, "chat": chat is not None}
+
+    @app.get("/metrics")
+    def metrics(request: Request):
+        if auth:
+            caller(request)
+        return Response(service.metrics.render(service.batcher.depth), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/characters")
+    def characters(key: Key = Depends(caller)):
+        return {"characters": [describe(c) for c in service.characters.values()]}
+
+    @app.get("/v1/state-schema")
+    def schema(key: Key = Depends(caller)):
+        return state_schema()
+
+    @app.post("/v1/compile")
+    def compile_request(body: RenderBody, key: Key = Depends(caller)):
+        request = service.compile(body, key.operator)
+        return {"request": dataclasses.asdict(request)}
+
+    @app.post("/v1/render", responses={200: {"content": {"image/png": {}}}})
+    async def render(body: RenderBody, request: Request, key: Key = Depends(caller)):
+        rendered = await service.render(body, key.operator, request.is_disconnected)
+        return answer(rendered, body.format)
+
+    @app.post("/v1/chat-render")
+    async def chat_render(body: ChatBody, request: Request, key: Key = Depends(caller)):
+        if chat is None:
+            raise ApiError(501, "chat_off", "chat-render is off on this server: start `dreambooth serve` with "
+                           "--llm-base-url (an OpenAI-compatible endpoint) to turn it on.")
+        service.character(body.character)
+        state = await chat.state_for(service.characters[body.character], body.message)
+        render_body = RenderBody(character=body.character, state=state, format=body.format)
+        rendered = await service.render(render_body, False, request.is_disconnected)
+        return answer(rendered, body.format, {"state": state.model_dump(mode="json", exclude_defaults=True)})
+
+    return app
+
+
+def describe(character) -> dict:
+    """What a client needs to know of a character; no server paths."""
+    return {"name": character.name, "identifier": character.identifier, "class_word": character.class_word,
+            "kind": "lora" if character.loras else "full", "appearance": character.appearance,
+            "style": character.style, "width": character.width, "height": character.height, "steps": character.steps,
+            "guidance": character.guidance, "scheduler": character.scheduler, "seed_policy": character.seed_policy}
+
+
+def answer(rendered: Rendered, format: str, extra: dict | None = None) -> Response:
+    seed, png, cached = rendered.images[0]
+    if format == "png":
+        return Response(png, media_type="image/png",
+                        headers={"X-Seed": str(seed), "X-Cache": "hit" if cached else "miss"})
+    return JSONResponse({**(extra or {}), "request": dataclasses.asdict(rendered.request), "images": [
+        {"seed": s, "cached": c, "png_base64": base64.b64encode(p).decode()} for s, p, c in rendered.images]})

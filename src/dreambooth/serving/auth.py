@@ -1,0 +1,114 @@
+"""Who may call the service: API keys (bearer tokens) and a request rate per key.
+
+Keys come from a file (`--api-keys FILE`) or the environment (`DREAMBOOTH_API_KEYS`), one a line (or comma-separated
+in the environment) as `NAME ROLE TOKEN`: ROLE `user` renders states; `operator` may also send raw prompts. A token is
+compared with every key in constant time (on sha256 digests, so neither its content nor its length shows in the
+timing). No token: 401; a token that is no key: 403.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dreambooth.config_file import read_text
+from dreambooth.errors import UserError
+
+ROLES = ("user", "operator")
+MIN_TOKEN_LENGTH = 16
+ENVIRONMENT = "DREAMBOOTH_API_KEYS"
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    role: str
+    digest: bytes  # sha256 of the token; the token itself is not kept
+
+    @property
+    def operator(self) -> bool:
+        return self.role == "operator"
+
+
+LOCAL = Key("local", "operator", b"")  # the caller when no keys are configured (loopback only)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def parse_keys(text: str, where: str) -> list[Key]:
+    keys, problems = [], []
+    for number, line in enumerate(text.replace(",", "\n").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 3:
+            problems.append(f"entry {number}: expected `NAME ROLE TOKEN`, got {len(parts)} word(s)")
+            continue
+        name, role, token = parts
+        if role not in ROLES:
+            problems.append(f"entry {number} ({name}): role {role!r} is not one of {', '.join(ROLES)}")
+        elif len(token) < MIN_TOKEN_LENGTH:
+            problems.append(f"entry {number} ({name}): the token is {len(token)} characters; use at least "
+                            f"{MIN_TOKEN_LENGTH} (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+        elif any(key.name == name for key in keys):
+            problems.append(f"entry {number}: the name {name} is used twice")
+        else:
+            keys.append(Key(name, role, _digest(token)))
+    if problems:
+        raise UserError(f"API keys in {where}: " + "; ".join(problems) + ".")
+    return keys
+
+
+def load_keys(file: Path | None) -> list[Key]:
+    """The keys of `file` and of the environment variable, together."""
+    keys = []
+    if file is not None:
+        keys += parse_keys(read_text(Path(file), "--api-keys file"), str(file))
+    if os.environ.get(ENVIRONMENT, "").strip():
+        keys += parse_keys(os.environ[ENVIRONMENT], f"${ENVIRONMENT}")
+    names = [key.name for key in keys]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UserError(f"API key name(s) {', '.join(twice)} given in both --api-keys and ${ENVIRONMENT}.")
+    return keys
+
+
+def find_key(keys: list[Key], token: str) -> Key | None:
+    """The key whose token this is; every key is compared, so the time taken says nothing about which matched."""
+    digest, found = _digest(token), None
+    for key in keys:
+        if hmac.compare_digest(digest, key.digest):
+            found = key
+    return found
+
+
+class RateLimiter:
+    """A token bucket per caller: `per_minute` requests a minute on average, bursts of up to `burst`."""
+
+    def __init__(self, per_minute: float, burst: int):
+        self.rate, self.burst = per_minute / 60.0, burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, caller: str) -> int:
+        """0 if the caller may go on; otherwise the seconds until it may (Retry-After)."""
+        if self.rate <= 0:
+            return 0
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(caller, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[caller] = (tokens - 1.0, now)
+                return 0
+            self._buckets[caller] = (tokens, now)
+            return max(1, math.ceil((1.0 - tokens) / self.rate))

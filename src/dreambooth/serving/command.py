@@ -1,0 +1,121 @@
+"""`dreambooth serve`: load the characters and their models, then answer HTTP until stopped.
+
+Without API keys the service listens on loopback only (every local caller is an operator); another --host needs
+keys, or --allow-no-auth for a trusted network. `--demo` serves the built-in world's characters (demo_characters.yaml
+beside this module), training the demo's subject first when it is missing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from importlib import resources
+from pathlib import Path
+
+from dreambooth.characters.character import load_characters
+from dreambooth.errors import UserError
+from dreambooth.formats.atomic import write_text_atomic
+
+DEMO_CHARACTERS = "characters.yaml"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_installed() -> None:
+    missing = []
+    for module in ("fastapi", "uvicorn", "prometheus_client", "compel"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise UserError(f"`dreambooth serve` needs {', '.join(missing)}: install the serve extra, "
+                        "`pip install 'dreambooth[serve]'` (or `pip install -e '.[serve]'` in a clone).")
+
+
+def demo_characters_file(demo_dir: Path) -> Path:
+    """The demo's characters file, written once (the built-in model's path filled in); the demo's subject trained
+    first when `demo_dir` has no model yet."""
+    from dreambooth.evaluation.world_model import builtin_model_path
+
+    demo_dir = Path(demo_dir)
+    if not (demo_dir / "model" / "model_index.json").is_file():
+        print(f"serve --demo: no trained subject in {demo_dir}/model yet; running `dreambooth demo` first (about a "
+              "minute on a CPU).")
+        from dreambooth.evaluation.demo import run_demo
+
+        run_demo(demo_dir)
+    file = demo_dir / DEMO_CHARACTERS
+    if not file.is_file():
+        text = resources.files("dreambooth.serving").joinpath("demo_characters.yaml").read_text(encoding="utf-8")
+        write_text_atomic(file, text.replace("{builtin}", str(builtin_model_path())))
+    return file
+
+
+def build_service(characters_file: Path, options):
+    """The service of a characters file with the options' limits, cache and device (models loaded)."""
+    from dreambooth.serving.cache import ImageCache
+    from dreambooth.serving.renderer import Renderer
+    from dreambooth.serving.service import Limits, Service
+
+    characters = load_characters(characters_file)
+    limits = Limits(max_body_bytes=options.max_body_kb * 1024, max_steps=options.max_steps,
+                    max_pixels=options.max_pixels, max_images=options.max_images,
+                    rate_per_minute=options.rate_per_minute, burst=options.burst, max_queue=options.max_queue,
+                    max_batch=options.max_batch, batch_window_ms=options.batch_window_ms,
+                    deadline_s=options.deadline_s)
+    folder = None if options.no_cache else (options.cache_dir or Path(characters_file).parent / ".serve-cache")
+    renderer = Renderer(characters, device=options.device, precision=options.precision)
+    return Service(characters, renderer, limits=limits, cache=ImageCache(folder, options.cache_mb * 1024 * 1024))
+
+
+def build_app(options):
+    """The app `serve` runs: keys and host checked before any model loads."""
+    from dreambooth.serving.app import create_app
+    from dreambooth.serving.auth import load_keys
+
+    keys = load_keys(options.api_keys)
+    if not keys and not is_loopback(options.host) and not options.allow_no_auth:
+        raise UserError(f"--host {options.host} is reachable from other machines, and no API keys are set: give "
+                        "--api-keys FILE (or $DREAMBOOTH_API_KEYS), or --allow-no-auth on a trusted network.")
+    characters_file = demo_characters_file(options.demo_dir) if options.demo else options.characters
+    load_characters(characters_file)  # every problem of the file, before any model loads
+    chat = None
+    if options.llm_base_url:
+        from dreambooth.serving.chat import ChatStates
+
+        chat = ChatStates(options.llm_base_url, options.llm_model, os.environ.get(options.llm_api_key_env),
+                          timeout_s=options.llm_timeout_s)
+    service = build_service(characters_file, options)
+    return create_app(service, keys, auth=bool(keys), chat=chat), service
+
+
+def serve_command(options) -> None:
+    """`dreambooth serve`: `options` is a command_options.ServeOptions."""
+    check_installed()
+    import socket
+
+    import uvicorn
+
+    app, service = build_app(options)
+    family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((options.host, options.port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {options.host}:{options.port}: {e.strerror}. Choose another --port (0 "
+                        "takes a free one).") from None
+    port = sock.getsockname()[1]
+    names = ", ".join(sorted(service.characters))
+    print(f"serving {len(service.characters)} character(s) ({names}) at http://{options.host}:{port}/ (the page; "
+          "the API's OpenAPI page is /docs). Ctrl-C stops.", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])

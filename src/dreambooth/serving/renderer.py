@@ -1,0 +1,185 @@
+"""The models behind the service: one pipeline per model folder, LoRA characters sharing their base's.
+
+A LoRA character's adapters are loaded into its base's pipeline once, at start-up, under names of their own, and
+switched per batch (`set_adapters` with the character's weights; `disable_lora` for a character without LoRAs), so
+ten LoRA characters on one base hold one base in memory. Two LoRAs that bring the same new token (two characters
+trained as `<sks>`) cannot share a tokenizer: the second gets its own copy of the base, with a note.
+
+A render request whose fragments all weigh 1.0 is drawn from its prompt text, exactly as `dreambooth generate`
+draws that prompt; weighted fragments (an emotion's intensity) become weighted embeddings through compel, which
+builds them from (text, weight) pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dreambooth.characters.character import Character
+from dreambooth.characters.compiler import RenderRequest, token_counter
+from dreambooth.formats.lora import find_lora_file, new_tokens
+from dreambooth.formats.lora_loading import load_lora_adapter
+from dreambooth.generate import png_info
+from dreambooth.models.base import model_identity
+from dreambooth.models.loading import load_pipeline, make_scheduler, pick_device, pick_dtype
+
+
+@dataclass
+class Slot:
+    """A pipeline and what is loaded into it."""
+
+    pipe: object
+    model: str
+    tokens: set[str] = field(default_factory=set)
+    adapters: bool = False
+    schedulers: dict = field(default_factory=dict)
+    compel: object = None
+
+
+@dataclass
+class Drawn:
+    character: Character
+    slot: Slot
+    adapters: list[str]
+    weights: list[float]
+    model_hash: str
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def character_model_hash(character: Character) -> str:
+    """What the character's pictures depend on: the model's identity (its weight files' headers, first MiB and
+    sizes, and their modification times, so that a model saved again is a new model) and the LoRA files' contents."""
+    digest = hashlib.sha256(model_identity(character.model).encode())
+    folder = Path(character.model)
+    for file in sorted(folder.glob("*/*.safetensors")) if folder.is_dir() else []:
+        digest.update(f"{file.relative_to(folder)}:{file.stat().st_mtime_ns}".encode())
+    for lora in character.loras:
+        file = find_lora_file(lora.file)
+        digest.update(f"{_file_hash(file)}:{lora.weight!r}".encode())
+        tokens = file.parent / "token_embeddings.safetensors"
+        if tokens.is_file():
+            digest.update(_file_hash(tokens).encode())
+    return digest.hexdigest()[:16]
+
+
+class Renderer:
+    """Loads every character's model once; `render` draws a batch of requests for one character and size."""
+
+    def __init__(self, characters: dict[str, Character], *, device: str | None = None, precision: str | None = None):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(precision, self.device)
+        self.slots: list[Slot] = []
+        self.drawn: dict[str, Drawn] = {}
+        self.calls = 0  # pipeline calls, for tests and metrics
+        self._lock = threading.Lock()
+        for character in characters.values():
+            self.drawn[character.name] = self._place(character)
+
+    # ------------------------------------------------------------------------------------------------ loading
+    def _new_slot(self, model: str) -> Slot:
+        pipe = load_pipeline(model, device=self.device, dtype=self.dtype)
+        slot = Slot(pipe=pipe, model=model, tokens=set(pipe.tokenizer.get_vocab()))
+        slot.schedulers["__base__"] = dict(pipe.scheduler.config)
+        self.slots.append(slot)
+        return slot
+
+    def _place(self, character: Character) -> Drawn:
+        files = [find_lora_file(lora.file) for lora in character.loras]
+        wanted = {token for file in files for token in new_tokens(file)}
+        slot = next((s for s in self.slots if s.model == character.model and not (wanted & s.tokens)), None)
+        if slot is None:
+            if any(s.model == character.model for s in self.slots):
+                print(f"note: character {character.name}'s LoRA brings token(s) {', '.join(sorted(wanted))} that "
+                      f"another character's LoRA on {character.model} brings too; it gets its own copy of the model.")
+            slot = self._new_slot(character.model)
+        names = []
+        for i, lora in enumerate(character.loras):
+            name = f"{character.name.replace('-', '_')}_{i}"
+            load_lora_adapter(slot.pipe, lora.file, name, model=character.model)
+            names.append(name)
+        slot.tokens |= wanted
+        slot.adapters = slot.adapters or bool(names)
+        return Drawn(character, slot, names, [lora.weight for lora in character.loras],
+                     character_model_hash(character))
+
+    # ------------------------------------------------------------------------------------------------ drawing
+    def count_tokens(self, name: str):
+        return token_counter(self.drawn[name].slot.pipe.tokenizer)
+
+    def max_tokens(self, name: str) -> int:
+        return min(self.drawn[name].slot.pipe.tokenizer.model_max_length, 77)  # 77: CLIP's positions
+
+    def model_hash(self, name: str) -> str:
+        return self.drawn[name].model_hash
+
+    def _activate(self, drawn: Drawn, scheduler: str) -> None:
+        slot, pipe = drawn.slot, drawn.slot.pipe
+        if slot.adapters:
+            if drawn.adapters:
+                pipe.enable_lora()
+                pipe.set_adapters(drawn.adapters, adapter_weights=drawn.weights)
+            else:
+                pipe.disable_lora()
+        if scheduler not in slot.schedulers:
+            slot.schedulers[scheduler] = make_scheduler(scheduler, slot.schedulers["__base__"])
+        pipe.scheduler = slot.schedulers[scheduler]
+
+    def _weighted_embeddings(self, slot: Slot, request: RenderRequest):
+        """The prompt's embedding with each fragment at its weight (compel); the text is the prompt's own, split
+        where the compiler joined it, so that weights of 1.0 would give the plain prompt's tokens."""
+        from compel import Compel
+        from compel.prompt_parser import FlattenedPrompt
+
+        if slot.compel is None:
+            slot.compel = Compel(tokenizer=slot.pipe.tokenizer, text_encoder=slot.pipe.text_encoder,
+                                 truncate_long_prompts=True, device=str(self.device))
+        parts = [(part["text"] if i == 0 else ", " + part["text"], float(part["weight"]))
+                 for i, part in enumerate(request.fragments)]
+        (conditioning, _), _ = slot.compel.build_conditioning_tensor_for_prompt_object(FlattenedPrompt(parts))
+        return conditioning
+
+    def render(self, requests: list[RenderRequest]) -> list[bytes]:
+        """PNGs of a batch of requests that share character, size, steps, guidance and sampler; one pipeline call."""
+        import torch
+
+        first = requests[0]
+        drawn = self.drawn[first.character]
+        pipe = drawn.slot.pipe
+        generators = [torch.Generator(device=pipe.device).manual_seed(r.seed) for r in requests]
+        shared = dict(num_inference_steps=first.steps, guidance_scale=first.guidance, height=first.height,
+                      width=first.width, generator=generators)
+        with self._lock, torch.inference_mode():
+            self._activate(drawn, first.scheduler)
+            if any(part["weight"] != 1.0 for r in requests for part in r.fragments):
+                embeddings = torch.cat([self._weighted_embeddings(drawn.slot, r) for r in requests])
+                _, negative = pipe.encode_prompt([r.prompt for r in requests], pipe.device, 1, first.guidance > 1.0,
+                                                 [r.negative_prompt for r in requests])
+                out = pipe(prompt_embeds=embeddings.to(pipe.dtype), negative_prompt_embeds=negative, **shared)
+            else:
+                out = pipe(prompt=[r.prompt for r in requests], negative_prompt=[r.negative_prompt for r in requests],
+                           **shared)
+            self.calls += 1
+        return [self._png(image, request, drawn) for image, request in zip(out.images, requests)]
+
+    @staticmethod
+    def _png(image, request: RenderRequest, drawn: Drawn) -> bytes:
+        """The picture with how it was made (A1111's `parameters` and our JSON); the model by character and hash,
+        not by the server's paths."""
+        meta = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
+                "steps": request.steps, "guidance": request.guidance, "scheduler": request.scheduler,
+                "width": image.width, "height": image.height, "character": request.character,
+                "fragments": request.fragments}
+        loras = [[Path(lora.file).name, lora.weight] for lora in drawn.character.loras]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", pnginfo=png_info(meta, f"{request.character} ({drawn.model_hash})", loras))
+        return buffer.getvalue()

@@ -1,0 +1,216 @@
+"""The service's logic, without HTTP: characters, compile, limits, the cache, the queue. `serving.app` puts HTTP on it.
+
+A render goes: the character's state compiled (or an operator's raw prompt), the request's overrides applied and
+checked against the limits, one request per image (the seeds as `dreambooth generate` gives them), the cache asked
+for each, the missing ones queued as one group, and the answer awaited until its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dreambooth.characters.character import MAX_SEED, Character
+from dreambooth.characters.compiler import RenderRequest, compile_prompt
+from dreambooth.characters.state import CharacterState
+from dreambooth.errors import UserError
+from dreambooth.generate import image_seed
+from dreambooth.serving.batcher import Batcher, DeadlineExceeded, QueueFull
+from dreambooth.serving.cache import ImageCache, cache_key
+from dreambooth.serving.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, and how much the service takes on."""
+
+    max_body_bytes: int = 64 * 1024
+    max_steps: int = 50
+    max_pixels: int = 768 * 768
+    max_images: int = 4
+    rate_per_minute: float = 120.0
+    burst: int = 20
+    max_queue: int = 64
+    max_batch: int = 4
+    batch_window_ms: float = 25.0
+    deadline_s: float = 300.0
+
+
+class ApiError(Exception):
+    """An answer other than success: HTTP status, a stable code, a message a person can act on."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+class RenderBody(BaseModel):
+    """A picture of a character: its state (or, for operators, a raw prompt), and what to change of its defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    character: str = Field(max_length=64, description="The character's name (GET /v1/characters).")
+    state: CharacterState | None = Field(None, description="The character's state; empty if neither it nor "
+                                         "`prompt` is given.")
+    prompt: str | None = Field(None, max_length=2000, description="A raw prompt instead of a state (operator keys "
+                               "only); used as written.")
+    negative_prompt: str | None = Field(None, max_length=2000, description="Replaces the character's (operators).")
+    n: int = Field(1, ge=1, description="Images to draw (more than 1 needs format json).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Replaces the seed policy's seed.")
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = Field(None, ge=0.0, le=30.0)
+    width: int | None = Field(None, ge=64)
+    height: int | None = Field(None, ge=64)
+    format: Literal["png", "json"] = Field("png", description="png: the image; json: images (base64), the compiled "
+                                           "request and the seeds.")
+    deadline_s: float | None = Field(None, gt=0, description="Give up after this many seconds (at most the "
+                                     "server's).")
+
+
+class Renderer(Protocol):
+    calls: int
+
+    def count_tokens(self, name: str): ...
+    def max_tokens(self, name: str) -> int: ...
+    def model_hash(self, name: str) -> str: ...
+    def render(self, requests: list[RenderRequest]) -> list[bytes]: ...
+
+
+@dataclass
+class Rendered:
+    request: RenderRequest  # as compiled, before per-image seeds
+    images: list[tuple[int, bytes, bool]]  # (seed, png, from the cache)
+
+
+def image_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of a request's n images: the seed, then seeds hashed from it as `dreambooth generate` derives them,
+    cut to 53 bits so that JSON carries them exactly and a request's `seed` (or `generate --seed`) draws each
+    image again."""
+    return [seed if i == 0 else image_seed(seed, i) >> 10 for i in range(n)]
+
+
+def batch_key(request: RenderRequest) -> tuple:
+    """What one pipeline call shares."""
+    return (request.character, request.width, request.height, request.steps, request.guidance, request.scheduler)
+
+
+class Service:
+    def __init__(self, characters: dict[str, Character], renderer: Renderer, *, limits: Limits = Limits(),
+                 cache: ImageCache | None = None):
+        self.characters, self.renderer, self.limits = characters, renderer, limits
+        self.cache = cache or ImageCache(None, 0)
+        self.metrics = Metrics(limits.max_batch)
+        self.batcher = Batcher(self._draw, max_queue=limits.max_queue, max_batch=limits.max_batch,
+                               window_s=limits.batch_window_ms / 1000.0, on_batch=self.metrics.record_batch)
+
+    # ------------------------------------------------------------------------------------------- compiling
+    def character(self, name: str) -> Character:
+        if name not in self.characters:
+            raise ApiError(404, "unknown_character", f"no character named {name!r}; GET /v1/characters lists them "
+                           f"({', '.join(sorted(self.characters))}).")
+        return self.characters[name]
+
+    def compile(self, body: RenderBody, operator: bool) -> RenderRequest:
+        """The render request of a body, checked against the limits; refusals name the field."""
+        character = self.character(body.character)
+        if (body.prompt is not None or body.negative_prompt is not None) and not operator:
+            raise ApiError(403, "operator_only", "`prompt` and `negative_prompt` are for operator keys; send a "
+                           "`state` instead (GET /v1/state-schema).")
+        if body.prompt is not None and body.state is not None:
+            raise ApiError(422, "invalid_request", "give either `state` or `prompt`, not both.")
+        count, most = self.renderer.count_tokens(character.name), self.renderer.max_tokens(character.name)
+        try:
+            request = compile_prompt(character, body.state or CharacterState(), count_tokens=count, max_tokens=most)
+        except UserError as e:
+            raise ApiError(422, "invalid_character", str(e)) from None
+        if body.prompt is not None:
+            tokens = count(body.prompt)
+            if tokens > most:
+                raise ApiError(422, "prompt_too_long", f"`prompt` is {tokens} tokens; the text encoder reads "
+                               f"{most} (start and end included). Shorten it: it is not cut silently.")
+            request = dataclasses.replace(request, prompt=body.prompt, tokens=tokens, dropped=[],
+                                          fragments=[{"slot": "prompt", "text": body.prompt, "weight": 1.0}])
+        changes = {k: getattr(body, k) for k in ("negative_prompt", "seed", "steps", "guidance", "width", "height")
+                   if getattr(body, k) is not None}
+        request = dataclasses.replace(request, **changes)
+        self._check_limits(request, body)
+        return request
+
+    def _check_limits(self, request: RenderRequest, body: RenderBody) -> None:
+        limits, problems = self.limits, []
+        if request.steps > limits.max_steps:
+            problems.append(f"steps {request.steps} is more than this server's {limits.max_steps}")
+        if request.width * request.height > limits.max_pixels:
+            problems.append(f"{request.width}x{request.height} is {request.width * request.height} pixels, more "
+                            f"than this server's {limits.max_pixels}")
+        for side in ("width", "height"):
+            if getattr(request, side) % 8:
+                problems.append(f"{side} {getattr(request, side)} is not a multiple of 8")
+        if body.n > limits.max_images:
+            problems.append(f"n {body.n} is more images than this server's {limits.max_images} a request")
+        if body.n > 1 and body.format == "png":
+            problems.append("n > 1 needs \"format\": \"json\" (one PNG holds one image)")
+        if problems:
+            raise ApiError(422, "over_limit", "; ".join(problems) + ".")
+
+    # ------------------------------------------------------------------------------------------- drawing
+    def _draw(self, items: list[tuple[RenderRequest, str]]) -> list[bytes]:
+        """On the worker thread: one pipeline call, and the images into the cache (a client that left or timed
+        out still leaves its picture for the retry)."""
+        pngs = self.renderer.render([request for request, _ in items])
+        for (_, key), png in zip(items, pngs):
+            self.cache.put(key, png)
+        return pngs
+
+    async def render(self, body: RenderBody, operator: bool, disconnected=None) -> Rendered:
+        """Every image of the body, from the cache or drawn; `disconnected()` is polled while waiting."""
+        request = self.compile(body, operator)
+        model = self.renderer.model_hash(request.character)
+        per_image = [dataclasses.replace(request, seed=seed) for seed in image_seeds(request.seed, body.n)]
+        keys = [cache_key(dataclasses.asdict(r), model) for r in per_image]
+        found = [self.cache.get(key) for key in keys]
+        self.metrics.cache.labels("hit").inc(sum(f is not None for f in found))
+        self.metrics.cache.labels("miss").inc(sum(f is None for f in found))
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            seconds = min(body.deadline_s or self.limits.deadline_s, self.limits.deadline_s)
+            deadline = time.monotonic() + seconds
+            try:
+                jobs = self.batcher.submit(batch_key(request), [(per_image[i], keys[i]) for i in missing], deadline)
+            except QueueFull as e:
+                raise ApiError(429, "queue_full", f"{e}. The server draws {self.limits.max_batch} image(s) at a "
+                               "time and queues at most {self.limits.max_queue}.",
+                               {"Retry-After": str(e.retry_after)}) from None
+            pngs = await self._wait(jobs, deadline, seconds, disconnected)
+            for i, png in zip(missing, pngs):
+                found[i] = png
+        images = [(r.seed, png, i not in missing) for i, (r, png) in enumerate(zip(per_image, found))]
+        return Rendered(request, images)
+
+    async def _wait(self, jobs, deadline: float, seconds: float, disconnected) -> list[bytes]:
+        together = asyncio.gather(*(job.future for job in jobs))
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded()
+                done, _ = await asyncio.wait({together}, timeout=min(0.2, left))
+                if done:
+                    return together.result()
+                if disconnected is not None and await disconnected():
+                    raise ApiError(499, "client_closed", "the client closed the connection.")
+        except DeadlineExceeded:
+            raise ApiError(504, "deadline", f"not drawn within {seconds:g} s (the queue was long or the model slow); "
+                           "retry later, or with a longer deadline_s up to the server's "
+                           f"{self.limits.deadline_s:g}.") from None
+        finally:
+            if not together.done():
+                together.cancel()
+            self.batcher.cancel(jobs)
+            if together.done() and not together.cancelled():
+                together.exception()  # retrieved, so that asyncio does not log it as lost
