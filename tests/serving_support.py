@@ -1,0 +1,92 @@
+"""Helpers for the service's tests: a characters file on the tiny model, a service with a stand-in renderer, and
+a real uvicorn server on loopback in a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from dreambooth.characters.character import load_characters
+
+
+def characters_file(folder: Path, model: Path, entries: list[dict] | None = None) -> Path:
+    """A characters.yaml beside `folder`; by default one character `dog` (sks dog, 64 px, 4 steps) on `model`."""
+    entries = entries or [{"name": "dog", "model": str(model), "identifier": "sks", "class_word": "dog",
+                           "width": 64, "height": 64, "steps": 4}]
+    path = Path(folder) / "characters.yaml"
+    path.write_text(yaml.safe_dump({"characters": entries}), encoding="utf-8")
+    return path
+
+
+class StandInRenderer:
+    """A renderer without a model: tokens are words + 2, each picture a small PNG of its seed. `gate` (a
+    threading.Event) holds every call until set; `batches` records the requests of each call."""
+
+    def __init__(self, gate: threading.Event | None = None, seconds: float = 0.0):
+        self.gate, self.seconds = gate, seconds
+        self.batches: list[list] = []
+        self.calls = 0
+
+    def count_tokens(self, name):
+        return lambda text: len(text.split()) + 2
+
+    def max_tokens(self, name):
+        return 77
+
+    def model_hash(self, name):
+        return "stand-in"
+
+    def render(self, requests):
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
+        time.sleep(self.seconds)
+        self.calls += 1
+        self.batches.append(list(requests))
+        out = []
+        for r in requests:
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), (r.seed % 256, 0, 0)).save(buffer, format="PNG")
+            out.append(buffer.getvalue())
+        return out
+
+
+def stand_in_service(tmp_path: Path, model: Path, renderer=None, **limits):
+    from dreambooth.serving.service import Limits, Service
+
+    characters = load_characters(characters_file(tmp_path, model))
+    return Service(characters, renderer or StandInRenderer(), limits=Limits(**limits))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app):
+    """The app served by uvicorn on a loopback port in a thread; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
