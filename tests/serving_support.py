@@ -57,11 +57,11 @@ class StandInRenderer:
         return out
 
 
-def stand_in_service(tmp_path: Path, model: Path, renderer=None, **limits):
+def stand_in_service(tmp_path: Path, model: Path, renderer=None, cache=None, **limits):
     from dreambooth.serving.service import Limits, Service
 
     characters = load_characters(characters_file(tmp_path, model))
-    return Service(characters, renderer or StandInRenderer(), limits=Limits(**limits))
+    return Service(characters, renderer or StandInRenderer(), limits=Limits(**limits), cache=cache)
 
 
 def free_port() -> int:

@@ -32,7 +32,9 @@ LAYERS = {
                  "training.outputs", "training.class_images", "training.hub", "preflight", "training.loop"],
     "evaluation": ["evaluation.evaluate", "evaluation.world", "evaluation.world_model", "evaluation.experiment",
                    "evaluation.demo", "evaluation.compare"],
-    "front doors": ["export", "project", "characters.commands", "cli", "__main__"],
+    "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.metrics", "serving.service",
+                "serving.renderer", "serving.chat", "serving.app"],
+    "front doors": ["export", "project", "characters.commands", "serving.command", "cli", "__main__"],
 }
 
 

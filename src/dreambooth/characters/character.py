@@ -50,9 +50,12 @@ class SlotSpec(BaseModel):
 
 
 class Vocabulary(BaseModel):
-    """slots: {slot: SlotSpec}; words: {slot: {value: words}}. A character's is merged over the shipped one."""
+    """slots: {slot: SlotSpec}; words: {slot: {value: words}}; joiner: the text between fragments. A character's is
+    merged over the shipped one."""
 
     model_config = ConfigDict(extra="forbid")
+
+    joiner: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=8)] | None = None
 
     slots: dict[Literal[SLOTS], SlotSpec] = Field(default_factory=dict)  # type: ignore[valid-type]
     words: dict[Literal[SLOTS], dict[str, Annotated[str, StringConstraints(strict=True)]]] = Field(  # type: ignore
@@ -93,8 +96,8 @@ class Character(BaseModel):
     appearance: list[str] = Field(default_factory=list)
     style: str | None = None
     negative_prompt: str | None = ""
-    width: int = Field(512, ge=64, le=2048)
-    height: int = Field(512, ge=64, le=2048)
+    width: int = Field(512, ge=8, le=2048)
+    height: int = Field(512, ge=8, le=2048)
     steps: int = Field(30, ge=1, le=150)
     guidance: float = Field(7.5, ge=0.0, le=30.0)
     scheduler: str = "dpm++"
@@ -150,9 +153,11 @@ def merged_vocabulary(character: Character, base: dict | None = None) -> dict:
     """The shipped vocabulary with the character's own merged over it, slot by slot, in the shipped order."""
     base = base if base is not None else shipped_vocabulary()
     own = character.vocabulary.model_dump(exclude_none=True)
-    return {part: {slot: {**(base.get(part, {}).get(slot) or {}), **(own.get(part, {}).get(slot) or {})}
-                   for slot in dict.fromkeys([*base.get(part, {}), *own.get(part, {})])}
-            for part in ("slots", "words")}
+    merged = {part: {slot: {**(base.get(part, {}).get(slot) or {}), **(own.get(part, {}).get(slot) or {})}
+                     for slot in dict.fromkeys([*base.get(part, {}), *own.get(part, {})])}
+              for part in ("slots", "words")}
+    merged["joiner"] = own.get("joiner", base.get("joiner", ", "))
+    return merged
 
 
 def _lora_path(file: Path, base: Path) -> Path:

@@ -1,7 +1,8 @@
 """The prompt compiler: (character, state) -> render request. A pure function: no model, no randomness, no clock.
 
 The prompt is the character's identity (its `prompt_template`, which holds the identifier and class word), then
-one fragment per state slot in the vocabulary's order, joined by commas. When it would exceed the text encoder's
+one fragment per state slot in the vocabulary's order, joined by the vocabulary's `joiner` (a comma and a space
+unless a vocabulary says otherwise). When it would exceed the text encoder's
 tokens, the fragment of the lowest priority is dropped first, repeatedly, and the request says what was dropped;
 the identity is never dropped. The emotion's intensity weights its words: each kept fragment comes with its
 weight (`fragments`), for a renderer to build weighted embeddings from (compel's `FlattenedPrompt` takes such
@@ -48,6 +49,7 @@ class RenderRequest:
     tokens: int
     fragments: list[dict] = field(default_factory=list)  # {slot, text, weight} of the prompt, in order
     dropped: list[dict] = field(default_factory=list)  # {slot, text}, in the order they went
+    joiner: str = ", "  # the text between fragments: the prompt is joiner.join(fragment texts)
 
 
 def _emphasis(intensity: float) -> float:
@@ -76,8 +78,8 @@ def fragments(character: Character, state: CharacterState, vocabulary: dict) -> 
     return found
 
 
-def render_text(identity: str, parts: list[Fragment]) -> str:
-    return ", ".join([identity, *(part.text for part in parts)])
+def render_text(identity: str, parts: list[Fragment], joiner: str = ", ") -> str:
+    return joiner.join([identity, *(part.text for part in parts)])
 
 
 def state_seed(character: Character, state: CharacterState) -> int:
@@ -98,18 +100,19 @@ def compile_prompt(character: Character, state: CharacterState, *, count_tokens:
         raise UserError(f"character {character.name}: its prompt_template alone takes {count_tokens(identity)} "
                         f"tokens, more than the text encoder's {max_tokens}; shorten it.")
     kept, dropped = fragments(character, state, vocabulary), []
-    while kept and count_tokens(render_text(identity, kept)) > max_tokens:
+    joiner = vocabulary.get("joiner", ", ")
+    while kept and count_tokens(render_text(identity, kept, joiner)) > max_tokens:
         lowest = min(range(len(kept)), key=lambda i: (kept[i].priority, -i))  # the later one on a tie
         gone = kept.pop(lowest)
         dropped.append({"slot": gone.slot, "text": gone.text})
-    prompt = render_text(identity, kept)
+    prompt = render_text(identity, kept, joiner)
     weighted = [{"slot": "identity", "text": identity, "weight": 1.0},
                 *({"slot": f.slot, "text": f.text, "weight": f.weight} for f in kept)]
     return RenderRequest(
         character=character.name, prompt=prompt, negative_prompt=character.negative_prompt or "",
         width=character.width, height=character.height, steps=character.steps, guidance=character.guidance,
         scheduler=character.scheduler, seed=state_seed(character, state), tokens=count_tokens(prompt),
-        fragments=weighted, dropped=dropped)
+        fragments=weighted, dropped=dropped, joiner=joiner)
 
 
 def token_counter(tokenizer) -> Callable[[str], int]:

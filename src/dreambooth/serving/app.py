@@ -35,8 +35,8 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
 
 
 class BodyLimit:
-    """Refuses a body over `limit` bytes with 413, by its Content-Length or, when it has none (chunked), by what
-    arrives, before the endpoint reads it whole."""
+    """Refuses a body over `limit` bytes with 413: at once by its Content-Length, or, when it has none (chunked),
+    as soon as more than the limit has arrived. The body (small, by the limit) is read here and handed on whole."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -47,30 +47,27 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await self._refuse(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        messages, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send):
         response = error_response(413, "body_too_large", f"the request body is over this server's {self.limit} "
                                   "bytes; a render request is a few hundred.")
         await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class Measured:
@@ -118,6 +115,8 @@ def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=Non
         service.batcher.start()
         yield
         await service.batcher.stop()
+        if chat is not None:
+            await chat.aclose()
 
     app = FastAPI(title="dreambooth serve", version="1", lifespan=lifespan,
                   description="Characters drawn on demand: a state (GET /v1/state-schema) becomes a prompt around the "

@@ -143,7 +143,7 @@ class Renderer:
         if slot.compel is None:
             slot.compel = Compel(tokenizer=slot.pipe.tokenizer, text_encoder=slot.pipe.text_encoder,
                                  truncate_long_prompts=True, device=str(self.device))
-        parts = [(part["text"] if i == 0 else ", " + part["text"], float(part["weight"]))
+        parts = [(part["text"] if i == 0 else request.joiner + part["text"], float(part["weight"]))
                  for i, part in enumerate(request.fragments)]
         (conditioning, _), _ = slot.compel.build_conditioning_tensor_for_prompt_object(FlattenedPrompt(parts))
         return conditioning

@@ -64,8 +64,8 @@ class RenderBody(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Replaces the seed policy's seed.")
     steps: int | None = Field(None, ge=1)
     guidance: float | None = Field(None, ge=0.0, le=30.0)
-    width: int | None = Field(None, ge=64)
-    height: int | None = Field(None, ge=64)
+    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8)
     format: Literal["png", "json"] = Field("png", description="png: the image; json: images (base64), the compiled "
                                            "request and the seeds.")
     deadline_s: float | None = Field(None, gt=0, description="Give up after this many seconds (at most the "
@@ -193,15 +193,18 @@ class Service:
         return Rendered(request, images)
 
     async def _wait(self, jobs, deadline: float, seconds: float, disconnected) -> list[bytes]:
-        together = asyncio.gather(*(job.future for job in jobs))
+        futures = [job.future for job in jobs]
         try:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise DeadlineExceeded()
-                done, _ = await asyncio.wait({together}, timeout=min(0.2, left))
-                if done:
-                    return together.result()
+                done, pending = await asyncio.wait(futures, timeout=min(0.2, left))
+                failed = next((f for f in done if not f.cancelled() and f.exception() is not None), None)
+                if failed is not None:
+                    raise failed.exception()
+                if not pending:
+                    return [f.result() for f in futures]
                 if disconnected is not None and await disconnected():
                     raise ApiError(499, "client_closed", "the client closed the connection.")
         except DeadlineExceeded:
@@ -209,8 +212,4 @@ class Service:
                            "retry later, or with a longer deadline_s up to the server's "
                            f"{self.limits.deadline_s:g}.") from None
         finally:
-            if not together.done():
-                together.cancel()
-            self.batcher.cancel(jobs)
-            if together.done() and not together.cancelled():
-                together.exception()  # retrieved, so that asyncio does not log it as lost
+            self.batcher.cancel(jobs)  # whatever is still queued goes; a batch drawing finishes into the cache

@@ -1,0 +1,607 @@
+"""`dreambooth serve`: every endpoint's answers and refusals, the queue (batching, back-pressure, deadlines, clients
+that leave), the cache, API keys and limits, the renderer on real tiny models (the same pictures as `generate`,
+LoRA adapters switched per batch), and the command."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from serving_support import StandInRenderer, characters_file, running, stand_in_service
+from starlette.testclient import TestClient
+
+from dreambooth.characters.character import load_characters
+from dreambooth.characters.compiler import compile_prompt, token_counter
+from dreambooth.characters.state import CharacterState, state_schema
+from dreambooth.command_options import ServeOptions
+from dreambooth.errors import UserError
+from dreambooth.serving.app import create_app
+from dreambooth.serving.auth import RateLimiter, find_key, load_keys, parse_keys
+from dreambooth.serving.batcher import Batcher, QueueFull
+from dreambooth.serving.cache import ImageCache, cache_key
+from dreambooth.serving.command import build_service
+from dreambooth.serving.service import RenderBody, image_seeds
+
+USER = "u" * 24
+OPERATOR = "o" * 24
+KEYS = f"alice user {USER}\nroot operator {OPERATOR}"
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+# ---------------------------------------------------------------------------------------------- a real tiny model
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """The real service (tiny model, one character `dog`) with API keys, and its client."""
+    folder = tmp_path_factory.mktemp("served")
+    path = characters_file(folder, tiny_model)
+    service = build_service(path, ServeOptions(characters=path, cache_dir=folder / "cache", batch_window_ms=1,
+                                                rate_per_minute=0))
+    with TestClient(create_app(service, parse_keys(KEYS, "test"))) as client:
+        yield service, client
+
+
+def test_every_read_endpoint_answers(served):
+    service, client = served
+    health = client.get("/healthz").json()
+    assert health == {"status": "ok", "characters": ["dog"], "queue": 0, "auth": True, "chat": False}
+    listed = client.get("/v1/characters", headers=bearer(USER)).json()["characters"]
+    assert [c["name"] for c in listed] == ["dog"] and listed[0]["kind"] == "full"
+    assert "model" not in listed[0] and "/" not in json.dumps(listed)  # no server paths
+    assert client.get("/v1/state-schema", headers=bearer(USER)).json() == state_schema()
+    assert "/v1/render" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/").headers["content-type"].startswith("text/html")
+
+
+def test_compile_is_the_compilers_request(served, tiny_model):
+    service, client = served
+    state = {"emotion": "happy", "intensity": 0.9, "location": "beach"}
+    got = client.post("/v1/compile", json={"character": "dog", "state": state}, headers=bearer(USER)).json()
+    character = load_characters(characters_file(tiny_model.parent, tiny_model))["dog"]
+    from transformers import CLIPTokenizer
+
+    want = compile_prompt(character, CharacterState(**state),
+                          count_tokens=token_counter(CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")))
+    assert got["request"] == dataclasses.asdict(want)
+    assert got["request"]["fragments"][1] == {"slot": "emotion", "text": "happy, smiling", "weight": 1.24}
+
+
+def test_a_render_is_the_picture_generate_draws_for_its_prompt_and_seed(served, tiny_model):
+    """A state without weights goes through the same pipeline call as `dreambooth generate`: same pixels."""
+    from dreambooth.generate import GenerationSettings, generate_images
+    from dreambooth.models.loading import load_pipeline
+
+    service, client = served
+    answer = client.post("/v1/render", json={"character": "dog", "state": {"location": "forest"}, "format": "json"},
+                         headers=bearer(USER)).json()
+    request = answer["request"]
+    pipe = load_pipeline(tiny_model, device=torch.device("cpu"), dtype=torch.float32, scheduler="dpm++")
+    image, meta = generate_images(pipe, GenerationSettings(prompts=[request["prompt"]], seeds=[request["seed"]],
+                                                           steps=4, height=64, width=64))[0]
+    served_pixels = png_pixels(base64.b64decode(answer["images"][0]["png_base64"]))
+    assert np.abs(served_pixels - np.asarray(image, dtype=np.int16)).max() <= 1
+    info = Image.open(io.BytesIO(base64.b64decode(answer["images"][0]["png_base64"]))).info
+    recorded = json.loads(info["dreambooth"])
+    assert recorded["prompt"] == request["prompt"] and recorded["seed"] == request["seed"]
+    assert str(tiny_model) not in info["parameters"]  # the model by character and hash, not the server's path
+
+
+def test_intensity_weights_the_emotion_and_the_weights_change_the_picture(served):
+    service, client = served
+
+    def picture(intensity):
+        body = {"character": "dog", "state": {"emotion": "angry", "intensity": intensity}, "seed": 5}
+        response = client.post("/v1/render", json=body, headers=bearer(USER))
+        assert response.status_code == 200, response.text
+        return png_pixels(response.content)
+
+    faint, plain, strong = picture(0.0), picture(0.5), picture(1.0)
+    assert np.abs(strong - plain).max() > 0 and np.abs(faint - plain).max() > 0
+    assert np.array_equal(picture(1.0), strong)  # weighted embeddings are deterministic too
+
+
+def test_png_and_json_answers_seeds_and_the_cache(served):
+    service, client = served
+    body = {"character": "dog", "state": {"action": "running"}, "format": "json", "n": 3}
+    calls = service.renderer.calls
+    first = client.post("/v1/render", json=body, headers=bearer(USER)).json()
+    seeds = [image["seed"] for image in first["images"]]
+    assert seeds == image_seeds(first["request"]["seed"], 3) and all(s < 2**53 for s in seeds)
+    assert not any(image["cached"] for image in first["images"]) and service.renderer.calls == calls + 1
+    again = client.post("/v1/render", json=body, headers=bearer(USER)).json()
+    assert all(image["cached"] for image in again["images"]) and service.renderer.calls == calls + 1
+    assert [i["png_base64"] for i in again["images"]] == [i["png_base64"] for i in first["images"]]
+    # The second image's seed, asked for alone, draws that image again (as `generate --seed` would).
+    alone = client.post("/v1/render", json={**body, "n": 1, "format": "png", "seed": seeds[1]},
+                        headers=bearer(USER))
+    assert alone.headers["x-seed"] == str(seeds[1])
+    assert np.abs(png_pixels(alone.content) - png_pixels(base64.b64decode(first["images"][1]["png_base64"]))).max() <= 1
+
+
+def test_raw_prompts_are_for_operators(served):
+    service, client = served
+    body = {"character": "dog", "prompt": "a photo of sks dog in space"}
+    refused = client.post("/v1/render", json=body, headers=bearer(USER))
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "operator_only"
+    answer = client.post("/v1/compile", json=body, headers=bearer(OPERATOR)).json()["request"]
+    assert answer["prompt"] == "a photo of sks dog in space" and answer["fragments"][0]["slot"] == "prompt"
+    long = client.post("/v1/compile", json={"character": "dog", "prompt": "dog " * 90}, headers=bearer(OPERATOR))
+    assert long.status_code == 422 and long.json()["error"]["code"] == "prompt_too_long"
+    both = client.post("/v1/compile", json={**body, "state": {}}, headers=bearer(OPERATOR))
+    assert both.status_code == 422
+
+
+@pytest.mark.parametrize("headers, status, code", [
+    ({}, 401, "unauthorized"),
+    ({"Authorization": "Basic abc"}, 401, "unauthorized"),
+    (bearer("x" * 24), 403, "forbidden"),
+    (bearer(USER[:-1]), 403, "forbidden"),
+])
+def test_api_keys(served, headers, status, code):
+    service, client = served
+    for method, path in (("get", "/v1/characters"), ("post", "/v1/render"), ("get", "/metrics")):
+        response = getattr(client, method)(path, headers=headers, **({"json": {"character": "dog"}}
+                                                                     if method == "post" else {}))
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), path
+    if status == 401:
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert client.get("/healthz").status_code == 200  # open, for load balancers
+
+
+@pytest.mark.parametrize("body, status, code, says", [
+    (b"{not json", 400, "bad_json", "not valid JSON"),
+    (b"[1, 2]", 400, "bad_json", "JSON object"),
+    ({"character": "cat"}, 404, "unknown_character", "GET /v1/characters"),
+    ({"character": "dog", "state": {"mood": "happy"}}, 422, "invalid_request", "state.mood"),
+    ({"character": "dog", "state": {"emotion": "ecstatic"}}, 422, "invalid_request", "state.emotion"),
+    ({"character": "dog", "state": {"intensity": 2}}, 422, "invalid_request", "state.intensity"),
+    ({"character": "dog", "steps": 51}, 422, "over_limit", "steps 51"),
+    ({"character": "dog", "width": 1024, "height": 1024}, 422, "over_limit", "pixels"),
+    ({"character": "dog", "width": 100}, 422, "over_limit", "multiple of 8"),
+    ({"character": "dog", "n": 5, "format": "json"}, 422, "over_limit", "n 5"),
+    ({"character": "dog", "n": 2}, 422, "over_limit", "format"),
+    ({"character": "dog", "seed": 2**53}, 422, "invalid_request", "seed"),
+    ({"character": "dog", "path": "/etc/passwd"}, 422, "invalid_request", "path"),
+])
+def test_bad_requests_are_refused_with_what_is_wrong(served, body, status, code, says):
+    service, client = served
+    kwargs = {"content": body, "headers": {**bearer(USER), "content-type": "application/json"}} \
+        if isinstance(body, bytes) else {"json": body, "headers": bearer(USER)}
+    response = client.post("/v1/render", **kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code and says in response.json()["error"]["message"]
+
+
+def test_a_body_over_the_limit_is_refused_whether_or_not_it_says_its_length(served):
+    service, client = served
+    big = json.dumps({"character": "dog", "prompt": "x" * 70_000}).encode()
+    said = client.post("/v1/render", content=big, headers={**bearer(OPERATOR), "content-type": "application/json"})
+    assert said.status_code == 413 and said.json()["error"]["code"] == "body_too_large"
+    chunked = client.post("/v1/render", content=iter([big[:40_000], big[40_000:]]),
+                          headers={**bearer(OPERATOR), "content-type": "application/json"})
+    assert chunked.status_code == 413
+
+
+def test_metrics_count_outcomes_batches_and_the_cache(served):
+    service, client = served
+    client.post("/v1/render", json={"character": "cat"}, headers=bearer(USER))
+    text = client.get("/metrics", headers=bearer(USER)).text
+    assert 'dreambooth_requests_total{endpoint="/v1/render",outcome="unknown_character"}' in text
+    assert 'dreambooth_requests_total{endpoint="/v1/render",outcome="ok"}' in text
+    for name in ("dreambooth_request_seconds_bucket", "dreambooth_queue_depth", "dreambooth_batch_size_bucket",
+                 "dreambooth_images_total", "dreambooth_images_per_second", 'dreambooth_cache_lookups_total{'
+                 'result="hit"}'):
+        assert name in text, name
+
+
+# ---------------------------------------------------------------------------------------------- limits and keys
+
+def test_the_rate_limit_answers_429_with_retry_after(tmp_path, tiny_model):
+    service = stand_in_service(tmp_path, tiny_model, rate_per_minute=6, burst=2)
+    with TestClient(create_app(service, parse_keys(KEYS, "test"))) as client:
+        answers = [client.post("/v1/compile", json={"character": "dog"}, headers=bearer(USER)) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 429]
+        assert answers[2].json()["error"]["code"] == "rate_limited" and answers[2].headers["retry-after"] == "10"
+        assert client.post("/v1/compile", json={"character": "dog"}, headers=bearer(OPERATOR)).status_code == 200
+
+
+def test_rate_limiter_refills():
+    limiter = RateLimiter(per_minute=60, burst=1)
+    assert limiter.take("a") == 0 and limiter.take("a") == 1 and limiter.take("b") == 0
+    limiter._buckets["a"] = (0.0, time.monotonic() - 1.01)
+    assert limiter.take("a") == 0
+
+
+def test_keys_come_from_a_file_and_the_environment_and_are_checked(tmp_path, monkeypatch):
+    file = tmp_path / "keys"
+    file.write_text(f"# comment\nalice user {USER}\n")
+    monkeypatch.setenv("DREAMBOOTH_API_KEYS", f"root operator {OPERATOR}")
+    keys = load_keys(file)
+    assert [(k.name, k.role) for k in keys] == [("alice", "user"), ("root", "operator")]
+    assert find_key(keys, OPERATOR).name == "root" and find_key(keys, USER + "x") is None
+    assert USER not in repr(keys)  # only digests are kept
+    with pytest.raises(UserError) as e:
+        parse_keys("a admin " + "t" * 20 + "\nb user short\nc user\n" + f"d user {USER}\nd user {OPERATOR}", "keys")
+    for says in ("role 'admin'", "at least 16", "NAME ROLE TOKEN", "used twice"):
+        assert says in str(e.value)
+    monkeypatch.setenv("DREAMBOOTH_API_KEYS", f"alice operator {OPERATOR}")
+    with pytest.raises(UserError, match="alice"):
+        load_keys(file)
+    with pytest.raises(UserError, match="does not exist"):
+        load_keys(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------- the queue
+
+def async_test(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout=60))
+
+
+def test_same_key_jobs_are_drawn_in_one_call_and_others_apart():
+    calls = []
+
+    async def scenario():
+        batcher = Batcher(lambda items: (calls.append(list(items)), items)[1], max_queue=16, max_batch=4,
+                          window_s=0.2)
+        batcher.start()
+        far = time.monotonic() + 30
+        jobs = batcher.submit("a", [1, 2], far) + batcher.submit("b", [3], far) + batcher.submit("a", [4, 5, 6], far)
+        results = await asyncio.gather(*(job.future for job in jobs))
+        await batcher.stop()
+        return results
+
+    assert async_test(scenario()) == [1, 2, 3, 4, 5, 6]
+    assert calls == [[1, 2, 4, 5], [3], [6]]  # up to max_batch of the oldest key first, in order
+
+
+def test_a_full_queue_refuses_the_whole_request_and_expired_jobs_are_not_drawn():
+    gate, drawn = threading.Event(), []
+
+    def render(items):
+        gate.wait(10)
+        drawn.extend(items)
+        return items
+
+    async def scenario():
+        batcher = Batcher(render, max_queue=3, max_batch=1, window_s=0)
+        batcher.start()
+        soon, far = time.monotonic() + 0.3, time.monotonic() + 30
+        first = batcher.submit("a", ["first"], far)
+        await asyncio.sleep(0.05)  # drawing now, out of the queue
+        late = batcher.submit("a", ["late"], soon)
+        kept = batcher.submit("a", ["kept", "too"], far)
+        with pytest.raises(QueueFull) as full:
+            batcher.submit("a", ["refused"], far)
+        assert full.value.retry_after >= 1 and batcher.depth == 3
+        await asyncio.sleep(0.4)
+        gate.set()
+        await asyncio.gather(*(job.future for job in first + kept))
+        with pytest.raises(Exception) as e:
+            await late[0].future
+        await batcher.stop()
+        return type(e.value).__name__
+
+    assert async_test(scenario()) == "DeadlineExceeded"
+    assert drawn == ["first", "kept", "too"]
+
+
+def test_a_render_error_reaches_its_requests_and_the_worker_goes_on():
+    results = iter([RuntimeError("out of memory"), None])
+
+    def render(items):
+        error = next(results)
+        if error:
+            raise error
+        return items
+
+    async def scenario():
+        batcher = Batcher(render, max_queue=4, max_batch=4, window_s=0)
+        batcher.start()
+        bad = batcher.submit("a", [1], time.monotonic() + 30)
+        with pytest.raises(RuntimeError):
+            await bad[0].future
+        good = batcher.submit("a", [2], time.monotonic() + 30)
+        value = await good[0].future
+        await batcher.stop()
+        return value
+
+    assert async_test(scenario()) == 2
+
+
+def concurrently(count, send):
+    answers = [None] * count
+
+    def one(i):
+        answers[i] = send(i)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return answers
+
+
+def test_queue_full_and_deadline_over_http(tmp_path, tiny_model):
+    gate = threading.Event()
+    renderer = StandInRenderer(gate)
+    service = stand_in_service(tmp_path, tiny_model, renderer, cache=ImageCache(tmp_path / "cache", 10**6),
+                               max_queue=2, max_batch=1, batch_window_ms=0)
+    import httpx2
+
+    with running(create_app(service, [], auth=False)) as url:
+        def send(i):
+            return httpx2.post(f"{url}/v1/render", json={"character": "dog", "seed": i, "deadline_s": 1.5},
+                               timeout=30)
+
+        answers = concurrently(5, send)  # one drawing (held), two queued, two refused
+        statuses = sorted(a.status_code for a in answers)
+        gate.set()
+        refused = [a for a in answers if a.status_code == 429]
+        assert statuses == [429, 429, 504, 504, 504], statuses
+        assert all(a.json()["error"]["code"] == "queue_full" and int(a.headers["retry-after"]) >= 1
+                   for a in refused)
+        assert all(a.json()["error"]["code"] == "deadline" for a in answers if a.status_code == 504)
+        deadline_over = time.monotonic() + 10
+        while renderer.calls < 1 and time.monotonic() < deadline_over:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert service.batcher.depth == 0 and renderer.calls == 1  # the expired ones were never drawn
+        # The held picture was cached after all: its retry is answered at once.
+        held = renderer.batches[0][0]
+        again = httpx2.post(f"{url}/v1/render", json={"character": "dog", "seed": held.seed}, timeout=30)
+        assert again.status_code == 200 and again.headers["x-cache"] == "hit"
+        text = httpx2.get(f"{url}/metrics").text
+        assert 'outcome="queue_full"' in text and 'outcome="deadline"' in text
+
+
+def test_a_client_that_leaves_leaves_the_queue(tmp_path, tiny_model):
+    gate = threading.Event()
+    renderer = StandInRenderer(gate)
+    service = stand_in_service(tmp_path, tiny_model, renderer, max_batch=1, batch_window_ms=0)
+    import httpx2
+
+    with running(create_app(service, [], auth=False)) as url:
+        holder = threading.Thread(target=lambda: httpx2.post(f"{url}/v1/render", json={"character": "dog", "seed": 1},
+                                                              timeout=30))
+        holder.start()
+        time.sleep(0.3)  # seed 1 is drawing (held)
+        body = json.dumps({"character": "dog", "seed": 2}).encode()
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/render HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.monotonic() + 5
+            while service.batcher.depth < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert service.batcher.depth == 1
+        deadline = time.monotonic() + 5
+        while service.batcher.depth > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert service.batcher.depth == 0  # gone before it was drawn
+        gate.set()
+        holder.join(30)
+        time.sleep(0.3)
+        assert [r.seed for batch in renderer.batches for r in batch] == [1]
+        assert 'outcome="client_closed"' in httpx2.get(f"{url}/metrics").text
+
+
+def test_concurrent_requests_for_one_character_are_one_pipeline_call(tiny_model, tmp_path):
+    """On the real tiny model: four clients at once, one call of the pipeline with a batch of four; another size
+    is another call."""
+    path = characters_file(tmp_path, tiny_model)
+    service = build_service(path, ServeOptions(characters=path, no_cache=True, batch_window_ms=400))
+    pipe = service.renderer.drawn["dog"].slot.pipe
+    sizes = []
+    original = type(pipe).__call__
+
+    def counted(self, *args, **kwargs):
+        sizes.append(len(kwargs["generator"]))
+        return original(self, *args, **kwargs)
+
+    import httpx2
+
+    with running(create_app(service, [], auth=False)) as url:
+        type(pipe).__call__ = counted
+        try:
+            answers = concurrently(5, lambda i: httpx2.post(f"{url}/v1/render", json={
+                "character": "dog", "seed": i, **({"width": 56} if i == 4 else {})}, timeout=60))
+        finally:
+            type(pipe).__call__ = original
+    assert [a.status_code for a in answers] == [200] * 5
+    assert sorted(sizes) == [1, 4]
+    one = service.renderer.render([service.compile(RenderBody(character="dog", seed=2), False)])[0]
+    assert np.abs(png_pixels(one) - png_pixels(answers[2].content)).max() <= 1  # a batch draws what one draws
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+
+def test_cache_keys_follow_the_request_and_the_model(tmp_path):
+    request = {"prompt": "a", "seed": 1, "fragments": [{"slot": "identity", "text": "a", "weight": 1.0}],
+               "tokens": 3, "dropped": []}
+    key = cache_key(request, "m1")
+    assert key == cache_key({**request, "tokens": 4, "dropped": [{"slot": "x", "text": "y"}]}, "m1")
+    assert key != cache_key(request, "m2") and key != cache_key({**request, "seed": 2}, "m1")
+    assert key != cache_key({**request, "fragments": [{"slot": "identity", "text": "a", "weight": 1.1}]}, "m1")
+    cache = ImageCache(tmp_path / "c", max_bytes=250)
+    for i in range(3):
+        cache.put(cache_key({**request, "seed": i}, "m1"), bytes(100))
+        time.sleep(0.01)
+    assert cache.get(cache_key({**request, "seed": 0}, "m1")) is None  # least recently used went first
+    assert cache.get(cache_key({**request, "seed": 2}, "m1")) == bytes(100)
+    assert sum(p.stat().st_size for p in (tmp_path / "c").rglob("*.png")) <= 250
+    with pytest.raises(AssertionError):
+        cache.get("../../etc/passwd")
+
+
+def test_a_model_saved_again_is_a_cache_miss(tiny_model, tmp_path):
+    from dreambooth.serving.renderer import character_model_hash
+
+    copy = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(tiny_model, copy)
+    character = load_characters(characters_file(tmp_path, copy))["dog"]
+    before = character_model_hash(character)
+    assert character_model_hash(character) == before
+    weights = next((copy / "unet").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert character_model_hash(character) != before
+
+
+# ---------------------------------------------------------------------------------------------- LoRA characters
+
+@pytest.fixture(scope="module")
+def lora_characters(tiny_model, tmp_path_factory):
+    """Two LoRA characters and a full one on the tiny model, and a fourth whose LoRA brings the same new token."""
+    from test_export import make_lora, unet_config
+
+    folder = tmp_path_factory.mktemp("loras")
+    files = [make_lora(tiny_model, folder / f"lora{i}", seed=i + 1, unet_config=unet_config()) for i in range(2)]
+    entries = [{"name": "a", "model": str(tiny_model), "loras": [{"file": str(files[0]), "weight": 1.0}]},
+               {"name": "b", "model": str(tiny_model), "loras": [{"file": str(files[0]), "weight": 0.5},
+                                                                 {"file": str(files[1]), "weight": 0.8}]},
+               {"name": "plain", "model": str(tiny_model)}]
+    for entry in entries:
+        entry.update(identifier="sks", class_word="dog", width=64, height=64, steps=3)
+    return characters_file(folder, tiny_model, entries), files
+
+
+def test_lora_characters_share_one_base_and_switching_draws_what_a_fresh_pipeline_draws(lora_characters,
+                                                                                        tiny_model):
+    from dreambooth.formats.lora_loading import load_loras
+    from dreambooth.generate import GenerationSettings, generate_images
+    from dreambooth.models.loading import load_pipeline
+
+    path, files = lora_characters
+    service = build_service(path, ServeOptions(characters=path, no_cache=True))
+    renderer = service.renderer
+    assert len(renderer.slots) == 1  # one copy of the base for all three
+
+    def served(name):
+        request = service.compile(RenderBody(character=name, seed=3), False)
+        return png_pixels(renderer.render([request])[0]), request.prompt
+
+    order = ["a", "b", "plain", "a", "b"]
+    pictures = [served(name) for name in order]
+    loras = {"a": [(files[0], 1.0)], "b": [(files[0], 0.5), (files[1], 0.8)], "plain": []}
+    for name, (pixels, prompt) in zip(order, pictures):
+        pipe = load_pipeline(tiny_model, device=torch.device("cpu"), dtype=torch.float32, scheduler="dpm++")
+        load_loras(pipe, loras[name])
+        fresh, _ = generate_images(pipe, GenerationSettings(prompts=[prompt], seeds=[3], steps=3, height=64,
+                                                            width=64))[0]
+        assert np.abs(pixels - np.asarray(fresh, dtype=np.int16)).max() <= 1, name
+    assert np.abs(pictures[0][0] - pictures[1][0]).max() > 0 and np.abs(pictures[0][0] - pictures[2][0]).max() > 0
+
+
+def test_two_loras_with_the_same_new_token_get_their_own_copies(tiny_model, instance_dir, tmp_path, capsys):
+    """Two subjects trained as `<sks>`: one tokenizer cannot hold both embeddings, so the second gets its own base
+    copy, and each draws with its own."""
+    from test_lora import lora_cfg
+
+    from dreambooth.training.loop import train
+
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        train(lora_cfg(tiny_model, instance_dir, out, **{"training.max_train_steps": 1, "training.seed": i,
+                                                          "token.identifier": "<sks>", "token.initializer": "dog",
+                                                          "dataset.instance_prompt": "a photo of <sks> dog",
+                                                          "model.train_text_encoder": True}))
+        outs.append(out)
+    entries = [{"name": f"s{i}", "model": str(tiny_model), "loras": [{"file": str(out)}], "identifier": "<sks>",
+                "class_word": "dog", "width": 64, "height": 64, "steps": 2} for i, out in enumerate(outs)]
+    path = characters_file(tmp_path, tiny_model, entries)
+    service = build_service(path, ServeOptions(characters=path, no_cache=True))
+    assert len(service.renderer.slots) == 2 and "own copy" in capsys.readouterr().out
+    assert service.compile(RenderBody(character="s0"), False).tokens == \
+        service.compile(RenderBody(character="s1"), False).tokens
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+def test_serve_refuses_an_open_host_without_keys_and_reports_the_characters_file(tmp_path, tiny_model, capsys):
+    from dreambooth.cli import main
+
+    path = characters_file(tmp_path, tiny_model)
+    assert main(["serve", "--characters", str(path), "--host", "0.0.0.0"]) == 2
+    assert "--api-keys" in capsys.readouterr().err
+    bad = characters_file(tmp_path, tiny_model, [{"name": "x y", "model": "missing", "identifier": "",
+                                                  "class_word": "dog"}])
+    assert main(["serve", "--characters", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err and "Traceback" not in err
+
+
+def test_serve_runs_and_answers_on_its_port(tmp_path, tiny_model):
+    path = characters_file(tmp_path, tiny_model)
+    keys = tmp_path / "keys"
+    keys.write_text(f"alice user {USER}\n")
+    env = {**os.environ, "DREAMBOOTH_API_KEYS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "dreambooth", "serve", "--characters", str(path), "--port", "0",
+                             "--api-keys", str(keys)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "serving" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "serve exited"
+        url = line.split(" at ")[1].split()[0].rstrip("/")
+        import httpx2
+
+        assert httpx2.get(f"{url}/healthz").json()["auth"] is True
+        answer = httpx2.post(f"{url}/v1/render", json={"character": "dog"}, headers=bearer(USER), timeout=60)
+        assert answer.status_code == 200 and answer.content[:4] == b"\x89PNG"
+        assert (tmp_path / ".serve-cache").is_dir()  # the cache's default place: beside the characters file
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_serve_demo_maps_states_onto_what_the_world_draws(tmp_path, monkeypatch):
+    """The demo's vocabulary: the location becomes a background, the plain circle's mood its colour; read back
+    from the pixels. (The demo's trained model is stood in for by the built-in one, so no training runs.)"""
+    import shutil
+
+    from dreambooth.evaluation import world
+    from dreambooth.evaluation.world_model import builtin_model_path
+    from dreambooth.serving.command import demo_characters_file
+
+    shutil.copytree(builtin_model_path(), tmp_path / "demo" / "model")
+    path = demo_characters_file(tmp_path / "demo")
+    assert str(builtin_model_path()) in path.read_text()
+    service = build_service(path, ServeOptions(characters=path, no_cache=True))
+    assert sorted(service.characters) == ["mood-circle", "sks"]
+    cases = [("sad", "night", "blue", "black"), ("happy", "dusk", "yellow", "purple"),
+             ("angry", "snow", "red", "white")]
+    for emotion, location, colour, background in cases:
+        requests = [service.compile(RenderBody(character="mood-circle", seed=seed, state=CharacterState(
+            emotion=emotion, location=location)), False) for seed in range(6)]
+        assert requests[0].prompt.startswith("a photo of a circle")
+        readings = [world.read_image(Image.open(io.BytesIO(png))) for png in service.renderer.render(requests)]
+        assert sum(r.colour == colour for r in readings) >= 4, (emotion, [r.colour for r in readings])
+        assert sum(r.background == background for r in readings) >= 4, (location, [r.background for r in readings])
+    sks = service.compile(RenderBody(character="sks", state=CharacterState(emotion="sad", gaze="away",
+                                                                           location="city")), False)
+    assert sks.prompt == "a photo of sks circle on a gray background"  # what the world cannot draw adds nothing
