@@ -361,6 +361,7 @@ def test_queue_full_and_deadline_over_http(tmp_path, tiny_model):
         assert statuses == [429, 429, 504, 504, 504], statuses
         assert all(a.json()["error"]["code"] == "queue_full" and int(a.headers["retry-after"]) >= 1
                    for a in refused)
+        assert "queues at most 2." in refused[0].json()["error"]["message"]
         assert all(a.json()["error"]["code"] == "deadline" for a in answers if a.status_code == 504)
         deadline_over = time.monotonic() + 10
         while renderer.calls < 1 and time.monotonic() < deadline_over:
@@ -605,3 +606,27 @@ def test_serve_demo_maps_states_onto_what_the_world_draws(tmp_path, monkeypatch)
     sks = service.compile(RenderBody(character="sks", state=CharacterState(emotion="sad", gaze="away",
                                                                            location="city")), False)
     assert sks.prompt == "a photo of sks circle on a gray background"  # what the world cannot draw adds nothing
+
+
+def test_every_serve_option_reaches_the_service(tiny_model, tmp_path):
+    """Wiring: each limit, cache and precision option given on the command line is the one the service uses."""
+    from dreambooth.cli import COMMANDS, build_parser, command_options
+
+    path = characters_file(tmp_path, tiny_model)
+    argv = ["serve", "--characters", str(path), "--max-steps", "7", "--max-pixels", "4096", "--max-images", "3",
+            "--max-body-kb", "5", "--rate-per-minute", "9", "--burst", "2", "--max-queue", "11", "--max-batch", "6",
+            "--batch-window-ms", "13", "--deadline-s", "17", "--cache-dir", str(tmp_path / "c"), "--cache-mb", "2",
+            "--precision", "bf16"]
+    parser = build_parser()
+    options = command_options(COMMANDS["serve"], parser.parse_args(argv), parser.subcommand("serve"))
+    service = build_service(path, options)
+    limits = service.limits
+    assert (limits.max_steps, limits.max_pixels, limits.max_images, limits.max_body_bytes, limits.rate_per_minute,
+            limits.burst, limits.max_queue, limits.max_batch, limits.batch_window_ms, limits.deadline_s) == \
+        (7, 4096, 3, 5 * 1024, 9.0, 2, 11, 6, 13.0, 17.0)
+    assert (service.batcher.max_queue, service.batcher.max_batch, service.batcher.window_s) == (11, 6, 0.013)
+    assert service.cache.folder == tmp_path / "c" and service.cache.max_bytes == 2 * 1024 * 1024
+    assert service.renderer.drawn["dog"].slot.pipe.unet.dtype == torch.bfloat16
+    no_cache = command_options(COMMANDS["serve"], parser.parse_args(["serve", "--no-cache"]),
+                               parser.subcommand("serve"))
+    assert build_service(path, no_cache).cache.folder is None

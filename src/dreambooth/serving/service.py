@@ -184,7 +184,7 @@ class Service:
                 jobs = self.batcher.submit(batch_key(request), [(per_image[i], keys[i]) for i in missing], deadline)
             except QueueFull as e:
                 raise ApiError(429, "queue_full", f"{e}. The server draws {self.limits.max_batch} image(s) at a "
-                               "time and queues at most {self.limits.max_queue}.",
+                               f"time and queues at most {self.limits.max_queue}.",
                                {"Retry-After": str(e.retry_after)}) from None
             pngs = await self._wait(jobs, deadline, seconds, disconnected)
             for i, png in zip(missing, pngs):
