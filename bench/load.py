@@ -18,7 +18,8 @@ client here is the same caller, 127.0.0.1). Clients are asyncio tasks sharing on
    the end, the peak, and the slope of a least-squares line through the samples after warm-up, against requests
    done, in MB per 100 requests. Memory that stays flat has a slope near 0.
 4. cache: one client, `--cache-repeats` times a new seed (a miss) and then the same request again (a hit): the
-   latency of each.
+   latency of each; and GET /healthz on the client's kept-alive connection against a new connection each time,
+   which shows what HTTP alone costs.
 
 Run from the repository root (about 4 minutes with the defaults on a 2-core CPU):
 
@@ -179,6 +180,20 @@ def metrics_delta(before: dict, after: dict) -> dict:
             "images_drawn": images, "mean_batch": images / batches if batches else None, "cache_lookups": cache}
 
 
+def to_json(value, indent: int = 0) -> str:
+    """JSON with one line per key, but a row (a list of plain values) or a sample (a dict of plain values) on one
+    line, so that thousands of requests and samples stay readable."""
+    plain = (str, int, float, bool, type(None))
+    if isinstance(value, list) and value and not all(isinstance(v, plain) for v in value):
+        inner = ",\n".join(" " * (indent + 1) + to_json(v, indent + 1) for v in value)
+        return "[\n" + inner + "\n" + " " * indent + "]"
+    if isinstance(value, dict) and value and not all(isinstance(v, plain) for v in value.values()):
+        inner = ",\n".join(" " * (indent + 1) + json.dumps(str(k)) + ": " + to_json(v, indent + 1)
+                            for k, v in value.items())
+        return "{\n" + inner + "\n" + " " * indent + "}"
+    return json.dumps(value)
+
+
 def machine() -> dict:
     cpu = ""
     try:
@@ -199,7 +214,8 @@ def machine() -> dict:
     return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "memory_gb": round(memory_kb / MB / MB, 1) if memory_kb else None, "python": platform.python_version(),
             "versions": versions, "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--", "src"))}
+            "git_commit": _git("rev-parse", "HEAD"),
+            "git_dirty": bool(_git("status", "--porcelain", "--", "src", "bench/load.py"))}
 
 
 def _git(*args) -> str | None:
@@ -536,7 +552,8 @@ async def soak(load: Load, requests: int, clients: int, warmup: int, repeat_ever
 
 
 async def cache(load: Load, repeats: int) -> dict:
-    """One client: a new seed (a miss), then the same request again (a hit), `repeats` times."""
+    """One client: a new seed (a miss), then the same request again (a hit), `repeats` times; and GET /healthz on
+    the client's kept-alive connection against a new connection each time (what HTTP alone costs)."""
     miss, hit = Tally({"200"}), Tally({"200"})
     load.server.progress.phase, load.server.progress.done = "cache", 0
     warnings = []
@@ -546,12 +563,20 @@ async def cache(load: Load, repeats: int) -> dict:
             status, answer = await load.render(tally, seed)
             if status == "200" and answer.headers.get("x-cache") != expected:
                 warnings.append(f"seed {seed}: X-Cache {answer.headers.get('x-cache')}, expected {expected}")
+    connections = {}
+    for name, headers in (("keep_alive", {}), ("new_connection", {"connection": "close"})):
+        times = []
+        for _ in range(max(5, repeats)):
+            started = time.perf_counter()
+            (await load.client.get("/healthz", headers=headers)).raise_for_status()
+            times.append(time.perf_counter() - started)
+        connections[name] = latency_summary(times)
     miss_s, hit_s = miss.latencies.get("200", []), hit.latencies.get("200", [])
     p50_miss, p50_hit = percentile(miss_s, 50), percentile(hit_s, 50)
     return {"repeats": repeats, "miss": miss.report(), "hit": hit.report(), "miss_p50_s": p50_miss,
             "hit_p50_s": p50_hit, "speedup_p50": p50_miss / p50_hit if p50_miss and p50_hit else None,
-            "x_cache_warnings": warnings[:20], "unexpected": miss.unexpected() + hit.unexpected(),
-            "problems": miss.problems + hit.problems}
+            "healthz_s": connections, "x_cache_warnings": warnings[:20],
+            "unexpected": miss.unexpected() + hit.unexpected(), "problems": miss.problems + hit.problems}
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -668,7 +693,8 @@ def summary(result: dict) -> str:
     if "cache" in phases:
         r = phases["cache"]
         out.append(f"cache: miss p50 {fmt(r['miss_p50_s'])} s, hit p50 {fmt(r['hit_p50_s'], 4)} s "
-                   f"({fmt(r['speedup_p50'], 0)}x).")
+                   f"({fmt(r['speedup_p50'], 0)}x); GET /healthz p50 {fmt(r['healthz_s']['keep_alive']['p50'], 4)} s "
+                   f"on a kept-alive connection, {fmt(r['healthz_s']['new_connection']['p50'], 4)} s on a new one.")
     out.append("verdict: " + ("OK" if result["ok"] else "FAILED: " + "; ".join(result["problems"])))
     return "\n".join(out)
 
@@ -726,7 +752,7 @@ def main(argv=None) -> int:
     result["ok"] = not result["problems"]
     result["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    args.out.write_text(to_json(result) + "\n", encoding="utf-8")
     text = summary(result) if result["phases"] else "no phase ran: " + "; ".join(result["problems"])
     print("\n" + text + f"\n\nresults: {args.out}; server logs: {args.log_dir}", flush=True)
     return status or (0 if result["ok"] else 1)
