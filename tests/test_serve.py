@@ -630,3 +630,35 @@ def test_every_serve_option_reaches_the_service(tiny_model, tmp_path):
     no_cache = command_options(COMMANDS["serve"], parser.parse_args(["serve", "--no-cache"]),
                                parser.subcommand("serve"))
     assert build_service(path, no_cache).cache.folder is None
+
+
+def test_served_connections_send_at_once_and_a_taken_port_is_refused():
+    """TCP_NODELAY on accepted connections: without it a kept-alive client's second request waited ~40 ms for
+    the first's ACK (Nagle), which split batches in the load test (docs/serve-load.md)."""
+    from dreambooth.serving.command import listening_socket
+
+    sock = listening_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+
+    async def accepted_nodelay():
+        seen = asyncio.get_running_loop().create_future()
+
+        async def handle(reader, writer):
+            option = writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            seen.set_result(option)
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        option = await asyncio.wait_for(seen, 10)
+        writer.close()
+        server.close()
+        return option
+
+    assert async_test(accepted_nodelay()) != 0
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    with pytest.raises(UserError, match="--port"):
+        listening_socket("127.0.0.1", taken.getsockname()[1])
+    taken.close()

@@ -97,22 +97,32 @@ def build_app(options):
     return create_app(service, keys, auth=bool(keys), chat=chat), service
 
 
+def listening_socket(host: str, port: int):
+    """The socket `serve` listens on, bound before the models load so that a taken port fails at once."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only for a listener made so, and without
+    # it each request after the first on a kept-alive connection waited ~40 ms (Nagle against delayed ACKs),
+    # enough to split batches (docs/serve-load.md).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}. Choose another --port (0 takes a free "
+                        "one).") from None
+    return sock
+
+
 def serve_command(options) -> None:
     """`dreambooth serve`: `options` is a command_options.ServeOptions."""
     check_installed()
-    import socket
-
     import uvicorn
 
+    sock = listening_socket(options.host, options.port)
     app, service = build_app(options)
-    family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((options.host, options.port))
-    except OSError as e:
-        raise UserError(f"cannot listen on {options.host}:{options.port}: {e.strerror}. Choose another --port (0 "
-                        "takes a free one).") from None
     port = sock.getsockname()[1]
     names = ", ".join(sorted(service.characters))
     print(f"serving {len(service.characters)} character(s) ({names}) at http://{options.host}:{port}/ (the page; "
