@@ -292,18 +292,22 @@ class Server:
         self.startup_s = time.monotonic() - started
 
     def _sample(self) -> None:
-        started = time.monotonic()
-        while True:
-            memory = read_memory(self.process.pid)
-            if memory is None or self.process.poll() is not None:
-                return
-            cpu = read_cpu_seconds(self.process.pid)
-            self.samples.append({"t": round(time.monotonic() - started, 2), "phase": self.progress.phase,
-                                 "done": self.progress.done, "rss_mb": round(memory[0] / MB, 2),
-                                 "hwm_mb": round(memory[1] / MB, 2), "load1": read_load(),
-                                 "cpu_s": round(cpu, 2) if cpu is not None else None})
-            if self._stop.wait(SAMPLE_S):
-                return
+        self._sampling_started = time.monotonic()
+        while self.sample_now() and not self._stop.wait(SAMPLE_S):
+            pass
+
+    def sample_now(self) -> bool:
+        """One RSS sample (False when the server is gone); the sampler thread calls it every SAMPLE_S."""
+        memory = read_memory(self.process.pid)
+        if memory is None or self.process.poll() is not None:
+            return False
+        cpu = read_cpu_seconds(self.process.pid)
+        started = getattr(self, "_sampling_started", time.monotonic())
+        self.samples.append({"t": round(time.monotonic() - started, 2), "phase": self.progress.phase,
+                             "done": self.progress.done, "rss_mb": round(memory[0] / MB, 2),
+                             "hwm_mb": round(memory[1] / MB, 2), "load1": read_load(),
+                             "cpu_s": round(cpu, 2) if cpu is not None else None})
+        return True
 
     def memory_now(self) -> tuple[float, float] | None:
         memory = read_memory(self.process.pid) if self.process else None
@@ -525,9 +529,12 @@ async def soak(load: Load, requests: int, clients: int, warmup: int, repeat_ever
             status, answer = await load.render(tally, seed)
             if status == "200" and not repeat:
                 drawn.append(seed)
+            if server.progress.done == warmup:  # one sample exactly at the warm-up's end, whatever the pace
+                server.sample_now()
 
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - started
+    server.sample_now()  # and one at the end: a fast soak may fall between the periodic samples
     end_memory = server.memory_now()
     delta = metrics_delta(before, await load.metrics())
     samples = [s for s in server.samples[first_sample:] if s["phase"] == "soak"]
