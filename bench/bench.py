@@ -88,6 +88,9 @@ class BenchSettings:
                                       "class images, made beforehand].")
     lean_memory: bool = option(False, help="Both programs with --use_8bit_adam --gradient_checkpointing (needs CUDA "
                                "and bitsandbytes).")
+    ours_arg: list[str] = option([], metavar="FLAG", help="An extra flag for this tool's run only (repeatable; "
+                                 "e.g. --ours-arg=--cuda_graph=off), to measure one of its switches.")
+    tag: str = option("", help="A suffix for the result's name, telling runs with other --ours-arg apart.")
     table: bool = option(False, help="Measure nothing: rewrite the table in --doc from --results/*.json.")
     doc: Path = option(REPOSITORY / "docs" / "bench.md", help="[default: docs/bench.md of the repository]")
 
@@ -370,7 +373,7 @@ def commands(s: BenchSettings, model: Path, data: tuple[Path, Path, Path], work:
 
     ours = train_flags(s, model, instance, class_dir, work / "ours", resolution, precision,
                        "tensorboard" if is_tensorboard_available() else "none")
-    out = {"ours": [sys.executable, "-m", "dreambooth", "train", *ours, "--method", s.method]}
+    out = {"ours": [sys.executable, "-m", "dreambooth", "train", *ours, "--method", s.method, *s.ours_arg]}
     if s.peer:
         peer = train_flags(s, model, instance, peer_class, work / "peer", resolution, precision)
         launch = [sys.executable, "-m", "accelerate.commands.launch", *([] if cuda else ["--cpu"]),
@@ -413,7 +416,8 @@ def run_bench(s: BenchSettings) -> dict:
     precision = s.precision or ("bf16" if cuda else "no")
     name = s.model if s.model in BUILT_MODELS else Path(s.model).name
     model, resolution = prepare_model(s)
-    tags = ("-lean" if s.lean_memory else "") + ("-fresh" if s.fresh_class_images else "")
+    tags = ("-lean" if s.lean_memory else "") + ("-fresh" if s.fresh_class_images else "") + \
+        (f"-{s.tag}" if s.tag else "")
     stem = f"{dev['device_key']}-{name}-{s.method}-{resolution}-{precision}{tags}"
     work = (s.out / "runs" / stem).resolve()
     *data, class_s = prepare_data(s, model, resolution, work)
@@ -437,8 +441,9 @@ def run_bench(s: BenchSettings) -> dict:
         "warmup": s.warmup, "repeats": s.repeats, "samples_per_step": 2, "num_class_images": s.num_class_images,
         "rank": s.rank if s.method == "lora" else None, "flops_per_step": flops,
         "bf16_peak_flops": dev["bf16_peak_flops"], "class_images_s": round(class_s, 2),
-        "class_images_in_run": s.fresh_class_images, "lean_memory": s.lean_memory,
-        "bench_wall_s": round(time.perf_counter() - started, 2), "runs": runs, "commands": cmds,
+        "class_images_in_run": s.fresh_class_images, "lean_memory": s.lean_memory, "tag": s.tag,
+        "ours_args": s.ours_arg, "bench_wall_s": round(time.perf_counter() - started, 2), "runs": runs,
+        "commands": cmds,
         "machine": machine_facts(threads), "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings_record(s),
     }
@@ -482,6 +487,7 @@ def format_table(results: list[dict]) -> str:
         p = r.get("peer") or {}
         method = f"LoRA r{r['rank']}" if r["method"] == "lora" and r.get("rank") else r["method"]
         method += ", 8-bit AdamW + checkpointing" if r.get("lean_memory") else ""
+        method += f" ({' '.join(r['ours_args'])})" if r.get("ours_args") else ""
         made = "in the run" if r.get("class_images_in_run") else "beforehand"
         run_ratio = p.get("wall_s") and r["wall_s"] / p["wall_s"]
         rows.append(

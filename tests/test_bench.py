@@ -209,3 +209,14 @@ def test_profile_script_records_exactly_one_training_step(tmp_path):
     assert (summary["model"], summary["step"], summary["optimizer_steps_recorded"]) == ("tiny", 3, 1)
     assert summary["step_s"] > 0 and "aten::" in (out / "operators.txt").read_text()
     assert (out / "trace.json").stat().st_size > 0
+
+
+def test_a_switch_of_this_tool_is_measured_under_its_own_name(tmp_path):
+    """--ours-arg reaches this tool's command only; --tag names the result, and the table shows the switch."""
+    from bench import commands
+
+    s = BenchSettings(ours_arg=["--cuda_graph=off"], tag="graph-off", peer=tmp_path / "train_dreambooth.py")
+    cmds = commands(s, tmp_path, (tmp_path, tmp_path, tmp_path), tmp_path, 64, "bf16", True, 2)
+    assert cmds["ours"][-1] == "--cuda_graph=off" and "--cuda_graph=off" not in cmds["peer"]
+    row = {**_result("cuda", "full", 0.02), "ours_args": ["--cuda_graph=off"], "tag": "graph-off"}
+    assert "full (--cuda_graph=off)" in format_table([row])

@@ -95,3 +95,42 @@ def test_the_class_image_pipeline_is_gone_before_the_training_models_load(tiny_m
     ("cpu", 2048, 1)])
 def test_class_images_are_generated_in_batches_that_fit_the_device(device, resolution, batch):
     assert default_batch_size(device, resolution) == batch
+
+
+@pytest.mark.parametrize(("resolution", "free_gib", "batch"), [(512, 100, 64), (512, 10, 20), (1024, 10, 5),
+                                                               (512, 0.1, 1)])
+def test_a_gpu_batch_follows_the_free_memory(resolution, free_gib, batch):
+    assert default_batch_size("cuda", resolution, int(free_gib * 2**30)) == batch
+
+
+def test_a_class_image_batch_that_runs_out_of_memory_is_halved_and_draws_the_same_images(tmp_path):
+    """Each image has its own seed: after 16 -> 8 -> 4 the images are those a batch of 4 draws from the start."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dreambooth.training.class_images import generate_missing, plan_class_images, recipe
+
+    class Pipe:  # a stand-in pipeline that holds at most 4 images; each image is its seed's noise
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.batches = []
+
+        def __call__(self, prompt, generator, height, width, **kwargs):
+            if len(prompt) > 4:
+                raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+            self.batches.append(len(prompt))
+            images = [Image.fromarray((torch.rand(height, width, 3, generator=g).numpy() * 255).astype(np.uint8))
+                      for g in generator]
+            return type("Out", (), {"images": images})()
+
+    drawn = {}
+    for start, folder in ((16, "halved"), (4, "fits")):
+        pipe = Pipe()
+        plan = plan_class_images(tmp_path / folder, recipe("a photo of dog", "m", 8), 10)
+        generate_missing(plan, seed=3, load_pipe=lambda pipe=pipe: pipe, batch_size=start, steps=1)
+        assert pipe.batches == [4, 4, 2]
+        drawn[folder] = {p.name: np.asarray(Image.open(p)) for p in plan.staged}
+    assert drawn["halved"].keys() == drawn["fits"].keys() and len(drawn["fits"]) == 10
+    assert all(np.array_equal(drawn["halved"][k], drawn["fits"][k]) for k in drawn["fits"])

@@ -132,6 +132,11 @@ class TrainingSection(Section):
     compile: bool = opt(False, "torch.compile the UNet's forward; GPU only, pays off on long runs.",
                         "--torch_compile")
     channels_last: bool = opt(False, "Run the UNet in channels-last memory format (faster on some GPUs).")
+    cuda_graph: Literal["auto", "on", "off"] = opt(
+        "auto", "Capture the whole training step (forward, backward, clipping, AdamW) as a CUDA graph and replay it, "
+        "so that Python's kernel launches stop costing time. auto: on where valid (one CUDA process, bf16 or fp32, "
+        "torch AdamW, no --torch_compile), with one line saying why not otherwise; on: refuse to start where it is "
+        "not valid.")
     cpu_convolution: Literal["auto", "onednn", "native"] = opt(
         "auto", "Convolution kernels when training on a CPU: oneDNN's, or PyTorch's native ones (im2col + GEMM), "
         "which are faster for few, small latents. auto: native when images per step x latent pixels <= 1024 "

@@ -106,6 +106,14 @@ def check_runtime(cfg: Config) -> None:
         raise UserError("training.compile (--torch_compile) needs a CUDA GPU and none is available: on a CPU, "
                         "torch.compile's code for the UNet's backward pass computes wrong gradients (measured with "
                         "torch 2.13) and runs slower than without it. Drop --torch_compile.")
+    if t.cuda_graph == "on":
+        from dreambooth.training.graph_step import graph_obstacles
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        found = graph_obstacles(cfg, device, int(os.environ.get("WORLD_SIZE", "1")))
+        if found:
+            raise UserError("training.cuda_graph is on, but this run's step cannot be captured: " + "; ".join(found)
+                            + ". Use --cuda_graph auto (on where it is valid) or off.")
     if t.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("training.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes` "
                         "(needs a CUDA GPU) or drop --use_8bit_adam.")

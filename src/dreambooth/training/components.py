@@ -130,10 +130,18 @@ def param_groups(cfg: Config, models: Models, lr_scale: float) -> list[dict]:
     return groups
 
 
-def make_optimizer(cfg: Config, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: 8-bit from bitsandbytes when asked, else torch's fused kernel (foreach where there is none)."""
+def make_optimizer(cfg: Config, groups: list[dict], device: torch.device, *,
+                   graph: bool = False) -> torch.optim.Optimizer:
+    """AdamW: 8-bit from bitsandbytes when asked, else torch's fused kernel (foreach where there is none).
+
+    `graph`: for a step captured as a CUDA graph (training.graph_step): each group's learning rate is a device
+    tensor that the LR schedule fills in place, and the step is capturable (its step counts on the device).
+    """
     t = cfg.training
     kw = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
+    if graph:
+        groups = [{**group, "lr": torch.tensor(float(group["lr"]), device=device)} for group in groups]
+        return torch.optim.AdamW(groups, **kw, fused=True, capturable=device.type == "cuda")
     if t.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -198,11 +206,25 @@ class PromptEncoder:
         self.use_mask = cfg.training.text_encoder_use_attention_mask
         self.cache: dict[str, torch.Tensor] | None = None if models.text_trains else {}
 
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
+    @property
+    def trains(self) -> bool:
+        """Whether the text side trains (then prompts are encoded inside every step)."""
+        return self.cache is None
+
+    def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         tok = self.models.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                                     return_tensors="pt")
-        mask = tok.attention_mask.to(self.device) if self.use_mask else None
-        return self.models.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
+        return tok.input_ids.to(self.device), tok.attention_mask.to(self.device) if self.use_mask else None
+
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.models.text_encoder(ids, attention_mask=mask)[0]
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.embed(*self.tokens(prompts))
+
+    def conditioning(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a step needs of its prompts: token ids (and mask) when the text side trains, else embeddings."""
+        return self.tokens(prompts) if self.trains else (self(prompts), None)
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         if self.cache is None:

@@ -28,6 +28,7 @@ from dreambooth.training.components import (
     make_optimizer,
     param_groups,
 )
+from dreambooth.training.graph_step import StaticStep, graph_plan
 from dreambooth.training.loss import (
     LossParts,
     diffusion_target,
@@ -53,21 +54,27 @@ from dreambooth.versions import library_versions
 def training_step(cfg: Config, models: Models, batch: dict, encode: PromptEncoder, latent_cache: LatentCache,
                   generator: torch.Generator) -> LossParts:
     """One forward pass: latents of the images, noise at per-sample timesteps, prediction, and the loss."""
-    vae, unet, sched = models.vae, models.unet, models.noise_scheduler
     latents = latent_cache.sample(batch["pixel_values"], batch["cache_keys"], generator)
-    latents = latents.float() * vae.config.scaling_factor
+    latents = latents.float() * models.vae.config.scaling_factor
+    return step_loss(cfg, models, latents, encode(batch["prompts"]), batch["is_prior"].to(latents.device), generator)
+
+
+def step_loss(cfg: Config, models: Models, latents: torch.Tensor, cond: torch.Tensor, is_prior: torch.Tensor,
+              generator: torch.Generator) -> LossParts:
+    """Noise at per-sample timesteps on scaled latents, the prediction, and the loss: the part of a step a CUDA
+    graph captures (training.graph_step), so it reads only its arguments and draws only from `generator`."""
+    unet, sched = models.unet, models.noise_scheduler
     noise = noise_with_offset(latents, cfg.training.noise_offset, generator)
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                               device=latents.device)
     noisy = sched.add_noise(latents, noise, timesteps)
     target = diffusion_target(sched, latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encode(batch["prompts"])).sample
+    pred = unet(noisy, timesteps, cond).sample
     weights = None
     if cfg.training.snr_gamma is not None:
         snr = snr_from_alphas(sched.alphas_cumprod, timesteps)
         weights = min_snr_weights(snr, cfg.training.snr_gamma, sched.config.prediction_type)
-    return dreambooth_loss(pred, target, batch["is_prior"].to(latents.device), cfg.training.prior_loss_weight,
-                           weights)
+    return dreambooth_loss(pred, target, is_prior, cfg.training.prior_loss_weight, weights)
 
 
 @dataclass
@@ -86,6 +93,7 @@ class Run:
     report: Preflight
     run_id: str = ""
     global_step: int = 0
+    graph: bool = False  # the step runs through training.graph_step (captured as a CUDA graph on CUDA)
 
 
 def batch_stream(run: Run, batches_done: int):
@@ -112,20 +120,18 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
     bar = tqdm(total=run.total_steps, initial=start_step, desc="training", unit="step",
                disable=not acc.is_local_main_process)
     batches = batch_stream(run, start_step * cfg.training.gradient_accumulation_steps)
+    static = None
+    if run.graph:
+        def loss_of(latents, cond, is_prior):
+            return step_loss(cfg, run.models, latents, cond, is_prior, run.generator)
+
+        static = StaticStep(run, encode, latent_cache, clip, loss_of, capture=acc.device.type == "cuda")
     run.global_step = start_step
     while run.global_step < run.total_steps:
-        with acc.accumulate(*modules):
-            parts = training_step(cfg, run.models, next(batches), encode, latent_cache, run.generator)
-            acc.backward(parts.loss)
-            if acc.sync_gradients:
-                clip()
-            run.optimizer.step()
-            clip.done()
-            run.lr_scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
-        logger.add(parts)
-        if not acc.sync_gradients:
-            continue
+        if static is None:
+            eager_update(run, batches, encode, latent_cache, clip, modules, logger)
+        else:
+            static_update(run, batches, static, logger)
         run.global_step += 1
         bar.update(1)
         if logger.due():
@@ -140,6 +146,34 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
                                        or run.global_step == run.total_steps):
             validate(run)
     bar.close()
+
+
+def eager_update(run: Run, batches, encode, latent_cache, clip, modules, logger) -> None:
+    """One optimizer step the plain way: gradient_accumulation_steps batches through accelerate, then AdamW."""
+    acc = run.accelerator
+    while True:
+        with acc.accumulate(*modules):
+            parts = training_step(run.cfg, run.models, next(batches), encode, latent_cache, run.generator)
+            acc.backward(parts.loss)
+            if acc.sync_gradients:
+                clip()
+            run.optimizer.step()
+            clip.done()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        logger.add(parts)
+        if acc.sync_gradients:
+            return
+
+
+def static_update(run: Run, batches, static: StaticStep, logger) -> None:
+    """One optimizer step over static buffers (training.graph_step): the micro-steps, then clip, AdamW, zero."""
+    for _ in range(run.cfg.training.gradient_accumulation_steps):
+        logger.add(static.micro_step(next(batches)))
+    static.optimizer_step()
+    # The schedule itself: accelerate's wrapper steps it only on steps it saw synchronised, and this path does not
+    # go through accelerate's accumulate(). One process only (graph_step.graph_obstacles), so one step.
+    getattr(run.lr_scheduler, "scheduler", run.lr_scheduler).step()
 
 
 def checkpoint(run: Run) -> Path:
@@ -196,14 +230,19 @@ def trackers(cfg: Config) -> list[str]:
 
 def make_accelerator(cfg: Config, out: Path):
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+    from accelerate.utils import AutocastKwargs, GradientAccumulationPlugin, ProjectConfiguration
 
     # sync_with_dataloader=False: an optimizer step is always exactly gradient_accumulation_steps batches, also
     # across epoch ends, so a step count maps to a batch count and resuming lands on the same batch.
     plugin = GradientAccumulationPlugin(num_steps=cfg.training.gradient_accumulation_steps,
                                         sync_with_dataloader=False)
+    # A captured step must not use autocast's cache of cast weights: the cache is freed when autocast exits, under
+    # the graph's feet. Without a cache each cast runs again, inside the graph, where it costs no launch.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    graph, _ = graph_plan(cfg, device, int(os.environ.get("WORLD_SIZE", "1")))
+    handlers = [AutocastKwargs(cache_enabled=False)] if graph else []
     return Accelerator(gradient_accumulation_plugin=plugin, mixed_precision=cfg.training.mixed_precision,
-                       log_with=trackers(cfg) or None,
+                       log_with=trackers(cfg) or None, kwargs_handlers=handlers,
                        project_config=ProjectConfiguration(project_dir=str(out),
                                                            logging_dir=str(out / cfg.output.logging_dir)))
 
@@ -222,7 +261,10 @@ def setup(cfg: Config, report: Preflight) -> Run:
     loader = make_dataloader(cfg, cfg.subject_list(), [s.instance.usable for s in report.subjects], classes)
     t = cfg.training
     scale = t.gradient_accumulation_steps * t.batch_size * accelerator.num_processes if t.scale_lr else 1.0
-    optimizer = make_optimizer(cfg, param_groups(cfg, models, scale), accelerator.device)
+    graph, why = graph_plan(cfg, accelerator.device.type, accelerator.num_processes)
+    if accelerator.device.type == "cuda" and accelerator.is_main_process:
+        print(why)
+    optimizer = make_optimizer(cfg, param_groups(cfg, models, scale), accelerator.device, graph=graph)
     loader = accelerator.prepare(loader)
     total = t.max_train_steps or t.num_train_epochs * math.ceil(len(loader) / t.gradient_accumulation_steps)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, accelerator.num_processes, total)
@@ -235,7 +277,7 @@ def setup(cfg: Config, report: Preflight) -> Run:
     for module in (models.vae, models.unet, models.text_encoder):
         module.to(accelerator.device)
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed + accelerator.process_index)
-    run = Run(cfg, accelerator, models, optimizer, lr_scheduler, loader, generator, out, total, report)
+    run = Run(cfg, accelerator, models, optimizer, lr_scheduler, loader, generator, out, total, report, graph=graph)
     CheckpointFiles(run).register()
     return run
 

@@ -194,7 +194,7 @@ class MetricsLog:
         loss, inst, prior = (self.sums / max(self.count, 1)).tolist()
         now, steps = time.perf_counter(), self.run.global_step - self.steps_at_t0
         record = {"step": self.run.global_step, "loss": loss, "instance_loss": inst, "prior_loss": prior,
-                  "lr": self.run.lr_scheduler.get_last_lr()[0], "step_time_s": (now - self.t0) / max(steps, 1)}
+                  "lr": float(self.run.lr_scheduler.get_last_lr()[0]), "step_time_s": (now - self.t0) / max(steps, 1)}
         self.sums, self.count, self.t0, self.steps_at_t0 = None, 0, now, self.run.global_step
         if self.run.accelerator.is_main_process:
             with self.path.open("a", encoding="utf-8") as f:

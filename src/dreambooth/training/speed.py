@@ -161,7 +161,19 @@ def speed_up(cfg: Config, models, accelerator) -> None:
     if cfg.training.channels_last:
         unet.to(memory_format=torch.channels_last)
     if cfg.training.compile:
+        compile_cache()
         unet.forward = torch.compile(unet.forward)
+
+
+def compile_cache() -> str:
+    """torch.compile's on-disk caches (inductor's FX graphs and kernels) in a folder that outlives the machine's
+    /tmp cleaning, so that a second run of the same model skips most of the compile; $TORCHINDUCTOR_CACHE_DIR, when
+    set, wins."""
+    import os
+    from pathlib import Path
+
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dreambooth" / "torchinductor"
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default))
 
 
 def set_tf32(cfg: Config) -> None:
