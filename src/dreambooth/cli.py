@@ -138,7 +138,7 @@ COMMANDS = {command.name: command for command in (
     Command("export", "Convert a result: LoRA to kohya/A1111, full model to one .safetensors, merge LoRAs.",
             "dreambooth.export:export_command", ExportOptions, heavy=True),
     Command("tiny-model", "Build a random-weight Stable Diffusion model offline (tests, demo, benchmarks).",
-            "dreambooth.models.tiny:tiny_model_command", TinyModelOptions),
+            "dreambooth.models.tiny_families:tiny_model_command", TinyModelOptions),
     Command("compare", "Train full DreamBooth and LoRA on the same data and print a table of both.",
             "dreambooth.evaluation.compare:compare_command", CompareOptions, heavy=True),
     Command("bench", "Measure training speed and memory, optionally beside diffusers' train_dreambooth.py "

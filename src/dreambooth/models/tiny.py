@@ -132,17 +132,6 @@ def _build(out_dir: pathlib.Path, size: str, resolution: int, prediction_type: s
     (out_dir / "README.md").write_text(readme)
 
 
-def tiny_model_command(options) -> pathlib.Path:
-    """`dreambooth tiny-model`: `options` is a command_options.TinyModelOptions."""
-    from dreambooth.training.rundir import claim_work_folder
-
-    claim_work_folder(options.dir, "tiny-model")  # never writes random weights over someone's model
-    path = build_tiny_model(options.dir, prediction_type=options.prediction_type, seed=options.seed,
-                            resolution=options.resolution, size=options.size)
-    print(f"{options.size} random-weight model written to {path}")
-    return path
-
-
 def resolution_multiple(size: str) -> int:
     """Image sides must divide by the VAE factor times the UNet's downsamplings (tiny has one, SD three)."""
     return VAE_SCALE_FACTOR * 2 if size == "tiny" else SD_VAE_SCALE_FACTOR * 8
