@@ -384,13 +384,36 @@ def test_single_file_refuses_what_it_cannot_map(tiny_model, tmp_path, monkeypatc
     with pytest.raises(UserError, match="time_embedding.cond_proj"):
         single_file.apply_rules(unet.state_dict(), single_file.unet_rules(unet), "model.diffusion_model.", "UNet")
 
-    sd2 = tmp_path / "sd2"
-    shutil.copytree(tiny_model, sd2)
-    config = json.loads((sd2 / "text_encoder" / "config.json").read_text())
-    (sd2 / "text_encoder" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "text_encoder" / "config.json").read_text())
+    (other / "text_encoder" / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
     monkeypatch.setattr(single_file, "source_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
-    with pytest.raises(UserError, match="OpenCLIP"):
-        to_single_file(sd2, tmp_path / "sd2.safetensors")
+    with pytest.raises(UserError, match="neither SD 1.x's OpenAI CLIP nor SD 2.x's OpenCLIP"):
+        to_single_file(other, tmp_path / "other.safetensors")
+    xl = tmp_path / "xl"
+    shutil.copytree(tiny_model, xl)
+    (xl / "text_encoder_2").mkdir()
+    with pytest.raises(UserError, match="two text encoders"):
+        to_single_file(xl, tmp_path / "xl.safetensors")
+
+
+def test_single_file_sd2_has_openclip_names_and_loads_back_in_stock_diffusers(tmp_path):
+    """SD 2.x: OpenCLIP's text encoder names with q/k/v joined, v-prediction recorded, and stock from_single_file
+    (configs from another SD2-shaped folder with other weights) gives back every weight and the same image."""
+    from dreambooth.models.tiny_families import build_model
+
+    model = build_model(tmp_path / "sd2", size="sd2-tiny", seed=3)
+    config_model = build_model(tmp_path / "config", size="sd2-tiny", seed=4)
+    file = to_single_file(model, tmp_path / "sd2.safetensors")
+    tensors = load_file(file)
+    assert tensors["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (96, 32)
+    assert "cond_stage_model.model.ln_final.weight" in tensors and "cond_stage_model.model.positional_embedding" in \
+        tensors and not any(k.startswith("cond_stage_model.transformer.") for k in tensors)
+    assert header(file)["dreambooth.prediction_type"] == "v_prediction"
+    loaded, source = from_single_file(file, config_model), load(model)
+    assert_same_models(loaded, source)
+    assert np.array_equal(image(loaded), image(source))
 
 
 # --- merging ----------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""A diffusers SD 1.x folder as one `.safetensors` in the original Stable Diffusion (CompVis/LDM) layout, which
-AUTOMATIC1111 and ComfyUI load.
+"""A diffusers SD 1.x or 2.x folder as one `.safetensors` in the original Stable Diffusion (CompVis/LDM) layout,
+which AUTOMATIC1111 and ComfyUI load (SD 2.x's OpenCLIP text encoder included).
 
 The key map is derived from the model's own blocks (`unet_rules`, `vae_rules`), so it is right for any SD
 1.x-shaped UNet (diffusers' own conversion script assumes SD's four levels and drops the up-block weights of other
@@ -145,19 +145,58 @@ def _vae_attention_as_conv(tensors: dict) -> dict:
     return {k: v[:, :, None, None] if k.endswith(names) and v.ndim == 2 else v for k, v in tensors.items()}
 
 
-def _refuse_non_sd1_text_encoder(class_name: str, hidden_act: str) -> None:
-    if class_name != "CLIPTextModel" or hidden_act != "quick_gelu":
-        raise UserError(
-            f"the text encoder is {class_name} with {hidden_act} activations, not SD 1.x's OpenAI CLIP. For "
-            "Stable Diffusion 2.x (OpenCLIP ViT-H) diffusers keeps only 23 of the 24 text layers and drops the text "
-            "projection, so the original single-file layout cannot be rebuilt faithfully from a diffusers folder. "
-            "Export with --format diffusers, or export the LoRA with --format kohya and apply it to the original "
-            "checkpoint.")
+# SD 2.x's OpenCLIP ViT-H text tower, under `cond_stage_model.model.`: diffusers' CLIPTextModel names -> OpenCLIP's.
+OPENCLIP_NAMES = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                  "embeddings.position_embedding.weight": "positional_embedding",
+                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                  "self_attn.out_proj": "attn.out_proj"}
+
+
+def text_family(class_name: str, hidden_act: str) -> str:
+    """`openai` (SD 1.x: OpenAI CLIP, quick GELU) or `openclip` (SD 2.x: OpenCLIP, GELU); anything else stops."""
+    if class_name == "CLIPTextModel" and hidden_act == "quick_gelu":
+        return "openai"
+    if class_name == "CLIPTextModel" and hidden_act == "gelu":
+        return "openclip"
+    raise UserError(f"the text encoder is {class_name} with {hidden_act} activations, neither SD 1.x's OpenAI CLIP "
+                    "nor SD 2.x's OpenCLIP (an SDXL model has two text encoders and its own layout). Export with "
+                    "--format diffusers.")
+
+
+def openclip_tensors(state_dict: dict) -> dict:
+    """SD 2.x's original text encoder names: q/k/v joined into one `in_proj` per layer, as OpenCLIP keeps them.
+
+    A diffusers folder holds 23 of OpenCLIP ViT-H's 24 layers and no text projection (SD 2.x conditions on the
+    penultimate layer, so diffusers drops the rest); the file has what the folder has, which stock
+    `from_single_file` and A1111's penultimate-layer encoder read.
+    """
+    import torch
+
+    state = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+    out, layers = {}, sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
+    for key, name in OPENCLIP_NAMES.items():
+        out[f"cond_stage_model.model.{name}"] = state.pop(key)
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"cond_stage_model.model.transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([state.pop(f"{src}self_attn.{p}_proj.{kind}")
+                                                         for p in ("q", "k", "v")])
+            for name, ldm in OPENCLIP_LAYER.items():
+                out[f"{dst}{ldm}.{kind}"] = state.pop(f"{src}{name}.{kind}")
+    state.pop("embeddings.position_ids", None)  # a buffer of older transformers, not a weight
+    if state:
+        raise UserError(f"the text encoder has tensors with no place in SD 2.x's original layout: "
+                        f"{', '.join(sorted(state)[:5])}. Export it with --format diffusers.")
+    return out
 
 
 def text_encoder_tensors(text_encoder) -> dict:
-    """SD 1.x keeps OpenAI's CLIP text model under `cond_stage_model.transformer.text_model.`."""
-    _refuse_non_sd1_text_encoder(type(text_encoder).__name__, text_encoder.config.hidden_act)
+    """SD 1.x keeps OpenAI's CLIP text model under `cond_stage_model.transformer.text_model.`; SD 2.x keeps
+    OpenCLIP's under `cond_stage_model.model.` (`openclip_tensors`)."""
+    family = text_family(type(text_encoder).__name__, text_encoder.config.hidden_act)
+    if family == "openclip":
+        return openclip_tensors(text_encoder.state_dict())
     # transformers >= 5.6 dropped CLIPTextModel's `text_model.` level; older versions still have it.
     return {f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v
             for k, v in text_encoder.state_dict().items()}
@@ -167,10 +206,11 @@ def checkpoint_tensors(unet, vae, text_encoder) -> dict:
     """Every weight of the three models under its original Stable Diffusion name."""
     tensors = apply_rules(unet.state_dict(), unet_rules(unet), "model.diffusion_model.", "UNet")
     tensors.update(_vae_attention_as_conv(apply_rules(vae.state_dict(), vae_rules(vae), "first_stage_model.", "VAE")))
-    tensors.update(text_encoder_tensors(text_encoder))
-    expected = len(unet.state_dict()) + len(vae.state_dict()) + len(text_encoder.state_dict())
-    if len(tensors) != expected:
-        raise AssertionError(f"{expected} tensors in, {len(tensors)} out: the key map lost some")
+    text = text_encoder_tensors(text_encoder)
+    tensors.update(text)
+    text_in = sum(p.numel() for k, p in text_encoder.state_dict().items() if not k.endswith("position_ids"))
+    if sum(v.numel() for v in text.values()) != text_in:
+        raise AssertionError("the text encoder's key map lost some weights")
     return tensors
 
 
@@ -207,13 +247,15 @@ def _single_file_metadata(src: Path, loras) -> dict[str, str]:
     return metadata
 
 
-def _check_sd1_text_encoder(model_dir: Path) -> None:
-    """The SD 2 refusal, read from config.json so that it comes before any weights load."""
+def _check_text_encoder(model_dir: Path) -> None:
+    """A text encoder of neither SD 1.x nor SD 2.x stops the export before any weights load (from config.json)."""
     config_file = model_dir / "text_encoder" / "config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text())
-        _refuse_non_sd1_text_encoder((config.get("architectures") or ["CLIPTextModel"])[0],
-                                     config.get("hidden_act", "quick_gelu"))
+        text_family((config.get("architectures") or ["CLIPTextModel"])[0], config.get("hidden_act", "quick_gelu"))
+    if (model_dir / "text_encoder_2").is_dir():
+        raise UserError(f"{model_dir} has two text encoders (SDXL): its single-file export is not built yet; "
+                        "export it with --format diffusers.")
 
 
 def to_single_file(src: Path, out: Path, *, half: bool = False, loras: Sequence[tuple[Path, float]] = ()) -> Path:
@@ -221,7 +263,7 @@ def to_single_file(src: Path, out: Path, *, half: bool = False, loras: Sequence[
     original-layout `.safetensors`; new identifier tokens go into embedding files beside it."""
     src, out = Path(src), Path(out)
     check_new_file(out)
-    _check_sd1_text_encoder(model_folder(src))
+    _check_text_encoder(model_folder(src))
     loras = [(find_lora_file(p), w) for p, w in loras]
     pipe, own = source_pipeline(src)
     loras = own + loras
