@@ -662,3 +662,86 @@ def test_served_connections_send_at_once_and_a_taken_port_is_refused():
     with pytest.raises(UserError, match="--port"):
         listening_socket("127.0.0.1", taken.getsockname()[1])
     taken.close()
+
+
+# ---------------------------------------------------------------------------------------------- found in review
+
+def test_a_failed_draw_is_a_500_counted_as_internal_that_names_no_server_path(tmp_path, tiny_model):
+    class Failing(StandInRenderer):
+        def render(self, requests):
+            raise FileNotFoundError(f"No such file: '{tmp_path}/secret/unet.safetensors'")
+
+    service = stand_in_service(tmp_path, tiny_model, Failing())
+    with TestClient(create_app(service, [], auth=False), raise_server_exceptions=False) as client:
+        answer = client.post("/v1/render", json={"character": "dog"})
+        assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal"
+        assert str(tmp_path) not in answer.text and "FileNotFoundError" not in answer.text
+        text = client.get("/metrics").text
+    assert 'dreambooth_requests_total{endpoint="/v1/render",outcome="internal"} 1.0' in text
+    assert 'endpoint="/v1/render",outcome="ok"' not in text
+
+
+def test_a_cache_that_cannot_store_costs_only_the_cache_entry(tmp_path, tiny_model):
+    import shutil
+
+    cache = ImageCache(tmp_path / "cache", 10**6)
+    service = stand_in_service(tmp_path, tiny_model, cache=cache)
+    with TestClient(create_app(service, [], auth=False)) as client:
+        assert client.post("/v1/render", json={"character": "dog", "seed": 1}).status_code == 200
+        shutil.rmtree(tmp_path / "cache")  # removed while serving: made again
+        assert client.post("/v1/render", json={"character": "dog", "seed": 2}).status_code == 200
+        assert client.post("/v1/render", json={"character": "dog", "seed": 2}).headers["x-cache"] == "hit"
+        (tmp_path / "cache").chmod(0o500)
+        try:
+            if os.access(tmp_path / "cache", os.W_OK):  # root writes anyway: make the folder a file instead
+                shutil.rmtree(tmp_path / "cache")
+                (tmp_path / "cache").write_text("not a folder")
+            assert client.post("/v1/render", json={"character": "dog", "seed": 3}).status_code == 200
+        finally:
+            (tmp_path / "cache").chmod(0o700)
+
+
+def test_a_full_cache_trims_below_its_limit_so_the_next_writes_do_not_scan(tmp_path):
+    cache = ImageCache(tmp_path / "c", max_bytes=1000)
+    scans = []
+    real = cache._trim
+    cache._trim = lambda: (scans.append(1), real())
+    for i in range(40):
+        cache.put(cache_key({"seed": i}, "m"), bytes(100))
+    assert sum(p.stat().st_size for p in (tmp_path / "c").rglob("*.png")) <= 1000
+    assert len(scans) <= 40 // 2  # 10% headroom: at most every other write passes the limit again
+
+
+def test_unknown_paths_methods_and_keyless_bad_bodies_answer_in_the_error_shape(served):
+    service, client = served
+    missing = client.get("/v2/render")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = client.get("/v1/render", headers=bearer(USER))
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    keyless = client.post("/v1/render", content=b"{bad", headers={"content-type": "application/json"})
+    assert keyless.status_code == 401  # the key is checked before the body's validity is told
+
+
+def test_requests_that_could_never_fit_are_refused_as_such(tmp_path, tiny_model):
+    service = stand_in_service(tmp_path, tiny_model, max_queue=2, max_images=4)
+    with TestClient(create_app(service, [], auth=False)) as client:
+        answer = client.post("/v1/render", json={"character": "dog", "n": 3, "format": "json"})
+        assert answer.status_code == 422 and "queue holds (2)" in answer.json()["error"]["message"]
+        long = client.post("/v1/compile", json={"character": "dog", "negative_prompt": "blurry " * 90})
+        assert long.status_code == 422 and long.json()["error"]["code"] == "prompt_too_long"
+
+
+def test_retry_after_is_the_wait_for_the_places_a_request_needs():
+    batcher = Batcher(lambda items: items, max_queue=8, max_batch=4, window_s=0)
+    batcher.batch_seconds = 2.0
+    batcher.pending = [object()] * 8
+    assert batcher.retry_after(1) == 2 and batcher.retry_after(8) == 4  # one batch frees 4 places, two free 8
+
+
+def test_keyless_callers_do_not_grow_the_rate_limiter_without_bound(monkeypatch):
+    limiter = RateLimiter(per_minute=6000, burst=1)
+    monkeypatch.setattr(RateLimiter, "MAX_CALLERS", 100)
+    for i in range(1000):
+        limiter._buckets[f"10.0.{i}"] = (1.0, time.monotonic() - 60)  # idle long enough to be full again
+    limiter.take("new caller")
+    assert len(limiter._buckets) == 1

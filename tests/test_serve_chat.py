@@ -210,3 +210,24 @@ def test_model_failures_through_the_endpoint(llm, client_for, model, timeout_s, 
         r = client.post("/v1/chat-render", json={"character": "dog", "message": "she is happy at the beach"})
         assert r.status_code == status, r.text
         assert r.json()["error"]["code"] == code and base_url in r.json()["error"]["message"]
+
+
+def test_a_key_with_a_line_ending_is_stripped_and_control_characters_are_refused():
+    from dreambooth.errors import UserError
+    from dreambooth.serving.chat import ChatStates
+
+    chat = ChatStates("http://127.0.0.1:9/v1", "m", "sk-secret-7781\r\n")
+    assert chat._key == "sk-secret-7781"
+    with pytest.raises(UserError, match="control characters"):
+        ChatStates("http://127.0.0.1:9/v1", "m", "sk-se\x01cret")
+
+
+def test_answers_of_odd_shapes_are_read_or_refused_as_no_state():
+    from types import SimpleNamespace as NS
+
+    from dreambooth.serving.chat import _arguments
+
+    call = NS(function=NS(name="set_character_state", arguments={"emotion": "happy"}))
+    assert json.loads(_arguments(NS(choices=[NS(message=NS(tool_calls=[call], content=None))]))) == {
+        "emotion": "happy"}
+    assert _arguments(NS(choices=[NS(message=NS(tool_calls=None, content=[{"type": "text"}]))])) is None

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreambooth.characters.state import state_schema
 from dreambooth.serving.auth import LOCAL, Key, RateLimiter, find_key
@@ -93,6 +94,9 @@ class Measured:
         with self.service.metrics.latency.labels(endpoint).time():
             try:
                 await self.app(scope, receive, watched)
+            except Exception:  # answered as a 500 by the error middleware outside this one
+                outcome["code"] = "internal"
+                raise
             finally:
                 self.service.metrics.requests.labels(endpoint, outcome["code"]).inc()
 
@@ -129,8 +133,20 @@ def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=Non
     async def api_error(request: Request, e: ApiError):
         return error_response(e.status, e.code, e.message, e.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(e.status_code, codes.get(e.status_code, f"http_{e.status_code}"),
+                              f"{e.detail}: {request.method} {request.url.path} (GET /docs lists the API).",
+                              getattr(e, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
+        if request.url.path.startswith("/v1/"):
+            try:  # the body is read before the key is checked: a caller without a key hears that first
+                caller(request)
+            except ApiError as refused:
+                return error_response(refused.status, refused.code, refused.message, refused.headers)
         errors = e.errors()
         if any(err.get("type") == "json_invalid" for err in errors):
             return error_response(400, "bad_json", "the body is not valid JSON: "
@@ -144,8 +160,8 @@ def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=Non
 
     @app.exception_handler(Exception)
     async def failed(request: Request, e: Exception):
-        log.exception("request failed")
-        return error_response(500, "internal", f"the server failed to draw: {type(e).__name__}: {e}")
+        log.exception("request failed")  # the details (paths, exceptions) stay in the server's log
+        return error_response(500, "internal", "the server failed to answer; its log says why. Retry later.")
 
     def caller(request: Request) -> Key:
         if not auth:

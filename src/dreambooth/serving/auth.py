@@ -99,12 +99,16 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
+    MAX_CALLERS = 10_000  # keyless callers are addresses: buckets of idle ones are dropped past this many
+
     def take(self, caller: str) -> int:
         """0 if the caller may go on; otherwise the seconds until it may (Retry-After)."""
         if self.rate <= 0:
             return 0
         now = time.monotonic()
         with self._lock:
+            if len(self._buckets) >= self.MAX_CALLERS and caller not in self._buckets:
+                self._evict_full(now)
             tokens, last = self._buckets.get(caller, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.rate)
             if tokens >= 1.0:
@@ -112,3 +116,8 @@ class RateLimiter:
                 return 0
             self._buckets[caller] = (tokens, now)
             return max(1, math.ceil((1.0 - tokens) / self.rate))
+
+    def _evict_full(self, now: float) -> None:
+        """Forgets callers whose bucket has refilled: forgetting them changes nothing they may do."""
+        refill = self.burst / self.rate
+        self._buckets = {c: (t, last) for c, (t, last) in self._buckets.items() if now - last < refill}

@@ -54,8 +54,10 @@ class Batcher:
         """Jobs waiting, not yet drawing."""
         return len(self.pending)
 
-    def retry_after(self) -> int:
-        batches = math.ceil((len(self.pending) + 1) / self.max_batch)
+    def retry_after(self, n: int = 1) -> int:
+        """Seconds until `n` more images would fit: the batches to draw before that many places are free."""
+        over = len(self.pending) + n - self.max_queue
+        batches = max(1, math.ceil(over / self.max_batch))
         return max(1, math.ceil(batches * (self.batch_seconds or 1.0)))
 
     def start(self) -> None:
@@ -75,7 +77,7 @@ class Batcher:
     def submit(self, key: Hashable, items: list, deadline: float) -> list[Job]:
         """Queues every item or none of them: a request's images are refused together when they do not fit."""
         if len(self.pending) + len(items) > self.max_queue:
-            raise QueueFull(self.retry_after())
+            raise QueueFull(self.retry_after(len(items)))
         loop = asyncio.get_running_loop()
         jobs = [Job(key, item, deadline, loop.create_future()) for item in items]
         self.pending.extend(jobs)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from pathlib import Path
 
 from dreambooth.formats.atomic import atomic_file
+
+log = logging.getLogger("dreambooth.serve")
 
 
 def cache_key(request: dict, model_hash: str) -> str:
@@ -42,29 +45,44 @@ class ImageCache:
         path = self._path(key)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+            os.utime(path)  # most recently used
+        except FileNotFoundError:  # never written, or trimmed meanwhile by the worker thread
             return None
-        os.utime(path)  # most recently used
+        except OSError as e:  # a cache folder gone wrong is a miss, never a failed request
+            log.warning("image cache: could not read %s (%s)", path.name, e)
+            return None
         return data
 
     def put(self, key: str, png: bytes) -> None:
+        """Stores a picture; a disk that refuses only costs the cache entry (logged), never the picture drawn."""
         if self.folder is None:
             return
         path = self._path(key)
-        path.parent.mkdir(exist_ok=True)
-        with atomic_file(path) as tmp:
-            Path(tmp).write_bytes(png)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # the folder may have been removed while serving
+            with atomic_file(path) as tmp:
+                Path(tmp).write_bytes(png)
+        except OSError as e:
+            log.warning("image cache: could not store %s (%s)", path.name, e)
+            return
         with self._lock:
             self._total += len(png)
             if self._total > self.max_bytes:
                 self._trim()
 
     def _trim(self) -> None:
-        """Oldest-used first, down to the limit; a full scan, only when the limit is passed."""
-        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.folder.glob("??/*.png")]
+        """Oldest-used first, down to 90% of the limit (so that the next writes do not scan again); a full scan,
+        only when the limit is passed."""
+        files = []
+        for p in self.folder.glob("??/*.png"):
+            try:
+                stat = p.stat()
+            except FileNotFoundError:
+                continue
+            files.append((stat.st_mtime, stat.st_size, p))
         total = sum(size for _, size, _ in files)
         for _, size, path in sorted(files):
-            if total <= self.max_bytes:
+            if total <= self.max_bytes * 0.9:
                 break
             path.unlink(missing_ok=True)
             total -= size

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from dreambooth.characters.character import Character
 from dreambooth.characters.state import CharacterState, state_schema
+from dreambooth.errors import UserError
 from dreambooth.serving.service import ApiError
 
 TOOL = "set_character_state"
@@ -28,6 +29,12 @@ class ChatStates:
     """The state of a character a message describes, from the language model at `base_url`."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None, *, timeout_s: float = 60.0):
+        # A key read from a file with a CRLF ending carries "\r": the HTTP client then fails with the key quoted
+        # (escaped, so no exact match hides it). Keys are stripped, and one with control characters is refused.
+        api_key = api_key.strip() if api_key else api_key
+        if api_key and any(ord(c) < 32 or ord(c) == 127 for c in api_key):
+            raise UserError("the language model's API key (--llm-api-key-env) holds control characters; set it "
+                            "to the key alone.")
         self.model, self.timeout_s, self._key = model, timeout_s, api_key
         self.where = _without_credentials(base_url)
         # Local servers take any key, or none; the client insists on one. No retries: a caller's wait is bounded
@@ -65,7 +72,11 @@ class ChatStates:
         except openai.APIError as e:
             raise ApiError(502, "llm_unavailable", f"the language model at {self.where} gave an answer that is not "
                            f"a chat completion ({self._hide(str(e))[:200]}); check --llm-base-url.") from None
-        return self._state(_arguments(response))
+        try:
+            arguments = _arguments(response)
+        except (AttributeError, TypeError, IndexError, KeyError):  # an answer of an unexpected shape
+            arguments = None
+        return self._state(arguments)
 
     def _state(self, arguments: str | None) -> CharacterState:
         if arguments is None:
@@ -104,8 +115,10 @@ def _arguments(response) -> str | None:
     calls = [c for c in message.tool_calls or [] if getattr(c, "function", None) is not None]
     if calls:
         call = next((c for c in calls if c.function.name == TOOL), calls[0])
-        return call.function.arguments or "{}"
-    text = (message.content or "").strip()
+        arguments = call.function.arguments or "{}"
+        return arguments if isinstance(arguments, str) else json.dumps(arguments)  # some servers send an object
+    content = message.content
+    text = content.strip() if isinstance(content, str) else ""
     fenced = FENCE.match(text)
     text = fenced.group(1) if fenced else text
     try:

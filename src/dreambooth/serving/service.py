@@ -135,6 +135,9 @@ class Service:
                                f"{most} (start and end included). Shorten it: it is not cut silently.")
             request = dataclasses.replace(request, prompt=body.prompt, tokens=tokens, dropped=[],
                                           fragments=[{"slot": "prompt", "text": body.prompt, "weight": 1.0}])
+        if body.negative_prompt is not None and count(body.negative_prompt) > most:
+            raise ApiError(422, "prompt_too_long", f"`negative_prompt` is {count(body.negative_prompt)} tokens; the "
+                           f"text encoder reads {most}. Shorten it: it is not cut silently.")
         changes = {k: getattr(body, k) for k in ("negative_prompt", "seed", "steps", "guidance", "width", "height")
                    if getattr(body, k) is not None}
         request = dataclasses.replace(request, **changes)
@@ -153,6 +156,8 @@ class Service:
                 problems.append(f"{side} {getattr(request, side)} is not a multiple of 8")
         if body.n > limits.max_images:
             problems.append(f"n {body.n} is more images than this server's {limits.max_images} a request")
+        if body.n > limits.max_queue:
+            problems.append(f"n {body.n} is more images than this server's queue holds ({limits.max_queue})")
         if body.n > 1 and body.format == "png":
             problems.append("n > 1 needs \"format\": \"json\" (one PNG holds one image)")
         if problems:
