@@ -167,10 +167,31 @@ def test_the_captured_step_trains_what_the_eager_step_trains_on_cuda(tiny_model,
 
 
 def test_resume_through_a_graph_run_is_exact_on_cuda(tiny_model, instance_dir, tmp_path):
-    straight = graph_run(tiny_model, instance_dir, tmp_path / "straight", **{"training.cuda_graph": "on"})
-    first = {"training.cuda_graph": "on", "training.max_train_steps": 5, "output.checkpointing_steps": 5}
-    graph_run(tiny_model, instance_dir, tmp_path / "resumed", **first)
+    """Stopped at step 5 and resumed to 12 with a cosine schedule: the resumed run captures after its warm-up and
+    replays, with the learning rate still following the schedule (a resumed lr tensor loads on the CPU)."""
+    settings = {"training.cuda_graph": "on", "training.max_train_steps": 12, "training.lr_scheduler": "cosine",
+                "training.lr_warmup_steps": 2}
+    straight = graph_run(tiny_model, instance_dir, tmp_path / "straight", **settings)
+    graph_run(tiny_model, instance_dir, tmp_path / "resumed", **{**settings, "training.max_train_steps": 5,
+                                                                 "output.checkpointing_steps": 5})
     resumed = graph_run(tiny_model, instance_dir, tmp_path / "resumed", **{
-        "training.cuda_graph": "on", "output.resume_from_checkpoint": "latest"})
+        **settings, "output.resume_from_checkpoint": "latest"})
     worst = max((straight[k].float() - resumed[k].float()).abs().max().item() for k in straight)
     assert worst < 2e-2, worst
+
+
+def test_a_capture_that_fails_goes_on_eagerly_on_cuda(tiny_model, instance_dir, tmp_path, monkeypatch, capsys):
+    """A host read inside the step makes the capture fail; the run finishes eagerly, its generators usable."""
+    from dreambooth.training import loop
+
+    real = loop.step_loss
+
+    def syncing(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        parts.loss.item()  # not allowed while capturing
+        return parts
+
+    monkeypatch.setattr(loop, "step_loss", syncing)
+    weights = graph_run(tiny_model, instance_dir, tmp_path / "out", **{"training.cuda_graph": "on"})
+    assert "CUDA graph capture failed" in capsys.readouterr().out
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -47,6 +47,10 @@ def graph_obstacles(cfg, device_type: str, num_processes: int) -> list[str]:
         found.append("--torch_compile is on (compiled code and a hand-made graph do not mix)")
     if t.latent_cache == "disk":
         found.append("the disk latent cache reads files on the host each step")
+    if t.gradient_checkpointing and cfg.model.method == "lora" and cfg.lora.dropout > 0:
+        # Recomputation restores the RNG by its host offset, which captured kernels do not read: the recomputed
+        # dropout masks would differ from the forward's.
+        found.append("gradient checkpointing with LoRA dropout draws other dropout masks when recomputed in a graph")
     return found
 
 
@@ -83,6 +87,11 @@ class StaticStep:
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.eager_steps = 0
         self.fallback_reason: str | None = None
+        cfg = run.cfg
+        self.full_rows = cfg.training.batch_size * (2 if cfg.dataset.with_prior_preservation else 1)
+        # Warm-up and capture on one side stream: cuBLAS keeps a workspace per stream, so one first made during
+        # capture would be pinned in the graph's pool (PyTorch's recipe warms up on the capture stream).
+        self.stream = torch.cuda.Stream() if capture else None
 
     # ------------------------------------------------------------------------------------------- inputs
     def stage(self, batch: dict) -> bool:
@@ -94,6 +103,9 @@ class StaticStep:
         cond, mask = self.encode.conditioning(batch["prompts"])
         is_prior = batch["is_prior"].to(latents.device)
         fresh = Staged(latents, cond, mask, is_prior)
+        if self.staged is None and latents.shape[0] != self.full_rows:
+            self._eager_inputs = fresh  # buffers take a full batch's shape, not a short last one's
+            return False
         if self.staged is None:
             self.staged = Staged(*(t.clone() if t is not None else None for t in (latents, cond, mask, is_prior)))
             return True
@@ -123,11 +135,13 @@ class StaticStep:
     def micro_step(self, batch: dict) -> LossParts:
         """Forward and backward of one batch, gradients accumulating; returns its loss parts (device tensors)."""
         if not self.stage(batch):
-            return self._micro(self._eager_inputs)
+            with self._side_stream():
+                return self._micro(self._eager_inputs)
         if "micro" in self.graphs:
             self.graphs["micro"].replay()
             return self.parts
-        self.parts = self._micro(self.staged)
+        with self._side_stream():
+            self.parts = self._micro(self.staged)
         return self.parts
 
     def optimizer_step(self) -> None:
@@ -135,21 +149,83 @@ class StaticStep:
         if "optimizer" in self.graphs:
             self.graphs["optimizer"].replay()
             return
-        self._optimizer_step()
+        with self._side_stream():
+            self._optimizer_step()
         self.eager_steps += 1
         if self.capture and self.eager_steps >= WARMUP_STEPS and self.fallback_reason is None:
             self._try_capture()
 
+    def _side_stream(self):
+        """The capture stream for the eager steps before and beside the graphs (nothing on the CPU)."""
+        import contextlib
+
+        if self.stream is None:
+            return contextlib.nullcontext()
+        return _on_stream(self.stream)
+
     def _try_capture(self) -> None:
         """Records both graphs (recording runs nothing, so no step is taken twice); on any failure the run goes on
         eagerly with one line saying why."""
+        saved = _generator_states(self.run)
         try:
+            _learning_rates_on(self.optimizer, self.run.accelerator.device)
             self.graphs = capture_graphs(self)
         except Exception as e:  # noqa: BLE001 - every capture failure means: go on eagerly, and say so
             self.graphs = {}
             self.fallback_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            _restore_generators(self.run, saved)
             print(f"note: CUDA graph capture failed ({self.fallback_reason}); training goes on without it, with the "
                   "same numbers, slower. Pass --cuda_graph off to skip the attempt.")
+
+
+def _on_stream(stream):
+    import contextlib
+
+    @contextlib.contextmanager
+    def block():
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            yield
+        torch.cuda.current_stream().wait_stream(stream)
+
+    return block()
+
+
+def _learning_rates_on(optimizer, device: torch.device) -> None:
+    """Each group's learning rate as a tensor on the device, where the captured fused AdamW reads it each replay.
+
+    accelerate loads a checkpoint's optimizer state onto the CPU, and torch's load_state_dict takes the saved
+    groups as they are: a resumed run's lr is a CPU tensor, whose value the CUDA kernel would read once, at
+    capture, freezing the schedule. The schedule finds the new tensor through the group dict and fills it in place.
+    """
+    for group in optimizer.param_groups:
+        for key in ("lr", "initial_lr"):
+            value = group.get(key)
+            if isinstance(value, torch.Tensor) and value.device != device:
+                group[key] = value.to(device)
+
+
+def _generator_states(run) -> dict:
+    states = {"run": run.generator.get_state()}
+    if run.accelerator.device.type == "cuda":
+        states["default"] = torch.cuda.get_rng_state(run.accelerator.device)
+    return states
+
+
+def _restore_generators(run, states: dict) -> None:
+    """A capture that fails part-way leaves the generators it registered marked as capturing, so the next eager
+    draw would fail: the run gets a fresh generator in the same state, and the device's default generator a fresh
+    state object (where torch has the API)."""
+    device = run.accelerator.device
+    fresh = torch.Generator(device=device)
+    fresh.set_state(states["run"])
+    run.generator = fresh
+    if "default" in states:
+        replacement = torch.Generator(device=device)
+        replacement.set_state(states["default"])
+        default = torch.cuda.default_generators[device.index or 0]
+        if hasattr(default, "graphsafe_set_state"):
+            default.graphsafe_set_state(replacement.graphsafe_get_state())
 
 
 def capture_graphs(step: StaticStep) -> dict:

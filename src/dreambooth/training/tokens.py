@@ -89,7 +89,9 @@ def train_only_rows(embedding: torch.nn.Embedding, row_ids: list[int]) -> None:
     mask = torch.zeros(embedding.weight.shape[0], 1, dtype=embedding.weight.dtype, device=embedding.weight.device)
     mask[row_ids] = 1.0
     embedding.weight.requires_grad_(True)
-    embedding.weight.register_hook(lambda grad: grad * mask.to(grad.dtype))
+    # The mask is made before the model moves to its device: it follows the gradient there (the first backward
+    # on a GPU would otherwise multiply a CUDA gradient by a CPU mask).
+    embedding.weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
 
 
 def prompt_token_count(tokenizer, prompt: str) -> int:
