@@ -549,11 +549,11 @@ def test_what_a_model_argument_is_is_said_for_every_command(tiny_model, tmp_path
     from dreambooth.errors import UserError
     from dreambooth.models.base import check_model_folder
 
-    sdxl = tmp_path / "sdxl"
-    sdxl.mkdir()
-    (sdxl / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
-    with pytest.raises(UserError, match="is a StableDiffusionXLPipeline model"):
-        check_model_folder(sdxl)
+    sd3 = tmp_path / "sd3"
+    sd3.mkdir()
+    (sd3 / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    with pytest.raises(UserError, match="is a StableDiffusion3Pipeline model"):
+        check_model_folder(sd3)
     lora = tmp_path / "lora.safetensors"
     from safetensors.torch import save_file
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dreambooth.config import Config, Subject
 from dreambooth.errors import UserError
-from dreambooth.models.base import check_model_folder, is_hub_id, model_identity, resolve_hub_model
+from dreambooth.models.base import check_model_folder, is_hub_id, is_sdxl, model_identity, resolve_hub_model
 from dreambooth.training.class_images import ClassImagePlan, plan_class_images, recipe
 from dreambooth.training.images import ImageFolderReport, check_instance_folder, scan_image_folder
 from dreambooth.training.rundir import RunPlan, plan_run
@@ -301,6 +301,23 @@ def check_tracker(name: str | None) -> None:
                         f"the loss log logs/train_log.jsonl is written either way.")
 
 
+def check_sdxl_support(cfg: Config) -> None:
+    """What SDXL training does not do yet, refused before anything loads rather than trained wrongly."""
+    if not is_sdxl(cfg.model.pretrained_model):
+        return
+    missing = []
+    if cfg.model.train_text_encoder:
+        missing.append("model.train_text_encoder (SDXL's two text encoders train in a later version; train the UNet, "
+                       "full or LoRA, with them frozen)")
+    new = [s.identifier for s in cfg.subject_list() if s.identifier and s.identifier.startswith("<")]
+    if new:
+        missing.append(f"a new identifier token {new[0]} (it would have to be added to both SDXL tokenizers and "
+                       "trained in both encoders, which a later version does; use an existing rare token such as sks)")
+    if missing:
+        raise UserError(f"{cfg.model.pretrained_model} is an SDXL model, and SDXL training here does not support "
+                        + "; ".join(missing) + ".")
+
+
 def run_preflight(cfg: Config) -> Preflight:
     """Checks the inputs and prints the report; raises one UserError listing every problem that stops training."""
     problems = Problems()
@@ -314,6 +331,7 @@ def run_preflight(cfg: Config) -> Preflight:
     elif cfg.training.resolution % 8:
         problems.check(check_resolution, cfg.training.resolution, 8)
     if model_ok and not is_hub_id(model):
+        problems.check(check_sdxl_support, cfg)
         problems.check(check_token_length, cfg)
         if cfg.model.method == "lora":
             problems.check(check_lora_targets, cfg)

@@ -13,7 +13,7 @@ from dreambooth.errors import UserError
 from dreambooth.formats.atomic import atomic_folder, check_new_folder
 from dreambooth.formats.lora import PICKLE_SUFFIXES, find_lora_file
 from dreambooth.formats.lora_loading import load_lora_adapter
-from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, check_model_folder
+from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, check_model_folder, is_sdxl
 from dreambooth.models.loading import checkpoint_base, load_checkpoint_pipeline
 from dreambooth.versions import library_versions
 
@@ -61,6 +61,9 @@ def source_pipeline(src: Path, *, whole: bool = False):
                                         with_lora=False)
         return pipe, [(src / LORA_FILE, 1.0)] if (src / LORA_FILE).is_file() else []
     check_model_folder(src, what="SRC")
+    if is_sdxl(src):
+        raise UserError(f"SRC {src} is an SDXL model: exporting or merging into SDXL is not built yet (train, "
+                        "generate and load its outputs with diffusers' StableDiffusionXLPipeline).")
     _check_safetensors_weights(src, _weight_folders(src) if whole else ("unet", "vae", "text_encoder"))
     extra = {} if whole else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:

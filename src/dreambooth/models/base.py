@@ -26,7 +26,23 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 CHECKPOINT_STATE = "trainer_state.json"
 # model_index.json's _class_name of the models this tool works with (img2img and inpaint folders share the layout
 # of text-to-image ones and are saved under their own names by some tools).
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
+                       "StableDiffusionXLImg2ImgPipeline")
+
+
+def is_sdxl(model: Path | str) -> bool:
+    """Whether a local model folder is SDXL-shaped (two text encoders); False for a hub id or anything else.
+
+    The one place that tells the families apart: SDXL's differences (a second text encoder and tokenizer, the
+    pooled embedding and size conditioning, its pipeline class) hang off this answer.
+    """
+    folder = Path(model)
+    if (folder / "text_encoder_2").is_dir():
+        return True
+    try:
+        return "XL" in json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        return False
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 
 
@@ -100,8 +116,9 @@ def check_model_folder(path: Path | str, what: str = "--model") -> None:
         except ValueError:
             pipeline = ""
         if pipeline and pipeline not in SUPPORTED_PIPELINES:
-            raise UserError(f"{what} {p} is a {pipeline} model; this tool trains and draws Stable Diffusion 1.x and "
-                            "2.x (StableDiffusionPipeline folders). Pass such a model.")
+            raise UserError(f"{what} {p} is a {pipeline} model; this tool trains and draws Stable Diffusion 1.x, "
+                            "2.x and SDXL (StableDiffusionPipeline and StableDiffusionXLPipeline folders). Pass such "
+                            "a model.")
         return
     if p.is_file() and p.suffix == ".safetensors":
         kind = file_kind(p)

@@ -20,6 +20,7 @@ from dreambooth.models.base import (
     SCHEDULERS,
     check_model_folder,
     is_hub_id,
+    is_sdxl,
     resolve_hub_model,
 )
 from dreambooth.training.speed import collection_paused
@@ -89,12 +90,10 @@ def load_pipeline(model: str | Path, *, device: torch.device, dtype: torch.dtype
         model = resolve_hub_model(str(model), kwargs.get("revision"), what="--model")
     else:
         check_model_folder(model)
-    extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    extra = {} if safety_checker or is_sdxl(model) else {"safety_checker": None, "requires_safety_checker": False}
     try:
         with collection_paused():  # diffusers' import and the weights live on (dreambooth.training.speed)
-            from diffusers import StableDiffusionPipeline
-
-            pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=dtype, **extra, **kwargs)
+            pipe = pipeline_class(model).from_pretrained(str(model), dtype=dtype, **extra, **kwargs)
     except OSError as e:
         raise UserError(f"could not load the model {model}: {e}. Give a local diffusers folder; a hub id "
                         "needs a network connection and a cached download.") from None
@@ -102,6 +101,13 @@ def load_pipeline(model: str | Path, *, device: torch.device, dtype: torch.dtype
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def pipeline_class(model: str | Path):
+    """The diffusers text-to-image pipeline of a model's family (models.base.is_sdxl)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if is_sdxl(model) else StableDiffusionPipeline
 
 
 def checkpoint_base(ckpt: Path) -> tuple[str, dict]:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from dreambooth.config import Config, Subject
+from dreambooth.models.base import is_sdxl
 from dreambooth.training.data import DreamBoothDataset, MultiSubjectDataset, collate_examples
 from dreambooth.training.tokens import IdentifierPlan, add_identifier_token, load_tokenizer, train_only_rows
 
@@ -23,6 +24,10 @@ class Models:
     unet: torch.nn.Module
     noise_scheduler: object
     new_token_ids: list[int] = field(default_factory=list)
+    # SDXL's second text encoder (OpenCLIP with a projection, whose pooled output also conditions the UNet) and its
+    # tokenizer; None for SD 1.x and 2.x. Frozen: the text side of SDXL does not train yet.
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
 
     def trained(self) -> list[torch.nn.Module]:
         """The UNet and the text encoder, each if any of its parameters trains (LoRA adapters, a new token's row)."""
@@ -46,10 +51,21 @@ def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dt
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=cfg.model.variant, **src)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **src)
     models = Models(tokenizer, text_encoder, vae, unet, noise_scheduler)
+    if is_sdxl(base):
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        models.tokenizer_2 = AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", **src)
+        models.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            base, subfolder="text_encoder_2", variant=cfg.model.variant, **src).requires_grad_(False).eval()
     models.new_token_ids = [i for plan in plans for i in add_identifier_token(tokenizer, text_encoder, plan)]
-    for module in (unet, text_encoder, vae):
-        if module.dtype != weight_dtype:
+    for module in (unet, text_encoder, vae, models.text_encoder_2):
+        if module is not None and module.dtype != weight_dtype:
             module.to(dtype=weight_dtype)
+    if weight_dtype == torch.float16 and vae.config.get("force_upcast", False):
+        # SDXL's VAE overflows in fp16 (its config says so with force_upcast): it encodes in fp32.
+        vae.to(dtype=torch.float32)
+        print("note: this model's VAE is marked as overflowing in fp16 (force_upcast); it encodes in fp32, the rest "
+              "trains in fp16")
     set_trainable(cfg, models)
     # Trainable weights (full UNet, LoRA adapters, a token's embedding) are fp32 whatever the precision of the
     # checkpoint or of the run: the optimizer's small updates vanish in fp16/bf16. A text encoder with anything
@@ -219,7 +235,22 @@ class PromptEncoder:
     def embed(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.models.text_encoder(ids, attention_mask=mask)[0]
 
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
+    def _encode_sdxl(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's conditioning, as its pipeline builds it: the penultimate hidden states of both encoders side by
+        side, and the second encoder's pooled, projected embedding."""
+        states, pooled = [], None
+        for tokenizer, encoder in ((self.models.tokenizer, self.models.text_encoder),
+                                   (self.models.tokenizer_2, self.models.text_encoder_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = out[0]
+        return torch.cat(states, dim=-1), pooled
+
+    def _encode(self, prompts: list[str]):
+        if self.models.text_encoder_2 is not None:
+            return self._encode_sdxl(prompts)
         return self.embed(*self.tokens(prompts))
 
     def conditioning(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -232,8 +263,11 @@ class PromptEncoder:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if missing:
             with torch.no_grad():
-                for p, e in zip(missing, self._encode(missing)):
-                    self.cache[p] = e
-        return torch.stack([self.cache[p] for p in prompts])
+                encoded = self._encode(missing)
+                parts = encoded if isinstance(encoded, tuple) else (encoded,)
+                for i, p in enumerate(missing):
+                    self.cache[p] = tuple(part[i] for part in parts)
+        stacked = tuple(torch.stack([self.cache[p][k] for p in prompts]) for k in range(len(self.cache[prompts[0]])))
+        return stacked if len(stacked) > 1 else stacked[0]
 
 

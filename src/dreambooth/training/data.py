@@ -49,6 +49,30 @@ def prepare_image(
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
+def size_conditioning(original: tuple[int, int], resized: tuple[int, int], origin: tuple[int, int], flip: bool,
+                      resolution: int) -> torch.Tensor:
+    """SDXL's `add_time_ids` of a training image (Podell et al. 2023, "size and crop conditioning"): original
+    height and width, the crop's top-left corner (y, x) in the resized image, and the target height and width.
+
+    A mirrored crop is described in the mirrored image, as diffusers' SDXL script does (it flips before it crops):
+    its left edge is the resized width minus the crop's right edge.
+    """
+    left, top = origin
+    if flip:
+        left = resized[0] - left - resolution
+    return torch.tensor([original[1], original[0], top, left, resolution, resolution], dtype=torch.float32)
+
+
+def _load_resized(paths: list[Path], resolution: int) -> tuple[list[Image.Image], list[tuple[int, int]]]:
+    """Images decoded and resized (short side = resolution), with their original (width, height)."""
+    images, sizes = [], []
+    for path in paths:
+        image = load_image(path)
+        sizes.append(image.size)
+        images.append(_resize_short_side(image, resolution))
+    return images, sizes
+
+
 def _resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
     width, height = image.size
     if min(width, height) == resolution:
@@ -102,8 +126,8 @@ class DreamBoothDataset(Dataset):
         # a file's modification time is part of its cache key, so an edited photo is encoded again
         self._paths = {role: [f"{p}@{Path(p).stat().st_mtime_ns}" for p in paths]
                        for role, paths in (("instance", instance_images), ("class", class_images or []))}
-        self._instance = [_resize_short_side(load_image(path), resolution) for path in instance_images]
-        self._class = [_resize_short_side(load_image(path), resolution) for path in class_images or []]
+        self._instance, self._instance_sizes = _load_resized(instance_images, resolution)
+        self._class, self._class_sizes = _load_resized(class_images or [], resolution)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -112,19 +136,25 @@ class DreamBoothDataset(Dataset):
         return max(len(self._instance), len(self._class))
 
     def __getitem__(self, index: int) -> dict:
-        pixels, key = self._augment(index, "instance")
-        example = {"instance_pixels": pixels, "instance_prompt": self.instance_prompt, "instance_key": key}
+        pixels, key, time_ids = self._augment(index, "instance")
+        example = {"instance_pixels": pixels, "instance_prompt": self.instance_prompt, "instance_key": key,
+                   "instance_time_ids": time_ids}
         if self._class:
-            pixels, key = self._augment(index, "class")
-            example.update(class_pixels=pixels, class_prompt=self.class_prompt, class_key=key)
+            pixels, key, time_ids = self._augment(index, "class")
+            example.update(class_pixels=pixels, class_prompt=self.class_prompt, class_key=key,
+                           class_time_ids=time_ids)
         return example
 
-    def _augment(self, index: int, role: str) -> tuple[torch.Tensor, str]:
-        """The augmented pixels of an item, and a key naming exactly them: image file, crop corner, flip.
+    def _augment(self, index: int, role: str) -> tuple[torch.Tensor, str, torch.Tensor]:
+        """The augmented pixels of an item, a key naming exactly them (image file, crop corner, flip), and SDXL's
+        size conditioning of them (`time_ids`).
 
-        The key is what a latent cache may be indexed by; it never depends on step or batch position.
+        The key is what a latent cache may be indexed by; it never depends on step or batch position. The
+        conditioning follows from the key (the file's original size, the crop, the flip), so cached latents and
+        their conditioning always agree.
         """
         images = self._instance if role == "instance" else self._class
+        sizes = self._instance_sizes if role == "instance" else self._class_sizes
         image = images[index % len(images)]
         rng = _item_rng(self.seed, self.epoch, index, role)
         flip = self.random_flip and rng.random() < 0.5
@@ -133,7 +163,7 @@ class DreamBoothDataset(Dataset):
         pixels = prepare_image(image, self.resolution, center_crop=self.center_crop, flip=flip, crop_rng=None,
                                origin=origin)
         key = f"{self._paths[role][index % len(images)]}|{self.resolution}|{origin[0]},{origin[1]}|{int(flip)}"
-        return pixels, key
+        return pixels, key, size_conditioning(sizes[index % len(images)], image.size, origin, flip, self.resolution)
 
 
 def collate_examples(examples: list[dict]) -> dict:
@@ -147,9 +177,12 @@ def collate_examples(examples: list[dict]) -> dict:
     pixels += [example["class_pixels"] for example in with_class]
     prompts += [example["class_prompt"] for example in with_class]
     keys += [example["class_key"] for example in with_class]
+    time_ids = [example["instance_time_ids"] for example in examples]
+    time_ids += [example["class_time_ids"] for example in with_class]
     is_prior = torch.tensor([False] * len(examples) + [True] * len(with_class))
     pixel_values = torch.stack(pixels).to(dtype=torch.float32, memory_format=torch.contiguous_format)
-    return {"pixel_values": pixel_values, "prompts": prompts, "is_prior": is_prior, "cache_keys": keys}
+    return {"pixel_values": pixel_values, "prompts": prompts, "is_prior": is_prior, "cache_keys": keys,
+            "time_ids": torch.stack(time_ids)}
 
 
 class MultiSubjectDataset(Dataset):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dreambooth.models.base import is_sdxl
 from dreambooth.training.loss import LossParts
 
 WARMUP_STEPS = 3  # eager optimizer steps before capture: cuDNN/cuBLAS pick their kernels, AdamW creates its state
@@ -47,6 +48,8 @@ def graph_obstacles(cfg, device_type: str, num_processes: int) -> list[str]:
         found.append("--torch_compile is on (compiled code and a hand-made graph do not mix)")
     if t.latent_cache == "disk":
         found.append("the disk latent cache reads files on the host each step")
+    if is_sdxl(cfg.model.pretrained_model):
+        found.append("SDXL's step (two text encoders, pooled embeddings) is not captured yet")
     if t.gradient_checkpointing and cfg.model.method == "lora" and cfg.lora.dropout > 0:
         # Recomputation restores the RNG by its host offset, which captured kernels do not read: the recomputed
         # dropout masks would differ from the forward's.
@@ -72,6 +75,7 @@ class Staged:
     cond: torch.Tensor  # prompt embeddings (text side frozen) or token ids (text side trains)
     mask: torch.Tensor | None
     is_prior: torch.Tensor
+    time_ids: torch.Tensor  # SDXL's size conditioning (unused by SD 1.x and 2.x)
 
 
 class StaticStep:
@@ -102,12 +106,12 @@ class StaticStep:
         latents = latents.float() * run.models.vae.config.scaling_factor
         cond, mask = self.encode.conditioning(batch["prompts"])
         is_prior = batch["is_prior"].to(latents.device)
-        fresh = Staged(latents, cond, mask, is_prior)
+        fresh = Staged(latents, cond, mask, is_prior, batch["time_ids"].to(latents.device))
         if self.staged is None and latents.shape[0] != self.full_rows:
             self._eager_inputs = fresh  # buffers take a full batch's shape, not a short last one's
             return False
         if self.staged is None:
-            self.staged = Staged(*(t.clone() if t is not None else None for t in (latents, cond, mask, is_prior)))
+            self.staged = Staged(*(t.clone() if t is not None else None for t in vars(fresh).values()))
             return True
         if any((a is None) != (b is None) or (a is not None and a.shape != b.shape)
                for a, b in zip(vars(self.staged).values(), vars(fresh).values())):
@@ -121,7 +125,7 @@ class StaticStep:
     # ------------------------------------------------------------------------------------------- the step's body
     def _micro(self, staged: Staged) -> LossParts:
         cond = self.encode.embed(staged.cond, staged.mask) if self.encode.trains else staged.cond
-        parts = self.step_loss(staged.latents, cond, staged.is_prior)
+        parts = self.step_loss(staged.latents, cond, staged.is_prior, staged.time_ids)
         (parts.loss / self.accumulation).backward()
         return parts
 

@@ -14,7 +14,7 @@ from dreambooth.config import Config
 from dreambooth.config_file import dump_config
 from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.formats.atomic import atomic_file
-from dreambooth.models.loading import DTYPES, make_scheduler
+from dreambooth.models.loading import DTYPES, make_scheduler, pipeline_class
 from dreambooth.preflight import Preflight, run_preflight
 from dreambooth.training.cache import LatentCache
 from dreambooth.training.checkpoint import CheckpointFiles, StopRequest, load_checkpoint, save_checkpoint
@@ -56,20 +56,30 @@ def training_step(cfg: Config, models: Models, batch: dict, encode: PromptEncode
     """One forward pass: latents of the images, noise at per-sample timesteps, prediction, and the loss."""
     latents = latent_cache.sample(batch["pixel_values"], batch["cache_keys"], generator)
     latents = latents.float() * models.vae.config.scaling_factor
-    return step_loss(cfg, models, latents, encode(batch["prompts"]), batch["is_prior"].to(latents.device), generator)
+    time_ids = batch.get("time_ids")
+    return step_loss(cfg, models, latents, encode(batch["prompts"]), batch["is_prior"].to(latents.device), generator,
+                     None if time_ids is None else time_ids.to(latents.device))
 
 
-def step_loss(cfg: Config, models: Models, latents: torch.Tensor, cond: torch.Tensor, is_prior: torch.Tensor,
-              generator: torch.Generator) -> LossParts:
+def step_loss(cfg: Config, models: Models, latents: torch.Tensor, cond, is_prior: torch.Tensor,
+              generator: torch.Generator, time_ids: torch.Tensor | None = None) -> LossParts:
     """Noise at per-sample timesteps on scaled latents, the prediction, and the loss: the part of a step a CUDA
-    graph captures (training.graph_step), so it reads only its arguments and draws only from `generator`."""
+    graph captures (training.graph_step), so it reads only its arguments and draws only from `generator`.
+
+    `cond` is the prompts' embedding, or for SDXL (embedding, pooled embedding), which conditions the UNet with
+    each image's size conditioning `time_ids` (data.size_conditioning).
+    """
     unet, sched = models.unet, models.noise_scheduler
+    added = None
+    if isinstance(cond, tuple):
+        cond, pooled = cond
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
     noise = noise_with_offset(latents, cfg.training.noise_offset, generator)
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                               device=latents.device)
     noisy = sched.add_noise(latents, noise, timesteps)
     target = diffusion_target(sched, latents, noise, timesteps)
-    pred = unet(noisy, timesteps, cond).sample
+    pred = unet(noisy, timesteps, cond, added_cond_kwargs=added).sample
     weights = None
     if cfg.training.snr_gamma is not None:
         snr = snr_from_alphas(sched.alphas_cumprod, timesteps)
@@ -122,8 +132,8 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
     batches = batch_stream(run, start_step * cfg.training.gradient_accumulation_steps)
     static = None
     if run.graph:
-        def loss_of(latents, cond, is_prior):
-            return step_loss(cfg, run.models, latents, cond, is_prior, run.generator)
+        def loss_of(latents, cond, is_prior, time_ids):
+            return step_loss(cfg, run.models, latents, cond, is_prior, run.generator, time_ids)
 
         static = StaticStep(run, encode, latent_cache, clip, loss_of, capture=acc.device.type == "cuda")
     run.global_step = start_step
@@ -191,17 +201,20 @@ def checkpoint(run: Run) -> Path:
 
 def validate(run: Run) -> None:
     """Samples the validation prompts with the same code as `dreambooth generate`; saves a grid per step."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from dreambooth.generate import GenerationSettings, generate_images, grid_info, make_grid
 
     acc, v, m = run.accelerator, run.cfg.validation, run.models
     if not acc.is_main_process:
         return
-    pipe = StableDiffusionPipeline(
-        vae=m.vae, text_encoder=acc.unwrap_model(m.text_encoder), tokenizer=m.tokenizer,
-        unet=acc.unwrap_model(m.unet), scheduler=make_scheduler(v.scheduler, m.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    parts = {"vae": m.vae, "text_encoder": acc.unwrap_model(m.text_encoder), "tokenizer": m.tokenizer,
+             "unet": acc.unwrap_model(m.unet), "scheduler": make_scheduler(v.scheduler, m.noise_scheduler.config)}
+    if m.text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=m.text_encoder_2, tokenizer_2=m.tokenizer_2)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     res = run.cfg.training.resolution
     settings = GenerationSettings(prompts=v.prompts, negative_prompt=v.negative_prompt, steps=v.num_inference_steps,
@@ -274,8 +287,9 @@ def setup(cfg: Config, report: Preflight) -> Run:
         setattr(models, "unet" if module is models.unet else "text_encoder", wrapped)
     optimizer, lr_scheduler = prepared[-2:]
     speed_up(cfg, models, accelerator)
-    for module in (models.vae, models.unet, models.text_encoder):
-        module.to(accelerator.device)
+    for module in (models.vae, models.unet, models.text_encoder, models.text_encoder_2):
+        if module is not None:
+            module.to(accelerator.device)
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed + accelerator.process_index)
     run = Run(cfg, accelerator, models, optimizer, lr_scheduler, loader, generator, out, total, report, graph=graph)
     CheckpointFiles(run).register()
@@ -357,7 +371,7 @@ def finish(run: Run) -> None:
         return
     write_model_card(run)
     what = (f"LoRA in {out / 'pytorch_lora_weights.safetensors'} (pipe.load_lora_weights)"
-            if cfg.model.method == "lora" else f"model in {out} (StableDiffusionPipeline.from_pretrained)")
+            if cfg.model.method == "lora" else f"model in {out} ({pipeline_class(out).__name__}.from_pretrained)")
     print(f"done: {what}; checkpoints, samples/ and {cfg.output.logging_dir}/ beside it")
     if cfg.output.push_to_hub:
         from dreambooth.training.hub import upload_run

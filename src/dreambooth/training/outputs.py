@@ -25,7 +25,7 @@ def save_full_model(run) -> None:
     copies, so nothing is silently saved in fp16 beside an fp32 UNet; everything is then cast to the
     requested save precision together.
     """
-    from diffusers import StableDiffusionPipeline
+    from dreambooth.models.loading import pipeline_class
 
     acc, cfg, m = run.accelerator, run.cfg, run.models
     parts = {"unet": acc.unwrap_model(m.unet), "tokenizer": m.tokenizer}
@@ -33,8 +33,8 @@ def save_full_model(run) -> None:
         parts["text_encoder"] = acc.unwrap_model(m.text_encoder)
     if cfg.output.skip_save_text_encoder:
         parts["text_encoder"] = None
-    pipe = StableDiffusionPipeline.from_pretrained(cfg.model.pretrained_model, revision=cfg.model.revision,
-                                                   variant=cfg.model.variant, **parts)
+    pipe = pipeline_class(cfg.model.pretrained_model).from_pretrained(
+        cfg.model.pretrained_model, revision=cfg.model.revision, variant=cfg.model.variant, **parts)
     pipe.to(dtype=DTYPES[cfg.output.save_precision])
     # Beside checkpoints in the run folder, so it cannot be swapped in whole: its entries move in one by one.
     with temporary_folder(run.out / ".final-model.tmp") as tmp:
@@ -117,10 +117,13 @@ def model_card(run) -> str:
     if samples:
         shown = cfg.validation.prompts[0] if cfg.validation.prompts else subjects[0].instance_prompt
         header["widget"] = [{"text": shown, "output": {"url": f"samples/{samples[-1].name}"}}]
-    load = (f'StableDiffusionPipeline.from_pretrained("{cfg.model.pretrained_model}")\n'
+    from dreambooth.models.base import is_sdxl
+
+    cls = "StableDiffusionXLPipeline" if is_sdxl(cfg.model.pretrained_model) else "StableDiffusionPipeline"
+    load = (f'{cls}.from_pretrained("{cfg.model.pretrained_model}")\n'
             'pipe.load_lora_weights("PATH_TO_THIS_FOLDER")' if lora
-            else 'StableDiffusionPipeline.from_pretrained("PATH_TO_THIS_FOLDER")')
-    how = f"```python\nfrom diffusers import StableDiffusionPipeline\n\npipe = {load}\n```"
+            else f'{cls}.from_pretrained("PATH_TO_THIS_FOLDER")')
+    how = f"```python\nfrom diffusers import {cls}\n\npipe = {load}\n```"
     identifiers = ", ".join(f"`{s.identifier}`" for s in subjects if s.identifier)
     lines = [f"---\n{yaml.safe_dump(header, sort_keys=False)}---", "",
              f"# DreamBooth {'LoRA' if lora else 'model'}: {identifiers or subjects[0].instance_prompt}", "",

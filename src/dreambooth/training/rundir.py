@@ -27,7 +27,7 @@ from pathlib import Path
 from dreambooth.config_file import load_config, resolve_model_ref
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import write_text_atomic
-from dreambooth.models.base import CHECKPOINT_STATE
+from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
 
 RUN_INFO = "run_info.json"
 LOCK_FILE = ".dreambooth.lock"
@@ -35,8 +35,9 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL_FILE = re.compile(r"^\..+\.\d+\.tmp$")  # formats.atomic.temporary_name
 SCRATCH_FOLDERS = (".final-model.tmp", ".lora.tmp")  # training.outputs and formats.lora save through these
 # What a run writes at the top of its folder; overwriting a run removes these and nothing else.
-MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker",
-               "feature_extractor", "pytorch_lora_weights.safetensors", "token_embeddings.safetensors")
+MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+               "scheduler", "safety_checker", "feature_extractor", "pytorch_lora_weights.safetensors",
+               "token_embeddings.safetensors")
 RUN_FILES = (RUN_INFO, "config.yaml", "README.md", "samples", "latent_cache", "report.html", *SCRATCH_FOLDERS)
 
 
@@ -189,7 +190,7 @@ def inspect_folder(path: Path, logging_dir: str = "logs") -> FolderState:
             info = {}
         state.is_run, state.run_id, state.settings = True, info.get("run_id"), info.get("settings")
     state.checkpoints = list_checkpoints(path)
-    state.has_model = (path / "model_index.json").is_file() or (path / MODEL_PARTS[8]).is_file()
+    state.has_model = (path / "model_index.json").is_file() or (path / LORA_FILE).is_file()
     state.is_run = state.is_run or bool(state.checkpoints)
     if state.is_run and state.run_id is None and state.checkpoints:
         state.run_id = state.checkpoints[-1].run_id

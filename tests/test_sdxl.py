@@ -1,0 +1,107 @@
+"""SDXL on the tiny SDXL-shaped model: the prompt conditioning and size conditioning as diffusers' SDXL pipeline
+builds them, full and LoRA training of the UNet (text encoders frozen) with prior preservation, exact resume,
+generation, and outputs that stock StableDiffusionXLPipeline loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+from dreambooth.cli import main
+from dreambooth.config_file import load_config
+from dreambooth.errors import UserError
+from dreambooth.models.tiny_families import build_model
+from dreambooth.training.data import size_conditioning
+from dreambooth.training.loop import train
+
+UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def xl_model(tmp_path_factory):
+    return build_model(tmp_path_factory.mktemp("xl") / "model", size="sdxl-tiny", seed=2)
+
+
+def values(model, photos, out, **extra):
+    return {"model.pretrained_model": str(model), "dataset.instance_dir": str(photos),
+            "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.seed": 0,
+            "training.learning_rate": 1e-3, "output.output_dir": str(out), "output.report_to": "none", **extra}
+
+
+def picture(pipe, seed=0):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images[0]
+
+
+def test_prompts_are_encoded_as_the_sdxl_pipeline_encodes_them(xl_model):
+    from dreambooth.training.components import Models, PromptEncoder
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl_model)
+    models = Models(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler,
+                    text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
+    cfg = load_config(None, {"model.pretrained_model": str(xl_model), "dataset.instance_dir": "d",
+                             "dataset.instance_prompt": "a photo of sks dog"})
+    embeds, pooled = PromptEncoder(cfg, models, torch.device("cpu"))(["a photo of sks dog", "a photo of a dog"])
+    want, _, want_pooled, _ = pipe.encode_prompt(["a photo of sks dog", "a photo of a dog"], device="cpu",
+                                                 do_classifier_free_guidance=False)
+    assert torch.allclose(embeds, want) and torch.allclose(pooled, want_pooled)
+
+
+def test_size_conditioning_is_original_size_crop_corner_and_target():
+    # A 300x200 photo (w x h) resized to 96x64 for 64 px: cropped at x=20, or mirrored (then x = 96 - 20 - 64).
+    assert size_conditioning((300, 200), (96, 64), (20, 0), False, 64).tolist() == [200, 300, 0, 20, 64, 64]
+    assert size_conditioning((300, 200), (96, 64), (20, 0), True, 64).tolist() == [200, 300, 0, 12, 64, 64]
+
+
+def test_sdxl_full_fine_tune_with_prior_resumes_exactly_and_loads_in_stock_diffusers(xl_model, instance_dir,
+                                                                                       tmp_path):
+    extra = {"dataset.with_prior_preservation": True, "dataset.class_dir": str(tmp_path / "class"),
+             "dataset.class_prompt": "a photo of a dog", "dataset.num_class_images": 2,
+             "dataset.class_inference_steps": 2, "dataset.random_flip": True, "training.snr_gamma": 5.0}
+    straight = tmp_path / "straight"
+    train(load_config(None, values(xl_model, instance_dir, straight, **extra, **{"training.max_train_steps": 4})))
+    assert len(list((tmp_path / "class").glob("class-*.png"))) == 2  # drawn by the SDXL pipeline
+    stopped = tmp_path / "stopped"
+    train(load_config(None, values(xl_model, instance_dir, stopped, **extra, **{
+        "training.max_train_steps": 2, "output.checkpointing_steps": 2})))
+    train(load_config(None, values(xl_model, instance_dir, stopped, **extra, **{
+        "training.max_train_steps": 4, "output.resume_from_checkpoint": "latest"})))
+    a, b, base = (load_file(str(p / UNET_FILE)) for p in (straight, stopped, xl_model))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4
+
+    trained = StableDiffusionXLPipeline.from_pretrained(straight)
+    assert np.abs(picture(trained) - picture(StableDiffusionXLPipeline.from_pretrained(xl_model))).max() > 1e-3
+    assert main(["generate", "--model", str(straight), "--prompt", "a photo of sks dog", "--steps", "2",
+                 "--height", "64", "--width", "64", "--out", str(tmp_path / "shots")]) == 0
+    assert (tmp_path / "shots" / "0000-seed0.png").is_file()
+
+
+def test_sdxl_lora_loads_in_stock_diffusers_and_through_generate(xl_model, instance_dir, tmp_path):
+    out = tmp_path / "lora"
+    train(load_config(None, values(xl_model, instance_dir, out, **{
+        "model.method": "lora", "training.max_train_steps": 3, "training.learning_rate": 1e-2, "lora.rank": 4,
+        "validation.prompts": ["a photo of sks dog"], "validation.steps": 3, "validation.num_images": 1,
+        "validation.num_inference_steps": 2})))
+    assert (out / "samples" / "step-000003.png").is_file()  # validation drew with the SDXL pipeline
+    stock = StableDiffusionXLPipeline.from_pretrained(xl_model)
+    stock.load_lora_weights(str(out))
+    with_lora = picture(stock)
+    assert np.abs(with_lora - picture(StableDiffusionXLPipeline.from_pretrained(xl_model))).max() > 1e-3
+    assert main(["generate", "--model", str(xl_model), "--lora", str(out), "--prompt", "a photo of sks dog",
+                 "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "shots")]) == 0
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"model.train_text_encoder": True}, "model.train_text_encoder"),
+    ({"token.identifier": "<zq>", "token.initializer": "dog", "dataset.instance_prompt": "a photo of <zq> dog"},
+     "new identifier token <zq>"),
+])
+def test_what_sdxl_training_does_not_do_yet_is_refused_before_loading(xl_model, instance_dir, tmp_path, extra, says):
+    with pytest.raises(UserError, match=says):
+        train(load_config(None, values(xl_model, instance_dir, tmp_path / "o", **{"training.max_train_steps": 1,
+                                                                                  **extra})))
