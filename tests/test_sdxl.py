@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
+from test_sd2 import picture, values  # the same short runs and pictures as the SD 2.x tests
 
 from dreambooth.cli import main
 from dreambooth.config_file import load_config
@@ -23,18 +24,6 @@ UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 @pytest.fixture(scope="module")
 def xl_model(tmp_path_factory):
     return build_model(tmp_path_factory.mktemp("xl") / "model", size="sdxl-tiny", seed=2)
-
-
-def values(model, photos, out, **extra):
-    return {"model.pretrained_model": str(model), "dataset.instance_dir": str(photos),
-            "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.seed": 0,
-            "training.learning_rate": 1e-3, "output.output_dir": str(out), "output.report_to": "none", **extra}
-
-
-def picture(pipe, seed=0):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np",
-                generator=torch.Generator().manual_seed(seed)).images[0]
 
 
 def test_prompts_are_encoded_as_the_sdxl_pipeline_encodes_them(xl_model):
