@@ -44,7 +44,7 @@ print(torch.__version__, torch.version.cuda, diffusers.__version__, transformers
 peft.__version__, torch.cuda.get_device_name())"'
 
 # 2. The SD 1.5-shaped model (random weights, exact shapes), built once.
-[ -f "$MODEL/model_index.json" ] || step model 120 dreambooth tiny-model --size sd15 --out "$MODEL"
+[ -f "$MODEL/model_index.json" ] || step model 120 dreambooth tiny-model "$MODEL" --size sd15
 
 # 3. This tool beside diffusers' scripts: full and LoRA (CUDA graph auto, the default), then the same without the
 #    graph (the baseline the issue's table was measured with), then the lean-memory full run.
@@ -64,6 +64,16 @@ step class-images 120 "${BENCH[@]}" --method full --steps 12 --warmup 2 --num-cl
 step profile 120 python bench/profile_step.py --model "$MODEL" --method full --work runs/gpu-bench \
     --out "$OUT/profile-sd15-full"
 step gpu-tests 240 python -m pytest -q -m gpu tests/test_gpu.py
+
+# 5b. SDXL LoRA at 1024 px against diffusers' SDXL LoRA script, when asked (SDXL=1): ~4 more minutes, past the
+#     budget above with everything else, so a session runs it alone or in place of steps 3-4.
+if [ "${SDXL:-0}" = 1 ]; then
+    XL=runs/gpu-model/sdxl
+    [ -f "$XL/model_index.json" ] || step model-sdxl 240 dreambooth tiny-model "$XL" --size sdxl
+    XL_PEER=$PEER/train_dreambooth_lora_sdxl.py
+    step bench-sdxl-lora 300 dreambooth bench --model "$XL" --method lora --resolution 1024 --steps 30 --warmup 8 \
+        --results "$OUT/results" --out runs/gpu-bench $( [ -f "$XL_PEER" ] && echo "--peer=$XL_PEER" )
+fi
 
 # 6. The table from this run's results, beside them (docs/bench.md is updated from it on the way back).
 printf '%s\n%s\n' '<!-- bench-table:start -->' '<!-- bench-table:end -->' > "$OUT/bench-table.md"
