@@ -151,6 +151,37 @@ def test_variant_loads_the_variant_files(probe, tiny_model, tmp_path):
     assert all(torch.equal(p.before["unet"][k], alt[k]) for k in alt)
 
 
+@wires("model.pretrained_vae")
+def test_a_separate_vae_encodes_draws_class_images_and_is_saved(probe, tiny_model, tmp_path):
+    """--pretrained_vae_model_name_or_path: the VAE training encodes with, the one class images are drawn with
+    (their recipe names it, so images of the base VAE are not reused), and the one the saved model carries."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    from dreambooth.errors import UserError
+
+    vae_dir = tmp_path / "vae"
+    vae = AutoencoderKL.from_pretrained(tiny_model / "vae")
+    with torch.no_grad():
+        for param in vae.parameters():
+            param.mul_(1.5)
+    vae.save_pretrained(vae_dir)
+    want = load_file(str(vae_dir / "diffusion_pytorch_model.safetensors"))
+    class_dir = tmp_path / "class"
+    p = probe(model__pretrained_vae=str(vae_dir), dataset__with_prior_preservation=True,
+              dataset__class_dir=str(class_dir), dataset__class_prompt="a photo of dog", dataset__num_class_images=2,
+              dataset__class_inference_steps=2)
+    used = p.run.models.vae.state_dict()
+    assert all(torch.equal(used[k].cpu(), want[k]) for k in want)
+    saved = load_file(str(p.out / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(saved[k], want[k]) for k in want)
+    manifest = json.loads((class_dir / "dreambooth_class_images.json").read_text())
+    assert "+vae:" in manifest["model_identity"]
+    with pytest.raises(UserError, match="pass .*vae"):
+        probe(model__pretrained_vae=str(tiny_model))
+
+
 @wires("model.revision")
 def test_revision_reaches_every_weight_load(probe, monkeypatch):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel

@@ -37,6 +37,9 @@ class ModelSection(Section):
     revision: str | None = opt(None, "Hub revision of the base model.")
     variant: str | None = opt(None, "Weight variant of the base model files, e.g. fp16.")
     tokenizer_name: str | None = opt(None, "A tokenizer folder to use instead of the model's own.")
+    pretrained_vae: str | None = opt(
+        None, "A VAE folder (or hub id) to use instead of the base model's, e.g. an fp16-safe SDXL VAE; class images, "
+        "training, validation and the saved model all use it.", "--pretrained_vae_model_name_or_path")
     method: Literal["full", "lora"] = opt(
         "full", "'full' fine-tunes the UNet weights (strongest identity); 'lora' trains low-rank adapters (light "
         "files, less memory, many subjects).")

@@ -46,7 +46,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 PATH_KEYS = {("dataset", "instance_dir"), ("dataset", "class_dir"), ("output", "output_dir")}
-MODEL_KEYS = {("model", "pretrained_model"), ("model", "tokenizer_name")}
+MODEL_KEYS = {("model", "pretrained_model"), ("model", "tokenizer_name"), ("model", "pretrained_vae")}
 
 
 def resolve_model_ref(value: str, base: Path) -> str:

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from dreambooth.config import Config, Subject
 from dreambooth.errors import UserError
-from dreambooth.models.base import check_model_folder, is_hub_id, is_sdxl, model_identity, resolve_hub_model
+from dreambooth.models.base import (
+    check_model_folder,
+    is_hub_id,
+    is_sdxl,
+    resolve_hub_model,
+    weights_identity,
+)
 from dreambooth.training.class_images import ClassImagePlan, plan_class_images, recipe
 from dreambooth.training.images import ImageFolderReport, check_instance_folder, scan_image_folder
 from dreambooth.training.rundir import RunPlan, plan_run
@@ -301,6 +307,16 @@ def check_tracker(name: str | None) -> None:
                         f"the loss log logs/train_log.jsonl is written either way.")
 
 
+def check_vae_folder(folder: str) -> None:
+    """--pretrained_vae_model_name_or_path: a VAE folder as diffusers saves one (config.json and weights), or a model
+    folder with a vae/ inside, which is a mistake worth naming."""
+    path = Path(folder)
+    if (path / "config.json").is_file():
+        return
+    hint = f" It is a whole model: pass {path / 'vae'}." if (path / "vae" / "config.json").is_file() else ""
+    raise UserError(f"model.pretrained_vae: {path} is not a VAE folder (no config.json).{hint}")
+
+
 def check_sdxl_support(cfg: Config) -> None:
     """What SDXL training does not do yet, refused before anything loads rather than trained wrongly."""
     if not is_sdxl(cfg.model.pretrained_model):
@@ -335,7 +351,9 @@ def run_preflight(cfg: Config) -> Preflight:
         problems.check(check_token_length, cfg)
         if cfg.model.method == "lora":
             problems.check(check_lora_targets, cfg)
-    identity = model_identity(model, cfg.model.revision, cfg.model.variant)
+    identity = weights_identity(model, cfg.model.revision, cfg.model.variant, cfg.model.pretrained_vae)
+    if cfg.model.pretrained_vae and not is_hub_id(cfg.model.pretrained_vae):
+        problems.check(check_vae_folder, cfg.model.pretrained_vae)
     subjects, warnings = [], []
     tokenizer = problems.check(load_tokenizer, cfg) if model_ok or cfg.model.tokenizer_name else None
     for s in cfg.subject_list():
@@ -348,8 +366,8 @@ def run_preflight(cfg: Config) -> Preflight:
     class_plans = {}
     if cfg.dataset.with_prior_preservation:
         class_plans = problems.check(plan_all_class_images, cfg, identity) or {}
-    run_plan = problems.check(plan_run, cfg, lambda c: model_identity(c.model.pretrained_model, c.model.revision,
-                                                                      c.model.variant))
+    run_plan = problems.check(plan_run, cfg, lambda c: weights_identity(c.model.pretrained_model, c.model.revision,
+                                                                        c.model.variant, c.model.pretrained_vae))
     if cfg.validation.prompts:
         problems.check(check_scheduler_name, cfg.validation.scheduler, "validation.scheduler")
     problems.check(check_tracker, cfg.output.report_to)

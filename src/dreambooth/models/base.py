@@ -234,6 +234,23 @@ def model_fingerprint(model: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def weights_identity(model: str | Path, revision: str | None = None, variant: str | None = None,
+                     vae: str | Path | None = None) -> str:
+    """The identity of what a run draws and encodes with: the base model's, and a separate VAE's when one is given
+    (--pretrained_vae_model_name_or_path), so that class images and cached latents made with another VAE are not
+    taken for this one's."""
+    identity = model_identity(model, revision, variant)
+    if vae is None:
+        return identity
+    folder = Path(vae)
+    file = _first_weights(folder) if folder.is_dir() else None
+    if file is None:
+        return f"{identity}+vae:hub:{vae}"
+    with file.open("rb") as f:
+        digest = hashlib.sha256(f.read(1 << 20) + str(file.stat().st_size).encode()).hexdigest()[:16]
+    return f"{identity}+vae:{digest}"
+
+
 def model_identity(model: str | Path, revision: str | None = None, variant: str | None = None) -> str:
     """What a model is, for caches that depend on it: a hash over its UNet, text encoder and VAE weight files
     (header, first MiB and size of each), so two spellings of one folder agree and two models differ; a hub

@@ -262,9 +262,15 @@ def prepare_class_images(cfg: Config, accelerator, report) -> list[list[Path]] |
 
     def load_once():  # subjects share one pipeline
         nonlocal pipe
-        pipe = pipe or load_pipeline(cfg.model.pretrained_model, device=accelerator.device,
-                                     dtype=pick_dtype(ds.prior_generation_precision, accelerator.device),
-                                     safety_checker=False, revision=cfg.model.revision, variant=cfg.model.variant)
+        dtype = pick_dtype(ds.prior_generation_precision, accelerator.device)
+        vae = {}
+        if cfg.model.pretrained_vae:
+            from dreambooth.training.components import load_vae
+
+            vae = {"vae": load_vae(cfg, dtype)}
+        pipe = pipe or load_pipeline(cfg.model.pretrained_model, device=accelerator.device, dtype=dtype,
+                                     safety_checker=False, revision=cfg.model.revision, variant=cfg.model.variant,
+                                     **vae)
         return pipe
 
     # On a GPU the batch follows the memory the loaded pipeline leaves free (generate_missing); on a CPU a fixed size.

@@ -40,14 +40,14 @@ class Models:
 
 def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dtype) -> Models:
     """Loads the base model's parts; frozen weights go to `weight_dtype`, trainable ones stay fp32."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     src = {"revision": cfg.model.revision}
     base = cfg.model.pretrained_model
     tokenizer = load_tokenizer(cfg)
     text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=cfg.model.variant, **src)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=cfg.model.variant, **src)
+    vae = load_vae(cfg)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=cfg.model.variant, **src)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **src)
     models = Models(tokenizer, text_encoder, vae, unet, noise_scheduler)
@@ -83,6 +83,17 @@ def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dt
     if cfg.model.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     return models
+
+
+def load_vae(cfg: Config, dtype: torch.dtype | None = None):
+    """The base model's VAE, or the one --pretrained_vae_model_name_or_path names (a VAE folder of its own)."""
+    from diffusers import AutoencoderKL
+
+    extra = {"torch_dtype": dtype} if dtype is not None else {}
+    if cfg.model.pretrained_vae:
+        return AutoencoderKL.from_pretrained(cfg.model.pretrained_vae, **extra)
+    return AutoencoderKL.from_pretrained(cfg.model.pretrained_model, subfolder="vae", variant=cfg.model.variant,
+                                         revision=cfg.model.revision, **extra)
 
 
 def set_trainable(cfg: Config, models: Models) -> None:

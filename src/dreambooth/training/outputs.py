@@ -33,6 +33,10 @@ def save_full_model(run) -> None:
         parts["text_encoder"] = acc.unwrap_model(m.text_encoder)
     if cfg.output.skip_save_text_encoder:
         parts["text_encoder"] = None
+    if cfg.model.pretrained_vae:  # the saved model draws with the VAE it trained with, read again at full precision
+        from dreambooth.training.components import load_vae
+
+        parts["vae"] = load_vae(cfg)
     pipe = pipeline_class(cfg.model.pretrained_model).from_pretrained(
         cfg.model.pretrained_model, revision=cfg.model.revision, variant=cfg.model.variant, **parts)
     pipe.to(dtype=DTYPES[cfg.output.save_precision])
