@@ -92,6 +92,38 @@ def test_every_diffusers_flag_is_accepted():
     assert missing == []
 
 
+SDXL_LORA_FLAGS = """pretrained_model_name_or_path pretrained_vae_model_name_or_path revision variant dataset_name
+    dataset_config_name instance_data_dir cache_dir image_column caption_column repeats class_data_dir instance_prompt
+    class_prompt validation_prompt num_validation_images validation_epochs do_edm_style_training
+    with_prior_preservation prior_loss_weight num_class_images output_dir output_kohya_format seed resolution
+    center_crop random_flip train_text_encoder train_batch_size sample_batch_size num_train_epochs max_train_steps
+    checkpointing_steps checkpoints_total_limit resume_from_checkpoint gradient_accumulation_steps
+    gradient_checkpointing learning_rate text_encoder_lr scale_lr lr_scheduler snr_gamma lr_warmup_steps
+    lr_num_cycles lr_power dataloader_num_workers optimizer use_8bit_adam adam_beta1 adam_beta2 prodigy_beta3
+    prodigy_decouple adam_weight_decay adam_weight_decay_text_encoder adam_epsilon prodigy_use_bias_correction
+    prodigy_safeguard_warmup max_grad_norm push_to_hub hub_token hub_model_id logging_dir allow_tf32 report_to
+    mixed_precision prior_generation_precision local_rank enable_xformers_memory_efficient_attention rank
+    lora_dropout use_dora image_interpolation_mode""".split()  # diffusers' train_dreambooth_lora_sdxl.py (58eb52c)
+
+
+def test_every_flag_of_diffusers_sdxl_lora_script_is_accepted_or_refused_with_a_reason(capsys):
+    """A command copied from diffusers' SDXL DreamBooth LoRA script never meets "unrecognized arguments": each flag
+    either means what it means there, or is refused with what to do instead."""
+    from dreambooth.cli import ONLY_VALUE_FLAGS, REFUSED_FLAGS
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    known = {s for a in train._actions for s in a.option_strings}
+    assert [f for f in SDXL_LORA_FLAGS if f"--{f}" not in known] == []
+    for flag, why in REFUSED_FLAGS.items():
+        with pytest.raises(UserError, match=f"{flag} is not supported"):
+            overrides([flag, "x"])
+    for flag, (value, _) in ONLY_VALUE_FLAGS.items():
+        assert "training.optimizer" not in overrides([flag, value.upper()])
+        with pytest.raises(UserError, match="not supported"):
+            overrides([flag, "other"])
+
+
 def test_flags_are_unique():
     flags = [f for key in all_keys() for f in field_flags(*key.split("."))]
     assert len(flags) == len(set(flags))

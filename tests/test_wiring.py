@@ -298,6 +298,14 @@ def test_each_optimizer_group_gets_its_rate_and_decay(probe, method):
     assert p.updates[0]["lrs"] == [g["lr"] for g in p.groups()]
 
 
+@wires("training.adam_weight_decay_text_encoder")
+def test_the_text_side_can_have_its_own_weight_decay(probe):
+    p = probe(model__train_text_encoder=True, training__adam_weight_decay=0.05,
+              training__adam_weight_decay_text_encoder=0.3)
+    assert {p.group_of(q)["weight_decay"] for q in p.trainable("text_encoder").values()} == {0.3}
+    assert {p.group_of(q)["weight_decay"] for q in p.trainable("unet").values()} == {0.05}
+
+
 @wires("training.scale_lr")
 def test_scale_lr_multiplies_by_batch_and_accumulation(probe):
     p = probe(training__scale_lr=True, training__batch_size=2, training__gradient_accumulation_steps=2,

@@ -37,9 +37,29 @@ from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.options import Parser, add_options, parse_settings, settings_from
 
 # diffusers' train_dreambooth.py flags that mean nothing here, with what to do instead.
+HUB_DATASET = ("datasets from the Hugging Face hub are not read; put the photos in a folder and pass "
+               "--instance_data_dir (a caption per image is not supported either)")
+PRODIGY = "the optimizer is AdamW (--use_8bit_adam for 8-bit AdamW); Prodigy is not supported"
 REFUSED_FLAGS = {
     "--validation_images": "it is for DeepFloyd IF upscalers only; this tool trains Stable Diffusion 1/2",
     "--class_labels_conditioning": "it is for DeepFloyd IF only; this tool trains Stable Diffusion 1/2",
+    # diffusers' SDXL DreamBooth LoRA script's flags for what this tool does another way, or not at all:
+    "--dataset_name": HUB_DATASET, "--dataset_config_name": HUB_DATASET, "--image_column": HUB_DATASET,
+    "--caption_column": HUB_DATASET, "--cache_dir": HUB_DATASET,
+    "--repeats": "every photo is seen once an epoch; train longer with --max_train_steps or --num_train_epochs",
+    "--validation_epochs": "validation runs every --validation_steps optimizer steps; give that instead",
+    "--do_edm_style_training": "EDM-style training (Playground v2.5) is not supported",
+    "--output_kohya_format": "export after training: `dreambooth export OUTPUT_DIR/pytorch_lora_weights.safetensors "
+                             "--format kohya --out FILE` (SD 1.x and 2.x; SDXL's kohya export is not built yet)",
+    "--use_dora": "DoRA adapters are not supported; LoRA is",
+    "--prodigy_beta3": PRODIGY, "--prodigy_decouple": PRODIGY, "--prodigy_use_bias_correction": PRODIGY,
+    "--prodigy_safeguard_warmup": PRODIGY,
+}
+# Flags of diffusers' scripts whose only value this tool has: accepted with it, refused with another.
+ONLY_VALUE_FLAGS = {
+    "--optimizer": ("adamw", PRODIGY),
+    "--image_interpolation_mode": ("lanczos", "images are resized with Lanczos filtering, the default of diffusers' "
+                                              "scripts; other filters are not supported"),
 }
 
 
@@ -87,6 +107,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                         help="Accepted from diffusers' scripts: latents are cached by default (--latent_cache).")
     for flag in REFUSED_FLAGS:
         compat.add_argument(flag, nargs="?", const=True, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for flag, (value, _) in ONLY_VALUE_FLAGS.items():
+        compat.add_argument(flag, default=argparse.SUPPRESS, metavar=value.upper(),
+                            help=f"Accepted from diffusers' scripts with the value {value} only.")
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,6 +118,9 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag, why in REFUSED_FLAGS.items():
         if flag[2:] in given:
             raise UserError(f"{flag} is not supported: {why}.")
+    for flag, (value, why) in ONLY_VALUE_FLAGS.items():
+        if flag[2:] in given and str(given[flag[2:]]).lower() != value:
+            raise UserError(f"{flag} {given[flag[2:]]} is not supported: {why}.")
     overrides = {k: v for k, v in given.items() if "." in k}
     if given.get("cache_latents") and "training.latent_cache" not in overrides:
         overrides["training.latent_cache"] = "memory"

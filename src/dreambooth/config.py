@@ -119,6 +119,8 @@ class TrainingSection(Section):
     adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = opt(0.999, "AdamW beta2.", ge=0, lt=1)
     adam_weight_decay: float = opt(1e-2, "AdamW weight decay (never applied to a new token's embedding).", ge=0)
+    adam_weight_decay_text_encoder: float | None = opt(
+        None, "AdamW weight decay of the text side (default: adam_weight_decay).", ge=0)
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.", gt=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.", gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = opt(

@@ -148,12 +148,13 @@ def param_groups(cfg: Config, models: Models, lr_scale: float) -> list[dict]:
         groups.append({"params": unet_params, "lr": t.learning_rate * lr_scale, "weight_decay": t.adam_weight_decay})
     embedding = models.text_encoder.get_input_embeddings().weight
     text_params = [p for p in models.text_encoder.parameters() if p.requires_grad and p is not embedding]
+    text_decay = t.adam_weight_decay if t.adam_weight_decay_text_encoder is None else t.adam_weight_decay_text_encoder
     if text_params:
-        groups.append({"params": text_params, "lr": t.text_encoder_lr * lr_scale, "weight_decay": t.adam_weight_decay})
+        groups.append({"params": text_params, "lr": t.text_encoder_lr * lr_scale, "weight_decay": text_decay})
     if embedding.requires_grad:
         whole = cfg.model.train_text_encoder and cfg.model.method == "full"
         groups.append({"params": [embedding], "lr": t.text_encoder_lr * lr_scale,
-                       "weight_decay": t.adam_weight_decay if whole else 0.0})
+                       "weight_decay": text_decay if whole else 0.0})
     return groups
 
 
