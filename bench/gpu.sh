@@ -8,7 +8,8 @@
 #
 # What the machine needs beside the repository (carried in, the machine has no network):
 #   .whl/      wheels the machine lacks: diffusers + importlib_metadata, pydantic + pydantic_core + annotated_types +
-#              typing_inspection + typing_extensions, bitsandbytes (for the lean-memory run; 43 MB, optional)
+#              typing_inspection + typing_extensions, PyYAML and pytest where missing, bitsandbytes (for the
+#              lean-memory run; 43 MB, optional)
 #   runs/peer/examples/dreambooth/   diffusers' train_dreambooth.py and train_dreambooth_lora.py (bench/README.md)
 # Budget, about 9 minutes: install 0.5, model 0.5, 4 bench pairs x ~1.3, graph on/off pairs 2, class images 0.5,
 # profile 0.5, GPU tests 1.
@@ -63,7 +64,11 @@ step class-images 120 "${BENCH[@]}" --method full --steps 12 --warmup 2 --num-cl
 # 5. Where a graph step's time goes now, and the GPU tests (the capture's equality, resume, fall-back paths).
 step profile 120 python bench/profile_step.py --model "$MODEL" --method full --work runs/gpu-bench \
     --out "$OUT/profile-sd15-full"
-step gpu-tests 240 python -m pytest -q -m gpu tests/test_gpu.py
+if python -c "import pytest" 2>/dev/null; then
+    step gpu-tests 240 python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+else
+    echo "gpu-tests skipped: pytest is not installed (carry its wheel in .whl/)" | tee -a "$LOG"
+fi
 
 # 5b. SDXL LoRA at 1024 px against diffusers' SDXL LoRA script, when asked (SDXL=1): ~4 more minutes, past the
 #     budget above with everything else, so a session runs it alone or in place of steps 3-4.
