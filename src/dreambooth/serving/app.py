@@ -110,24 +110,34 @@ class ChatBody(BaseModel):
     format: str = Field("json", pattern="^(png|json)$")
 
 
-def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=None) -> FastAPI:
-    """The app. `auth=False` (loopback only, no keys configured) lets every caller in as an operator; `chat`: a
-    serving.chat.ChatStates for /v1/chat-render, or None (off)."""
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        service.batcher.start()
-        yield
-        await service.batcher.stop()
-        if chat is not None:
-            await chat.aclose()
-
-    app = FastAPI(title="dreambooth serve", version="1", lifespan=lifespan,
-                  description="Characters drawn on demand: a state (GET /v1/state-schema) becomes a prompt around the "
-                  "character's identifier, and the character's model draws it.")
+def make_caller(service: Service, keys: list[Key], auth: bool):
+    """The dependency that names the caller of a /v1 request (its key, or LOCAL) and applies its rate limit."""
     limiter = RateLimiter(service.limits.rate_per_minute, service.limits.burst)
-    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
-    app.add_middleware(Measured, service=service)  # outermost: 413s are counted too
+
+    def caller(request: Request) -> Key:
+        if not auth:
+            key = LOCAL
+            name = request.client.host if request.client else "local"
+        else:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise ApiError(401, "unauthorized", "send an API key as `Authorization: Bearer TOKEN`.",
+                               {"WWW-Authenticate": "Bearer"})
+            key = find_key(keys, token.strip())
+            if key is None:
+                raise ApiError(403, "forbidden", "this API key is not one of the server's.")
+            name = key.name
+        wait = limiter.take(name)
+        if wait:
+            raise ApiError(429, "rate_limited", f"more than {service.limits.rate_per_minute:g} requests a minute "
+                           f"for this key; retry in {wait} s.", {"Retry-After": str(wait)})
+        return key
+
+    return caller
+
+
+def add_error_handlers(app: FastAPI, caller) -> None:
+    """Every refusal as `{"error": {"code", "message"}}`; a 500 names no server path (the log has the details)."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -163,24 +173,26 @@ def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=Non
         log.exception("request failed")  # the details (paths, exceptions) stay in the server's log
         return error_response(500, "internal", "the server failed to answer; its log says why. Retry later.")
 
-    def caller(request: Request) -> Key:
-        if not auth:
-            key = LOCAL
-            name = request.client.host if request.client else "local"
-        else:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise ApiError(401, "unauthorized", "send an API key as `Authorization: Bearer TOKEN`.",
-                               {"WWW-Authenticate": "Bearer"})
-            key = find_key(keys, token.strip())
-            if key is None:
-                raise ApiError(403, "forbidden", "this API key is not one of the server's.")
-            name = key.name
-        wait = limiter.take(name)
-        if wait:
-            raise ApiError(429, "rate_limited", f"more than {service.limits.rate_per_minute:g} requests a minute "
-                           f"for this key; retry in {wait} s.", {"Retry-After": str(wait)})
-        return key
+
+def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=None) -> FastAPI:
+    """The app. `auth=False` (loopback only, no keys configured) lets every caller in as an operator; `chat`: a
+    serving.chat.ChatStates for /v1/chat-render, or None (off)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.batcher.start()
+        yield
+        await service.batcher.stop()
+        if chat is not None:
+            await chat.aclose()
+
+    app = FastAPI(title="dreambooth serve", version="1", lifespan=lifespan,
+                  description="Characters drawn on demand: a state (GET /v1/state-schema) becomes a prompt around the "
+                  "character's identifier, and the character's model draws it.")
+    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
+    app.add_middleware(Measured, service=service)  # outermost: 413s are counted too
+    caller = make_caller(service, keys, auth)
+    add_error_handlers(app, caller)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
