@@ -745,3 +745,21 @@ def test_keyless_callers_do_not_grow_the_rate_limiter_without_bound(monkeypatch)
         limiter._buckets[f"10.0.{i}"] = (1.0, time.monotonic() - 60)  # idle long enough to be full again
     limiter.take("new caller")
     assert len(limiter._buckets) == 1
+
+
+def test_a_lora_named_by_its_user_hashes_its_own_token_file(tiny_model, tmp_path):
+    """A LoRA saved as NAME.safetensors keeps its new tokens in NAME.tokens.safetensors (formats.lora.token_file_for):
+    a retrained token file is a new model for the cache."""
+    from safetensors.torch import save_file
+
+    from dreambooth.serving.renderer import character_model_hash
+
+    lora = tmp_path / "saya.safetensors"
+    save_file({"unet.a.lora_A.weight": torch.zeros(1)}, str(lora))
+    save_file({"<saya>": torch.zeros(4)}, str(tmp_path / "saya.tokens.safetensors"))
+    character = load_characters(characters_file(tmp_path, tiny_model, [
+        {"name": "saya", "model": str(tiny_model), "loras": [{"file": str(lora)}], "identifier": "<saya>",
+         "class_word": "girl"}]))["saya"]
+    before = character_model_hash(character)
+    save_file({"<saya>": torch.ones(4)}, str(tmp_path / "saya.tokens.safetensors"))
+    assert character_model_hash(character) != before

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreambooth.characters.character import Character
-from dreambooth.characters.compiler import RenderRequest, token_counter
-from dreambooth.formats.lora import find_lora_file, new_tokens
+from dreambooth.characters.compiler import RenderRequest, token_counter, token_limit
+from dreambooth.formats.lora import find_lora_file, new_tokens, token_file_for
 from dreambooth.formats.lora_loading import load_lora_adapter
 from dreambooth.generate import png_info
 from dreambooth.models.base import model_identity
@@ -66,7 +66,7 @@ def character_model_hash(character: Character) -> str:
     for lora in character.loras:
         file = find_lora_file(lora.file)
         digest.update(f"{_file_hash(file)}:{lora.weight!r}".encode())
-        tokens = file.parent / "token_embeddings.safetensors"
+        tokens = token_file_for(file)  # beside the LoRA, named after it unless it has diffusers' fixed name
         if tokens.is_file():
             digest.update(_file_hash(tokens).encode())
     return digest.hexdigest()[:16]
@@ -117,7 +117,7 @@ class Renderer:
         return token_counter(self.drawn[name].slot.pipe.tokenizer)
 
     def max_tokens(self, name: str) -> int:
-        return min(self.drawn[name].slot.pipe.tokenizer.model_max_length, 77)  # 77: CLIP's positions
+        return token_limit(self.drawn[name].slot.pipe.tokenizer)
 
     def model_hash(self, name: str) -> str:
         return self.drawn[name].model_hash
