@@ -94,3 +94,21 @@ def test_what_sdxl_training_does_not_do_yet_is_refused_before_loading(xl_model, 
     with pytest.raises(UserError, match=says):
         train(load_config(None, values(xl_model, instance_dir, tmp_path / "o", **{"training.max_train_steps": 1,
                                                                                   **extra})))
+
+
+def test_an_sdxl_models_identity_covers_its_second_text_encoder(xl_model, tmp_path):
+    """Class images depend on both encoders: two SDXL models that differ only in the second are two models."""
+    import shutil
+
+    from transformers import CLIPTextModelWithProjection
+
+    from dreambooth.models.base import model_identity
+
+    other = tmp_path / "other"
+    shutil.copytree(xl_model, other)
+    encoder = CLIPTextModelWithProjection.from_pretrained(other / "text_encoder_2")
+    with torch.no_grad():
+        for param in encoder.parameters():
+            param.mul_(1.5)
+    encoder.save_pretrained(other / "text_encoder_2")
+    assert model_identity(other) != model_identity(xl_model)

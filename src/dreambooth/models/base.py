@@ -224,7 +224,12 @@ def model_fingerprint(model: str | Path) -> str:
     The header and first MiB of the file, and its size: enough to tell models apart, fast for 3 GB files.
     LoRA files record it as `dreambooth.base_model_hash`, so its definition stays as it is.
     """
-    file = _first_weights(Path(model) / "unet")
+    return weights_fingerprint(Path(model) / "unet")
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """A short hash of a module folder's weights file (its header, first MiB and size); '' when it has none."""
+    file = _first_weights(folder)
     if file is None:
         return ""
     digest = hashlib.sha256()
@@ -242,24 +247,19 @@ def weights_identity(model: str | Path, revision: str | None = None, variant: st
     identity = model_identity(model, revision, variant)
     if vae is None:
         return identity
-    folder = Path(vae)
-    file = _first_weights(folder) if folder.is_dir() else None
-    if file is None:
-        return f"{identity}+vae:hub:{vae}"
-    with file.open("rb") as f:
-        digest = hashlib.sha256(f.read(1 << 20) + str(file.stat().st_size).encode()).hexdigest()[:16]
-    return f"{identity}+vae:{digest}"
+    return f"{identity}+vae:{weights_fingerprint(Path(vae)) or f'hub:{vae}'}"
 
 
 def model_identity(model: str | Path, revision: str | None = None, variant: str | None = None) -> str:
-    """What a model is, for caches that depend on it: a hash over its UNet, text encoder and VAE weight files
+    """What a model is, for caches that depend on it: a hash over its UNet, text encoder(s) and VAE weight files
     (header, first MiB and size of each), so two spellings of one folder agree and two models differ; a hub
-    id with its revision when it is not on disk."""
+    id with its revision when it is not on disk. SDXL's second text encoder counts too (its class images depend
+    on it); a folder without one hashes as it always did."""
     folder = Path(model)
     if not (folder / "model_index.json").is_file():
         return f"hub:{model}@{revision or 'main'}"
     digest = hashlib.sha256()
-    for part in ("unet", "text_encoder", "vae"):
+    for part in ("unet", "text_encoder", "vae", "text_encoder_2"):
         file = _first_weights(folder / part)
         if variant and file is not None:
             file = next((f for f in sorted((folder / part).glob(f"*.{variant}.safetensors"))), file)
