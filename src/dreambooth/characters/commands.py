@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dreambooth.characters.character import Character, load_characters
-from dreambooth.characters.compiler import compile_prompt, token_counter
+from dreambooth.characters.compiler import compile_prompt, token_counter, token_limit
 from dreambooth.characters.state import CharacterState
 from dreambooth.config_file import read_text
 from dreambooth.errors import UserError
@@ -64,7 +64,7 @@ def compile_prompt_command(options) -> dict:
     state = read_state(options.state)
     tokenizer = character_tokenizer(character)
     request = compile_prompt(character, state, count_tokens=token_counter(tokenizer),
-                             max_tokens=min(tokenizer.model_max_length, 77))  # 77: CLIP's positions
+                             max_tokens=token_limit(tokenizer))
     record = asdict(request)
     print(json.dumps(record, indent=2))
     return record

@@ -118,3 +118,8 @@ def compile_prompt(character: Character, state: CharacterState, *, count_tokens:
 def token_counter(tokenizer) -> Callable[[str], int]:
     """A CLIP tokenizer's count of a prompt's tokens, start and end tokens included."""
     return lambda text: len(tokenizer(text, truncation=False).input_ids)
+
+
+def token_limit(tokenizer) -> int:
+    """The most tokens a prompt may take with this tokenizer: its own length, never more than CLIP's 77 positions."""
+    return min(tokenizer.model_max_length, 77)

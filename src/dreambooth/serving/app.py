@@ -193,10 +193,11 @@ def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=Non
     app.add_middleware(Measured, service=service)  # outermost: 413s are counted too
     caller = make_caller(service, keys, auth)
     add_error_handlers(app, caller)
+    page_html = resources.files("dreambooth.serving").joinpath("page.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
-        return resources.files("dreambooth.serving").joinpath("page.html").read_text(encoding="utf-8")
+        return page_html
 
     @app.get("/healthz")
     def healthz():

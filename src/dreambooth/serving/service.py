@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dreambooth.characters.character import MAX_SEED, Character
+from dreambooth.characters.character import MAX_SEED, Character, merged_vocabulary
 from dreambooth.characters.compiler import RenderRequest, compile_prompt
 from dreambooth.characters.state import CharacterState
 from dreambooth.errors import UserError
@@ -103,6 +103,8 @@ class Service:
     def __init__(self, characters: dict[str, Character], renderer: Renderer, *, limits: Limits = Limits(),
                  cache: ImageCache | None = None):
         self.characters, self.renderer, self.limits = characters, renderer, limits
+        # Each character's vocabulary (the shipped one with its own merged over it), merged once, not per request.
+        self.vocabularies = {name: merged_vocabulary(c) for name, c in characters.items()}
         self.cache = cache or ImageCache(None, 0)
         self.metrics = Metrics(limits.max_batch)
         self.batcher = Batcher(self._draw, max_queue=limits.max_queue, max_batch=limits.max_batch,
@@ -125,7 +127,8 @@ class Service:
             raise ApiError(422, "invalid_request", "give either `state` or `prompt`, not both.")
         count, most = self.renderer.count_tokens(character.name), self.renderer.max_tokens(character.name)
         try:
-            request = compile_prompt(character, body.state or CharacterState(), count_tokens=count, max_tokens=most)
+            request = compile_prompt(character, body.state or CharacterState(), count_tokens=count, max_tokens=most,
+                                     vocabulary=self.vocabularies[character.name])
         except UserError as e:
             raise ApiError(422, "invalid_character", str(e)) from None
         if body.prompt is not None:

@@ -54,6 +54,10 @@ class LatentCache:
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + std * noise
 
+    def scaled_sample(self, pixels: torch.Tensor, keys: list[str], generator: torch.Generator) -> torch.Tensor:
+        """`sample` in fp32 times the VAE's scaling factor: the latents the UNet trains on."""
+        return self.sample(pixels, keys, generator).float() * self.vae.config.scaling_factor
+
     def _encode(self, pixels: torch.Tensor, device: torch.device):
         # Always oneDNN's convolutions on a CPU: the VAE sees whole images, where they are the faster ones, while
         # the training loop may have switched to PyTorch's native kernels for the UNet's small latents

@@ -164,7 +164,7 @@ def generate_missing(plan: ClassImagePlan, *, seed: int, load_pipe, batch_size: 
                 raise UserError(f"generating class images ran out of memory with one image at a time ({e}). Use "
                                 "--prior_generation_precision fp16, a smaller resolution, or free the GPU.") from None
             batch_size //= 2  # every image has its own seed, so a smaller batch draws the same images
-            _free_cached_memory()
+            release_memory()
             tqdm.write(f"class images: out of memory; going on in batches of {batch_size}")
             continue
         for image, meta in results:
@@ -185,7 +185,9 @@ def _out_of_memory() -> type[BaseException]:
     return torch.OutOfMemoryError
 
 
-def _free_cached_memory() -> None:
+def release_memory() -> None:
+    """Collects now and hands CUDA's cached blocks back: what a pipeline held, or what a batch that did not fit
+    left behind, is free for what comes next."""
     import torch
 
     gc.collect()
@@ -253,8 +255,6 @@ def prepare_class_images(cfg: Config, accelerator, report) -> list[list[Path]] |
     """
     if not cfg.dataset.with_prior_preservation:
         return None
-    import torch
-
     from dreambooth.models.loading import load_pipeline, pick_dtype
 
     ds = cfg.dataset
@@ -288,9 +288,7 @@ def prepare_class_images(cfg: Config, accelerator, report) -> list[list[Path]] |
         # pass, which may come long after the training models have loaded beside it (on a GPU: its fp16
         # weights on top of the training peak). Collect it now.
         del pipe
-        gc.collect()
-        if accelerator.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory()
     per_subject = []
     for s in cfg.subject_list():
         images = report.class_plans[Path(s.class_dir)].images()

@@ -23,6 +23,7 @@ check that it trains the same weights as the eager loop.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -102,8 +103,7 @@ class StaticStep:
         """Copies a batch into the static buffers; False when its shapes differ from theirs (a short last batch),
         for which the step then runs eagerly on fresh tensors."""
         run = self.run
-        latents = self.latent_cache.sample(batch["pixel_values"], batch["cache_keys"], run.generator)
-        latents = latents.float() * run.models.vae.config.scaling_factor
+        latents = self.latent_cache.scaled_sample(batch["pixel_values"], batch["cache_keys"], run.generator)
         cond, mask = self.encode.conditioning(batch["prompts"])
         is_prior = batch["is_prior"].to(latents.device)
         fresh = Staged(latents, cond, mask, is_prior, batch["time_ids"].to(latents.device))
@@ -161,11 +161,7 @@ class StaticStep:
 
     def _side_stream(self):
         """The capture stream for the eager steps before and beside the graphs (nothing on the CPU)."""
-        import contextlib
-
-        if self.stream is None:
-            return contextlib.nullcontext()
-        return _on_stream(self.stream)
+        return contextlib.nullcontext() if self.stream is None else on_stream(self.stream)
 
     def _try_capture(self) -> None:
         """Records both graphs (recording runs nothing, so no step is taken twice); on any failure the run goes on
@@ -182,17 +178,13 @@ class StaticStep:
                   "same numbers, slower. Pass --cuda_graph off to skip the attempt.")
 
 
-def _on_stream(stream):
-    import contextlib
-
-    @contextlib.contextmanager
-    def block():
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            yield
-        torch.cuda.current_stream().wait_stream(stream)
-
-    return block()
+@contextlib.contextmanager
+def on_stream(stream):
+    """Work on a side stream, ordered after what the current stream has queued and before what it queues next."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
 
 
 def _learning_rates_on(optimizer, device: torch.device) -> None:
@@ -244,12 +236,9 @@ def capture_graphs(step: StaticStep) -> dict:
     register = getattr(graphs["micro"], "register_generator_state", None)  # torch >= 2.4 on CUDA builds
     if register is not None:
         register(step.run.generator)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graphs["micro"], stream=stream):
+    with on_stream(step.stream):  # the stream the warm-up ran on (StaticStep.__init__)
+        with torch.cuda.graph(graphs["micro"], stream=step.stream):
             step.parts = step._micro(step.staged)
-        with torch.cuda.graph(graphs["optimizer"], stream=stream):
+        with torch.cuda.graph(graphs["optimizer"], stream=step.stream):
             step._optimizer_step()
-    torch.cuda.current_stream().wait_stream(stream)
     return graphs

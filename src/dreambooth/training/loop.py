@@ -54,8 +54,7 @@ from dreambooth.versions import library_versions
 def training_step(cfg: Config, models: Models, batch: dict, encode: PromptEncoder, latent_cache: LatentCache,
                   generator: torch.Generator) -> LossParts:
     """One forward pass: latents of the images, noise at per-sample timesteps, prediction, and the loss."""
-    latents = latent_cache.sample(batch["pixel_values"], batch["cache_keys"], generator)
-    latents = latents.float() * models.vae.config.scaling_factor
+    latents = latent_cache.scaled_sample(batch["pixel_values"], batch["cache_keys"], generator)
     time_ids = batch.get("time_ids")
     return step_loss(cfg, models, latents, encode(batch["prompts"]), batch["is_prior"].to(latents.device), generator,
                      None if time_ids is None else time_ids.to(latents.device))
