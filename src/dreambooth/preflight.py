@@ -325,7 +325,7 @@ def check_sdxl_support(cfg: Config) -> None:
     if cfg.model.train_text_encoder:
         missing.append("model.train_text_encoder (SDXL's two text encoders train in a later version; train the UNet, "
                        "full or LoRA, with them frozen)")
-    new = [s.identifier for s in cfg.subject_list() if s.identifier and s.identifier.startswith("<")]
+    new = [s.identifier for s in cfg.subject_list() if s.identifier and wants_new_token(s.identifier)]
     if new:
         missing.append(f"a new identifier token {new[0]} (it would have to be added to both SDXL tokenizers and "
                        "trained in both encoders, which a later version does; use an existing rare token such as sks)")

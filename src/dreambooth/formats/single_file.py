@@ -17,6 +17,7 @@ from dreambooth.errors import UserError
 from dreambooth.formats.atomic import check_new_file, save_safetensors_atomic
 from dreambooth.formats.lora import cast_half, embedding_file_for, find_lora_file
 from dreambooth.formats.merge import fuse_loras, model_folder, source_pipeline
+from dreambooth.models.base import is_sdxl
 
 # A rule maps one diffusers module to its LDM name; `children` renames its direct sub-modules (None: same names).
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -253,7 +254,7 @@ def _check_text_encoder(model_dir: Path) -> None:
     if config_file.is_file():
         config = json.loads(config_file.read_text())
         text_family((config.get("architectures") or ["CLIPTextModel"])[0], config.get("hidden_act", "quick_gelu"))
-    if (model_dir / "text_encoder_2").is_dir():
+    if is_sdxl(model_dir):
         raise UserError(f"{model_dir} has two text encoders (SDXL): its single-file export is not built yet; "
                         "export it with --format diffusers.")
 
