@@ -55,6 +55,8 @@ step bench-lora 150 "${BENCH[@]}" --method lora $(peer_flag lora)
 step bench-full-eager 90 "${BENCH[@]}" --method full --ours-arg=--cuda_graph=off --tag graph-off
 step bench-lora-eager 90 "${BENCH[@]}" --method lora --ours-arg=--cuda_graph=off --tag graph-off
 step bench-full-channels-last 90 "${BENCH[@]}" --method full --ours-arg=--channels_last --tag channels-last
+# LoRA with the frozen text encoder and VAE kept on the GPU (offload_frozen off): the memory offloading saves
+step bench-lora-resident 90 "${BENCH[@]}" --method lora --ours-arg=--offload_frozen=off --tag resident
 python -c "import bitsandbytes" 2>/dev/null && step bench-full-lean 150 "${BENCH[@]}" --method full --lean-memory
 
 # 4. Class images: 200 at 512 px, 30 steps, timed inside the run (fresh class folder).

@@ -78,7 +78,8 @@ def make_lora(model_dir, out_dir, *, seed, unet_config, te_config=None, writer="
     configs = {"unet": pipe.unet.peft_config["default"].to_dict() if metadata else None,
                "text_encoder": text_encoder.peft_config["default"].to_dict() if metadata and text_encoder else None}
     if writer == "ours":
-        save_lora(out_dir, pipe.unet, text_encoder, configs, {"dreambooth.identifiers": '["sks"]'})
+        save_lora(out_dir, {"unet": pipe.unet, "text_encoder": text_encoder}, configs,
+                  {"dreambooth.identifiers": '["sks"]'})
         return out_dir
     layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet), "unet_lora_adapter_metadata": configs["unet"]}
     if text_encoder is not None:

@@ -195,3 +195,41 @@ def test_a_capture_that_fails_goes_on_eagerly_on_cuda(tiny_model, instance_dir, 
     weights = graph_run(tiny_model, instance_dir, tmp_path / "out", **{"training.cuda_graph": "on"})
     assert "CUDA graph capture failed" in capsys.readouterr().out
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# ---------------------------------------------------------------------------------------------- frozen modules off
+
+def test_frozen_modules_leave_the_gpu_and_the_lora_trains_the_same_on_cuda(tiny_model, instance_dir, tmp_path,
+                                                                           monkeypatch, capsys):
+    """offload_frozen auto on CUDA: every step runs with the VAE and the text encoder on the CPU, and the LoRA equals
+    the one a run that keeps them resident trains (the same cached latents and embeddings)."""
+    from dreambooth.training import loop as loop_module
+
+    where = []
+    real = loop_module.step_loss
+
+    def watched(cfg, models, *args, **kwargs):
+        where.append({next(models.vae.parameters()).device.type, next(models.text_encoder.parameters()).device.type})
+        return real(cfg, models, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "step_loss", watched)
+    lora = {"model.method": "lora", "dataset.center_crop": True, "training.cuda_graph": "off"}
+    from dreambooth.config_file import load_config
+    from dreambooth.training.loop import train
+
+    def run(out, setting):
+        values = {"model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
+                  "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64,
+                  "training.max_train_steps": 6, "training.learning_rate": 1e-3, "training.seed": 0,
+                  "training.mixed_precision": "bf16", "output.output_dir": str(out), "output.report_to": "none",
+                  "training.offload_frozen": setting, **lora}
+        train(load_config(None, values))
+        return load_file(str(out / "pytorch_lora_weights.safetensors"))
+
+    moved = run(tmp_path / "moved", "auto")
+    assert "off the device once cached: text_encoder, vae" in capsys.readouterr().out
+    assert where and all(w == {"cpu"} for w in where)
+    where.clear()
+    kept = run(tmp_path / "kept", "off")
+    assert all(w == {"cuda"} for w in where)
+    assert all(torch.equal(moved[k], kept[k]) for k in kept)

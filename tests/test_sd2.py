@@ -30,9 +30,9 @@ def values(model, photos, out, **extra):
             "output.report_to": "none", **extra}
 
 
-def picture(pipe, seed=0):
+def picture(pipe, seed=0, prompt="a photo of sks dog"):
     pipe.set_progress_bar_config(disable=True)
-    return pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np",
+    return pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="np",
                 generator=torch.Generator().manual_seed(seed)).images[0]
 
 

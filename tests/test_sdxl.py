@@ -1,6 +1,6 @@
 """SDXL on the tiny SDXL-shaped model: the prompt conditioning and size conditioning as diffusers' SDXL pipeline
-builds them, full and LoRA training of the UNet (text encoders frozen) with prior preservation, exact resume,
-generation, and outputs that stock StableDiffusionXLPipeline loads."""
+builds them, full and LoRA training of the UNet with prior preservation, both text encoders and a new token in
+both tokenizers, exact resume, generation, and outputs that stock StableDiffusionXLPipeline loads."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from test_sd2 import picture, values  # the same short runs and pictures as the 
 
 from dreambooth.cli import main
 from dreambooth.config_file import load_config
-from dreambooth.errors import UserError
 from dreambooth.models.tiny_families import build_model
 from dreambooth.training.data import size_conditioning
 from dreambooth.training.loop import train
@@ -85,15 +84,91 @@ def test_sdxl_lora_loads_in_stock_diffusers_and_through_generate(xl_model, insta
                  "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "shots")]) == 0
 
 
-@pytest.mark.parametrize("extra, says", [
-    ({"model.train_text_encoder": True}, "model.train_text_encoder"),
-    ({"token.identifier": "<zq>", "token.initializer": "dog", "dataset.instance_prompt": "a photo of <zq> dog"},
-     "new identifier token <zq>"),
-])
-def test_what_sdxl_training_does_not_do_yet_is_refused_before_loading(xl_model, instance_dir, tmp_path, extra, says):
-    with pytest.raises(UserError, match=says):
-        train(load_config(None, values(xl_model, instance_dir, tmp_path / "o", **{"training.max_train_steps": 1,
-                                                                                  **extra})))
+NEW_TOKEN = {"token.identifier": "<zq>", "token.initializer": "dog", "dataset.instance_prompt": "a photo of <zq> dog"}
+
+
+def encoder_weights(folder, name):
+    return load_file(str(next((folder / name).glob("*.safetensors"))))
+
+
+def test_sdxl_text_encoders_and_a_new_token_train_whole_resume_exactly_and_load_in_stock_diffusers(
+        xl_model, instance_dir, tmp_path):
+    """Full fine-tune of the UNet and both text encoders with a new token: both tokenizers get it, both encoders
+    train (at text_encoder_lr), a run stopped at step 2 and resumed ends on the same weights, stock diffusers
+    loads the folder."""
+    extra = {**NEW_TOKEN, "model.train_text_encoder": True, "training.text_encoder_lr": 1e-3}
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(load_config(None, values(xl_model, instance_dir, straight, **extra, **{"training.max_train_steps": 4})))
+    train(load_config(None, values(xl_model, instance_dir, stopped, **extra, **{
+        "training.max_train_steps": 2, "output.checkpointing_steps": 2})))
+    assert all((stopped / "checkpoint-2" / name).is_dir() for name in ("text_encoder_2", "tokenizer_2"))
+    train(load_config(None, values(xl_model, instance_dir, stopped, **extra, **{
+        "training.max_train_steps": 4, "output.resume_from_checkpoint": "latest"})))
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        a, b, base = (encoder_weights(p, name) for p in (straight, stopped, xl_model))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        shared = [k for k in a if k in base and a[k].shape == base[k].shape]
+        assert max((a[k] - base[k]).abs().max().item() for k in shared) > 1e-5, f"{name} did not train"
+    pipe = StableDiffusionXLPipeline.from_pretrained(straight)
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+        assert tokenizer.tokenize("a photo of <zq> dog") == ["a</w>", "photo</w>", "of</w>", "<zq>", "dog</w>"]
+    assert main(["generate", "--model", str(straight), "--prompt", "a photo of <zq> dog", "--steps", "2",
+                 "--height", "64", "--width", "64", "--out", str(tmp_path / "shots")]) == 0
+
+
+def test_sdxl_new_token_alone_trains_only_its_rows_in_both_encoders(xl_model, instance_dir, tmp_path):
+    """The UNet and the new token's rows train; every other row of both vocabularies stays exactly pretrained."""
+    out = tmp_path / "run"
+    train(load_config(None, values(xl_model, instance_dir, out, **NEW_TOKEN, **{
+        "training.max_train_steps": 3, "training.text_encoder_lr": 1e-2})))
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    base = StableDiffusionXLPipeline.from_pretrained(xl_model)
+    for tokenizer, encoder, base_encoder in ((pipe.tokenizer, pipe.text_encoder, base.text_encoder),
+                                             (pipe.tokenizer_2, pipe.text_encoder_2, base.text_encoder_2)):
+        rows, before = encoder.get_input_embeddings().weight, base_encoder.get_input_embeddings().weight
+        new = tokenizer.convert_tokens_to_ids("<zq>")
+        assert new == before.shape[0] and torch.equal(rows[:new], before)
+        start = before[tokenizer("dog", add_special_tokens=False).input_ids].mean(0)
+        assert (rows[new] - start).abs().max() > 1e-4  # trained away from the initializer's embedding
+
+
+def test_sdxl_lora_on_both_text_encoders_with_a_new_token_loads_in_stock_diffusers(xl_model, instance_dir,
+                                                                                   tmp_path):
+    """The LoRA file holds unet, text_encoder and text_encoder_2 adapters, the token file clip_l and clip_g rows:
+    stock diffusers (load_lora_weights + one load_textual_inversion per encoder) draws what `generate` draws,
+    and a resumed run ends on the same file."""
+    from dreambooth.formats.lora import read_token_file
+    from dreambooth.formats.lora_loading import load_loras
+
+    extra = {**NEW_TOKEN, "model.method": "lora", "model.train_text_encoder": True, "lora.rank": 4,
+             "training.learning_rate": 1e-2, "training.text_encoder_lr": 1e-2}
+    out, stopped = tmp_path / "lora", tmp_path / "stopped"
+    train(load_config(None, values(xl_model, instance_dir, out, **extra, **{"training.max_train_steps": 3})))
+    train(load_config(None, values(xl_model, instance_dir, stopped, **extra, **{
+        "training.max_train_steps": 2, "output.checkpointing_steps": 2})))
+    train(load_config(None, values(xl_model, instance_dir, stopped, **extra, **{
+        "training.max_train_steps": 3, "output.resume_from_checkpoint": "latest"})))
+    a, b = (load_file(str(p / "pytorch_lora_weights.safetensors")) for p in (out, stopped))
+    assert {k.split(".")[0] for k in a} == {"unet", "text_encoder", "text_encoder_2"}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    tokens = load_file(str(out / "token_embeddings.safetensors"))
+    assert set(tokens) == {"clip_l", "clip_g"} and tokens["clip_g"].shape == (1, 32)  # the tiny bigG's width
+    assert list(read_token_file(out / "token_embeddings.safetensors")) == ["<zq>"]
+
+    stock = StableDiffusionXLPipeline.from_pretrained(xl_model)
+    stock.load_lora_weights(str(out))
+    stock.load_textual_inversion(tokens["clip_l"], token="<zq>", text_encoder=stock.text_encoder,
+                                 tokenizer=stock.tokenizer)
+    stock.load_textual_inversion(tokens["clip_g"], token="<zq>", text_encoder=stock.text_encoder_2,
+                                 tokenizer=stock.tokenizer_2)
+    ours = StableDiffusionXLPipeline.from_pretrained(xl_model)
+    load_loras(ours, [(out, 1.0)])  # what generate, validation of a LoRA and the service load
+    theirs = picture(stock, prompt="a photo of <zq> dog")
+    assert np.abs(picture(ours, prompt="a photo of <zq> dog") - theirs).max() <= 1e-5
+    assert main(["generate", "--model", str(xl_model), "--lora", str(out), "--prompt", "a photo of <zq> dog",
+                 "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "shots")]) == 0
+    plain = picture(StableDiffusionXLPipeline.from_pretrained(xl_model), prompt="a photo of <zq> dog")
+    assert np.abs(theirs - plain).max() > 1e-3
 
 
 def test_an_sdxl_models_identity_covers_its_second_text_encoder(xl_model, tmp_path):

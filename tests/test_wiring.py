@@ -50,6 +50,7 @@ def wires(*keys: str):
 # Options whose wiring another file tests; the meta-test checks that each named test exists.
 ELSEWHERE = {
     "training.cuda_graph": "test_graph_step.py::test_the_cuda_graph_setting_reaches_the_loop",
+    "training.offload_frozen": "test_offload.py::test_offload_setting_reaches_the_loop",
     "output.resume_from_checkpoint": "test_train_e2e.py::test_resume_gives_the_same_weights_as_not_stopping",
     "output.overwrite_output_dir": "test_trust.py::test_a_second_run_is_refused_until_resumed_or_overwritten",
     "output.report_to": "test_trust.py::test_report_to_uses_an_installed_tracker",

@@ -142,6 +142,11 @@ class TrainingSection(Section):
         "so that Python's kernel launches stop costing time. auto: on where valid (one CUDA process, bf16 or fp32, "
         "torch AdamW, no --torch_compile), with one line saying why not otherwise; on: refuse to start where it is "
         "not valid.")
+    offload_frozen: Literal["auto", "on", "off"] = opt(
+        "auto", "Move frozen modules off the GPU once their outputs are cached, to save its memory: the text encoders "
+        "after the prompts are encoded (when the text side is frozen), the VAE after every view a batch can hold is "
+        "encoded (latent cache on, and a centre crop or photos square at the resolution). They come back for "
+        "validation. auto: on CUDA; on: also pre-encode on a CPU; off: keep them resident.")
     cpu_convolution: Literal["auto", "onednn", "native"] = opt(
         "auto", "Convolution kernels when training on a CPU: oneDNN's, or PyTorch's native ones (im2col + GEMM), "
         "which are faster for few, small latents. auto: native when images per step x latent pixels <= 1024 "

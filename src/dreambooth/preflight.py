@@ -14,7 +14,6 @@ from dreambooth.errors import UserError
 from dreambooth.models.base import (
     check_model_folder,
     is_hub_id,
-    is_sdxl,
     resolve_hub_model,
     weights_identity,
 )
@@ -317,23 +316,6 @@ def check_vae_folder(folder: str) -> None:
     raise UserError(f"model.pretrained_vae: {path} is not a VAE folder (no config.json).{hint}")
 
 
-def check_sdxl_support(cfg: Config) -> None:
-    """What SDXL training does not do yet, refused before anything loads rather than trained wrongly."""
-    if not is_sdxl(cfg.model.pretrained_model):
-        return
-    missing = []
-    if cfg.model.train_text_encoder:
-        missing.append("model.train_text_encoder (SDXL's two text encoders train in a later version; train the UNet, "
-                       "full or LoRA, with them frozen)")
-    new = [s.identifier for s in cfg.subject_list() if s.identifier and wants_new_token(s.identifier)]
-    if new:
-        missing.append(f"a new identifier token {new[0]} (it would have to be added to both SDXL tokenizers and "
-                       "trained in both encoders, which a later version does; use an existing rare token such as sks)")
-    if missing:
-        raise UserError(f"{cfg.model.pretrained_model} is an SDXL model, and SDXL training here does not support "
-                        + "; ".join(missing) + ".")
-
-
 def run_preflight(cfg: Config) -> Preflight:
     """Checks the inputs and prints the report; raises one UserError listing every problem that stops training."""
     problems = Problems()
@@ -347,7 +329,6 @@ def run_preflight(cfg: Config) -> Preflight:
     elif cfg.training.resolution % 8:
         problems.check(check_resolution, cfg.training.resolution, 8)
     if model_ok and not is_hub_id(model):
-        problems.check(check_sdxl_support, cfg)
         problems.check(check_token_length, cfg)
         if cfg.model.method == "lora":
             problems.check(check_lora_targets, cfg)

@@ -93,11 +93,20 @@ def lora_to_kohya(src: Path, out: Path, *, half: bool = False) -> Path:
     # token by token, so the token itself is the name. ComfyUI does not read bundles: it gets each as an embedding
     # file of its own beside the LoRA (`emb_params`, the key kohya's textual-inversion files use).
     for token, vector in vectors.items():
-        tensors[f"bundle_emb.{token}.emb_params"] = cast_half({"v": vector.reshape(1, -1)}, half)["v"]
+        for key, rows in embedding_rows(vector).items():
+            tensors[f"bundle_emb.{token}.{key}"] = cast_half({"v": rows}, half)["v"]
     if vectors:
         metadata["dreambooth.embedding_files"] = json.dumps({t: f.name for t, f in embedding_files.items()})
     written = save_safetensors_atomic(tensors, out, metadata)
     for token, vector in vectors.items():
-        save_safetensors_atomic({"emb_params": vector.reshape(1, -1).float()}, embedding_files[token],
+        save_safetensors_atomic({k: v.float() for k, v in embedding_rows(vector).items()}, embedding_files[token],
                                 {"dreambooth.token": token, "dreambooth.lora": out.name})
     return written
+
+
+def embedding_rows(vector) -> dict:
+    """A token's embedding as a textual-inversion file holds it: `emb_params` (kohya's key), or SDXL's `clip_l` and
+    `clip_g` (one row for each text encoder), each one row."""
+    if isinstance(vector, dict):
+        return {key: v.reshape(1, -1) for key, v in vector.items()}
+    return {"emb_params": vector.reshape(1, -1)}

@@ -4,7 +4,9 @@ refused where it cannot be converted), writing it, and its new tokens.
 The file is `pytorch_lora_weights.safetensors` (`models.base.LORA_FILE`), diffusers' own name and layout, so stock
 `pipe.load_lora_weights(output_dir)` loads it. A new identifier token's trained embedding goes beside it in
 `token_embeddings.safetensors` ({token: vector}, the layout `pipe.load_textual_inversion` reads), or
-`NAME.tokens.safetensors` beside any other `NAME.safetensors`. Loading LoRAs into a pipeline is
+`NAME.tokens.safetensors` beside any other `NAME.safetensors`; an SDXL token lives in both text encoders, so its
+file holds `clip_l` and `clip_g` rows (the layout SDXL embeddings are shared in, which stock diffusers loads with
+one `load_textual_inversion` call per encoder). Loading LoRAs into a pipeline is
 `formats.lora_loading`; the kohya layout is `formats.kohya`. Torch and safetensors load when a function needs them.
 """
 
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
     import torch
 
 TOKEN_FILE = "token_embeddings.safetensors"
+# An SDXL token's rows in its two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG), by the names SDXL embedding files
+# use, in the order of the pipeline's text_encoder and text_encoder_2.
+SDXL_TOKEN_KEYS = ("clip_l", "clip_g")
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
@@ -210,7 +215,7 @@ def lora_token_vectors(lora_file: Path) -> dict:
     if not file.is_file():
         raise UserError(f"LoRA {lora_file} was trained with new token(s) {', '.join(tokens)} whose embeddings live in "
                         f"{file.name} beside it, which is missing; put it back beside the LoRA.")
-    return read_safetensors(file)[0]
+    return read_token_file(file)
 
 
 def embedding_file_for(out: Path, token: str) -> Path:
@@ -236,8 +241,9 @@ def copy_lora(src: Path, out: Path, *, half: bool = False) -> Path:
         check_new_file(token_out)
     tensors, metadata = read_safetensors(path)
     save_safetensors_atomic(cast_half(tensors, half), out, metadata)
-    if vectors:
-        save_safetensors_atomic(vectors, token_out)
+    if vectors:  # the token file as it is (an SDXL one's layout lives in its metadata)
+        token_tensors, token_metadata = read_safetensors(token_file_for(path))
+        save_safetensors_atomic(token_tensors, token_out, token_metadata)
     return out
 
 
@@ -279,24 +285,28 @@ def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
 
 
-def save_lora(out_dir: Path, unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None,
-              adapter_configs: dict[str, dict], metadata: dict[str, str]) -> Path:
-    """Writes the LoRA with stock diffusers, in fp32 and with our metadata added, atomically."""
+def save_lora(out_dir: Path, modules: dict[str, torch.nn.Module | None], adapter_configs: dict[str, dict],
+              metadata: dict[str, str]) -> Path:
+    """Writes the LoRA with stock diffusers, in fp32 and with our metadata added, atomically.
+
+    `modules` maps "unet", "text_encoder" and, for SDXL, "text_encoder_2" to the adapted module (None where that
+    part does not train); SDXL's pipeline writes the second encoder's layers under `text_encoder_2.`.
+    """
     import shutil
 
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
     scratch = out_dir / ".lora.tmp"  # diffusers writes only to a folder; the run folder's rules know this name
     shutil.rmtree(scratch, ignore_errors=True)
+    kwargs = {}
+    for name, module in modules.items():
+        kwargs[f"{name}_lora_layers"] = lora_layers(module) if module is not None else None
+        kwargs[f"{name}_lora_adapter_metadata"] = adapter_configs.get(name)
+    pipeline = StableDiffusionXLPipeline if "text_encoder_2" in modules else StableDiffusionPipeline
     try:
-        StableDiffusionPipeline.save_lora_weights(
-            scratch, unet_lora_layers=lora_layers(unet) if unet is not None else None,
-            text_encoder_lora_layers=lora_layers(text_encoder) if text_encoder is not None else None,
-            unet_lora_adapter_metadata=adapter_configs.get("unet"),
-            text_encoder_lora_adapter_metadata=adapter_configs.get("text_encoder"),
-            safe_serialization=True)
+        pipeline.save_lora_weights(scratch, **kwargs, safe_serialization=True)
         header = read_metadata(scratch / LORA_FILE)
         tensors = {k: v.to(torch.float32) for k, v in load_file(str(scratch / LORA_FILE)).items()}
     finally:
@@ -304,10 +314,38 @@ def save_lora(out_dir: Path, unet: torch.nn.Module | None, text_encoder: torch.n
     return save_safetensors_atomic(tensors, out_dir / LORA_FILE, {**header, **metadata})
 
 
-def save_token_embeddings(out_dir: Path, tokenizer, text_encoder, token_ids: list[int]) -> Path | None:
-    """The trained rows of new identifier tokens, {token: vector}."""
-    if not token_ids:
+def save_token_embeddings(out_dir: Path, sides: list[tuple]) -> Path | None:
+    """The trained rows of new identifier tokens: {token: vector} for one text encoder; for SDXL's two (`sides` is
+    [(tokenizer, text_encoder, token_ids)] per encoder) `clip_l` and `clip_g`, one row per token, in the order the
+    `dreambooth.tokens` metadata lists them."""
+    import torch
+
+    sides = [side for side in sides if side[2]]
+    if not sides:
         return None
-    weight = text_encoder.get_input_embeddings().weight.detach().float().cpu()
-    rows = {tokenizer.convert_ids_to_tokens(i): weight[i].clone() for i in token_ids}
-    return save_safetensors_atomic(rows, out_dir / TOKEN_FILE)
+    rows = []
+    for tokenizer, text_encoder, token_ids in sides:
+        weight = text_encoder.get_input_embeddings().weight.detach().float().cpu()
+        rows.append({tokenizer.convert_ids_to_tokens(i): weight[i].clone() for i in token_ids})
+    if len(rows) == 1:
+        return save_safetensors_atomic(rows[0], out_dir / TOKEN_FILE)
+    tokens = list(rows[0])
+    if any(list(r) != tokens for r in rows[1:]):
+        raise ValueError(f"the new tokens differ between the text encoders: {[list(r) for r in rows]}")
+    tensors = {key: torch.stack([r[t] for t in tokens]) for key, r in zip(SDXL_TOKEN_KEYS, rows)}
+    return save_safetensors_atomic(tensors, out_dir / TOKEN_FILE, {"dreambooth.tokens": json.dumps(tokens)})
+
+
+def read_token_file(file: Path) -> dict:
+    """A token file's embeddings by token: {token: vector}, or for SDXL {token: {"clip_l": vector, "clip_g": vector}}
+    (a single-token `clip_l`/`clip_g` file made elsewhere is named by its file name, as A1111 does)."""
+    tensors, metadata = read_safetensors(file)
+    if set(tensors) != set(SDXL_TOKEN_KEYS):
+        return tensors
+    count = tensors[SDXL_TOKEN_KEYS[0]].reshape(-1, tensors[SDXL_TOKEN_KEYS[0]].shape[-1]).shape[0]
+    tokens = json.loads(metadata.get("dreambooth.tokens", "null") or "null") or [file.name.split(".")[0]]
+    if len(tokens) != count:
+        raise UserError(f"token file {file} holds {count} rows per encoder for {len(tokens)} token(s) {tokens}; "
+                        "it is damaged or was not written by this tool. Train again or pass the matching file.")
+    return {token: {key: tensors[key].reshape(count, -1)[i] for key in SDXL_TOKEN_KEYS}
+            for i, token in enumerate(tokens)}

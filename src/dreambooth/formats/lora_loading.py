@@ -12,11 +12,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dreambooth.errors import UserError
-from dreambooth.formats.lora import check_lora_source, read_metadata, token_file_for
+from dreambooth.formats.lora import (
+    SDXL_TOKEN_KEYS,
+    check_lora_source,
+    read_metadata,
+    read_token_file,
+    token_file_for,
+)
 from dreambooth.models.base import lora_base_model, model_fingerprint
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
 def lora_mismatch(file: Path, error: Exception, model: Path | str | None) -> UserError:
@@ -43,14 +49,20 @@ def note_other_base(file: Path, model: Path | str | None) -> None:
               f"{model} has other weights ({here}). It loads; results depend on how close the two models are.")
 
 
-def bundled_embeddings(tensors: dict) -> dict[str, torch.Tensor]:
+def bundled_embeddings(tensors: dict) -> dict:
     """Embeddings bundled in a kohya LoRA as A1111 reads them: `bundle_emb.<token>.emb_params` (or
-    `.string_to_param.*`), as {token: vectors}."""
+    `.string_to_param.*`) as {token: vectors}; SDXL's `bundle_emb.<token>.clip_l` and `.clip_g` as
+    {token: {"clip_l": vectors, "clip_g": vectors}}."""
     found = {}
     for key, value in tensors.items():
-        if key.startswith("bundle_emb."):
-            token = key[len("bundle_emb."):].rsplit(".emb_params", 1)[0].split(".string_to_param")[0]
-            found[token] = value
+        if not key.startswith("bundle_emb."):
+            continue
+        name = key[len("bundle_emb."):]
+        token, _, part = name.rpartition(".")
+        if part in SDXL_TOKEN_KEYS:
+            found.setdefault(token, {})[part] = value
+            continue
+        found[name.rsplit(".emb_params", 1)[0].split(".string_to_param")[0]] = value
     return found
 
 
@@ -94,19 +106,28 @@ def load_loras(pipe, loras: list[tuple[Path, float]], model: Path | str | None =
         pipe.set_adapters(names, adapter_weights=weights)
 
 
-def load_token_vectors(pipe, vectors: dict[str, torch.Tensor]) -> None:
-    """New tokens with their trained embeddings, into the pipeline's tokenizer and text encoder."""
+def load_token_vectors(pipe, vectors: dict) -> None:
+    """New tokens with their trained embeddings, into the pipeline's tokenizer and text encoder: {token: vector},
+    or for SDXL {token: {"clip_l": vector, "clip_g": vector}}, one row into each of its two encoders."""
     vocab = pipe.tokenizer.get_vocab()
     for token, vector in vectors.items():
-        if token not in vocab:
+        if token in vocab:
+            continue
+        if not isinstance(vector, dict):
             vector = vector[0] if vector.ndim == 2 and vector.shape[0] == 1 else vector
             pipe.load_textual_inversion({token: vector}, token=token)
+            continue
+        if getattr(pipe, "text_encoder_2", None) is None:
+            raise UserError(f"the new token {token} was trained for SDXL's two text encoders; this model has one. "
+                            "Use it with the SDXL model it was trained on.")
+        for key, encoder, tokenizer in zip(SDXL_TOKEN_KEYS, (pipe.text_encoder, pipe.text_encoder_2),
+                                           (pipe.tokenizer, pipe.tokenizer_2)):
+            pipe.load_textual_inversion(vector[key].reshape(1, -1), token=token, text_encoder=encoder,
+                                        tokenizer=tokenizer)
 
 
 def load_token_file(pipe, file: Path) -> None:
-    from safetensors.torch import load_file
-
-    load_token_vectors(pipe, load_file(str(file)))
+    load_token_vectors(pipe, read_token_file(file))
 
 
 def load_token_embeddings(pipe, lora: Path, bundled: dict | None = None) -> None:

@@ -141,12 +141,15 @@ def load_checkpoint_pipeline(ckpt: Path, *, device: torch.device, dtype: torch.d
             from diffusers import UNet2DConditionModel
 
             parts["unet"] = UNet2DConditionModel.from_pretrained(ckpt / "unet", torch_dtype=dtype)
-        if (ckpt / "text_encoder").is_dir():
-            from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-            parts["text_encoder"] = CLIPTextModel.from_pretrained(ckpt / "text_encoder", torch_dtype=dtype)
-            if (ckpt / "tokenizer").is_dir():
-                parts["tokenizer"] = CLIPTokenizer.from_pretrained(ckpt / "tokenizer")
+        # SDXL's second text encoder has a projection (its pooled output conditions the UNet)
+        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            if (ckpt / name).is_dir():
+                parts[name] = cls.from_pretrained(ckpt / name, torch_dtype=dtype)
+                tokenizer = ckpt / name.replace("text_encoder", "tokenizer")
+                if tokenizer.is_dir():
+                    parts[tokenizer.name] = CLIPTokenizer.from_pretrained(tokenizer)
     pipe = load_pipeline(base, device=device, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker,
                          revision=config.get("revision"), variant=config.get("variant"), **parts)
     if (ckpt / LORA_FILE).is_file():

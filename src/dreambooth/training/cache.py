@@ -38,14 +38,14 @@ class LatentCache:
         from diffusers.utils.torch_utils import randn_tensor
 
         if self.mode == "off":
-            return self._encode(pixels, generator.device).sample(generator)
-        found = [self._get(k) for k in keys]
+            return self._encode(pixels).sample(generator)
+        found = [self._get(k, generator.device) for k in keys]
         missing = [i for i, entry in enumerate(found) if entry is None]
         for i in missing:
             # one image at a time: an entry must not depend on which images shared its batch (kernels may round
             # differently per batch size), or a resumed run, whose cache starts empty, would drift
-            dist = self._encode(pixels[i:i + 1], generator.device)
-            found[i] = (dist.mean[0], dist.std[0])
+            dist = self._encode(pixels[i:i + 1])
+            found[i] = (dist.mean[0].to(generator.device), dist.std[0].to(generator.device))
             self._put(keys[i], found[i])
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
@@ -58,23 +58,24 @@ class LatentCache:
         """`sample` in fp32 times the VAE's scaling factor: the latents the UNet trains on."""
         return self.sample(pixels, keys, generator).float() * self.vae.config.scaling_factor
 
-    def _encode(self, pixels: torch.Tensor, device: torch.device):
-        # Always oneDNN's convolutions on a CPU: the VAE sees whole images, where they are the faster ones, while
-        # the training loop may have switched to PyTorch's native kernels for the UNet's small latents
+    def _encode(self, pixels: torch.Tensor):
+        # On the VAE's device, which is the CPU once training.offload moved it there (a miss after that is slow,
+        # not wrong). Always oneDNN's convolutions on a CPU: the VAE sees whole images, where they are the faster
+        # ones, while the training loop may have switched to PyTorch's native kernels for the UNet's small latents
         # (training.cpu_convolution). One choice also keeps every entry computed the same way.
         with convolution_kernels("onednn"):
-            return self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist
+            return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
 
     def _file(self, key: str) -> Path:
         return self.disk_dir / (hashlib.sha256((self.salt + key).encode()).hexdigest()[:32] + ".safetensors")
 
-    def _get(self, key: str):
+    def _get(self, key: str, device: torch.device):
         if self.mode == "memory":
             return self.memory.get(key)
         file = self._file(key)
         if not file.is_file():
             return None
-        data = load_file(str(file), device=str(self.vae.device) if self.vae.device.type != "cpu" else "cpu")
+        data = load_file(str(file), device=str(device) if device.type != "cpu" else "cpu")
         return data["mean"], data["std"]
 
     def _put(self, key: str, entry: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -1,8 +1,9 @@
 """Resumable checkpoints: atomic `checkpoint-N/` folders in diffusers' layout, rotation, and a clean stop.
 
 A checkpoint holds what trains in the layout diffusers users already load intermediate checkpoints from:
-`unet/` and `text_encoder/` (save_pretrained folders) when they train whole, `pytorch_lora_weights.safetensors`
-for LoRA, and `token_embeddings.safetensors` with `tokenizer/` for new identifier tokens; beside them
+`unet/` and `text_encoder/` (and SDXL's `text_encoder_2/`; save_pretrained folders) when they train whole,
+`pytorch_lora_weights.safetensors` for LoRA, and `token_embeddings.safetensors` with `tokenizer/` (and
+`tokenizer_2/`) for new identifier tokens; beside them
 accelerate's optimizer, schedule and RNG state, each process's noise generator, the resolved `config.yaml`, and
 `trainer_state.json` (step, run id, the run's settings). So a checkpoint is usable on its own: `generate`,
 `evaluate` and `export` take it, and `UNet2DConditionModel.from_pretrained("checkpoint-400/unet")` loads it.
@@ -25,12 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import commit_folder
-from dreambooth.formats.lora import TOKEN_FILE, lora_state_for_peft, save_token_embeddings
+from dreambooth.formats.lora import TOKEN_FILE, lora_state_for_peft, read_token_file, save_token_embeddings
 from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
-from dreambooth.training.outputs import save_lora_output
+from dreambooth.training.outputs import save_lora_output, token_sides
 from dreambooth.training.rundir import next_save_index, rotate
-
-TOKENIZER_DIR = "tokenizer"
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, generator: torch.Generator,
@@ -110,46 +109,51 @@ class CheckpointFiles:
         acc.register_save_state_pre_hook(save_hook)
         acc.register_load_state_pre_hook(load_hook)
 
-    def _modules(self):
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        """The unwrapped UNet and text encoders by component name ("unet", "text_encoder", "text_encoder_2")."""
         acc, m = self.run.accelerator, self.run.models
-        return acc.unwrap_model(m.unet), acc.unwrap_model(m.text_encoder)
+        return {"unet": acc.unwrap_model(m.unet),
+                **{name: acc.unwrap_model(encoder) for name, _, encoder, _ in m.text_sides()}}
 
     def save(self, folder: Path) -> None:
         cfg, m = self.run.cfg, self.run.models
-        unet, text_encoder = self._modules()
+        modules = self._modules()
         if cfg.model.method == "lora":
             save_lora_output(self.run, folder)  # adapters and new tokens, as in the final output
         else:
             if cfg.model.train_unet:
-                unet.save_pretrained(folder / "unet", safe_serialization=True)
+                modules["unet"].save_pretrained(folder / "unet", safe_serialization=True)
             if cfg.model.train_text_encoder:
-                text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+                for name, _, _, _ in m.text_sides():
+                    modules[name].save_pretrained(folder / name, safe_serialization=True)
             else:
-                save_token_embeddings(folder, m.tokenizer, text_encoder, m.new_token_ids)
-        if m.new_token_ids:
-            m.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+                save_token_embeddings(folder, token_sides(self.run))
+        for name, tokenizer, _, token_ids in m.text_sides():
+            if token_ids:
+                tokenizer.save_pretrained(folder / name.replace("text_encoder", "tokenizer"))
 
     def load(self, folder: Path) -> None:
-        cfg = self.run.cfg
-        unet, text_encoder = self._modules()
+        cfg, m = self.run.cfg, self.run.models
+        modules = self._modules()
         if any(folder.glob("trainable_*.safetensors")):
             self._load_legacy(folder)  # every trainable weight, token rows included
             return
         if cfg.model.method == "lora":
-            self._load_lora(folder, unet, text_encoder)
+            self._load_lora(folder, modules)
         else:
             if cfg.model.train_unet:
-                self._load_whole(folder / "unet", unet)
+                self._load_whole(folder / "unet", modules["unet"])
             if cfg.model.train_text_encoder:
-                self._load_whole(folder / "text_encoder", text_encoder)
-        if self.run.models.new_token_ids and not (cfg.model.method == "full" and cfg.model.train_text_encoder):
-            self._load_token_rows(folder, text_encoder)
+                for name, _, _, _ in m.text_sides():
+                    self._load_whole(folder / name, modules[name])
+        if m.new_token_ids and not (cfg.model.method == "full" and cfg.model.train_text_encoder):
+            self._load_token_rows(folder, modules)
 
     def _load_whole(self, folder: Path, module: torch.nn.Module) -> None:
         weights = _load_folder_weights(folder)
         _check_loaded(folder, module, module.load_state_dict(weights, strict=False))
 
-    def _load_lora(self, folder: Path, unet, text_encoder) -> None:
+    def _load_lora(self, folder: Path, modules: dict[str, torch.nn.Module]) -> None:
         from peft import set_peft_model_state_dict
 
 
@@ -158,22 +162,28 @@ class CheckpointFiles:
             raise UserError(f"output.resume_from_checkpoint: {folder} has no {LORA_FILE}; it was not saved by a "
                             "LoRA run. Resume with the method it was trained with.")
         tensors = load_file(str(file))
-        for component, module in (("unet", unet), ("text_encoder", text_encoder)):
+        for component, module in modules.items():
             if not getattr(module, "peft_config", None):
                 continue
             state = lora_state_for_peft(component, tensors)
             result = set_peft_model_state_dict(module, state, adapter_name="default")
             _check_loaded(file, module, result, only_lora=True)
 
-    def _load_token_rows(self, folder: Path, text_encoder) -> None:
+    def _load_token_rows(self, folder: Path, modules: dict[str, torch.nn.Module]) -> None:
         file = folder / TOKEN_FILE
         if not file.is_file():
             raise UserError(f"output.resume_from_checkpoint: {folder} has no {TOKEN_FILE} for the new identifier "
                             "token(s) of this run; resume with the identifier it was trained with.")
-        tokenizer, weight = self.run.models.tokenizer, text_encoder.get_input_embeddings().weight
+        sides = self.run.models.text_sides()
         with torch.no_grad():
-            for token, vector in load_file(str(file)).items():
-                weight[tokenizer.convert_tokens_to_ids(token)] = vector.to(weight.device, weight.dtype)
+            for token, vector in read_token_file(file).items():
+                rows = vector if isinstance(vector, dict) else {None: vector}
+                if len(rows) != len(sides):
+                    raise UserError(f"output.resume_from_checkpoint: {file} holds token rows for {len(rows)} text "
+                                    f"encoder(s), this model has {len(sides)}; resume with the base it was made on.")
+                for (name, tokenizer, _, _), row in zip(sides, rows.values()):
+                    weight = modules[name].get_input_embeddings().weight
+                    weight[tokenizer.convert_tokens_to_ids(token)] = row.to(weight.device, weight.dtype)
 
     def _load_legacy(self, folder: Path) -> None:
         """Checkpoints saved before the diffusers layout: trainable_<i>.safetensors per prepared module."""

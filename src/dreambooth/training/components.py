@@ -25,17 +25,29 @@ class Models:
     noise_scheduler: object
     new_token_ids: list[int] = field(default_factory=list)
     # SDXL's second text encoder (OpenCLIP with a projection, whose pooled output also conditions the UNet) and its
-    # tokenizer; None for SD 1.x and 2.x. Frozen: the text side of SDXL does not train yet.
+    # tokenizer, with the ids of the new tokens added to it; None for SD 1.x and 2.x. It trains as the first does.
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object = None
+    new_token_ids_2: list[int] = field(default_factory=list)
+
+    def text_sides(self) -> list[tuple[str, object, torch.nn.Module, list[int]]]:
+        """(component name, tokenizer, text encoder, new token ids) of each text encoder: one, or SDXL's two. The
+        one place the families' text sides differ; everything that trains or saves the text side walks this."""
+        sides = [("text_encoder", self.tokenizer, self.text_encoder, self.new_token_ids)]
+        if self.text_encoder_2 is not None:
+            sides.append(("text_encoder_2", self.tokenizer_2, self.text_encoder_2, self.new_token_ids_2))
+        return sides
+
+    def encoders(self) -> list[torch.nn.Module]:
+        return [encoder for _, _, encoder, _ in self.text_sides()]
 
     def trained(self) -> list[torch.nn.Module]:
-        """The UNet and the text encoder, each if any of its parameters trains (LoRA adapters, a new token's row)."""
-        return [m for m in (self.unet, self.text_encoder) if any(p.requires_grad for p in m.parameters())]
+        """The UNet and the text encoders, each if any of its parameters trains (LoRA adapters, a new token's row)."""
+        return [m for m in (self.unet, *self.encoders()) if any(p.requires_grad for p in m.parameters())]
 
     @property
     def text_trains(self) -> bool:
-        return any(p.requires_grad for p in self.text_encoder.parameters())
+        return any(p.requires_grad for encoder in self.encoders() for p in encoder.parameters())
 
 
 def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dtype) -> Models:
@@ -58,6 +70,9 @@ def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dt
         models.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
             base, subfolder="text_encoder_2", variant=cfg.model.variant, **src).requires_grad_(False).eval()
     models.new_token_ids = [i for plan in plans for i in add_identifier_token(tokenizer, text_encoder, plan)]
+    if models.text_encoder_2 is not None:  # SDXL: the same new tokens in its second tokenizer and encoder
+        models.new_token_ids_2 = [i for plan in plans
+                                  for i in add_identifier_token(models.tokenizer_2, models.text_encoder_2, plan)]
     for module in (unet, text_encoder, vae, models.text_encoder_2):
         if module is not None and module.dtype != weight_dtype:
             module.to(dtype=weight_dtype)
@@ -71,15 +86,17 @@ def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dt
     # checkpoint or of the run: the optimizer's small updates vanish in fp16/bf16. A text encoder with anything
     # trainable stays fp32 as a whole: an fp32 embedding feeding half-precision LayerNorms fails outside CUDA
     # autocast, and CLIP's 123 M parameters are cheap next to the UNet.
-    if models.text_trains:
-        text_encoder.to(dtype=torch.float32)
+    for encoder in models.encoders():
+        if any(p.requires_grad for p in encoder.parameters()):
+            encoder.to(dtype=torch.float32)
     for param in unet.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     if cfg.training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.model.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for encoder in models.encoders():
+                encoder.gradient_checkpointing_enable()
     if cfg.model.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     return models
@@ -97,17 +114,20 @@ def load_vae(cfg: Config, dtype: torch.dtype | None = None):
 
 
 def set_trainable(cfg: Config, models: Models) -> None:
-    """UNet and text encoder as configured (whole, or LoRA adapters); a new token's row always; the VAE never."""
+    """UNet and text encoders as configured (whole, or LoRA adapters); a new token's rows always; the VAE never."""
     lora = cfg.model.method == "lora"
+    whole_text = cfg.model.train_text_encoder and not lora
     models.vae.requires_grad_(False)
     models.unet.requires_grad_(cfg.model.train_unet and not lora)
-    models.text_encoder.requires_grad_(cfg.model.train_text_encoder and not lora)
+    for encoder in models.encoders():
+        encoder.requires_grad_(whole_text)
     if lora:
         add_lora_adapters(cfg, models)
-    if models.new_token_ids and not (cfg.model.train_text_encoder and not lora):
-        train_only_rows(models.text_encoder.get_input_embeddings(), models.new_token_ids)
+    for _, _, encoder, token_ids in models.text_sides():
+        if token_ids and not whole_text:
+            train_only_rows(encoder.get_input_embeddings(), token_ids)
+        encoder.train(any(p.requires_grad for p in encoder.parameters()))
     models.unet.train(cfg.model.train_unet)
-    models.text_encoder.train(models.text_trains)
 
 
 def lora_config(cfg: Config, target_modules: list[str]):
@@ -119,7 +139,7 @@ def lora_config(cfg: Config, target_modules: list[str]):
 
 
 def add_lora_adapters(cfg: Config, models: Models) -> None:
-    """peft LoRA adapters on the UNet's attention projections (and the text encoder's, when it trains).
+    """peft LoRA adapters on the UNet's attention projections (and the text encoders', when they train).
 
     The text encoder's come from peft directly, not through transformers' `add_adapter`: transformers 5.24 refuses
     every peft release that exists (it asks for peft >= 0.22), while peft itself, like diffusers' loader, works
@@ -130,9 +150,10 @@ def add_lora_adapters(cfg: Config, models: Models) -> None:
     if cfg.model.train_unet:
         models.unet.add_adapter(lora_config(cfg, cfg.lora.unet_target_modules))
     if cfg.model.train_text_encoder:
-        config = lora_config(cfg, cfg.lora.text_encoder_target_modules)
-        inject_adapter_in_model(config, models.text_encoder, adapter_name="default")
-        models.text_encoder.peft_config = {"default": config}
+        for encoder in models.encoders():
+            config = lora_config(cfg, cfg.lora.text_encoder_target_modules)
+            inject_adapter_in_model(config, encoder, adapter_name="default")
+            encoder.peft_config = {"default": config}
 
 
 def param_groups(cfg: Config, models: Models, lr_scale: float) -> list[dict]:
@@ -146,14 +167,16 @@ def param_groups(cfg: Config, models: Models, lr_scale: float) -> list[dict]:
     unet_params = [p for p in models.unet.parameters() if p.requires_grad]
     if unet_params:
         groups.append({"params": unet_params, "lr": t.learning_rate * lr_scale, "weight_decay": t.adam_weight_decay})
-    embedding = models.text_encoder.get_input_embeddings().weight
-    text_params = [p for p in models.text_encoder.parameters() if p.requires_grad and p is not embedding]
+    embeddings = [e.get_input_embeddings().weight for e in models.encoders()]
+    text_params = [p for e in models.encoders() for p in e.parameters()
+                   if p.requires_grad and not any(p is w for w in embeddings)]
     text_decay = t.adam_weight_decay if t.adam_weight_decay_text_encoder is None else t.adam_weight_decay_text_encoder
     if text_params:
         groups.append({"params": text_params, "lr": t.text_encoder_lr * lr_scale, "weight_decay": text_decay})
-    if embedding.requires_grad:
+    trained_rows = [w for w in embeddings if w.requires_grad]
+    if trained_rows:
         whole = cfg.model.train_text_encoder and cfg.model.method == "full"
-        groups.append({"params": [embedding], "lr": t.text_encoder_lr * lr_scale,
+        groups.append({"params": trained_rows, "lr": t.text_encoder_lr * lr_scale,
                        "weight_decay": text_decay if whole else 0.0})
     return groups
 
@@ -254,16 +277,19 @@ class PromptEncoder:
         for tokenizer, encoder in ((self.models.tokenizer, self.models.text_encoder),
                                    (self.models.tokenizer_2, self.models.text_encoder_2)):
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(self.device)
+                            return_tensors="pt").input_ids.to(_device_of(encoder))
             out = encoder(ids, output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-            pooled = out[0]
+            states.append(out.hidden_states[-2].to(self.device))
+            pooled = out[0].to(self.device)
         return torch.cat(states, dim=-1), pooled
 
     def _encode(self, prompts: list[str]):
         if self.models.text_encoder_2 is not None:
             return self._encode_sdxl(prompts)
-        return self.embed(*self.tokens(prompts))
+        ids, mask = self.tokens(prompts)
+        # a frozen encoder may live on the CPU (training.offload): it reads and answers there
+        device = _device_of(self.models.text_encoder)
+        return self.embed(ids.to(device), None if mask is None else mask.to(device)).to(self.device)
 
     def conditioning(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What a step needs of its prompts: token ids (and mask) when the text side trains, else embeddings."""
@@ -283,3 +309,5 @@ class PromptEncoder:
         return stacked if len(stacked) > 1 else stacked[0]
 
 
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device

@@ -154,16 +154,40 @@ class DreamBoothDataset(Dataset):
         their conditioning always agree.
         """
         images = self._instance if role == "instance" else self._class
-        sizes = self._instance_sizes if role == "instance" else self._class_sizes
         image = images[index % len(images)]
         rng = _item_rng(self.seed, self.epoch, index, role)
         flip = self.random_flip and rng.random() < 0.5
         origin = crop_origin(image.size, self.resolution, center_crop=self.center_crop,
                              crop_rng=None if self.center_crop else rng)
+        return self._view(role, index % len(images), origin, flip)
+
+    def _view(self, role: str, i: int, origin: tuple[int, int], flip: bool) -> tuple[torch.Tensor, str, torch.Tensor]:
+        """Image `i` of `role` cropped at `origin`, maybe mirrored: its pixels, cache key and size conditioning."""
+        image = (self._instance if role == "instance" else self._class)[i]
+        size = (self._instance_sizes if role == "instance" else self._class_sizes)[i]
         pixels = prepare_image(image, self.resolution, center_crop=self.center_crop, flip=flip, crop_rng=None,
                                origin=origin)
-        key = f"{self._paths[role][index % len(images)]}|{self.resolution}|{origin[0]},{origin[1]}|{int(flip)}"
-        return pixels, key, size_conditioning(sizes[index % len(images)], image.size, origin, flip, self.resolution)
+        key = f"{self._paths[role][i]}|{self.resolution}|{origin[0]},{origin[1]}|{int(flip)}"
+        return pixels, key, size_conditioning(size, image.size, origin, flip, self.resolution)
+
+    def views(self) -> list[tuple[torch.Tensor, str]] | None:
+        """Every (pixels, cache key) a batch can ever hold, when augmentation leaves few: one crop per image (centre
+        crop, or an image already square at the resolution) and each flip `random_flip` allows. None when random
+        crops make them too many to list; then latents are cached as they come."""
+        found = []
+        for role, images in (("instance", self._instance), ("class", self._class)):
+            for i, image in enumerate(images):
+                if not self.center_crop and image.size != (self.resolution, self.resolution):
+                    return None
+                origin = crop_origin(image.size, self.resolution, center_crop=True, crop_rng=None)
+                for flip in (False, True) if self.random_flip else (False,):
+                    pixels, key, _ = self._view(role, i, origin, flip)
+                    found.append((pixels, key))
+        return found
+
+    def prompts(self) -> list[str]:
+        """The prompts its batches carry."""
+        return [self.instance_prompt] + ([self.class_prompt] if self._class else [])
 
 
 def collate_examples(examples: list[dict]) -> dict:
@@ -207,3 +231,10 @@ class MultiSubjectDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         subject = self.subjects[index % len(self.subjects)]
         return subject[(index // len(self.subjects)) % len(subject)]
+
+    def views(self) -> list[tuple[torch.Tensor, str]] | None:
+        found = [subject.views() for subject in self.subjects]
+        return None if any(v is None for v in found) else [view for v in found for view in v]
+
+    def prompts(self) -> list[str]:
+        return list(dict.fromkeys(p for subject in self.subjects for p in subject.prompts()))

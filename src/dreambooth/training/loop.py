@@ -37,6 +37,7 @@ from dreambooth.training.loss import (
     noise_with_offset,
     snr_from_alphas,
 )
+from dreambooth.training.offload import FrozenOffload, offload_plan
 from dreambooth.training.outputs import MetricsLog, save_outputs, write_model_card, write_run_info
 from dreambooth.training.rundir import RunLock, new_run_id
 from dreambooth.training.speed import (
@@ -129,6 +130,7 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
     bar = tqdm(total=run.total_steps, initial=start_step, desc="training", unit="step",
                disable=not acc.is_local_main_process)
     batches = batch_stream(run, start_step * cfg.training.gradient_accumulation_steps)
+    offload = frozen_offload(run, encode, latent_cache)
     static = None
     if run.graph:
         def loss_of(latents, cond, is_prior, time_ids):
@@ -153,8 +155,21 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
                                   "with the same command and --resume_from_checkpoint latest.")
         if cfg.validation.prompts and (run.global_step % cfg.validation.steps == 0
                                        or run.global_step == run.total_steps):
-            validate(run)
+            with offload.resident():
+                validate(run)
     bar.close()
+
+
+def frozen_offload(run: Run, encode: PromptEncoder, latent_cache: LatentCache) -> FrozenOffload:
+    """The prompt and latent caches filled up front and the frozen modules they make idle sent off the GPU
+    (training.offload), with one line saying what moved."""
+    acc, dataset = run.accelerator, run.loader.dataset
+    names, why = offload_plan(run.cfg, run.models, dataset, acc.device.type)
+    if acc.device.type == "cuda" and acc.is_main_process:
+        print(why)
+    offload = FrozenOffload(run.models, names, acc.device)
+    offload.prepare(dataset, encode, latent_cache, run.generator)
+    return offload
 
 
 def eager_update(run: Run, batches, encode, latent_cache, clip, modules, logger) -> None:
@@ -210,7 +225,8 @@ def validate(run: Run) -> None:
     parts = {"vae": m.vae, "text_encoder": acc.unwrap_model(m.text_encoder), "tokenizer": m.tokenizer,
              "unet": acc.unwrap_model(m.unet), "scheduler": make_scheduler(v.scheduler, m.noise_scheduler.config)}
     if m.text_encoder_2 is not None:
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=m.text_encoder_2, tokenizer_2=m.tokenizer_2)
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=acc.unwrap_model(m.text_encoder_2),
+                                         tokenizer_2=m.tokenizer_2)
     else:
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
@@ -282,8 +298,9 @@ def setup(cfg: Config, report: Preflight) -> Run:
     lr_scheduler = make_lr_scheduler(cfg, optimizer, accelerator.num_processes, total)
     trained = models.trained()
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    names = {id(models.unet): "unet", **{id(encoder): name for name, _, encoder, _ in models.text_sides()}}
     for module, wrapped in zip(trained, prepared):
-        setattr(models, "unet" if module is models.unet else "text_encoder", wrapped)
+        setattr(models, names[id(module)], wrapped)
     optimizer, lr_scheduler = prepared[-2:]
     speed_up(cfg, models, accelerator)
     for module in (models.vae, models.unet, models.text_encoder, models.text_encoder_2):

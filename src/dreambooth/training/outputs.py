@@ -28,11 +28,13 @@ def save_full_model(run) -> None:
     from dreambooth.models.loading import pipeline_class
 
     acc, cfg, m = run.accelerator, run.cfg, run.models
-    parts = {"unet": acc.unwrap_model(m.unet), "tokenizer": m.tokenizer}
-    if m.text_trains:
-        parts["text_encoder"] = acc.unwrap_model(m.text_encoder)
-    if cfg.output.skip_save_text_encoder:
-        parts["text_encoder"] = None
+    parts = {"unet": acc.unwrap_model(m.unet)}
+    for name, tokenizer, encoder, _ in m.text_sides():
+        parts[name.replace("text_encoder", "tokenizer")] = tokenizer  # with any new token
+        if any(p.requires_grad for p in encoder.parameters()):
+            parts[name] = acc.unwrap_model(encoder)
+        if cfg.output.skip_save_text_encoder:
+            parts[name] = None
     if cfg.model.pretrained_vae:  # the saved model draws with the VAE it trained with, read again at full precision
         from dreambooth.training.components import load_vae
 
@@ -81,12 +83,18 @@ def save_lora_output(run, folder: Path | None = None) -> None:
     the output folder or in a checkpoint being written."""
     folder = folder or run.out
     acc, cfg, m = run.accelerator, run.cfg, run.models
-    unet = acc.unwrap_model(m.unet) if cfg.model.train_unet else None
-    text_encoder = acc.unwrap_model(m.text_encoder) if cfg.model.train_text_encoder else None
-    configs = {"unet": _adapter_config(unet) if unet else None,
-               "text_encoder": _adapter_config(text_encoder) if text_encoder else None}
-    save_lora(folder, unet, text_encoder, configs, lora_metadata(run))
-    save_token_embeddings(folder, m.tokenizer, acc.unwrap_model(m.text_encoder), m.new_token_ids)
+    modules = {"unet": acc.unwrap_model(m.unet) if cfg.model.train_unet else None}
+    for name, _, encoder, _ in m.text_sides():
+        modules[name] = acc.unwrap_model(encoder) if cfg.model.train_text_encoder else None
+    configs = {name: _adapter_config(module) if module else None for name, module in modules.items()}
+    save_lora(folder, modules, configs, lora_metadata(run))
+    save_token_embeddings(folder, token_sides(run))
+
+
+def token_sides(run) -> list[tuple]:
+    """(tokenizer, unwrapped text encoder, new token ids) per text encoder, for the token file."""
+    return [(tokenizer, run.accelerator.unwrap_model(encoder), ids) for _, tokenizer, encoder, ids
+            in run.models.text_sides()]
 
 
 def save_outputs(run) -> None:
