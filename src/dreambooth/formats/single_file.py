@@ -119,22 +119,33 @@ def vae_rules(vae) -> list[Rule]:
     return rules
 
 
+def ldm_name(key: str, by_module: dict[str, Rule]) -> str | None:
+    """The original name of a diffusers tensor (or of any name below a module, such as a LoRA layer's), by the rule
+    of its deepest module; None where no rule covers it."""
+    parts = key.split(".")
+    rule = next((by_module[".".join(parts[:n])] for n in range(len(parts) - 1, 0, -1)
+                 if ".".join(parts[:n]) in by_module), None)
+    if rule is None:
+        return None
+    rest = key[len(rule.diffusers) + 1:]
+    if rule.children is not None:
+        child = next((c for c in rule.children if rest.startswith(c + ".")), None)
+        if child is None:
+            return None
+        rest = rule.children[child] + rest[len(child):]
+    return f"{rule.ldm}.{rest}"
+
+
 def apply_rules(state_dict: dict, rules: list[Rule], ldm_prefix: str, what: str) -> dict:
     """Renames every tensor by the rule of its deepest module; a tensor no rule covers stops the export."""
     by_module = {r.diffusers: r for r in rules}
     out, unmapped = {}, []
     for key, tensor in state_dict.items():
-        parts = key.split(".")
-        rule = next((by_module[".".join(parts[:n])] for n in range(len(parts) - 1, 0, -1)
-                     if ".".join(parts[:n]) in by_module), None)
-        rest = key[len(rule.diffusers) + 1:] if rule else None
-        if rule is not None and rule.children is not None:
-            child = next((c for c in rule.children if rest.startswith(c + ".")), None)
-            rest = None if child is None else rule.children[child] + rest[len(child):]
-        if rest is None:
+        name = ldm_name(key, by_module)
+        if name is None:
             unmapped.append(key)
             continue
-        target = f"{ldm_prefix}{rule.ldm}.{rest}"
+        target = ldm_prefix + name
         if target in out:
             raise AssertionError(f"two {what} tensors map to {target}; the key map is wrong")
         out[target] = tensor
