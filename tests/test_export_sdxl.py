@@ -255,7 +255,8 @@ def xl_from_single_file(file, config_dir, **kw):
 def test_sdxl_single_file_has_sgm_names_and_loads_back_in_stock_diffusers(xl_model, xl_config_model, tmp_path):
     file = to_single_file(xl_model, tmp_path / "xl.safetensors")
     tensors = load_file(file)
-    assert tensors["model.diffusion_model.label_emb.0.0.weight"].shape == (16 * 4, TE2_PROJECTION + 6 * 8)  # time embedding: 4 x the first level
+    time_embedding = 4 * 16  # four times the first level's channels
+    assert tensors["model.diffusion_model.label_emb.0.0.weight"].shape == (time_embedding, TE2_PROJECTION + 6 * 8)
     assert "model.diffusion_model.input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight" in tensors
     assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in tensors
     openclip = "conditioner.embedders.1.model."
