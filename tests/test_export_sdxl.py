@@ -316,6 +316,18 @@ def test_sdxl_single_file_refuses_encoders_it_has_no_place_for(xl_model, tmp_pat
         to_single_file(other, tmp_path / "other.safetensors")
 
 
+def test_sdxl_single_file_with_new_tokens_is_refused_before_loading(xl_model, xl_lora, tmp_path, monkeypatch):
+    from dreambooth.formats import single_file
+
+    file = tmp_path / "token_lora.safetensors"
+    with safe_open(str(xl_lora / LORA_FILE), framework="pt") as f:
+        header = f.metadata()
+    save_file(load_file(xl_lora / LORA_FILE), file, metadata={**header, "dreambooth.new_tokens": '["<zq>"]'})
+    monkeypatch.setattr(single_file, "source_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(UserError, match="<zq>.*not built yet"):
+        to_single_file(xl_model, tmp_path / "out.safetensors", loras=[(file, 1.0)])
+
+
 # --- merging ----------------------------------------------------------------------------------------------------
 
 

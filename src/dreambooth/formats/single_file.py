@@ -17,9 +17,9 @@ from pathlib import Path
 
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import check_new_file, save_safetensors_atomic
-from dreambooth.formats.lora import cast_half, embedding_file_for, find_lora_file
+from dreambooth.formats.lora import cast_half, embedding_file_for, find_lora_file, new_tokens
 from dreambooth.formats.merge import fuse_loras, model_folder, source_pipeline
-from dreambooth.models.base import is_sdxl
+from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, is_sdxl
 
 # A rule maps one diffusers module to its LDM name; `children` renames its direct sub-modules (None: same names).
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -310,6 +310,15 @@ def _check_text_encoder(model_dir: Path) -> None:
                         "second); the single-file export writes SDXL base models. Export it with --format diffusers.")
 
 
+def _refuse_sdxl_new_tokens(src: Path, tokens: list[str]) -> None:
+    """SDXL's embedding files hold a vector for each text encoder, which this export does not write yet; a model
+    or LoRA with new identifier tokens stops it (before weights load where the LoRA records them)."""
+    if tokens:
+        raise UserError(f"{src} (with its LoRAs) has new identifier token(s) {', '.join(tokens)}: the SDXL single "
+                        "file of a model with new tokens is not built yet. Export it with --format diffusers (or "
+                        "the LoRA with --format kohya), or train with an existing rare token such as sks.")
+
+
 def to_single_file(src: Path, out: Path, *, half: bool = False, loras: Sequence[tuple[Path, float]] = ()) -> Path:
     """Writes a diffusers SD 1.x, 2.x or SDXL folder or a training checkpoint (with `loras` fused in, if any) as one
     original-layout `.safetensors`; new identifier tokens go into embedding files beside it."""
@@ -317,15 +326,18 @@ def to_single_file(src: Path, out: Path, *, half: bool = False, loras: Sequence[
     check_new_file(out)
     _check_text_encoder(model_folder(src))
     loras = [(find_lora_file(p), w) for p, w in loras]
+    sdxl = is_sdxl(model_folder(src))
+    if sdxl:
+        own = [src / LORA_FILE] if (src / CHECKPOINT_STATE).is_file() and (src / LORA_FILE).is_file() else []
+        _refuse_sdxl_new_tokens(src, [t for p in own + [p for p, _ in loras] for t in new_tokens(p)])
     pipe, own = source_pipeline(src)
     loras = own + loras
     fuse_loras(pipe, loras)
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
     vectors = split_new_tokens(pipe)
-    if vectors and text_encoder_2 is not None:
-        raise UserError(f"{src} (with its LoRAs) has new identifier tokens {', '.join(vectors)}: an SDXL single file "
-                        "with them is not built yet (SDXL's embedding files hold a vector for each encoder). "
-                        "Export it with --format diffusers, or train with an existing rare token such as sks.")
+    if sdxl:  # a checkpoint's own tokenizer, or a token file, may still have brought some
+        grown = text_encoder_2.get_input_embeddings().weight.shape[0] > pipe.tokenizer_2.vocab_size
+        _refuse_sdxl_new_tokens(src, [*vectors, *(["(in the second encoder)"] if grown else [])])
     files = {token: embedding_file_for(out, token) for token in vectors}
     for file in files.values():
         check_new_file(file)
