@@ -75,8 +75,8 @@ def _unet_config_from_layers(modules) -> dict:
     this machine: its levels, which have attention, and layers a level (from the attention indices).
 
     The numbering it gives assumes what diffusers' kohya loader assumes when it reads the names back (equal layers
-    on every level, a downsampler on every level but the last), true of every SDXL UNet; kohya's loader for A1111
-    and ComfyUI assumes SDXL 1.0's own layout.
+    on every level, a downsampler on every level but the last), which every SDXL UNet meets; A1111 and ComfyUI
+    look the names up in their own SGM-layout UNet.
     """
     last_attention: dict[str, dict[int, int]] = {"down": {}, "up": {}}  # block -> its highest attention index
     for module in modules:
