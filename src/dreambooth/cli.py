@@ -50,7 +50,7 @@ REFUSED_FLAGS = {
     "--validation_epochs": "validation runs every --validation_steps optimizer steps; give that instead",
     "--do_edm_style_training": "EDM-style training (Playground v2.5) is not supported",
     "--output_kohya_format": "export after training: `dreambooth export OUTPUT_DIR/pytorch_lora_weights.safetensors "
-                             "--format kohya --out FILE` (SD 1.x and 2.x; SDXL's kohya export is not built yet)",
+                             "--format kohya --out FILE` (SD 1.x, 2.x and SDXL)",
     "--use_dora": "DoRA adapters are not supported; LoRA is",
     "--prodigy_beta3": PRODIGY, "--prodigy_decouple": PRODIGY, "--prodigy_use_bias_correction": PRODIGY,
     "--prodigy_safeguard_warmup": PRODIGY,
@@ -161,7 +161,8 @@ COMMANDS = {command.name: command for command in (
             "dreambooth.generate:generate_command", GenerateOptions, heavy=True),
     Command("evaluate", "Score a trained subject with the DreamBooth paper's metrics: DINO, CLIP-I, CLIP-T.",
             "dreambooth.evaluation.evaluate:evaluate_command", EvaluateOptions, heavy=True),
-    Command("export", "Convert a result: LoRA to kohya/A1111, full model to one .safetensors, merge LoRAs.",
+    Command("export", "Convert a result (SD 1.x, 2.x or SDXL): LoRA to kohya/A1111, full model to one .safetensors, "
+            "merge LoRAs.",
             "dreambooth.export:export_command", ExportOptions, heavy=True),
     Command("tiny-model", "Build a random-weight Stable Diffusion model offline (tests, demo, benchmarks).",
             "dreambooth.models.tiny_families:tiny_model_command", TinyModelOptions),

@@ -104,8 +104,10 @@ class ExportOptions:
 
     src: Path = option(positional=True, help="A training output folder, a checkpoint-N folder, a diffusers model "
                        "folder, or a LoRA file.")
-    format: str = option(choices=("kohya", "single-file", "diffusers"), help="kohya: LoRA for A1111/Forge/ComfyUI; "
-                         "single-file: original SD checkpoint layout; diffusers: a model folder (with --merge-lora).")
+    format: str = option(choices=("kohya", "single-file", "diffusers"), help="kohya: LoRA for A1111/Forge/ComfyUI "
+                         "(SDXL's: lora_te1_/lora_te2_ and the UNet's original block names); single-file: the "
+                         "original checkpoint layout (SDXL's: both text encoders, OpenCLIP's included); diffusers: a "
+                         "model folder (with --merge-lora).")
     out: Path = option(help="The file or folder to write.")
     half: bool = option(False, help="Save in fp16.")
     merge_lora: list[str] = option([], metavar=LORA_SPEC,

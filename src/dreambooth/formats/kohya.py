@@ -1,5 +1,11 @@
 """A diffusers/peft LoRA in the kohya/A1111 layout: `lora_unet_*` / `lora_te_*` keys with `lora_down`/`lora_up`
 and the `alpha` that keeps every layer's scale, new tokens bundled as A1111 reads them.
+
+SD 1.x and 2.x LoRAs keep diffusers' module names (`lora_unet_down_blocks_0_attentions_0_...`), as kohya's
+sd-scripts write them. An SDXL LoRA is named as sd-scripts, A1111 and ComfyUI name SDXL's: the text encoders
+`lora_te1_` and `lora_te2_`, the UNet by its original SGM blocks (`lora_unet_input_blocks_4_1_...`), derived from
+the UNet's config by the single-file export's own rules (`formats.single_file.unet_rules`), so that any SDXL-shaped
+UNet is numbered right and a layer with no original name stops the export.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from dreambooth.errors import UserError
 from dreambooth.formats.atomic import check_new_file, save_safetensors_atomic
-from dreambooth.formats.lora import COMPONENTS, cast_half, embedding_file_for, lora_token_vectors, read_lora
+from dreambooth.formats.lora import COMPONENTS, LoraFile, cast_half, embedding_file_for, lora_token_vectors, read_lora
+from dreambooth.models.base import _cached_snapshot, is_hub_id, is_sdxl
 
 
 def _pattern_value(patterns: dict, module: str):
@@ -37,12 +45,86 @@ def kohya_alpha(module: str, rank: int, config: dict | None) -> float:
     return float(scale * rank)
 
 
-def _kohya_name(component: str, module: str) -> str:
-    if component == "text_encoder":
+def _kohya_name(component: str, module: str, sgm_names: dict[str, str] | None = None) -> str:
+    """The kohya name of a LoRA layer; `sgm_names` (SDXL's, from `sdxl_unet_names`) renames the UNet's layers and the
+    first text encoder's prefix."""
+    prefix = COMPONENTS[component]
+    if component.startswith("text_encoder"):
         # kohya and A1111 name text-encoder layers from CLIPTextModel's `text_model.` root, which transformers
         # >= 5.6 no longer has (its LoRA keys start at `encoder.`).
         module = "text_model." + module.removeprefix("text_model.")
-    return COMPONENTS[component] + module.replace(".", "_")
+        if sgm_names is not None and component == "text_encoder":
+            prefix = "lora_te1_"
+    elif sgm_names is not None:
+        module = sgm_names[module]
+    return prefix + module.replace(".", "_")
+
+
+def _recorded_base(lora: LoraFile) -> Path | None:
+    """The base model a LoRA of this tool records, when it is on this machine (a folder, or a hub id's cached
+    copy)."""
+    base = lora.metadata.get("dreambooth.base_model")
+    if not base:
+        return None
+    folder = _cached_snapshot(base, None) if is_hub_id(base) else base
+    return Path(folder) if folder and (Path(folder) / "unet" / "config.json").is_file() else None
+
+
+def _unet_config_from_layers(modules) -> dict:
+    """A UNet config with the block layout the LoRA's own layer names show, for a LoRA that names no base model on
+    this machine: its levels, which have attention, and layers a level (from the attention indices).
+
+    The numbering it gives assumes what diffusers' kohya loader assumes when it reads the names back (equal layers
+    on every level, a downsampler on every level but the last), which every SDXL UNet meets; A1111 and ComfyUI
+    look the names up in their own SGM-layout UNet.
+    """
+    last_attention: dict[str, dict[int, int]] = {"down": {}, "up": {}}  # block -> its highest attention index
+    for module in modules:
+        if m := re.match(r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.", module):
+            side = last_attention[m.group(1)]
+            side[int(m.group(2))] = max(side.get(int(m.group(2)), 0), int(m.group(3)))
+    down, up = last_attention["down"], last_attention["up"]
+    levels = max([*down, *up, 0]) + 1
+    layers = max([*down.values(), *(j - 1 for j in up.values()), 0]) + 1
+    down_attention = [i in down or (levels - 1 - i) in up for i in range(levels)]
+    return {"block_out_channels": (8,) * levels, "layers_per_block": layers, "norm_num_groups": 8,
+            "cross_attention_dim": 8, "attention_head_dim": 2,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attention],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(down_attention)]}
+
+
+def sdxl_unet_names(config: dict, modules, path: Path) -> dict[str, str]:
+    """diffusers' UNet module name -> its original SGM name (`down_blocks.1.attentions.0.proj_in` ->
+    `input_blocks.4.1.proj_in`), for each of the LoRA's modules; the UNet is built from `config` on the meta
+    device (no memory), so the numbering follows its real blocks."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth.formats.single_file import ldm_name, unet_rules
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    by_module = {rule.diffusers: rule for rule in unet_rules(unet)}
+    names = {m: ldm_name(m + ".weight", by_module) for m in modules}
+    unmapped = sorted(m for m, name in names.items() if name is None)
+    if unmapped:
+        raise UserError(f"LoRA {path}: the UNet layer(s) {', '.join(unmapped[:5])} have no name in SDXL's original "
+                        "layout, which kohya files, A1111 and ComfyUI use; export it with --format diffusers.")
+    return {m: name.removesuffix(".weight") for m, name in names.items()}
+
+
+def _sgm_names(lora: LoraFile) -> dict[str, str] | None:
+    """SDXL's UNet names for this LoRA's layers; None for an SD 1.x/2.x LoRA. A LoRA is SDXL's when it adapts a
+    second text encoder or records an SDXL base model; a UNet-only LoRA recording neither keeps diffusers' names."""
+    base = _recorded_base(lora)
+    if not lora.layers.get("text_encoder_2") and not (base and is_sdxl(base)):
+        return None
+    modules = list(lora.layers.get("unet", {}))
+    if base and is_sdxl(base):
+        config = json.loads((base / "unet" / "config.json").read_text())
+    else:
+        config = _unet_config_from_layers(modules)
+    return sdxl_unet_names(config, modules, lora.path)
 
 
 def common_alpha(alphas: list[float]) -> float:
@@ -65,8 +147,9 @@ def lora_to_kohya(src: Path, out: Path, *, half: bool = False) -> Path:
     out = Path(out)
     check_new_file(out)
     lora = read_lora(src)
-    layers = [(_kohya_name(component, module), down, up, kohya_alpha(module, down.shape[0],
-                                                                      lora.adapter_config.get(component)))
+    sgm_names = _sgm_names(lora)
+    layers = [(_kohya_name(component, module, sgm_names), down, up,
+               kohya_alpha(module, down.shape[0], lora.adapter_config.get(component)))
               for component, modules in lora.layers.items() for module, (down, up) in modules.items()]
     alpha = common_alpha([a for *_, a in layers])
     tensors = {}

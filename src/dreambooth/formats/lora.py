@@ -39,7 +39,9 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 
-COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# A LoRA file's parts by their diffusers prefix, with the kohya prefix of each: SD 1.x and 2.x have one text
+# encoder (`lora_te_`); SDXL two, `lora_te1_` and `lora_te2_` (formats.kohya renames the first for SDXL).
+COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
 
 def refuse_pickle(path: Path, what: str) -> None:
@@ -136,8 +138,8 @@ def _to_peft_names(component: str, tensors: dict) -> dict:
 
 
 def lora_state_for_peft(component: str, tensors: dict) -> dict:
-    """One component's tensors of a diffusers-format LoRA file ("unet." or "text_encoder." keys), under peft's
-    names (`...to_q.lora_A.weight`)."""
+    """One component's tensors of a diffusers-format LoRA file ("unet.", "text_encoder." or SDXL's
+    "text_encoder_2." keys), under peft's names (`...to_q.lora_A.weight`)."""
     prefix = component + "."
     return _to_peft_names(component, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
@@ -176,10 +178,10 @@ def read_lora(src: Path) -> LoraFile:
     unknown += [k for k in tensors if not k.startswith(tuple(c + "." for c in COMPONENTS))]
     if unknown:
         shown = ", ".join(sorted(unknown)[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise UserError(f"LoRA {path} has keys this export cannot convert: {shown}. It reads Stable Diffusion 1/2 "
-                        "LoRAs saved by diffusers or peft (unet.* and text_encoder.* with lora_A/lora_B or "
-                        "lora.down/lora.up weights); DoRA, LoRA biases, SDXL's text_encoder_2 and other "
-                        "adapter types are not converted.")
+        raise UserError(f"LoRA {path} has keys this export cannot convert: {shown}. It reads Stable Diffusion "
+                        "1/2 and SDXL LoRAs saved by diffusers or peft (unet.*, text_encoder.* and text_encoder_2.* "
+                        "with lora_A/lora_B or lora.down/lora.up weights); DoRA, LoRA biases and other adapter types "
+                        "are not converted.")
     configs = {c: {k[len(c) + 1:]: v for k, v in raw_config.items() if k.startswith(c + ".")} for c in COMPONENTS}
     for component, cfg in configs.items():
         if cfg.get("use_dora") or cfg.get("lora_bias"):

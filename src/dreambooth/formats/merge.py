@@ -14,7 +14,7 @@ from dreambooth.formats.atomic import atomic_folder, check_new_folder
 from dreambooth.formats.lora import PICKLE_SUFFIXES, find_lora_file
 from dreambooth.formats.lora_loading import load_lora_adapter
 from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, check_model_folder, is_sdxl
-from dreambooth.models.loading import checkpoint_base, load_checkpoint_pipeline
+from dreambooth.models.loading import checkpoint_base, load_checkpoint_pipeline, pipeline_class
 from dreambooth.versions import library_versions
 
 LORA_DOWN_SUFFIXES = ("lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_linear_layer.down.weight")
@@ -51,7 +51,6 @@ def source_pipeline(src: Path, *, whole: bool = False):
     a single file holds.
     """
     import torch
-    from diffusers import StableDiffusionPipeline
 
     if (src / CHECKPOINT_STATE).is_file():
         base = Path(checkpoint_base(src)[0])
@@ -61,17 +60,22 @@ def source_pipeline(src: Path, *, whole: bool = False):
                                         with_lora=False)
         return pipe, [(src / LORA_FILE, 1.0)] if (src / LORA_FILE).is_file() else []
     check_model_folder(src, what="SRC")
-    if is_sdxl(src):
-        raise UserError(f"SRC {src} is an SDXL model: exporting or merging into SDXL is not built yet (train, "
-                        "generate and load its outputs with diffusers' StableDiffusionXLPipeline).")
-    _check_safetensors_weights(src, _weight_folders(src) if whole else ("unet", "vae", "text_encoder"))
-    extra = {} if whole else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    sdxl = is_sdxl(src)  # SDXL has no safety checker, and a second text encoder that a single file holds too
+    weights = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ())
+    _check_safetensors_weights(src, _weight_folders(src) if whole else weights)
+    extra = {} if whole or sdxl else {"safety_checker": None, "feature_extractor": None,
+                                      "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(src, use_safetensors=True, **extra)
+        pipe = pipeline_class(src).from_pretrained(src, use_safetensors=True, **extra)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the model in {src}: {e}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe, []
+
+
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders that LoRAs adapt: SDXL's second one too."""
+    return [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
 
 
 def _lora_layer_count(file: Path) -> int:
@@ -85,7 +89,7 @@ def _loaded_layer_count(pipe, adapter: str) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return sum(isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {})
-               for model in (pipe.unet, pipe.text_encoder) for m in model.modules())
+               for model in (pipe.unet, *text_encoders(pipe)) for m in model.modules())
 
 
 def fuse_loras(pipe, loras: Sequence[tuple[Path, float]]):
@@ -111,9 +115,10 @@ def fuse_loras(pipe, loras: Sequence[tuple[Path, float]]):
                             "model; it was made for a different architecture. Merge it into its own base model.")
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[weight for _, weight in loras])
-    pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
+    components = ["unet", "text_encoder"] + (["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) else [])
+    pipe.fuse_lora(components=components, adapter_names=names)
     pipe.unload_lora_weights()
-    left = [k for model in (pipe.unet, pipe.text_encoder) for k in model.state_dict() if "lora" in k]
+    left = [k for model in (pipe.unet, *text_encoders(pipe)) for k in model.state_dict() if "lora" in k]
     if left:
         raise AssertionError(f"LoRA layers remain after unloading: {left[:3]}")
     return pipe

@@ -1,9 +1,11 @@
-"""A diffusers SD 1.x or 2.x folder as one `.safetensors` in the original Stable Diffusion (CompVis/LDM) layout,
-which AUTOMATIC1111 and ComfyUI load (SD 2.x's OpenCLIP text encoder included).
+"""A diffusers SD 1.x, 2.x or SDXL folder as one `.safetensors` in the original layout (CompVis/LDM for SD 1.x and
+2.x, Stability's SGM for SDXL), which AUTOMATIC1111 and ComfyUI load (the OpenCLIP text encoders included).
 
 The key map is derived from the model's own blocks (`unet_rules`, `vae_rules`), so it is right for any SD
 1.x-shaped UNet (diffusers' own conversion script assumes SD's four levels and drops the up-block weights of other
-shapes), and a tensor the map does not cover stops the export (docs/design.md, "The exports' key maps").
+shapes), and a tensor the map does not cover stops the export (docs/design.md, "The exports' key maps"). SDXL's
+UNet has the same block layout plus the added embedding of the pooled text and size conditioning (`label_emb`);
+its text encoders sit under `conditioner.embedders.0` (OpenAI CLIP, transformers' names) and `.1` (OpenCLIP).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from pathlib import Path
 
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import check_new_file, save_safetensors_atomic
-from dreambooth.formats.lora import cast_half, embedding_file_for, find_lora_file
+from dreambooth.formats.lora import cast_half, embedding_file_for, find_lora_file, new_tokens
 from dreambooth.formats.merge import fuse_loras, model_folder, source_pipeline
-from dreambooth.models.base import is_sdxl
+from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, is_sdxl
 
 # A rule maps one diffusers module to its LDM name; `children` renames its direct sub-modules (None: same names).
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -58,6 +60,10 @@ def unet_rules(unet) -> list[Rule]:
     rules = [Rule("conv_in", "input_blocks.0.0"), Rule("time_embedding.linear_1", "time_embed.0"),
              Rule("time_embedding.linear_2", "time_embed.2"), Rule("conv_norm_out", "out.0"),
              Rule("conv_out", "out.2")]
+    if unet.config.get("addition_embed_type") == "text_time":
+        # SDXL: the pooled text embedding and the 6 size/crop numbers pass through an MLP that SGM calls label_emb;
+        # the sinusoidal projection of the numbers before it (add_time_proj) has no weights.
+        rules += [Rule("add_embedding.linear_1", "label_emb.0.0"), Rule("add_embedding.linear_2", "label_emb.0.2")]
     k = 1
     for i, block in enumerate(unet.down_blocks):
         attentions = _attentions(block)
@@ -113,30 +119,41 @@ def vae_rules(vae) -> list[Rule]:
     return rules
 
 
+def ldm_name(key: str, by_module: dict[str, Rule]) -> str | None:
+    """The original name of a diffusers tensor (or of any name below a module, such as a LoRA layer's), by the rule
+    of its deepest module; None where no rule covers it."""
+    parts = key.split(".")
+    rule = next((by_module[".".join(parts[:n])] for n in range(len(parts) - 1, 0, -1)
+                 if ".".join(parts[:n]) in by_module), None)
+    if rule is None:
+        return None
+    rest = key[len(rule.diffusers) + 1:]
+    if rule.children is not None:
+        child = next((c for c in rule.children if rest.startswith(c + ".")), None)
+        if child is None:
+            return None
+        rest = rule.children[child] + rest[len(child):]
+    return f"{rule.ldm}.{rest}"
+
+
 def apply_rules(state_dict: dict, rules: list[Rule], ldm_prefix: str, what: str) -> dict:
     """Renames every tensor by the rule of its deepest module; a tensor no rule covers stops the export."""
     by_module = {r.diffusers: r for r in rules}
     out, unmapped = {}, []
     for key, tensor in state_dict.items():
-        parts = key.split(".")
-        rule = next((by_module[".".join(parts[:n])] for n in range(len(parts) - 1, 0, -1)
-                     if ".".join(parts[:n]) in by_module), None)
-        rest = key[len(rule.diffusers) + 1:] if rule else None
-        if rule is not None and rule.children is not None:
-            child = next((c for c in rule.children if rest.startswith(c + ".")), None)
-            rest = None if child is None else rule.children[child] + rest[len(child):]
-        if rest is None:
+        name = ldm_name(key, by_module)
+        if name is None:
             unmapped.append(key)
             continue
-        target = f"{ldm_prefix}{rule.ldm}.{rest}"
+        target = ldm_prefix + name
         if target in out:
             raise AssertionError(f"two {what} tensors map to {target}; the key map is wrong")
         out[target] = tensor
     if unmapped:
         shown = ", ".join(unmapped[:5]) + (f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else "")
         raise UserError(f"the {what} has tensors with no place in the original Stable Diffusion layout: {shown}. "
-                        "It is not a Stable Diffusion 1/2-shaped model (SDXL, an upscaler or an inpainting "
-                        "variant with extra embeddings?); export it with --format diffusers instead.")
+                        "It is not a Stable Diffusion 1/2- or SDXL-shaped model (an upscaler, or an inpainting or "
+                        "other variant with extra embeddings?); export it with --format diffusers instead.")
     return out
 
 
@@ -146,7 +163,7 @@ def _vae_attention_as_conv(tensors: dict) -> dict:
     return {k: v[:, :, None, None] if k.endswith(names) and v.ndim == 2 else v for k, v in tensors.items()}
 
 
-# SD 2.x's OpenCLIP ViT-H text tower, under `cond_stage_model.model.`: diffusers' CLIPTextModel names -> OpenCLIP's.
+# The OpenCLIP text towers (SD 2.x's ViT-H, SDXL's second encoder bigG): transformers' CLIP names -> OpenCLIP's.
 OPENCLIP_NAMES = {"embeddings.token_embedding.weight": "token_embedding.weight",
                   "embeddings.position_embedding.weight": "positional_embedding",
                   "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
@@ -154,32 +171,46 @@ OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.
                   "self_attn.out_proj": "attn.out_proj"}
 
 
+# Where each family's original checkpoint keeps its text encoder(s): SD 1.x's OpenAI CLIP or SD 2.x's OpenCLIP under
+# `cond_stage_model`, SDXL's two under SGM's `conditioner.embedders.N`.
+TEXT_PREFIXES = {"openai": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model."}
+SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+SDXL_TEXT_FAMILIES = ("openai", "openclip")
+
+
 def text_family(class_name: str, hidden_act: str) -> str:
-    """`openai` (SD 1.x: OpenAI CLIP, quick GELU) or `openclip` (SD 2.x: OpenCLIP, GELU); anything else stops."""
+    """`openai` (OpenAI CLIP, quick GELU: SD 1.x, SDXL's first encoder) or `openclip` (OpenCLIP, GELU: SD 2.x, SDXL's
+    second encoder, which has a projection); anything else stops."""
     if class_name == "CLIPTextModel" and hidden_act == "quick_gelu":
         return "openai"
-    if class_name == "CLIPTextModel" and hidden_act == "gelu":
+    if class_name in ("CLIPTextModel", "CLIPTextModelWithProjection") and hidden_act == "gelu":
         return "openclip"
-    raise UserError(f"the text encoder is {class_name} with {hidden_act} activations, neither SD 1.x's OpenAI CLIP "
-                    "nor SD 2.x's OpenCLIP (an SDXL model has two text encoders and its own layout). Export with "
-                    "--format diffusers.")
+    raise UserError(f"the text encoder is {class_name} with {hidden_act} activations, neither OpenAI's CLIP (SD 1.x, "
+                    "SDXL's first encoder) nor OpenCLIP (SD 2.x, SDXL's second), so it has no place in the original "
+                    "layout. Export with --format diffusers.")
 
 
-def openclip_tensors(state_dict: dict) -> dict:
-    """SD 2.x's original text encoder names: q/k/v joined into one `in_proj` per layer, as OpenCLIP keeps them.
+def openclip_tensors(state_dict: dict, prefix: str = TEXT_PREFIXES["openclip"]) -> dict:
+    """An OpenCLIP text tower's original names under `prefix`: q/k/v joined into one `in_proj` per layer, and the
+    projection (SDXL's second encoder; its pooled output conditions the UNet) as OpenCLIP's `text_projection`
+    matrix, which multiplies from the right: the transpose of transformers' Linear weight.
 
-    A diffusers folder holds 23 of OpenCLIP ViT-H's 24 layers and no text projection (SD 2.x conditions on the
-    penultimate layer, so diffusers drops the rest); the file has what the folder has, which stock
-    `from_single_file` and A1111's penultimate-layer encoder read.
+    A diffusers SD 2.x folder holds 23 of OpenCLIP ViT-H's 24 layers and no text projection (SD 2.x conditions on
+    the penultimate layer, so diffusers drops the rest); the file has what the folder has, which stock
+    `from_single_file` and A1111's penultimate-layer encoder read. OpenCLIP's `logit_scale` belongs to the
+    image-text training objective, not to the text tower, and no folder has it.
     """
     import torch
 
     state = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
     out, layers = {}, sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
     for key, name in OPENCLIP_NAMES.items():
-        out[f"cond_stage_model.model.{name}"] = state.pop(key)
+        out[f"{prefix}{name}"] = state.pop(key)
+    projection = state.pop("text_projection.weight", None)
+    if projection is not None:
+        out[f"{prefix}text_projection"] = projection.T.contiguous()
     for i in layers:
-        src, dst = f"encoder.layers.{i}.", f"cond_stage_model.model.transformer.resblocks.{i}."
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             out[f"{dst}attn.in_proj_{kind}"] = torch.cat([state.pop(f"{src}self_attn.{p}_proj.{kind}")
                                                          for p in ("q", "k", "v")])
@@ -187,31 +218,42 @@ def openclip_tensors(state_dict: dict) -> dict:
                 out[f"{dst}{ldm}.{kind}"] = state.pop(f"{src}{name}.{kind}")
     state.pop("embeddings.position_ids", None)  # a buffer of older transformers, not a weight
     if state:
-        raise UserError(f"the text encoder has tensors with no place in SD 2.x's original layout: "
+        raise UserError(f"the text encoder has tensors with no place in OpenCLIP's original layout: "
                         f"{', '.join(sorted(state)[:5])}. Export it with --format diffusers.")
     return out
 
 
-def text_encoder_tensors(text_encoder) -> dict:
-    """SD 1.x keeps OpenAI's CLIP text model under `cond_stage_model.transformer.text_model.`; SD 2.x keeps
-    OpenCLIP's under `cond_stage_model.model.` (`openclip_tensors`)."""
-    family = text_family(type(text_encoder).__name__, text_encoder.config.hidden_act)
-    if family == "openclip":
-        return openclip_tensors(text_encoder.state_dict())
-    # transformers >= 5.6 dropped CLIPTextModel's `text_model.` level; older versions still have it.
-    return {f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v
-            for k, v in text_encoder.state_dict().items()}
+def text_encoder_tensors(text_encoder, prefix: str | None = None, family: str | None = None) -> dict:
+    """One text encoder under its original names: OpenAI's CLIP keeps transformers' names below `text_model.`,
+    OpenCLIP its own (`openclip_tensors`). `prefix` and `family` default to SD 1.x/2.x's; SDXL passes its own, and
+    an encoder of the other family than asked stops the export."""
+    found = text_family(type(text_encoder).__name__, text_encoder.config.hidden_act)
+    if family is not None and found != family:
+        raise UserError(f"an SDXL model's text encoders are OpenAI's CLIP, then OpenCLIP; this one is {found} where "
+                        f"{family} belongs, so it has no place in SDXL's original layout. Export with --format "
+                        "diffusers.")
+    prefix = prefix or TEXT_PREFIXES[found]
+    if found == "openclip":
+        tensors = openclip_tensors(text_encoder.state_dict(), prefix)
+    else:
+        # transformers >= 5.6 dropped CLIPTextModel's `text_model.` level; older versions still have it.
+        tensors = {f"{prefix}text_model.{k.removeprefix('text_model.')}": v
+                   for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    text_in = sum(p.numel() for k, p in text_encoder.state_dict().items() if not k.endswith("position_ids"))
+    if sum(v.numel() for v in tensors.values()) != text_in:
+        raise AssertionError("the text encoder's key map lost some weights")
+    return tensors
 
 
-def checkpoint_tensors(unet, vae, text_encoder) -> dict:
-    """Every weight of the three models under its original Stable Diffusion name."""
+def checkpoint_tensors(unet, vae, text_encoder, text_encoder_2=None) -> dict:
+    """Every weight of the models under its original name; with `text_encoder_2`, SDXL's layout."""
     tensors = apply_rules(unet.state_dict(), unet_rules(unet), "model.diffusion_model.", "UNet")
     tensors.update(_vae_attention_as_conv(apply_rules(vae.state_dict(), vae_rules(vae), "first_stage_model.", "VAE")))
-    text = text_encoder_tensors(text_encoder)
-    tensors.update(text)
-    text_in = sum(p.numel() for k, p in text_encoder.state_dict().items() if not k.endswith("position_ids"))
-    if sum(v.numel() for v in text.values()) != text_in:
-        raise AssertionError("the text encoder's key map lost some weights")
+    if text_encoder_2 is None:
+        tensors.update(text_encoder_tensors(text_encoder))
+        return tensors
+    for encoder, prefix, family in zip((text_encoder, text_encoder_2), SDXL_TEXT_PREFIXES, SDXL_TEXT_FAMILIES):
+        tensors.update(text_encoder_tensors(encoder, prefix, family))
     return tensors
 
 
@@ -248,32 +290,58 @@ def _single_file_metadata(src: Path, loras) -> dict[str, str]:
     return metadata
 
 
+def _encoder_family(config_file: Path) -> str | None:
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    return text_family((config.get("architectures") or ["CLIPTextModel"])[0], config.get("hidden_act", "quick_gelu"))
+
+
 def _check_text_encoder(model_dir: Path) -> None:
-    """A text encoder of neither SD 1.x nor SD 2.x stops the export before any weights load (from config.json)."""
-    config_file = model_dir / "text_encoder" / "config.json"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        text_family((config.get("architectures") or ["CLIPTextModel"])[0], config.get("hidden_act", "quick_gelu"))
-    if is_sdxl(model_dir):
-        raise UserError(f"{model_dir} has two text encoders (SDXL): its single-file export is not built yet; "
-                        "export it with --format diffusers.")
+    """Text encoders with no place in the original layout stop the export before any weights load (config.json):
+    SD 1.x's OpenAI CLIP or SD 2.x's OpenCLIP alone, or SDXL's pair in that order."""
+    first = _encoder_family(model_dir / "text_encoder" / "config.json")
+    if not is_sdxl(model_dir):
+        return
+    second = _encoder_family(model_dir / "text_encoder_2" / "config.json")
+    if (first, second) != SDXL_TEXT_FAMILIES:
+        raise UserError(f"{model_dir} is SDXL-shaped but its text encoders are {first or 'missing'} and "
+                        f"{second or 'missing'}, not OpenAI's CLIP and OpenCLIP (an SDXL refiner has only the "
+                        "second); the single-file export writes SDXL base models. Export it with --format diffusers.")
+
+
+def _refuse_sdxl_new_tokens(src: Path, tokens: list[str]) -> None:
+    """SDXL's embedding files hold a vector for each text encoder, which this export does not write yet; a model
+    or LoRA with new identifier tokens stops it (before weights load where the LoRA records them)."""
+    if tokens:
+        raise UserError(f"{src} (with its LoRAs) has new identifier token(s) {', '.join(tokens)}: the SDXL single "
+                        "file of a model with new tokens is not built yet. Export it with --format diffusers (or "
+                        "the LoRA with --format kohya), or train with an existing rare token such as sks.")
 
 
 def to_single_file(src: Path, out: Path, *, half: bool = False, loras: Sequence[tuple[Path, float]] = ()) -> Path:
-    """Writes a diffusers SD 1.x folder or a training checkpoint (with `loras` fused in, if any) as one
+    """Writes a diffusers SD 1.x, 2.x or SDXL folder or a training checkpoint (with `loras` fused in, if any) as one
     original-layout `.safetensors`; new identifier tokens go into embedding files beside it."""
     src, out = Path(src), Path(out)
     check_new_file(out)
     _check_text_encoder(model_folder(src))
     loras = [(find_lora_file(p), w) for p, w in loras]
+    sdxl = is_sdxl(model_folder(src))
+    if sdxl:
+        own = [src / LORA_FILE] if (src / CHECKPOINT_STATE).is_file() and (src / LORA_FILE).is_file() else []
+        _refuse_sdxl_new_tokens(src, [t for p in own + [p for p, _ in loras] for t in new_tokens(p)])
     pipe, own = source_pipeline(src)
     loras = own + loras
     fuse_loras(pipe, loras)
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
     vectors = split_new_tokens(pipe)
+    if sdxl:  # a checkpoint's own tokenizer, or a token file, may still have brought some
+        grown = text_encoder_2.get_input_embeddings().weight.shape[0] > pipe.tokenizer_2.vocab_size
+        _refuse_sdxl_new_tokens(src, [*vectors, *(["(in the second encoder)"] if grown else [])])
     files = {token: embedding_file_for(out, token) for token in vectors}
     for file in files.values():
         check_new_file(file)
-    tensors = checkpoint_tensors(pipe.unet, pipe.vae, pipe.text_encoder)
+    tensors = checkpoint_tensors(pipe.unet, pipe.vae, pipe.text_encoder, text_encoder_2)
     metadata = _single_file_metadata(src, loras)
     if vectors:
         metadata["dreambooth.new_tokens"] = json.dumps(list(vectors))
