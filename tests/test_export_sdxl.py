@@ -316,16 +316,51 @@ def test_sdxl_single_file_refuses_encoders_it_has_no_place_for(xl_model, tmp_pat
         to_single_file(other, tmp_path / "other.safetensors")
 
 
-def test_sdxl_single_file_with_new_tokens_is_refused_before_loading(xl_model, xl_lora, tmp_path, monkeypatch):
-    from dreambooth.formats import single_file
+def xl_prompt_embeds(pipe, prompt="a photo of <zq> dog"):
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)[0]
 
-    file = tmp_path / "token_lora.safetensors"
-    with safe_open(str(xl_lora / LORA_FILE), framework="pt") as f:
+
+def test_sdxl_new_tokens_go_with_the_single_file_and_kohya_exports(xl_model, xl_config_model, xl_lora, tmp_path,
+                                                                   capsys):
+    """A LoRA trained with a new token (its rows for both encoders in a clip_l/clip_g token file): the single file
+    gets an embedding file beside it in that layout, the kohya file bundles it as `bundle_emb.<zq>.clip_l/clip_g`,
+    and both give the prompt the merged model gives it."""
+    from dreambooth.formats.lora_loading import load_loras
+
+    lora = tmp_path / "token_lora"
+    shutil.copytree(xl_lora, lora)
+    with safe_open(str(lora / LORA_FILE), framework="pt") as f:
         header = f.metadata()
-    save_file(load_file(xl_lora / LORA_FILE), file, metadata={**header, "dreambooth.new_tokens": '["<zq>"]'})
-    monkeypatch.setattr(single_file, "source_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
-    with pytest.raises(UserError, match="<zq>.*not built yet"):
-        to_single_file(xl_model, tmp_path / "out.safetensors", loras=[(file, 1.0)])
+    save_file(load_file(lora / LORA_FILE), lora / LORA_FILE, metadata={**header, "dreambooth.new_tokens": '["<zq>"]'})
+    rows = {"clip_l": torch.randn(1, 32, generator=torch.Generator().manual_seed(4)),
+            "clip_g": torch.randn(1, TE2_WIDTH, generator=torch.Generator().manual_seed(5))}
+    save_file(rows, lora / "token_embeddings.safetensors", metadata={"dreambooth.tokens": '["<zq>"]'})
+    merged = load_xl(merge_lora(xl_model, [(lora, 1.0)], tmp_path / "merged"))
+    for tokenizer, encoder, key in ((merged.tokenizer, merged.text_encoder, "clip_l"),
+                                    (merged.tokenizer_2, merged.text_encoder_2, "clip_g")):
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<zq>")]
+        assert torch.equal(row, rows[key][0])
+    want = xl_prompt_embeds(merged)
+
+    single = export_command(args(xl_model, "single-file", tmp_path / "m.safetensors", str(lora / LORA_FILE)))
+    assert "clip_g" in capsys.readouterr().out  # the note says how stock diffusers loads both rows
+    embedding = load_file(tmp_path / "m.zq.safetensors")
+    assert embedding.keys() == rows.keys() and all(torch.equal(embedding[k], rows[k]) for k in rows)
+    stock = xl_from_single_file(single, xl_config_model)
+    stock.load_textual_inversion(embedding["clip_l"], token="<zq>", text_encoder=stock.text_encoder,
+                                 tokenizer=stock.tokenizer)
+    stock.load_textual_inversion(embedding["clip_g"], token="<zq>", text_encoder=stock.text_encoder_2,
+                                 tokenizer=stock.tokenizer_2)
+    assert torch.allclose(xl_prompt_embeds(stock), want, atol=1e-5)
+
+    kohya_file = export_command(args(lora, "kohya", tmp_path / "k.safetensors"))
+    bundled = load_file(kohya_file)
+    assert all(torch.equal(bundled[f"bundle_emb.<zq>.{k}"], rows[k]) for k in rows)
+    ours = load_xl(xl_model)
+    load_loras(ours, [(kohya_file, 1.0)])
+    ours.fuse_lora()
+    assert torch.allclose(xl_prompt_embeds(ours), want, atol=1e-4)
 
 
 # --- merging ----------------------------------------------------------------------------------------------------

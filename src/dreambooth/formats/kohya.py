@@ -18,7 +18,15 @@ from pathlib import Path
 
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import check_new_file, save_safetensors_atomic
-from dreambooth.formats.lora import COMPONENTS, LoraFile, cast_half, embedding_file_for, lora_token_vectors, read_lora
+from dreambooth.formats.lora import (
+    COMPONENTS,
+    LoraFile,
+    cast_half,
+    embedding_file_for,
+    embedding_rows,
+    lora_token_vectors,
+    read_lora,
+)
 from dreambooth.models.base import _cached_snapshot, is_hub_id, is_sdxl
 
 
@@ -185,11 +193,3 @@ def lora_to_kohya(src: Path, out: Path, *, half: bool = False) -> Path:
         save_safetensors_atomic({k: v.float() for k, v in embedding_rows(vector).items()}, embedding_files[token],
                                 {"dreambooth.token": token, "dreambooth.lora": out.name})
     return written
-
-
-def embedding_rows(vector) -> dict:
-    """A token's embedding as a textual-inversion file holds it: `emb_params` (kohya's key), or SDXL's `clip_l` and
-    `clip_g` (one row for each text encoder), each one row."""
-    if isinstance(vector, dict):
-        return {key: v.reshape(1, -1) for key, v in vector.items()}
-    return {"emb_params": vector.reshape(1, -1)}

@@ -227,6 +227,14 @@ def embedding_file_for(out: Path, token: str) -> Path:
     return out.with_name(f"{out.name.removesuffix('.safetensors')}.{clean}.safetensors")
 
 
+def embedding_rows(vector) -> dict:
+    """A token's embedding as a textual-inversion file holds it, one row each: `emb_params` (kohya's key), or SDXL's
+    `clip_l` and `clip_g` (a row for each text encoder, the layout A1111 and diffusers' docs use)."""
+    if isinstance(vector, dict):
+        return {key: v.reshape(1, -1).float() for key, v in vector.items()}
+    return {"emb_params": vector.reshape(1, -1).float()}
+
+
 def copy_lora(src: Path, out: Path, *, half: bool = False) -> Path:
     """The diffusers-format LoRA as it is (optionally fp16), to a file or to `out/pytorch_lora_weights.safetensors`,
     with its new tokens' embeddings beside it under the name `lora.token_file_for` gives."""

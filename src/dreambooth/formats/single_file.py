@@ -17,9 +17,16 @@ from pathlib import Path
 
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import check_new_file, save_safetensors_atomic
-from dreambooth.formats.lora import cast_half, embedding_file_for, find_lora_file, new_tokens
+from dreambooth.formats.lora import (
+    SDXL_TOKEN_KEYS,
+    cast_half,
+    embedding_file_for,
+    embedding_rows,
+    find_lora_file,
+    read_safetensors,
+)
 from dreambooth.formats.merge import fuse_loras, model_folder, source_pipeline
-from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, is_sdxl
+from dreambooth.models.base import is_sdxl
 
 # A rule maps one diffusers module to its LDM name; `children` renames its direct sub-modules (None: same names).
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -258,12 +265,25 @@ def checkpoint_tensors(unet, vae, text_encoder, text_encoder_2=None) -> dict:
 
 
 def split_new_tokens(pipe) -> dict:
-    """Takes identifier tokens added in training out of the text encoder ({token: vector}), so that what is left has
-    CLIP's own vocabulary: the original single-file layout has no tokenizer, and a loader builds the text encoder
-    from the base model's config, whose embedding has exactly that many rows."""
+    """Takes identifier tokens added in training out of the text encoders, so that what is left has CLIP's own
+    vocabulary: the original single-file layout has no tokenizer, and a loader builds each text encoder from the
+    base model's config, whose embedding has exactly that many rows. Returns {token: vector}, or for SDXL
+    {token: {"clip_l": vector, "clip_g": vector}}."""
+    sides = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        sides.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    split = [_split_encoder(tokenizer, encoder) for tokenizer, encoder in sides]
+    if len(split) == 1:
+        return split[0]
+    if list(split[0]) != list(split[1]):
+        raise UserError(f"the model's two tokenizers have different new tokens ({list(split[0])} and "
+                        f"{list(split[1])}), so no SDXL embedding file can carry them; export with --format diffusers.")
+    return {token: {key: part[token] for key, part in zip(SDXL_TOKEN_KEYS, split)} for token in split[0]}
+
+
+def _split_encoder(tokenizer, text_encoder) -> dict:
     import torch
 
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     base_size = tokenizer.vocab_size
     weight = text_encoder.get_input_embeddings().weight
     if weight.shape[0] <= base_size:
@@ -310,15 +330,6 @@ def _check_text_encoder(model_dir: Path) -> None:
                         "second); the single-file export writes SDXL base models. Export it with --format diffusers.")
 
 
-def _refuse_sdxl_new_tokens(src: Path, tokens: list[str]) -> None:
-    """SDXL's embedding files hold a vector for each text encoder, which this export does not write yet; a model
-    or LoRA with new identifier tokens stops it (before weights load where the LoRA records them)."""
-    if tokens:
-        raise UserError(f"{src} (with its LoRAs) has new identifier token(s) {', '.join(tokens)}: the SDXL single "
-                        "file of a model with new tokens is not built yet. Export it with --format diffusers (or "
-                        "the LoRA with --format kohya), or train with an existing rare token such as sks.")
-
-
 def to_single_file(src: Path, out: Path, *, half: bool = False, loras: Sequence[tuple[Path, float]] = ()) -> Path:
     """Writes a diffusers SD 1.x, 2.x or SDXL folder or a training checkpoint (with `loras` fused in, if any) as one
     original-layout `.safetensors`; new identifier tokens go into embedding files beside it."""
@@ -326,18 +337,11 @@ def to_single_file(src: Path, out: Path, *, half: bool = False, loras: Sequence[
     check_new_file(out)
     _check_text_encoder(model_folder(src))
     loras = [(find_lora_file(p), w) for p, w in loras]
-    sdxl = is_sdxl(model_folder(src))
-    if sdxl:
-        own = [src / LORA_FILE] if (src / CHECKPOINT_STATE).is_file() and (src / LORA_FILE).is_file() else []
-        _refuse_sdxl_new_tokens(src, [t for p in own + [p for p, _ in loras] for t in new_tokens(p)])
     pipe, own = source_pipeline(src)
     loras = own + loras
     fuse_loras(pipe, loras)
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
     vectors = split_new_tokens(pipe)
-    if sdxl:  # a checkpoint's own tokenizer, or a token file, may still have brought some
-        grown = text_encoder_2.get_input_embeddings().weight.shape[0] > pipe.tokenizer_2.vocab_size
-        _refuse_sdxl_new_tokens(src, [*vectors, *(["(in the second encoder)"] if grown else [])])
     files = {token: embedding_file_for(out, token) for token in vectors}
     for file in files.values():
         check_new_file(file)
@@ -348,7 +352,7 @@ def to_single_file(src: Path, out: Path, *, half: bool = False, loras: Sequence[
         metadata["dreambooth.embedding_files"] = json.dumps({t: f.name for t, f in files.items()})
     written = save_safetensors_atomic(cast_half(tensors, half), out, metadata)
     for token, vector in vectors.items():
-        save_safetensors_atomic({"emb_params": vector.reshape(1, -1)}, files[token],
+        save_safetensors_atomic(embedding_rows(vector), files[token],
                                 {"dreambooth.token": token, "dreambooth.model": out.name})
     return written
 
@@ -359,7 +363,11 @@ def embedding_note(out: Path, files: dict[str, str]) -> str:
              "is a textual-inversion file beside the export:"]
     for token, name in files.items():
         stem = name.removesuffix(".safetensors")
+        diffusers = f"pipe.load_textual_inversion('{name}', token='{token}')"
+        if set(read_safetensors(out.parent / name)[0]) == set(SDXL_TOKEN_KEYS):
+            diffusers = (f"t = safetensors.torch.load_file('{name}'); pipe.load_textual_inversion(t['clip_l'], "
+                         f"token='{token}', text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer) and the same "
+                         "with t['clip_g'], pipe.text_encoder_2, pipe.tokenizer_2")
         lines.append(f"  {token}: {out.parent / name}  (A1111/Forge: put it in embeddings/ and write {stem} where "
-                     f"the prompt has {token}; ComfyUI: embedding:{stem}; diffusers: "
-                     f"pipe.load_textual_inversion('{name}', token='{token}'))")
+                     f"the prompt has {token}; ComfyUI: embedding:{stem}; diffusers: {diffusers})")
     return "\n".join(lines)
