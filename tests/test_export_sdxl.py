@@ -31,28 +31,11 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ENCODERS = ("text_encoder", "text_encoder_2")
 PARTS = ("unet", "vae", *ENCODERS)
-TE2_WIDTH, TE2_PROJECTION = 48, 40
-
-
-def wide_configs(size, resolution=None):
-    """sdxl-tiny with a second text encoder wider than the first, as SDXL's are (768 and 1280), and a projection of
-    another width than its hidden state (as a transposed projection would not fit). Stock `from_single_file` tells
-    SDXL's two encoders apart by their width: with sdxl-tiny's (both 32) it takes the first for the second."""
-    configs = ORIGINAL_CONFIGS(size, resolution)
-    configs["text_encoder_2"].update(hidden_size=TE2_WIDTH, projection_dim=TE2_PROJECTION)
-    time_embed = configs["unet"]["addition_time_embed_dim"]
-    configs["unet"].update(cross_attention_dim=32 + TE2_WIDTH,
-                           projection_class_embeddings_input_dim=TE2_PROJECTION + 6 * time_embed)
-    return configs
-
-
-ORIGINAL_CONFIGS = tiny_families.family_configs
+TE2_WIDTH, TE2_PROJECTION = 48, 40  # sdxl-tiny's second encoder, wider than the first (32) as SDXL's is
 
 
 def build_xl(path, seed):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tiny_families, "family_configs", wide_configs)
-        return tiny_families.build_model(path, size="sdxl-tiny", seed=seed)
+    return tiny_families.build_model(path, size="sdxl-tiny", seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +163,7 @@ def sdxl_attention_modules(config) -> list[str]:
 def test_sdxl_kohya_names_follow_the_unet_not_one_table():
     """SDXL 1.0's real UNet (on the meta device) gets the names kohya's sd-scripts and A1111 use; the numbering comes
     from the config, and a LoRA with no base model on this machine gets the same names from its own layers."""
-    config = ORIGINAL_CONFIGS("sdxl")["unet"]
+    config = tiny_families.family_configs("sdxl")["unet"]
     modules = sdxl_attention_modules(config)
     names = kohya.sdxl_unet_names(config, modules, "x")
     assert names["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == \
@@ -196,7 +179,7 @@ def test_sdxl_kohya_names_follow_the_unet_not_one_table():
     assert {n.split(".")[1] for n in names.values() if n.startswith("input_blocks")} == {"4", "5", "7", "8"}
     assert {n.split(".")[1] for n in names.values() if n.startswith("output_blocks")} == {str(i) for i in range(6)}
     assert kohya.sdxl_unet_names(kohya._unet_config_from_layers(modules), modules, "x") == names
-    tiny = ORIGINAL_CONFIGS("sdxl-tiny")["unet"]  # one layer a level: other numbers from the same rules
+    tiny = tiny_families.family_configs("sdxl-tiny")["unet"]  # one layer a level: other numbers from the same rules
     tiny_modules = sdxl_attention_modules(tiny)
     tiny_names = kohya.sdxl_unet_names(tiny, tiny_modules, "x")
     assert tiny_names["down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q"] == \

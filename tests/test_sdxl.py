@@ -152,7 +152,7 @@ def test_sdxl_lora_on_both_text_encoders_with_a_new_token_loads_in_stock_diffuse
     assert {k.split(".")[0] for k in a} == {"unet", "text_encoder", "text_encoder_2"}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     tokens = load_file(str(out / "token_embeddings.safetensors"))
-    assert set(tokens) == {"clip_l", "clip_g"} and tokens["clip_g"].shape == (1, 32)  # the tiny bigG's width
+    assert set(tokens) == {"clip_l", "clip_g"} and tokens["clip_g"].shape == (1, 48)  # the tiny bigG's width
     assert list(read_token_file(out / "token_embeddings.safetensors")) == ["<zq>"]
 
     stock = StableDiffusionXLPipeline.from_pretrained(xl_model)
@@ -169,6 +169,24 @@ def test_sdxl_lora_on_both_text_encoders_with_a_new_token_loads_in_stock_diffuse
                  "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "shots")]) == 0
     plain = picture(StableDiffusionXLPipeline.from_pretrained(xl_model), prompt="a photo of <zq> dog")
     assert np.abs(theirs - plain).max() > 1e-3
+
+    # exported: kohya (the token bundled for both encoders) through our loader, and the single file with the LoRA
+    # merged (the token in an embedding file beside it) through stock from_single_file
+    kohya = tmp_path / "k.safetensors"
+    assert main(["export", str(out), "--format", "kohya", "--out", str(kohya)]) == 0
+    from_kohya = StableDiffusionXLPipeline.from_pretrained(xl_model)
+    load_loras(from_kohya, [(kohya, 1.0)])
+    assert np.abs(picture(from_kohya, prompt="a photo of <zq> dog") - theirs).max() <= 1e-4
+    single = tmp_path / "xl.safetensors"
+    assert main(["export", str(xl_model), "--merge-lora", str(out), "--format", "single-file",
+                 "--out", str(single)]) == 0
+    stock = StableDiffusionXLPipeline.from_single_file(str(single), config=str(xl_model), local_files_only=True)
+    rows = load_file(str(tmp_path / "xl.zq.safetensors"))
+    stock.load_textual_inversion(rows["clip_l"], token="<zq>", text_encoder=stock.text_encoder,
+                                 tokenizer=stock.tokenizer)
+    stock.load_textual_inversion(rows["clip_g"], token="<zq>", text_encoder=stock.text_encoder_2,
+                                 tokenizer=stock.tokenizer_2)
+    assert np.abs(picture(stock, prompt="a photo of <zq> dog") - theirs).max() <= 1e-4
 
 
 def test_an_sdxl_models_identity_covers_its_second_text_encoder(xl_model, tmp_path):

@@ -89,8 +89,10 @@ def family_configs(size: str, resolution: int | None = None) -> dict[str, dict]:
         te = dict(vocab_size=vocab, intermediate_size=37, num_hidden_layers=2, max_position_embeddings=77, **ids)
         return {"unet": _sdxl_tiny_unet(resolution // 4), "vae": {**_vae(resolution), "scaling_factor": 0.13025},
                 "text_encoder": {**te, "hidden_size": 32, "num_attention_heads": 4},
-                "text_encoder_2": {**te, "hidden_size": 32, "num_attention_heads": 4, "hidden_act": "gelu",
-                                   "projection_dim": 32, "pad_token_id": 0}}
+                # wider than the first, with a projection of yet another width, as SDXL's are (768; 1280 and its
+                # projection): stock from_single_file tells the two encoders apart by width
+                "text_encoder_2": {**te, "hidden_size": 48, "num_attention_heads": 4, "hidden_act": "gelu",
+                                   "projection_dim": 40, "pad_token_id": 0}}
     return {"unet": _sdxl_unet(resolution // 8), "vae": {**_sd15_vae(resolution), "scaling_factor": 0.13025,
                                                          "force_upcast": True},
             "text_encoder": _sd15_text_config(vocab, ids),
@@ -114,9 +116,9 @@ def _sdxl_tiny_unet(sample_size: int) -> dict:
     return dict(sample_size=sample_size, block_out_channels=(16, 32), layers_per_block=1,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-                cross_attention_dim=32 + 32, attention_head_dim=(2, 4), use_linear_projection=True,
+                cross_attention_dim=32 + 48, attention_head_dim=(2, 4), use_linear_projection=True,
                 addition_embed_type="text_time", addition_time_embed_dim=time_embed,
-                projection_class_embeddings_input_dim=32 + 6 * time_embed, norm_num_groups=8)
+                projection_class_embeddings_input_dim=40 + 6 * time_embed, norm_num_groups=8)
 
 
 def _sdxl_unet(sample_size: int) -> dict:
