@@ -120,6 +120,28 @@ def test_intensity_weights_the_emotion_and_the_weights_change_the_picture(served
     assert np.array_equal(picture(1.0), strong)  # weighted embeddings are deterministic too
 
 
+def test_an_sdxl_character_renders_weighted_states_as_its_pipeline_encodes_prompts(tmp_path):
+    """SDXL's weighted path: both encoders' hidden states and the pooled embedding. With every weight 1.0 it draws
+    what the plain prompt draws; an emotion's intensity changes the picture."""
+    import dataclasses
+
+    from dreambooth.models.tiny_families import build_model
+    from dreambooth.serving.renderer import Renderer
+
+    model = build_model(tmp_path / "xl", size="sdxl-tiny", seed=2)
+    characters = load_characters(characters_file(tmp_path, model))
+    renderer = Renderer(characters, device="cpu", precision="fp32")
+    character = characters["dog"]
+    count = token_counter(renderer.drawn["dog"].slot.pipe.tokenizer)
+    weighted = compile_prompt(character, CharacterState(emotion="angry", intensity=1.0), count_tokens=count)
+    assert any(part["weight"] != 1.0 for part in weighted.fragments)
+    unit = dataclasses.replace(weighted, fragments=[{**part, "weight": 1.0} for part in weighted.fragments])
+    forced = dataclasses.replace(unit, fragments=[*unit.fragments[:-1], {**unit.fragments[-1], "weight": 1.0 + 1e-9}])
+    plain, through_compel, strong = (png_pixels(renderer.render([r])[0]) for r in (unit, forced, weighted))
+    assert np.abs(plain - through_compel).max() <= 2  # the weighted path, at weight 1, is the plain prompt
+    assert np.abs(strong - plain).max() > 0
+
+
 def test_png_and_json_answers_seeds_and_the_cache(served):
     service, client = served
     body = {"character": "dog", "state": {"action": "running"}, "format": "json", "n": 3}

@@ -135,18 +135,49 @@ class Renderer:
         pipe.scheduler = slot.schedulers[scheduler]
 
     def _weighted_embeddings(self, slot: Slot, request: RenderRequest):
-        """The prompt's embedding with each fragment at its weight (compel); the text is the prompt's own, split
-        where the compiler joined it, so that weights of 1.0 would give the plain prompt's tokens."""
-        from compel import Compel
+        """The prompt's embedding with each fragment at its weight (compel), and for SDXL the pooled embedding of the
+        plain prompt; the text is the prompt's own, split where the compiler joined it, so that weights of 1.0 would
+        give the plain prompt's tokens."""
+        from compel import Compel, ReturnedEmbeddingsType
         from compel.prompt_parser import FlattenedPrompt
 
-        if slot.compel is None:
-            slot.compel = Compel(tokenizer=slot.pipe.tokenizer, text_encoder=slot.pipe.text_encoder,
+        PENULTIMATE = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED  # noqa: N806
+
+        pipe = slot.pipe
+        sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        if slot.compel is None and sdxl:
+            # SDXL conditions on both encoders' penultimate hidden states side by side, and on the second's pooled
+            # output, as its pipeline's encode_prompt builds them
+            slot.compel = Compel(tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
+                                 text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
+                                 returned_embeddings_type=PENULTIMATE,
+                                 requires_pooled=[False, True], truncate_long_prompts=True, device=str(self.device))
+        elif slot.compel is None:
+            slot.compel = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
                                  truncate_long_prompts=True, device=str(self.device))
         parts = [(part["text"] if i == 0 else request.joiner + part["text"], float(part["weight"]))
                  for i, part in enumerate(request.fragments)]
         (conditioning, _), _ = slot.compel.build_conditioning_tensor_for_prompt_object(FlattenedPrompt(parts))
-        return conditioning
+        if not sdxl:
+            return conditioning, None
+        pooled = slot.compel.conditioning_provider.get_pooled_embeddings([request.prompt], device=str(self.device))
+        return conditioning, pooled
+
+    def _weighted_call(self, pipe, requests: list[RenderRequest], slot: Slot) -> dict:
+        """The pipeline's embedding arguments for a batch with weighted fragments; the negative prompts as usual."""
+        import torch
+
+        pairs = [self._weighted_embeddings(slot, r) for r in requests]
+        first = requests[0]
+        encoded = pipe.encode_prompt(prompt=[r.prompt for r in requests], device=pipe.device, num_images_per_prompt=1,
+                                     do_classifier_free_guidance=first.guidance > 1.0,
+                                     negative_prompt=[r.negative_prompt for r in requests])
+        embeds = {"prompt_embeds": torch.cat([c for c, _ in pairs]).to(pipe.dtype),
+                  "negative_prompt_embeds": encoded[1]}
+        if pairs[0][1] is not None:  # SDXL: (embeds, negative, pooled, negative pooled)
+            embeds.update(pooled_prompt_embeds=torch.cat([p for _, p in pairs]).to(pipe.dtype),
+                          negative_pooled_prompt_embeds=encoded[3])
+        return embeds
 
     def render(self, requests: list[RenderRequest]) -> list[bytes]:
         """PNGs of a batch of requests that share character, size, steps, guidance and sampler; one pipeline call."""
@@ -161,10 +192,7 @@ class Renderer:
         with self._lock, torch.inference_mode():
             self._activate(drawn, first.scheduler)
             if any(part["weight"] != 1.0 for r in requests for part in r.fragments):
-                embeddings = torch.cat([self._weighted_embeddings(drawn.slot, r) for r in requests])
-                _, negative = pipe.encode_prompt([r.prompt for r in requests], pipe.device, 1, first.guidance > 1.0,
-                                                 [r.negative_prompt for r in requests])
-                out = pipe(prompt_embeds=embeddings.to(pipe.dtype), negative_prompt_embeds=negative, **shared)
+                out = pipe(**self._weighted_call(pipe, requests, drawn.slot), **shared)
             else:
                 out = pipe(prompt=[r.prompt for r in requests], negative_prompt=[r.negative_prompt for r in requests],
                            **shared)
