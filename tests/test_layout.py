@@ -31,7 +31,7 @@ LAYERS = {
     "characters": ["characters.state", "characters.character", "characters.compiler"],
     "training": ["training.data", "training.cache", "training.components", "training.checkpoint",
                  "training.outputs", "training.class_images", "training.hub", "preflight", "training.graph_step",
-                 "training.loop"],
+                 "training.report", "training.report_page", "training.loop"],
     "evaluation": ["evaluation.evaluate", "evaluation.world", "evaluation.world_model", "evaluation.experiment",
                    "evaluation.demo", "evaluation.compare"],
     "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.metrics", "serving.service",
