@@ -67,6 +67,7 @@ ELSEWHERE = {
     "evaluate.clip": "test_evaluate.py::test_overall_is_image_weighted_mean_and_extra_scorers_add_columns",
     "evaluate.dino": "test_evaluate.py::test_cli_scores_a_generate_folder",
     "evaluate.overwrite": "test_trust.py::test_evaluate_refuses_images_of_two_models",
+    "evaluate.checkpoints": "test_report.py::test_evaluate_all_checkpoints_names_the_best_in_the_report",
 }
 
 # Options that change no number of the result, and why.

@@ -29,6 +29,7 @@ from dreambooth.command_options import (
     ExportOptions,
     GenerateOptions,
     InitOptions,
+    ReportOptions,
     ServeOptions,
     TinyModelOptions,
 )
@@ -161,6 +162,8 @@ COMMANDS = {command.name: command for command in (
             "dreambooth.generate:generate_command", GenerateOptions, heavy=True),
     Command("evaluate", "Score a trained subject with the DreamBooth paper's metrics: DINO, CLIP-I, CLIP-T.",
             "dreambooth.evaluation.evaluate:evaluate_command", EvaluateOptions, heavy=True),
+    Command("report", "Rebuild a run's report.html (curves, samples, checkpoints) from its folder.",
+            "dreambooth.training.report_page:report_command", ReportOptions),
     Command("export", "Convert a result (SD 1.x, 2.x or SDXL): LoRA to kohya/A1111, full model to one .safetensors, "
             "merge LoRAs.",
             "dreambooth.export:export_command", ExportOptions, heavy=True),

@@ -84,6 +84,9 @@ class EvaluateOptions(SamplingOptions):
                                "CLIP-I and CLIP-T.")
     dino: Path | None = option(None, help="Local DINO ViT folder (e.g. facebook/dino-vits16 saved with "
                                "save_pretrained, image processor included): enables DINO.")
+    checkpoints: str | None = option(None, choices=("all",), help="all: --model is a training run's folder; "
+                                     "score each checkpoint-N and the final model (LoRA runs: on their base model), "
+                                     "each into OUT/NAME/, name the best, and add the table to the run's report.")
     out: Path = option(Path("evaluation"), help="Output folder: metrics.json, and images/ with --model.")
     overwrite: bool = option(False, help="Replace an earlier evaluation's metrics.json and images in --out.")
 
@@ -96,6 +99,15 @@ class EvaluateOptions(SamplingOptions):
         """What `generate` is asked for with --model: the shared sampling options, the images in OUT/images."""
         shared = {f.name: getattr(self, f.name) for f in fields(SamplingOptions)}
         return GenerateOptions(**shared, model=self.model, out=self.out / "images", overwrite=self.overwrite)
+
+
+@dataclass(kw_only=True)
+class ReportOptions:
+    """`dreambooth report`: a run folder's report.html, rebuilt from what the folder holds."""
+
+    output_dir: Path = option(positional=True, help="A training run's output folder (finished, stopped or "
+                              "running).")
+    open: bool = option(False, help="Open the page in the default web browser.")
 
 
 @dataclass(kw_only=True)

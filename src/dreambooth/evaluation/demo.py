@@ -29,8 +29,10 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0) -> dict:
     variant = experiment.Variant("full + prior", "full", prior=True)
     run_dir = experiment.train_variant(model, variant, seed, out, recipe, extra={
         "output.output_dir": str(out / "model"), "output.checkpointing_steps": max(recipe.steps // 2, 1),
-        "output.checkpoints_total_limit": 1, "validation.prompts": [world.INSTANCE_PROMPT],
-        "validation.steps": recipe.steps, "validation.num_images": 4, "validation.num_inference_steps": 20})
+        # validation three times, the subject's prompt and the class's: the run report shows both across steps
+        "output.checkpoints_total_limit": 1, "validation.prompts": [world.INSTANCE_PROMPT, world.CLASS_PROMPT],
+        "validation.steps": max(recipe.steps // 3, 1), "validation.num_images": 4,
+        "validation.num_inference_steps": 20})
     metrics, grids = {}, {}
     for name, path in (("base", model), ("trained", run_dir)):
         images = experiment.draw_prompts(path, None, seed, recipe)
@@ -53,7 +55,7 @@ def print_summary(metrics: dict, run_dir: Path, out: Path, grids: dict) -> None:
         print(f"  {key:18s} {metrics['base'][key]:6.2f} {metrics['trained'][key]:8.2f}")
     print(f"\n  trained model      {run_dir}\n  before / after     {grids['base']}  {grids['trained']}"
           f"\n  measures           {out / 'metrics.json'}\n  instance photos    {out / 'instance'}"
-          f"\n  class images       {out / 'class'}\n")
+          f"\n  class images       {out / 'class'}\n  run report         {run_dir / 'report.html'}\n")
     print("  Rows of the grids: 'a photo of sks circle' alone and on each background, then 'a photo of a <colour>\n"
           "  circle' for red, green, blue, yellow. subject_fidelity: share of subject images showing the banded\n"
           "  circle; class_prior: share of class images that are the asked colour and not the subject.")

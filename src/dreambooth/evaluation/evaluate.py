@@ -348,6 +348,8 @@ def evaluate_command(options) -> dict:
     from dreambooth.versions import library_versions
 
     check_settings(options)
+    if options.checkpoints == "all":
+        return evaluate_checkpoints(options)
     world = _uses_world_model(options)
     if options.clip is None and options.dino is None and not world:
         raise UserError("nothing to measure: pass --clip DIR (CLIP-I and CLIP-T) and/or --dino DIR (DINO), local "
@@ -392,3 +394,62 @@ def evaluate_command(options) -> dict:
     print(format_table(metrics))
     print(f"wrote {options.out / 'metrics.json'}")
     return metrics
+
+
+def evaluate_checkpoints(options) -> dict:
+    """`evaluate --model RUN_DIR --checkpoints all`: each checkpoint and the final model scored as `evaluate --model`
+    would (into OUT/NAME/), the best named (training.report.best_checkpoint), the table written into the run folder
+    for its report."""
+    from dataclasses import replace
+
+    from dreambooth.formats.atomic import write_json_atomic
+    from dreambooth.training.report import EVALUATION_FILE, best_checkpoint, gather
+    from dreambooth.training.report_page import write_report
+    from dreambooth.versions import library_versions
+
+    run_dir = options.model
+    if run_dir is None:
+        raise UserError("--checkpoints all scores the checkpoints of a run: pass its output folder as --model.")
+    facts = gather(run_dir)
+    if not facts.checkpoints:
+        raise UserError(f"--model {run_dir} holds no checkpoint-N folder and no final model yet; nothing to score.")
+    info = facts.info or {}
+    lora = info.get("method") == "lora" or (run_dir / "pytorch_lora_weights.safetensors").is_file()
+    if lora and not info.get("base_model"):
+        raise UserError(f"--model {run_dir} is a LoRA run without run_info.json, so its base model is unknown; "
+                        "score each checkpoint with `dreambooth evaluate --model BASE --lora CHECKPOINT`.")
+    entries = []
+    for c in facts.checkpoints:
+        print(f"\n{c.name} (step {c.step}):")
+        model, loras = (Path(info["base_model"]), [str(c.path), *options.lora]) if lora else (c.path, options.lora)
+        metrics = evaluate_command(replace(options, model=model, lora=loras, checkpoints=None,
+                                           out=options.out / c.name))
+        entries.append({"name": c.name, "step": c.step, "path": str(c.path), "metrics": metrics["overall"],
+                        "metrics_file": str(options.out / c.name / "metrics.json")})
+    best, why = best_checkpoint(entries)
+    record = {"run": str(run_dir), "checkpoints": entries, "best": best, "why": why, "versions": library_versions()}
+    write_json_atomic(run_dir / EVALUATION_FILE, record)
+    write_json_atomic(options.out / "checkpoints.json", record)
+    print("\n" + format_checkpoints(entries, best))
+    chosen = next((e for e in entries if e["name"] == best), None)
+    if chosen is not None:
+        print(f"best: {best} ({why}); export that one: dreambooth export {chosen['path']} ...")
+    print(f"wrote {run_dir / EVALUATION_FILE} and {options.out / 'checkpoints.json'}")
+    try:
+        print(f"run report: {write_report(run_dir)}")
+    except (OSError, ValueError) as e:
+        print(f"warning: the run report was not rebuilt ({e}); `dreambooth report {run_dir}` retries")
+    return record
+
+
+def format_checkpoints(entries: list[dict], best: str | None) -> str:
+    """One row per checkpoint: its step and overall measures, the best one marked."""
+    names = [k for k in dict.fromkeys(k for e in entries for k, v in e["metrics"].items()
+                                      if k not in ("images", "prompts") and isinstance(v, float))]
+    header = ["checkpoint", "step", *(LABELS.get(n, n) for n in names)]
+    rows = [[e["name"] + (" *" if e["name"] == best else ""), str(e["step"]),
+             *(_cell(e["metrics"].get(n)) for n in names)] for e in entries]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:]))])
+             for r in [header, *rows]]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], "* best"])

@@ -39,6 +39,7 @@ from dreambooth.training.loss import (
 )
 from dreambooth.training.offload import FrozenOffload, offload_plan
 from dreambooth.training.outputs import MetricsLog, save_outputs, write_model_card, write_run_info
+from dreambooth.training.report_page import refresh_report
 from dreambooth.training.rundir import RunLock, new_run_id
 from dreambooth.training.speed import (
     GradientClipping,
@@ -210,6 +211,7 @@ def checkpoint(run: Run) -> Path:
                            run.cfg.output.checkpoints_total_limit, extra)
     if run.accelerator.is_main_process:
         tqdm.write(f"checkpoint saved: {path}")
+    refresh_report(run)
     return path
 
 
@@ -244,6 +246,7 @@ def validate(run: Run) -> None:
         grid.save(tmp, format="PNG", pnginfo=grid_info([meta for _, meta in results], source,
                                                        {"step": run.global_step, "run_id": run.run_id}))
     tqdm.write(f"samples saved: {path}")
+    refresh_report(run)
 
 
 def trackers(cfg: Config) -> list[str]:
@@ -389,6 +392,7 @@ def finish(run: Run) -> None:
     what = (f"LoRA in {out / 'pytorch_lora_weights.safetensors'} (pipe.load_lora_weights)"
             if cfg.model.method == "lora" else f"model in {out} ({pipeline_class(out).__name__}.from_pretrained)")
     print(f"done: {what}; checkpoints, samples/ and {cfg.output.logging_dir}/ beside it")
+    refresh_report(run, final=True)
     if cfg.output.push_to_hub:
         from dreambooth.training.hub import upload_run
 

@@ -170,7 +170,10 @@ def write_run_info(run) -> None:
             "initializer": plan.initializer, "class_word": cfg.token.class_word if not cfg.subjects else
             subject.class_word, "instance_prompt": subject.instance_prompt,
             "class_prompt": subject.class_prompt if cfg.dataset.with_prior_preservation else None,
-            "instance_images": [str(p) for p in s.instance.usable],
+            "instance_images": [str(p) for p in s.instance.usable], "instance_dir": str(s.instance.folder),
+            # what pre-flight set aside, for the run report (training.report)
+            "rejected": [{"file": str(i.path), "reason": i.reason} for i in s.instance.rejected()],
+            "image_notes": [{"file": str(i.path), "reason": i.reason} for i in s.instance.notes()],
             "class_dir": str(subject.class_dir) if cfg.dataset.with_prior_preservation else None})
     write_json_atomic(run.out / "run_info.json", {
         "run_id": run.run_id, "settings": report.run_plan.settings, "base_model": cfg.model.pretrained_model,
@@ -178,7 +181,8 @@ def write_run_info(run) -> None:
         "method": cfg.model.method, "trainable_parameters": trainable, "prediction_type": report.prediction_type,
         "prior_preservation": cfg.dataset.with_prior_preservation,
         "resumed_from": str(report.run_plan.resume_from.path) if report.run_plan.resume_from else None,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "subjects": subjects, "versions": library_versions()})
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "subjects": subjects, "warnings": report.warnings,
+        "versions": library_versions()})
 
 
 class MetricsLog:

@@ -38,7 +38,8 @@ SCRATCH_FOLDERS = (".final-model.tmp", ".lora.tmp")  # training.outputs and form
 MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                "scheduler", "safety_checker", "feature_extractor", "pytorch_lora_weights.safetensors",
                "token_embeddings.safetensors")
-RUN_FILES = (RUN_INFO, "config.yaml", "README.md", "samples", "latent_cache", "report.html", *SCRATCH_FOLDERS)
+RUN_FILES = (RUN_INFO, "config.yaml", "README.md", "samples", "latent_cache", "report.html", "report",
+             "checkpoint_metrics.json", *SCRATCH_FOLDERS)
 
 
 def new_run_id() -> str:
