@@ -90,7 +90,10 @@ class BenchSettings:
                                "and bitsandbytes).")
     ours_arg: list[str] = option([], metavar="FLAG", help="An extra flag for this tool's run only (repeatable; "
                                  "e.g. --ours-arg=--cuda_graph=off), to measure one of its switches.")
-    tag: str = option("", help="A suffix for the result's name, telling runs with other --ours-arg apart.")
+    both_arg: list[str] = option([], metavar="FLAG", help="An extra flag for both programs (repeatable; e.g. "
+                                 "--both-arg=--train_text_encoder), a setting both have under the same name.")
+    tag: str = option("", help="A suffix for the result's name, telling runs with other --ours-arg or --both-arg "
+                      "apart.")
     table: bool = option(False, help="Measure nothing: rewrite the table in --doc from --results/*.json.")
     doc: Path = option(REPOSITORY / "docs" / "bench.md", help="[default: docs/bench.md of the repository]")
 
@@ -373,13 +376,14 @@ def commands(s: BenchSettings, model: Path, data: tuple[Path, Path, Path], work:
 
     ours = train_flags(s, model, instance, class_dir, work / "ours", resolution, precision,
                        "tensorboard" if is_tensorboard_available() else "none")
-    out = {"ours": [sys.executable, "-m", "dreambooth", "train", *ours, "--method", s.method, *s.ours_arg]}
+    out = {"ours": [sys.executable, "-m", "dreambooth", "train", *ours, "--method", s.method, *s.both_arg,
+                    *s.ours_arg]}
     if s.peer:
         peer = train_flags(s, model, instance, peer_class, work / "peer", resolution, precision)
         launch = [sys.executable, "-m", "accelerate.commands.launch", *([] if cuda else ["--cpu"]),
                   "--num_processes", "1", "--num_machines", "1", "--num_cpu_threads_per_process", str(threads),
                   "--mixed_precision", precision, "--dynamo_backend", "no"]
-        out["peer"] = [*launch, str(s.peer.resolve()), *peer]
+        out["peer"] = [*launch, str(s.peer.resolve()), *peer, *s.both_arg]
     return out
 
 
@@ -442,7 +446,7 @@ def run_bench(s: BenchSettings) -> dict:
         "rank": s.rank if s.method == "lora" else None, "flops_per_step": flops,
         "bf16_peak_flops": dev["bf16_peak_flops"], "class_images_s": round(class_s, 2),
         "class_images_in_run": s.fresh_class_images, "lean_memory": s.lean_memory, "tag": s.tag,
-        "ours_args": s.ours_arg, "bench_wall_s": round(time.perf_counter() - started, 2), "runs": runs,
+        "ours_args": s.ours_arg, "both_args": s.both_arg, "bench_wall_s": round(time.perf_counter() - started, 2), "runs": runs,
         "commands": cmds,
         "machine": machine_facts(threads), "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings_record(s),
@@ -488,6 +492,7 @@ def format_table(results: list[dict]) -> str:
         method = f"LoRA r{r['rank']}" if r["method"] == "lora" and r.get("rank") else r["method"]
         method += ", 8-bit AdamW + checkpointing" if r.get("lean_memory") else ""
         method += f" ({' '.join(r['ours_args'])})" if r.get("ours_args") else ""
+        method += f" (both: {' '.join(r['both_args'])})" if r.get("both_args") else ""
         made = "in the run" if r.get("class_images_in_run") else "beforehand"
         run_ratio = p.get("wall_s") and r["wall_s"] / p["wall_s"]
         rows.append(

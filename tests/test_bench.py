@@ -220,3 +220,14 @@ def test_a_switch_of_this_tool_is_measured_under_its_own_name(tmp_path):
     assert cmds["ours"][-1] == "--cuda_graph=off" and "--cuda_graph=off" not in cmds["peer"]
     row = {**_result("cuda", "full", 0.02), "ours_args": ["--cuda_graph=off"], "tag": "graph-off"}
     assert "full (--cuda_graph=off)" in format_table([row])
+
+
+def test_a_setting_of_both_programs_reaches_both_commands(tmp_path):
+    """--both-arg goes to this tool and to the peer alike (a flag they share, such as --train_text_encoder)."""
+    from bench import commands
+
+    s = BenchSettings(both_arg=["--train_text_encoder"], tag="te", peer=tmp_path / "train_dreambooth_lora_sdxl.py")
+    cmds = commands(s, tmp_path, (tmp_path, tmp_path, tmp_path), tmp_path, 64, "no", False, 2)
+    assert "--train_text_encoder" in cmds["ours"] and cmds["peer"][-1] == "--train_text_encoder"
+    row = {**_result("cpu", "lora", 0.02), "both_args": ["--train_text_encoder"], "tag": "te"}
+    assert "(both: --train_text_encoder)" in format_table([row])
