@@ -32,7 +32,8 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     pretrained_model: str | None = opt(
-        None, "Base model: a local diffusers folder (or a hub id on a connected machine).",
+        None, "Base model: a local diffusers folder (or a hub id on a connected machine): SD 1.x, SD 2.x (epsilon or "
+        "v-prediction) or SDXL, told apart by the folder (SDXL's has text_encoder_2).",
         "--pretrained_model_name_or_path", "--pretrained_model")
     revision: str | None = opt(None, "Hub revision of the base model.")
     variant: str | None = opt(None, "Weight variant of the base model files, e.g. fp16.")
@@ -46,7 +47,7 @@ class ModelSection(Section):
     train_unet: bool = opt(True, "Train the UNet (turn off to train only the text side).")
     train_text_encoder: bool = opt(
         False, "Also train the text encoder (the whole of it, or LoRA adapters on it with method lora), at "
-        "training.text_encoder_lr.")
+        "training.text_encoder_lr; for SDXL, both text encoders.")
     enable_xformers_memory_efficient_attention: bool = opt(
         False, "Use xformers attention (must be installed); PyTorch SDPA is used otherwise.")
 
@@ -64,8 +65,9 @@ class LoraSection(Section):
 
 class TokenSection(Section):
     identifier: str | None = opt(
-        None, "The subject's identifier: a new token such as '<saya_token>' (added and trained) or an existing "
-        "rare token such as 'sks'. Unset: the word(s) of the instance prompt that the class prompt lacks.")
+        None, "The subject's identifier: a new token such as '<saya_token>' (added and trained; for SDXL in both "
+        "tokenizers and encoders) or an existing rare token such as 'sks'. Unset: the word(s) of the instance prompt "
+        "that the class prompt lacks.")
     initializer: str | None = opt(
         None, "Word whose embedding initialises a new identifier token (default: the class word).")
     class_word: str | None = opt(None, "The class word, e.g. 'dog' or 'girl'; fills {class_word} in prompts.")
@@ -105,7 +107,8 @@ class TrainingSection(Section):
                           "--train_batch_size", "--batch_size", ge=1)
     gradient_accumulation_steps: int = opt(1, "Batches accumulated per optimizer step.", ge=1)
     learning_rate: float = opt(5e-6, "Learning rate of the UNet.", gt=0)
-    text_encoder_lr: float | None = opt(None, "Learning rate of the text side (default: learning_rate).", gt=0)
+    text_encoder_lr: float | None = opt(None, "Learning rate of the text side: the text encoder(s) and a new token's "
+                                        "embedding rows, SDXL's two included (default: learning_rate).", gt=0)
     scale_lr: bool = opt(False, "Multiply learning rates by accumulation x batch size x processes.")
     max_train_steps: int | None = opt(None, f"Optimizer steps (default {DEFAULT_MAX_TRAIN_STEPS} unless "
                                       "num_train_epochs is set).", gt=0)
