@@ -366,3 +366,20 @@ def test_merged_sdxl_model_equals_fusing_in_stock_diffusers(xl_model, xl_lora, x
         assert got.keys() == want.keys(), name
         assert max((want[k] - got[k]).abs().max().item() for k in want) < 1e-6, name
         assert max((got[k] - before[k]).abs().max().item() for k in got) > 1e-3, name  # the LoRA is in it
+
+
+def test_an_sdxl_unet_lora_gets_sgm_names_wherever_its_base_model_is(xl_model, tmp_path):
+    """A UNet-only LoRA recording a base model that is not on this machine is still told to be SDXL's by its own
+    layers (SDXL's first up block has attention), so the export does not depend on where it runs."""
+    lora = make_xl_lora(xl_model, tmp_path / "unet_only", seed=8, encoders=(),
+                        metadata={"dreambooth.base_model": str(tmp_path / "gone" / "sdxl-base")})
+    keys = list(load_file(lora_to_kohya(lora, tmp_path / "k.safetensors")))
+    assert any(k.startswith("lora_unet_output_blocks_") for k in keys)
+    assert not any("up_blocks" in k or "down_blocks" in k for k in keys)
+
+
+def test_a_one_encoder_token_file_is_refused_by_an_sdxl_pipeline(xl_model, tmp_path):
+    from dreambooth.formats.lora_loading import load_token_vectors
+
+    with pytest.raises(UserError, match="one text encoder"):
+        load_token_vectors(load_xl(xl_model), {"<zq>": torch.zeros(32)})

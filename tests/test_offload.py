@@ -61,8 +61,9 @@ def test_the_plan_moves_what_its_caches_make_idle_and_says_why_the_rest_stays(ti
 
 def test_views_are_every_crop_and_flip_a_batch_can_hold(instance_dir):
     photos = sorted(instance_dir.iterdir())
-    flipped = DreamBoothDataset(photos, "p", 64, center_crop=True, random_flip=True).views()
-    assert len(flipped) == 2 * len(photos) and len({key for _, key in flipped}) == 2 * len(photos)
+    flipping = DreamBoothDataset(photos, "p", 64, center_crop=True, random_flip=True)
+    flipped = list(flipping.views())
+    assert flipping.view_count() == len(flipped) and len(flipped) == 2 * len(photos) and len({key for _, key in flipped}) == 2 * len(photos)
     by_key = dict((key, pixels) for pixels, key in flipped)
     dataset = DreamBoothDataset(photos, "p", 64, center_crop=True, random_flip=True, seed=3)
     for epoch in range(6):  # every item a batch gets is one of the views, pixel for pixel
@@ -70,10 +71,10 @@ def test_views_are_every_crop_and_flip_a_batch_can_hold(instance_dir):
         for i in range(len(dataset)):
             item = dataset[i]
             assert torch.equal(by_key[item["instance_key"]], item["instance_pixels"])
-    assert len(DreamBoothDataset(photos, "p", 64, center_crop=False).views()) == len(photos)  # square: one crop
+    assert DreamBoothDataset(photos, "p", 64, center_crop=False).view_count() == len(photos)  # square: one crop
     wide = sorted(wide_photos(instance_dir.parent / "wide").iterdir())
-    assert DreamBoothDataset(wide, "p", 64, center_crop=False).views() is None
-    assert len(DreamBoothDataset(wide, "p", 64, center_crop=True).views()) == len(wide)
+    assert DreamBoothDataset(wide, "p", 64, center_crop=False).view_count() is None
+    assert len(list(DreamBoothDataset(wide, "p", 64, center_crop=True).views())) == len(wide)
 
 
 @pytest.mark.parametrize("extra", [{}, {"model.method": "lora", "token.identifier": "<zq>",

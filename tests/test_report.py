@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -174,6 +175,7 @@ def test_interrupted_and_resumed_run_has_one_curve_point_per_step(tiny_model, in
         train(load_config(None, values))
     monkeypatch.undo()
     assert "stopped at step 3" in gather(out).status
+    assert "stopped at step 3" in page_of(out)  # the stopping process's own last word, not "running"
     # As if the process had been killed after step 3 was logged but before its checkpoint: resume from step 2,
     # which logs step 3 again.
     shutil.rmtree(out / "checkpoint-3")
@@ -212,7 +214,7 @@ def test_report_command_rebuilds_an_old_run_and_refuses_a_folder_that_is_no_run(
 
 
 def test_a_report_that_fails_does_not_end_the_run(probe, monkeypatch, capsys):
-    def broken(out):
+    def broken(out, status=None):
         raise OSError("disk full")
 
     monkeypatch.setattr(report_page, "write_report", broken)
@@ -275,3 +277,56 @@ def test_the_page_in_headless_chromium(full_run, browser, tmp_path):
     browser.execute_script("window.scrollTo(0, 0)")
     shot = tmp_path / "report.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+
+def test_a_sparse_log_and_an_extended_run_give_the_true_step_and_status(tiny_model, instance_dir, tmp_path,
+                                                                        monkeypatch):
+    """The log has every logging_steps-th step, so a stop is placed by its checkpoint; a finished LoRA run extended
+    to more steps is "running" while it trains, and its final row keeps the step its LoRA was saved at."""
+    out = tmp_path / "out"
+    values = {"model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
+              "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.seed": 0,
+              "training.max_train_steps": 2, "training.learning_rate": 1e-3, "output.output_dir": str(out),
+              "output.logging_steps": 10, "output.checkpointing_steps": 2, "output.report_to": "none",
+              "model.method": "lora"}
+    train(load_config(None, values))
+    assert gather(out).status == "finished"
+    seen = []
+    real = train_module.checkpoint
+
+    def watched(run):
+        path = real(run)
+        facts = gather(out)
+        seen.append((run.global_step, facts.status, [(c.name, c.step) for c in facts.checkpoints if c.name == "final"]))
+        return path
+
+    monkeypatch.setattr(train_module, "checkpoint", watched)
+    stop_during_step(monkeypatch, calls=2)  # the resumed run's second step: step 4
+    with pytest.raises(TrainingStopped):
+        train(load_config(None, {**values, "training.max_train_steps": 6, "output.resume_from_checkpoint": "latest"}))
+    assert seen == [(4, "running at step 4", [("final", 2)])]  # the log's last record is step 2's
+    assert "stopped at step 4 (no final model from this run)" in page_of(out)
+    assert gather(out).status == "stopped at step 4 (the final model in the folder is from step 2)"
+
+
+def test_thumbnails_follow_the_photos_a_resumed_run_uses(tiny_model, tmp_path):
+    from PIL import Image
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, colour in ((first, (200, 30, 30)), (second, (30, 30, 200))):
+        folder.mkdir()
+        for i in range(2):
+            Image.new("RGB", (64, 64), colour).save(folder / f"p{i}.png")
+    out = tmp_path / "out"
+    values = {"model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(first),
+              "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.seed": 0,
+              "training.max_train_steps": 1, "training.learning_rate": 1e-3, "output.output_dir": str(out),
+              "output.checkpointing_steps": 1, "output.report_to": "none"}
+    train(load_config(None, values))
+    train(load_config(None, {**values, "dataset.instance_dir": str(second), "training.max_train_steps": 2,
+                             "output.resume_from_checkpoint": "latest"}))
+    page = page_of(out)
+    shown = [out / m for m in re.findall(r'src="(report/instance/[^"]+)"', page)]
+    assert len(shown) == 2
+    for thumb in shown:
+        assert Image.open(thumb).convert("RGB").getpixel((5, 5)) == (30, 30, 200)

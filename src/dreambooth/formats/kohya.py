@@ -121,11 +121,23 @@ def sdxl_unet_names(config: dict, modules, path: Path) -> dict[str, str]:
     return {m: name.removesuffix(".weight") for m, name in names.items()}
 
 
+def _sdxl_blocks(modules) -> bool:
+    """Whether UNet layer names show SDXL's block layout: its first up block has attention, which SD 1.x's and 2.x's
+    (an UpBlock2D) never has. The LoRA alone tells, wherever its base model is."""
+    return any(m.startswith("up_blocks.0.attentions.") for m in modules)
+
+
 def _sgm_names(lora: LoraFile) -> dict[str, str] | None:
     """SDXL's UNet names for this LoRA's layers; None for an SD 1.x/2.x LoRA. A LoRA is SDXL's when it adapts a
-    second text encoder or records an SDXL base model; a UNet-only LoRA recording neither keeps diffusers' names."""
+    second text encoder, records an SDXL base model, or has layers in SDXL's first up block; a UNet-only LoRA
+    showing none of these (adapters only where both layouts have attention) keeps diffusers' names, with a note."""
     base = _recorded_base(lora)
-    if not lora.layers.get("text_encoder_2") and not (base and is_sdxl(base)):
+    unet = list(lora.layers.get("unet", {}))
+    if not lora.layers.get("text_encoder_2") and not (base and is_sdxl(base)) and not _sdxl_blocks(unet):
+        if unet and lora.metadata.get("dreambooth.base_model") and base is None:
+            print(f"note: LoRA {lora.path} records the base model {lora.metadata['dreambooth.base_model']}, which is "
+                  "not on this machine, and its layers do not show whether it is SDXL's; its UNet keeps diffusers' "
+                  "names (SD 1.x/2.x kohya files use them; for SDXL, export where the base model is).")
         return None
     modules = list(lora.layers.get("unet", {}))
     if base and is_sdxl(base):

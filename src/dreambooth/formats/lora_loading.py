@@ -114,6 +114,10 @@ def load_token_vectors(pipe, vectors: dict) -> None:
         if token in vocab:
             continue
         if not isinstance(vector, dict):
+            if getattr(pipe, "text_encoder_2", None) is not None:
+                raise UserError(f"the new token {token} was trained for a model with one text encoder (SD 1.x/2.x); "
+                                "this SDXL model has two, and the token would mean something only to the first. Use "
+                                "it with the model it was trained on.")
             vector = vector[0] if vector.ndim == 2 and vector.shape[0] == 1 else vector
             pipe.load_textual_inversion({token: vector}, token=token)
             continue

@@ -170,20 +170,23 @@ class DreamBoothDataset(Dataset):
         key = f"{self._paths[role][i]}|{self.resolution}|{origin[0]},{origin[1]}|{int(flip)}"
         return pixels, key, size_conditioning(size, image.size, origin, flip, self.resolution)
 
-    def views(self) -> list[tuple[torch.Tensor, str]] | None:
-        """Every (pixels, cache key) a batch can ever hold, when augmentation leaves few: one crop per image (centre
-        crop, or an image already square at the resolution) and each flip `random_flip` allows. None when random
-        crops make them too many to list; then latents are cached as they come."""
-        found = []
+    def view_count(self) -> int | None:
+        """How many (pixels, cache key) views a batch can ever hold, when augmentation leaves few: one crop per image
+        (centre crop, or an image already square at the resolution) and each flip `random_flip` allows. None when
+        random crops make them too many to list; then latents are cached as they come."""
+        images = self._instance + self._class
+        if not self.center_crop and any(image.size != (self.resolution, self.resolution) for image in images):
+            return None
+        return len(images) * (2 if self.random_flip else 1)
+
+    def views(self):
+        """Each of the `view_count()` views as (pixels, cache key), made one at a time."""
         for role, images in (("instance", self._instance), ("class", self._class)):
             for i, image in enumerate(images):
-                if not self.center_crop and image.size != (self.resolution, self.resolution):
-                    return None
                 origin = crop_origin(image.size, self.resolution, center_crop=True, crop_rng=None)
                 for flip in (False, True) if self.random_flip else (False,):
                     pixels, key, _ = self._view(role, i, origin, flip)
-                    found.append((pixels, key))
-        return found
+                    yield pixels, key
 
     def prompts(self) -> list[str]:
         """The prompts its batches carry."""
@@ -232,9 +235,13 @@ class MultiSubjectDataset(Dataset):
         subject = self.subjects[index % len(self.subjects)]
         return subject[(index // len(self.subjects)) % len(subject)]
 
-    def views(self) -> list[tuple[torch.Tensor, str]] | None:
-        found = [subject.views() for subject in self.subjects]
-        return None if any(v is None for v in found) else [view for v in found for view in v]
+    def view_count(self) -> int | None:
+        counts = [subject.view_count() for subject in self.subjects]
+        return None if None in counts else sum(counts)
+
+    def views(self):
+        for subject in self.subjects:
+            yield from subject.views()
 
     def prompts(self) -> list[str]:
         return list(dict.fromkeys(p for subject in self.subjects for p in subject.prompts()))

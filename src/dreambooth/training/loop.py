@@ -373,6 +373,10 @@ def train(cfg: Config) -> Path:
         with StopRequest() as stop, convolution_kernels(kernels):
             loop(run, start, stop)
         finish(run)
+    except BaseException:
+        if run is not None and run.run_id:  # the page says so rather than "running" at its last refresh
+            refresh_report(run, status=f"stopped at step {run.global_step} (no final model from this run)")
+        raise
     finally:
         if run is not None:
             release(run.accelerator)

@@ -33,7 +33,7 @@ def offload_plan(cfg, models, dataset, device_type: str) -> tuple[list[str], str
         names += [name for name, *_ in models.text_sides()]
     if cfg.training.latent_cache == "off":
         kept.append("the VAE encodes every step (training.latent_cache is off)")
-    elif dataset.views() is None:
+    elif dataset.view_count() is None:
         kept.append("the VAE is needed for random crops (dataset.center_crop, or photos square at the resolution, "
                     "lets it go)")
     else:

@@ -161,7 +161,7 @@ def write_run_info(run) -> None:
     """run_info.json and config.yaml: what this run is, in data a program can read back."""
     cfg, report, models = run.cfg, run.report, run.models
     write_text_atomic(run.out / "config.yaml", dump_config(cfg))
-    trainable = sum(p.numel() for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for m in (models.unet, *models.encoders()) for p in m.parameters() if p.requires_grad)
     subjects = []
     for s in report.subjects:
         plan, subject = s.identifier, s.subject

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import write_json_atomic
+from dreambooth.formats.lora import read_metadata
 from dreambooth.models.base import LORA_FILE
 from dreambooth.training.images import IMAGE_EXTENSIONS
 from dreambooth.training.rundir import CHECKPOINT, LOCK_FILE, RUN_INFO, list_checkpoints
@@ -229,17 +230,36 @@ def logging_dir(out: Path, config_text: str | None) -> str:
 
 
 def run_status(out: Path, checkpoints: list[CheckpointFacts], log: list[dict]) -> str:
-    if any(c.name == "final" for c in checkpoints):
-        return "finished"
-    last = log[-1]["step"] if log else max((c.step for c in checkpoints if c.step is not None), default=None)
+    """Running (its lock is held), finished (a final model at least as new as anything logged or checkpointed), or
+    stopped at the newest step the folder shows. The log is sparse (every logging_steps), so checkpoints count."""
+    steps = [c.step for c in checkpoints if c.name != "final" and c.step is not None]
+    last = max(steps + ([log[-1]["step"]] if log else []), default=None)
     at = f" at step {last}" if last is not None else ""
     if (out / LOCK_FILE).exists():
         return f"running{at}"
-    return f"stopped{at} (no final model yet)"
+    final = next((c for c in checkpoints if c.name == "final"), None)
+    if final is None:
+        return f"stopped{at} (no final model yet)"
+    if final.step is None or last is None or final.step >= last:
+        return "finished"
+    return f"stopped{at} (the final model in the folder is from step {final.step})"
 
 
-def gather(out: Path) -> RunFacts:
-    """Reads a run folder; raises UserError only when `out` is not a run folder at all."""
+def final_model_step(out: Path, progress: dict | None) -> int | None:
+    """The step the final model was saved at: a LoRA records it in its file; a full model's is what the finishing
+    process wrote to progress.json (None for a full model of a run made before the report)."""
+    metadata = read_metadata(out / LORA_FILE) if (out / LORA_FILE).is_file() else {}
+    for value in (metadata.get("dreambooth.steps"), (progress or {}).get("final_step")):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def gather(out: Path, status: str | None = None) -> RunFacts:
+    """Reads a run folder; raises UserError only when `out` is not a run folder at all. `status`: what the process
+    writing the report knows of its run (finished, stopped), over what the folder shows."""
     out = Path(out)
     if not is_run_folder(out):
         what = "does not exist" if not out.exists() else "is not a folder" if not out.is_dir() else \
@@ -251,11 +271,11 @@ def gather(out: Path) -> RunFacts:
     logs = logging_dir(out, config_text)
     log = read_log(out / logs / "train_log.jsonl")
     evaluation = _read_json(out / EVALUATION_FILE)
-    checkpoints = read_checkpoints(out, evaluation, log[-1]["step"] if log else None)
+    progress = _read_json(out / REPORT_DIR / PROGRESS_FILE)
+    checkpoints = read_checkpoints(out, evaluation, final_model_step(out, progress))
     return RunFacts(out=out, info=_read_json(out / RUN_INFO), config_text=config_text, log=log,
-                    samples=read_samples(out), checkpoints=checkpoints, evaluation=evaluation,
-                    progress=_read_json(out / REPORT_DIR / PROGRESS_FILE), status=run_status(out, checkpoints, log),
-                    logging_dir=logs)
+                    samples=read_samples(out), checkpoints=checkpoints, evaluation=evaluation, progress=progress,
+                    status=status or run_status(out, checkpoints, log), logging_dir=logs)
 
 
 def class_images(folder: Path, limit: int) -> list[Path]:
@@ -271,7 +291,7 @@ def class_images(folder: Path, limit: int) -> list[Path]:
 
 
 def record_progress(out: Path, session: str, started: float, step: int, device: str, peak_memory: int | None,
-                    memory_kind: str) -> dict:
+                    memory_kind: str, final: bool = False) -> dict:
     """Adds or updates this process's session in report/progress.json: what a later rebuild cannot see.
 
     `session` names one process's part of the run (run_info.json's `started`, rewritten by each resume), so a
@@ -285,7 +305,9 @@ def record_progress(out: Path, session: str, started: float, step: int, device: 
         current = {"session": session, "started": started, "first_step": step}
         sessions.append(current)
     current.update(updated=time.time(), step=step, device=device, peak_memory=peak_memory, memory_kind=memory_kind)
-    progress = {"sessions": sessions}
+    progress = {**progress, "sessions": sessions}
+    if final:
+        progress["final_step"] = step
     write_json_atomic(path, progress)
     return progress
 

@@ -59,6 +59,19 @@ def _stale(target: Path, source: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- images
 
 
+def source_key(source: Path) -> str:
+    """A thumbnail's name from what it shows (the photo's path, size and modification time), so that a resumed run
+    whose photos changed gets new thumbnails rather than the old ones under the same position."""
+    import hashlib
+
+    try:
+        stat = source.stat()
+        stamp = f"{stat.st_mtime_ns}|{stat.st_size}"
+    except OSError:
+        stamp = "missing"
+    return hashlib.sha256(f"{source.resolve()}|{stamp}".encode()).hexdigest()[:20]
+
+
 def thumbnail(source: Path, target: Path, box: tuple[int, int, int, int] | None = None, px: int = THUMB_PX) -> bool:
     """A PNG thumbnail (or a cell of a grid, unscaled but for `px`); False if the source cannot be read."""
     from PIL import Image
@@ -230,8 +243,8 @@ def preflight_section(facts: RunFacts) -> str:
         used = [Path(p) for p in s.get("instance_images") or []]
         parts.append(f"<h3>Instance photos of <code>{esc(s.get('identifier'))}</code>: {len(used)} used</h3>"
                      "<div class=strip>")
-        for i, photo in enumerate(used):
-            thumb = folder / "instance" / f"{n}-{i:03d}.png"
+        for photo in used:
+            thumb = folder / "instance" / f"{source_key(photo)}.png"
             if thumbnail(photo, thumb):
                 parts.append(_figure(facts, thumb, esc(photo.name), photo.name))
             else:
@@ -264,8 +277,8 @@ def _class_strip(facts: RunFacts, n: int, subject: dict) -> str:
         return "<p class=dim>No class images: trained without prior preservation.</p>"
     folder = Path(subject["class_dir"])
     shown = []
-    for i, image in enumerate(class_images(folder, CLASS_STRIP)):
-        thumb = facts.out / REPORT_DIR / "class" / f"{n}-{i:03d}.png"
+    for image in class_images(folder, CLASS_STRIP):
+        thumb = facts.out / REPORT_DIR / "class" / f"{source_key(image)}.png"
         if thumbnail(image, thumb):
             shown.append(_figure(facts, thumb, esc(image.name), image.name))
     if not shown:
@@ -382,10 +395,11 @@ def render(facts: RunFacts) -> str:
             f"<a href=\"#checkpoints\">checkpoints</a></p>{''.join(body)}</body></html>\n")
 
 
-def write_report(out: Path) -> Path:
-    """OUTPUT_DIR/report.html from what the folder holds, its images first and the page last."""
+def write_report(out: Path, status: str | None = None) -> Path:
+    """OUTPUT_DIR/report.html from what the folder holds, its images first and the page last; `status` is the
+    writing run's own word for where it is, when it knows better than the folder (see report.gather)."""
     out = Path(out)
-    facts = gather(out)
+    facts = gather(out, status)
     page = render(facts)
     path = out / REPORT_PAGE
     write_text_atomic(path, page)
@@ -409,16 +423,16 @@ def peak_memory(device) -> tuple[int | None, str]:
         return None, ""
 
 
-def refresh_report(run, final: bool = False) -> Path | None:
-    """The loop's one call (at validation, checkpoint and the end): a report that fails costs a warning, not the
-    run."""
+def refresh_report(run, final: bool = False, status: str | None = None) -> Path | None:
+    """The loop's one call (at validation, checkpoint, the end, and a stop or failure: `status`): a report that
+    fails costs a warning, not the run. `final`: the final model was just saved, at this step."""
     if not run.accelerator.is_main_process:
         return None
     try:
         started = (gather_started(run.out) or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         record_progress(run.out, f"{os.getpid()} {started}", _epoch(started), run.global_step,
-                        str(run.accelerator.device), *peak_memory(run.accelerator.device))
-        path = write_report(run.out)
+                        str(run.accelerator.device), *peak_memory(run.accelerator.device), final=final)
+        path = write_report(run.out, "finished" if final else status)
     except Exception as e:  # noqa: BLE001 - anything: the report is a view of the run, never a reason to end it
         print(f"warning: the run report was not written ({type(e).__name__}: {e}); the run goes on")
         return None
