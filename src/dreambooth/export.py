@@ -26,22 +26,9 @@ from dreambooth.formats.merge import merge_lora, model_folder
 from dreambooth.formats.single_file import embedding_note, prediction_type, to_single_file
 from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, file_kind, safetensors_metadata
 from dreambooth.models.loading import quiet_progress_bars
+from dreambooth.training.rundir import human_size, path_size
 
 FORMATS = ("kohya", "single-file", "diffusers")
-
-def human_size(n_bytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n_bytes < 1024 or unit == "GB":
-            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1024
-    return f"{n_bytes:.1f} GB"
-
-
-def _size_of(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
 
 def source_kind(src: Path) -> str:
     """'model' for a diffusers folder or a full fine-tune's checkpoint, 'lora' for a LoRA file, LoRA folder or a LoRA
@@ -112,7 +99,7 @@ def export_command(options) -> Path:
                 path, what = to_single_file(src, out, half=half, loras=loras), "single-file checkpoint"
             else:
                 path, what = merge_lora(src, loras, out, half=half), "diffusers model"
-    print(f"wrote {what} {path} ({human_size(_size_of(path))})")
+    print(f"wrote {what} {path} ({human_size(path_size(path))})")
     embedded = json.loads(read_metadata(path).get("dreambooth.embedding_files", "{}")) if path.is_file() else {}
     if embedded:
         if fmt == "kohya":

@@ -24,17 +24,9 @@ import torch
 
 from dreambooth.errors import UserError
 from dreambooth.evaluation.experiment import save_results
+from dreambooth.training.rundir import final_model_size
 
 METHODS = ("full", "lora")
-
-
-def folder_size(path: Path, method: str) -> int:
-    """Bytes of what a user ships: the diffusers model folder, or the LoRA file (+ token embeddings)."""
-    if method == "lora":
-        return sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
-    return sum(f.stat().st_size for part in parts for f in ([path / part] if (path / part).is_file()
-                                                            else (path / part).rglob("*")) if f.is_file())
 
 
 @torch.no_grad()
@@ -106,7 +98,7 @@ def measure_child(args_json: str) -> None:
     method = cfg.model.method
     result = {"method": method, "trainable_parameters": info["trainable_parameters"],
               "s_per_step_median": statistics.median(times), "peak_rss_mb": round(peak_cpu, 1),
-              "peak_gpu_mb": peak_gpu, "output_bytes": folder_size(out, method),
+              "peak_gpu_mb": peak_gpu, "output_bytes": final_model_size(out),
               **quality(cfg.model.pretrained_model, out if method == "lora" else None, info,
                         cfg.model_dump(mode="json"))}
     print("MEASURED " + json.dumps(result), flush=True)

@@ -27,7 +27,7 @@ from dreambooth.formats.lora import (
     lora_token_vectors,
     read_lora,
 )
-from dreambooth.models.base import _cached_snapshot, is_hub_id, is_sdxl
+from dreambooth.models.base import cached_snapshot, is_hub_id, is_sdxl
 
 
 def _pattern_value(patterns: dict, module: str):
@@ -74,7 +74,7 @@ def _recorded_base(lora: LoraFile) -> Path | None:
     base = lora.metadata.get("dreambooth.base_model")
     if not base:
         return None
-    folder = _cached_snapshot(base, None) if is_hub_id(base) else base
+    folder = cached_snapshot(base, None) if is_hub_id(base) else base
     return Path(folder) if folder and (Path(folder) / "unet" / "config.json").is_file() else None
 
 

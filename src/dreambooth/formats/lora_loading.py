@@ -106,26 +106,34 @@ def load_loras(pipe, loras: list[tuple[Path, float]], model: Path | str | None =
         pipe.set_adapters(names, adapter_weights=weights)
 
 
+def text_sides(pipe) -> list[tuple[str, object, object]]:
+    """(component name, tokenizer, text encoder) of a pipeline's text encoders: one, or SDXL's two, in the order of
+    SDXL_TOKEN_KEYS. The drawing side's twin of training.components.Models.text_sides."""
+    sides = [("text_encoder", pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        sides.append(("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2))
+    return sides
+
+
 def load_token_vectors(pipe, vectors: dict) -> None:
     """New tokens with their trained embeddings, into the pipeline's tokenizer and text encoder: {token: vector},
     or for SDXL {token: {"clip_l": vector, "clip_g": vector}}, one row into each of its two encoders."""
-    vocab = pipe.tokenizer.get_vocab()
+    vocab, sides = pipe.tokenizer.get_vocab(), text_sides(pipe)
     for token, vector in vectors.items():
         if token in vocab:
             continue
         if not isinstance(vector, dict):
-            if getattr(pipe, "text_encoder_2", None) is not None:
+            if len(sides) > 1:
                 raise UserError(f"the new token {token} was trained for a model with one text encoder (SD 1.x/2.x); "
                                 "this SDXL model has two, and the token would mean something only to the first. Use "
                                 "it with the model it was trained on.")
             vector = vector[0] if vector.ndim == 2 and vector.shape[0] == 1 else vector
             pipe.load_textual_inversion({token: vector}, token=token)
             continue
-        if getattr(pipe, "text_encoder_2", None) is None:
+        if len(sides) == 1:
             raise UserError(f"the new token {token} was trained for SDXL's two text encoders; this model has one. "
                             "Use it with the SDXL model it was trained on.")
-        for key, encoder, tokenizer in zip(SDXL_TOKEN_KEYS, (pipe.text_encoder, pipe.text_encoder_2),
-                                           (pipe.tokenizer, pipe.tokenizer_2)):
+        for key, (_, tokenizer, encoder) in zip(SDXL_TOKEN_KEYS, sides):
             pipe.load_textual_inversion(vector[key].reshape(1, -1), token=token, text_encoder=encoder,
                                         tokenizer=tokenizer)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import atomic_folder, check_new_folder
 from dreambooth.formats.lora import PICKLE_SUFFIXES, find_lora_file
-from dreambooth.formats.lora_loading import load_lora_adapter
+from dreambooth.formats.lora_loading import load_lora_adapter, text_sides
 from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, check_model_folder, is_sdxl
 from dreambooth.models.loading import checkpoint_base, load_checkpoint_pipeline, pipeline_class
 from dreambooth.versions import library_versions
@@ -73,11 +73,6 @@ def source_pipeline(src: Path, *, whole: bool = False):
     return pipe, []
 
 
-def text_encoders(pipe) -> list:
-    """The pipeline's text encoders that LoRAs adapt: SDXL's second one too."""
-    return [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-
-
 def _lora_layer_count(file: Path) -> int:
     from safetensors import safe_open
 
@@ -89,7 +84,7 @@ def _loaded_layer_count(pipe, adapter: str) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return sum(isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {})
-               for model in (pipe.unet, *text_encoders(pipe)) for m in model.modules())
+               for model in (pipe.unet, *(encoder for *_, encoder in text_sides(pipe))) for m in model.modules())
 
 
 def fuse_loras(pipe, loras: Sequence[tuple[Path, float]]):
@@ -115,10 +110,10 @@ def fuse_loras(pipe, loras: Sequence[tuple[Path, float]]):
                             "model; it was made for a different architecture. Merge it into its own base model.")
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[weight for _, weight in loras])
-    components = ["unet", "text_encoder"] + (["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) else [])
-    pipe.fuse_lora(components=components, adapter_names=names)
+    sides = text_sides(pipe)
+    pipe.fuse_lora(components=["unet", *(name for name, *_ in sides)], adapter_names=names)
     pipe.unload_lora_weights()
-    left = [k for model in (pipe.unet, *text_encoders(pipe)) for k in model.state_dict() if "lora" in k]
+    left = [k for model in (pipe.unet, *(encoder for *_, encoder in sides)) for k in model.state_dict() if "lora" in k]
     if left:
         raise AssertionError(f"LoRA layers remain after unloading: {left[:3]}")
     return pipe

@@ -25,6 +25,7 @@ from dreambooth.formats.lora import (
     find_lora_file,
     read_safetensors,
 )
+from dreambooth.formats.lora_loading import text_sides
 from dreambooth.formats.merge import fuse_loras, model_folder, source_pipeline
 from dreambooth.models.base import is_sdxl
 
@@ -269,10 +270,7 @@ def split_new_tokens(pipe) -> dict:
     vocabulary: the original single-file layout has no tokenizer, and a loader builds each text encoder from the
     base model's config, whose embedding has exactly that many rows. Returns {token: vector}, or for SDXL
     {token: {"clip_l": vector, "clip_g": vector}}."""
-    sides = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        sides.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    split = [_split_encoder(tokenizer, encoder) for tokenizer, encoder in sides]
+    split = [_split_encoder(tokenizer, encoder) for _, tokenizer, encoder in text_sides(pipe)]
     if len(split) == 1:
         return split[0]
     if list(split[0]) != list(split[1]):

@@ -155,7 +155,8 @@ def is_hub_id(model: str) -> bool:
     return bool(HUB_ID.match(model)) and not Path(model).expanduser().exists() and not model.startswith((".", "~"))
 
 
-def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
+def cached_snapshot(repo_id: str, revision: str | None) -> str | None:
+    """The local copy of a hub model already downloaded to this machine (a whole pipeline), never fetching."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -176,7 +177,7 @@ def resolve_hub_model(repo_id: str, revision: str | None = None, what: str = "mo
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    cached = _cached_snapshot(repo_id, revision)
+    cached = cached_snapshot(repo_id, revision)
     if constants.HF_HUB_OFFLINE:
         if cached:
             return cached

@@ -21,7 +21,7 @@ from pathlib import Path
 from dreambooth.characters.character import Character
 from dreambooth.characters.compiler import RenderRequest, token_counter, token_limit
 from dreambooth.formats.lora import find_lora_file, new_tokens, token_file_for
-from dreambooth.formats.lora_loading import load_lora_adapter
+from dreambooth.formats.lora_loading import load_lora_adapter, text_sides
 from dreambooth.generate import png_info
 from dreambooth.models.base import model_identity
 from dreambooth.models.loading import load_pipeline, make_scheduler, pick_device, pick_dtype
@@ -144,12 +144,13 @@ class Renderer:
         PENULTIMATE = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED  # noqa: N806
 
         pipe = slot.pipe
-        sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        sides = text_sides(pipe)
+        sdxl = len(sides) > 1
         if slot.compel is None and sdxl:
             # SDXL conditions on both encoders' penultimate hidden states side by side, and on the second's pooled
             # output, as its pipeline's encode_prompt builds them
-            slot.compel = Compel(tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
-                                 text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
+            slot.compel = Compel(tokenizer=[tokenizer for _, tokenizer, _ in sides],
+                                 text_encoder=[encoder for *_, encoder in sides],
                                  returned_embeddings_type=PENULTIMATE,
                                  requires_pooled=[False, True], truncate_long_prompts=True, device=str(self.device))
         elif slot.compel is None:

@@ -28,7 +28,7 @@ from dreambooth.errors import UserError
 from dreambooth.formats.atomic import commit_folder
 from dreambooth.formats.lora import TOKEN_FILE, lora_state_for_peft, read_token_file, save_token_embeddings
 from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
-from dreambooth.training.outputs import save_lora_output, token_sides
+from dreambooth.training.outputs import save_lora_output, token_sides, unwrapped
 from dreambooth.training.rundir import next_save_index, rotate
 
 
@@ -109,15 +109,9 @@ class CheckpointFiles:
         acc.register_save_state_pre_hook(save_hook)
         acc.register_load_state_pre_hook(load_hook)
 
-    def _modules(self) -> dict[str, torch.nn.Module]:
-        """The unwrapped UNet and text encoders by component name ("unet", "text_encoder", "text_encoder_2")."""
-        acc, m = self.run.accelerator, self.run.models
-        return {"unet": acc.unwrap_model(m.unet),
-                **{name: acc.unwrap_model(encoder) for name, _, encoder, _ in m.text_sides()}}
-
     def save(self, folder: Path) -> None:
         cfg, m = self.run.cfg, self.run.models
-        modules = self._modules()
+        modules = unwrapped(self.run)
         if cfg.model.method == "lora":
             save_lora_output(self.run, folder)  # adapters and new tokens, as in the final output
         else:
@@ -134,7 +128,7 @@ class CheckpointFiles:
 
     def load(self, folder: Path) -> None:
         cfg, m = self.run.cfg, self.run.models
-        modules = self._modules()
+        modules = unwrapped(self.run)
         if any(folder.glob("trainable_*.safetensors")):
             self._load_legacy(folder)  # every trainable weight, token rows included
             return

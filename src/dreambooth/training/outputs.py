@@ -82,19 +82,26 @@ def save_lora_output(run, folder: Path | None = None) -> None:
     """`pytorch_lora_weights.safetensors` (stock `load_lora_weights` reads it) and any new tokens' embeddings, in
     the output folder or in a checkpoint being written."""
     folder = folder or run.out
-    acc, cfg, m = run.accelerator, run.cfg, run.models
-    modules = {"unet": acc.unwrap_model(m.unet) if cfg.model.train_unet else None}
-    for name, _, encoder, _ in m.text_sides():
-        modules[name] = acc.unwrap_model(encoder) if cfg.model.train_text_encoder else None
+    model = run.cfg.model
+    modules = {name: module if (model.train_unet if name == "unet" else model.train_text_encoder) else None
+               for name, module in unwrapped(run).items()}
     configs = {name: _adapter_config(module) if module else None for name, module in modules.items()}
     save_lora(folder, modules, configs, lora_metadata(run))
     save_token_embeddings(folder, token_sides(run))
 
 
+def unwrapped(run) -> dict[str, torch.nn.Module]:
+    """The UNet and the text encoders by component name ("unet", "text_encoder", "text_encoder_2"), unwrapped from
+    what accelerate prepared."""
+    acc, m = run.accelerator, run.models
+    return {"unet": acc.unwrap_model(m.unet),
+            **{name: acc.unwrap_model(encoder) for name, _, encoder, _ in m.text_sides()}}
+
+
 def token_sides(run) -> list[tuple]:
     """(tokenizer, unwrapped text encoder, new token ids) per text encoder, for the token file."""
-    return [(tokenizer, run.accelerator.unwrap_model(encoder), ids) for _, tokenizer, encoder, ids
-            in run.models.text_sides()]
+    modules = unwrapped(run)
+    return [(tokenizer, modules[name], ids) for name, tokenizer, _, ids in run.models.text_sides()]
 
 
 def save_outputs(run) -> None:

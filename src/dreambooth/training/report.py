@@ -20,7 +20,14 @@ from dreambooth.formats.atomic import write_json_atomic
 from dreambooth.formats.lora import read_metadata
 from dreambooth.models.base import LORA_FILE
 from dreambooth.training.images import IMAGE_EXTENSIONS
-from dreambooth.training.rundir import CHECKPOINT, LOCK_FILE, RUN_INFO, list_checkpoints
+from dreambooth.training.rundir import (
+    CHECKPOINT,
+    LOCK_FILE,
+    RUN_INFO,
+    final_model_size,
+    list_checkpoints,
+    path_size,
+)
 
 REPORT_PAGE = "report.html"
 REPORT_DIR = "report"  # the page's own images (curves, thumbnails, sample cells), beside it
@@ -169,26 +176,9 @@ def prompt_rows(facts: RunFacts) -> list[str]:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def folder_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def final_model_size(out: Path) -> int | None:
-    """Bytes of the final model or LoRA in the run folder, None if there is none (yet)."""
-    if (out / LORA_FILE).is_file():
-        return sum(p.stat().st_size for p in out.glob("*.safetensors") if p.is_file())
-    if (out / "model_index.json").is_file():
-        return sum(folder_size(out / part) for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
-                                                        "tokenizer_2", "scheduler", "model_index.json")
-                   if (out / part).exists())
-    return None
-
-
 def read_checkpoints(out: Path, evaluation: dict | None, last_step: int | None) -> list[CheckpointFacts]:
     """Each checkpoint and the final model, with their measures when `evaluate --checkpoints all` ran."""
-    rows = [CheckpointFacts(c.path.name, c.step, c.path, folder_size(c.path)) for c in list_checkpoints(out)]
+    rows = [CheckpointFacts(c.path.name, c.step, c.path, path_size(c.path)) for c in list_checkpoints(out)]
     rows.sort(key=lambda c: c.step)
     size = final_model_size(out)
     if size is not None:
@@ -206,7 +196,8 @@ def read_checkpoints(out: Path, evaluation: dict | None, last_step: int | None) 
 # ---------------------------------------------------------------------------------------------- the folder
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON object from a file; None when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -270,10 +261,10 @@ def gather(out: Path, status: str | None = None) -> RunFacts:
     config_text = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
     logs = logging_dir(out, config_text)
     log = read_log(out / logs / "train_log.jsonl")
-    evaluation = _read_json(out / EVALUATION_FILE)
-    progress = _read_json(out / REPORT_DIR / PROGRESS_FILE)
+    evaluation = read_json(out / EVALUATION_FILE)
+    progress = read_json(out / REPORT_DIR / PROGRESS_FILE)
     checkpoints = read_checkpoints(out, evaluation, final_model_step(out, progress))
-    return RunFacts(out=out, info=_read_json(out / RUN_INFO), config_text=config_text, log=log,
+    return RunFacts(out=out, info=read_json(out / RUN_INFO), config_text=config_text, log=log,
                     samples=read_samples(out), checkpoints=checkpoints, evaluation=evaluation, progress=progress,
                     status=status or run_status(out, checkpoints, log), logging_dir=logs)
 
@@ -298,7 +289,7 @@ def record_progress(out: Path, session: str, started: float, step: int, device: 
     resumed run's wall time adds its sessions up.
     """
     path = out / REPORT_DIR / PROGRESS_FILE
-    progress = _read_json(path) or {}
+    progress = read_json(path) or {}
     sessions = [s for s in progress.get("sessions", []) if isinstance(s, dict)]
     current = next((s for s in sessions if s.get("session") == session), None)
     if current is None:

@@ -28,10 +28,12 @@ from dreambooth.training.report import (
     ema,
     gather,
     prompt_rows,
+    read_json,
     record_progress,
     steps_per_second,
     wall_time,
 )
+from dreambooth.training.rundir import RUN_INFO, human_size
 
 THUMB_PX = 128
 CLASS_STRIP = 12  # class images shown
@@ -92,15 +94,24 @@ def thumbnail(source: Path, target: Path, box: tuple[int, int, int, int] | None 
     return True
 
 
-def draw_curves(facts: RunFacts, target: Path) -> bool:
-    """Losses (raw faint, EMA-smoothed solid) and the learning rate against step, as one PNG."""
-    if not facts.log:
-        return False
+def _new_figure(size: tuple[float, float]):
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window, whatever the environment says
     from matplotlib.figure import Figure
 
+    return Figure(figsize=size, dpi=100, layout="constrained")
+
+
+def _save_figure(figure, target: Path) -> None:
+    with atomic_file(target) as tmp:
+        figure.savefig(tmp, format="png")
+
+
+def draw_curves(facts: RunFacts, target: Path) -> bool:
+    """Losses (raw faint, EMA-smoothed solid) and the learning rate against step, as one PNG."""
+    if not facts.log:
+        return False
     steps = [r["step"] for r in facts.log]
     keys = [k for k in LOSS_KEYS if any(isinstance(r.get(k), (int, float)) for r in facts.log)]
     if "prior_loss" in keys and not (facts.info or {}).get("prior_preservation") and \
@@ -108,7 +119,7 @@ def draw_curves(facts: RunFacts, target: Path) -> bool:
         keys.remove("prior_loss")  # always 0 without prior preservation
     if "prior_loss" not in keys and all(r.get("instance_loss") == r.get("loss") for r in facts.log):
         keys = [k for k in keys if k != "instance_loss"]  # the total, drawn once
-    figure = Figure(figsize=(10, 3.4), dpi=100, layout="constrained")
+    figure = _new_figure((10, 3.4))
     losses, rate = figure.subplots(1, 2, width_ratios=(2, 1))
     for i, key in enumerate(keys):
         xs = [r["step"] for r in facts.log if isinstance(r.get(key), (int, float))]
@@ -123,8 +134,7 @@ def draw_curves(facts: RunFacts, target: Path) -> bool:
     rate.set(xlabel="step", ylabel="learning rate", title="learning rate")
     rate.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     rate.grid(alpha=0.3)
-    with atomic_file(target) as tmp:
-        figure.savefig(tmp, format="png")
+    _save_figure(figure, target)
     return True
 
 
@@ -139,12 +149,7 @@ def draw_measures(facts: RunFacts, target: Path) -> bool:
     keys = measured_keys(facts)
     if not rows or not keys:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 3.2), dpi=100, layout="constrained")
+    figure = _new_figure((6, 3.2))
     axes = figure.subplots()
     for key in keys:
         points = [(c.step, c.metrics[key]) for c in rows if isinstance(c.metrics.get(key), (int, float))]
@@ -155,8 +160,7 @@ def draw_measures(facts: RunFacts, target: Path) -> bool:
     axes.set(xlabel="step", ylabel="score", title="checkpoints")
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
-    with atomic_file(target) as tmp:
-        figure.savefig(tmp, format="png")
+    _save_figure(figure, target)
     return True
 
 
@@ -172,13 +176,7 @@ def sample_file(facts: RunFacts, image: SampleImage) -> Path | None:
 
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    return "-" if n is None else human_size(n)
 
 
 def _duration(seconds: float | None) -> str:
@@ -253,15 +251,11 @@ def preflight_section(facts: RunFacts) -> str:
         if "rejected" not in s:
             parts.append("<p class=absent>Rejected files were not recorded by this run.</p>")
         elif s["rejected"]:
-            parts.append("<h3>Rejected</h3><ul class=rejected>" + "".join(
-                f"<li><code>{esc(Path(r['file']).name)}</code>: {esc(r['reason'])}</li>" for r in s["rejected"])
-                + "</ul>")
+            parts.append("<h3>Rejected</h3>" + _file_reasons("rejected", s["rejected"]))
         else:
             parts.append("<p>No file was rejected.</p>")
-        notes = s.get("image_notes") or []
-        if notes:
-            parts.append("<ul class=notes>" + "".join(
-                f"<li><code>{esc(Path(r['file']).name)}</code>: {esc(r['reason'])}</li>" for r in notes) + "</ul>")
+        if s.get("image_notes"):
+            parts.append(_file_reasons("notes", s["image_notes"]))
         parts.append(_class_strip(facts, n, s))
     warnings = (facts.info or {}).get("warnings")
     if warnings:
@@ -270,6 +264,12 @@ def preflight_section(facts: RunFacts) -> str:
     elif warnings is not None:
         parts.append("<p>No warnings.</p>")
     return "".join(parts) + "</section>"
+
+
+def _file_reasons(kind: str, entries: list[dict]) -> str:
+    """Files pre-flight set aside or remarked on, each with its reason."""
+    return f"<ul class={kind}>" + "".join(f"<li><code>{esc(Path(r['file']).name)}</code>: {esc(r['reason'])}</li>"
+                                          for r in entries) + "</ul>"
 
 
 def _class_strip(facts: RunFacts, n: int, subject: dict) -> str:
@@ -442,12 +442,7 @@ def refresh_report(run, final: bool = False, status: str | None = None) -> Path 
 
 
 def gather_started(out: Path) -> str | None:
-    import json
-
-    try:
-        return json.loads((out / "run_info.json").read_text()).get("started")
-    except (OSError, ValueError):
-        return None
+    return (read_json(out / RUN_INFO) or {}).get("started")
 
 
 def _epoch(started: str) -> float:

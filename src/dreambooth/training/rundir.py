@@ -42,6 +42,31 @@ RUN_FILES = (RUN_INFO, "config.yaml", "README.md", "samples", "latent_cache", "r
              "checkpoint_metrics.json", *SCRATCH_FOLDERS)
 
 
+def path_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (links are not followed)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def final_model_size(out: Path) -> int | None:
+    """Bytes of what a user ships from a run folder: the LoRA file with its token files, or the diffusers model's
+    parts; None when there is no final model (yet)."""
+    if (out / LORA_FILE).is_file():
+        return sum(p.stat().st_size for p in out.glob("*.safetensors") if p.is_file())
+    if (out / "model_index.json").is_file():
+        return sum(path_size(out / part) for part in MODEL_PARTS if (out / part).exists())
+    return None
+
+
+def human_size(n_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n_bytes < 1024 or unit == "GB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} GB"
+
+
 def new_run_id() -> str:
     """Sortable by start time, unique without coordination: 20261129-224501-3f9a1c."""
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
