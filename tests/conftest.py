@@ -291,3 +291,54 @@ def pipeline_calls(monkeypatch):
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
     monkeypatch.setattr(generate, "pick_device", lambda device=None: devices.append(device) or real_device(device))
     return calls, devices
+
+
+def interrupt_after(monkeypatch, calls: int) -> None:
+    """Sends this process SIGTERM during the `calls`-th training step, as a user's Ctrl-C or a scheduler would."""
+    import signal
+
+    from dreambooth.training import loop as train_module
+
+    real, count = train_module.training_step, {"n": 0}
+
+    def step(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_step", step)
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@contextlib.contextmanager
+def headless_chromium(profile: Path, window: str):
+    """Debian's chromium through selenium, headless, with a fresh profile and the browser's console log kept.
+
+    Skips without the binaries, unless DREAMBOOTH_REQUIRE_BROWSER=1 (CI), where it fails. Selenium Manager is never
+    asked for a browser: the binaries are given, and nothing goes to the network.
+    """
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    if missing:
+        why = (f"the page tests need Debian's chromium and chromium-driver ({', '.join(missing)} missing): "
+               "apt-get install chromium chromium-driver")
+        if os.environ.get("DREAMBOOTH_REQUIRE_BROWSER") == "1":
+            pytest.fail(why + " (DREAMBOOTH_REQUIRE_BROWSER=1)")
+        pytest.skip(why)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-dev-shm-usage", f"--window-size={window}", f"--user-data-dir={profile}"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=DriverService(executable_path=str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

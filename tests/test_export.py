@@ -37,15 +37,17 @@ V_ATTN2 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
 TE_Q = "encoder.layers.0.self_attn.q_proj"
 
 
-def load(model_dir) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+def load(model_dir, pipeline=StableDiffusionPipeline):
+    pipe = pipeline.from_pretrained(model_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def image(pipe) -> np.ndarray:
-    return pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images[0]
+def image(pipe, seed=0, prompt="a photo of sks dog") -> np.ndarray:
+    """Two steps at 64 px, seeded: the picture the tests compare across loaders and exports."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images[0]
 
 
 def embed(pipe) -> torch.Tensor:

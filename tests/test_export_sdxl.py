@@ -15,7 +15,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_export import args, load_problems
+from test_export import args, load, load_problems
+from test_export import image as picture
 
 from dreambooth.errors import UserError
 from dreambooth.export import export_command
@@ -50,14 +51,7 @@ def xl_config_model(tmp_path_factory):
 
 
 def load_xl(model_dir) -> StableDiffusionXLPipeline:
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def picture(pipe) -> np.ndarray:
-    return pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images[0]
+    return load(model_dir, StableDiffusionXLPipeline)
 
 
 def make_xl_lora(model_dir, out_dir, *, seed, encoders=ENCODERS, metadata=None):

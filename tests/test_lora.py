@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 
 import numpy as np
 import pytest
 import torch
-from conftest import draw_subject
+from conftest import draw_subject, interrupt_after
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -18,7 +17,6 @@ from dreambooth.cli import main
 from dreambooth.config_file import load_config
 from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.formats.lora import LORA_FILE, TOKEN_FILE
-from dreambooth.training import loop as train_module
 from dreambooth.training.data import DreamBoothDataset, MultiSubjectDataset
 from dreambooth.training.loop import train
 
@@ -106,15 +104,7 @@ def test_lora_resume_gives_the_same_adapters(tiny_model, instance_dir, tmp_path,
     train(lora_cfg(tiny_model, instance_dir, straight, **extra))
 
     stopped = tmp_path / "stopped"
-    real, count = train_module.training_step, {"n": 0}
-
-    def step(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "training_step", step)
+    interrupt_after(monkeypatch, calls=2)
     with pytest.raises(TrainingStopped, match="stopped at step 2"):
         train(lora_cfg(tiny_model, instance_dir, stopped, **extra))
     monkeypatch.undo()

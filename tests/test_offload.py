@@ -63,7 +63,8 @@ def test_views_are_every_crop_and_flip_a_batch_can_hold(instance_dir):
     photos = sorted(instance_dir.iterdir())
     flipping = DreamBoothDataset(photos, "p", 64, center_crop=True, random_flip=True)
     flipped = list(flipping.views())
-    assert flipping.view_count() == len(flipped) and len(flipped) == 2 * len(photos) and len({key for _, key in flipped}) == 2 * len(photos)
+    assert flipping.view_count() == len(flipped) == 2 * len(photos)
+    assert len({key for _, key in flipped}) == 2 * len(photos)
     by_key = dict((key, pixels) for pixels, key in flipped)
     dataset = DreamBoothDataset(photos, "p", 64, center_crop=True, random_flip=True, seed=3)
     for epoch in range(6):  # every item a batch gets is one of the views, pixel for pixel

@@ -6,14 +6,12 @@ DREAMBOOTH_REQUIRE_BROWSER=1, as in test_serve_page.py)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
-from conftest import base_overrides, photo_folder
+from conftest import base_overrides, headless_chromium, interrupt_after, photo_folder
 
 from dreambooth.cli import main
 from dreambooth.config_file import load_config
@@ -23,7 +21,6 @@ from dreambooth.training import report_page
 from dreambooth.training.loop import train
 from dreambooth.training.report import best_checkpoint, ema, gather, read_log
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 CLASS_PROMPT = "a photo of dog <b>&amp;"  # markup in a prompt is the user's text, shown as written
 
 
@@ -151,26 +148,13 @@ def test_report_of_a_lora_run_and_its_checkpoints_evaluated_on_the_base(probe, t
                                                                                     "final"}
 
 
-def stop_during_step(monkeypatch, calls: int) -> None:
-    """SIGTERM to this process during the `calls`-th training step, as a scheduler ending a job would."""
-    real, count = train_module.training_step, {"n": 0}
-
-    def step(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] == calls:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "training_step", step)
-
-
 def test_interrupted_and_resumed_run_has_one_curve_point_per_step(tiny_model, instance_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     values = {"model.pretrained_model": str(tiny_model), "dataset.instance_dir": str(instance_dir),
               "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.seed": 0,
               "training.max_train_steps": 5, "training.learning_rate": 1e-3, "output.output_dir": str(out),
               "output.logging_steps": 1, "output.checkpointing_steps": 2, "output.report_to": "none"}
-    stop_during_step(monkeypatch, calls=3)
+    interrupt_after(monkeypatch, calls=3)
     with pytest.raises(TrainingStopped, match="stopped at step 3"):
         train(load_config(None, values))
     monkeypatch.undo()
@@ -229,27 +213,8 @@ def test_a_report_that_fails_does_not_end_the_run(probe, monkeypatch, capsys):
 
 @pytest.fixture
 def browser(tmp_path):
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
-    if missing:
-        why = (f"the page tests need Debian's chromium and chromium-driver ({', '.join(missing)} missing): "
-               "apt-get install chromium chromium-driver")
-        if os.environ.get("DREAMBOOTH_REQUIRE_BROWSER") == "1":
-            pytest.fail(why + " (DREAMBOOTH_REQUIRE_BROWSER=1)")
-        pytest.skip(why)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as DriverService
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-                     "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage",
-                     "--window-size=1200,2400", f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=DriverService(executable_path=str(CHROMEDRIVER)), options=options)
-    try:
+    with headless_chromium(tmp_path / "chromium", "1200,2400") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_the_page_in_headless_chromium(full_run, browser, tmp_path):
@@ -301,7 +266,7 @@ def test_a_sparse_log_and_an_extended_run_give_the_true_step_and_status(tiny_mod
         return path
 
     monkeypatch.setattr(train_module, "checkpoint", watched)
-    stop_during_step(monkeypatch, calls=2)  # the resumed run's second step: step 4
+    interrupt_after(monkeypatch, calls=2)  # the resumed run's second step: step 4
     with pytest.raises(TrainingStopped):
         train(load_config(None, {**values, "training.max_train_steps": 6, "output.resume_from_checkpoint": "latest"}))
     assert seen == [(4, "running at step 4", [("final", 2)])]  # the log's last record is step 2's

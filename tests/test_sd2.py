@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
+from test_export import image as picture
 
 from dreambooth.cli import main
 from dreambooth.config_file import load_config
@@ -28,12 +29,6 @@ def values(model, photos, out, **extra):
             "dataset.instance_prompt": "a photo of sks dog", "training.resolution": 64, "training.seed": 0,
             "training.learning_rate": 1e-3, "training.snr_gamma": 5.0, "output.output_dir": str(out),
             "output.report_to": "none", **extra}
-
-
-def picture(pipe, seed=0, prompt="a photo of sks dog"):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="np",
-                generator=torch.Generator().manual_seed(seed)).images[0]
 
 
 def test_sd2_full_fine_tune_resumes_exactly_generates_and_exports(sd2_model, instance_dir, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
-from test_sd2 import picture, values  # the same short runs and pictures as the SD 2.x tests
+from test_export import image as picture
+from test_sd2 import values  # the same short runs as the SD 2.x tests
 
 from dreambooth.cli import main
 from dreambooth.config_file import load_config

@@ -9,14 +9,12 @@ they fail. Selenium Manager is never asked for a browser: the binaries are given
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import headless_chromium
 from PIL import Image
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -27,32 +25,14 @@ from dreambooth.serving.app import create_app
 from dreambooth.serving.auth import parse_keys
 from dreambooth.serving.command import build_service
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 TOKEN = "t" * 20
 WAIT_S = 30  # a render on a busy 2-core machine; typically under a second
 
 
 @pytest.fixture
 def browser(tmp_path):
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
-    if missing:
-        why = (f"the page tests need Debian's chromium and chromium-driver ({', '.join(missing)} missing): "
-               "apt-get install chromium chromium-driver")
-        if os.environ.get("DREAMBOOTH_REQUIRE_BROWSER") == "1":
-            pytest.fail(why + " (DREAMBOOTH_REQUIRE_BROWSER=1)")
-        pytest.skip(why)
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--disable-dev-shm-usage", "--window-size=1100,900", f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=DriverService(executable_path=str(CHROMEDRIVER)), options=options)
-    try:
+    with headless_chromium(tmp_path / "chromium", "1100,900") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture

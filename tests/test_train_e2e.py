@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 
 import pytest
 import torch
-from conftest import UNET_FILE, base_overrides, remember_class_dir
+from conftest import UNET_FILE, base_overrides, interrupt_after, remember_class_dir
 from safetensors.torch import load_file, save_file
 
 from dreambooth.cli import main
 from dreambooth.config_file import load_config
 from dreambooth.errors import TrainingStopped, UserError
-from dreambooth.training import loop as train_module
 from dreambooth.training.class_images import MANIFEST
 from dreambooth.training.loop import train
 
@@ -76,20 +73,6 @@ def test_issue_command_end_to_end(tiny_model, instance_dir, class_dir, class_dir
 
 def unet_weights(out):
     return load_file(str(out / UNET_FILE))
-
-
-def interrupt_after(monkeypatch, calls):
-    """Sends this process SIGTERM during the `calls`-th training step, as a user's Ctrl-C or a scheduler would."""
-    real = train_module.training_step
-    count = {"n": 0}
-
-    def step(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] == calls:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "training_step", step)
 
 
 def test_resume_gives_the_same_weights_as_not_stopping(tiny_model, instance_dir, class_dir, class_dir_cache,
