@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
+import os
+import shlex
 import sys
 import types
 import typing
@@ -136,6 +139,8 @@ class TrainRun:
 
     config: Path | None
     overrides: dict[str, Any]
+    unrecognized: list[str] = dataclasses.field(default_factory=list)  # unknown flags, as problem lines
+    argv: list[str] = dataclasses.field(default_factory=list)  # the words after `train`, as typed
 
 
 @dataclass(frozen=True)
@@ -206,8 +211,6 @@ def build_parser() -> Parser:
 
 def quiet_libraries() -> None:
     """Our own report says what matters; the libraries' load bars and import notices bury it."""
-    import os
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -235,23 +238,50 @@ def run(parser: Parser, args: argparse.Namespace) -> None:
 def command_options(command: Command, args: argparse.Namespace, parser: Parser) -> Any:
     """The typed options the command's function takes."""
     if command.options is TrainRun:
-        return TrainRun(args.config, config_overrides(args))
+        argv = args.argv[args.argv.index(command.name) + 1:] if command.name in args.argv else []
+        return TrainRun(args.config, config_overrides(args), parser.unrecognized(args.unrecognized), argv)
     if isinstance(command.options, str):
         return parse_settings(load(command.options, command.name), args.forwarded, prog=parser.prog)
     return settings_from(command.options, args, parser)
 
 
 def train_command(request: TrainRun) -> None:
-    """`dreambooth train`: the config is checked in full before torch is imported."""
-    from dreambooth.config_file import load_config
-
-    cfg = load_config(request.config, request.overrides)
+    """`dreambooth train`: the config is checked in full before torch is imported. A config with problems still
+    goes through every pre-flight check that does not read a key with a problem, so that one run reports them all."""
+    from dreambooth.config_file import read_config
     from dreambooth.training.speed import collection_paused
 
+    reading = read_config(request.config, request.overrides, request.unrecognized)
+    if reading.problems:
+        with collection_paused():
+            from dreambooth.preflight import run_preflight
+        run_preflight(reading.config, reading)  # raises, listing the config's problems with its own
     with collection_paused():  # torch's import
         from dreambooth.training.loop import train
     with quiet_progress_bars():
-        train(cfg)
+        try:
+            train(reading.config)
+        except TrainingStopped as stop:
+            raise stop.continued_by(resume_command(request.argv, reading.config.output.overwrite_output_dir)) from None
+
+
+def resume_command(argv: list[str], overwrite: bool) -> str:
+    """The command line that continues a stopped `train`: the same words with `--resume_from_checkpoint latest`.
+    An earlier --resume_from_checkpoint gives way to it, and --overwrite_output_dir, which would replace the run it
+    continues, goes (turned off with --no-overwrite_output_dir where it may come from the config file)."""
+    words, skip = [], False
+    for word in argv:
+        name = word.split("=", 1)[0].replace("-", "_")
+        if skip or name == "__overwrite_output_dir":
+            skip = False
+            continue
+        if name == "__resume_from_checkpoint":
+            skip = "=" not in word  # its value is the next word
+            continue
+        words.append(word)
+    words += ["--no-overwrite_output_dir"] if overwrite else []
+    launcher = "accelerate launch -m dreambooth" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "dreambooth"
+    return f"{launcher} train {shlex.join(words + ['--resume_from_checkpoint', 'latest'])}"
 
 
 def repository() -> Path:

@@ -23,8 +23,9 @@ class InitOptions:
     dir: Path = option(help="The project folder to write.", positional=True)
     identifier: str = option("sks", help="Identifier of the subject, e.g. sks or '<saya_token>'.")
     class_word: str = option("dog", help="Class word of the subject, e.g. dog, girl, person.")
-    model: str = option("stable-diffusion-v1-5", help="Base model written into config.yaml: a diffusers folder "
-                        "(relative to the project folder) or a hub id.")
+    model: str | None = option(None, help="Base model written into config.yaml: a diffusers folder (relative to "
+                               "where the command runs, as every path argument) or a hub id [default: none; set "
+                               "model.pretrained_model in config.yaml later].")
     force: bool = option(False, help="Overwrite an existing config.yaml.")
 
 

@@ -27,7 +27,9 @@ def opt(default: Any, help: str, *flags: str, **kw: Any) -> Any:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: NaN compares false with every bound, so `gt=0` alone would let `learning_rate: .nan`
+    # through; a non-finite value is refused as "not a finite number" instead.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -216,7 +218,7 @@ class Config(BaseModel):
     """The resolved training config: the sections model/token/training/dataset of docs/design.md ("The config
     file"), plus lora, validation, output and subjects."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     # How loading resolved what the user left unset, for the pre-flight report ("prior preservation: on, because
     # ..."); not part of the recorded config.
     _notes: list[str] = PrivateAttr(default_factory=list)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import os
 import random
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,13 +168,61 @@ def _format_error(err: dict[str, Any]) -> list[str]:
         return [f"{key}: unknown key{hint}"]
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    if err["type"] == "finite_number":  # worded as the flags and the service word it
+        return [f"{key}: not a finite number{shown}"]
     return [f"{key}: {err['msg'][0].lower() + err['msg'][1:]}{shown}"]
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Config from an optional YAML file plus `{"section.key": value}` overrides, validated in full.
+@dataclass
+class ConfigReading:
+    """A config read as far as it goes. `config` holds every key that has a problem at its default, and `broken`
+    names those keys, so that pre-flight can run every check that reads none of them in the same pass: one run of
+    the command reports every problem, whatever else failed."""
 
-    Raises UserError listing every problem at once.
+    config: Config
+    problems: list[str]
+    broken: set[str]
+    where: str  # " in PATH" for a config file, "" for flags alone
+
+
+def _key_of(problem: str) -> str:
+    """The dotted key a problem line starts with ('training.learning_rate: ...'); a subject's is 'subjects'."""
+    return "subjects" if problem.startswith("subjects") else problem.split(":", 1)[0].split(" ", 1)[0]
+
+
+def _drop(data: dict[str, Any], loc: tuple) -> None:
+    """Removes the value at a pydantic error's location, so that the key takes its default on the next pass."""
+    parent, *rest = loc
+    if not rest or parent not in SECTION_TYPES and parent != "subjects":
+        data.pop(parent, None)
+    elif parent == "subjects" and isinstance(data.get("subjects"), list) and isinstance(rest[0], int):
+        data["subjects"][rest[0]] = None  # kept in place so that later indices still match; dropped below
+    elif isinstance(data.get(parent), dict):
+        data[parent].pop(rest[0], None)
+
+
+def _validate_what_holds(data: dict[str, Any]) -> tuple[Config, list[str]]:
+    """The config of every value that validates, and one line per value that does not (its key then at the
+    default). pydantic reports every field of one pass, so a second pass only confirms the rest holds."""
+    lines = []
+    for _ in range(3):
+        try:
+            return Config.model_validate(data), lines
+        except ValidationError as e:
+            for err in e.errors():
+                lines += [line for line in _format_error(err) if line not in lines]
+                _drop(data, tuple(err["loc"]))
+            if isinstance(data.get("subjects"), list):
+                data["subjects"] = [s for s in data["subjects"] if s is not None]
+    return Config(), lines
+
+
+def read_config(path: Path | None = None, overrides: dict[str, Any] | None = None,
+                unrecognized: list[str] | None = None) -> ConfigReading:
+    """Config from an optional YAML file plus `{"section.key": value}` overrides, validated in full, as a
+    ConfigReading: every problem (with `unrecognized`, the command line's unknown flags) and what still holds.
+
+    A config file that cannot be read at all (missing, not YAML, not a mapping) raises UserError at once.
     """
     import copy
 
@@ -202,18 +252,27 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     for subject in data.get("subjects") or []:
         if isinstance(subject, dict):
             _fill_subject_prompts(subject)
-    lines = cross_check(data)
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as e:
-        lines = [line for err in e.errors() for line in _format_error(err)] + lines
-    if lines:
-        where = f" in {path}" if path is not None else ""
-        raise UserError(f"the training config{where} has {len(lines)} problem(s):\n  - " + "\n  - ".join(lines)
-                        + "\nFix these keys (in the YAML or as --flags) and run again.") from None
+    checked = cross_check(data)
+    cfg, lines = _validate_what_holds(data)
+    lines = list(unrecognized or []) + lines + checked
     cfg = resolve_defaults(cfg)
     cfg.notes = notes
-    return cfg
+    lines += [line for line in identifier_problems(cfg) if line not in lines]
+    return ConfigReading(cfg, lines, {_key_of(line) for line in lines},
+                         f" in {path}" if path is not None else "")
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Config from an optional YAML file plus `{"section.key": value}` overrides, validated in full.
+
+    Raises UserError listing every problem at once.
+    """
+    reading = read_config(path, overrides)
+    if reading.problems:
+        raise UserError(f"the training config{reading.where} has {len(reading.problems)} problem(s):\n  - "
+                        + "\n  - ".join(reading.problems) + "\nFix these keys (in the YAML or as --flags) and run "
+                        "again.") from None
+    return reading.config
 
 
 def resolve_defaults(cfg: Config) -> Config:
@@ -234,13 +293,41 @@ def resolve_defaults(cfg: Config) -> Config:
     return cfg
 
 
+# A new token is written in angle brackets (training.tokens.wants_new_token): '<zq>' in "a photo of <zq> dog".
+NEW_TOKEN = re.compile(r"<[^<>\s]+>")
+
+
+def new_tokens_in(instance_prompt: str, class_prompt: str | None) -> list[str]:
+    """The new tokens an instance prompt writes that its class prompt lacks, each once, in order."""
+    return [t for t in dict.fromkeys(NEW_TOKEN.findall(instance_prompt)) if t not in (class_prompt or "")]
+
+
 def infer_identifier(instance_prompt: str | None, class_prompt: str | None) -> str | None:
-    """The instance prompt's words that the class prompt lacks: 'sks' for 'a photo of sks dog' / 'a photo of dog'."""
-    if not instance_prompt or not class_prompt:
+    """The identifier when none is given: the one new token the instance prompt writes in angle brackets ('<zq>' in
+    'a photo of <zq> dog'), else the instance prompt's words that the class prompt lacks ('sks' for 'a photo of sks
+    dog' / 'a photo of dog'). None when neither tells (no class prompt, or several new tokens: a problem)."""
+    if not instance_prompt:
+        return None
+    new = new_tokens_in(instance_prompt, class_prompt)
+    if new:
+        return new[0] if len(new) == 1 else None
+    if not class_prompt:
         return None
     class_words = set(class_prompt.lower().split())
     extra = [w for w in instance_prompt.split() if w.lower() not in class_words]
     return " ".join(extra) or None
+
+
+def identifier_problems(cfg: Config) -> list[str]:
+    """An identifier that cannot be inferred because the instance prompt writes several new tokens."""
+    prompt = cfg.dataset.instance_prompt
+    if cfg.subjects or cfg.token.identifier or not prompt:
+        return []
+    new = new_tokens_in(prompt, cfg.dataset.class_prompt)
+    if len(new) < 2:
+        return []
+    return [f"token.identifier: the instance prompt \"{prompt}\" writes {len(new)} new tokens ({', '.join(new)}), "
+            "so which is the subject's is not clear; name it with --identifier (token.identifier)"]
 
 
 def dump_config(cfg: Config) -> str:

@@ -1,4 +1,7 @@
-"""The one exception type for mistakes a user can fix: the CLI prints its message and exits non-zero."""
+"""The exceptions the CLI turns into a message without a traceback: a mistake a user can fix (exit 2), and a stop
+the user asked for (exit 0)."""
+
+from __future__ import annotations
 
 
 class UserError(Exception):
@@ -6,4 +9,16 @@ class UserError(Exception):
 
 
 class TrainingStopped(Exception):
-    """A stop the user asked for (Ctrl-C, SIGTERM), after its checkpoint was saved: not an error, the CLI exits 0."""
+    """A stop the user asked for (Ctrl-C, SIGTERM), after its checkpoint was saved: not an error, the CLI exits 0.
+
+    The training loop knows the step and the checkpoint; the command that ran it knows how to continue (the same
+    command line with what resumes it), and says so with `continued_by`."""
+
+    def __init__(self, step: int, checkpoint, continue_with: str | None = None):
+        self.step, self.checkpoint, self.continue_with = step, checkpoint, continue_with
+        text = f"stopped at step {step} as asked: the checkpoint is {checkpoint}."
+        super().__init__(text + (f" Continue where it stopped with `{continue_with}`." if continue_with else ""))
+
+    def continued_by(self, command: str) -> TrainingStopped:
+        """The same stop, saying which command continues it."""
+        return TrainingStopped(self.step, self.checkpoint, command)

@@ -71,7 +71,7 @@ def export_command(options) -> Path:
     src, out, fmt, half = Path(options.src), Path(options.out), options.format, bool(options.half)
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt} is not one of {', '.join(FORMATS)}.")
-    loras = [parse_lora_spec(spec) for spec in options.merge_lora]
+    loras = [parse_lora_spec(spec, "--merge-lora") for spec in options.merge_lora]
     for path, _ in loras:
         check_lora_source(path, "--merge-lora")  # a full model given as a LoRA is refused, saying what to pass
     kind = source_kind(src)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
+import sys
 import typing
-from dataclasses import MISSING, Field, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 from dreambooth.errors import UserError
@@ -49,12 +51,34 @@ def value_type(annotation: Any) -> tuple[type, bool]:
     return (args[0] if args else annotation), False
 
 
-def whole_number(text: str) -> int:
-    """argparse's type for an int option, whose error says what was expected."""
+@dataclass(frozen=True)
+class Refused:
+    """A value that did not read as its option's type; kept, so that every problem of a command line is reported
+    in one message instead of argparse stopping at the first."""
+
+    text: str
+    why: str
+
+
+def whole_number(text: str) -> int | Refused:
+    """argparse's type for an int option."""
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        return Refused(text, "expected a whole number")
+
+
+def finite_number(text: str) -> float | Refused:
+    """argparse's type for a float option: NaN and infinity are refused, since no limit or range check can hold
+    for them (NaN compares false with everything, so it would pass every one)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return Refused(text, "expected a number")
+    return value if math.isfinite(value) else Refused(text, "not a finite number")
+
+
+VALUE_TYPES = {int: whole_number, float: finite_number}
 
 
 def default_of(f: Field) -> Any:
@@ -76,53 +100,85 @@ def help_text(cls: type, f: Field) -> str:
     return reword(f.name, text) if reword else text
 
 
+def is_required(f: Field) -> bool:
+    """An option without a default must be given (a `one_of` group is checked as a group)."""
+    return f.default is MISSING and f.default_factory is MISSING and not f.metadata.get("one_of")
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One argparse argument per field of the settings dataclass `cls`, as its `option` declares it."""
+    """One argparse argument per field of the settings dataclass `cls`, as its `option` declares it.
+
+    argparse is told neither the types' failures, nor the choices, nor what is required: it would stop at the first
+    such problem, and `settings_from` reports them all at once, with the unknown flags, in one message.
+    """
     hints = typing.get_type_hints(cls)
-    groups: dict[str, Any] = {}
     for f in fields(cls):
         meta = f.metadata
         kind, repeated = value_type(hints[f.name])
-        kw: dict[str, Any] = {"help": help_text(cls, f)}
-        kw.update({k: meta[k] for k in ("choices", "metavar") if meta[k] is not None})
+        kw: dict[str, Any] = {"help": help_text(cls, f) + (" (required)" if is_required(f) else "")}
+        if meta["choices"] is not None:
+            kw["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
+        if meta["metavar"] is not None:
+            kw["metavar"] = meta["metavar"]
         if meta["positional"]:
-            parser.add_argument(f.name, type=kind, **kw)
+            parser.add_argument(f.name, type=VALUE_TYPES.get(kind, kind), nargs="?", **kw)
             continue
         if kind is bool:
             kw["action"] = "store_true"
         else:
-            kw.update(type=whole_number if kind is int else kind, action="append" if repeated else "store")
-            if "choices" not in kw:  # --seed SEED, not argparse's --seed SEEDS from the field's name
-                kw.setdefault("metavar", flags_of(f)[0].lstrip("-").replace("-", "_").upper())
-        target = parser
+            kw.update(type=VALUE_TYPES.get(kind, kind), action="append" if repeated else "store")
+            # --seed SEED, not argparse's --seed SEEDS from the field's name
+            kw.setdefault("metavar", flags_of(f)[0].lstrip("-").replace("-", "_").upper())
+        parser.add_argument(*flags_of(f), dest=f.name, **kw)
+
+
+def value_problems(cls: type, values: dict[str, Any]) -> list[str]:
+    """Each value that did not read as its type, or is outside its declared choices or range, or not finite, named
+    by its flag; every required option missing; a `one_of` group given none or several times. Empty when all hold."""
+    found, groups = [], {}
+    for f in fields(cls):
+        meta = f.metadata
+        if "help" not in meta:  # a plain field, not an option
+            continue
+        flag, value = flags_of(f)[0], values.get(f.name)
         if meta["one_of"]:
-            if meta["one_of"] not in groups:
-                groups[meta["one_of"]] = parser.add_mutually_exclusive_group(required=True)
-            target = groups[meta["one_of"]]
-        elif f.default is MISSING and f.default_factory is MISSING:
-            kw["required"] = True
-        target.add_argument(*flags_of(f), dest=f.name, **kw)
+            groups.setdefault(meta["one_of"], []).append((flag, value))
+        if value is None and is_required(f):
+            found.append(f"{flag} is required" + (f" (one of {', '.join(map(str, meta['choices']))})"
+                                                  if meta["choices"] else ""))
+        for v in value if isinstance(value, list) else [value]:
+            problem = _value_problem(flag, meta, v)
+            if problem:
+                found.append(problem)
+                break
+    for flag_values in groups.values():
+        given = [flag for flag, value in flag_values if value is not None]
+        if len(given) != 1:
+            flags = " or ".join(flag for flag, _ in flag_values)
+            found.append(f"give one of {flags}" + (f", not {len(given)} ({', '.join(given)})" if given else ""))
+    return found
+
+
+def _value_problem(flag: str, meta: dict, v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, Refused):
+        return f"{flag} {v.text!r}: {v.why}"
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"{flag} {v}: not a finite number"
+    if meta["choices"] is not None and v not in meta["choices"]:
+        close = difflib.get_close_matches(str(v), list(map(str, meta["choices"])), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{flag} {v!r} is not one of {', '.join(map(str, meta['choices']))}{hint}"
+    if meta["minimum"] is not None and v < meta["minimum"]:
+        return (f"{flag} {v}: {meta['below']}" if meta["below"] else
+                f"{flag} must be at least {meta['minimum']} (got {v})")
+    return None
 
 
 def problems(settings: Any) -> list[str]:
-    """Each value outside its declared choices or range, named by its flag; empty when all are in."""
-    found = []
-    for f in fields(settings):
-        value, meta = getattr(settings, f.name), f.metadata
-        if "help" not in meta:  # a plain field, not an option
-            continue
-        flag = flags_of(f)[0]
-        for v in value if isinstance(value, list) else [value]:
-            if v is None:
-                continue
-            if meta["choices"] is not None and v not in meta["choices"]:
-                found.append(f"{flag} {v!r} is not one of {', '.join(map(str, meta['choices']))}")
-                break
-            if meta["minimum"] is not None and v < meta["minimum"]:
-                found.append(f"{flag} {v}: {meta['below']}" if meta["below"] else
-                             f"{flag} must be at least {meta['minimum']} (got {v})")
-                break
-    return found
+    """`value_problems` of a settings object."""
+    return value_problems(type(settings), {f.name: getattr(settings, f.name) for f in fields(settings)})
 
 
 def check_settings(settings: Any) -> Any:
@@ -134,15 +190,15 @@ def check_settings(settings: Any) -> Any:
     return settings
 
 
-def settings_from(cls: type, args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
-    """The parsed arguments as `cls`, an option not given keeping its field's default; a value out of range ends
-    the command as argparse ends it for a bad value: the message on stderr, exit status 2."""
+def settings_from(cls: type, args: argparse.Namespace, parser: Parser) -> Any:
+    """The parsed arguments as `cls`, an option not given keeping its field's default. Every problem of the command
+    line (unknown flags, values that are not their type, out of range or not among the choices, required options
+    missing) ends the command in one message, as argparse ends it for a bad value: on stderr, exit status 2."""
     given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-    settings = cls(**given)
-    wrong = problems(settings)
+    wrong = parser.unrecognized(getattr(args, "unrecognized", [])) + value_problems(cls, given)
     if wrong:
         parser.error("; ".join(wrong))
-    return settings
+    return cls(**given)
 
 
 def parse_settings(cls: type, argv: list[str] | None, prog: str) -> Any:
@@ -184,12 +240,15 @@ class Parser(argparse.ArgumentParser):
                     sub.add_spellings()
 
     def parse_args(self, args=None, namespace=None):  # noqa: D102 - argparse's signature
-        parsed, extras = self.parse_known_args(args, namespace)
+        """Unknown arguments are kept in `unrecognized` (or handed on whole as `forwarded`, to a command that parses
+        its own): `settings_from` reports them with every other problem of the command line."""
+        argv = list(sys.argv[1:] if args is None else args)
+        parsed, extras = self.parse_known_args(argv, namespace)
+        parsed.argv = argv  # as typed: a message that says how to continue repeats it
         if getattr(parsed, "forwarded", None) is not None:
             parsed.forwarded = extras
-        elif extras:
-            command = self.subcommand(getattr(parsed, "command", None))
-            command.error("unrecognized arguments: " + " ".join(extras) + command.suggest(extras))
+        else:
+            parsed.unrecognized = extras
         return parsed
 
     def subcommand(self, name: str | None) -> Parser:
@@ -198,15 +257,19 @@ class Parser(argparse.ArgumentParser):
                 return action.choices[name]
         return self
 
-    def suggest(self, extras: list[str]) -> str:
-        """'; did you mean --learning_rate?' for each unknown flag with a close known one."""
+    def unrecognized(self, extras: list[str]) -> list[str]:
+        """The problem of arguments this parser does not know, with a "did you mean" for each close flag; [] for
+        none."""
+        if not extras:
+            return []
         known = {f.replace("-", "_"): f for a in self._actions for f in a.option_strings if f.startswith("--")}
         hints = []
         for word in extras:
             if word.startswith("--"):
                 close = difflib.get_close_matches(word.split("=", 1)[0].replace("-", "_"), known, n=1, cutoff=0.75)
                 hints += [f"{word} -> {known[close[0]]}"] if close else []
-        return f" (did you mean: {'; '.join(hints)}?)" if hints else ""
+        hint = f" (did you mean: {'; '.join(hints)}?)" if hints else ""
+        return [f"unrecognized arguments: {' '.join(extras)}{hint}"]
 
     def error(self, message: str):
         """The message and where to read about the options; the `train` usage line alone runs to pages."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreambooth.config import Config, Subject
+from dreambooth.config_file import ConfigReading
 from dreambooth.errors import UserError
 from dreambooth.models.base import (
     check_model_folder,
@@ -74,13 +75,24 @@ class Preflight:
 
 
 class Problems:
-    """Every problem pre-flight finds, so that one run of the command reports them all."""
+    """Every problem found before any weights load, so that one run of the command reports them all: the config's
+    own (with the keys they make `broken`) and pre-flight's. A check that reads a broken key is skipped, since its
+    value is only the default standing in for what the user wrote."""
 
-    def __init__(self) -> None:
-        self.found: list[str] = []
+    def __init__(self, config: ConfigReading | None = None) -> None:
+        self.found: list[str] = list(config.problems) if config else []
+        self.broken: set[str] = set(config.broken) if config else set()
+        self.where = config.where if config else ""
 
-    def check(self, fn: Callable, *args, **kwargs):
-        """`fn(*args)`, or None with its UserError recorded."""
+    def blocked(self, needs: tuple[str, ...]) -> bool:
+        """Whether a check that reads these keys ('output.' for a whole section) must wait for them to be fixed."""
+        return any(n in self.broken or (n.endswith(".") and any(b.startswith(n) for b in self.broken))
+                   for n in needs)
+
+    def check(self, fn: Callable, *args, needs: tuple[str, ...] = (), **kwargs):
+        """`fn(*args)`, or None with its UserError recorded; None without calling it when it needs a broken key."""
+        if self.blocked(needs):
+            return None
         try:
             return fn(*args, **kwargs)
         except UserError as e:
@@ -88,10 +100,14 @@ class Problems:
             return None
 
     def raise_if_any(self) -> None:
-        if self.found:
-            listed = "\n  - ".join(p.replace("\n", "\n    ") for p in self.found)
+        if not self.found:
+            return
+        listed = "\n  - ".join(p.replace("\n", "\n    ") for p in self.found)
+        if not self.broken:
             raise UserError(f"pre-flight found {len(self.found)} problem(s); nothing was loaded or changed:\n  - "
                             f"{listed}")
+        raise UserError(f"the training config{self.where} and its inputs have {len(self.found)} problem(s); nothing "
+                        f"was loaded or changed:\n  - {listed}\nFix these (in the YAML or as --flags) and run again.")
 
 
 def check_runtime(cfg: Config) -> None:
@@ -316,47 +332,61 @@ def check_vae_folder(folder: str) -> None:
     raise UserError(f"model.pretrained_vae: {path} is not a VAE folder (no config.json).{hint}")
 
 
-def run_preflight(cfg: Config) -> Preflight:
-    """Checks the inputs and prints the report; raises one UserError listing every problem that stops training."""
-    problems = Problems()
+MODEL = ("model.pretrained_model", "model.revision", "model.variant", "model.pretrained_vae")
+SUBJECTS = ("subjects", "dataset.instance_dir", "dataset.instance_prompt", "token.")
+
+
+def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight:
+    """Checks the inputs and prints the report; raises one UserError listing every problem that stops training.
+
+    `config`: how the config read, when it has problems of its own: they are reported with pre-flight's, and the
+    checks that read a key with a problem are skipped.
+    """
+    problems = Problems(config)
     problems.check(check_runtime, cfg)
-    prediction_type = problems.check(check_base_model, cfg)
+    prediction_type = problems.check(check_base_model, cfg, needs=MODEL)
     model_ok = prediction_type is not None
     model = cfg.model.pretrained_model
+    resolution = ("training.resolution",)
     if model_ok and not is_hub_id(model):
-        factor = vae_scale_factor(model)
-        problems.check(check_resolution, cfg.training.resolution, factor)
+        problems.check(check_resolution, cfg.training.resolution, vae_scale_factor(model), needs=resolution)
     elif cfg.training.resolution % 8:
-        problems.check(check_resolution, cfg.training.resolution, 8)
+        problems.check(check_resolution, cfg.training.resolution, 8, needs=resolution)
     if model_ok and not is_hub_id(model):
-        problems.check(check_token_length, cfg)
+        problems.check(check_token_length, cfg, needs=("training.tokenizer_max_length",))
         if cfg.model.method == "lora":
-            problems.check(check_lora_targets, cfg)
-    identity = weights_identity(model, cfg.model.revision, cfg.model.variant, cfg.model.pretrained_vae)
+            problems.check(check_lora_targets, cfg, needs=("model.method", "model.train_unet", "lora."))
+    identity = None if problems.blocked(MODEL) else weights_identity(model, cfg.model.revision, cfg.model.variant,
+                                                                     cfg.model.pretrained_vae)
     if cfg.model.pretrained_vae and not is_hub_id(cfg.model.pretrained_vae):
-        problems.check(check_vae_folder, cfg.model.pretrained_vae)
+        problems.check(check_vae_folder, cfg.model.pretrained_vae, needs=MODEL)
     subjects, warnings = [], []
-    tokenizer = problems.check(load_tokenizer, cfg) if model_ok or cfg.model.tokenizer_name else None
+    tokenizer = problems.check(load_tokenizer, cfg, needs=("model.tokenizer_name",)) \
+        if model_ok or cfg.model.tokenizer_name else None
     for s in cfg.subject_list():
-        instance = problems.check(check_instance_photos, cfg, s)
-        plan = problems.check(plan_identifier, tokenizer, s.identifier, s.initializer) if tokenizer else None
+        instance = problems.check(check_instance_photos, cfg, s, needs=SUBJECTS[:2] + ("dataset.strict",))
+        plan = problems.check(plan_identifier, tokenizer, s.identifier, s.initializer, needs=SUBJECTS) \
+            if tokenizer else None
         if instance is not None and plan is not None:
             subjects.append(SubjectReport(s, instance, plan))
-    if tokenizer is not None:
+    if tokenizer is not None and not problems.blocked(SUBJECTS + ("dataset.class_prompt", "validation.prompts")):
         warnings = check_prompts(cfg, tokenizer, [s.identifier for s in subjects], problems)
     class_plans = {}
-    if cfg.dataset.with_prior_preservation:
-        class_plans = problems.check(plan_all_class_images, cfg, identity) or {}
+    if cfg.dataset.with_prior_preservation and identity is not None:
+        class_plans = problems.check(plan_all_class_images, cfg, identity,
+                                     needs=("subjects", "dataset.", "training.resolution")) or {}
     run_plan = problems.check(plan_run, cfg, lambda c: weights_identity(c.model.pretrained_model, c.model.revision,
-                                                                        c.model.variant, c.model.pretrained_vae))
+                                                                        c.model.variant, c.model.pretrained_vae),
+                              needs=MODEL + ("output.",))
     if cfg.validation.prompts:
-        problems.check(check_scheduler_name, cfg.validation.scheduler, "validation.scheduler")
-    problems.check(check_tracker, cfg.output.report_to)
+        problems.check(check_scheduler_name, cfg.validation.scheduler, "validation.scheduler",
+                       needs=("validation.scheduler",))
+    problems.check(check_tracker, cfg.output.report_to, needs=("output.report_to",))
     hub_repo = None
     if cfg.output.push_to_hub:
         from dreambooth.training.hub import check_upload
 
-        hub_repo = problems.check(check_upload, cfg)
+        hub_repo = problems.check(check_upload, cfg, needs=("output.",))
     problems.raise_if_any()
     report = Preflight(subjects, prediction_type, identity, run_plan, class_plans, warnings,
                        notes=cfg.notes + run_plan.notes, hub_repo=hub_repo)

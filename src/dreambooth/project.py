@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import yaml
 
+from dreambooth.config_file import resolve_model_ref
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import write_text_atomic
+from dreambooth.models.base import is_hub_id
 
 PROJECT_README = """# DreamBooth project: {identifier} {class_word}
 
 1. Put 3-10 photos of your subject in `data/instance/` (JPEG/PNG/WebP; varied backgrounds and poses,
    the subject clearly visible, at least {resolution} px on the short side).
-2. Set `model.pretrained_model` in `config.yaml` to a Stable Diffusion folder in diffusers format.
+2. {model_step}
 3. Train: `dreambooth train --config config.yaml` (any option can be overridden, e.g. `--max_train_steps 400`).
    Class images for prior preservation are generated into `data/class/` the first time and reused.
 4. Generate: `dreambooth generate --model output --prompt "a photo of {identifier} {class_word} on a beach"`.
@@ -28,7 +31,7 @@ The trained subject as a character: `characters.yaml` (its look, style, negative
 """
 
 
-def project_config(identifier: str, class_word: str, model: str) -> dict:
+def project_config(identifier: str, class_word: str, model: str | None) -> dict:
     """The config.yaml that init writes: the sections of docs/design.md, with prior preservation on."""
     return {
         "model": {"pretrained_model": model, "train_unet": True, "train_text_encoder": False},
@@ -51,8 +54,12 @@ def project_characters(identifier: str, class_word: str) -> dict:
         "steps": 30, "guidance": 7.5, "scheduler": "dpm++", "seed_policy": "state", "seed": 0}]}
 
 
-def init_project(directory: Path, *, identifier: str, class_word: str, model: str, force: bool = False) -> None:
-    """Writes data/instance, data/class, prompts/, config.yaml and a README; never overwrites without --force."""
+def init_project(directory: Path, *, identifier: str, class_word: str, model: str | None,
+                 force: bool = False) -> None:
+    """Writes data/instance, data/class, prompts/, config.yaml and a README; never overwrites without --force.
+
+    `model` is written into config.yaml as it is (a path there is read relative to the config file's folder);
+    None leaves the key for the user to set."""
     config = directory / "config.yaml"
     if config.exists() and not force:
         raise UserError(f"{config} already exists; pass --force to overwrite it (photos and prompts are kept).")
@@ -72,14 +79,35 @@ def init_project(directory: Path, *, identifier: str, class_word: str, model: st
         header = "# Characters for `dreambooth compile-prompt` (`--schema` prints the state it reads).\n"
         write_text_atomic(characters, header + yaml.safe_dump(project_characters(identifier, class_word),
                                                               sort_keys=False))
+    model_step = (f"The base model is `{model}` (`model.pretrained_model` in `config.yaml`)." if model else
+                  "Set `model.pretrained_model` in `config.yaml` to a Stable Diffusion folder in diffusers format.")
     readme = directory / "README.md"
     if not readme.exists() or force:
-        write_text_atomic(readme, PROJECT_README.format(identifier=identifier, class_word=class_word, resolution=512))
-    print(f"project written to {directory}: put photos in {directory / 'data/instance'}, set "
-          f"model.pretrained_model in {config}, then `dreambooth train --config {config}`")
+        write_text_atomic(readme, PROJECT_README.format(identifier=identifier, class_word=class_word, resolution=512,
+                                                        model_step=model_step))
+    todo = "" if model else f"set model.pretrained_model in {config}, "
+    print(f"project written to {directory}: put photos in {directory / 'data/instance'}, {todo}then "
+          f"`dreambooth train --config {config}`")
+
+
+def model_for_config(model: str, directory: Path) -> str:
+    """`init --model` as config.yaml holds it. The argument is read as every path argument is, relative to where
+    the command runs; the config file's paths are relative to its own folder, so a folder is written relative to
+    the project when it lies inside it, else absolute. A hub id stays one; anything else must exist."""
+    resolved = resolve_model_ref(model, Path.cwd())
+    if is_hub_id(resolved):
+        return resolved
+    path = Path(resolved)
+    if not path.exists():
+        raise UserError(f"--model {model}: {path} does not exist. Give a diffusers model folder (relative to where "
+                        "you run the command, or absolute) or a hub id such as stabilityai/stable-diffusion-2-1-base; "
+                        "or leave --model out and set model.pretrained_model in config.yaml later.")
+    project = Path(os.path.abspath(directory))
+    return os.path.relpath(path, project) if path.is_relative_to(project) else str(path)
 
 
 def init_command(options) -> None:
     """`dreambooth init`: `options` is a command_options.InitOptions."""
-    init_project(options.dir, identifier=options.identifier, class_word=options.class_word, model=options.model,
+    model = None if options.model is None else model_for_config(options.model, options.dir)
+    init_project(options.dir, identifier=options.identifier, class_word=options.class_word, model=model,
                  force=options.force)

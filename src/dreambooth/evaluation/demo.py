@@ -11,9 +11,11 @@ stays where it was.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
+from dreambooth.errors import TrainingStopped
 from dreambooth.evaluation import experiment, world
 from dreambooth.formats.atomic import atomic_file, write_json_atomic
 
@@ -63,4 +65,8 @@ def print_summary(metrics: dict, run_dir: Path, out: Path, grids: dict) -> None:
 
 def demo_command(options) -> dict:
     """`dreambooth demo`: `options` is a command_options.DemoOptions."""
-    return run_demo(options.out, steps=options.steps)
+    try:
+        return run_demo(options.out, steps=options.steps)
+    except TrainingStopped as stop:  # a second `demo` continues the run from its checkpoint
+        steps = [] if options.steps is None else ["--steps", str(options.steps)]
+        raise stop.continued_by(shlex.join(["dreambooth", "demo", "--out", str(options.out), *steps])) from None

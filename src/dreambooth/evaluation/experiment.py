@@ -13,6 +13,7 @@ the base model and one trained variant of it.
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dreambooth.errors import TrainingStopped
 from dreambooth.evaluation import world
 from dreambooth.formats.atomic import atomic_file, write_json_atomic, write_text_atomic
 
@@ -118,11 +120,27 @@ def train_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: 
                                      if recipe.lora_targets else {}),
         "output.output_dir": str(work / "runs" / f"{_slug(variant)}-seed{seed}"),
         "output.checkpointing_steps": recipe.steps + 1, "output.logging_steps": 50, "output.report_to": "none",
-        # the experiment's and the demo's own folders (rundir.claim_work_folder): a rerun replaces its runs
-        "output.overwrite_output_dir": True,
         **(extra or {}),
     }
+    overrides.update(continue_or_replace(Path(overrides["output.output_dir"]), recipe.steps))
     return train(load_config(None, overrides))
+
+
+def continue_or_replace(run_dir: Path, steps: int) -> dict:
+    """How a run of the experiment or the demo treats what its folder (their own, rundir.claim_work_folder) holds:
+    a run of the same length stopped part-way (Ctrl-C) is continued from its latest checkpoint, so that running the
+    command again continues it; anything else there is replaced."""
+    import yaml
+
+    from dreambooth.training.rundir import inspect_folder
+
+    folder = inspect_folder(run_dir)
+    last = folder.checkpoints[-1] if folder.checkpoints else None
+    if last is not None and not folder.has_model and last.step < steps:
+        saved = yaml.safe_load((last.path / "config.yaml").read_text()) if (last.path / "config.yaml").is_file() else {}
+        if (saved.get("training") or {}).get("max_train_steps") == steps:
+            return {"output.resume_from_checkpoint": "latest"}
+    return {"output.overwrite_output_dir": True}
 
 
 def draw_prompts(model: Path, lora: Path | None, seed: int, recipe: Recipe,
@@ -208,8 +226,15 @@ def save_results(out: Path, data, table: str) -> None:
 
 def experiment_command(options) -> list[dict]:
     """`dreambooth experiment`: `options` is a command_options.ExperimentOptions."""
-    return run_experiment(options.out, seeds=options.seeds or [0, 1, 2],
-                          recipe=Recipe(steps=options.steps, images_per_prompt=options.images_per_prompt))
+    try:
+        return run_experiment(options.out, seeds=options.seeds or [0, 1, 2],
+                              recipe=Recipe(steps=options.steps, images_per_prompt=options.images_per_prompt))
+    except TrainingStopped as stop:
+        # Run again, the stopped run continues from its checkpoint; the runs before it are trained again.
+        seeds = [word for seed in options.seeds for word in ("--seed", str(seed))]
+        raise stop.continued_by(shlex.join(
+            ["dreambooth", "experiment", "--out", str(options.out), *seeds, "--steps", str(options.steps),
+             "--images-per-prompt", str(options.images_per_prompt)])) from None
 
 
 MEASURES = ("subject_fidelity", "prompt_fidelity", "class_prior", "class_shape", "diversity")

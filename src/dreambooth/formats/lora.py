@@ -257,18 +257,23 @@ def copy_lora(src: Path, out: Path, *, half: bool = False) -> Path:
     return out
 
 
-def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """`FILE[:WEIGHT]`: the text after the last ':' is the weight only if it reads as a number (C:\\x stays a path)."""
+def parse_lora_spec(spec: str, flag: str = "--lora") -> tuple[Path, float]:
+    """`FILE[:WEIGHT]`. A spec that names an existing path is that path at weight 1 (a file with ':' in its name,
+    or C:\\x); otherwise the text after the last ':' is the weight, which must then be a finite number."""
     head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return Path(spec), 1.0
-        if not math.isfinite(weight):
-            raise UserError(f"--merge-lora {spec}: the weight {tail} is not a finite number.")
-        return Path(head), weight
-    return Path(spec), 1.0
+    if not sep or not head or Path(spec).expanduser().exists():
+        return Path(spec), 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        if not Path(head).expanduser().exists():
+            return Path(spec), 1.0  # neither reads: the caller says that the file does not exist
+        raise UserError(f"{flag} {spec}: the weight '{tail}' after the last ':' is not a number; write "
+                        f"{head}:0.8, or {head} alone for weight 1.0.") from None
+    if not math.isfinite(weight):
+        raise UserError(f"{flag} {spec}: the weight '{tail}' is not a finite number; write {head}:0.8, or {head} "
+                        "alone for weight 1.0.")
+    return Path(head), weight
 
 
 def check_lora_source(path: Path, flag: str = "--lora") -> Path:

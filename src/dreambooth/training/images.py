@@ -19,6 +19,7 @@ from dreambooth.errors import UserError
 # Only used to word messages: files are recognised by their content, whatever their name.
 # Files this tool writes into image folders (the class-image manifest): skipped, not reported as rejects.
 TOOL_FILES = frozenset({"dreambooth_class_images.json"})
+TOOL_FOLDER_PREFIXES = ("replaced-",)  # class images moved aside (training.class_images.commit)
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 )
@@ -46,6 +47,8 @@ class ImageFolderReport:
     usable: list[Path] = field(default_factory=list)
     issues: list[ImageIssue] = field(default_factory=list)
     near_duplicates: list[tuple[Path, Path]] = field(default_factory=list)
+    # Subfolders (not searched), with the image files each holds by name: said in the report, never silently left.
+    subfolders: list[tuple[Path, int]] = field(default_factory=list)
 
     def rejected(self) -> list[ImageIssue]:
         return [issue for issue in self.issues if issue.fatal]
@@ -65,6 +68,8 @@ class ImageFolderReport:
             f"  note      {a.name} and {b.name} look like near-duplicates (the same photo twice adds nothing)"
             for a, b in self.near_duplicates
         ]
+        lines += [f"  skipped   {sub.name}/: a subfolder{f' with {n} image file(s)' if n else ''}; only the files of "
+                  f"{self.folder.name}/ itself are used (move them up to train on them)" for sub, n in self.subfolders]
         return "\n".join(lines)
 
 
@@ -186,8 +191,9 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
 def scan_image_folder(folder: Path, resolution: int, *, check_duplicates: bool = True) -> ImageFolderReport:
     """Checks every visible file directly in `folder` by decoding it; never raises for a missing or empty folder.
 
-    Hidden files (name starting with '.') and subfolders are skipped silently. Any other file whose content
-    is not a usable image is rejected with a reason; usable files may carry non-fatal notes.
+    Hidden files (name starting with '.') are skipped silently, subfolders with a line in the report (what class
+    images leave behind, `replaced-<time>/`, silently). Any other file whose content is not a usable image is
+    rejected with a reason; usable files may carry non-fatal notes.
     """
     folder = Path(folder)
     report = ImageFolderReport(folder=folder)
@@ -201,6 +207,8 @@ def scan_image_folder(folder: Path, resolution: int, *, check_duplicates: bool =
     fingerprints = {}
     for path in entries:
         if path.is_dir():
+            if not path.name.startswith(TOOL_FOLDER_PREFIXES):
+                report.subfolders.append((path, _image_files_in(path)))
             continue
         if not path.is_file():
             report.issues.append(ImageIssue(path, "not a regular file (broken link or special file)", True))
@@ -221,6 +229,14 @@ def scan_image_folder(folder: Path, resolution: int, *, check_duplicates: bool =
     return report
 
 
+def _image_files_in(folder: Path) -> int:
+    """Files under `folder` named as images (by name only: they are not read)."""
+    try:
+        return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    except OSError:
+        return 0
+
+
 def check_instance_folder(report: ImageFolderReport, *, min_images: int = 1) -> None:
     """Raises UserError, in one paragraph naming the folder and the rejected files, unless enough images are usable."""
     folder = report.folder
@@ -232,8 +248,7 @@ def check_instance_folder(report: ImageFolderReport, *, min_images: int = 1) -> 
         return
     rejected = report.rejected()
     if not rejected and not report.usable:
-        has_subfolders = any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
-        where = " (subfolders are not searched: move the images into the folder itself)" if has_subfolders else ""
+        where = " (subfolders are not searched: move the images into the folder itself)" if report.subfolders else ""
         raise UserError(f"The instance image folder {folder} holds no image files{where}. {_PHOTOS_HINT}")
     listed = ", ".join(f"{issue.path.name} ({issue.reason})" for issue in rejected[:10])
     if len(rejected) > 10:

@@ -152,8 +152,7 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
             path = checkpoint(run)
         if stop.requested:
             bar.close()
-            raise TrainingStopped(f"stopped at step {run.global_step} as asked: the checkpoint is {path}. Continue "
-                                  "with the same command and --resume_from_checkpoint latest.")
+            raise TrainingStopped(run.global_step, path)
         if cfg.validation.prompts and (run.global_step % cfg.validation.steps == 0
                                        or run.global_step == run.total_steps):
             with offload.resident():

@@ -179,7 +179,9 @@ def write_run_info(run) -> None:
             "class_prompt": subject.class_prompt if cfg.dataset.with_prior_preservation else None,
             "instance_images": [str(p) for p in s.instance.usable], "instance_dir": str(s.instance.folder),
             # what pre-flight set aside, for the run report (training.report)
-            "rejected": [{"file": str(i.path), "reason": i.reason} for i in s.instance.rejected()],
+            "rejected": [{"file": str(i.path), "reason": i.reason} for i in s.instance.rejected()]
+            + [{"file": f"{sub}/", "reason": f"a subfolder ({n} image file(s)): subfolders are not searched"}
+               for sub, n in s.instance.subfolders],
             "image_notes": [{"file": str(i.path), "reason": i.reason} for i in s.instance.notes()],
             "class_dir": str(subject.class_dir) if cfg.dataset.with_prior_preservation else None})
     write_json_atomic(run.out / "run_info.json", {

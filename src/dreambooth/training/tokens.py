@@ -47,7 +47,8 @@ def plan_identifier(tokenizer, identifier: str | None, initializer: str | None) 
     if wants_new_token(identifier) and identifier not in tokenizer.get_vocab():
         if not initializer:
             raise UserError(f"token.initializer: the new token '{identifier}' needs an initializer word whose "
-                            "embedding it starts from; set token.initializer (or token.class_word), e.g. 'girl'.")
+                            "embedding it starts from; set token.initializer (--initializer WORD) or token.class_word "
+                            "(--class_word WORD), e.g. 'girl'.")
         if not tokenizer(initializer, add_special_tokens=False).input_ids:
             raise UserError(f"token.initializer '{initializer}' tokenizes to nothing; pick a plain word.")
         return IdentifierPlan(identifier, "new", [identifier], initializer)
