@@ -1,12 +1,13 @@
 """The config: the YAML of docs/design.md as written, diffusers' flags, and every problem reported at once by key."""
 
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
 
 from dreambooth.cli import build_parser, config_overrides
-from dreambooth.config import Config, all_keys, field_flags
+from dreambooth.config import SECTION_TYPES, Config, all_keys, field_flags
 from dreambooth.config_file import dump_config, load_config
 from dreambooth.errors import UserError
 
@@ -216,3 +217,94 @@ def test_skipping_the_text_encoder_would_lose_a_new_token():
     with pytest.raises(UserError, match="output.skip_save_text_encoder"):
         load_config(None, {"model.pretrained_model": "m", "token.identifier": "<zz>", "token.class_word": "cat",
                            "output.skip_save_text_encoder": True})
+
+
+# ---------------------------------------------------------------------------------------- every problem at once
+
+
+def test_a_bad_config_still_gets_every_check_that_needs_no_weights(tiny_model, instance_dir, tmp_path, capsys,
+                                                                    no_model_load):
+    """`learning_rate: fast`, a misspelt key and `resolution: 100` gave two problems, and the resolution's came only on
+    the next run: pre-flight's checks run in the same pass, each skipped only where it reads a broken key."""
+    from dreambooth.cli import main
+
+    config = write(tmp_path, f"""\
+        model: {{pretrained_model: {tiny_model}}}
+        token: {{identifier: sks, class_word: dog}}
+        training: {{learning_rate: fast, max_train_step: 3, resolution: 100}}
+        dataset: {{instance_dir: {instance_dir}, class_dir: {tmp_path / 'class'}}}
+        validation: {{prompts: [a photo of sks dog], scheduler: fastest}}
+        output: {{output_dir: {tmp_path / 'out'}, report_to: none}}
+        """)
+    assert main(["train", "--config", str(config), "--learning_rat", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "5 problem(s)" in err and "nothing was loaded or changed" in err and str(config) in err
+    for part in ("unrecognized arguments: --learning_rat 1 (did you mean: --learning_rat -> --learning_rate?)",
+                 "training.learning_rate: input should be a valid number", "training.max_train_step: unknown key",
+                 "training.resolution: 100 is not a multiple of 8", "validation.scheduler: unknown scheduler"):
+        assert part in err, part
+    assert not (tmp_path / "out").exists() and not (tmp_path / "class").exists()
+
+
+def test_a_check_that_reads_a_broken_key_is_skipped_not_run_on_its_default(tiny_model, tmp_path, capsys,
+                                                                           no_model_load):
+    """A refused instance_dir stands at its default (data/instance): checking that folder would report a problem the
+    user does not have."""
+    from dreambooth.cli import main
+
+    config = write(tmp_path, f"""\
+        model: {{pretrained_model: {tiny_model}}}
+        dataset: {{instance_dir: [a, b], instance_prompt: a photo of sks dog}}
+        training: {{resolution: 100}}
+        output: {{output_dir: {tmp_path / 'out'}, report_to: none}}
+        """)
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "dataset.instance_dir" in err and "is not a multiple of 8" in err
+    assert "data/instance" not in err
+
+
+def _float_keys():
+    return [(section, name) for section, model in SECTION_TYPES.items() for name, field in model.model_fields.items()
+            if float in (field.annotation, *typing.get_args(field.annotation))]
+
+
+@pytest.mark.parametrize("value", [float("nan"), "inf", "-inf", "nan", "1e999"])
+def test_every_float_key_refuses_non_finite_numbers(value):
+    """`learning_rate: .nan` passed `gt=0` (NaN compares false with every bound); infinity passed too."""
+    keys = _float_keys()
+    assert {("training", "learning_rate"), ("training", "snr_gamma"), ("lora", "alpha")} <= set(keys)
+    for section, name in keys:
+        with pytest.raises(UserError, match=rf"{section}\.{name}: not a finite number"):
+            load_config(None, {"model.pretrained_model": "m", "dataset.instance_prompt": "a photo of sks dog",
+                               f"{section}.{name}": value})
+
+
+def test_yaml_nan_is_refused_in_a_config_file(tmp_path):
+    with pytest.raises(UserError, match=r"training.learning_rate: not a finite number"):
+        load_config(write(tmp_path, "model: {pretrained_model: m}\ndataset: {instance_prompt: x}\n"
+                                    "training: {learning_rate: .nan}\n"))
+
+
+# --------------------------------------------------------------------------------------------------- identifier
+
+
+@pytest.mark.parametrize(("instance", "klass", "identifier"), [
+    ("a photo of <zq> dog", None, "<zq>"),  # diffusers' flags without --class_prompt: the README's rule
+    ("a photo of <zq> dog", "a photo of dog", "<zq>"),
+    ("a photo of sks dog", "a photo of dog", "sks"),
+    ("a photo of sks dog", None, None),  # nothing tells: the whole prompt names the subject
+    ("a <zq>, sitting", None, "<zq>"),
+])
+def test_the_identifier_is_inferred_from_the_prompts(instance, klass, identifier):
+    values = {"model.pretrained_model": "m", "dataset.instance_prompt": instance}
+    if klass:
+        values.update({"dataset.class_prompt": klass, "dataset.with_prior_preservation": True})
+    assert load_config(None, values).token.identifier == identifier
+
+
+def test_several_new_tokens_in_the_prompt_are_a_problem_not_a_guess():
+    with pytest.raises(UserError, match=r"writes 2 new tokens \(<a>, <b>\).*--identifier"):
+        load_config(None, {"model.pretrained_model": "m", "dataset.instance_prompt": "a photo of <a> <b> dog"})
+    assert load_config(None, {"model.pretrained_model": "m", "dataset.instance_prompt": "a photo of <a> <b> dog",
+                              "token.identifier": "<a>"}).token.identifier == "<a>"

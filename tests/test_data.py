@@ -40,17 +40,22 @@ def test_scan_accepts_normal_jpeg_and_png_in_sorted_order(tmp_path):
     assert report.near_duplicates == []
 
 
-def test_scan_skips_hidden_files_and_subfolders_without_reporting_them(tmp_path):
+def test_scan_skips_hidden_files_silently_and_says_which_subfolders_it_did_not_search(tmp_path):
+    """A subfolder of photos was skipped without a word: its images are not used, and the report now says so."""
     photo(1).save(tmp_path / "subject.png")
     (tmp_path / ".DS_Store").write_bytes(b"\0\1binary junk")
     photo(2).save(tmp_path / ".hidden.png")
     (tmp_path / "nested").mkdir()
     photo(3).save(tmp_path / "nested" / "other.png")
+    photo(4).save(tmp_path / "nested" / "more.jpg")
+    (tmp_path / "replaced-20261207-010101").mkdir()  # class images moved aside by the tool itself
 
     report = scan_image_folder(tmp_path, resolution=64)
 
     assert report.usable == [tmp_path / "subject.png"]
-    assert report.issues == []
+    assert report.issues == [] and report.subfolders == [(tmp_path / "nested", 2)]
+    assert "skipped   nested/: a subfolder with 2 image file(s)" in report.format("instance images")
+    assert "replaced-" not in report.format("instance images")
 
 
 def test_scan_rejects_empty_truncated_and_text_files_with_reasons(tmp_path):

@@ -553,6 +553,23 @@ def test_parse_lora_spec():
         parse_lora_spec("a.safetensors:nan")
 
 
+def test_a_lora_weight_that_is_not_a_number_is_named_as_such(tmp_path):
+    """`--merge-lora lora:abc` said the LoRA "does not exist" when its weight was the problem."""
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"x")
+    assert parse_lora_spec(f"{lora}:0.5") == (lora, 0.5)
+    assert parse_lora_spec(str(lora)) == (lora, 1.0)
+    with pytest.raises(UserError, match=r"--merge-lora .*: the weight 'abc' after the last ':' is not a number"):
+        parse_lora_spec(f"{lora}:abc", "--merge-lora")
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(UserError, match=rf"--lora .*: the weight '{value}' is not a finite number"):
+            parse_lora_spec(f"{lora}:{value}")
+    odd = tmp_path / "a:b.safetensors"  # a file whose own name has a colon is that file
+    odd.write_bytes(b"x")
+    assert parse_lora_spec(str(odd)) == (odd, 1.0)
+    assert parse_lora_spec(f"{tmp_path}/nowhere:abc") == (Path(f"{tmp_path}/nowhere:abc"), 1.0)  # "does not exist"
+
+
 # --- the command ------------------------------------------------------------------------------------------------
 
 

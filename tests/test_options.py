@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import pytest
 
 from dreambooth import cli
 from dreambooth.command_options import EvaluateOptions, GenerateOptions, SamplingOptions
-from dreambooth.options import add_options, option, problems
+from dreambooth.errors import UserError
+from dreambooth.options import add_options, check_settings, flags_of, option, parse_settings, problems, value_type
 
 EVALUATE = ["evaluate", "--real", "r", "--identifier", "sks", "--class-word", "dog"]
 
@@ -141,3 +143,85 @@ def test_types_come_from_the_annotations():
     assert (args.where, args.count, args.scale, args.tags, args.fast) == (Path("here"), 3, 0.5, ["a", "b"], True)
     assert vars(parser.parse_args(["here"])) == {"where": Path("here"), "count": None, "scale": None, "tags": None,
                                                  "fast": False}
+
+
+# ------------------------------------------------------------------------ one parser behaviour for every command
+
+
+def fails_with(capsys, argv: list[str]) -> str:
+    """The one error message of a command line that must not run."""
+    with pytest.raises(SystemExit) as e:
+        options_of(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    return err
+
+
+def test_a_mistyped_flag_gets_a_suggestion_in_every_command(capsys):
+    """`export --formt` got argparse's "required: --format" and no hint, while train and generate gave one."""
+    err = fails_with(capsys, ["export", "src", "--formt", "kohya", "--out", "o"])
+    assert "unrecognized arguments: --formt" in err and "--formt -> --format" in err
+    assert "--format is required (one of kohya, single-file, diffusers)" in err
+    err = fails_with(capsys, ["generate", "--modle", "m"])
+    assert "--modle -> --model" in err and "--model is required" in err
+
+
+def test_every_problem_of_a_command_line_is_reported_at_once(capsys):
+    err = fails_with(capsys, ["generate", "--model", "m", "--steps", "abc", "--guidance", "nan", "--num-images", "0",
+                              "--precision", "bf1", "--bogus-flag"])
+    for part in ("unrecognized arguments: --bogus-flag", "--steps 'abc': expected a whole number",
+                 "--guidance 'nan': not a finite number", "--num-images must be at least 1 (got 0)",
+                 "--precision 'bf1' is not one of fp32, fp16, bf16 (did you mean bf16?)"):
+        assert part in err, part
+    err = fails_with(capsys, [*EVALUATE, "--images", "i", "--model", "m"])
+    assert "give one of --images or --model, not 2 (--images, --model)" in err
+    assert "give one of --images or --model" in fails_with(capsys, EVALUATE)
+
+
+def _argv_with(command: str, cls, name: str, value: str) -> list[str]:
+    """`command`'s required options filled in, and option `name` set to `value`."""
+    hints = typing.get_type_hints(cls)
+    argv, groups = [command], set()
+    for f in fields(cls):
+        meta = f.metadata
+        required = f.default is MISSING and f.default_factory is MISSING
+        if f.name == name or not (required or meta["one_of"] and meta["one_of"] not in groups):
+            continue
+        groups.add(meta["one_of"])
+        filler = str(meta["choices"][0]) if meta["choices"] else "x"
+        argv += [filler] if meta["positional"] else [flags_of(f)[0], filler]
+    f = next(f for f in fields(cls) if f.name == name)
+    return argv + ([value] if f.metadata["positional"] else [f"{flags_of(f)[0]}={value}"])  # `=`: -inf is no flag
+
+
+def _float_options():
+    bench = cli.load(cli.COMMANDS["bench"].options, "bench")
+    tables = [(c.name, c.options) for c in cli.COMMANDS.values() if isinstance(c.options, type)
+              and c.options is not cli.TrainRun]
+    for command, cls in tables:
+        for f in fields(cls):
+            if value_type(typing.get_type_hints(cls)[f.name])[0] is float:
+                yield command, cls, f.name
+    for f in fields(bench):
+        if value_type(typing.get_type_hints(bench)[f.name])[0] is float:
+            yield "bench", bench, f.name
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_every_float_option_of_every_command_refuses_non_finite_numbers(value, capsys):
+    """NaN compares false with every bound, so `--guidance nan` passed every range check and reached the sampler."""
+    seen = []
+    for command, cls, name in _float_options():
+        if command == "bench":
+            with pytest.raises(SystemExit):
+                parse_settings(cls, _argv_with(command, cls, name, value)[1:], prog="bench")
+            err = capsys.readouterr().err
+        else:
+            err = fails_with(capsys, _argv_with(command, cls, name, value))
+        assert f"'{value}': not a finite number" in err, (command, name)
+        seen.append(f"{command} {name}")
+    assert {"generate guidance", "serve rate_per_minute", "compare full_lr"} <= set(seen)
+    # and settings made in code
+    with pytest.raises(UserError, match="--guidance nan: not a finite number"):
+        check_settings(GenerateOptions(model=Path("m"), guidance=float("nan")))

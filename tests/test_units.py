@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from dreambooth.config_file import load_config
@@ -206,3 +207,35 @@ def test_the_manifest_is_not_reported_as_a_rejected_image(tmp_path):
     (folder / MANIFEST).write_text("{}")
     report = scan_image_folder(folder, 16)
     assert [p.name for p in report.usable] == ["a.png"] and report.rejected() == []
+
+
+def test_init_reads_model_relative_to_where_it_runs_like_every_path_argument(tmp_path, monkeypatch, capsys):
+    """`init --model ./tiny` was written as it was typed and read relative to the project folder, and init then asked
+    to set the model it had been given."""
+    from dreambooth.cli import main
+
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "model_index.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "models")
+    assert main(["init", "../proj", "--model", "./tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "set model.pretrained_model" not in out
+    cfg = load_config(tmp_path / "proj" / "config.yaml", {"dataset.instance_prompt": "x"})
+    assert cfg.model.pretrained_model == str(tmp_path / "models" / "tiny")
+    assert "The base model is" in (tmp_path / "proj" / "README.md").read_text()
+    # a model inside the project is written relative to it, so the two move together
+    (tmp_path / "proj2" / "base").mkdir(parents=True)
+    (tmp_path / "proj2" / "base" / "model_index.json").write_text("{}")
+    assert main(["init", str(tmp_path / "proj2"), "--model", str(tmp_path / "proj2" / "base")]) == 0
+    assert yaml.safe_load((tmp_path / "proj2" / "config.yaml").read_text())["model"]["pretrained_model"] == "base"
+    # a hub id stays one; a missing folder is refused before anything is written; no --model leaves it to set
+    assert main(["init", "../hub", "--model", "org/name"]) == 0
+    assert yaml.safe_load((tmp_path / "hub" / "config.yaml").read_text())["model"]["pretrained_model"] == "org/name"
+    capsys.readouterr()
+    assert main(["init", "../missing", "--model", "./nowhere"]) == 2
+    assert f"{tmp_path / 'models' / 'nowhere'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+    assert main(["init", "../later"]) == 0
+    assert "set model.pretrained_model in" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "later" / "config.yaml").read_text())["model"]["pretrained_model"] is None
+
