@@ -24,7 +24,13 @@ from dreambooth.formats.lora import (
 )
 from dreambooth.formats.merge import merge_lora, model_folder
 from dreambooth.formats.single_file import embedding_note, prediction_type, to_single_file
-from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, file_kind, safetensors_metadata
+from dreambooth.models.base import (
+    CHECKPOINT_STATE,
+    LORA_FILE,
+    SINGLE_FILE_TO_FOLDER,
+    file_kind,
+    safetensors_metadata,
+)
 from dreambooth.models.loading import quiet_progress_bars
 from dreambooth.training.rundir import human_size, path_size
 
@@ -55,9 +61,8 @@ def source_kind(src: Path) -> str:
                         "truncated or not a safetensors file at all.")
     kind, keys = file_kind(src), read[0]
     if kind == "single-file":
-        raise UserError(f"SRC {src} is already a single-file Stable Diffusion checkpoint. To get a diffusers "
-                        "folder from it use diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained"
-                        "(DIR), then export that folder.")
+        raise UserError(f"SRC {src} is already a single-file Stable Diffusion checkpoint. To export it again, "
+                        f"{SINGLE_FILE_TO_FOLDER} as SRC.")
     if kind == "lora":
         return "lora"
     raise UserError(f"SRC {src} holds neither LoRA weights nor a model (first key: {keys[0] if keys else 'none'}).")
@@ -83,7 +88,8 @@ def export_command(options) -> Path:
                             "model folder as SRC, and this LoRA as --merge-lora.")
         if fmt == "single-file":
             raise UserError(f"SRC {src} is a LoRA, which holds only adapter weights; to bake it into a full model "
-                            f"use `dreambooth export BASE_MODEL --format single-file --merge-lora {src}`.")
+                            f"use `dreambooth export BASE_MODEL --format single-file --merge-lora {src} --out "
+                            "FILE.safetensors`.")
         if fmt == "diffusers" and is_kohya(read_safetensors(find_lora_file(src))[0]):
             raise UserError(f"SRC {src} is a kohya-format LoRA; --format diffusers copies a diffusers-format "
                             "LoRA. diffusers' load_lora_weights reads kohya files as they are, and --merge-lora "

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING
 
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import check_new_file, check_new_folder, save_safetensors_atomic
-from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, file_kind, safetensors_metadata
+from dreambooth.models.base import (
+    CHECKPOINT_STATE,
+    LORA_FILE,
+    SINGLE_FILE_TO_FOLDER,
+    file_kind,
+    safetensors_metadata,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -286,9 +292,8 @@ def check_lora_source(path: Path, flag: str = "--lora") -> Path:
         raise UserError(f"{flag} {p} is a checkpoint of a full fine-tune, not a LoRA; pass it as the model (--model, "
                         "or export's SRC).")
     if p.is_file() and p.suffix == ".safetensors" and file_kind(p) == "single-file":
-        raise UserError(f"{flag} {p} is a full single-file Stable Diffusion checkpoint, not a LoRA. Convert it to a "
-                        "diffusers folder (StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)) and "
-                        "pass that as --model.")
+        raise UserError(f"{flag} {p} is a full single-file Stable Diffusion checkpoint, not a LoRA. To use it as "
+                        f"the model, {SINGLE_FILE_TO_FOLDER} as --model.")
     return find_lora_file(p)
 
 

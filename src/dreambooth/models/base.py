@@ -62,6 +62,13 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 
 
 
+# How a single-file checkpoint becomes the diffusers folder this tool reads. `config=` keeps it offline: without it,
+# diffusers fetches the original configs from the hub.
+SINGLE_FILE_TO_FOLDER = ("convert it once with diffusers, `StableDiffusionPipeline.from_single_file(FILE, "
+                         "config=MODEL_DIR).save_pretrained(DIR)` (StableDiffusionXLPipeline for SDXL; MODEL_DIR: any "
+                         "diffusers folder of the same family, such as the model it was fine-tuned from), and pass DIR")
+
+
 def safetensors_metadata(path: Path) -> tuple[list[str], dict[str, str]] | None:
     """The tensor names and metadata of a safetensors file, from its header alone; None if it is not one."""
     try:
@@ -97,14 +104,48 @@ def lora_base_model(path: Path) -> str | None:
     return read[1].get("dreambooth.base_model") if read else None
 
 
+def resume_command(checkpoint: Path) -> str:
+    """The command that continues a checkpoint's run from it: the run's own config.yaml, saved in every checkpoint
+    with its paths absolute, and the checkpoint; --no-overwrite_output_dir where that config would replace the run."""
+    import shlex
+
+    import yaml
+
+    try:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        saved = {}
+    replaces = bool((saved.get("output") or {}).get("overwrite_output_dir"))
+    return shlex.join(["dreambooth", "train", "--config", str(checkpoint / "config.yaml"),
+                       *(["--no-overwrite_output_dir"] if replaces else []), "--resume_from_checkpoint",
+                       str(checkpoint)])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint-N folder of a run folder with the highest step (a complete one: its state file written)."""
+    found = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")
+             if p.name.split("-")[1].isdigit() and (p / CHECKPOINT_STATE).is_file()]
+    return max(found)[1] if found else None
+
+
 def _lora_advice(lora: Path, flag: str) -> str:
     base = lora_base_model(lora if lora.is_file() else lora / LORA_FILE)
     model = base or "BASE_MODEL_FOLDER"
     where = f" It was trained on {base}." if base else ""
-    if flag.startswith("model."):  # training: a LoRA is no base model
-        return (f"{where} Train from its base model ({flag}: {model}); to train the LoRA further, resume its run "
-                "with --resume_from_checkpoint.")
-    return f"{where} Pass the base model as {flag} and the LoRA as --lora: `{flag} {model} --lora {lora}`."
+    if not flag.startswith("model."):
+        return f"{where} Pass the base model as {flag} and the LoRA as --lora: `{flag} {model} --lora {lora}`."
+    # training: a LoRA is no base model; its own run continues only from a checkpoint of it
+    run_dir = lora if lora.is_dir() else lora.parent
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        further = (f" To train this LoRA further, continue its run from its latest checkpoint: "
+                   f"`{resume_command(checkpoint)} --max_train_steps N` (N past its step).")
+    elif (run_dir / "run_info.json").is_file():
+        further = (" Its run kept no checkpoint (optimizer state), so it cannot be continued; a new run from the base "
+                   "model starts over.")
+    else:
+        further = ""
+    return f"{where} Train from its base model ({flag}: {model}).{further}"
 
 
 def check_model_folder(path: Path | str, what: str = "--model") -> None:
@@ -125,21 +166,19 @@ def check_model_folder(path: Path | str, what: str = "--model") -> None:
         if kind == "lora":
             raise UserError(f"{what} {p} is a LoRA (adapter weights only), not a model.{_lora_advice(p, what)}")
         maybe = "" if kind == "single-file" else " (or not a model at all)"
-        raise UserError(f"{what} {p} is a single-file checkpoint{maybe}; this command needs a diffusers folder. "
-                        "Convert a Stable Diffusion single file once with StableDiffusionPipeline.from_single_file("
-                        "FILE).save_pretrained(DIR) and pass DIR.")
+        raise UserError(f"{what} {p} is a single-file checkpoint{maybe}; this command needs a diffusers folder: "
+                        f"{SINGLE_FILE_TO_FOLDER}.")
     if p.is_file() and p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         raise UserError(f"{what} {p} is a pickle checkpoint ({p.suffix}); this tool reads diffusers folders with "
-                        "safetensors weights. Convert it where you trust it with StableDiffusionPipeline"
-                        ".from_single_file(FILE).save_pretrained(DIR) and pass DIR.")
+                        f"safetensors weights. Where you trust the file, {SINGLE_FILE_TO_FOLDER}.")
     if p.is_file():
         raise UserError(f"{what} {p} is a file; pass a diffusers model folder (model_index.json, unet/, vae/, "
                         "text_encoder/, tokenizer/, scheduler/).")
     if p.is_dir() and (p / CHECKPOINT_STATE).is_file():
         raise UserError(f"{what} {p} is a training checkpoint, not a model folder. `dreambooth generate`, "
-                        "`evaluate` and `export` take it as it is; to train from it, resume it with "
-                        f"--resume_from_checkpoint {p}, or make a model of it with `dreambooth export {p} --format "
-                        "diffusers --out DIR`.")
+                        f"`evaluate` and `export` take it as it is; to train it further, continue its run: "
+                        f"`{resume_command(p)}` (add --max_train_steps N to go past the run's last step), or make a "
+                        f"model of it with `dreambooth export {p} --format diffusers --out DIR`.")
     if p.is_dir() and (p / LORA_FILE).is_file():
         raise UserError(f"{what} {p} is a LoRA training output, not a full model.{_lora_advice(p, what)}")
     if p.is_dir():

@@ -22,6 +22,7 @@ from dreambooth.models.base import (
     is_hub_id,
     is_sdxl,
     resolve_hub_model,
+    resume_command,
 )
 from dreambooth.training.speed import collection_paused
 
@@ -120,9 +121,10 @@ def checkpoint_base(ckpt: Path) -> tuple[str, dict]:
         config = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("model") or {}
     base = state.get("base_model") or config.get("pretrained_model")
     if any(ckpt.glob("trainable_*.safetensors")):
+        step = json.loads((ckpt / CHECKPOINT_STATE).read_text()).get("global_step", 0) + 1
         raise UserError(f"{ckpt} was saved by an earlier version of this tool in a layout only training reads. "
-                        "Resume it for one step (--resume_from_checkpoint, one more step than it has) to get a "
-                        "checkpoint in diffusers' layout.")
+                        f"Train its run one step further, which saves a checkpoint (and the model) in diffusers' "
+                        f"layout: `{resume_command(ckpt)} --max_train_steps {step} --checkpointing_steps {step}`.")
     if not base or not (Path(base).exists() or is_hub_id(str(base))):
         raise UserError(f"{ckpt} was trained from the base model {base}, which is not there any more. A checkpoint "
                         "holds only what trained; put the base model back at that path.")
