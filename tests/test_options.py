@@ -181,7 +181,6 @@ def test_every_problem_of_a_command_line_is_reported_at_once(capsys):
 
 def _argv_with(command: str, cls, name: str, value: str) -> list[str]:
     """`command`'s required options filled in, and option `name` set to `value`."""
-    hints = typing.get_type_hints(cls)
     argv, groups = [command], set()
     for f in fields(cls):
         meta = f.metadata

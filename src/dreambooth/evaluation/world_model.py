@@ -15,18 +15,19 @@ and some are empty, so "a photo of a circle" draws any colour and classifier-fre
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
 import random
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dreambooth.evaluation import world
+from dreambooth.options import option, parse_settings
 
 WORDS = """a an the photo picture of on in with and background sks circle square triangle star red green blue
 yellow white black gray purple orange pink brown dog cat toy shape object big small""".split()
@@ -213,18 +214,23 @@ def _train_vae(vae, pixels: torch.Tensor, steps: int, batch_size: int, gen: torc
     return last
 
 
+@dataclass(kw_only=True)
+class PretrainOptions:
+    """Pretrains the built-in world model (VAE, then UNet and text encoder) and writes it to --out."""
+
+    out: pathlib.Path = option(ASSET, help="The folder to write the model to.")
+    seed: int = option(0, minimum=0, help="Seed of the world's images and of the weights.")
+    images: int = option(12000, minimum=1, help="World images drawn for pretraining.")
+    vae_steps: int = option(800, minimum=1, help="VAE training steps.")
+    steps: int = option(4000, minimum=1, help="UNet and text-encoder training steps.")
+    batch_size: int = option(32, minimum=1, help="Images per step.")
+    lr: float = option(8e-4, minimum=0, help="Learning rate.")
+    threads: int | None = option(None, minimum=1, help="torch threads [default: torch's].")
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dreambooth.evaluation.world_model",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=pathlib.Path, default=ASSET)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", type=int, default=12000)
-    p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=8e-4)
-    p.add_argument("--threads", type=int, help="torch threads [default: torch's]")
-    args = p.parse_args(argv)
+    """`python -m dreambooth.evaluation.world_model`: the options are parsed as every `dreambooth` command's."""
+    args = parse_settings(PretrainOptions, argv, prog="python -m dreambooth.evaluation.world_model")
     if args.threads:
         torch.set_num_threads(args.threads)
     summary = pretrain(args.out, seed=args.seed, images=args.images, vae_steps=args.vae_steps, steps=args.steps,

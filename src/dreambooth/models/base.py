@@ -105,8 +105,9 @@ def lora_base_model(path: Path) -> str | None:
 
 
 def resume_command(checkpoint: Path) -> str:
-    """The command that continues a checkpoint's run from it: the run's own config.yaml, saved in every checkpoint
-    with its paths absolute, and the checkpoint; --no-overwrite_output_dir where that config would replace the run."""
+    """The command that continues a checkpoint's run from it: the run's own config.yaml (saved in every checkpoint,
+    its paths absolute), the checkpoint, and the folder the checkpoint is in as the output folder, which is the run's
+    even when it was moved since; --no-overwrite_output_dir where the config would replace the run."""
     import shlex
 
     import yaml
@@ -116,9 +117,9 @@ def resume_command(checkpoint: Path) -> str:
     except (OSError, yaml.YAMLError):
         saved = {}
     replaces = bool((saved.get("output") or {}).get("overwrite_output_dir"))
-    return shlex.join(["dreambooth", "train", "--config", str(checkpoint / "config.yaml"),
-                       *(["--no-overwrite_output_dir"] if replaces else []), "--resume_from_checkpoint",
-                       str(checkpoint)])
+    return shlex.join(["dreambooth", "train", "--config", str(checkpoint / "config.yaml"), "--output_dir",
+                       str(checkpoint.parent), *(["--no-overwrite_output_dir"] if replaces else []),
+                       "--resume_from_checkpoint", str(checkpoint)])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -1,0 +1,795 @@
+"""Every command the tool suggests, in any message, runs and does what the message says (issue 24).
+
+`suggestion_sites` reads the package's source and finds every message that tells the user to run a command or pass
+a flag. `SITES` names, for each, the test below that provokes the message, runs what it suggests and checks the
+result, or the reason it cannot run here. A new suggestion with neither fails `test_every_suggestion_site_is_run`;
+a flag or a `dreambooth` command that does not exist fails the two tests after it, wherever it is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import interrupt_after, photo_folder
+from PIL import Image
+
+from dreambooth import cli
+from dreambooth.cli import main
+from dreambooth.options import flags_of, spellings
+
+PACKAGE = Path(cli.__file__).parent
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
+QUOTED = re.compile(r"`([^`]+)`")
+COMMAND_LIKE = re.compile(r"`[^`]+ [^`]+`")  # a quoted command has words after its name; `dreambooth` alone not
+IMPERATIVE = re.compile(
+    r"\b(pass|use|give|run|rerun|add|drop|set|continue|resume|raise|install|omit|remove|replace|choose|wait|delete|"
+    r"log in|convert|generate|export|retry|train|upload|start|leave|score|put|write|fix|try|call|send|reword|"
+    r"shorten)\b", re.IGNORECASE)
+# Calls whose string arguments are help text, not messages.
+HELP_CALLS = {"option", "opt", "Field", "add_argument", "add_argument_group", "add_parser"}
+# Flags of other programs that messages name.
+OTHER_PROGRAMS = {"--jinja": "llama.cpp's llama-server", "--no-index": "pip"}
+# Words that stand for a flag in prose ("--flags", "--no-flag").
+PROSE = {"--flag", "--flags", "--no-flag", "--no", "--field-name"}
+# Placeholders in suggested commands, and what a test puts in their place.
+PLACEHOLDERS = ("DIR", "FILE", "PATH", "N", "REPO", "OUTPUT_DIR", "BASE_MODEL", "BASE_MODEL_FOLDER", "CHECKPOINT",
+                "MODEL_DIR", "WORD", "FILE.safetensors", "BASE", "TOKEN")
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    kinds = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    return {id(node.body[0].value) for node in ast.walk(tree) if isinstance(node, kinds) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+
+
+def _text(node: ast.AST) -> str | None:
+    """A string expression as written, `{...}` where a value is filled in; None for anything else."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(v.value) + "}"
+                       for v in node.values)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _text(node.left), _text(node.right)
+        return None if left is None and right is None else (left or "{...}") + (right or "{...}")
+    return None
+
+
+def package_strings() -> list[tuple[str, int, str, bool]]:
+    """Every string expression of the package: (module, line, text, whether it is a docstring or help text)."""
+    found = []
+    for file in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(file.read_text())
+        quiet = _docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in HELP_CALLS:
+                quiet |= {id(n) for arg in [*node.args, *(k.value for k in node.keywords)] for n in ast.walk(arg)}
+        seen: set[int] = set()
+        for node in ast.walk(tree):
+            if id(node) in seen or (text := _text(node)) is None:
+                continue
+            seen |= {id(n) for n in ast.walk(node)}
+            found.append((str(file.relative_to(PACKAGE)), node.lineno, text, id(node) in quiet))
+    return found
+
+
+def suggestion_sites() -> list[tuple[str, int, str]]:
+    """Every message (not a docstring or help text) that names a flag or a quoted command and tells the user to do
+    something."""
+    return [(module, line, text) for module, line, text, quiet in package_strings()
+            if not quiet and (FLAG.search(text) or COMMAND_LIKE.search(text)) and IMPERATIVE.search(text)]
+
+
+def all_flags() -> dict[str, set[str]]:
+    """Every flag of every `dreambooth` command, both spellings, by command."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    found = {name: set(p._option_string_actions) for name, p in sub.choices.items()}
+    found[""] = set(parser._option_string_actions)  # --version, --help
+    bench = cli.load(cli.COMMANDS["bench"].options, "bench")
+    found["bench"] = {s for f in fields(bench) for flag in flags_of(f) for s in (flag, *spellings(flag))}
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ the sites
+
+# A fragment of each suggestion's source text -> the test that runs it, or why it cannot run here.
+SITES = {
+    # training: the run folder
+    "holds another run ({folder.describe()}). Continue it with": "test_a_folder_holding_a_run_offers_three_ways_on",
+    "but no checkpoint to resume. Replace it with": "test_a_folder_holding_a_run_offers_three_ways_on",
+    "Raise --max_train_steps to train further": "test_a_checkpoint_past_the_end_can_be_trained_further_or_used",
+    "Resume with the same settings, or start a new run in another": "test_a_folder_holding_a_run_offers_three_ways_on",
+    "it is replaced when this run starts (--overwrite_output_dir)": "reason: a note of what a flag the user gave "
+                                                                    "does, not a suggestion",
+    "Wait for it to end, or choose another --output_dir. If no run is alive":
+        "test_a_locked_output_folder_is_free_once_its_lock_is_deleted",
+    "give `dreambooth {command}` a folder of its own": "test_a_work_folder_of_the_user_is_refused_and_a_new_one_works",
+    "did not write ({', '.join(entries[:5])})": "test_a_work_folder_of_the_user_is_refused_and_a_new_one_works",
+    # training: stopping and continuing
+    "Continue where it stopped with `{continue_with}`": "test_a_stopped_train_continues_with_the_command_it_names",
+    "{launcher} train {shlex.join(": "test_a_stopped_train_continues_with_the_command_it_names",
+    "dreambooth', 'demo', '--out'": "test_a_stopped_demo_continues_with_the_command_it_names",
+    "dreambooth', 'experiment', '--out'": "reason: the same continuation as the demo's (both go through "
+                                          "experiment.continue_or_replace, run by the demo's test); a stopped "
+                                          "experiment would retrain its finished variants for minutes",
+    # training: the config
+    "no base model given; set it in config.yaml or pass": "test_missing_config_keys_name_the_flags_that_fill_them",
+    "no class prompt is set; pass --class_prompt": "test_missing_config_keys_name_the_flags_that_fill_them",
+    "no instance prompt; pass --instance_prompt": "test_missing_config_keys_name_the_flags_that_fill_them",
+    "needs an initializer word whose embedding": "test_missing_config_keys_name_the_flags_that_fill_them",
+    "writes {len(new)} new tokens": "test_missing_config_keys_name_the_flags_that_fill_them",
+    "Create one with `dreambooth init DIR`": "test_a_missing_config_file_is_made_by_init",
+    "Fix these keys (in the YAML or as --flags)": "reason: names no command; each key it lists carries its own "
+                                                  "advice, tested with it",
+    "Fix these (in the YAML or as --flags)": "reason: names no command; each problem it lists carries its own "
+                                             "advice, tested with it",
+    "datasets from the Hugging Face hub are not read": "test_refused_diffusers_flags_name_what_works_instead",
+    "train longer with --max_train_steps or --num_train_epochs": "test_refused_diffusers_flags_name_what_works_instead",
+    "validation runs every --validation_steps": "test_refused_diffusers_flags_name_what_works_instead",
+    "export after training: `dreambooth export OUTPUT_DIR": "test_refused_diffusers_flags_name_what_works_instead",
+    "or run without --strict to skip them": "test_runtime_refusals_name_the_flag_to_drop",
+    "Drop --torch_compile": "test_runtime_refusals_name_the_flag_to_drop",
+    "`pip install bitsandbytes` (needs a CUDA GPU) or drop": "test_runtime_refusals_name_the_flag_to_drop",
+    "`pip install xformers` or drop the flag": "test_runtime_refusals_name_the_flag_to_drop",
+    "or pass --report_to none": "test_runtime_refusals_name_the_flag_to_drop",
+    "Use --cuda_graph auto (on where it is valid) or off": "test_runtime_refusals_name_the_flag_to_drop",
+    "Pass --cuda_graph off to skip the attempt": "reason: a capture that fails needs CUDA; --cuda_graph off itself "
+                                                 "is run by test_runtime_refusals_name_the_flag_to_drop",
+    "ran out of memory with one image at a time": "reason: needs a GPU to run out of memory on; "
+                                                  "--prior_generation_precision fp16 needs CUDA too",
+    # the hub
+    "HF_HUB_OFFLINE is set, so nothing can be uploaded": "test_an_upload_that_cannot_happen_leaves_training_possible",
+    "no hub token. Pass --hub_token": "reason: needs the hub (not reachable here); training without --push_to_hub "
+                                      "is run by test_an_upload_that_cannot_happen_leaves_training_possible",
+    "the hub cannot be reached": "reason: as 'no hub token'",
+    "the hub refused the token": "reason: needs the hub",
+    "but the upload to {repo_id} failed": "reason: needs the hub (`hf upload`)",
+    "HF_HUB_OFFLINE is set, so it cannot be fetched": "reason: `hf download` needs the hub; a local folder is what "
+                                                      "every other test passes",
+    "it is gated: accept its licence": "reason: needs the hub",
+    "there is no such repository (or it is private": "reason: needs the hub",
+    "the hub refused it ({status}): it is private or gated": "reason: needs the hub",
+    # models named wrongly
+    "does not exist. Pass a diffusers model folder (e.g. a training output":
+        "test_a_missing_model_can_be_made_by_the_command_named",
+    "is a training checkpoint, not a model folder": "test_a_checkpoint_as_the_base_model_names_how_to_continue_it",
+    "Train from its base model ({flag}: {model})": "test_a_lora_as_the_base_model_names_how_to_continue_it",
+    "Pass the base model as {flag} and the LoRA as --lora": "test_a_lora_as_the_model_of_generate_names_the_base",
+    "in a layout only training reads": "test_an_old_layout_checkpoint_is_saved_again_by_the_command_named",
+    "`StableDiffusionPipeline.from_single_file(FILE, ": "test_a_single_file_converts_as_the_message_says",
+    "is a full model folder, not a LoRA; pass it as the model": "test_a_model_given_as_a_lora_is_taken_as_the_model",
+    "is a checkpoint of a full fine-tune, not a LoRA": "test_a_model_given_as_a_lora_is_taken_as_the_model",
+    # generate
+    "no prompt given: pass --prompt": "test_generate_refusals_name_what_works",
+    "is a file; give a folder for the images": "test_generate_refusals_name_what_works",
+    "did not write ({shown}); images written there would mix": "test_generate_refusals_name_what_works",
+    "of an earlier `dreambooth generate` run": "test_generate_refusals_name_what_works",
+    "is given more than once; a seed draws": "test_generate_refusals_name_what_works",
+    "omit --seed for seed 0": "test_generate_refusals_name_what_works",
+    # export
+    "--merge-lora merges LoRAs into a full model, but SRC": "test_export_refusals_name_what_works",
+    "to bake it into a full model use `dreambooth export BASE_MODEL": "test_export_refusals_name_what_works",
+    "the kohya format is for LoRA files. Use --format single-file": "test_export_refusals_name_what_works",
+    "give a file name such as": "test_export_refusals_name_what_works",
+    "already exists; delete it or choose another name": "test_export_refusals_name_what_works",
+    "already exists and is not an empty folder": "test_export_refusals_name_what_works",
+    "is already a single-file Stable Diffusion checkpoint": "test_a_single_file_converts_as_the_message_says",
+    "which the kohya/A1111 LoRA format cannot express": "test_export_refusals_name_what_works",
+    "have no name in SDXL's original layout": "reason: --format diffusers for a LoRA, as run by "
+                                              "test_export_refusals_name_what_works; no SDXL layer without an SGM "
+                                              "name is built by this tool",
+    "has no 'ResNet, attention, ResNet' middle block": "reason: --format diffusers for a model, as run by "
+                                                       "test_export_refusals_name_what_works; a UNet of this shape is "
+                                                       "not one this tool builds",
+    "has tensors with no place in the original Stable Diffusion layout": "reason: as the middle block's",
+    "neither OpenAI's CLIP (SD 1.x": "reason: as the middle block's",
+    "has tensors with no place in OpenCLIP's original layout": "reason: as the middle block's",
+    "this one is {found} where {family} belongs": "reason: as the middle block's",
+    "two tokenizers have different new tokens": "reason: as the middle block's",
+    "is SDXL-shaped but its text encoders are": "reason: as the middle block's",
+    "is a pickle file ({path.suffix}); this tool reads safetensors only":
+        "test_a_pickle_lora_converts_as_the_message_says",
+    # init and the project
+    "already exists; pass --force to overwrite it": "test_init_advice_runs",
+    "Give a diffusers model folder (relative to where you run the command": "test_init_advice_runs",
+    "Set `model.pretrained_model` in `config.yaml`": "test_init_advice_runs",
+    "then `dreambooth train --config {config}`": "test_init_advice_runs",
+    "3. Train: `dreambooth train --config config.yaml`": "test_init_advice_runs",
+    "Give a local diffusers model folder as `model`": "test_compile_prompt_needs_a_local_model_as_it_says",
+    # the report
+    "Pass the --output_dir of a `dreambooth train` run": "test_report_of_a_folder_that_is_no_run_names_what_to_pass",
+    # developer tools
+    "is a developer tool that lives in the repository": "reason: needs the package installed without its "
+                                                        "repository; `python bench/bench.py` is run by test_bench",
+}
+
+
+def test_every_suggestion_site_is_run_or_has_a_reason():
+    """A suggestion the tool can print is either run by a test here or has a stated reason it cannot be."""
+    sites = suggestion_sites()
+    unmatched = [f"{m}:{line}: {text[:120]!r}" for m, line, text in sites
+                 if sum(fragment in text for fragment in SITES) != 1]
+    assert not unmatched, "suggestions with no entry (or several) in SITES:\n" + "\n".join(unmatched)
+    stale = [fragment for fragment in SITES if not any(fragment in text for _, _, text in sites)]
+    assert not stale, f"SITES entries that match no message any more: {stale}"
+    here = sys.modules[__name__]
+    missing = {how for how in SITES.values() if not how.startswith("reason: ") and not hasattr(here, how)}
+    assert not missing, f"SITES names tests that do not exist: {missing}"
+
+
+def test_every_flag_a_message_or_docstring_names_exists():
+    """`--resume_from_checkpoint` in `demo`'s message was no flag of `demo`; here, at least of some command."""
+    known = set().union(*all_flags().values()) | set(OTHER_PROGRAMS) | PROSE
+    from dreambooth.evaluation import world_model
+
+    known |= {flag for f in fields(world_model.PretrainOptions) for flag in flags_of(f)}
+    unknown = sorted({f"{flag} ({m}:{line})" for m, line, text, _ in package_strings() for flag in FLAG.findall(text)
+                      if flag not in known})
+    assert not unknown, f"flags no command has: {unknown}"
+
+
+def test_every_dreambooth_command_in_a_message_parses_with_that_commands_flags():
+    flags = all_flags()
+    wrong = []
+    for module, line, text, _ in package_strings():
+        for quoted in QUOTED.findall(text):
+            words = quoted.split()
+            if len(words) < 2 or words[0] != "dreambooth" or "{" in words[1]:
+                continue
+            command = words[1]
+            if command not in flags and not command.startswith("-"):
+                wrong.append(f"{module}:{line}: no command {command!r} in {quoted!r}")
+                continue
+            wrong += [f"{module}:{line}: {flag} is no flag of `dreambooth {command}` in {quoted!r}"
+                      for flag in FLAG.findall(quoted) if command in flags and flag not in flags[command]]
+    assert not wrong, "\n".join(wrong)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def cli_run(capsys, *argv: str, code: int = 0) -> str:
+    """Runs `dreambooth ARGV` in this process; its stdout and stderr together, after checking its exit status."""
+    try:
+        got = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's refusals
+        got = e.code
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert got == code, text
+    assert "Traceback" not in text
+    return text
+
+
+class Reached(Exception):
+    """Training got past pre-flight: the command was accepted."""
+
+
+def passes_preflight(capsys, monkeypatch, *argv: str) -> str:
+    """Runs `dreambooth train ARGV` up to the point where it would load weights: the refusal is gone. Cheaper than
+    training, where the suggestion's effect is only that the command is accepted."""
+    from dreambooth.training import loop as train_module
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "setup", reached)
+        with pytest.raises(Reached):
+            main([str(a) for a in argv])
+    return capsys.readouterr().out
+
+
+def suggested(message: str, start: str = "dreambooth ") -> list[str]:
+    """The commands a message quotes (`dreambooth ...`), in order."""
+    return [q for q in QUOTED.findall(message) if q.startswith(start)]
+
+
+def as_argv(command: str, **fill: str) -> list[str]:
+    """A quoted command's words after `dreambooth`, with its placeholders (`DIR`, `N`, ...) filled in."""
+    words = shlex.split(command)
+    assert words[0] == "dreambooth", command
+    unknown = [w for w in words if w in PLACEHOLDERS and w not in fill]
+    assert not unknown, f"fill in {unknown} of {command!r}"
+    return [fill.get(w, w) for w in words[1:]]
+
+
+def train_argv(model, instance_dir, out, *extra, steps=2):
+    return ["train", "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance_dir),
+            "--instance_prompt", "a photo of sks dog", "--resolution", "64", "--max_train_steps", str(steps),
+            "--learning_rate", "1e-3", "--seed", "0", "--output_dir", str(out), "--report_to", "none", *extra]
+
+
+def run_info(out: Path) -> dict:
+    return json.loads((out / "run_info.json").read_text())
+
+
+def step_of(out: Path) -> int:
+    """The last step a run logged."""
+    lines = (out / "logs" / "train_log.jsonl").read_text().splitlines()
+    return max(json.loads(line).get("step", 0) for line in lines)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tmp_path_factory):
+    """A finished full fine-tune of 2 steps with checkpoints at steps 1 and 2."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    instance = photo_folder(tmp_path_factory.mktemp("photos") / "instance", 3)
+    assert main(train_argv(tiny_model, instance, out, "--checkpointing_steps", "1")) == 0
+    return out, instance
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, tmp_path_factory):
+    """A finished LoRA run of 2 steps with a checkpoint at step 2."""
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    instance = photo_folder(tmp_path_factory.mktemp("photos") / "instance", 3)
+    assert main(train_argv(tiny_model, instance, out, "--method", "lora", "--checkpointing_steps", "2")) == 0
+    return out, instance
+
+
+# ------------------------------------------------------------------------------------ training: the run folder
+
+
+def test_a_folder_holding_a_run_offers_three_ways_on(finished_run, tiny_model, tmp_path, capsys):
+    out, instance = finished_run
+    first = run_info(out)["run_id"]
+    err = cli_run(capsys, *train_argv(tiny_model, instance, out, steps=3), code=2)
+    assert "Continue it with --resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose " \
+           "another --output_dir" in err
+    copy = tmp_path / "copy"  # each way on, on its own copy of the run
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    cli_run(capsys, *train_argv(tiny_model, instance, copy, "--resume_from_checkpoint", "latest", steps=3))
+    assert run_info(copy)["run_id"] == first and step_of(copy) == 3  # continued: same run, one more step
+    replaced = tmp_path / "replaced"
+    subprocess.run(["cp", "-r", str(out), str(replaced)], check=True)
+    cli_run(capsys, *train_argv(tiny_model, instance, replaced, "--overwrite_output_dir", steps=1))
+    assert run_info(replaced)["run_id"] != first and not (replaced / "checkpoint-2").exists()
+    cli_run(capsys, *train_argv(tiny_model, instance, tmp_path / "another", steps=1))
+    # a run that kept no checkpoint: "replace it with --overwrite_output_dir"
+    bare = tmp_path / "bare"
+    cli_run(capsys, *train_argv(tiny_model, instance, bare, "--checkpointing_steps", "50", steps=1))
+    err = cli_run(capsys, *train_argv(tiny_model, instance, bare, "--resume_from_checkpoint", "latest"), code=2)
+    assert "no checkpoint to resume. Replace it with --overwrite_output_dir" in err
+    cli_run(capsys, *train_argv(tiny_model, instance, bare, "--overwrite_output_dir", steps=1))
+    # a checkpoint of other settings: "start a new run in another --output_dir"
+    err = cli_run(capsys, *train_argv(tiny_model, instance, copy, "--resume_from_checkpoint", "latest",
+                                      "--resolution", "32", steps=4), code=2)
+    assert "Resume with the same settings, or start a new run in another --output_dir" in err
+    cli_run(capsys, *train_argv(tiny_model, instance, tmp_path / "new", "--resolution", "32", steps=1))
+
+
+def test_a_checkpoint_past_the_end_can_be_trained_further_or_used(finished_run, tiny_model, tmp_path, capsys):
+    out, instance = finished_run
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    err = cli_run(capsys, *train_argv(tiny_model, instance, copy, "--resume_from_checkpoint", "checkpoint-2",
+                                      steps=1), code=2)
+    assert "Raise --max_train_steps to train further" in err
+    assert "(`dreambooth generate --model` and `export` take it)" in err
+    cli_run(capsys, *train_argv(tiny_model, instance, copy, "--resume_from_checkpoint", "checkpoint-2", steps=3))
+    assert step_of(copy) == 3
+    cli_run(capsys, "generate", "--model", copy / "checkpoint-2", "--prompt", "a photo of sks dog", "--steps", "2",
+            "--out", tmp_path / "shots")
+    assert len(list((tmp_path / "shots").glob("0*.png"))) == 1
+    cli_run(capsys, "export", copy / "checkpoint-2", "--format", "diffusers", "--out", tmp_path / "model")
+    assert (tmp_path / "model" / "model_index.json").is_file()
+
+
+def test_a_locked_output_folder_is_free_once_its_lock_is_deleted(tiny_model, instance_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    import socket
+
+    out = tmp_path / "out"
+    out.mkdir()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / ".dreambooth.lock").write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname(),
+                                                         "since": "2026-12-07T00:00:00"}))
+        err = cli_run(capsys, *train_argv(tiny_model, instance_dir, out, steps=1), code=2)
+        assert "Wait for it to end, or choose another --output_dir. If no run is alive, delete" in err
+        lock = Path(re.search(r"If no run is alive, delete (\S+)\.$", err.strip()).group(1))
+        passes_preflight(capsys, monkeypatch, *train_argv(tiny_model, instance_dir, tmp_path / "another"))
+        lock.unlink()
+        passes_preflight(capsys, monkeypatch, *train_argv(tiny_model, instance_dir, out))
+    finally:
+        alive.kill()
+
+
+def test_a_work_folder_of_the_user_is_refused_and_a_new_one_works(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    err = cli_run(capsys, "tiny-model", tmp_path / "mine", code=2)
+    assert "Choose a new or empty folder" in err
+    (tmp_path / "file").write_text("x")
+    assert "a folder of its own" in cli_run(capsys, "tiny-model", tmp_path / "file", code=2)
+    cli_run(capsys, "tiny-model", tmp_path / "new")
+    assert (tmp_path / "new" / "model_index.json").is_file() and (tmp_path / "mine" / "notes.txt").is_file()
+
+
+# --------------------------------------------------------------------------- training: stopping and continuing
+
+
+def test_a_stopped_train_continues_with_the_command_it_names(tiny_model, instance_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    """The message said "the same command and --resume_from_checkpoint latest", which a config that replaces its run
+    refuses; it now names the whole command, and that command continues the run."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"output": {"overwrite_output_dir": True}}))
+    argv = train_argv(tiny_model, instance_dir, tmp_path / "out", "--config", config, "--checkpointing_steps", "50",
+                      steps=4)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 2)
+        text = cli_run(capsys, *argv)
+    assert "stopped at step 2 as asked" in text
+    (command,) = suggested(text)
+    assert command.endswith("--no-overwrite_output_dir --resume_from_checkpoint latest")
+    first = run_info(tmp_path / "out")["run_id"]
+    cli_run(capsys, *as_argv(command))
+    assert run_info(tmp_path / "out")["run_id"] == first and step_of(tmp_path / "out") == 4
+    assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+def test_a_stopped_demo_continues_with_the_command_it_names(tmp_path, capsys, monkeypatch):
+    """`dreambooth demo` has no --resume_from_checkpoint, and a plain rerun threw the checkpoint away."""
+    out = tmp_path / "demo"
+    with monkeypatch.context() as m:
+        interrupt_after(m, 2)
+        text = cli_run(capsys, "demo", "--out", out, "--steps", "4")
+    (command,) = suggested(text)
+    assert command == shlex.join(["dreambooth", "demo", "--out", str(out), "--steps", "4"])
+    first = run_info(out / "model")["run_id"]
+    assert (out / "model" / "checkpoint-2").is_dir()
+    text = cli_run(capsys, *as_argv(command))
+    assert "demo finished" in text and "resume" in text  # pre-flight says it resumes
+    assert run_info(out / "model")["run_id"] == first and step_of(out / "model") == 4
+    # finished, it trains again from the start when run again
+    cli_run(capsys, *as_argv(command))
+    assert run_info(out / "model")["run_id"] != first
+
+
+# ------------------------------------------------------------------------------------------ training: the config
+
+
+def test_missing_config_keys_name_the_flags_that_fill_them(tiny_model, instance_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    err = cli_run(capsys, "train", "--instance_data_dir", instance_dir, "--with_prior_preservation", "--class_data_dir",
+                  tmp_path / "class", "--resolution", "64", "--output_dir", out, code=2)
+    fills = []
+    for key, pattern in (("model", r"pass (--pretrained_model_name_or_path) PATH"),
+                         ("class", r"pass (--class_prompt) '([^']+)'"),
+                         ("instance", r"pass (--instance_prompt) '([^']+)'")):
+        match = re.search(pattern, err)
+        assert match, key
+        fills += [match.group(1), str(tiny_model) if key == "model" else match.group(2)]
+    err = cli_run(capsys, "train", "--instance_data_dir", instance_dir, "--with_prior_preservation", "--class_data_dir",
+                  tmp_path / "class", "--resolution", "64", "--output_dir", out, *fills, "--num_class_images", "2",
+                  "--class_inference_steps", "1", "--max_train_steps", "1", "--report_to", "none")
+    assert (out / "model_index.json").is_file()
+    # a new token needs its initializer: the flags named fill it
+    argv = train_argv(tiny_model, instance_dir, tmp_path / "token", steps=1)
+    argv[argv.index("--instance_prompt") + 1] = "a photo of <zq> dog"
+    err = cli_run(capsys, *argv, code=2)
+    flag = re.search(r"set token.initializer \((--initializer) WORD\)", err).group(1)
+    cli_run(capsys, *argv, flag, "dog")
+    assert run_info(tmp_path / "token")["subjects"][0]["identifier"] == "<zq>"
+    # several new tokens: --identifier names the subject's
+    argv[argv.index("--instance_prompt") + 1] = "a photo of <zq> <yy> dog"
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "two")
+    err = cli_run(capsys, *argv, "--initializer", "dog", code=2)
+    assert "name it with --identifier" in err
+    cli_run(capsys, *argv, "--initializer", "dog", "--identifier", "<yy>")
+
+
+def test_a_missing_config_file_is_made_by_init(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = cli_run(capsys, "train", "--config", "project/config.yaml", code=2)
+    (command,) = suggested(err)
+    cli_run(capsys, *as_argv(command, DIR="project"))
+    err = cli_run(capsys, "train", "--config", "project/config.yaml", code=2)
+    assert "does not exist. Create one" not in err and "model.pretrained_model" in err
+
+
+def test_refused_diffusers_flags_name_what_works_instead(tiny_model, instance_dir, lora_run, tmp_path, capsys,
+                                                         monkeypatch):
+    base = train_argv(tiny_model, instance_dir, tmp_path / "a", steps=1)
+    err = cli_run(capsys, *base, "--dataset_name", "user/dogs", code=2)
+    assert "pass --instance_data_dir" in err
+    passes_preflight(capsys, monkeypatch, *base)  # the photos in a folder, as --instance_data_dir says
+    err = cli_run(capsys, *train_argv(tiny_model, instance_dir, tmp_path / "b"), "--repeats", "3", code=2)
+    assert "train longer with --max_train_steps or --num_train_epochs" in err
+    argv = train_argv(tiny_model, instance_dir, tmp_path / "b")
+    del argv[argv.index("--max_train_steps"):argv.index("--max_train_steps") + 2]
+    cli_run(capsys, *argv, "--num_train_epochs", "1")
+    assert step_of(tmp_path / "b") == 4  # 4 photos, batch 1
+    err = cli_run(capsys, *train_argv(tiny_model, instance_dir, tmp_path / "c", steps=2), "--validation_epochs", "1",
+                  "--validation_prompt", "a photo of sks dog", code=2)
+    assert "give that instead" in err
+    cli_run(capsys, *train_argv(tiny_model, instance_dir, tmp_path / "c", steps=2), "--validation_steps", "1",
+            "--validation_prompt", "a photo of sks dog", "--num_validation_images", "1",
+            "--validation_inference_steps", "1")
+    assert (tmp_path / "c" / "samples" / "step-000001.png").is_file()
+    err = cli_run(capsys, *train_argv(tiny_model, instance_dir, tmp_path / "d"), "--output_kohya_format", code=2)
+    (command,) = suggested(err)
+    lora_out, _ = lora_run
+    cli_run(capsys, *as_argv(command, OUTPUT_DIR=str(lora_out), FILE=str(tmp_path / "kohya.safetensors"))
+            if "OUTPUT_DIR/" not in command else
+            as_argv(command.replace("OUTPUT_DIR/", f"{lora_out}/"), FILE=str(tmp_path / "kohya.safetensors")))
+    assert (tmp_path / "kohya.safetensors").is_file()
+
+
+def test_runtime_refusals_name_the_flag_to_drop(tiny_model, instance_dir, tmp_path, capsys, monkeypatch):
+    """Each refusal names a flag; the same command without it (or with the value named) trains."""
+    (instance_dir / "notes.txt").write_text("not a photo")
+    cases = [(["--strict"], "run without --strict", []),
+             (["--torch_compile"], "Drop --torch_compile", []),
+             (["--report_to", "wandb"], "pass --report_to none", ["--report_to", "none"]),
+             (["--cuda_graph", "on"], "Use --cuda_graph auto", ["--cuda_graph", "auto"]),
+             (["--cuda_graph", "on"], "or off", ["--cuda_graph", "off"])]
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        cases.append((["--use_8bit_adam"], "or drop --use_8bit_adam", []))
+    if importlib.util.find_spec("xformers") is None:
+        cases.append((["--enable_xformers_memory_efficient_attention"], "or drop the flag", []))
+    for i, (refused, advice, instead) in enumerate(cases):
+        err = cli_run(capsys, *train_argv(tiny_model, instance_dir, tmp_path / f"r{i}", *refused, steps=1), code=2)
+        assert advice in err, (refused, err)
+        passes_preflight(capsys, monkeypatch, *train_argv(tiny_model, instance_dir, tmp_path / f"r{i}", *instead))
+
+
+def test_an_upload_that_cannot_happen_leaves_training_possible(tiny_model, instance_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = train_argv(tiny_model, instance_dir, tmp_path / "out", steps=1)
+    err = cli_run(capsys, *argv, "--push_to_hub", code=2)
+    assert "train without --push_to_hub" in err
+    passes_preflight(capsys, monkeypatch, *argv)
+
+
+# ---------------------------------------------------------------------------------------- models named wrongly
+
+
+def test_a_missing_model_can_be_made_by_the_command_named(tmp_path, capsys):
+    err = cli_run(capsys, "generate", "--model", tmp_path / "nowhere", "--prompt", "a dog", code=2)
+    (command,) = suggested(err)
+    cli_run(capsys, *as_argv(command, DIR=str(tmp_path / "nowhere")))
+    cli_run(capsys, "generate", "--model", tmp_path / "nowhere", "--prompt", "a dog", "--steps", "1",
+            "--out", tmp_path / "shots")
+
+
+def test_a_checkpoint_as_the_base_model_names_how_to_continue_it(finished_run, tiny_model, tmp_path, capsys):
+    out, instance = finished_run
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    checkpoint = copy / "checkpoint-1"
+    err = cli_run(capsys, *train_argv(checkpoint, instance, tmp_path / "new"), code=2)
+    (resume,), (export,) = ([c for c in suggested(err) if c.startswith(f"dreambooth {kind} ")]
+                            for kind in ("train", "export"))
+    cli_run(capsys, *as_argv(resume))  # continues the run from step 1 to its end, step 2
+    assert step_of(copy) == 2 and run_info(copy)["run_id"] == run_info(out)["run_id"]
+    cli_run(capsys, *as_argv(export, DIR=str(tmp_path / "model")))
+    cli_run(capsys, *train_argv(tmp_path / "model", instance, tmp_path / "from-export", steps=1))
+
+
+def test_a_lora_as_the_base_model_names_how_to_continue_it(lora_run, tiny_model, tmp_path, capsys):
+    out, instance = lora_run
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    err = cli_run(capsys, *train_argv(copy, instance, tmp_path / "new"), code=2)
+    assert f"Train from its base model (model.pretrained_model: {tiny_model})" in err
+    (resume,) = suggested(err)
+    cli_run(capsys, *as_argv(resume, N="3"))
+    assert step_of(copy) == 3 and (copy / "pytorch_lora_weights.safetensors").is_file()
+    cli_run(capsys, *train_argv(tiny_model, instance, tmp_path / "from-base", "--method", "lora", steps=1))
+    # a LoRA run that kept no checkpoint says it cannot be continued, and names no command
+    bare = tmp_path / "bare"
+    cli_run(capsys, *train_argv(tiny_model, instance, bare, "--method", "lora", steps=1))
+    err = cli_run(capsys, *train_argv(bare, instance, tmp_path / "n2"), code=2)
+    assert "kept no checkpoint" in err and not suggested(err)
+
+
+def test_a_lora_as_the_model_of_generate_names_the_base(lora_run, tmp_path, capsys):
+    out, _ = lora_run
+    err = cli_run(capsys, "generate", "--model", out, "--prompt", "a photo of sks dog", code=2)
+    (command,) = QUOTED.findall(err.split("Pass the base model")[1])
+    cli_run(capsys, "generate", *shlex.split(command), "--prompt", "a photo of sks dog", "--steps", "1", "--out",
+            tmp_path / "shots")
+
+
+def test_an_old_layout_checkpoint_is_saved_again_by_the_command_named(tiny_model, instance_dir, tmp_path, capsys):
+    from test_train_e2e import make_legacy_copy
+
+    argv = train_argv(tiny_model, instance_dir, tmp_path / "run", "--checkpointing_steps", "1", "--initializer", "dog")
+    argv[argv.index("--instance_prompt") + 1] = "a photo of <zq> dog"
+    cli_run(capsys, *argv)
+    legacy = make_legacy_copy(tmp_path / "run", tmp_path / "legacy", tiny_model)
+    err = cli_run(capsys, "generate", "--model", legacy / "checkpoint-1", "--prompt", "a <zq>", code=2)
+    (command,) = suggested(err)
+    cli_run(capsys, *as_argv(command))  # one step further, into the legacy run's own folder
+    assert step_of(legacy) == 2
+    cli_run(capsys, "generate", "--model", legacy / "checkpoint-2", "--prompt", "a <zq>", "--steps", "1",
+            "--out", tmp_path / "shots")
+
+
+def test_a_single_file_converts_as_the_message_says(tiny_model, tmp_path, capsys):
+    """The advice said `from_single_file(FILE)`, which fetches configs from the hub; offline it needs `config=`."""
+    file = tmp_path / "model.safetensors"
+    cli_run(capsys, "export", tiny_model, "--format", "single-file", "--out", file)
+    messages = [cli_run(capsys, "generate", "--model", file, "--prompt", "a dog", code=2),
+                cli_run(capsys, "export", file, "--format", "kohya", "--out", tmp_path / "k.safetensors", code=2),
+                cli_run(capsys, "generate", "--model", tiny_model, "--lora", file, "--prompt", "a dog", code=2)]
+    code = None
+    for message in messages:
+        (snippet,) = [q for q in QUOTED.findall(message) if "from_single_file" in q]
+        code = code or snippet
+        assert snippet == code
+    script = (f"from diffusers import StableDiffusionPipeline\nFILE, MODEL_DIR, DIR = {str(file)!r}, "
+              f"{str(tiny_model)!r}, {str(tmp_path / 'folder')!r}\n{code}\n")
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cli_run(capsys, "generate", "--model", tmp_path / "folder", "--prompt", "a dog", "--steps", "1", "--out",
+            tmp_path / "shots")
+
+
+def test_a_model_given_as_a_lora_is_taken_as_the_model(finished_run, tiny_model, tmp_path, capsys):
+    out, _ = finished_run
+    for i, model in enumerate((tiny_model, out / "checkpoint-1")):
+        err = cli_run(capsys, "generate", "--model", tiny_model, "--lora", model, "--prompt", "a dog", code=2)
+        assert "pass it as the model (--model" in err
+        cli_run(capsys, "generate", "--model", model, "--prompt", "a dog", "--steps", "1", "--out", tmp_path / f"s{i}")
+
+
+# ---------------------------------------------------------------------------------------------------- generate
+
+
+def test_generate_refusals_name_what_works(tiny_model, tmp_path, capsys):
+    base = ["generate", "--model", tiny_model, "--steps", "1"]
+    err = cli_run(capsys, *base, "--out", tmp_path / "a", code=2)
+    assert "pass --prompt 'a photo of sks dog' (repeatable) or --prompts-file FILE" in err
+    cli_run(capsys, *base, "--prompt", "a photo of sks dog", "--out", tmp_path / "a")
+    (tmp_path / "prompts.txt").write_text("a photo of sks dog\n")
+    cli_run(capsys, *base, "--prompts-file", tmp_path / "prompts.txt", "--out", tmp_path / "b")
+    (tmp_path / "file").write_text("x")
+    assert "give a folder for the images" in cli_run(capsys, *base, "--prompt", "a", "--out", tmp_path / "file",
+                                                     code=2)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "holiday.jpg").write_bytes(b"x")
+    assert "Choose a new or empty folder" in cli_run(capsys, *base, "--prompt", "a", "--out", tmp_path / "mine",
+                                                     code=2)
+    err = cli_run(capsys, *base, "--prompt", "b", "--out", tmp_path / "a", code=2)
+    assert "choose another --out, or pass --overwrite" in err.replace("Choose", "choose")
+    cli_run(capsys, *base, "--prompt", "b", "--out", tmp_path / "a", "--overwrite")
+    cli_run(capsys, *base, "--prompt", "b", "--out", tmp_path / "c")
+    err = cli_run(capsys, *base, "--prompt", "b", "--seed", "1", "--seed", "1", "--out", tmp_path / "d", code=2)
+    assert "Give each seed once (--num-images draws more images per seed)" in err
+    cli_run(capsys, *base, "--prompt", "b", "--seed", "1", "--num-images", "2", "--out", tmp_path / "d")
+    assert len(list((tmp_path / "d").glob("0*.png"))) == 2
+    err = cli_run(capsys, *base, "--prompt", "b", "--seed", "-1", "--out", tmp_path / "e", code=2)
+    assert "omit --seed for seed 0" in err
+    cli_run(capsys, *base, "--prompt", "b", "--out", tmp_path / "e")
+    png = next((tmp_path / "e").glob("0*.png"))
+    assert json.loads(Image.open(png).text["dreambooth"])["seed"] == 0
+
+
+# ------------------------------------------------------------------------------------------------------ export
+
+
+def test_export_refusals_name_what_works(lora_run, tiny_model, tmp_path, capsys):
+    from dreambooth.formats.lora import find_lora_file
+
+    out, _ = lora_run
+    lora = find_lora_file(out)
+    err = cli_run(capsys, "export", lora, "--format", "single-file", "--merge-lora", lora, "--out",
+                  tmp_path / "x.safetensors", code=2)
+    assert "Pass the base model folder as SRC, and this LoRA as --merge-lora" in err
+    err = cli_run(capsys, "export", lora, "--format", "single-file", "--out", tmp_path / "x.safetensors", code=2)
+    (command,) = suggested(err)
+    cli_run(capsys, *as_argv(command, BASE_MODEL=str(tiny_model),
+                             **{"FILE.safetensors": str(tmp_path / "m.safetensors")}))
+    err = cli_run(capsys, "export", tiny_model, "--format", "kohya", "--out", tmp_path / "k.safetensors", code=2)
+    assert "Use --format single-file for a full model (A1111/ComfyUI), or --format diffusers" in err
+    cli_run(capsys, "export", tiny_model, "--format", "single-file", "--out", tmp_path / "s.safetensors")
+    cli_run(capsys, "export", tiny_model, "--format", "diffusers", "--out", tmp_path / "d")
+    # --out: a folder where a file goes, a file that exists, a folder that is not empty
+    (tmp_path / "folder").mkdir()
+    err = cli_run(capsys, "export", lora, "--format", "kohya", "--out", tmp_path / "folder", code=2)
+    name = re.search(r"give a file name such as (\S+)\.$", err.strip()).group(1)
+    cli_run(capsys, "export", lora, "--format", "kohya", "--out", name)
+    err = cli_run(capsys, "export", lora, "--format", "kohya", "--out", name, code=2)
+    assert "delete it or choose another name" in err
+    Path(name).unlink()
+    cli_run(capsys, "export", lora, "--format", "kohya", "--out", name)
+    err = cli_run(capsys, "export", tiny_model, "--format", "diffusers", "--out", tmp_path / "d", code=2)
+    assert "delete it or choose another folder" in err
+    cli_run(capsys, "export", tiny_model, "--format", "diffusers", "--out", tmp_path / "d2")
+    # an adapter kohya cannot express (DoRA's magnitude): --format diffusers copies it
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(lora)
+    first = next(k for k in tensors if k.endswith("lora_A.weight"))
+    dora = tmp_path / "dora.safetensors"
+    save_file({**tensors, first.replace("lora_A.weight", "lora_magnitude_vector"): tensors[first][0].clone()}, dora)
+    err = cli_run(capsys, "export", dora, "--format", "kohya", "--out", tmp_path / "dk.safetensors", code=2)
+    assert "Export it with --format diffusers" in err
+    cli_run(capsys, "export", dora, "--format", "diffusers", "--out", tmp_path / "dd.safetensors")
+
+
+def test_a_pickle_lora_converts_as_the_message_says(lora_run, tiny_model, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from dreambooth.formats.lora import find_lora_file
+
+    out, _ = lora_run
+    pickle = tmp_path / "lora.bin"
+    torch.save(load_file(find_lora_file(out)), pickle)
+    err = cli_run(capsys, "generate", "--model", tiny_model, "--lora", pickle, "--prompt", "a", code=2)
+    (snippet,) = [q for q in QUOTED.findall(err) if "save_file" in q]
+    script = f"import torch, safetensors.torch\nFILE = {str(pickle)!r}\n{snippet}\n"
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    cli_run(capsys, "generate", "--model", tiny_model, "--lora", tmp_path / "out.safetensors", "--prompt", "a",
+            "--steps", "1", "--out", tmp_path / "shots")
+
+
+# ---------------------------------------------------------------------------------------- init and the project
+
+
+def test_init_advice_runs(tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = cli_run(capsys, "init", "p")
+    assert "set model.pretrained_model in p/config.yaml" in text
+    (command,) = suggested(text)
+    readme = (tmp_path / "p" / "README.md").read_text()
+    assert "Set `model.pretrained_model` in `config.yaml`" in readme
+    err = cli_run(capsys, "init", "p", code=2)
+    assert "pass --force to overwrite it" in err
+    cli_run(capsys, "init", "p", "--force", "--model", str(tiny_model))
+    photo_folder(tmp_path / "photos", 3)
+    for photo in (tmp_path / "photos").iterdir():
+        photo.rename(tmp_path / "p" / "data" / "instance" / photo.name)
+    config = yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())
+    assert config["model"]["pretrained_model"] == str(tiny_model)
+    # the command init names trains, on the tiny model at its size (its README's steps 3 and 4)
+    cli_run(capsys, *as_argv(command), "--resolution", "64", "--max_train_steps", "1", "--num_class_images", "2",
+            "--class_inference_steps", "1", "--validation_steps", "50", "--report_to", "none")
+    readme = (tmp_path / "p" / "README.md").read_text()
+    assert "3. Train: `dreambooth train --config config.yaml`" in readme
+    train, generate = suggested(readme)
+    monkeypatch.chdir(tmp_path / "p")
+    cli_run(capsys, *as_argv(generate), "--steps", "1", "--out", "shots")
+    err = cli_run(capsys, "init", "q", "--model", "./nowhere", code=2)
+    assert "or leave --model out" in err
+    cli_run(capsys, "init", "q")
+
+
+def test_compile_prompt_needs_a_local_model_as_it_says(tiny_model, tmp_path, capsys):
+    characters = tmp_path / "characters.yaml"
+    character = {"name": "rex", "model": "org/model", "identifier": "sks", "class_word": "dog"}
+    characters.write_text(yaml.safe_dump({"characters": [character]}))
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"emotion": "happy"}))
+    argv = ["compile-prompt", "--characters", characters, "--character", "rex", "--state", state]
+    err = cli_run(capsys, *argv, code=2)
+    assert "Give a local diffusers model folder as `model`" in err
+    characters.write_text(yaml.safe_dump({"characters": [{**character, "model": str(tiny_model)}]}))
+    assert json.loads(cli_run(capsys, *argv))["prompt"]
+
+
+def test_report_of_a_folder_that_is_no_run_names_what_to_pass(finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    err = cli_run(capsys, "report", tmp_path, code=2)
+    assert "Pass the --output_dir of a `dreambooth train` run" in err
+    cli_run(capsys, "report", out)
+    assert (out / "report.html").is_file()
