@@ -334,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> int:
     """The `dreambooth` command and `python -m dreambooth`: main(), then an exit without the last collection."""
-    from dreambooth.training.speed import freeze_alive_objects, process_ends_with_command
+    from dreambooth.training.speed import cpu_threading, freeze_alive_objects, process_ends_with_command
 
+    cpu_threading()  # before anything imports torch
     process_ends_with_command()
     code = main()
     freeze_alive_objects()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -44,6 +45,24 @@ def collection_paused():
     finally:
         if enabled:
             gc.enable()
+
+
+def cpu_threading(environ: dict | None = None) -> dict[str, str]:
+    """OpenMP's wait policy for this process, PASSIVE unless the user set one; returns what it set. Must run before
+    torch is imported: libgomp reads the environment when it loads.
+
+    PyTorch's CPU kernels run on OpenMP threads that, by default, spin for a while at every barrier instead of
+    sleeping. Alone on its cores that saves microseconds; beside another process that computes on the same cores, a
+    spinning thread takes the core the thread it waits for needs, and each of a step's thousands of parallel regions
+    waits for the scheduler: a demo beside a second torch process ran 9.5 s a step instead of 12 steps a second
+    (issue 24). Passive threads sleep at once, so the two processes share the cores; docs/bench.md ("A busy CPU")
+    has the measurements, alone and beside another process.
+    """
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" in environ:
+        return {}
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 _process_ends_with_command = False
