@@ -197,10 +197,23 @@ def test_api_keys(served, headers, status, code):
     ({"character": "dog", "state": {"mood": "happy"}}, 422, "invalid_request", "state.mood"),
     ({"character": "dog", "state": {"emotion": "ecstatic"}}, 422, "invalid_request", "state.emotion"),
     ({"character": "dog", "state": {"intensity": 2}}, 422, "invalid_request", "state.intensity"),
-    ({"character": "dog", "steps": 51}, 422, "over_limit", "steps 51"),
-    ({"character": "dog", "width": 1024, "height": 1024}, 422, "over_limit", "pixels"),
+    ({"character": "dog", "steps": 51}, 422, "over_limit", "steps 51 is more than this server's 50 (--max-steps)"),
+    ({"character": "dog", "width": 2048, "height": 2048}, 422, "over_limit",
+     f"2048x2048 is 4194304 pixels, more than this server's {ServeOptions.max_pixels} (--max-pixels)"),
     ({"character": "dog", "width": 100}, 422, "over_limit", "multiple of 8"),
-    ({"character": "dog", "n": 5, "format": "json"}, 422, "over_limit", "n 5"),
+    ({"character": "dog", "n": 5, "format": "json"}, 422, "over_limit", "n 5 is more images than this server's 4 a "
+     "request (--max-images)"),
+    ({"character": "dog", "deadline_s": 301}, 422, "over_limit", "deadline_s 301 is longer than this server's 300 s "
+     "(--deadline-s)"),
+    # Python's json reads NaN and Infinity; each number refuses them by name, not as out of its range.
+    (b'{"character": "dog", "guidance": NaN}', 422, "invalid_request", "guidance: nan is not a finite number"),
+    (b'{"character": "dog", "state": {"intensity": NaN}}', 422, "invalid_request",
+     "state.intensity: nan is not a finite number"),
+    (b'{"character": "dog", "steps": Infinity}', 422, "invalid_request", "steps: inf is not a finite number"),
+    (b'{"character": "dog", "n": -Infinity}', 422, "invalid_request", "n: -inf is not a finite number"),
+    (b'{"character": "dog", "seed": NaN}', 422, "invalid_request", "seed: nan is not a finite number"),
+    (b'{"character": "dog", "width": Infinity}', 422, "invalid_request", "width: inf is not a finite number"),
+    (b'{"character": "dog", "deadline_s": NaN}', 422, "invalid_request", "deadline_s: nan is not a finite number"),
     ({"character": "dog", "n": 2}, 422, "over_limit", "format"),
     ({"character": "dog", "seed": 2**53}, 422, "invalid_request", "seed"),
     ({"character": "dog", "path": "/etc/passwd"}, 422, "invalid_request", "path"),
@@ -211,7 +224,9 @@ def test_bad_requests_are_refused_with_what_is_wrong(served, body, status, code,
         if isinstance(body, bytes) else {"json": body, "headers": bearer(USER)}
     response = client.post("/v1/render", **kwargs)
     assert response.status_code == status, response.text
-    assert response.json()["error"]["code"] == code and says in response.json()["error"]["message"]
+    assert response.json()["error"]["code"] == code and says in response.json()["error"]["message"], response.text
+    if "not a finite number" in says:  # named as such, not as out of its range
+        assert "less than" not in response.text and "greater than" not in response.text
 
 
 def test_a_body_over_the_limit_is_refused_whether_or_not_it_says_its_length(served):
@@ -219,6 +234,7 @@ def test_a_body_over_the_limit_is_refused_whether_or_not_it_says_its_length(serv
     big = json.dumps({"character": "dog", "prompt": "x" * 70_000}).encode()
     said = client.post("/v1/render", content=big, headers={**bearer(OPERATOR), "content-type": "application/json"})
     assert said.status_code == 413 and said.json()["error"]["code"] == "body_too_large"
+    assert "limit of 64 KiB (65536 bytes, --max-body-kb)" in said.json()["error"]["message"]
     chunked = client.post("/v1/render", content=iter([big[:40_000], big[40_000:]]),
                           headers={**bearer(OPERATOR), "content-type": "application/json"})
     assert chunked.status_code == 413
@@ -238,20 +254,42 @@ def test_metrics_count_outcomes_batches_and_the_cache(served):
 
 # ---------------------------------------------------------------------------------------------- limits and keys
 
-def test_the_rate_limit_answers_429_with_retry_after(tmp_path, tiny_model):
+def test_the_rate_limit_answers_429_with_retry_after_and_names_the_limit_hit(tmp_path, tiny_model, monkeypatch):
+    """Three requests at once against a burst of 2 hit the burst, not the rate; requests kept up faster than the rate
+    for longer than a bucket lasts hit the rate. Each message names its own limit with its value."""
+    clock = [1000.0]
+    monkeypatch.setattr("dreambooth.serving.auth.time.monotonic", lambda: clock[0])
     service = stand_in_service(tmp_path, tiny_model, rate_per_minute=6, burst=2)
     with TestClient(create_app(service, parse_keys(KEYS, "test"))) as client:
         answers = [client.post("/v1/compile", json={"character": "dog"}, headers=bearer(USER)) for _ in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 429]
         assert answers[2].json()["error"]["code"] == "rate_limited" and answers[2].headers["retry-after"] == "10"
+        message = answers[2].json()["error"]["message"]
+        assert "more than 2 request(s) in a row for this key, this server's burst (--burst 2)" in message, message
+        assert "more than 6 requests a minute" not in message
         assert client.post("/v1/compile", json={"character": "dog"}, headers=bearer(OPERATOR)).status_code == 200
+        # One every 8 s, against a refill of one every 10 s, from a full bucket: the bucket (2) lasts past the 20 s
+        # it takes to refill, and the rate is what is hit.
+        statuses = []
+        for _ in range(12):
+            clock[0] += 8.0
+            answer = client.post("/v1/compile", json={"character": "dog"}, headers=bearer(OPERATOR))
+            statuses.append(answer.status_code)
+            if answer.status_code == 429:
+                break
+        assert statuses[:-1] == [200] * (len(statuses) - 1) and statuses[-1] == 429 and len(statuses) > 3
+        message = answer.json()["error"]["message"]
+        assert "more than 6 requests a minute for this key, kept up past a burst of 2: this server's rate " \
+            "(--rate-per-minute 6)" in message, message
 
 
-def test_rate_limiter_refills():
+def test_rate_limiter_refills(monkeypatch):
+    clock = [50.0]
+    monkeypatch.setattr("dreambooth.serving.auth.time.monotonic", lambda: clock[0])
     limiter = RateLimiter(per_minute=60, burst=1)
-    assert limiter.take("a") == 0 and limiter.take("a") == 1 and limiter.take("b") == 0
-    limiter._buckets["a"] = (0.0, time.monotonic() - 1.01)
-    assert limiter.take("a") == 0
+    assert limiter.take("a") is None and limiter.take("a").seconds == 1 and limiter.take("b") is None
+    clock[0] += 1.01
+    assert limiter.take("a") is None
 
 
 def test_keys_come_from_a_file_and_the_environment_and_are_checked(tmp_path, monkeypatch):
@@ -383,7 +421,7 @@ def test_queue_full_and_deadline_over_http(tmp_path, tiny_model):
         assert statuses == [429, 429, 504, 504, 504], statuses
         assert all(a.json()["error"]["code"] == "queue_full" and int(a.headers["retry-after"]) >= 1
                    for a in refused)
-        assert "queues at most 2." in refused[0].json()["error"]["message"]
+        assert "queues at most 2 (--max-queue)." in refused[0].json()["error"]["message"]
         assert all(a.json()["error"]["code"] == "deadline" for a in answers if a.status_code == 504)
         deadline_over = time.monotonic() + 10
         while renderer.calls < 1 and time.monotonic() < deadline_over:
@@ -576,6 +614,17 @@ def test_serve_refuses_an_open_host_without_keys_and_reports_the_characters_file
     assert "3 problem(s)" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", ["--rate-per-minute", "--deadline-s", "--batch-window-ms", "--llm-timeout-s"])
+def test_serve_refuses_option_numbers_that_are_not_finite(flag, capsys):
+    """float() reads nan and inf, and a NaN passes a minimum: `--deadline-s nan` made every wait endless."""
+    from dreambooth.cli import main
+
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", f"{flag}={value}"])
+        assert e.value.code == 2 and f"{flag} {float(value)} is not a finite number" in capsys.readouterr().err
+
+
 def test_serve_runs_and_answers_on_its_port(tmp_path, tiny_model):
     path = characters_file(tmp_path, tiny_model)
     keys = tmp_path / "keys"
@@ -748,7 +797,7 @@ def test_requests_that_could_never_fit_are_refused_as_such(tmp_path, tiny_model)
     service = stand_in_service(tmp_path, tiny_model, max_queue=2, max_images=4)
     with TestClient(create_app(service, [], auth=False)) as client:
         answer = client.post("/v1/render", json={"character": "dog", "n": 3, "format": "json"})
-        assert answer.status_code == 422 and "queue holds (2)" in answer.json()["error"]["message"]
+        assert answer.status_code == 422 and "queue holds (2, --max-queue)" in answer.json()["error"]["message"]
         long = client.post("/v1/compile", json={"character": "dog", "negative_prompt": "blurry " * 90})
         assert long.status_code == 422 and long.json()["error"]["code"] == "prompt_too_long"
 
@@ -764,7 +813,7 @@ def test_keyless_callers_do_not_grow_the_rate_limiter_without_bound(monkeypatch)
     limiter = RateLimiter(per_minute=6000, burst=1)
     monkeypatch.setattr(RateLimiter, "MAX_CALLERS", 100)
     for i in range(1000):
-        limiter._buckets[f"10.0.{i}"] = (1.0, time.monotonic() - 60)  # idle long enough to be full again
+        limiter._buckets[f"10.0.{i}"] = (1.0, time.monotonic() - 60, 0.0)  # idle long enough to be full again
     limiter.take("new caller")
     assert len(limiter._buckets) == 1
 

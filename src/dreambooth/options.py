@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import typing
 from dataclasses import MISSING, Field, field, fields
 from typing import Any
@@ -115,6 +116,9 @@ def problems(settings: Any) -> list[str]:
         for v in value if isinstance(value, list) else [value]:
             if v is None:
                 continue
+            if isinstance(v, float) and not math.isfinite(v):  # float() reads nan and inf, and nan passes `minimum`
+                found.append(f"{flag} {v} is not a finite number")
+                break
             if meta["choices"] is not None and v not in meta["choices"]:
                 found.append(f"{flag} {v!r} is not one of {', '.join(map(str, meta['choices']))}")
                 break

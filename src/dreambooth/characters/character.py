@@ -31,7 +31,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from dreambooth.characters.state import CharacterState
+from dreambooth.characters.state import CharacterState, problem_text
 from dreambooth.config_file import read_text, resolve_model_ref
 from dreambooth.errors import UserError
 from dreambooth.models.base import SCHEDULERS
@@ -78,7 +78,7 @@ class Vocabulary(BaseModel):
 
 
 class LoraRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN weight draws noise
 
     file: Path
     weight: float = 1.0
@@ -87,7 +87,7 @@ class LoraRef(BaseModel):
 class Character(BaseModel):
     """One character: how to draw it, and the defaults of every picture of it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # YAML's .nan and .inf are numbers to it
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     model: str
@@ -211,7 +211,8 @@ def load_characters(path: Path) -> dict[str, Character]:
         try:
             character = _resolved(Character.model_validate(entry), path.parent)
         except ValidationError as e:
-            problems += [f"{where}.{'.'.join(map(str, err['loc'])) or 'entry'}: {err['msg']}" for err in e.errors()]
+            problems += [f"{where}.{'.'.join(map(str, err['loc'])) or 'entry'}: {problem_text(err)}"
+                         for err in e.errors()]
             continue
         characters.setdefault(character.name, character)
     if problems:

@@ -20,8 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dreambooth.characters.state import state_schema
-from dreambooth.serving.auth import LOCAL, Key, RateLimiter, find_key
+from dreambooth.characters.state import problem_text, state_schema
+from dreambooth.serving.auth import LOCAL, Key, RateLimiter, Refusal, find_key
 from dreambooth.serving.service import ApiError, RenderBody, Rendered, Service
 
 log = logging.getLogger("dreambooth.serve")
@@ -66,8 +66,9 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send):
-        response = error_response(413, "body_too_large", f"the request body is over this server's {self.limit} "
-                                  "bytes; a render request is a few hundred.")
+        response = error_response(413, "body_too_large", "the request body is over this server's limit of "
+                                  f"{self.limit / 1024:g} KiB ({self.limit} bytes, --max-body-kb); a render request "
+                                  "is a few hundred bytes.")
         await response(scope, receive, send)
 
 
@@ -127,13 +128,25 @@ def make_caller(service: Service, keys: list[Key], auth: bool):
             if key is None:
                 raise ApiError(403, "forbidden", "this API key is not one of the server's.")
             name = key.name
-        wait = limiter.take(name)
-        if wait:
-            raise ApiError(429, "rate_limited", f"more than {service.limits.rate_per_minute:g} requests a minute "
-                           f"for this key; retry in {wait} s.", {"Retry-After": str(wait)})
+        refused = limiter.take(name)
+        if refused:
+            raise ApiError(429, "rate_limited", rate_message(refused, service.limits, "key" if auth else "address"),
+                           {"Retry-After": str(refused.seconds)})
         return key
 
     return caller
+
+
+def rate_message(refused: Refusal, limits, whose: str) -> str:
+    """The limit a caller hit, with its value and the option that sets it."""
+    burst, rate = limits.burst, f"{limits.rate_per_minute:g}"
+    if refused.limit == "burst":
+        said = (f"more than {burst} request(s) in a row for this {whose}, this server's burst (--burst {burst}); "
+                f"after a burst it takes {rate} a minute (--rate-per-minute)")
+    else:
+        said = (f"more than {rate} requests a minute for this {whose}, kept up past a burst of {burst}: this "
+                f"server's rate (--rate-per-minute {rate})")
+    return f"{said}. Retry in {refused.seconds} s."
 
 
 def add_error_handlers(app: FastAPI, caller) -> None:
@@ -143,8 +156,21 @@ def add_error_handlers(app: FastAPI, caller) -> None:
     async def api_error(request: Request, e: ApiError):
         return error_response(e.status, e.code, e.message, e.headers)
 
+    def key_refused(request: Request) -> JSONResponse | None:
+        """The body is read before the key is checked: a /v1 caller without a key hears that first."""
+        if request.url.path.startswith("/v1/"):
+            try:
+                caller(request)
+            except ApiError as refused:
+                return error_response(refused.status, refused.code, refused.message, refused.headers)
+        return None
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 400:  # FastAPI's answer when json.loads fails other than on syntax, e.g. a RecursionError
+            why = "it is nested too deeply" if isinstance(e.__cause__, RecursionError) else "it could not be parsed"
+            return key_refused(request) or error_response(400, "bad_json", f"the body is not valid JSON ({why}); "
+                                                          "send one JSON object, as GET /docs describes.")
         codes = {404: "not_found", 405: "method_not_allowed"}
         return error_response(e.status_code, codes.get(e.status_code, f"http_{e.status_code}"),
                               f"{e.detail}: {request.method} {request.url.path} (GET /docs lists the API).",
@@ -152,11 +178,9 @@ def add_error_handlers(app: FastAPI, caller) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        if request.url.path.startswith("/v1/"):
-            try:  # the body is read before the key is checked: a caller without a key hears that first
-                caller(request)
-            except ApiError as refused:
-                return error_response(refused.status, refused.code, refused.message, refused.headers)
+        refused = key_refused(request)
+        if refused is not None:
+            return refused
         errors = e.errors()
         if any(err.get("type") == "json_invalid" for err in errors):
             return error_response(400, "bad_json", "the body is not valid JSON: "
@@ -164,7 +188,7 @@ def add_error_handlers(app: FastAPI, caller) -> None:
         if any(tuple(err["loc"]) == ("body",) for err in errors):
             return error_response(400, "bad_json", "the body must be a JSON object, sent with `Content-Type: "
                                   "application/json`.")
-        problems = [f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in errors]
+        problems = [f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {problem_text(err)}" for err in errors]
         return error_response(422, "invalid_request", "; ".join(problems) + ". GET /v1/state-schema describes a "
                               "state; /docs every field.")
 

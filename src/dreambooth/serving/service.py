@@ -52,7 +52,8 @@ class ApiError(Exception):
 class RenderBody(BaseModel):
     """A picture of a character: its state (or, for operators, a raw prompt), and what to change of its defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Python's json reads NaN and Infinity, and a NaN passes no range check: refused as not finite, by name.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     character: str = Field(max_length=64, description="The character's name (GET /v1/characters).")
     state: CharacterState | None = Field(None, description="The character's state; empty if neither it nor "
@@ -69,7 +70,7 @@ class RenderBody(BaseModel):
     format: Literal["png", "json"] = Field("png", description="png: the image; json: images (base64), the compiled "
                                            "request and the seeds.")
     deadline_s: float | None = Field(None, gt=0, description="Give up after this many seconds (at most the "
-                                     "server's).")
+                                     "server's --deadline-s).")
 
 
 class Renderer(Protocol):
@@ -148,21 +149,27 @@ class Service:
         return request
 
     def _check_limits(self, request: RenderRequest, body: RenderBody) -> None:
+        """Each limit the request passes, named with this server's value and the option that sets it."""
         limits, problems = self.limits, []
         if request.steps > limits.max_steps:
-            problems.append(f"steps {request.steps} is more than this server's {limits.max_steps}")
+            problems.append(f"steps {request.steps} is more than this server's {limits.max_steps} (--max-steps)")
         if request.width * request.height > limits.max_pixels:
             problems.append(f"{request.width}x{request.height} is {request.width * request.height} pixels, more "
-                            f"than this server's {limits.max_pixels}")
+                            f"than this server's {limits.max_pixels} (--max-pixels)")
         for side in ("width", "height"):
             if getattr(request, side) % 8:
                 problems.append(f"{side} {getattr(request, side)} is not a multiple of 8")
         if body.n > limits.max_images:
-            problems.append(f"n {body.n} is more images than this server's {limits.max_images} a request")
+            problems.append(f"n {body.n} is more images than this server's {limits.max_images} a request "
+                            "(--max-images)")
         if body.n > limits.max_queue:
-            problems.append(f"n {body.n} is more images than this server's queue holds ({limits.max_queue})")
+            problems.append(f"n {body.n} is more images than this server's queue holds ({limits.max_queue}, "
+                            "--max-queue)")
         if body.n > 1 and body.format == "png":
             problems.append("n > 1 needs \"format\": \"json\" (one PNG holds one image)")
+        if body.deadline_s is not None and body.deadline_s > limits.deadline_s:
+            problems.append(f"deadline_s {body.deadline_s:g} is longer than this server's {limits.deadline_s:g} s "
+                            "(--deadline-s)")
         if problems:
             raise ApiError(422, "over_limit", "; ".join(problems) + ".")
 
@@ -186,13 +193,13 @@ class Service:
         self.metrics.cache.labels("miss").inc(sum(f is None for f in found))
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
-            seconds = min(body.deadline_s or self.limits.deadline_s, self.limits.deadline_s)
+            seconds = body.deadline_s or self.limits.deadline_s  # at most the server's: _check_limits
             deadline = time.monotonic() + seconds
             try:
                 jobs = self.batcher.submit(batch_key(request), [(per_image[i], keys[i]) for i in missing], deadline)
             except QueueFull as e:
                 raise ApiError(429, "queue_full", f"{e}. The server draws {self.limits.max_batch} image(s) at a "
-                               f"time and queues at most {self.limits.max_queue}.",
+                               f"time (--max-batch) and queues at most {self.limits.max_queue} (--max-queue).",
                                {"Retry-After": str(e.retry_after)}) from None
             pngs = await self._wait(jobs, deadline, seconds, disconnected)
             for i, png in zip(missing, pngs):
@@ -218,6 +225,6 @@ class Service:
         except DeadlineExceeded:
             raise ApiError(504, "deadline", f"not drawn within {seconds:g} s (the queue was long or the model slow); "
                            "retry later, or with a longer deadline_s up to the server's "
-                           f"{self.limits.deadline_s:g}.") from None
+                           f"{self.limits.deadline_s:g} (--deadline-s).") from None
         finally:
             self.batcher.cancel(jobs)  # whatever is still queued goes; a batch drawing finishes into the cache
