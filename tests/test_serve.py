@@ -495,6 +495,80 @@ def test_concurrent_requests_for_one_character_are_one_pipeline_call(tiny_model,
     assert np.abs(png_pixels(one) - png_pixels(answers[2].content)).max() <= 1  # a batch draws what one draws
 
 
+def test_counting_tokens_while_the_worker_draws_never_touches_the_pipelines_tokenizers(tiny_model, tmp_path):
+    """Issue 24: /v1/compile counted tokens with the pipeline's own tokenizer, whose every call sets padding and
+    truncation on its backend; a count between the worker's setting them and its encoding left the worker's text
+    unpadded, and the negative and the prompt came out at different lengths: a 500 ("Expected size 2 but got size
+    7" in torch.cat). The interleaving is forced, not hoped for: each time the worker's pipeline sets max-length
+    padding, it waits until a /v1/compile has been answered."""
+    import queue
+
+    from dreambooth.formats.lora_loading import text_sides
+
+    path = characters_file(tmp_path, tiny_model)
+    service = build_service(path, ServeOptions(characters=path, no_cache=True, batch_window_ms=0))
+    pipe = service.renderer.drawn["dog"].slot.pipe
+    counting = service.renderer.count_tokens("dog")
+    assert {id(t) for t in getattr(counting, "tokenizers", [])}.isdisjoint({id(t) for _, t, _ in text_sides(pipe)})
+    alone = service.renderer.render([service.compile(RenderBody(character="dog", seed=4), False)])[0]
+
+    entered, resumed = queue.Queue(), queue.Queue()
+    tokenizer, set_state = pipe.tokenizer, pipe.tokenizer.set_truncation_and_padding
+
+    def held(padding_strategy, *args, **kwargs):
+        set_state(padding_strategy, *args, **kwargs)
+        if threading.current_thread().name.startswith("render") and padding_strategy.value == "max_length":
+            entered.put(True)
+            resumed.get(timeout=30)
+
+    tokenizer.set_truncation_and_padding = held
+    import httpx2
+
+    with running(create_app(service, [], auth=False)) as url:
+        drawn = {}
+        worker = threading.Thread(target=lambda: drawn.update(answer=httpx2.post(
+            f"{url}/v1/render", json={"character": "dog", "seed": 4}, timeout=60)))
+        worker.start()
+        compiles = []
+        while worker.is_alive() or not entered.empty():
+            try:
+                entered.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            compiles.append(httpx2.post(f"{url}/v1/compile", json={"character": "dog", "state": {
+                "location": "beach"}}, timeout=30).status_code)
+            resumed.put(True)
+        worker.join(60)
+    assert compiles == [200, 200], "the prompt's and the negative prompt's encoding each waited for a count"
+    assert drawn["answer"].status_code == 200, drawn["answer"].text
+    assert np.abs(png_pixels(drawn["answer"].content) - png_pixels(alone)).max() <= 1
+
+
+def test_the_counting_tokenizers_take_turns_between_request_threads():
+    """The copies are shared by the request threads (sync endpoints run in a thread pool): two counts never run at
+    once. A count waits up to 0.5 s for a second one to arrive inside the tokenizer; with the lock none can."""
+    from types import SimpleNamespace
+
+    from dreambooth.serving.renderer import TokenCounter
+
+    meeting, met = threading.Barrier(2, timeout=0.5), []
+
+    class Meeting:
+        model_max_length = 77
+
+        def __call__(self, text, truncation=False):
+            try:
+                meeting.wait()
+                met.append(True)
+            except threading.BrokenBarrierError:
+                meeting.reset()
+            return SimpleNamespace(input_ids=text.split())
+
+    counter = TokenCounter([Meeting()])
+    counts = concurrently(2, lambda i: counter("a photo of sks dog"))
+    assert counts == [5, 5] and met == []
+
+
 # ---------------------------------------------------------------------------------------------- the cache
 
 def test_cache_keys_follow_the_request_and_the_model(tmp_path):
