@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -71,6 +72,10 @@ def test_every_read_endpoint_answers(served):
     assert client.get("/v1/state-schema", headers=bearer(USER)).json() == state_schema()
     assert "/v1/render" in client.get("/openapi.json").json()["paths"]
     assert client.get("/").headers["content-type"].startswith("text/html")
+    docs = client.get("/docs").text  # script, style and icon from the server (in a browser: test_serve_page)
+    assert sorted(re.findall(r'(?:src|href)="([^"]+)"', docs)) == [
+        "/docs-assets/favicon.png", "/docs-assets/swagger-ui-bundle.js", "/docs-assets/swagger-ui.css"]
+    assert client.get("/docs-assets/swagger-ui-bundle.js").content.startswith(b"/*! For license information")
 
 
 def test_compile_is_the_compilers_request(served, tiny_model):

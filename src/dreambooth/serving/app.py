@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import logging
 from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +30,11 @@ log = logging.getLogger("dreambooth.serve")
 disable_created_metrics()  # the `_created` series double the page and say nothing a scraper needs
 ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/characters", "/v1/state-schema", "/v1/compile", "/v1/render",
              "/v1/chat-render", "/docs", "/openapi.json")
+# /docs loads Swagger UI from here, not from FastAPI's default CDN, so that it works offline: the files are the copies
+# the fastapi-offline package ships (fastapi_offline/static), served by name. FastAPI's /redoc is off: ReDoc's script
+# fetches its maker's logo from their CDN whatever it is told.
+DOCS_ASSETS = "/docs-assets"
+DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -198,6 +205,33 @@ def add_error_handlers(app: FastAPI, caller) -> None:
         return error_response(500, "internal", "the server failed to answer; its log says why. Retry later.")
 
 
+@functools.cache
+def docs_file(name: str) -> bytes:
+    return resources.files("fastapi_offline").joinpath("static", name).read_bytes()
+
+
+def add_docs(app: FastAPI) -> None:
+    """/docs: FastAPI's own Swagger UI page, pointed at the local copies of its script, style and icon."""
+
+    def local(request: Request, path: str) -> str:
+        return f"{request.scope.get('root_path', '')}{path}"  # behind a proxy's prefix, as FastAPI's own pages do
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_page(request: Request):
+        return get_swagger_ui_html(
+            openapi_url=local(request, app.openapi_url), title=f"{app.title} - Swagger UI",
+            swagger_js_url=local(request, f"{DOCS_ASSETS}/swagger-ui-bundle.js"),
+            swagger_css_url=local(request, f"{DOCS_ASSETS}/swagger-ui.css"),
+            swagger_favicon_url=local(request, f"{DOCS_ASSETS}/favicon.png"), oauth2_redirect_url=None,
+            swagger_ui_parameters={"validatorUrl": None})  # no spec sent to swagger.io's validator
+
+    @app.get(DOCS_ASSETS + "/{name}", include_in_schema=False)
+    def docs_asset(name: str):
+        if name not in DOCS_FILES:  # names from a fixed list: nothing a request says reaches the file system
+            raise StarletteHTTPException(404, "Not Found")
+        return Response(docs_file(name), media_type=DOCS_FILES[name], headers={"Cache-Control": "max-age=86400"})
+
+
 def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=None) -> FastAPI:
     """The app. `auth=False` (loopback only, no keys configured) lets every caller in as an operator; `chat`: a
     serving.chat.ChatStates for /v1/chat-render, or None (off)."""
@@ -210,9 +244,10 @@ def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=Non
         if chat is not None:
             await chat.aclose()
 
-    app = FastAPI(title="dreambooth serve", version="1", lifespan=lifespan,
+    app = FastAPI(title="dreambooth serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Characters drawn on demand: a state (GET /v1/state-schema) becomes a prompt around the "
                   "character's identifier, and the character's model draws it.")
+    add_docs(app)
     app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
     app.add_middleware(Measured, service=service)  # outermost: 413s are counted too
     caller = make_caller(service, keys, auth)

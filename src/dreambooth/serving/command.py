@@ -30,7 +30,7 @@ def is_loopback(host: str) -> bool:
 
 def check_installed() -> None:
     missing = []
-    for module in ("fastapi", "uvicorn", "prometheus_client", "compel"):
+    for module in ("fastapi", "fastapi_offline", "uvicorn", "prometheus_client", "compel"):
         try:
             __import__(module)
         except ImportError:
