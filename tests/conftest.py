@@ -318,9 +318,9 @@ def headless_chromium(profile: Path, window: str, offline: bool = False):
     """Debian's chromium through selenium, headless, with a fresh profile and the browser's console log kept.
 
     Skips without the binaries, unless DREAMBOOTH_REQUIRE_BROWSER=1 (CI), where it fails. Selenium Manager is never
-    asked for a browser: the binaries are given, and nothing goes to the network. `offline`: no host name resolves
-    (but localhost), so a page can reach only addresses it names, and the DevTools log of every request is kept
-    (`requested_urls`).
+    asked for a browser: the binaries are given, and nothing goes to the network. `offline`: every host but localhost
+    and 127.0.0.1 fails to resolve (IP addresses included), so a page reaches nothing else, and the DevTools log of
+    every request is kept (`requested_urls`).
     """
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
     if missing:
