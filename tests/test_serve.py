@@ -704,6 +704,41 @@ def test_serve_refuses_option_numbers_that_are_not_finite(flag, capsys):
         assert e.value.code == 2 and f"{flag} {float(value)} is not a finite number" in capsys.readouterr().err
 
 
+def test_serve_refuses_at_start_up_the_characters_its_limits_would_refuse(tmp_path, tiny_model, capsys):
+    """Issue 24: --max-pixels was 768x768, so an SDXL character at its native 1024x1024 got 422 on every render, and
+    nothing said so at start-up. The default now admits SDXL's size; and one message names every character whose own
+    settings the limits refuse, with what to raise, before the server listens."""
+    from dreambooth.cli import main
+    from dreambooth.models.tiny_families import build_model
+
+    xl = build_model(tmp_path / "xl", size="sdxl-tiny", seed=2)
+    base = {"identifier": "sks", "class_word": "dog", "width": 64, "height": 64}
+    entries = [{**base, "name": "xl", "model": str(xl), "width": 1024, "height": 1024},
+               {**base, "name": "fine", "model": str(tiny_model)}]
+    path = characters_file(tmp_path, tiny_model, entries)
+    service = build_service(path, ServeOptions(characters=path, no_cache=True))
+    request = service.compile(RenderBody(character="xl"), False)  # no over_limit
+    assert (request.width, request.height) == (1024, 1024)
+
+    entries += [{**base, "name": "slow", "model": str(tiny_model), "steps": 80},
+                {**base, "name": "wordy", "model": str(tiny_model),
+                 "prompt_template": "{identifier} {class_word} " + "very " * 80},
+                {**base, "name": "grumpy", "model": str(tiny_model), "negative_prompt": "blurry " * 90}]
+    path = characters_file(tmp_path, tiny_model, entries)
+    capsys.readouterr()
+    assert main(["serve", "--characters", str(path), "--port", "0", "--max-pixels", str(768 * 768)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 4 character(s) of") and err.count("error:") == 1 and "Traceback" not in err
+    lines = {line.split(":")[0].strip(): line for line in err.splitlines()[1:]}
+    assert sorted(lines) == ["grumpy", "slow", "wordy", "xl"], err
+    assert "1048576 pixels, more than --max-pixels 589824 (its model is SDXL, made for 64x64): raise --max-pixels " \
+        "to at least 1048576" in lines["xl"]
+    assert "steps 80 are more than --max-steps 50: raise --max-steps to at least 80" in lines["slow"]
+    assert "its prompt_template makes" in lines["wordy"] and "shorten prompt_template" in lines["wordy"]
+    assert "its negative_prompt makes" in lines["grumpy"] and "more than its text encoder's 77" in lines["grumpy"]
+    assert ServeOptions.max_pixels == 1024 * 1024
+
+
 def test_serve_runs_and_answers_on_its_port(tmp_path, tiny_model):
     path = characters_file(tmp_path, tiny_model)
     keys = tmp_path / "keys"

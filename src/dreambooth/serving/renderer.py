@@ -150,6 +150,15 @@ class Renderer:
     def model_hash(self, name: str) -> str:
         return self.drawn[name].model_hash
 
+    def model_family(self, name: str) -> tuple[str, int]:
+        """The family of the character's model as loaded, and the side its UNet was made for, in pixels (SD 1.x 512,
+        SD 2.x 768 or 512, SDXL 1024): SDXL has a second text encoder; SD 2.x's OpenCLIP tokenizer pads with `!`."""
+        pipe = self.drawn[name].slot.pipe
+        side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            return "SDXL", side
+        return ("SD 2.x" if pipe.tokenizer.pad_token == "!" else "SD 1.x"), side
+
     def _activate(self, drawn: Drawn, scheduler: str) -> None:
         slot, pipe = drawn.slot, drawn.slot.pipe
         if slot.adapters:

@@ -31,7 +31,7 @@ class Limits:
 
     max_body_bytes: int = 64 * 1024
     max_steps: int = 50
-    max_pixels: int = 768 * 768
+    max_pixels: int = 1024 * 1024  # SDXL's native size; SD 1.x draws 512x512, SD 2.x 768x768
     max_images: int = 4
     rate_per_minute: float = 120.0
     burst: int = 20
@@ -79,6 +79,7 @@ class Renderer(Protocol):
     def count_tokens(self, name: str): ...
     def max_tokens(self, name: str) -> int: ...
     def model_hash(self, name: str) -> str: ...
+    def model_family(self, name: str) -> tuple[str, int]: ...
     def render(self, requests: list[RenderRequest]) -> list[bytes]: ...
 
 
@@ -172,6 +173,37 @@ class Service:
                             "(--deadline-s)")
         if problems:
             raise ApiError(422, "over_limit", "; ".join(problems) + ".")
+
+    def never_drawn(self) -> list[str]:
+        """Each character whose own settings this server's limits refuse, with what to raise or change: its size
+        and steps (which every request that does not override them asks for), its prompt and negative prompt (which
+        no request can shorten), and one image. Checked at start-up, so that a server does not come up refusing
+        every render of a character."""
+        limits, found = self.limits, []
+        for name, character in self.characters.items():
+            problems = []
+            pixels = character.width * character.height
+            if pixels > limits.max_pixels:
+                family, side = self.renderer.model_family(name)
+                problems.append(f"its {character.width}x{character.height} is {pixels} pixels, more than --max-pixels "
+                                f"{limits.max_pixels} (its model is {family}, made for {side}x{side}): raise "
+                                f"--max-pixels to at least {pixels}, or lower its width and height")
+            if character.steps > limits.max_steps:
+                problems.append(f"its steps {character.steps} are more than --max-steps {limits.max_steps}: raise "
+                                f"--max-steps to at least {character.steps}, or lower its steps")
+            count, most = self.renderer.count_tokens(name), self.renderer.max_tokens(name)
+            identity = character.prompt_template.format(identifier=character.identifier,
+                                                        class_word=character.class_word)
+            for key, text in (("prompt_template", identity), ("negative_prompt", character.negative_prompt or "")):
+                if count(text) > most:  # no option raises a text encoder's length
+                    problems.append(f"its {key} makes {count(text)} tokens, more than its text encoder's {most}: "
+                                    f"shorten {key}")
+            for option, value in (("--max-images", limits.max_images), ("--max-queue", limits.max_queue)):
+                if value < 1:
+                    problems.append(f"{option} {value} admits no image: raise {option} to at least 1")
+            if problems:
+                found.append(f"{name}: " + "; ".join(problems))
+        return found
 
     # ------------------------------------------------------------------------------------------- drawing
     def _draw(self, items: list[tuple[RenderRequest, str]]) -> list[bytes]:
