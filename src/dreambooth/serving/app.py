@@ -1,8 +1,9 @@
 """HTTP on the service (FastAPI): the endpoints, API keys and rate limits, the body limit, errors as JSON, metrics.
 
 Every refusal is JSON, `{"error": {"code": ..., "message": ...}}`, with the status that says what kind it is: 400 bad
-JSON, 401 no key, 403 a wrong key or an operator-only field, 404 an unknown character, 413 a body over the limit,
-422 a field out of range or over a limit, 429 the rate or the queue (with Retry-After), 504 the deadline.
+JSON, 401 no key, 403 a wrong key or an operator-only field, 404 an unknown character or path, 413 a body over the
+limit, 422 a field out of range or over a limit, 429 the rate or the queue (with Retry-After), 504 the deadline. Every
+code is a row of docs/serving.md's error table, which tests/test_serve_errors.py provokes row by row.
 """
 
 from __future__ import annotations
