@@ -46,6 +46,9 @@ class StandInRenderer:
     def model_family(self, name):
         return "SD 1.x", 512
 
+    def unusable(self, name):
+        return []
+
     def render(self, requests):
         if self.gate is not None:
             self.gate.wait(timeout=30)

@@ -723,14 +723,16 @@ def test_serve_refuses_at_start_up_the_characters_its_limits_would_refuse(tmp_pa
     entries += [{**base, "name": "slow", "model": str(tiny_model), "steps": 80},
                 {**base, "name": "wordy", "model": str(tiny_model),
                  "prompt_template": "{identifier} {class_word} " + "very " * 80},
-                {**base, "name": "grumpy", "model": str(tiny_model), "negative_prompt": "blurry " * 90}]
+                {**base, "name": "grumpy", "model": str(tiny_model), "negative_prompt": "blurry " * 90},
+                {**base, "name": "odd", "model": str(tiny_model), "scheduler": "NoSuchScheduler"}]
     path = characters_file(tmp_path, tiny_model, entries)
     capsys.readouterr()
     assert main(["serve", "--characters", str(path), "--port", "0", "--max-pixels", str(768 * 768)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: 4 character(s) of") and err.count("error:") == 1 and "Traceback" not in err
+    assert err.startswith("error: 5 character(s) of") and err.count("error:") == 1 and "Traceback" not in err
     lines = {line.split(":")[0].strip(): line for line in err.splitlines()[1:]}
-    assert sorted(lines) == ["grumpy", "slow", "wordy", "xl"], err
+    assert sorted(lines) == ["grumpy", "odd", "slow", "wordy", "xl"], err
+    assert "its scheduler: unknown scheduler 'NoSuchScheduler'; use one of dpm++" in lines["odd"]
     assert "1048576 pixels, more than --max-pixels 589824 (its model is SDXL, made for 64x64): raise --max-pixels " \
         "to at least 1048576" in lines["xl"]
     assert "steps 80 are more than --max-steps 50: raise --max-steps to at least 80" in lines["slow"]

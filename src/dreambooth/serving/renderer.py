@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dreambooth.characters.character import Character
 from dreambooth.characters.compiler import RenderRequest, token_counter, token_limit
+from dreambooth.errors import UserError
 from dreambooth.formats.lora import find_lora_file, new_tokens, token_file_for
 from dreambooth.formats.lora_loading import load_lora_adapter, text_sides
 from dreambooth.generate import png_info
@@ -111,6 +112,7 @@ class Renderer:
             self.drawn[character.name] = self._place(character)
         for slot in self.slots:  # after the LoRAs, whose new tokens the copies must know
             slot.counter = TokenCounter([tokenizer for _, tokenizer, _ in text_sides(slot.pipe)])
+        self._problems = {name: self._prepare_scheduler(drawn) for name, drawn in self.drawn.items()}
 
     # ------------------------------------------------------------------------------------------------ loading
     def _new_slot(self, model: str) -> Slot:
@@ -138,6 +140,21 @@ class Renderer:
         slot.adapters = slot.adapters or bool(names)
         return Drawn(character, slot, names, [lora.weight for lora in character.loras],
                      character_model_hash(character))
+
+    def _prepare_scheduler(self, drawn: Drawn) -> list[str]:
+        """The character's sampler, built now rather than on its first draw: a class name diffusers lacks passes the
+        characters file's check (it ends in Scheduler) and failed every render with a 500."""
+        name, slot = drawn.character.scheduler, drawn.slot
+        try:
+            if name not in slot.schedulers:
+                slot.schedulers[name] = make_scheduler(name, slot.schedulers["__base__"])
+        except UserError as e:
+            return [f"its scheduler: {e}"]
+        return []
+
+    def unusable(self, name: str) -> list[str]:
+        """What loading found that the character cannot be drawn with (empty when it can)."""
+        return self._problems[name]
 
     # ------------------------------------------------------------------------------------------------ drawing
     def count_tokens(self, name: str) -> TokenCounter:

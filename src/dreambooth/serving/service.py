@@ -80,6 +80,7 @@ class Renderer(Protocol):
     def max_tokens(self, name: str) -> int: ...
     def model_hash(self, name: str) -> str: ...
     def model_family(self, name: str) -> tuple[str, int]: ...
+    def unusable(self, name: str) -> list[str]: ...
     def render(self, requests: list[RenderRequest]) -> list[bytes]: ...
 
 
@@ -177,11 +178,11 @@ class Service:
     def never_drawn(self) -> list[str]:
         """Each character whose own settings this server's limits refuse, with what to raise or change: its size
         and steps (which every request that does not override them asks for), its prompt and negative prompt (which
-        no request can shorten), and one image. Checked at start-up, so that a server does not come up refusing
-        every render of a character."""
+        no request can shorten), one image, and what the renderer found it cannot draw with (its sampler). Checked
+        at start-up, so that a server does not come up refusing every render of a character."""
         limits, found = self.limits, []
         for name, character in self.characters.items():
-            problems = []
+            problems = list(self.renderer.unusable(name))
             pixels = character.width * character.height
             if pixels > limits.max_pixels:
                 family, side = self.renderer.model_family(name)
