@@ -245,6 +245,30 @@ def test_a_body_over_the_limit_is_refused_whether_or_not_it_says_its_length(serv
     assert chunked.status_code == 413
 
 
+def test_a_content_length_that_is_no_number_is_counted_not_called_over_the_limit():
+    """BodyLimit refused a Content-Length that is no number as a body over the limit; it now counts the body."""
+    from dreambooth.serving.app import BodyLimit
+
+    async def scenario(body: bytes):
+        reached, sent = [], []
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def app(scope, receive, send):
+            reached.append((await receive())["body"])
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        await BodyLimit(app, 10)({"type": "http", "headers": [(b"content-length", b"2x")]}, receive, send)
+        return reached, [m.get("status") for m in sent if m["type"] == "http.response.start"]
+
+    assert async_test(scenario(b"{}")) == ([b"{}"], [])
+    assert async_test(scenario(b"{" + b" " * 20 + b"}")) == ([], [413])
+
+
 def test_metrics_count_outcomes_batches_and_the_cache(served):
     service, client = served
     client.post("/v1/render", json={"character": "cat"}, headers=bearer(USER))
