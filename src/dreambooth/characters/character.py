@@ -37,6 +37,7 @@ from dreambooth.errors import UserError
 from dreambooth.models.base import SCHEDULERS
 
 MAX_SEED = 2**53 - 1  # seeds travel through JSON, whose numbers are exact up to 2**53
+MAX_GUIDANCE = 30.0  # a character's and a request's alike, so that a character's own guidance is always one to ask for
 SLOTS = ("appearance", "emotion", "expression", "gaze", "action", "outfit", "shot", "location", "time_of_day",
          "lighting", "style", "extra")
 CLOSED = ("emotion", "gaze", "shot", "time_of_day", "lighting")  # the state's enums
@@ -101,7 +102,7 @@ class Character(BaseModel):
     width: int = Field(512, ge=8, le=2048)
     height: int = Field(512, ge=8, le=2048)
     steps: int = Field(30, ge=1, le=150)
-    guidance: float = Field(7.5, ge=0.0, le=30.0)
+    guidance: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
     scheduler: str = "dpm++"
     seed_policy: Literal["state", "fixed"] = "state"
     seed: int = Field(0, ge=0, le=MAX_SEED)

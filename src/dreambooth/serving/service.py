@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dreambooth.characters.character import MAX_SEED, Character, merged_vocabulary
+from dreambooth.characters.character import MAX_GUIDANCE, MAX_SEED, Character, merged_vocabulary
 from dreambooth.characters.compiler import RenderRequest, compile_prompt
 from dreambooth.characters.state import CharacterState
 from dreambooth.errors import UserError
@@ -64,7 +64,7 @@ class RenderBody(BaseModel):
     n: int = Field(1, ge=1, description="Images to draw (more than 1 needs format json).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Replaces the seed policy's seed.")
     steps: int | None = Field(None, ge=1)
-    guidance: float | None = Field(None, ge=0.0, le=30.0)
+    guidance: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE)
     width: int | None = Field(None, ge=8)
     height: int | None = Field(None, ge=8)
     format: Literal["png", "json"] = Field("png", description="png: the image; json: images (base64), the compiled "
