@@ -322,11 +322,13 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 
 
 @contextlib.contextmanager
-def headless_chromium(profile: Path, window: str):
+def headless_chromium(profile: Path, window: str, offline: bool = False):
     """Debian's chromium through selenium, headless, with a fresh profile and the browser's console log kept.
 
     Skips without the binaries, unless DREAMBOOTH_REQUIRE_BROWSER=1 (CI), where it fails. Selenium Manager is never
-    asked for a browser: the binaries are given, and nothing goes to the network.
+    asked for a browser: the binaries are given, and nothing goes to the network. `offline`: every host but localhost
+    and 127.0.0.1 fails to resolve (IP addresses included), so a page reaches nothing else, and the DevTools log of
+    every request is kept (`requested_urls`).
     """
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
     if missing:
@@ -344,9 +346,22 @@ def headless_chromium(profile: Path, window: str):
                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
                      "--disable-dev-shm-usage", f"--window-size={window}", f"--user-data-dir={profile}"):
         options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    if offline:
+        options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", **({"performance": "ALL"} if offline else {})})
     driver = webdriver.Chrome(service=DriverService(executable_path=str(CHROMEDRIVER)), options=options)
     try:
         yield driver
     finally:
         driver.quit()
+
+
+def requested_urls(driver) -> list[str]:
+    """Every URL the browser asked for since the last call (DevTools' Network.requestWillBeSent), failed ones too;
+    needs headless_chromium(..., offline=True)."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls

@@ -43,6 +43,12 @@ class StandInRenderer:
     def model_hash(self, name):
         return "stand-in"
 
+    def model_family(self, name):
+        return "SD 1.x", 512
+
+    def unusable(self, name):
+        return []
+
     def render(self, requests):
         if self.gate is not None:
             self.gate.wait(timeout=30)

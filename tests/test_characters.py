@@ -233,8 +233,28 @@ def test_compile_prompt_prints_the_request_of_a_character_of_init(tiny_model, tm
     assert json.loads(capsys.readouterr().out)["title"] == "CharacterState"
 
 
+def test_numbers_that_are_not_finite_are_refused_as_such_in_the_characters_file(tmp_path):
+    """YAML's .nan and .inf are floats: a NaN passes no range check (it compares false with both bounds), so each
+    number of a character is refused as not finite, whatever check it would have failed."""
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    path = tmp_path / "characters.yaml"
+    path.write_text("characters:\n"
+                    "  - {name: a, model: m, identifier: sks, class_word: dog, guidance: .nan, steps: .inf,\n"
+                    "     loras: [{file: a.safetensors, weight: .nan}]}\n"
+                    "  - {name: b, model: m, identifier: sks, class_word: dog, width: -.inf, seed: .nan,\n"
+                    "     vocabulary: {slots: {extra: {priority: .inf}}}}\n")
+    message = problems_of(path)
+    for key in ("(a).guidance", "(a).steps", "(a).loras.0.weight", "(b).width", "(b).seed",
+                "(b).vocabulary.slots.extra.priority"):
+        assert f"{key}: " in message and "is not a finite number" in message.split(f"{key}: ")[1].split("\n")[0], \
+            (key, message)
+    assert "less than or equal" not in message and "greater than" not in message
+
+
 @pytest.mark.parametrize(("state", "message"), [
     ("{not json", "is not valid JSON"),
+    ('{"intensity": NaN}', "intensity: nan is not a finite number"),
+    ('{"intensity": -Infinity}', "intensity: -inf is not a finite number"),
     ('{"emotion": "elated", "intensity": 3}', "emotion: Input should be 'neutral'"),
     ('{"mood": "happy"}', "mood: Extra inputs are not permitted"),
     (None, "is a folder; give the file"),

@@ -275,13 +275,13 @@ def test_every_float_key_refuses_non_finite_numbers(value):
     keys = _float_keys()
     assert {("training", "learning_rate"), ("training", "snr_gamma"), ("lora", "alpha")} <= set(keys)
     for section, name in keys:
-        with pytest.raises(UserError, match=rf"{section}\.{name}: not a finite number"):
+        with pytest.raises(UserError, match=rf"{section}\.{name}: .* is not a finite number"):
             load_config(None, {"model.pretrained_model": "m", "dataset.instance_prompt": "a photo of sks dog",
                                f"{section}.{name}": value})
 
 
 def test_yaml_nan_is_refused_in_a_config_file(tmp_path):
-    with pytest.raises(UserError, match=r"training.learning_rate: not a finite number"):
+    with pytest.raises(UserError, match=r"training.learning_rate: nan is not a finite number"):
         load_config(write(tmp_path, "model: {pretrained_model: m}\ndataset: {instance_prompt: x}\n"
                                     "training: {learning_rate: .nan}\n"))
 

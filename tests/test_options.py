@@ -170,8 +170,8 @@ def test_a_mistyped_flag_gets_a_suggestion_in_every_command(capsys):
 def test_every_problem_of_a_command_line_is_reported_at_once(capsys):
     err = fails_with(capsys, ["generate", "--model", "m", "--steps", "abc", "--guidance", "nan", "--num-images", "0",
                               "--precision", "bf1", "--bogus-flag"])
-    for part in ("unrecognized arguments: --bogus-flag", "--steps 'abc': expected a whole number",
-                 "--guidance 'nan': not a finite number", "--num-images must be at least 1 (got 0)",
+    for part in ("unrecognized arguments: --bogus-flag", "--steps 'abc' is not a whole number",
+                 "--guidance 'nan' is not a finite number", "--num-images must be at least 1 (got 0)",
                  "--precision 'bf1' is not one of fp32, fp16, bf16 (did you mean bf16?)"):
         assert part in err, part
     err = fails_with(capsys, [*EVALUATE, "--images", "i", "--model", "m"])
@@ -218,9 +218,9 @@ def test_every_float_option_of_every_command_refuses_non_finite_numbers(value, c
             err = capsys.readouterr().err
         else:
             err = fails_with(capsys, _argv_with(command, cls, name, value))
-        assert f"'{value}': not a finite number" in err, (command, name)
+        assert f"'{value}' is not a finite number" in err, (command, name)
         seen.append(f"{command} {name}")
     assert {"generate guidance", "serve rate_per_minute", "compare full_lr"} <= set(seen)
     # and settings made in code
-    with pytest.raises(UserError, match="--guidance nan: not a finite number"):
+    with pytest.raises(UserError, match="--guidance nan is not a finite number"):
         check_settings(GenerateOptions(model=Path("m"), guidance=float("nan")))

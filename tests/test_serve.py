@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -71,6 +72,10 @@ def test_every_read_endpoint_answers(served):
     assert client.get("/v1/state-schema", headers=bearer(USER)).json() == state_schema()
     assert "/v1/render" in client.get("/openapi.json").json()["paths"]
     assert client.get("/").headers["content-type"].startswith("text/html")
+    docs = client.get("/docs").text  # script, style and icon from the server (in a browser: test_serve_page)
+    assert sorted(re.findall(r'(?:src|href)="([^"]+)"', docs)) == [
+        "/docs-assets/favicon.png", "/docs-assets/swagger-ui-bundle.js", "/docs-assets/swagger-ui.css"]
+    assert client.get("/docs-assets/swagger-ui-bundle.js").content.startswith(b"/*! For license information")
 
 
 def test_compile_is_the_compilers_request(served, tiny_model):
@@ -197,10 +202,23 @@ def test_api_keys(served, headers, status, code):
     ({"character": "dog", "state": {"mood": "happy"}}, 422, "invalid_request", "state.mood"),
     ({"character": "dog", "state": {"emotion": "ecstatic"}}, 422, "invalid_request", "state.emotion"),
     ({"character": "dog", "state": {"intensity": 2}}, 422, "invalid_request", "state.intensity"),
-    ({"character": "dog", "steps": 51}, 422, "over_limit", "steps 51"),
-    ({"character": "dog", "width": 1024, "height": 1024}, 422, "over_limit", "pixels"),
+    ({"character": "dog", "steps": 51}, 422, "over_limit", "steps 51 is more than this server's 50 (--max-steps)"),
+    ({"character": "dog", "width": 2048, "height": 2048}, 422, "over_limit",
+     f"2048x2048 is 4194304 pixels, more than this server's {ServeOptions.max_pixels} (--max-pixels)"),
     ({"character": "dog", "width": 100}, 422, "over_limit", "multiple of 8"),
-    ({"character": "dog", "n": 5, "format": "json"}, 422, "over_limit", "n 5"),
+    ({"character": "dog", "n": 5, "format": "json"}, 422, "over_limit", "n 5 is more images than this server's 4 a "
+     "request (--max-images)"),
+    ({"character": "dog", "deadline_s": 301}, 422, "over_limit", "deadline_s 301 is longer than this server's 300 s "
+     "(--deadline-s)"),
+    # Python's json reads NaN and Infinity; each number refuses them by name, not as out of its range.
+    (b'{"character": "dog", "guidance": NaN}', 422, "invalid_request", "guidance: nan is not a finite number"),
+    (b'{"character": "dog", "state": {"intensity": NaN}}', 422, "invalid_request",
+     "state.intensity: nan is not a finite number"),
+    (b'{"character": "dog", "steps": Infinity}', 422, "invalid_request", "steps: inf is not a finite number"),
+    (b'{"character": "dog", "n": -Infinity}', 422, "invalid_request", "n: -inf is not a finite number"),
+    (b'{"character": "dog", "seed": NaN}', 422, "invalid_request", "seed: nan is not a finite number"),
+    (b'{"character": "dog", "width": Infinity}', 422, "invalid_request", "width: inf is not a finite number"),
+    (b'{"character": "dog", "deadline_s": NaN}', 422, "invalid_request", "deadline_s: nan is not a finite number"),
     ({"character": "dog", "n": 2}, 422, "over_limit", "format"),
     ({"character": "dog", "seed": 2**53}, 422, "invalid_request", "seed"),
     ({"character": "dog", "path": "/etc/passwd"}, 422, "invalid_request", "path"),
@@ -211,7 +229,9 @@ def test_bad_requests_are_refused_with_what_is_wrong(served, body, status, code,
         if isinstance(body, bytes) else {"json": body, "headers": bearer(USER)}
     response = client.post("/v1/render", **kwargs)
     assert response.status_code == status, response.text
-    assert response.json()["error"]["code"] == code and says in response.json()["error"]["message"]
+    assert response.json()["error"]["code"] == code and says in response.json()["error"]["message"], response.text
+    if "not a finite number" in says:  # named as such, not as out of its range
+        assert "less than" not in response.text and "greater than" not in response.text
 
 
 def test_a_body_over_the_limit_is_refused_whether_or_not_it_says_its_length(served):
@@ -219,9 +239,34 @@ def test_a_body_over_the_limit_is_refused_whether_or_not_it_says_its_length(serv
     big = json.dumps({"character": "dog", "prompt": "x" * 70_000}).encode()
     said = client.post("/v1/render", content=big, headers={**bearer(OPERATOR), "content-type": "application/json"})
     assert said.status_code == 413 and said.json()["error"]["code"] == "body_too_large"
+    assert "limit of 64 KiB (65536 bytes, --max-body-kb)" in said.json()["error"]["message"]
     chunked = client.post("/v1/render", content=iter([big[:40_000], big[40_000:]]),
                           headers={**bearer(OPERATOR), "content-type": "application/json"})
     assert chunked.status_code == 413
+
+
+def test_a_content_length_that_is_no_number_is_counted_not_called_over_the_limit():
+    """BodyLimit refused a Content-Length that is no number as a body over the limit; it now counts the body."""
+    from dreambooth.serving.app import BodyLimit
+
+    async def scenario(body: bytes):
+        reached, sent = [], []
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def app(scope, receive, send):
+            reached.append((await receive())["body"])
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        await BodyLimit(app, 10)({"type": "http", "headers": [(b"content-length", b"2x")]}, receive, send)
+        return reached, [m.get("status") for m in sent if m["type"] == "http.response.start"]
+
+    assert async_test(scenario(b"{}")) == ([b"{}"], [])
+    assert async_test(scenario(b"{" + b" " * 20 + b"}")) == ([], [413])
 
 
 def test_metrics_count_outcomes_batches_and_the_cache(served):
@@ -238,20 +283,42 @@ def test_metrics_count_outcomes_batches_and_the_cache(served):
 
 # ---------------------------------------------------------------------------------------------- limits and keys
 
-def test_the_rate_limit_answers_429_with_retry_after(tmp_path, tiny_model):
+def test_the_rate_limit_answers_429_with_retry_after_and_names_the_limit_hit(tmp_path, tiny_model, monkeypatch):
+    """Three requests at once against a burst of 2 hit the burst, not the rate; requests kept up faster than the rate
+    for longer than a bucket lasts hit the rate. Each message names its own limit with its value."""
+    clock = [1000.0]
+    monkeypatch.setattr("dreambooth.serving.auth.time.monotonic", lambda: clock[0])
     service = stand_in_service(tmp_path, tiny_model, rate_per_minute=6, burst=2)
     with TestClient(create_app(service, parse_keys(KEYS, "test"))) as client:
         answers = [client.post("/v1/compile", json={"character": "dog"}, headers=bearer(USER)) for _ in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 429]
         assert answers[2].json()["error"]["code"] == "rate_limited" and answers[2].headers["retry-after"] == "10"
+        message = answers[2].json()["error"]["message"]
+        assert "more than 2 request(s) in a row for this key, this server's burst (--burst 2)" in message, message
+        assert "more than 6 requests a minute" not in message
         assert client.post("/v1/compile", json={"character": "dog"}, headers=bearer(OPERATOR)).status_code == 200
+        # One every 8 s, against a refill of one every 10 s, from a full bucket: the bucket (2) lasts past the 20 s
+        # it takes to refill, and the rate is what is hit.
+        statuses = []
+        for _ in range(12):
+            clock[0] += 8.0
+            answer = client.post("/v1/compile", json={"character": "dog"}, headers=bearer(OPERATOR))
+            statuses.append(answer.status_code)
+            if answer.status_code == 429:
+                break
+        assert statuses[:-1] == [200] * (len(statuses) - 1) and statuses[-1] == 429 and len(statuses) > 3
+        message = answer.json()["error"]["message"]
+        assert "more than 6 requests a minute for this key, kept up past a burst of 2: this server's rate " \
+            "(--rate-per-minute 6)" in message, message
 
 
-def test_rate_limiter_refills():
+def test_rate_limiter_refills(monkeypatch):
+    clock = [50.0]
+    monkeypatch.setattr("dreambooth.serving.auth.time.monotonic", lambda: clock[0])
     limiter = RateLimiter(per_minute=60, burst=1)
-    assert limiter.take("a") == 0 and limiter.take("a") == 1 and limiter.take("b") == 0
-    limiter._buckets["a"] = (0.0, time.monotonic() - 1.01)
-    assert limiter.take("a") == 0
+    assert limiter.take("a") is None and limiter.take("a").seconds == 1 and limiter.take("b") is None
+    clock[0] += 1.01
+    assert limiter.take("a") is None
 
 
 def test_keys_come_from_a_file_and_the_environment_and_are_checked(tmp_path, monkeypatch):
@@ -383,7 +450,7 @@ def test_queue_full_and_deadline_over_http(tmp_path, tiny_model):
         assert statuses == [429, 429, 504, 504, 504], statuses
         assert all(a.json()["error"]["code"] == "queue_full" and int(a.headers["retry-after"]) >= 1
                    for a in refused)
-        assert "queues at most 2." in refused[0].json()["error"]["message"]
+        assert "queues at most 2 (--max-queue)." in refused[0].json()["error"]["message"]
         assert all(a.json()["error"]["code"] == "deadline" for a in answers if a.status_code == 504)
         deadline_over = time.monotonic() + 10
         while renderer.calls < 1 and time.monotonic() < deadline_over:
@@ -455,6 +522,80 @@ def test_concurrent_requests_for_one_character_are_one_pipeline_call(tiny_model,
     assert sorted(sizes) == [1, 4]
     one = service.renderer.render([service.compile(RenderBody(character="dog", seed=2), False)])[0]
     assert np.abs(png_pixels(one) - png_pixels(answers[2].content)).max() <= 1  # a batch draws what one draws
+
+
+def test_counting_tokens_while_the_worker_draws_never_touches_the_pipelines_tokenizers(tiny_model, tmp_path):
+    """Issue 24: /v1/compile counted tokens with the pipeline's own tokenizer, whose every call sets padding and
+    truncation on its backend; a count between the worker's setting them and its encoding left the worker's text
+    unpadded, and the negative and the prompt came out at different lengths: a 500 ("Expected size 2 but got size
+    7" in torch.cat). The interleaving is forced, not hoped for: each time the worker's pipeline sets max-length
+    padding, it waits until a /v1/compile has been answered."""
+    import queue
+
+    from dreambooth.formats.lora_loading import text_sides
+
+    path = characters_file(tmp_path, tiny_model)
+    service = build_service(path, ServeOptions(characters=path, no_cache=True, batch_window_ms=0))
+    pipe = service.renderer.drawn["dog"].slot.pipe
+    counting = service.renderer.count_tokens("dog")
+    assert {id(t) for t in getattr(counting, "tokenizers", [])}.isdisjoint({id(t) for _, t, _ in text_sides(pipe)})
+    alone = service.renderer.render([service.compile(RenderBody(character="dog", seed=4), False)])[0]
+
+    entered, resumed = queue.Queue(), queue.Queue()
+    tokenizer, set_state = pipe.tokenizer, pipe.tokenizer.set_truncation_and_padding
+
+    def held(padding_strategy, *args, **kwargs):
+        set_state(padding_strategy, *args, **kwargs)
+        if threading.current_thread().name.startswith("render") and padding_strategy.value == "max_length":
+            entered.put(True)
+            resumed.get(timeout=30)
+
+    tokenizer.set_truncation_and_padding = held
+    import httpx2
+
+    with running(create_app(service, [], auth=False)) as url:
+        drawn = {}
+        worker = threading.Thread(target=lambda: drawn.update(answer=httpx2.post(
+            f"{url}/v1/render", json={"character": "dog", "seed": 4}, timeout=60)))
+        worker.start()
+        compiles = []
+        while worker.is_alive() or not entered.empty():
+            try:
+                entered.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            compiles.append(httpx2.post(f"{url}/v1/compile", json={"character": "dog", "state": {
+                "location": "beach"}}, timeout=30).status_code)
+            resumed.put(True)
+        worker.join(60)
+    assert compiles == [200, 200], "the prompt's and the negative prompt's encoding each waited for a count"
+    assert drawn["answer"].status_code == 200, drawn["answer"].text
+    assert np.abs(png_pixels(drawn["answer"].content) - png_pixels(alone)).max() <= 1
+
+
+def test_the_counting_tokenizers_take_turns_between_request_threads():
+    """The copies are shared by the request threads (sync endpoints run in a thread pool): two counts never run at
+    once. A count waits up to 0.5 s for a second one to arrive inside the tokenizer; with the lock none can."""
+    from types import SimpleNamespace
+
+    from dreambooth.serving.renderer import TokenCounter
+
+    meeting, met = threading.Barrier(2, timeout=0.5), []
+
+    class Meeting:
+        model_max_length = 77
+
+        def __call__(self, text, truncation=False):
+            try:
+                meeting.wait()
+                met.append(True)
+            except threading.BrokenBarrierError:
+                meeting.reset()
+            return SimpleNamespace(input_ids=text.split())
+
+    counter = TokenCounter([Meeting()])
+    counts = concurrently(2, lambda i: counter("a photo of sks dog"))
+    assert counts == [5, 5] and met == []
 
 
 # ---------------------------------------------------------------------------------------------- the cache
@@ -574,6 +715,54 @@ def test_serve_refuses_an_open_host_without_keys_and_reports_the_characters_file
     assert main(["serve", "--characters", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "3 problem(s)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--rate-per-minute", "--deadline-s", "--batch-window-ms", "--llm-timeout-s"])
+def test_serve_refuses_option_numbers_that_are_not_finite(flag, capsys):
+    """float() reads nan and inf, and a NaN passes a minimum: `--deadline-s nan` made every wait endless."""
+    from dreambooth.cli import main
+
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", f"{flag}={value}"])
+        assert e.value.code == 2 and f"{flag} '{value}' is not a finite number" in capsys.readouterr().err
+
+
+def test_serve_refuses_at_start_up_the_characters_its_limits_would_refuse(tmp_path, tiny_model, capsys):
+    """Issue 24: --max-pixels was 768x768, so an SDXL character at its native 1024x1024 got 422 on every render, and
+    nothing said so at start-up. The default now admits SDXL's size; and one message names every character whose own
+    settings the limits refuse, with what to raise, before the server listens."""
+    from dreambooth.cli import main
+    from dreambooth.models.tiny_families import build_model
+
+    xl = build_model(tmp_path / "xl", size="sdxl-tiny", seed=2)
+    base = {"identifier": "sks", "class_word": "dog", "width": 64, "height": 64}
+    entries = [{**base, "name": "xl", "model": str(xl), "width": 1024, "height": 1024},
+               {**base, "name": "fine", "model": str(tiny_model)}]
+    path = characters_file(tmp_path, tiny_model, entries)
+    service = build_service(path, ServeOptions(characters=path, no_cache=True))
+    request = service.compile(RenderBody(character="xl"), False)  # no over_limit
+    assert (request.width, request.height) == (1024, 1024)
+
+    entries += [{**base, "name": "slow", "model": str(tiny_model), "steps": 80},
+                {**base, "name": "wordy", "model": str(tiny_model),
+                 "prompt_template": "{identifier} {class_word} " + "very " * 80},
+                {**base, "name": "grumpy", "model": str(tiny_model), "negative_prompt": "blurry " * 90},
+                {**base, "name": "odd", "model": str(tiny_model), "scheduler": "NoSuchScheduler"}]
+    path = characters_file(tmp_path, tiny_model, entries)
+    capsys.readouterr()
+    assert main(["serve", "--characters", str(path), "--port", "0", "--max-pixels", str(768 * 768)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 5 character(s) of") and err.count("error:") == 1 and "Traceback" not in err
+    lines = {line.split(":")[0].strip(): line for line in err.splitlines()[1:]}
+    assert sorted(lines) == ["grumpy", "odd", "slow", "wordy", "xl"], err
+    assert "its scheduler: unknown scheduler 'NoSuchScheduler'; use one of dpm++" in lines["odd"]
+    assert "1048576 pixels, more than --max-pixels 589824 (its model is SDXL, made for 64x64): raise --max-pixels " \
+        "to at least 1048576" in lines["xl"]
+    assert "steps 80 are more than --max-steps 50: raise --max-steps to at least 80" in lines["slow"]
+    assert "its prompt_template makes" in lines["wordy"] and "shorten prompt_template" in lines["wordy"]
+    assert "its negative_prompt makes" in lines["grumpy"] and "more than its text encoder's 77" in lines["grumpy"]
+    assert ServeOptions.max_pixels == 1024 * 1024
 
 
 def test_serve_runs_and_answers_on_its_port(tmp_path, tiny_model):
@@ -748,7 +937,7 @@ def test_requests_that_could_never_fit_are_refused_as_such(tmp_path, tiny_model)
     service = stand_in_service(tmp_path, tiny_model, max_queue=2, max_images=4)
     with TestClient(create_app(service, [], auth=False)) as client:
         answer = client.post("/v1/render", json={"character": "dog", "n": 3, "format": "json"})
-        assert answer.status_code == 422 and "queue holds (2)" in answer.json()["error"]["message"]
+        assert answer.status_code == 422 and "queue holds (2, --max-queue)" in answer.json()["error"]["message"]
         long = client.post("/v1/compile", json={"character": "dog", "negative_prompt": "blurry " * 90})
         assert long.status_code == 422 and long.json()["error"]["code"] == "prompt_too_long"
 
@@ -764,7 +953,7 @@ def test_keyless_callers_do_not_grow_the_rate_limiter_without_bound(monkeypatch)
     limiter = RateLimiter(per_minute=6000, burst=1)
     monkeypatch.setattr(RateLimiter, "MAX_CALLERS", 100)
     for i in range(1000):
-        limiter._buckets[f"10.0.{i}"] = (1.0, time.monotonic() - 60)  # idle long enough to be full again
+        limiter._buckets[f"10.0.{i}"] = (1.0, time.monotonic() - 60, 0.0)  # idle long enough to be full again
     limiter.take("new caller")
     assert len(limiter._buckets) == 1
 

@@ -36,8 +36,8 @@ def state_of(message: str) -> dict:
 class FakeLLM:
     """POST /v1/chat/completions. Models: `fake` calls the tool; `content` and `fenced` put the JSON in the content
     (plain, in a ```json fence); `written` writes the call itself out as JSON; `nulls` sends every other field as
-    null; `invalid` an emotion outside the enum; `broken` arguments that are not JSON; `neither` prose; `http500`
-    and `http401` fail; `slow` answers after SLOW_S."""
+    null; `invalid` an emotion outside the enum; `nan` a NaN intensity; `broken` arguments that are not JSON;
+    `neither` prose; `http500` and `http401` fail; `slow` answers after SLOW_S."""
 
     def __init__(self):
         self.requests: list[dict] = []
@@ -62,6 +62,7 @@ class FakeLLM:
                        "neither": "I'd rather not say."}[mode]
             return completion(mode, {"role": "assistant", "content": content}, "stop")
         arguments = {"invalid": json.dumps({"emotion": "ecstatic"}), "broken": "{emotion: happy",
+                     "nan": '{"emotion": "happy", "intensity": NaN}',
                      "nulls": json.dumps({**dict.fromkeys(state_schema()["properties"]), **state})
                      }.get(mode, json.dumps(state))
         call = {"id": "call_1", "type": "function", "function": {"name": "set_character_state",
@@ -128,6 +129,13 @@ def test_an_invalid_state_names_the_key(llm):
     e = refused(llm.url, "invalid")
     assert (e.status, e.code) == (502, "llm_bad_state")
     assert "emotion: Input should be" in e.message and llm.url in e.message
+
+
+def test_a_number_that_is_not_finite_is_a_bad_state_named_as_such(llm):
+    """Python's json reads NaN; a NaN intensity passes no range check, so it is refused as not finite."""
+    e = refused(llm.url, "nan")
+    assert (e.status, e.code) == (502, "llm_bad_state")
+    assert "intensity: nan is not a finite number" in e.message and "less than" not in e.message
 
 
 def test_arguments_that_are_not_json_are_a_bad_state(llm):

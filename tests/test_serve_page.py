@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import headless_chromium
+from conftest import headless_chromium, requested_urls
 from PIL import Image
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -159,3 +159,28 @@ def test_page_asks_for_the_api_key(browser, service, tmp_path):
         wait_for_prompt(browser)
         render_and_check(browser, tmp_path, "page-auth")
         assert severe_logs(browser, allowed=("status of 401", "status of 403")) == []
+
+
+def test_the_api_page_renders_the_api_with_the_network_off(tmp_path, service):
+    """/docs loads Swagger UI's script, style and icon from the server (FastAPI's own page fetches them from a CDN and
+    was blank offline): with no host name resolving, the page lists the API's operations, and every request it made
+    went to the server itself. /redoc, whose script fetches a logo from its maker's CDN, is off."""
+    import httpx2
+
+    from dreambooth.serving.app import DOCS_FILES
+
+    with headless_chromium(tmp_path / "chromium", "1100,900", offline=True) as browser, \
+            running(create_app(service, [], auth=False)) as url:
+        browser.get(url + "/docs")
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")) >= 7,
+             "/docs listing the operations")
+        paths = {e.get_attribute("data-path") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        assert {"/v1/render", "/v1/compile", "/v1/chat-render", "/v1/characters", "/healthz"} <= paths, paths
+        assert "Compile Request" in browser.find_element(By.TAG_NAME, "body").text
+        urls = [u for u in requested_urls(browser) if not u.startswith("chrome://")]  # the blank tab's, in-browser
+        assert {f"{url}/openapi.json", *(f"{url}/docs-assets/{name}" for name in DOCS_FILES)} <= set(urls), urls
+        outside = [u for u in urls if not u.startswith((url + "/", "data:", "blob:"))]
+        assert outside == [], outside
+        assert severe_logs(browser) == []
+        assert httpx2.get(f"{url}/redoc").json()["error"]["code"] == "not_found"
+        assert httpx2.get(f"{url}/docs-assets/..%2F__init__.py").json()["error"]["code"] == "not_found"

@@ -209,7 +209,9 @@ class ServeOptions:
     no_cache: bool = option(False, help="Draw every request, keep no image cache.")
     cache_mb: int = option(1024, minimum=1, help="Largest size of the image cache; least recently used go first.")
     max_steps: int = option(50, minimum=1, help="Most sampling steps a request may ask for.")
-    max_pixels: int = option(768 * 768, minimum=64, help="Most pixels (width x height) a request may ask for.")
+    max_pixels: int = option(1024 * 1024, minimum=64, help="Most pixels (width x height) a request may ask for "
+                             "[default: 1048576, SDXL's native 1024x1024; SD 1.x's is 512x512, SD 2.x's "
+                             "768x768]. A character whose own size is over it is refused at start-up.")
     max_images: int = option(4, minimum=1, help="Most images in one request.")
     max_body_kb: int = option(64, minimum=1, help="Largest request body, in KiB.")
     rate_per_minute: float = option(120.0, minimum=0, help="Requests a minute per API key (0: no limit).")

@@ -169,7 +169,7 @@ def _format_error(err: dict[str, Any]) -> list[str]:
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     if err["type"] == "finite_number":  # worded as the flags and the service word it
-        return [f"{key}: not a finite number{shown}"]
+        return [f"{key}: {got!r} is not a finite number"]
     return [f"{key}: {err['msg'][0].lower() + err['msg'][1:]}{shown}"]
 
 

@@ -65,7 +65,7 @@ def whole_number(text: str) -> int | Refused:
     try:
         return int(text)
     except ValueError:
-        return Refused(text, "expected a whole number")
+        return Refused(text, "is not a whole number")
 
 
 def finite_number(text: str) -> float | Refused:
@@ -74,8 +74,8 @@ def finite_number(text: str) -> float | Refused:
     try:
         value = float(text)
     except ValueError:
-        return Refused(text, "expected a number")
-    return value if math.isfinite(value) else Refused(text, "not a finite number")
+        return Refused(text, "is not a number")
+    return value if math.isfinite(value) else Refused(text, "is not a finite number")
 
 
 VALUE_TYPES = {int: whole_number, float: finite_number}
@@ -163,9 +163,9 @@ def _value_problem(flag: str, meta: dict, v: Any) -> str | None:
     if v is None:
         return None
     if isinstance(v, Refused):
-        return f"{flag} {v.text!r}: {v.why}"
+        return f"{flag} {v.text!r} {v.why}"
     if isinstance(v, float) and not math.isfinite(v):
-        return f"{flag} {v}: not a finite number"
+        return f"{flag} {v} is not a finite number"
     if meta["choices"] is not None and v not in meta["choices"]:
         close = difflib.get_close_matches(str(v), list(map(str, meta["choices"])), n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]}?)" if close else ""

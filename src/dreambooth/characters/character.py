@@ -31,12 +31,13 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from dreambooth.characters.state import CharacterState
+from dreambooth.characters.state import CharacterState, problem_text
 from dreambooth.config_file import read_text, resolve_model_ref
 from dreambooth.errors import UserError
 from dreambooth.models.base import SCHEDULERS
 
 MAX_SEED = 2**53 - 1  # seeds travel through JSON, whose numbers are exact up to 2**53
+MAX_GUIDANCE = 30.0  # a character's and a request's alike, so that a character's own guidance is always one to ask for
 SLOTS = ("appearance", "emotion", "expression", "gaze", "action", "outfit", "shot", "location", "time_of_day",
          "lighting", "style", "extra")
 CLOSED = ("emotion", "gaze", "shot", "time_of_day", "lighting")  # the state's enums
@@ -78,7 +79,7 @@ class Vocabulary(BaseModel):
 
 
 class LoraRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN weight draws noise
 
     file: Path
     weight: float = 1.0
@@ -87,7 +88,7 @@ class LoraRef(BaseModel):
 class Character(BaseModel):
     """One character: how to draw it, and the defaults of every picture of it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # YAML's .nan and .inf are numbers to it
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     model: str
@@ -101,7 +102,7 @@ class Character(BaseModel):
     width: int = Field(512, ge=8, le=2048)
     height: int = Field(512, ge=8, le=2048)
     steps: int = Field(30, ge=1, le=150)
-    guidance: float = Field(7.5, ge=0.0, le=30.0)
+    guidance: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
     scheduler: str = "dpm++"
     seed_policy: Literal["state", "fixed"] = "state"
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -211,7 +212,8 @@ def load_characters(path: Path) -> dict[str, Character]:
         try:
             character = _resolved(Character.model_validate(entry), path.parent)
         except ValidationError as e:
-            problems += [f"{where}.{'.'.join(map(str, err['loc'])) or 'entry'}: {err['msg']}" for err in e.errors()]
+            problems += [f"{where}.{'.'.join(map(str, err['loc'])) or 'entry'}: {problem_text(err)}"
+                         for err in e.errors()]
             continue
         characters.setdefault(character.name, character)
     if problems:

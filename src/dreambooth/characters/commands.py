@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from dreambooth.characters.character import Character, load_characters
 from dreambooth.characters.compiler import compile_prompt, token_counter, token_limit
-from dreambooth.characters.state import CharacterState
+from dreambooth.characters.state import CharacterState, problem_text
 from dreambooth.config_file import read_text
 from dreambooth.errors import UserError
 
@@ -24,7 +24,7 @@ def read_state(path: Path) -> CharacterState:
     try:
         return CharacterState.model_validate(data)
     except ValidationError as e:
-        problems = [f"{'.'.join(map(str, err['loc'])) or 'state'}: {err['msg']}" for err in e.errors()]
+        problems = [f"{'.'.join(map(str, err['loc'])) or 'state'}: {problem_text(err)}" for err in e.errors()]
         raise UserError(f"--state {path} is not a valid state ({'; '.join(problems)}). `dreambooth compile-prompt "
                         "--schema` prints what a state holds.") from None
 

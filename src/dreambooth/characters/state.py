@@ -8,6 +8,7 @@ are short free text, used as written unless the vocabulary has words for them.
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -24,7 +25,9 @@ class CharacterState(BaseModel):
     """The character's state for one picture: emotion and how strongly, expression, action, gaze, outfit, place,
     time of day, lighting, camera shot, style, and extra words."""
 
-    model_config = ConfigDict(extra="forbid", title="CharacterState")
+    # NaN and Infinity (JSON from Python's json, YAML's .nan) are refused: a NaN intensity compares false with
+    # both bounds, so without this it was reported as "should be <= 1", and it would hash to a seed of its own.
+    model_config = ConfigDict(extra="forbid", title="CharacterState", allow_inf_nan=False)
 
     emotion: Literal[EMOTIONS] | None = Field(None, description="What the character feels.")  # type: ignore[valid-type]
     intensity: float = Field(0.5, ge=0.0, le=1.0, description="How strongly the emotion shows: 0 faint, 1 "
@@ -50,6 +53,16 @@ class CharacterState(BaseModel):
         """The state as one deterministic string, what a seed derived from the state hashes: only the values set
         (so a slot added to the schema later changes no stored state's seed), keys sorted."""
         return json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True, ensure_ascii=True)
+
+
+def problem_text(error: dict) -> str:
+    """What is wrong with one value, from one of pydantic's errors: its own message, except for a number that is not
+    finite (NaN, Infinity, where a number was due), which is named as such whatever check it failed first."""
+    value = error.get("input")
+    not_finite = isinstance(value, float) and not math.isfinite(value)
+    if error.get("type") == "finite_number" or not_finite:
+        return f"{value!r} is not a finite number (NaN and Infinity are refused)"
+    return error["msg"]
 
 
 def state_schema() -> dict:

@@ -1,8 +1,9 @@
 """HTTP on the service (FastAPI): the endpoints, API keys and rate limits, the body limit, errors as JSON, metrics.
 
 Every refusal is JSON, `{"error": {"code": ..., "message": ...}}`, with the status that says what kind it is: 400 bad
-JSON, 401 no key, 403 a wrong key or an operator-only field, 404 an unknown character, 413 a body over the limit,
-422 a field out of range or over a limit, 429 the rate or the queue (with Retry-After), 504 the deadline.
+JSON, 401 no key, 403 a wrong key or an operator-only field, 404 an unknown character or path, 413 a body over the
+limit, 422 a field out of range or over a limit, 429 the rate or the queue (with Retry-After), 504 the deadline. Every
+code is a row of docs/serving.md's error table, which tests/test_serve_errors.py provokes row by row.
 """
 
 from __future__ import annotations
@@ -10,24 +11,31 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import logging
 from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dreambooth.characters.state import state_schema
-from dreambooth.serving.auth import LOCAL, Key, RateLimiter, find_key
+from dreambooth.characters.state import problem_text, state_schema
+from dreambooth.serving.auth import LOCAL, Key, RateLimiter, Refusal, find_key
 from dreambooth.serving.service import ApiError, RenderBody, Rendered, Service
 
 log = logging.getLogger("dreambooth.serve")
 disable_created_metrics()  # the `_created` series double the page and say nothing a scraper needs
 ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/characters", "/v1/state-schema", "/v1/compile", "/v1/render",
              "/v1/chat-render", "/docs", "/openapi.json")
+# /docs loads Swagger UI from here, not from FastAPI's default CDN, so that it works offline: the files are the copies
+# the fastapi-offline package ships (fastapi_offline/static), served by name. FastAPI's /redoc is off: ReDoc's script
+# fetches its maker's logo from their CDN whatever it is told.
+DOCS_ASSETS = "/docs-assets"
+DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -46,7 +54,9 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
+        # A length that is no number says nothing about the size: the body is counted as it arrives instead (uvicorn
+        # refuses such a request before it gets here; this refused it as "over the limit").
+        if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse(scope, receive, send)
         messages, size = [], 0
         while True:
@@ -66,8 +76,9 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send):
-        response = error_response(413, "body_too_large", f"the request body is over this server's {self.limit} "
-                                  "bytes; a render request is a few hundred.")
+        response = error_response(413, "body_too_large", "the request body is over this server's limit of "
+                                  f"{self.limit / 1024:g} KiB ({self.limit} bytes, --max-body-kb); a render request "
+                                  "is a few hundred bytes.")
         await response(scope, receive, send)
 
 
@@ -127,13 +138,25 @@ def make_caller(service: Service, keys: list[Key], auth: bool):
             if key is None:
                 raise ApiError(403, "forbidden", "this API key is not one of the server's.")
             name = key.name
-        wait = limiter.take(name)
-        if wait:
-            raise ApiError(429, "rate_limited", f"more than {service.limits.rate_per_minute:g} requests a minute "
-                           f"for this key; retry in {wait} s.", {"Retry-After": str(wait)})
+        refused = limiter.take(name)
+        if refused:
+            raise ApiError(429, "rate_limited", rate_message(refused, service.limits, "key" if auth else "address"),
+                           {"Retry-After": str(refused.seconds)})
         return key
 
     return caller
+
+
+def rate_message(refused: Refusal, limits, whose: str) -> str:
+    """The limit a caller hit, with its value and the option that sets it."""
+    burst, rate = limits.burst, f"{limits.rate_per_minute:g}"
+    if refused.limit == "burst":
+        said = (f"more than {burst} request(s) in a row for this {whose}, this server's burst (--burst {burst}); "
+                f"after a burst it takes {rate} a minute (--rate-per-minute)")
+    else:
+        said = (f"more than {rate} requests a minute for this {whose}, kept up past a burst of {burst}: this "
+                f"server's rate (--rate-per-minute {rate})")
+    return f"{said}. Retry in {refused.seconds} s."
 
 
 def add_error_handlers(app: FastAPI, caller) -> None:
@@ -143,8 +166,21 @@ def add_error_handlers(app: FastAPI, caller) -> None:
     async def api_error(request: Request, e: ApiError):
         return error_response(e.status, e.code, e.message, e.headers)
 
+    def key_refused(request: Request) -> JSONResponse | None:
+        """The body is read before the key is checked: a /v1 caller without a key hears that first."""
+        if request.url.path.startswith("/v1/"):
+            try:
+                caller(request)
+            except ApiError as refused:
+                return error_response(refused.status, refused.code, refused.message, refused.headers)
+        return None
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 400:  # FastAPI's answer when json.loads fails other than on syntax, e.g. a RecursionError
+            why = "it is nested too deeply" if isinstance(e.__cause__, RecursionError) else "it could not be parsed"
+            return key_refused(request) or error_response(400, "bad_json", f"the body is not valid JSON ({why}); "
+                                                          "send one JSON object, as GET /docs describes.")
         codes = {404: "not_found", 405: "method_not_allowed"}
         return error_response(e.status_code, codes.get(e.status_code, f"http_{e.status_code}"),
                               f"{e.detail}: {request.method} {request.url.path} (GET /docs lists the API).",
@@ -152,11 +188,9 @@ def add_error_handlers(app: FastAPI, caller) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        if request.url.path.startswith("/v1/"):
-            try:  # the body is read before the key is checked: a caller without a key hears that first
-                caller(request)
-            except ApiError as refused:
-                return error_response(refused.status, refused.code, refused.message, refused.headers)
+        refused = key_refused(request)
+        if refused is not None:
+            return refused
         errors = e.errors()
         if any(err.get("type") == "json_invalid" for err in errors):
             return error_response(400, "bad_json", "the body is not valid JSON: "
@@ -164,7 +198,7 @@ def add_error_handlers(app: FastAPI, caller) -> None:
         if any(tuple(err["loc"]) == ("body",) for err in errors):
             return error_response(400, "bad_json", "the body must be a JSON object, sent with `Content-Type: "
                                   "application/json`.")
-        problems = [f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in errors]
+        problems = [f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {problem_text(err)}" for err in errors]
         return error_response(422, "invalid_request", "; ".join(problems) + ". GET /v1/state-schema describes a "
                               "state; /docs every field.")
 
@@ -172,6 +206,33 @@ def add_error_handlers(app: FastAPI, caller) -> None:
     async def failed(request: Request, e: Exception):
         log.exception("request failed")  # the details (paths, exceptions) stay in the server's log
         return error_response(500, "internal", "the server failed to answer; its log says why. Retry later.")
+
+
+@functools.cache
+def docs_file(name: str) -> bytes:
+    return resources.files("fastapi_offline").joinpath("static", name).read_bytes()
+
+
+def add_docs(app: FastAPI) -> None:
+    """/docs: FastAPI's own Swagger UI page, pointed at the local copies of its script, style and icon."""
+
+    def local(request: Request, path: str) -> str:
+        return f"{request.scope.get('root_path', '')}{path}"  # behind a proxy's prefix, as FastAPI's own pages do
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_page(request: Request):
+        return get_swagger_ui_html(
+            openapi_url=local(request, app.openapi_url), title=f"{app.title} - Swagger UI",
+            swagger_js_url=local(request, f"{DOCS_ASSETS}/swagger-ui-bundle.js"),
+            swagger_css_url=local(request, f"{DOCS_ASSETS}/swagger-ui.css"),
+            swagger_favicon_url=local(request, f"{DOCS_ASSETS}/favicon.png"), oauth2_redirect_url=None,
+            swagger_ui_parameters={"validatorUrl": None})  # no spec sent to swagger.io's validator
+
+    @app.get(DOCS_ASSETS + "/{name}", include_in_schema=False)
+    def docs_asset(name: str):
+        if name not in DOCS_FILES:  # names from a fixed list: nothing a request says reaches the file system
+            raise StarletteHTTPException(404, "Not Found")
+        return Response(docs_file(name), media_type=DOCS_FILES[name], headers={"Cache-Control": "max-age=86400"})
 
 
 def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=None) -> FastAPI:
@@ -186,9 +247,10 @@ def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=Non
         if chat is not None:
             await chat.aclose()
 
-    app = FastAPI(title="dreambooth serve", version="1", lifespan=lifespan,
+    app = FastAPI(title="dreambooth serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Characters drawn on demand: a state (GET /v1/state-schema) becomes a prompt around the "
                   "character's identifier, and the character's model draws it.")
+    add_docs(app)
     app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
     app.add_middleware(Measured, service=service)  # outermost: 413s are counted too
     caller = make_caller(service, keys, auth)

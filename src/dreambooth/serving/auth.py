@@ -91,33 +91,49 @@ def find_key(keys: list[Key], token: str) -> Key | None:
     return found
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A request over its caller's limit: the seconds until it may go on (Retry-After), and which limit it hit:
+    `burst` (more requests in a row than the bucket holds) or `rate` (more than the rate, kept up)."""
+
+    seconds: int
+    limit: str
+
+
 class RateLimiter:
     """A token bucket per caller: `per_minute` requests a minute on average, bursts of up to `burst`."""
 
     def __init__(self, per_minute: float, burst: int):
-        self.rate, self.burst = per_minute / 60.0, burst
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self.per_minute, self.burst = per_minute, burst
+        self.rate = per_minute / 60.0
+        # caller -> (tokens, when they were counted, when the bucket was last full)
+        self._buckets: dict[str, tuple[float, float, float]] = {}
         self._lock = threading.Lock()
 
     MAX_CALLERS = 10_000  # keyless callers are addresses: buckets of idle ones are dropped past this many
 
-    def take(self, caller: str) -> int:
-        """0 if the caller may go on; otherwise the seconds until it may (Retry-After)."""
+    def take(self, caller: str) -> Refusal | None:
+        """None if the caller may go on; otherwise how long to wait and which limit was hit."""
         if self.rate <= 0:
-            return 0
+            return None
         now = time.monotonic()
         with self._lock:
             if len(self._buckets) >= self.MAX_CALLERS and caller not in self._buckets:
                 self._evict_full(now)
-            tokens, last = self._buckets.get(caller, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            tokens, last, full_at = self._buckets.get(caller, (float(self.burst), now, now))
+            tokens = tokens + (now - last) * self.rate
+            if tokens >= self.burst:
+                tokens, full_at = float(self.burst), now
             if tokens >= 1.0:
-                self._buckets[caller] = (tokens - 1.0, now)
-                return 0
-            self._buckets[caller] = (tokens, now)
-            return max(1, math.ceil((1.0 - tokens) / self.rate))
+                self._buckets[caller] = (tokens - 1.0, now, full_at)
+                return None
+            self._buckets[caller] = (tokens, now, full_at)
+            seconds = max(1, math.ceil((1.0 - tokens) / self.rate))
+            # Emptied sooner than the rate refills a whole bucket: the requests came as a burst larger than the
+            # bucket. Emptied later: they came faster than the rate for longer than that, so the rate was hit.
+            return Refusal(seconds, "burst" if now - full_at < self.burst / self.rate else "rate")
 
     def _evict_full(self, now: float) -> None:
         """Forgets callers whose bucket has refilled: forgetting them changes nothing they may do."""
         refill = self.burst / self.rate
-        self._buckets = {c: (t, last) for c, (t, last) in self._buckets.items() if now - last < refill}
+        self._buckets = {c: bucket for c, bucket in self._buckets.items() if now - bucket[1] < refill}

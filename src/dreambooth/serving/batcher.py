@@ -18,8 +18,9 @@ from typing import Any
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after: int):
-        super().__init__(f"the render queue is full; retry in {retry_after} s")
+    def __init__(self, waiting: int, asked: int, retry_after: int):
+        super().__init__(f"the render queue holds {waiting} image(s) waiting, and {asked} more would not fit; "
+                         f"retry in {retry_after} s")
         self.retry_after = retry_after
 
 
@@ -77,7 +78,7 @@ class Batcher:
     def submit(self, key: Hashable, items: list, deadline: float) -> list[Job]:
         """Queues every item or none of them: a request's images are refused together when they do not fit."""
         if len(self.pending) + len(items) > self.max_queue:
-            raise QueueFull(self.retry_after(len(items)))
+            raise QueueFull(len(self.pending), len(items), self.retry_after(len(items)))
         loop = asyncio.get_running_loop()
         jobs = [Job(key, item, deadline, loop.create_future()) for item in items]
         self.pending.extend(jobs)

@@ -17,7 +17,7 @@ import openai
 from pydantic import ValidationError
 
 from dreambooth.characters.character import Character
-from dreambooth.characters.state import CharacterState, state_schema
+from dreambooth.characters.state import CharacterState, problem_text, state_schema
 from dreambooth.errors import UserError
 from dreambooth.serving.service import ApiError
 
@@ -96,7 +96,8 @@ class ChatStates:
         try:
             return CharacterState.model_validate(values)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'state'}: {err['msg']}" for err in e.errors())
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'state'}: {problem_text(err)}"
+                                 for err in e.errors())
             raise ApiError(502, "llm_bad_state", f"the language model at {self.where} gave a state that does not "
                            f"fit the schema ({problems}); retry, or use a model that follows tool schemas "
                            "(GET /v1/state-schema).") from None

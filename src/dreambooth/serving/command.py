@@ -30,7 +30,7 @@ def is_loopback(host: str) -> bool:
 
 def check_installed() -> None:
     missing = []
-    for module in ("fastapi", "uvicorn", "prometheus_client", "compel"):
+    for module in ("fastapi", "fastapi_offline", "uvicorn", "prometheus_client", "compel"):
         try:
             __import__(module)
         except ImportError:
@@ -60,7 +60,8 @@ def demo_characters_file(demo_dir: Path) -> Path:
 
 
 def build_service(characters_file: Path, options):
-    """The service of a characters file with the options' limits, cache and device (models loaded)."""
+    """The service of a characters file with the options' limits, cache and device (models loaded); a UserError
+    naming every character the limits leave undrawable."""
     from dreambooth.serving.cache import ImageCache
     from dreambooth.serving.renderer import Renderer
     from dreambooth.serving.service import Limits, Service
@@ -73,7 +74,13 @@ def build_service(characters_file: Path, options):
                     deadline_s=options.deadline_s)
     folder = None if options.no_cache else (options.cache_dir or Path(characters_file).parent / ".serve-cache")
     renderer = Renderer(characters, device=options.device, precision=options.precision)
-    return Service(characters, renderer, limits=limits, cache=ImageCache(folder, options.cache_mb * 1024 * 1024))
+    service = Service(characters, renderer, limits=limits, cache=ImageCache(folder, options.cache_mb * 1024 * 1024))
+    never = service.never_drawn()  # after the models load: the tokens are their tokenizers', the family their own
+    if never:
+        raise UserError(f"{len(never)} character(s) of {characters_file} cannot be drawn as the file describes "
+                        "them within this server's limits (every request that keeps their settings would be "
+                        "refused):\n  " + "\n  ".join(never))
+    return service
 
 
 def build_app(options):
@@ -122,7 +129,11 @@ def serve_command(options) -> None:
     import uvicorn
 
     sock = listening_socket(options.host, options.port)
-    app, service = build_app(options)
+    try:
+        app, service = build_app(options)
+    except BaseException:
+        sock.close()  # the port is free again at once, for the corrected command
+        raise
     port = sock.getsockname()[1]
     names = ", ".join(sorted(service.characters))
     print(f"serving {len(service.characters)} character(s) ({names}) at http://{options.host}:{port}/ (the page; "

@@ -5,6 +5,9 @@ switched per batch (`set_adapters` with the character's weights; `disable_lora` 
 ten LoRA characters on one base hold one base in memory. Two LoRAs that bring the same new token (two characters
 trained as `<sks>`) cannot share a tokenizer: the second gets its own copy of the base, with a note.
 
+Prompts are measured with the slot's own copies of the pipeline's tokenizers (`TokenCounter`), never with the
+pipeline's: a tokenizer call sets state that the next call reads, and the pipeline is the worker thread's alone.
+
 A render request whose fragments all weigh 1.0 is drawn from its prompt text, exactly as `dreambooth generate`
 draws that prompt; weighted fragments (an emotion's intensity) become weighted embeddings through compel, which
 builds them from (text, weight) pairs.
@@ -12,6 +15,7 @@ builds them from (text, weight) pairs.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import threading
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from dreambooth.characters.character import Character
 from dreambooth.characters.compiler import RenderRequest, token_counter, token_limit
+from dreambooth.errors import UserError
 from dreambooth.formats.lora import find_lora_file, new_tokens, token_file_for
 from dreambooth.formats.lora_loading import load_lora_adapter, text_sides
 from dreambooth.generate import png_info
@@ -27,9 +32,29 @@ from dreambooth.models.base import model_identity
 from dreambooth.models.loading import load_pipeline, make_scheduler, pick_device, pick_dtype
 
 
+class TokenCounter:
+    """A prompt's tokens as a pipeline's tokenizers count them (the most of SDXL's two), on copies of its own.
+
+    A transformers tokenizer keeps padding and truncation on its backend between calls, and every call sets them:
+    counting with the pipeline's tokenizer (truncation off, no padding) from a request thread, while the worker thread
+    was between setting them and encoding, gave the worker's negative prompt 2 tokens against the prompt's 77, and
+    torch.cat failed ("Expected size 2 but got size 77"; ~2% of renders under /v1/compile + /v1/render load). The
+    copies are shared by the request threads (sync endpoints run in a thread pool), so calls take turns."""
+
+    def __init__(self, tokenizers: list):
+        self.tokenizers = [copy.deepcopy(tokenizer) for tokenizer in tokenizers]
+        self.counters = [token_counter(tokenizer) for tokenizer in self.tokenizers]
+        self.limit = min(token_limit(tokenizer) for tokenizer in self.tokenizers)
+        self._lock = threading.Lock()
+
+    def __call__(self, text: str) -> int:
+        with self._lock:
+            return max(count(text) for count in self.counters)
+
+
 @dataclass
 class Slot:
-    """A pipeline and what is loaded into it."""
+    """A pipeline and what is loaded into it; the pipeline, its schedulers and compel are the worker thread's."""
 
     pipe: object
     model: str
@@ -37,6 +62,7 @@ class Slot:
     adapters: bool = False
     schedulers: dict = field(default_factory=dict)
     compel: object = None
+    counter: TokenCounter | None = None  # the request threads' tokenizers, copied once every LoRA is loaded
 
 
 @dataclass
@@ -84,6 +110,9 @@ class Renderer:
         self._lock = threading.Lock()
         for character in characters.values():
             self.drawn[character.name] = self._place(character)
+        for slot in self.slots:  # after the LoRAs, whose new tokens the copies must know
+            slot.counter = TokenCounter([tokenizer for _, tokenizer, _ in text_sides(slot.pipe)])
+        self._problems = {name: self._prepare_scheduler(drawn) for name, drawn in self.drawn.items()}
 
     # ------------------------------------------------------------------------------------------------ loading
     def _new_slot(self, model: str) -> Slot:
@@ -112,15 +141,40 @@ class Renderer:
         return Drawn(character, slot, names, [lora.weight for lora in character.loras],
                      character_model_hash(character))
 
+    def _prepare_scheduler(self, drawn: Drawn) -> list[str]:
+        """The character's sampler, built now rather than on its first draw: a class name diffusers lacks passes the
+        characters file's check (it ends in Scheduler) and failed every render with a 500."""
+        name, slot = drawn.character.scheduler, drawn.slot
+        try:
+            if name not in slot.schedulers:
+                slot.schedulers[name] = make_scheduler(name, slot.schedulers["__base__"])
+        except UserError as e:
+            return [f"its scheduler: {e}"]
+        return []
+
+    def unusable(self, name: str) -> list[str]:
+        """What loading found that the character cannot be drawn with (empty when it can)."""
+        return self._problems[name]
+
     # ------------------------------------------------------------------------------------------------ drawing
-    def count_tokens(self, name: str):
-        return token_counter(self.drawn[name].slot.pipe.tokenizer)
+    def count_tokens(self, name: str) -> TokenCounter:
+        """The counter of the character's prompts, for any thread but the worker (whose pipeline it never touches)."""
+        return self.drawn[name].slot.counter
 
     def max_tokens(self, name: str) -> int:
-        return token_limit(self.drawn[name].slot.pipe.tokenizer)
+        return self.drawn[name].slot.counter.limit
 
     def model_hash(self, name: str) -> str:
         return self.drawn[name].model_hash
+
+    def model_family(self, name: str) -> tuple[str, int]:
+        """The family of the character's model as loaded, and the side its UNet was made for, in pixels (SD 1.x 512,
+        SD 2.x 768 or 512, SDXL 1024): SDXL has a second text encoder; SD 2.x's OpenCLIP tokenizer pads with `!`."""
+        pipe = self.drawn[name].slot.pipe
+        side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            return "SDXL", side
+        return ("SD 2.x" if pipe.tokenizer.pad_token == "!" else "SD 1.x"), side
 
     def _activate(self, drawn: Drawn, scheduler: str) -> None:
         slot, pipe = drawn.slot, drawn.slot.pipe

@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dreambooth.characters.character import MAX_SEED, Character, merged_vocabulary
+from dreambooth.characters.character import MAX_GUIDANCE, MAX_SEED, Character, merged_vocabulary
 from dreambooth.characters.compiler import RenderRequest, compile_prompt
 from dreambooth.characters.state import CharacterState
 from dreambooth.errors import UserError
@@ -31,7 +31,7 @@ class Limits:
 
     max_body_bytes: int = 64 * 1024
     max_steps: int = 50
-    max_pixels: int = 768 * 768
+    max_pixels: int = 1024 * 1024  # SDXL's native size; SD 1.x draws 512x512, SD 2.x 768x768
     max_images: int = 4
     rate_per_minute: float = 120.0
     burst: int = 20
@@ -52,7 +52,8 @@ class ApiError(Exception):
 class RenderBody(BaseModel):
     """A picture of a character: its state (or, for operators, a raw prompt), and what to change of its defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Python's json reads NaN and Infinity, and a NaN passes no range check: refused as not finite, by name.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     character: str = Field(max_length=64, description="The character's name (GET /v1/characters).")
     state: CharacterState | None = Field(None, description="The character's state; empty if neither it nor "
@@ -63,13 +64,13 @@ class RenderBody(BaseModel):
     n: int = Field(1, ge=1, description="Images to draw (more than 1 needs format json).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Replaces the seed policy's seed.")
     steps: int | None = Field(None, ge=1)
-    guidance: float | None = Field(None, ge=0.0, le=30.0)
+    guidance: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE)
     width: int | None = Field(None, ge=8)
     height: int | None = Field(None, ge=8)
     format: Literal["png", "json"] = Field("png", description="png: the image; json: images (base64), the compiled "
                                            "request and the seeds.")
     deadline_s: float | None = Field(None, gt=0, description="Give up after this many seconds (at most the "
-                                     "server's).")
+                                     "server's --deadline-s).")
 
 
 class Renderer(Protocol):
@@ -78,6 +79,8 @@ class Renderer(Protocol):
     def count_tokens(self, name: str): ...
     def max_tokens(self, name: str) -> int: ...
     def model_hash(self, name: str) -> str: ...
+    def model_family(self, name: str) -> tuple[str, int]: ...
+    def unusable(self, name: str) -> list[str]: ...
     def render(self, requests: list[RenderRequest]) -> list[bytes]: ...
 
 
@@ -148,23 +151,60 @@ class Service:
         return request
 
     def _check_limits(self, request: RenderRequest, body: RenderBody) -> None:
+        """Each limit the request passes, named with this server's value and the option that sets it."""
         limits, problems = self.limits, []
         if request.steps > limits.max_steps:
-            problems.append(f"steps {request.steps} is more than this server's {limits.max_steps}")
+            problems.append(f"steps {request.steps} is more than this server's {limits.max_steps} (--max-steps)")
         if request.width * request.height > limits.max_pixels:
             problems.append(f"{request.width}x{request.height} is {request.width * request.height} pixels, more "
-                            f"than this server's {limits.max_pixels}")
+                            f"than this server's {limits.max_pixels} (--max-pixels)")
         for side in ("width", "height"):
             if getattr(request, side) % 8:
                 problems.append(f"{side} {getattr(request, side)} is not a multiple of 8")
         if body.n > limits.max_images:
-            problems.append(f"n {body.n} is more images than this server's {limits.max_images} a request")
+            problems.append(f"n {body.n} is more images than this server's {limits.max_images} a request "
+                            "(--max-images)")
         if body.n > limits.max_queue:
-            problems.append(f"n {body.n} is more images than this server's queue holds ({limits.max_queue})")
+            problems.append(f"n {body.n} is more images than this server's queue holds ({limits.max_queue}, "
+                            "--max-queue)")
         if body.n > 1 and body.format == "png":
             problems.append("n > 1 needs \"format\": \"json\" (one PNG holds one image)")
+        if body.deadline_s is not None and body.deadline_s > limits.deadline_s:
+            problems.append(f"deadline_s {body.deadline_s:g} is longer than this server's {limits.deadline_s:g} s "
+                            "(--deadline-s)")
         if problems:
             raise ApiError(422, "over_limit", "; ".join(problems) + ".")
+
+    def never_drawn(self) -> list[str]:
+        """Each character whose own settings this server's limits refuse, with what to raise or change: its size
+        and steps (which every request that does not override them asks for), its prompt and negative prompt (which
+        no request can shorten), one image, and what the renderer found it cannot draw with (its sampler). Checked
+        at start-up, so that a server does not come up refusing every render of a character."""
+        limits, found = self.limits, []
+        for name, character in self.characters.items():
+            problems = list(self.renderer.unusable(name))
+            pixels = character.width * character.height
+            if pixels > limits.max_pixels:
+                family, side = self.renderer.model_family(name)
+                problems.append(f"its {character.width}x{character.height} is {pixels} pixels, more than --max-pixels "
+                                f"{limits.max_pixels} (its model is {family}, made for {side}x{side}): raise "
+                                f"--max-pixels to at least {pixels}, or lower its width and height")
+            if character.steps > limits.max_steps:
+                problems.append(f"its steps {character.steps} are more than --max-steps {limits.max_steps}: raise "
+                                f"--max-steps to at least {character.steps}, or lower its steps")
+            count, most = self.renderer.count_tokens(name), self.renderer.max_tokens(name)
+            identity = character.prompt_template.format(identifier=character.identifier,
+                                                        class_word=character.class_word)
+            for key, text in (("prompt_template", identity), ("negative_prompt", character.negative_prompt or "")):
+                if count(text) > most:  # no option raises a text encoder's length
+                    problems.append(f"its {key} makes {count(text)} tokens, more than its text encoder's {most}: "
+                                    f"shorten {key}")
+            for option, value in (("--max-images", limits.max_images), ("--max-queue", limits.max_queue)):
+                if value < 1:
+                    problems.append(f"{option} {value} admits no image: raise {option} to at least 1")
+            if problems:
+                found.append(f"{name}: " + "; ".join(problems))
+        return found
 
     # ------------------------------------------------------------------------------------------- drawing
     def _draw(self, items: list[tuple[RenderRequest, str]]) -> list[bytes]:
@@ -186,13 +226,13 @@ class Service:
         self.metrics.cache.labels("miss").inc(sum(f is None for f in found))
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
-            seconds = min(body.deadline_s or self.limits.deadline_s, self.limits.deadline_s)
+            seconds = body.deadline_s or self.limits.deadline_s  # at most the server's: _check_limits
             deadline = time.monotonic() + seconds
             try:
                 jobs = self.batcher.submit(batch_key(request), [(per_image[i], keys[i]) for i in missing], deadline)
             except QueueFull as e:
                 raise ApiError(429, "queue_full", f"{e}. The server draws {self.limits.max_batch} image(s) at a "
-                               f"time and queues at most {self.limits.max_queue}.",
+                               f"time (--max-batch) and queues at most {self.limits.max_queue} (--max-queue).",
                                {"Retry-After": str(e.retry_after)}) from None
             pngs = await self._wait(jobs, deadline, seconds, disconnected)
             for i, png in zip(missing, pngs):
@@ -218,6 +258,6 @@ class Service:
         except DeadlineExceeded:
             raise ApiError(504, "deadline", f"not drawn within {seconds:g} s (the queue was long or the model slow); "
                            "retry later, or with a longer deadline_s up to the server's "
-                           f"{self.limits.deadline_s:g}.") from None
+                           f"{self.limits.deadline_s:g} (--deadline-s).") from None
         finally:
             self.batcher.cancel(jobs)  # whatever is still queued goes; a batch drawing finishes into the cache
