@@ -793,3 +793,30 @@ def test_report_of_a_folder_that_is_no_run_names_what_to_pass(finished_run, tmp_
     assert "Pass the --output_dir of a `dreambooth train` run" in err
     cli_run(capsys, "report", out)
     assert (out / "report.html").is_file()
+
+
+# --------------------------------------------------------------------------------------- the README's table
+
+
+def troubleshooting_rows() -> list[str]:
+    """The messages the README's troubleshooting table quotes (its first column), as written there."""
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return [quoted for row in rows for quoted in QUOTED.findall(row.split(" | ")[0])]
+
+
+PLACEHOLDER_WORD = re.compile(r"\.\.\.|\b[A-Z]\b|\b[A-Z]_[A-Z]+\b|org/name|\b\d+\b")
+
+
+def test_the_readme_troubleshooting_table_quotes_what_the_tool_prints():
+    """Each message the table quotes is made of pieces the package's messages hold (its placeholders, X, N, ...,
+    standing for what the message fills in): a message reworded in the code fails here until the README follows."""
+    texts = [text for _, _, text, quiet in package_strings() if not quiet]
+    rows = troubleshooting_rows()
+    assert len(rows) >= 15
+    missing = []
+    for row in rows:
+        pieces = [p.strip(" ,.():") for p in PLACEHOLDER_WORD.split(row)]
+        missing += [f"{row!r}: {p!r}" for p in pieces if len(p) >= 6 and not any(p in text for text in texts)]
+    assert not missing, "the README quotes words no message has:\n" + "\n".join(missing)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -195,6 +196,19 @@ def is_hub_id(model: str) -> bool:
     return bool(HUB_ID.match(model)) and not Path(model).expanduser().exists() and not model.startswith((".", "~"))
 
 
+def hub_timeout() -> float:
+    """Seconds to wait for the hub's answer: $DREAMBOOTH_HUB_TIMEOUT, 10 unset."""
+    text = os.environ.get("DREAMBOOTH_HUB_TIMEOUT", "10")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UserError(f"$DREAMBOOTH_HUB_TIMEOUT is {text!r}: it must be a finite number of seconds over 0 (e.g. 10); "
+                        "unset it for 10.")
+    return seconds
+
+
 def cached_snapshot(repo_id: str, revision: str | None) -> str | None:
     """The local copy of a hub model already downloaded to this machine (a whole pipeline), never fetching."""
     from huggingface_hub import snapshot_download
@@ -225,8 +239,7 @@ def resolve_hub_model(repo_id: str, revision: str | None = None, what: str = "mo
                         "fetched from the hub (nor is it in the local hub cache). Pass a local diffusers folder, or "
                         "download it on a connected machine first (`hf download " + repo_id + "`).")
     try:
-        HfApi().model_info(repo_id, revision=revision, timeout=float(os.environ.get("DREAMBOOTH_HUB_TIMEOUT", 10)),
-                           token=token)
+        HfApi().model_info(repo_id, revision=revision, timeout=hub_timeout(), token=token)
         return repo_id
     except GatedRepoError:
         reason = "it is gated: accept its licence on the hub and log in (`hf auth login`) or pass a token"
