@@ -23,8 +23,8 @@ MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
 # The layers of docs/design.md, bottom first: a module imports only from its own layer or the layers below it.
 LAYERS = {
     "base": ["errors", "versions", "options", "command_options", "formats.atomic", "training.speed"],
-    "what things are": ["config", "config_file", "models.base", "formats.lora", "training.images", "training.tokens",
-                        "training.rundir", "training.loss"],
+    "what things are": ["config", "config_file", "models.base", "models.layout", "formats.lora", "formats.lora_fit",
+                        "training.images", "training.tokens", "training.rundir", "training.loss"],
     "models and drawing": ["models.loading", "formats.lora_loading", "models.tiny", "models.tiny_families",
                            "generate"],
     "exports": ["formats.kohya", "formats.merge", "formats.single_file"],

@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 
 from dreambooth.errors import UserError
+from dreambooth.formats.lora import check_lora_source, parse_lora_spec
+from dreambooth.formats.lora_fit import check_lora_fits
 from dreambooth.models.loading import pick_device
 from dreambooth.options import check_settings
 from dreambooth.training.images import IMAGE_EXTENSIONS, load_image, scan_image_folder
@@ -363,6 +365,8 @@ def evaluate_command(options) -> dict:
     if options.images is not None and (options.prompt or options.prompts_file or options.lora or options.seeds):
         raise UserError("--prompt, --prompts-file, --lora and --seed choose what --model generates; with --images "
                         "each image's prompt is read from its metadata. Drop them, or use --model.")
+    for spec in options.lora if options.model is not None else ():
+        check_lora_fits(check_lora_source(parse_lora_spec(spec)[0]), options.model)  # before photos or weights load
     if (options.out / "metrics.json").is_file() and not options.overwrite:
         raise UserError(f"--out {options.out} holds the results of an earlier evaluation (metrics.json); choose "
                         "another --out, or pass --overwrite to replace them.")
