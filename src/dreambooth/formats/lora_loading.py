@@ -109,7 +109,10 @@ def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | N
         tensors = load_file(str(file))
         source = {k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")}
     try:
-        with held_library_output():
+        with held_library_output(), warnings.catch_warnings():
+            # several named adapters on one model is how LoRAs mix and the service's characters switch, not the
+            # mistake peft warns of on every LoRA after the first
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             if isinstance(source, dict):
                 pipe.load_lora_weights(source, adapter_name=adapter_name)
             else:

@@ -5,7 +5,6 @@ diffusers folder; and the model (folder or training checkpoint) every export of 
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,11 +98,8 @@ def fuse_loras(pipe, loras: Sequence[tuple[Path, float]], model: Path | str | No
     names = []
     for i, (path, _) in enumerate(loras):
         name = f"export_{i}"
-        with warnings.catch_warnings():
-            # Several adapters on one model is the point here, not the mistake peft warns about.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            # A new identifier token's trained embedding joins the tokenizer and text encoder, saved with them.
-            file = load_lora_adapter(pipe, path, name, model, flag="SRC")
+        # A new identifier token's trained embedding joins the tokenizer and text encoder, saved with them.
+        file = load_lora_adapter(pipe, path, name, model, flag="SRC")
         expected, loaded = _lora_layer_count(file), _loaded_layer_count(pipe, name)
         if loaded != expected:
             raise UserError(f"LoRA {file} has {expected} layers but only {loaded} found a matching layer in this "
