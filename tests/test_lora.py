@@ -48,6 +48,7 @@ def test_lora_run_writes_a_file_stock_diffusers_loads(tiny_model, instance_dir, 
         meta = f.metadata()
         keys = list(f.keys())
     assert meta["dreambooth.base_model"] == str(tiny_model) and len(meta["dreambooth.base_model_hash"]) == 16
+    assert meta["dreambooth.base_family"] == "sd1"
     assert json.loads(meta["dreambooth.identifiers"]) == ["sks"]
     assert json.loads(meta["dreambooth.instance_prompts"]) == ["a photo of sks dog"]
     assert meta["dreambooth.rank"] == "4" and meta["dreambooth.alpha"] == "8" and meta["dreambooth.steps"] == "4"

@@ -123,6 +123,19 @@ def test_an_sd2_lora_of_the_same_shapes_is_refused_on_sd1_by_its_family(tiny_mod
     assert f"its 40 adapted layers have {tiny_model}'s shapes, but" in message and f"(--model {sd2})" in message
 
 
+def test_the_recorded_family_tells_once_the_base_model_is_gone(tiny_model, xl_model, tmp_path):
+    """Training records the base's family (tests/test_lora.py); a LoRA whose base is not on this machine any more
+    is still named by it, here with layers whose shapes alone say nothing."""
+    from safetensors.torch import load_file
+
+    lora = write_lora(tiny_model, tmp_path / "sd1.safetensors", parts=("unet", "text_encoder"))
+    save_file(load_file(str(lora)), str(lora), metadata={"dreambooth.base_model": str(tmp_path / "gone"),
+                                                         "dreambooth.base_family": "sd1"})
+    message = error_of(lora, xl_model)
+    assert f"is an SD 1.x LoRA (trained on {tmp_path / 'gone'}) and cannot be applied to {xl_model}, an SDXL" in message
+    assert "for " + str(xl_model) + ", use a LoRA trained on an SDXL model" in message
+
+
 def test_a_lora_of_the_family_on_another_model_of_its_shape_loads_with_a_note(tiny_model, tmp_path, capsys):
     lora = write_lora(tiny_model, tmp_path / "sd1.safetensors")
     kohya = lora_to_kohya(lora, tmp_path / "sd1-kohya.safetensors")
