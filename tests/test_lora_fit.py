@@ -23,10 +23,10 @@ from dreambooth.models.tiny_families import build_model
 TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0", ".q_proj", ".k_proj", ".v_proj", ".out_proj")
 
 
-def write_lora(model, out, *, parts=("unet", "text_encoder", "text_encoder_2"), base=True):
+def write_lora(model, out, *, parts=("unet", "text_encoder", "text_encoder_2"), base=True, seed=0):
     """A rank-2 LoRA on every attention projection of `model`'s parts, in peft's names as diffusers saves it, with
     the metadata our training records (`base=False`: none, as a LoRA from elsewhere)."""
-    layout, gen, tensors = config_layout(model, "m"), torch.Generator().manual_seed(0), {}
+    layout, gen, tensors = config_layout(model, "m"), torch.Generator().manual_seed(seed), {}
     for part in parts:
         for module, shape in layout.shapes.get(part, {}).items():
             if module.endswith(TARGETS):
@@ -123,6 +123,20 @@ def test_an_sd2_lora_of_the_same_shapes_is_refused_on_sd1_by_its_family(tiny_mod
     assert f"its 40 adapted layers have {tiny_model}'s shapes, but" in message and f"(--model {sd2})" in message
 
 
+def test_an_sdxl_model_with_the_second_encoder_alone_is_sdxl(xl_model, tmp_path):
+    """A refiner's layout: one text encoder, OpenCLIP's, which alone would read as SD 2.x."""
+    import json
+    import shutil
+
+    refiner = tmp_path / "refiner"
+    shutil.copytree(xl_model, refiner, ignore=shutil.ignore_patterns("text_encoder", "tokenizer"))
+    index = json.loads((refiner / "model_index.json").read_text())
+    (refiner / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None],
+                                                          "tokenizer": [None, None]}))
+    layout = config_layout(refiner, "refiner")
+    assert layout.family == "sdxl" and set(layout.shapes) == {"unet", "text_encoder_2"}
+
+
 def test_the_recorded_family_tells_once_the_base_model_is_gone(tiny_model, xl_model, tmp_path):
     """Training records the base's family (tests/test_lora.py); a LoRA whose base is not on this machine any more
     is still named by it, here with layers whose shapes alone say nothing."""
@@ -185,3 +199,4 @@ def test_a_loaded_pipeline_refuses_it_too_without_library_output(tiny_model, xl_
         load_lora_adapter(pipe, xl_lora, "a", model="org/sd1")
     assert "cannot be applied to org/sd1, an SD 1.x model: 66 of its 80 adapted layers do not fit" in str(refused.value)
     assert capfd.readouterr() == ("", "") and not getattr(pipe.unet, "peft_config", None)
+

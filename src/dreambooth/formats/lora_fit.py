@@ -181,8 +181,8 @@ def fit_error(lora: AdaptedLayers, layout: Layout, flag: str = "--model") -> Use
     other_family = family is not None and layout.family is not None and family != layout.family
     if not fit.adapted or (not fit.missing and not fit.reshaped and not other_family):
         return None
-    what = f"an {FAMILIES[family]} LoRA ({why})" if family else "a LoRA whose family neither its metadata nor its " \
-                                                                  "layers show"
+    unknown = "a LoRA whose family neither its metadata nor its layers show"
+    what = f"an {FAMILIES[family]} LoRA ({why})" if family else unknown
     model = f"{layout.name}, an {FAMILIES[layout.family]} model" if layout.family else layout.name
     if fit.missing or fit.reshaped:
         count = _how_many(fit, layout)

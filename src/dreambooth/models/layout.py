@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dreambooth.errors import UserError
-from dreambooth.models.base import family_of
+from dreambooth.models.base import family_of, model_family
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -139,8 +139,9 @@ def original_names(unet) -> dict[str, str]:
 def pipeline_layout(pipe, name: str) -> Layout:
     """The layout of a loaded pipeline (what its modules are now, adapters already loaded aside)."""
     parts = {"unet": pipe.unet, **{c: getattr(pipe, c) for c in TEXT_ENCODERS if getattr(pipe, c, None) is not None}}
-    encoders = [parts[c] for c in TEXT_ENCODERS if c in parts]
-    family = family_of(len(encoders), getattr(encoders[0].config, "hidden_act", None) if encoders else None)
+    hidden_act = getattr(getattr(parts.get("text_encoder"), "config", None), "hidden_act", None)
+    # an SDXL pipeline is SDXL whatever encoders it holds (a refiner has the second alone)
+    family = "sdxl" if "XL" in type(pipe).__name__ else family_of(1, hidden_act)
     return Layout(name, family, {c: weight_shapes(m) for c, m in parts.items()}, original_names(pipe.unet))
 
 
@@ -161,6 +162,4 @@ def config_layout(folder: Path, name: str) -> Layout:
                 continue
             cls = getattr(transformers, entry[-1], None) or transformers.CLIPTextModel
             parts[component] = cls(cls.config_class.from_pretrained(folder / component))
-    encoders = [parts[c] for c in TEXT_ENCODERS if c in parts]
-    family = family_of(len(encoders), getattr(encoders[0].config, "hidden_act", None) if encoders else None)
-    return Layout(name, family, {c: weight_shapes(m) for c, m in parts.items()}, original_names(unet))
+    return Layout(name, model_family(folder), {c: weight_shapes(m) for c, m in parts.items()}, original_names(unet))
