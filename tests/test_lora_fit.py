@@ -200,3 +200,31 @@ def test_a_loaded_pipeline_refuses_it_too_without_library_output(tiny_model, xl_
     assert "cannot be applied to org/sd1, an SD 1.x model: 66 of its 80 adapted layers do not fit" in str(refused.value)
     assert capfd.readouterr() == ("", "") and not getattr(pipe.unet, "peft_config", None)
 
+
+def test_a_lora_checkpoint_as_the_model_keeps_its_own_lora_beside_another(tiny_model, tmp_path):
+    """`generate --model checkpoint-N --lora X`: the checkpoint's LoRA loads as an adapter first, so X takes a name
+    of its own (it was refused as 'Adapter name lora0 already in use') and both draw, the checkpoint's at 1.0."""
+    import json
+
+    import numpy as np
+
+    from dreambooth.formats.lora_loading import load_loras
+    from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
+    from dreambooth.models.loading import load_pipeline
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / CHECKPOINT_STATE).write_text(json.dumps({"base_model": str(tiny_model), "global_step": 2}))
+    write_lora(tiny_model, ckpt / LORA_FILE, parts=("unet",))
+    other = write_lora(tiny_model, tmp_path / "other.safetensors", parts=("unet",), seed=1)
+
+    def image(model, loras):
+        pipe = load_pipeline(model, device=torch.device("cpu"), dtype=torch.float32)
+        load_loras(pipe, loras)
+        out = pipe("a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                   output_type="np", height=64, width=64)
+        return out.images[0]
+
+    both = image(ckpt, [(other, 0.5)])
+    assert np.abs(both - image(tiny_model, [(ckpt / LORA_FILE, 1.0), (other, 0.5)])).max() < 1e-5
+    assert np.abs(both - image(ckpt, [])).max() > 1e-3

@@ -125,14 +125,20 @@ def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | N
 
 
 def load_loras(pipe, loras: list[tuple[Path, float]], model: Path | str | None = None) -> None:
-    """Loads each LoRA as its own adapter at its weight (diffusers or kohya format), and any token embeddings."""
+    """Loads each LoRA as its own adapter at its weight (diffusers or kohya format), and any token embeddings.
+
+    A pipeline that holds adapters already (a LoRA run's checkpoint, `models.loading`) keeps them on at weight 1.0
+    beside the new ones, which take names of their own.
+    """
+    kept = sorted({name for names in pipe.get_list_adapters().values() for name in names}) if loras else []
     names, weights = [], []
-    for i, (path, weight) in enumerate(loras):
-        load_lora_adapter(pipe, path, f"lora{i}", model)
-        names.append(f"lora{i}")
+    for path, weight in loras:
+        name = next(f"lora{i}" for i in range(len(kept) + len(names) + 1) if f"lora{i}" not in {*kept, *names})
+        load_lora_adapter(pipe, path, name, model)
+        names.append(name)
         weights.append(weight)
     if names:
-        pipe.set_adapters(names, adapter_weights=weights)
+        pipe.set_adapters([*kept, *names], adapter_weights=[1.0] * len(kept) + weights)
 
 
 def text_sides(pipe) -> list[tuple[str, object, object]]:
