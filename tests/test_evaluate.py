@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -36,6 +37,33 @@ def clip_dir(tmp_path_factory):
     CLIPModel(config).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache of the test's own: a CLIP or DINO this machine has cached is never found by these tests."""
+    folder = tmp_path / "hub-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(folder))
+    return folder
+
+
+def cache_model(cache, repo_id, files_from=None, revision="0123456789abcdef0123456789abcdef01234567", main=True):
+    """A model in the hub cache's layout (models--ORG--NAME/snapshots/HASH/, refs/main naming HASH), with the files of
+    `files_from` (or only a config.json: a download that stopped)."""
+    import shutil
+
+    root = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = root / "snapshots" / revision
+    if files_from is not None:
+        shutil.copytree(files_from, snapshot)
+    else:
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text(json.dumps({"model_type": "clip", "text_config": {},
+                                                          "vision_config": {}}))
+    if main:
+        (root / "refs").mkdir(exist_ok=True)
+        (root / "refs" / "main").write_text(revision)
+    return snapshot
 
 
 def write_generated(folder, prompts):
@@ -190,11 +218,95 @@ def test_cli_generates_with_a_model_then_scores(tiny_model, tmp_path, real_dir, 
                                                                                 "sks dog on a beach"}
 
 
-def test_cli_needs_clip_or_dino(tmp_path, real_dir, capsys, no_load):
+def test_cli_with_nothing_to_measure_says_which_folders_and_how_to_get_them(tmp_path, real_dir, hub_cache,
+                                                                            capsys, no_load):
     write_generated(tmp_path / "gen", ["a photo of sks dog"])
+    cache_model(hub_cache, "openai/clip-vit-large-patch14")  # a download that stopped after config.json
     err = run_error(capsys, ["evaluate", "--real", str(real_dir), "--identifier", "sks", "--class-word", "dog",
                              "--images", str(tmp_path / "gen")])
-    assert "--clip" in err and "--dino" in err
+    assert f"the Hugging Face hub cache here ({hub_cache}, HF_HUB_CACHE) holds no complete CLIP or DINO model" in err
+    for wanted in ("CLIPModel: both towers' weights, its tokenizer and its image processor", "save_pretrained",
+                   "openai/clip-vit-base-patch32", "openai/clip-vit-large-patch14", "a DINO ViT folder with its "
+                   "image processor", "facebook/dino-vits16 (the paper's ViT-S/16)", "Dinov2",
+                   "`hf download openai/clip-vit-base-patch32`", "`hf download facebook/dino-vits16`",
+                   "~/.cache/huggingface/hub/models--ORG--NAME/snapshots/HASH/", "--clip DIR / --dino DIR"):
+        assert wanted in err
+    assert len(err.splitlines()) == 1
+
+
+def test_cli_finds_and_uses_a_clip_and_a_dino_in_the_hub_cache(tmp_path, real_dir, clip_dir, dino_dir, hub_cache,
+                                                               capsys):
+    """Found: the first complete CLIP (refs/main's revision) and a ViT named DINO; a ViT not named DINO, an older
+    revision and a download that stopped are passed over. The scores are those the same folders give as flags."""
+    write_generated(tmp_path / "gen", ["a photo of sks dog", "a sks dog on a beach"])
+    clip = cache_model(hub_cache, "openai/clip-vit-base-patch32", clip_dir)
+    cache_model(hub_cache, "openai/clip-vit-base-patch32", dino_dir, revision="0" * 40, main=False)
+    cache_model(hub_cache, "openai/clip-vit-large-patch14")
+    cache_model(hub_cache, "google/vit-base-patch16-224", dino_dir)  # trained with labels: not a DINO
+    dino = cache_model(hub_cache, "facebook/dino-vits16", dino_dir)
+    args = ["evaluate", "--real", str(real_dir), "--identifier", "sks", "--class-word", "dog", "--images",
+            str(tmp_path / "gen"), "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "found")]) == 0
+    out = capsys.readouterr().out
+    assert f"CLIP: openai/clip-vit-base-patch32 in the hub cache, {clip} (pass --clip DIR to use another)" in out
+    assert f"DINO: facebook/dino-vits16 in the hub cache, {dino} (pass --dino DIR to use another)" in out
+    found = json.loads((tmp_path / "found" / "metrics.json").read_text())
+    assert found["inputs"]["clip"] == str(clip) and found["inputs"]["dino"] == str(dino)
+    assert found["inputs"]["clip_source"] == "openai/clip-vit-base-patch32 in the hub cache"
+    assert main([*args, "--clip", str(clip_dir), "--dino", str(dino_dir), "--out", str(tmp_path / "given")]) == 0
+    given = json.loads((tmp_path / "given" / "metrics.json").read_text())
+    assert found["overall"] == given["overall"] and set(given["overall"]) >= {"dino", "clip_i", "clip_t"}
+    assert given["inputs"]["clip_source"] == "--clip" and "in the hub cache" not in capsys.readouterr().out
+
+
+def test_the_download_commands_the_messages_suggest_lead_to_the_folders_evaluate_finds(hub_cache, clip_dir,
+                                                                                      dino_dir):
+    """`hf download REPO` (here offline, from the cache) names the snapshot folder evaluate scores with."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dreambooth.evaluation.scorers import find_in_hub_cache, missing_note, nothing_to_measure
+
+    folders = {"openai/clip-vit-base-patch32": cache_model(hub_cache, "openai/clip-vit-base-patch32", clip_dir),
+               "facebook/dino-vits16": cache_model(hub_cache, "facebook/dino-vits16", dino_dir)}
+    assert {find_in_hub_cache("clip").folder, find_in_hub_cache("dino").folder} == set(folders.values())
+    commands = set(re.findall(r"`(hf download [^`]+)`", nothing_to_measure() + missing_note("clip")
+                              + missing_note("dino")))
+    assert commands == {f"hf download {repo}" for repo in folders}
+    hf = Path(sys.executable).parent / "hf"
+    for command in commands:
+        proc = subprocess.run([str(hf), *command.split()[1:]], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)})
+        assert proc.returncode == 0 and str(folders[command.split()[-1]]) in proc.stdout, proc.stderr
+
+
+def test_the_built_in_world_measures_as_before_with_a_clip_in_the_cache(tmp_path, real_dir, clip_dir, hub_cache,
+                                                                        capsys):
+    from dreambooth.evaluation.world_model import builtin_model_path
+
+    cache_model(hub_cache, "openai/clip-vit-base-patch32", clip_dir)
+    write_generated(tmp_path / "gen", ["a photo of sks dog"])
+    (tmp_path / "gen" / "settings.json").write_text(json.dumps({"model": str(builtin_model_path())}))
+    assert main(["evaluate", "--real", str(real_dir), "--identifier", "sks", "--class-word", "dog", "--images",
+                 str(tmp_path / "gen"), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["inputs"]["clip"] is None and not {"clip_i", "clip_t", "dino"} & set(metrics["overall"])
+    assert "world_subject" in metrics["overall"] and "hub cache" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("folder, says", [
+    ("text_encoder", "holds a CLIPTextModel, a text encoder without CLIP's vision tower (a Stable Diffusion model's "
+                     "text_encoder/ is one)"),
+    ("", "is a diffusers pipeline (model_index.json), not a scorer: its text_encoder/ is CLIP's text tower alone"),
+])
+def test_cli_refuses_a_text_encoder_as_clip(folder, says, tiny_model, tmp_path, real_dir, capsys, no_load):
+    write_generated(tmp_path / "gen", ["a photo of sks dog"])
+    clip = tiny_model / folder if folder else tiny_model
+    err = run_error(capsys, ["evaluate", "--real", str(real_dir), "--identifier", "sks", "--class-word", "dog",
+                             "--images", str(tmp_path / "gen"), "--clip", str(clip)])
+    assert err.startswith(f"error: --clip {clip} {says}") and "openai/clip-vit-" in err
 
 
 @pytest.mark.parametrize("problem", ["missing", "no_processor", "clip_as_dino"])

@@ -23,8 +23,8 @@ MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
 # The layers of docs/design.md, bottom first: a module imports only from its own layer or the layers below it.
 LAYERS = {
     "base": ["errors", "versions", "options", "command_options", "formats.atomic", "training.speed"],
-    "what things are": ["config", "config_file", "models.base", "formats.lora", "training.images", "training.tokens",
-                        "training.rundir", "training.loss"],
+    "what things are": ["config", "config_file", "models.base", "models.layout", "formats.lora", "formats.lora_fit",
+                        "training.images", "training.tokens", "training.rundir", "training.loss"],
     "models and drawing": ["models.loading", "formats.lora_loading", "models.tiny", "models.tiny_families",
                            "generate"],
     "exports": ["formats.kohya", "formats.merge", "formats.single_file"],
@@ -32,8 +32,8 @@ LAYERS = {
     "training": ["training.data", "training.cache", "training.components", "training.checkpoint",
                  "training.outputs", "training.class_images", "training.hub", "preflight", "training.graph_step",
                  "training.offload", "training.report", "training.report_page", "training.loop"],
-    "evaluation": ["evaluation.evaluate", "evaluation.world", "evaluation.world_model", "evaluation.experiment",
-                   "evaluation.demo", "evaluation.compare"],
+    "evaluation": ["evaluation.scorers", "evaluation.evaluate", "evaluation.world", "evaluation.world_model",
+                   "evaluation.experiment", "evaluation.demo", "evaluation.compare"],
     "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.metrics", "serving.service",
                 "serving.renderer", "serving.chat", "serving.app"],
     "front doors": ["export", "project", "characters.commands", "serving.command", "cli", "__main__"],

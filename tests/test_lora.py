@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -47,6 +48,7 @@ def test_lora_run_writes_a_file_stock_diffusers_loads(tiny_model, instance_dir, 
         meta = f.metadata()
         keys = list(f.keys())
     assert meta["dreambooth.base_model"] == str(tiny_model) and len(meta["dreambooth.base_model_hash"]) == 16
+    assert meta["dreambooth.base_family"] == "sd1"
     assert json.loads(meta["dreambooth.identifiers"]) == ["sks"]
     assert json.loads(meta["dreambooth.instance_prompts"]) == ["a photo of sks dog"]
     assert meta["dreambooth.rank"] == "4" and meta["dreambooth.alpha"] == "8" and meta["dreambooth.steps"] == "4"
@@ -190,7 +192,10 @@ def test_several_loras_mix_at_their_weights(tiny_model, instance_dir, tmp_path):
     images = []
     for loras in ([(out, 1.0)], [(out, 0.5), (copy, 0.5)], [(out, 0.5)]):
         pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
-        load_loras(pipe, loras)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_loras(pipe, loras)
+        assert [str(w.message) for w in caught] == []  # not peft's "Already found a `peft_config`" for the second
         images.append(image_of(pipe))
     assert np.abs(images[0] - images[1]).max() < 1e-4
     assert np.abs(images[0] - images[2]).max() > 1e-3  # and the weights do matter

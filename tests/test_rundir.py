@@ -133,6 +133,30 @@ def test_an_earlier_run_that_saved_nothing_is_replaced_with_a_note(tmp_path):
     assert plan.replace is not None and "saved no checkpoint" in plan.notes[0]
 
 
+def model_folder(path, pipeline, hidden_act):
+    """The config files that tell a model's family, and nothing else."""
+    (path / "text_encoder").mkdir(parents=True)
+    (path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    (path / "text_encoder" / "config.json").write_text(json.dumps({"hidden_act": hidden_act}))
+    return path
+
+
+def test_a_checkpoint_of_another_base_model_names_it_and_both_families(tmp_path):
+    """The settings hold the base model by the hash of its weights; the refusal names the models instead."""
+    xl = model_folder(tmp_path / "xl", "StableDiffusionXLPipeline", "quick_gelu")
+    sd1 = model_folder(tmp_path / "sd1", "StableDiffusionPipeline", "quick_gelu")
+    settings = run_settings(cfg_for(tmp_path / "out", **{"model.pretrained_model": str(xl)}), "sha256:xl")
+    ckpt = make_ckpt(tmp_path / "xl-run", 2, settings=settings)
+    state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
+    (ckpt / CHECKPOINT_STATE).write_text(json.dumps({**state, "base_model": str(xl)}))
+    cfg = cfg_for(tmp_path / "out", **{"model.pretrained_model": str(sd1), "output.resume_from_checkpoint": str(ckpt)})
+    with pytest.raises(UserError) as refused:
+        plan_run(cfg, lambda cfg: "sha256:sd1")
+    said = str(refused.value)
+    assert f"{ckpt} was trained on {xl} (an SDXL model), and this run's base model is {sd1} (an SD 1.x model)" in said
+    assert f"Resume with --pretrained_model_name_or_path {xl}" in said and "sha256" not in said
+
+
 def test_resume_checks_the_run_and_its_settings(tmp_path):
     out = tmp_path / "out"
     settings = run_settings(cfg_for(out), "sha256:test")

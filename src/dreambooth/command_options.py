@@ -82,9 +82,11 @@ class EvaluateOptions(SamplingOptions):
                                 "into OUT/images, then score them.")
     num_images: int = option(4, minimum=1, help="Images per prompt and seed [default: 4, as in the paper].")
     clip: Path | None = option(None, help="Local CLIP model folder (CLIPModel, tokenizer, image processor): enables "
-                               "CLIP-I and CLIP-T.")
+                               "CLIP-I and CLIP-T [default: a complete one in the Hugging Face hub cache, e.g. "
+                               "openai/clip-vit-base-patch32].")
     dino: Path | None = option(None, help="Local DINO ViT folder (e.g. facebook/dino-vits16 saved with "
-                               "save_pretrained, image processor included): enables DINO.")
+                               "save_pretrained, image processor included): enables DINO [default: a complete one in "
+                               "the Hugging Face hub cache].")
     checkpoints: str | None = option(None, choices=("all",), help="all: --model is a training run's folder; "
                                      "score each checkpoint-N and the final model (LoRA runs: on their base model), "
                                      "each into OUT/NAME/, name the best, and add the table to the run's report.")

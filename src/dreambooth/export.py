@@ -22,6 +22,7 @@ from dreambooth.formats.lora import (
     read_safetensors,
     refuse_pickle,
 )
+from dreambooth.formats.lora_fit import check_lora_fits
 from dreambooth.formats.merge import merge_lora, model_folder
 from dreambooth.formats.single_file import embedding_note, prediction_type, to_single_file
 from dreambooth.models.base import (
@@ -80,6 +81,10 @@ def export_command(options) -> Path:
     for path, _ in loras:
         check_lora_source(path, "--merge-lora")  # a full model given as a LoRA is refused, saying what to pass
     kind = source_kind(src)
+    if kind == "model" or (kind == "lora-checkpoint" and fmt == "single-file"):
+        own = [(src / LORA_FILE, 1.0)] if kind == "lora-checkpoint" else []
+        for path, _ in own + loras:  # a LoRA made for another model is refused before any weights load
+            check_lora_fits(find_lora_file(path), src, "SRC")
     if kind == "lora-checkpoint":  # its LoRA as it is, or fused into its base model for one file
         kind = "model" if fmt == "single-file" else "lora"
     if kind == "lora":

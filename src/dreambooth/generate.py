@@ -17,6 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import atomic_file, write_json_atomic
 from dreambooth.formats.lora import check_lora_source, parse_lora_spec
+from dreambooth.formats.lora_fit import check_lora_fits
 from dreambooth.formats.lora_loading import load_loras
 from dreambooth.models.base import CHECKPOINT_STATE, check_model_folder, is_hub_id
 from dreambooth.models.loading import load_pipeline, make_scheduler, pick_device, pick_dtype
@@ -214,7 +215,8 @@ def check_job(job: GenerateJob) -> None:
     if not (Path(job.model) / CHECKPOINT_STATE).is_file() and not is_hub_id(str(job.model)):
         check_model_folder(job.model)
     for path, _ in job.loras:
-        check_lora_source(path)  # a missing, pickle or full-model "LoRA" fails before the model loads
+        # a missing, pickle or full-model "LoRA", or one made for another model, fails before the model loads
+        check_lora_fits(check_lora_source(path), job.model)
     claim_image_folder(job.out, job.overwrite)
 
 

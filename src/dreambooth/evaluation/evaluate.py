@@ -1,4 +1,5 @@
-"""`dreambooth evaluate`: the DreamBooth paper's metrics of a trained subject, with local CLIP and DINO weights.
+"""`dreambooth evaluate`: the DreamBooth paper's metrics of a trained subject, with local CLIP and DINO weights (the
+folders as given, or found in the hub cache: `evaluation.scorers`).
 
 Ruiz et al. 2023 (DreamBooth), sec. 4.1:
 
@@ -25,6 +26,17 @@ import torch
 from PIL import Image
 
 from dreambooth.errors import UserError
+from dreambooth.evaluation.scorers import (
+    CLIP_EXAMPLE,
+    KINDS,
+    ScorerFolder,
+    find_in_hub_cache,
+    folder_problem,
+    missing_note,
+    nothing_to_measure,
+)
+from dreambooth.formats.lora import check_lora_source, parse_lora_spec
+from dreambooth.formats.lora_fit import check_lora_fits
 from dreambooth.models.loading import pick_device
 from dreambooth.options import check_settings
 from dreambooth.training.images import IMAGE_EXTENSIONS, load_image, scan_image_folder
@@ -35,10 +47,6 @@ Scorer = Callable[[list[Image.Image], list[str]], dict[str, list[float]]]
 
 LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 GRID_NAME = "grid.png"  # written by generate.save_images beside the images; it is not one of them
-_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # transformers 4.x / 5.x save_pretrained
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
-_CLIP_EXAMPLE = "a CLIP model (e.g. openai/clip-vit-base-patch32)"
-_DINO_EXAMPLE = "a DINO ViT (e.g. facebook/dino-vits16, the paper's DINO ViT-S/16)"
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -126,34 +134,6 @@ def _cell(value: float | None) -> str:
 # ---------------------------------------------------------------------------------------------- models
 
 
-def check_scorer_folder(folder: Path, flag: str, what: str, *, tokenizer: bool = False) -> None:
-    """Raises UserError unless `folder` is a local transformers folder with config, weights and image processor."""
-    folder = Path(folder)
-    saved = "saved with save_pretrained (config.json, model.safetensors, preprocessor_config.json)"
-    if not folder.is_dir():
-        state = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise UserError(f"{flag} {folder} {state}. Pass a local folder holding {what} {saved}; this tool "
-                        "never downloads weights.")
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{flag} {folder} has no config.json, so it is not a transformers model folder. Pass "
-                        f"a folder holding {what} {saved}.")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
-        raise UserError(f"{flag} {folder} has config.json but no weights (model.safetensors). Save the model "
-                        "there with model.save_pretrained(DIR).")
-    if not any((folder / name).is_file() for name in _PROCESSOR_FILES):
-        raise UserError(f"{flag} {folder} has no preprocessor_config.json, so how images are resized and "
-                        "normalised for this model is unknown. Save the model's image processor there: "
-                        f"AutoImageProcessor.from_pretrained(HUB_ID).save_pretrained('{folder}').")
-    if tokenizer and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        raise UserError(f"{flag} {folder} has no tokenizer (tokenizer.json or vocab.json), which CLIP-T needs to "
-                        f"read prompts. Save it there: AutoTokenizer.from_pretrained(HUB_ID).save_pretrained("
-                        f"'{folder}').")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if flag == "--dino" and "text_config" in config:
-        raise UserError(f"{flag} {folder} holds a {config.get('model_type', 'text-and-image')} model with a text "
-                        f"tower; --dino needs {what}. Did you mean --clip?")
-
-
 def _image_processor_options() -> dict:
     """The options that select the PIL image processor in this transformers version."""
     # The torchvision processors resize slightly differently, so scores would depend on whether torchvision
@@ -212,7 +192,7 @@ def clip_scores(images: list[Image.Image], class_prompts: list[str], real: list[
     clip = _load(clip_dir, "--clip", device, tokenizer=True)
     if not hasattr(clip.model, "get_text_features"):
         raise UserError(f"--clip {clip_dir} holds a {type(clip.model).__name__}, which has no text tower; CLIP-T "
-                        f"needs {_CLIP_EXAMPLE} with both towers (CLIPModel).")
+                        f"needs {CLIP_EXAMPLE} with both towers (CLIPModel).")
 
     def image_features(pixels):
         return _features(clip.model.get_image_features(pixel_values=pixels))
@@ -339,6 +319,51 @@ def _uses_world_model(options) -> bool:
     return bool(model) and is_world_model(model)
 
 
+def choose_scorers(clip: Path | None, dino: Path | None, world: bool) -> dict[str, ScorerFolder | None]:
+    """The folder each measure scores with: as given (checked from its files), else a complete one found in the hub
+    cache. On the built-in world (or a model trained from it) nothing is searched: its own measures are what its
+    evaluations report, and a found CLIP would add columns to them."""
+    chosen: dict[str, ScorerFolder | None] = {}
+    for kind, given in (("clip", clip), ("dino", dino)):
+        flag = KINDS[kind].flag
+        if given is not None:
+            if problem := folder_problem(Path(given), kind):
+                raise UserError(f"{flag} {given} {problem}")
+            chosen[kind] = ScorerFolder(Path(given), flag)
+        else:
+            chosen[kind] = None if world else find_in_hub_cache(kind)
+    if not world and not any(chosen.values()):
+        raise UserError(nothing_to_measure())
+    return chosen
+
+
+def say_scorers(scorers: dict[str, ScorerFolder | None], world: bool) -> None:
+    """Which folder each measure uses when none was given, and what a missing one would add."""
+    for kind, scorer in scorers.items():
+        if scorer is not None and scorer.source != KINDS[kind].flag:
+            print(f"{KINDS[kind].label}: {scorer.source}, {scorer.folder} (pass {KINDS[kind].flag} DIR to use another)")
+        elif scorer is None and not world:
+            print(missing_note(kind))
+
+
+def check_inputs(options) -> tuple[bool, dict[str, ScorerFolder | None]]:
+    """Everything about an evaluation that can be wrong, before photos, images or weights load: whether the built-in
+    world's measures apply, and the CLIP and DINO folders."""
+    world = _uses_world_model(options)
+    scorers = choose_scorers(options.clip, options.dino, world)
+    if not options.identifier.strip() or not options.class_word.strip():
+        raise UserError("--identifier and --class-word must not be empty (e.g. --identifier sks --class-word dog).")
+    if options.images is not None and (options.prompt or options.prompts_file or options.lora or options.seeds):
+        raise UserError("--prompt, --prompts-file, --lora and --seed choose what --model generates; with --images "
+                        "each image's prompt is read from its metadata. Drop them, or use --model.")
+    for spec in options.lora if options.model is not None else ():
+        check_lora_fits(check_lora_source(parse_lora_spec(spec)[0]), options.model)
+    if (options.out / "metrics.json").is_file() and not options.overwrite:
+        raise UserError(f"--out {options.out} holds the results of an earlier evaluation (metrics.json); choose "
+                        "another --out, or pass --overwrite to replace them.")
+    return world, scorers
+
+
 def evaluate_command(options) -> dict:
     """`dreambooth evaluate`: check every input, get the images, score them, print the table, write metrics.json.
 
@@ -350,22 +375,8 @@ def evaluate_command(options) -> dict:
     check_settings(options)
     if options.checkpoints == "all":
         return evaluate_checkpoints(options)
-    world = _uses_world_model(options)
-    if options.clip is None and options.dino is None and not world:
-        raise UserError("nothing to measure: pass --clip DIR (CLIP-I and CLIP-T) and/or --dino DIR (DINO), local "
-                        "folders saved with save_pretrained.")
-    if options.clip is not None:
-        check_scorer_folder(options.clip, "--clip", _CLIP_EXAMPLE, tokenizer=True)
-    if options.dino is not None:
-        check_scorer_folder(options.dino, "--dino", _DINO_EXAMPLE)
-    if not options.identifier.strip() or not options.class_word.strip():
-        raise UserError("--identifier and --class-word must not be empty (e.g. --identifier sks --class-word dog).")
-    if options.images is not None and (options.prompt or options.prompts_file or options.lora or options.seeds):
-        raise UserError("--prompt, --prompts-file, --lora and --seed choose what --model generates; with --images "
-                        "each image's prompt is read from its metadata. Drop them, or use --model.")
-    if (options.out / "metrics.json").is_file() and not options.overwrite:
-        raise UserError(f"--out {options.out} holds the results of an earlier evaluation (metrics.json); choose "
-                        "another --out, or pass --overwrite to replace them.")
+    world, scorers = check_inputs(options)
+    say_scorers(scorers, world)
     real = load_real_images(options.real)
     paths = generated_image_paths(options.images) if options.images is not None else _generate(options)
     images, prompts = read_generated(paths)
@@ -373,19 +384,22 @@ def evaluate_command(options) -> dict:
     if missing:
         print(f"note: {len(missing)} prompt(s) do not contain the identifier '{options.identifier}' and are scored as "
               f"written: {'; '.join(missing[:3])}")
-    scorers = []
+    extra = []
     if world:
         from dreambooth.evaluation.world import score_columns
 
-        scorers.append(score_columns)
+        extra.append(score_columns)
+    clip, dino = scorers["clip"], scorers["dino"]
     scores = score_images(images, prompts, real, identifier=options.identifier, class_word=options.class_word,
-                          clip_dir=options.clip, dino_dir=options.dino, device=options.device, extra_scorers=scorers)
+                          clip_dir=clip and clip.folder, dino_dir=dino and dino.folder, device=options.device,
+                          extra_scorers=extra)
     metrics = {
         "inputs": {"real": str(options.real), "real_images": len(real),
                    "images": str(options.images if options.images is not None else options.out / "images"),
                    "generated_images": len(images), "model": str(options.model) if options.model else None,
-                   "loras": list(options.lora), "clip": str(options.clip) if options.clip else None,
-                   "dino": str(options.dino) if options.dino else None, "identifier": options.identifier,
+                   "loras": list(options.lora), "clip": str(clip.folder) if clip else None,
+                   "clip_source": clip and clip.source, "dino": str(dino.folder) if dino else None,
+                   "dino_source": dino and dino.source, "identifier": options.identifier,
                    "class_word": options.class_word},
         **scores,
         "versions": library_versions(),
@@ -418,12 +432,15 @@ def evaluate_checkpoints(options) -> dict:
     if lora and not info.get("base_model"):
         raise UserError(f"--model {run_dir} is a LoRA run without run_info.json, so its base model is unknown; "
                         "score each checkpoint with `dreambooth evaluate --model BASE --lora CHECKPOINT`.")
+    each = {}
+    for c in facts.checkpoints:
+        model, loras = (Path(info["base_model"]), [str(c.path), *options.lora]) if lora else (c.path, options.lora)
+        each[c.name] = replace(options, model=model, lora=loras, checkpoints=None, out=options.out / c.name)
+        check_inputs(each[c.name])  # every checkpoint's problems before the first one is drawn
     entries = []
     for c in facts.checkpoints:
         print(f"\n{c.name} (step {c.step}):")
-        model, loras = (Path(info["base_model"]), [str(c.path), *options.lora]) if lora else (c.path, options.lora)
-        metrics = evaluate_command(replace(options, model=model, lora=loras, checkpoints=None,
-                                           out=options.out / c.name))
+        metrics = evaluate_command(each[c.name])
         entries.append({"name": c.name, "step": c.step, "path": str(c.path), "metrics": metrics["overall"],
                         "metrics_file": str(options.out / c.name / "metrics.json")})
     best, why = best_checkpoint(entries)

@@ -4,7 +4,7 @@ and the `alpha` that keeps every layer's scale, new tokens bundled as A1111 read
 SD 1.x and 2.x LoRAs keep diffusers' module names (`lora_unet_down_blocks_0_attentions_0_...`), as kohya's
 sd-scripts write them. An SDXL LoRA is named as sd-scripts, A1111 and ComfyUI name SDXL's: the text encoders
 `lora_te1_` and `lora_te2_`, the UNet by its original SGM blocks (`lora_unet_input_blocks_4_1_...`), derived from
-the UNet's config by the single-file export's own rules (`formats.single_file.unet_rules`), so that any SDXL-shaped
+the UNet's config by the single-file export's own rules (`models.layout.unet_rules`), so that any SDXL-shaped
 UNet is numbered right and a layer with no original name stops the export.
 """
 
@@ -108,7 +108,7 @@ def sdxl_unet_names(config: dict, modules, path: Path) -> dict[str, str]:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from dreambooth.formats.single_file import ldm_name, unet_rules
+    from dreambooth.models.layout import ldm_name, unet_rules
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(config)

@@ -1,15 +1,18 @@
 """LoRAs into a pipeline for drawing: each as a named adapter at its weight, with its new identifier tokens.
 
 diffusers' `load_lora_weights` does the loading; what is added here is what it lacks: a kohya file with bundled
-embeddings (which diffusers refuses) is split, a LoRA made for another architecture gets one paragraph instead of
-peft's page of size mismatches, and new tokens' embeddings join the tokenizer.
+embeddings (which diffusers refuses) is split, a LoRA made for another model is refused in one paragraph before
+diffusers touches it (`formats.lora_fit`, asked of the loaded pipeline), and new tokens' embeddings join the
+tokenizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from dreambooth.errors import UserError
 from dreambooth.formats.lora import (
@@ -19,23 +22,40 @@ from dreambooth.formats.lora import (
     read_token_file,
     token_file_for,
 )
+from dreambooth.formats.lora_fit import fit_error, read_adapted_layers
 from dreambooth.models.base import lora_base_model, model_fingerprint
-
-if TYPE_CHECKING:
-    pass
+from dreambooth.models.layout import pipeline_layout
 
 
-def lora_mismatch(file: Path, error: Exception, model: Path | str | None) -> UserError:
-    """peft's error for a LoRA on the wrong base lists every layer (~100 lines of `size mismatch`): one line of
-    it, how many, and the base model the LoRA records."""
+def load_failure(file: Path, error: Exception, model: Path | str | None) -> UserError:
+    """diffusers' error for a LoRA it cannot load (one that `formats.lora_fit` let through: an adapter type it does
+    not read, say), in one line, with the base model the LoRA records."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    mismatched = [line for line in lines if "size mismatch" in line]
-    detail = (mismatched or lines or [type(error).__name__])[0][:300]
-    count = f"{len(mismatched)} of its layers do not fit" if mismatched else "it does not fit"
+    detail = (lines or [type(error).__name__])[0][:300]
     base = lora_base_model(file)
     hint = (f" It was trained on {base}; pass that model (or a fine-tune of it) as --model." if base else
-            " Is it a LoRA for this model's architecture (SD 1.x, 2.x and SDXL LoRAs do not mix)?")
-    return UserError(f"LoRA {file} cannot be applied to {model or 'this model'}: {count} ({detail}).{hint}")
+            " Is it a LoRA for this model's family (SD 1.x, 2.x and SDXL LoRAs do not mix)?")
+    return UserError(f"LoRA {file} could not be loaded into {model or 'this model'}: {detail}.{hint}")
+
+
+@contextlib.contextmanager
+def held_library_output():
+    """peft's warnings and diffusers' log lines while a LoRA loads, shown only if it loads: when it fails, the one
+    paragraph that follows says why, and the libraries' page before it would bury that."""
+    logger = logging.getLogger("diffusers")  # diffusers' library logger, with its own handler
+    held: list[logging.LogRecord] = []
+    hold = logging.Handler()
+    hold.emit = held.append
+    handlers, logger.handlers = logger.handlers, [hold]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        logger.handlers = handlers
+    for record in held:
+        logger.handle(record)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def note_other_base(file: Path, model: Path | str | None) -> None:
@@ -66,16 +86,21 @@ def bundled_embeddings(tensors: dict) -> dict:
     return found
 
 
-def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | None = None) -> Path:
+def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | None = None,
+                      flag: str = "--model") -> Path:
     """One LoRA (diffusers or kohya format, file or folder) as a named adapter, with its new tokens; returns its file.
 
-    diffusers refuses a kohya file with bundled embeddings ("Invalid LoRA checkpoint"), so those keys are taken
-    out here and their embeddings loaded as textual inversions.
+    A LoRA that does not fit the pipeline is refused first (`flag` names where the user passes the model). diffusers
+    refuses a kohya file with bundled embeddings ("Invalid LoRA checkpoint"), so those keys are taken out here and
+    their embeddings loaded as textual inversions.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     file = check_lora_source(path)
+    error = fit_error(read_adapted_layers(file), pipeline_layout(pipe, str(model or "this model")), flag)
+    if error is not None:
+        raise error
     with safe_open(str(file), "pt") as f:
         bundled = [k for k in f.keys() if k.startswith("bundle_emb.")]
     source = str(file)
@@ -84,26 +109,36 @@ def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | N
         tensors = load_file(str(file))
         source = {k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")}
     try:
-        if isinstance(source, dict):
-            pipe.load_lora_weights(source, adapter_name=adapter_name)
-        else:
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+        with held_library_output(), warnings.catch_warnings():
+            # several named adapters on one model is how LoRAs mix and the service's characters switch, not the
+            # mistake peft warns of on every LoRA after the first
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            if isinstance(source, dict):
+                pipe.load_lora_weights(source, adapter_name=adapter_name)
+            else:
+                pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise lora_mismatch(file, e, model) from None
+        raise load_failure(file, e, model) from None
     note_other_base(file, model)
     load_token_embeddings(pipe, file, bundled_embeddings(tensors))
     return file
 
 
 def load_loras(pipe, loras: list[tuple[Path, float]], model: Path | str | None = None) -> None:
-    """Loads each LoRA as its own adapter at its weight (diffusers or kohya format), and any token embeddings."""
+    """Loads each LoRA as its own adapter at its weight (diffusers or kohya format), and any token embeddings.
+
+    A pipeline that holds adapters already (a LoRA run's checkpoint, `models.loading`) keeps them on at weight 1.0
+    beside the new ones, which take names of their own.
+    """
+    kept = sorted({name for names in pipe.get_list_adapters().values() for name in names}) if loras else []
     names, weights = [], []
-    for i, (path, weight) in enumerate(loras):
-        load_lora_adapter(pipe, path, f"lora{i}", model)
-        names.append(f"lora{i}")
+    for path, weight in loras:
+        name = next(f"lora{i}" for i in range(len(kept) + len(names) + 1) if f"lora{i}" not in {*kept, *names})
+        load_lora_adapter(pipe, path, name, model)
+        names.append(name)
         weights.append(weight)
     if names:
-        pipe.set_adapters(names, adapter_weights=weights)
+        pipe.set_adapters([*kept, *names], adapter_weights=[1.0] * len(kept) + weights)
 
 
 def text_sides(pipe) -> list[tuple[str, object, object]]:

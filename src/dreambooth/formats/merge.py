@@ -5,7 +5,6 @@ diffusers folder; and the model (folder or training checkpoint) every export of 
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from dreambooth.errors import UserError
 from dreambooth.formats.atomic import atomic_folder, check_new_folder
 from dreambooth.formats.lora import PICKLE_SUFFIXES, find_lora_file
 from dreambooth.formats.lora_loading import load_lora_adapter, text_sides
-from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, check_model_folder, is_sdxl
-from dreambooth.models.loading import checkpoint_base, load_checkpoint_pipeline, pipeline_class
+from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, check_model_folder, checkpoint_base, is_sdxl
+from dreambooth.models.loading import load_checkpoint_pipeline, pipeline_class
 from dreambooth.versions import library_versions
 
 LORA_DOWN_SUFFIXES = ("lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_linear_layer.down.weight")
@@ -87,7 +86,7 @@ def _loaded_layer_count(pipe, adapter: str) -> int:
                for model in (pipe.unet, *(encoder for *_, encoder in text_sides(pipe))) for m in model.modules())
 
 
-def fuse_loras(pipe, loras: Sequence[tuple[Path, float]]):
+def fuse_loras(pipe, loras: Sequence[tuple[Path, float]], model: Path | str | None = None):
     """Loads each LoRA as its own adapter with stock diffusers, fuses them at their weights, removes the adapters.
 
     After `unload_lora_weights` the fused weights stay in the base layers and no peft layer is left, so
@@ -99,11 +98,8 @@ def fuse_loras(pipe, loras: Sequence[tuple[Path, float]]):
     names = []
     for i, (path, _) in enumerate(loras):
         name = f"export_{i}"
-        with warnings.catch_warnings():
-            # Several adapters on one model is the point here, not the mistake peft warns about.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            # A new identifier token's trained embedding joins the tokenizer and text encoder, saved with them.
-            file = load_lora_adapter(pipe, path, name)
+        # A new identifier token's trained embedding joins the tokenizer and text encoder, saved with them.
+        file = load_lora_adapter(pipe, path, name, model, flag="SRC")
         expected, loaded = _lora_layer_count(file), _loaded_layer_count(pipe, name)
         if loaded != expected:
             raise UserError(f"LoRA {file} has {expected} layers but only {loaded} found a matching layer in this "
@@ -129,7 +125,7 @@ def merge_lora(base_dir: Path, loras: Sequence[tuple[Path, float]], out: Path, *
     loras = [(find_lora_file(p), w) for p, w in loras]
     pipe, own = source_pipeline(base_dir, whole=True)
     loras = own + loras
-    fuse_loras(pipe, loras)
+    fuse_loras(pipe, loras, base_dir)
     if half:
         pipe.to(torch.float16)
     with atomic_folder(out) as tmp:  # `out` never holds half a model

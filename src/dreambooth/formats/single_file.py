@@ -1,7 +1,7 @@
 """A diffusers SD 1.x, 2.x or SDXL folder as one `.safetensors` in the original layout (CompVis/LDM for SD 1.x and
 2.x, Stability's SGM for SDXL), which AUTOMATIC1111 and ComfyUI load (the OpenCLIP text encoders included).
 
-The key map is derived from the model's own blocks (`unet_rules`, `vae_rules`), so it is right for any SD
+The key map is derived from the model's own blocks (`models.layout.unet_rules`, `vae_rules`), so it is right for any SD
 1.x-shaped UNet (diffusers' own conversion script assumes SD's four levels and drops the up-block weights of other
 shapes), and a tensor the map does not cover stops the export (docs/design.md, "The exports' key maps"). SDXL's
 UNet has the same block layout plus the added embedding of the pooled text and size conditioning (`label_emb`);
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from dreambooth.errors import UserError
@@ -28,77 +27,12 @@ from dreambooth.formats.lora import (
 from dreambooth.formats.lora_loading import text_sides
 from dreambooth.formats.merge import fuse_loras, model_folder, source_pipeline
 from dreambooth.models.base import is_sdxl
-
-# A rule maps one diffusers module to its LDM name; `children` renames its direct sub-modules (None: same names).
-UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-
+from dreambooth.models.layout import Rule, check_mid_block, ldm_name, unet_rules
 
 VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
 
 
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-@dataclass
-class Rule:
-    diffusers: str
-    ldm: str
-    children: dict[str, str] | None = None
-
-
-def _attentions(block) -> list:
-    return list(getattr(block, "attentions", None) or [])
-
-
-def _check_mid_block(mid, what: str) -> None:
-    """The original layout has one middle block shape: ResBlock, attention, ResBlock."""
-    if mid is None or len(mid.resnets) != 2 or len(_attentions(mid)) != 1 or _attentions(mid)[0] is None:
-        raise UserError(f"the {what} has no 'ResNet, attention, ResNet' middle block, so it has no place in the "
-                        "original Stable Diffusion layout; export it with --format diffusers.")
-
-
-def unet_rules(unet) -> list[Rule]:
-    """The LDM name of every UNet module, walked in the order LDM numbers its input and output blocks.
-
-    LDM's `input_blocks` are conv_in, then per level `layers` blocks of [ResBlock, (SpatialTransformer)] and,
-    except where diffusers has no downsampler, one [Downsample]; `output_blocks` run over the levels in
-    reverse, each block [ResBlock, (SpatialTransformer), (Upsample on a level's last block)].
-    """
-    rules = [Rule("conv_in", "input_blocks.0.0"), Rule("time_embedding.linear_1", "time_embed.0"),
-             Rule("time_embedding.linear_2", "time_embed.2"), Rule("conv_norm_out", "out.0"),
-             Rule("conv_out", "out.2")]
-    if unet.config.get("addition_embed_type") == "text_time":
-        # SDXL: the pooled text embedding and the 6 size/crop numbers pass through an MLP that SGM calls label_emb;
-        # the sinusoidal projection of the numbers before it (add_time_proj) has no weights.
-        rules += [Rule("add_embedding.linear_1", "label_emb.0.0"), Rule("add_embedding.linear_2", "label_emb.0.2")]
-    k = 1
-    for i, block in enumerate(unet.down_blocks):
-        attentions = _attentions(block)
-        for j in range(len(block.resnets)):
-            rules.append(Rule(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{k}.0", UNET_RESNET))
-            if attentions:
-                rules.append(Rule(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{k}.1"))
-            k += 1
-        if block.downsamplers is not None:
-            rules.append(Rule(f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{k}.0.op"))
-            k += 1
-    _check_mid_block(unet.mid_block, "UNet")
-    rules += [Rule("mid_block.resnets.0", "middle_block.0", UNET_RESNET),
-              Rule("mid_block.attentions.0", "middle_block.1"),
-              Rule("mid_block.resnets.1", "middle_block.2", UNET_RESNET)]
-    k = 0
-    for i, block in enumerate(unet.up_blocks):
-        attentions = _attentions(block)
-        for j in range(len(block.resnets)):
-            rules.append(Rule(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{k}.0", UNET_RESNET))
-            if attentions:
-                rules.append(Rule(f"up_blocks.{i}.attentions.{j}", f"output_blocks.{k}.1"))
-            if j == len(block.resnets) - 1 and block.upsamplers is not None:
-                slot = 2 if attentions else 1
-                rules.append(Rule(f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{k}.{slot}.conv"))
-            k += 1
-    return rules
 
 
 def vae_rules(vae) -> list[Rule]:
@@ -120,28 +54,11 @@ def vae_rules(vae) -> list[Rule]:
         if block.upsamplers is not None:
             rules.append(Rule(f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{level}.upsample.conv"))
     for part in ("encoder", "decoder"):
-        _check_mid_block(getattr(vae, part).mid_block, f"VAE {part}")
+        check_mid_block(getattr(vae, part).mid_block, f"VAE {part}")
         rules += [Rule(f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", VAE_RESNET),
                   Rule(f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", VAE_ATTENTION),
                   Rule(f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", VAE_RESNET)]
     return rules
-
-
-def ldm_name(key: str, by_module: dict[str, Rule]) -> str | None:
-    """The original name of a diffusers tensor (or of any name below a module, such as a LoRA layer's), by the rule
-    of its deepest module; None where no rule covers it."""
-    parts = key.split(".")
-    rule = next((by_module[".".join(parts[:n])] for n in range(len(parts) - 1, 0, -1)
-                 if ".".join(parts[:n]) in by_module), None)
-    if rule is None:
-        return None
-    rest = key[len(rule.diffusers) + 1:]
-    if rule.children is not None:
-        child = next((c for c in rule.children if rest.startswith(c + ".")), None)
-        if child is None:
-            return None
-        rest = rule.children[child] + rest[len(child):]
-    return f"{rule.ldm}.{rest}"
 
 
 def apply_rules(state_dict: dict, rules: list[Rule], ldm_prefix: str, what: str) -> dict:
@@ -337,7 +254,7 @@ def to_single_file(src: Path, out: Path, *, half: bool = False, loras: Sequence[
     loras = [(find_lora_file(p), w) for p, w in loras]
     pipe, own = source_pipeline(src)
     loras = own + loras
-    fuse_loras(pipe, loras)
+    fuse_loras(pipe, loras, src)
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
     vectors = split_new_tokens(pipe)
     files = {token: embedding_file_for(out, token) for token in vectors}

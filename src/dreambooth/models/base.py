@@ -44,6 +44,32 @@ def is_sdxl(model: Path | str) -> bool:
         return "XL" in json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
     except (OSError, ValueError):
         return False
+
+
+# The model families this tool works with, by the short names records use, and how messages name them.
+FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def family_of(text_encoders: int, hidden_act: str | None) -> str | None:
+    """A model's family from its text encoders: SDXL has two; SD 2.x's one is OpenCLIP (GELU), SD 1.x's OpenAI's CLIP
+    (quick GELU); None for anything else."""
+    if text_encoders == 2:
+        return "sdxl"
+    return {"gelu": "sd2", "quick_gelu": "sd1"}.get(hidden_act or "")
+
+
+def model_family(model: Path | str) -> str | None:
+    """'sd1', 'sd2' or 'sdxl' for a local model folder, from its config files alone; None when they do not tell."""
+    folder = Path(model)
+    if is_sdxl(folder):
+        return "sdxl"
+    try:
+        config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return family_of(1, config.get("hidden_act"))
+
+
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 
 
@@ -70,8 +96,8 @@ SINGLE_FILE_TO_FOLDER = ("convert it once with diffusers, `StableDiffusionPipeli
                          "diffusers folder of the same family, such as the model it was fine-tuned from), and pass DIR")
 
 
-def safetensors_metadata(path: Path) -> tuple[list[str], dict[str, str]] | None:
-    """The tensor names and metadata of a safetensors file, from its header alone; None if it is not one."""
+def safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]] | None:
+    """The tensor shapes (by name) and metadata of a safetensors file, from its header alone; None if it is not one."""
     try:
         with path.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
@@ -83,7 +109,14 @@ def safetensors_metadata(path: Path) -> tuple[list[str], dict[str, str]] | None:
     if not isinstance(header, dict):
         return None
     metadata = header.pop("__metadata__", None) or {}
-    return list(header), {k: str(v) for k, v in metadata.items()}
+    shapes = {k: tuple(v.get("shape") or ()) if isinstance(v, dict) else () for k, v in header.items()}
+    return shapes, {k: str(v) for k, v in metadata.items()}
+
+
+def safetensors_metadata(path: Path) -> tuple[list[str], dict[str, str]] | None:
+    """The tensor names and metadata of a safetensors file, from its header alone; None if it is not one."""
+    read = safetensors_header(path)
+    return (list(read[0]), read[1]) if read else None
 
 
 def file_kind(path: Path) -> str:
@@ -265,6 +298,37 @@ def resolve_hub_model(repo_id: str, revision: str | None = None, what: str = "mo
                  "a proxy"
     raise UserError(f"{what} {repo_id} is not a local folder, and it cannot be fetched from the hub: {reason}. "
                     "Pass a local diffusers folder (e.g. one saved with StableDiffusionPipeline.save_pretrained).")
+
+
+def checkpoint_base(ckpt: Path) -> tuple[str, dict]:
+    """The base model a training checkpoint was trained from, and its saved config's model section."""
+    import yaml
+
+    state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
+    config = {}
+    if (ckpt / "config.yaml").is_file():
+        config = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("model") or {}
+    base = state.get("base_model") or config.get("pretrained_model")
+    if any(ckpt.glob("trainable_*.safetensors")):
+        step = state.get("global_step", 0) + 1
+        raise UserError(f"{ckpt} was saved by an earlier version of this tool in a layout only training reads. "
+                        f"Train its run one step further, which saves a checkpoint (and the model) in diffusers' "
+                        f"layout: `{resume_command(ckpt)} --max_train_steps {step} --checkpointing_steps {step}`.")
+    if not base or not (Path(base).exists() or is_hub_id(str(base))):
+        raise UserError(f"{ckpt} was trained from the base model {base}, which is not there any more. A checkpoint "
+                        "holds only what trained; put the base model back at that path.")
+    return str(base), config
+
+
+def config_folder(model: Path | str) -> Path | None:
+    """The local diffusers folder whose config files describe `model`: the folder itself, a training checkpoint's
+    base model, or a hub id's copy in the hub cache; None when none is on this machine."""
+    if (Path(model) / CHECKPOINT_STATE).is_file():
+        model = checkpoint_base(Path(model))[0]
+    if (Path(model) / "model_index.json").is_file():
+        return Path(model)
+    cached = cached_snapshot(str(model), None) if is_hub_id(str(model)) else None
+    return Path(cached) if cached else None
 
 
 def _first_weights(folder: Path) -> Path | None:

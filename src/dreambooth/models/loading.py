@@ -6,7 +6,6 @@ evaluation and export.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -19,10 +18,10 @@ from dreambooth.models.base import (
     LORA_FILE,
     SCHEDULERS,
     check_model_folder,
+    checkpoint_base,
     is_hub_id,
     is_sdxl,
     resolve_hub_model,
-    resume_command,
 )
 from dreambooth.training.speed import collection_paused
 
@@ -109,26 +108,6 @@ def pipeline_class(model: str | Path):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     return StableDiffusionXLPipeline if is_sdxl(model) else StableDiffusionPipeline
-
-
-def checkpoint_base(ckpt: Path) -> tuple[str, dict]:
-    """The base model a training checkpoint was trained from, and its saved config's model section."""
-    import yaml
-
-    state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
-    config = {}
-    if (ckpt / "config.yaml").is_file():
-        config = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("model") or {}
-    base = state.get("base_model") or config.get("pretrained_model")
-    if any(ckpt.glob("trainable_*.safetensors")):
-        step = json.loads((ckpt / CHECKPOINT_STATE).read_text()).get("global_step", 0) + 1
-        raise UserError(f"{ckpt} was saved by an earlier version of this tool in a layout only training reads. "
-                        f"Train its run one step further, which saves a checkpoint (and the model) in diffusers' "
-                        f"layout: `{resume_command(ckpt)} --max_train_steps {step} --checkpointing_steps {step}`.")
-    if not base or not (Path(base).exists() or is_hub_id(str(base))):
-        raise UserError(f"{ckpt} was trained from the base model {base}, which is not there any more. A checkpoint "
-                        "holds only what trained; put the base model back at that path.")
-    return str(base), config
 
 
 def load_checkpoint_pipeline(ckpt: Path, *, device: torch.device, dtype: torch.dtype, scheduler: str | None = None,

@@ -26,6 +26,7 @@ from dreambooth.characters.character import Character
 from dreambooth.characters.compiler import RenderRequest, token_counter, token_limit
 from dreambooth.errors import UserError
 from dreambooth.formats.lora import find_lora_file, new_tokens, token_file_for
+from dreambooth.formats.lora_fit import check_lora_fits
 from dreambooth.formats.lora_loading import load_lora_adapter, text_sides
 from dreambooth.generate import png_info
 from dreambooth.models.base import model_identity
@@ -108,6 +109,9 @@ class Renderer:
         self.drawn: dict[str, Drawn] = {}
         self.calls = 0  # pipeline calls, for tests and metrics
         self._lock = threading.Lock()
+        for character in characters.values():  # every LoRA made for another model, before any model loads
+            for lora in character.loras:
+                check_lora_fits(find_lora_file(lora.file), character.model, f"character {character.name}'s model:")
         for character in characters.values():
             self.drawn[character.name] = self._place(character)
         for slot in self.slots:  # after the LoRAs, whose new tokens the copies must know
@@ -134,7 +138,8 @@ class Renderer:
         names = []
         for i, lora in enumerate(character.loras):
             name = f"{character.name.replace('-', '_')}_{i}"
-            load_lora_adapter(slot.pipe, lora.file, name, model=character.model)
+            load_lora_adapter(slot.pipe, lora.file, name, model=character.model,
+                              flag=f"character {character.name}'s model:")
             names.append(name)
         slot.tokens |= wanted
         slot.adapters = slot.adapters or bool(names)

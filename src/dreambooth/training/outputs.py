@@ -13,7 +13,7 @@ from dreambooth import __version__
 from dreambooth.config_file import dump_config
 from dreambooth.formats.atomic import move_into, temporary_folder, write_json_atomic, write_text_atomic
 from dreambooth.formats.lora import save_lora, save_token_embeddings
-from dreambooth.models.base import model_fingerprint
+from dreambooth.models.base import family_of, model_fingerprint
 from dreambooth.models.loading import DTYPES
 from dreambooth.versions import library_versions
 
@@ -56,13 +56,18 @@ def _adapter_config(module) -> dict | None:
 
 
 def lora_metadata(run) -> dict[str, str]:
-    """What made the LoRA, as safetensors metadata (strings): base model and hash, subjects, LoRA settings."""
+    """What made the LoRA, as safetensors metadata (strings): base model, its hash and family, subjects, LoRA
+    settings."""
     cfg, m = run.cfg, run.models
     subjects = cfg.subject_list()
+    encoders = m.encoders()
+    # the family tells where the LoRA applies even once the base model is gone (formats.lora_fit reads it)
+    family = family_of(len(encoders), getattr(encoders[0].config, "hidden_act", None)) or ""
     return {
         "dreambooth.version": __version__,
         "dreambooth.base_model": str(cfg.model.pretrained_model),
         "dreambooth.base_model_hash": model_fingerprint(cfg.model.pretrained_model),
+        "dreambooth.base_family": family,
         "dreambooth.identifiers": json.dumps([s.identifier for s in subjects]),
         "dreambooth.instance_prompts": json.dumps([s.instance_prompt for s in subjects]),
         "dreambooth.class_prompts": json.dumps([s.class_prompt for s in subjects]),

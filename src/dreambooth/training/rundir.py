@@ -27,7 +27,7 @@ from pathlib import Path
 from dreambooth.config_file import load_config, resolve_model_ref
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import write_text_atomic
-from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
+from dreambooth.models.base import CHECKPOINT_STATE, FAMILIES, LORA_FILE, model_family
 
 RUN_INFO = "run_info.json"
 LOCK_FILE = ".dreambooth.lock"
@@ -95,6 +95,22 @@ def run_settings(cfg, base_identity: str) -> dict:
         "identifiers": [[s.identifier, s.initializer] for s in cfg.subject_list()],
         "resolution": cfg.training.resolution,
     }
+
+
+def other_base_model(checkpoint: CheckpointInfo, model) -> str:
+    """Why a checkpoint cannot resume on this base model: the model it was trained on and both families, by name
+    (the settings record the models by the hash of their weights, which tells the user nothing)."""
+
+    def described(path) -> str:
+        family = model_family(path) if path else None
+        return f"{path} (an {FAMILIES[family]} model)" if family else str(path)
+
+    base = checkpoint.state.get("base_model")
+    trained_on = described(base) if base else "another base model"
+    return (f"output.resume_from_checkpoint: {checkpoint.path} was trained on {trained_on}, and this run's base "
+            f"model is {described(model)}, another model (its weights differ); what the checkpoint trained belongs to "
+            f"its own base. Resume with --pretrained_model_name_or_path {base or 'THAT_MODEL'} "
+            "(model.pretrained_model), or start a new run from this model in another --output_dir.")
 
 
 def describe_difference(theirs: dict, ours: dict) -> str:
@@ -332,6 +348,8 @@ def _plan_resume(cfg, plan: RunPlan, folder: FolderState, resume: str, identity_
                             f"output_dir {out} holds run {folder.run_id}. Resume it into its own folder or an empty "
                             "one.")
     theirs = checkpoint.settings or legacy_settings(checkpoint, identity_of)
+    if theirs is not None and theirs.get("base_model") != plan.settings["base_model"]:
+        raise UserError(other_base_model(checkpoint, cfg.model.pretrained_model))
     if theirs is not None and theirs != plan.settings:
         raise UserError(f"output.resume_from_checkpoint: {checkpoint.path} was saved by a run with other settings "
                         f"({describe_difference(theirs, plan.settings)}). Resume with the same settings, or start a "
