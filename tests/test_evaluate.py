@@ -17,28 +17,6 @@ from dreambooth.evaluation.evaluate import class_prompt_for, format_table, mean_
 from dreambooth.generate import save_images
 
 
-@pytest.fixture(scope="session")
-def clip_dir(tmp_path_factory):
-    """A random 2-layer CLIPModel (32 px, patch 8) with the tiny CLIP tokenizer and a CLIP image processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from dreambooth.models.tiny import build_tokenizer
-
-    folder = tmp_path_factory.mktemp("clip") / "clip"
-    tokenizer = build_tokenizer(folder)
-    tokenizer.save_pretrained(folder)
-    tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
-    config = CLIPConfig(
-        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "pad_token_id": tokenizer.pad_token_id},
-        vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(autouse=True)
 def hub_cache(tmp_path, monkeypatch):
     """An empty hub cache of the test's own: a CLIP or DINO this machine has cached is never found by these tests."""

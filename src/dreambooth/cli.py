@@ -13,7 +13,6 @@ import dataclasses
 import importlib
 import importlib.util
 import os
-import shlex
 import sys
 import types
 import typing
@@ -37,7 +36,7 @@ from dreambooth.command_options import (
     TinyModelOptions,
 )
 from dreambooth.config import SECTION_TYPES, field_flags
-from dreambooth.errors import TrainingStopped, UserError
+from dreambooth.errors import TrainingStopped, UserError, command_line
 from dreambooth.options import Parser, add_options, parse_settings, settings_from
 
 # diffusers' train_dreambooth.py flags that mean nothing here, with what to do instead.
@@ -280,8 +279,8 @@ def resume_command(argv: list[str], overwrite: bool) -> str:
             continue
         words.append(word)
     words += ["--no-overwrite_output_dir"] if overwrite else []
-    launcher = "accelerate launch -m dreambooth" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "dreambooth"
-    return f"{launcher} train {shlex.join(words + ['--resume_from_checkpoint', 'latest'])}"
+    launcher = ["accelerate", "launch", "-m"] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else []
+    return command_line(*launcher, "dreambooth", "train", *words, "--resume_from_checkpoint", "latest")
 
 
 def repository() -> Path:

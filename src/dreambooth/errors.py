@@ -3,6 +3,14 @@ the user asked for (exit 0)."""
 
 from __future__ import annotations
 
+import shlex
+
+
+def command_line(*words: object) -> str:
+    """A command a message tells the user to run, quoted as a shell reads it. Every call is a suggestion that
+    tests/test_advice.py finds in the source and runs."""
+    return shlex.join(str(word) for word in words)
+
 
 class UserError(Exception):
     """A problem with the user's input (file, folder, config key) that they can fix; printed without a traceback."""

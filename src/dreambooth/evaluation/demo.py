@@ -11,11 +11,10 @@ stays where it was.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import asdict
 from pathlib import Path
 
-from dreambooth.errors import TrainingStopped
+from dreambooth.errors import TrainingStopped, command_line
 from dreambooth.evaluation import experiment, world
 from dreambooth.formats.atomic import atomic_file, write_json_atomic
 
@@ -69,4 +68,4 @@ def demo_command(options) -> dict:
         return run_demo(options.out, steps=options.steps)
     except TrainingStopped as stop:  # a second `demo` continues the run from its checkpoint
         steps = [] if options.steps is None else ["--steps", str(options.steps)]
-        raise stop.continued_by(shlex.join(["dreambooth", "demo", "--out", str(options.out), *steps])) from None
+        raise stop.continued_by(command_line("dreambooth", "demo", "--out", options.out, *steps)) from None

@@ -13,7 +13,6 @@ the base model and one trained variant of it.
 from __future__ import annotations
 
 import json
-import shlex
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dreambooth.errors import TrainingStopped
+from dreambooth.errors import TrainingStopped, command_line
 from dreambooth.evaluation import world
 from dreambooth.formats.atomic import atomic_file, write_json_atomic, write_text_atomic
 
@@ -232,9 +231,9 @@ def experiment_command(options) -> list[dict]:
     except TrainingStopped as stop:
         # Run again, the stopped run continues from its checkpoint; the runs before it are trained again.
         seeds = [word for seed in options.seeds for word in ("--seed", str(seed))]
-        raise stop.continued_by(shlex.join(
-            ["dreambooth", "experiment", "--out", str(options.out), *seeds, "--steps", str(options.steps),
-             "--images-per-prompt", str(options.images_per_prompt)])) from None
+        raise stop.continued_by(command_line(
+            "dreambooth", "experiment", "--out", options.out, *seeds, "--steps", options.steps,
+            "--images-per-prompt", options.images_per_prompt)) from None
 
 
 MEASURES = ("subject_fidelity", "prompt_fidelity", "class_prior", "class_shape", "diversity")

@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from dreambooth.errors import UserError
+from dreambooth.errors import UserError, command_line
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -142,8 +142,6 @@ def resume_command(checkpoint: Path) -> str:
     """The command that continues a checkpoint's run from it: the run's own config.yaml (saved in every checkpoint,
     its paths absolute), the checkpoint, and the folder the checkpoint is in as the output folder, which is the run's
     even when it was moved since; --no-overwrite_output_dir where the config would replace the run."""
-    import shlex
-
     import yaml
 
     try:
@@ -151,9 +149,9 @@ def resume_command(checkpoint: Path) -> str:
     except (OSError, yaml.YAMLError):
         saved = {}
     replaces = bool((saved.get("output") or {}).get("overwrite_output_dir"))
-    return shlex.join(["dreambooth", "train", "--config", str(checkpoint / "config.yaml"), "--output_dir",
-                       str(checkpoint.parent), *(["--no-overwrite_output_dir"] if replaces else []),
-                       "--resume_from_checkpoint", str(checkpoint)])
+    return command_line("dreambooth", "train", "--config", checkpoint / "config.yaml", "--output_dir",
+                        checkpoint.parent, *(["--no-overwrite_output_dir"] if replaces else []),
+                        "--resume_from_checkpoint", checkpoint)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
