@@ -12,17 +12,18 @@ from pathlib import Path
 
 from dreambooth.training.speed import cpu_threading
 
-# Before torch loads (libgomp reads its environment then): OpenMP threads that sleep at barriers, the tool's own
-# default, so that the servers and training processes the tests start share the cores with this one.
+# Before torch loads (libgomp reads its environment then): the tool's own CPU threading (threads that sleep at
+# barriers, one core left free), so that the servers and training processes the tests start share the cores.
 cpu_threading()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-# Two threads, or OMP_NUM_THREADS: .ci/run runs the suite a second time at one thread on the plainest kernels
-# (ATEN_CPU_CAPABILITY=default), so that a bound that holds only for this machine's summation order fails there.
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
+# OMP_NUM_THREADS, the tool's choice unless set: .ci/run runs the suite a second time at another thread count on the
+# plainest kernels (ATEN_CPU_CAPABILITY=default), so that a bound that holds only for this machine's summation
+# order fails there.
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -931,3 +931,216 @@ def test_the_readme_troubleshooting_table_quotes_what_the_tool_prints():
                    if any(w in t for w in quote[skip:] if w is not WILD and len(w) >= 3)):
             missing.append(row)
     assert not missing, "the README quotes messages the package does not make:\n" + "\n".join(missing)
+
+
+# --------------------------------------------------------------------------------- LoRAs, checkpoints and bases
+
+
+def test_a_lora_for_another_family_names_the_model_it_was_trained_on(lora_run, tiny_model, tmp_path, capsys):
+    from dreambooth.models.tiny_families import build_model
+
+    out, _ = lora_run
+    xl = build_model(tmp_path / "xl", size="sdxl-tiny", seed=2)
+    err = cli_run(capsys, "generate", "--model", xl, "--lora", out, "--prompt", "a dog", code=2)
+    model = re.search(r"Apply it to the model it was trained on, or a fine-tune of it \(--model (\S+)\)", err).group(1)
+    assert model == str(tiny_model)
+    cli_run(capsys, "generate", "--model", model, "--lora", out, "--prompt", "a dog", "--steps", "1", "--out",
+            tmp_path / "shots")
+
+
+def test_a_checkpoint_resumed_on_another_base_names_the_flag_that_resumes_it(finished_run, tmp_path, capsys):
+    from dreambooth.models.tiny import build_tiny_model
+
+    out, instance = finished_run
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    other = build_tiny_model(tmp_path / "other", seed=5)  # the same shape, other weights
+    err = cli_run(capsys, *train_argv(other, instance, copy, "--resume_from_checkpoint", "latest", steps=3), code=2)
+    model = re.search(r"Resume with --pretrained_model_name_or_path (\S+) ", err).group(1)
+    cli_run(capsys, *train_argv(model, instance, copy, "--resume_from_checkpoint", "latest", steps=3))
+    assert step_of(copy) == 3
+    cli_run(capsys, *train_argv(other, instance, tmp_path / "new", steps=1))  # "or start a new run ... elsewhere"
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_refusals_name_what_works(tiny_model, real_dir, dino_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    base = ["evaluate", "--identifier", "sks", "--class-word", "dog", "--dino", dino_dir, "--device", "cpu"]
+    err = cli_run(capsys, *base, "--real", tmp_path / "nowhere", "--images", tmp_path / "gen", code=2)
+    assert "Pass the folder of the subject's real photos" in err
+    (tmp_path / "empty").mkdir()
+    assert "Pass the folder of the subject's real photos" in cli_run(
+        capsys, *base, "--real", tmp_path / "empty", "--images", tmp_path / "gen", code=2)
+    base += ["--real", real_dir]
+    err = cli_run(capsys, *base, "--images", tmp_path / "gen", code=2)
+    assert "Pass a folder written by `dreambooth generate`, or use --model" in err
+    (tmp_path / "gen").mkdir()
+    err = cli_run(capsys, *base, "--images", tmp_path / "gen", code=2)
+    (command,) = suggested(err)
+    words = as_argv(command.replace(" ...", ""))
+    cli_run(capsys, *words, "--model", tiny_model, "--prompt", "a photo of sks dog", "--steps", "1")
+    cli_run(capsys, *base, "--images", tmp_path / "gen", "--out", tmp_path / "e1")
+    cli_run(capsys, *base, "--model", tiny_model, "--prompt", "a photo of sks dog", "--steps", "1",
+            "--num-images", "1", "--out", tmp_path / "e2")  # "or use --model to generate them here"
+    # a PNG without the metadata generate writes
+    (tmp_path / "plain").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "plain" / "a.png")
+    err = cli_run(capsys, *base, "--images", tmp_path / "plain", code=2)
+    assert "Generate the images with `dreambooth generate`, or use --model" in err
+    # generation options with --images: "Drop them, or use --model"
+    err = cli_run(capsys, *base, "--images", tmp_path / "gen", "--seed", "3", "--out", tmp_path / "e3", code=2)
+    assert "Drop them, or use --model" in err
+    cli_run(capsys, *base, "--images", tmp_path / "gen", "--out", tmp_path / "e3")
+    # an earlier evaluation in --out
+    err = cli_run(capsys, *base, "--images", tmp_path / "gen", "--out", tmp_path / "e3", code=2)
+    assert "choose another --out, or pass --overwrite to replace them" in err
+    cli_run(capsys, *base, "--images", tmp_path / "gen", "--out", tmp_path / "e3", "--overwrite")
+    cli_run(capsys, *base, "--images", tmp_path / "gen", "--out", tmp_path / "e4")
+
+
+def test_evaluating_checkpoints_names_the_folder_and_command_it_needs(lora_run, finished_run, tiny_model, real_dir,
+                                                                     dino_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    base = ["evaluate", "--identifier", "sks", "--class-word", "dog", "--dino", dino_dir, "--device", "cpu", "--real",
+            real_dir, "--prompt", "a photo of sks dog", "--steps", "1", "--num-images", "1"]
+    out, _ = finished_run
+    err = cli_run(capsys, *base, "--images", tmp_path / "gen", "--checkpoints", "all", code=2)
+    assert "pass its output folder as --model" in err
+    lora_out, _ = lora_run
+    copy = tmp_path / "lora-run"
+    subprocess.run(["cp", "-r", str(lora_out), str(copy)], check=True)
+    (copy / "run_info.json").unlink()
+    err = cli_run(capsys, *base, "--model", copy, "--checkpoints", "all", "--out", tmp_path / "e1", code=2)
+    (command,) = suggested(err)
+    cli_run(capsys, *as_argv(command, BASE=str(tiny_model), CHECKPOINT=str(copy / "checkpoint-2")), *base[1:],
+            "--out", tmp_path / "e2")
+    assert (tmp_path / "e2" / "metrics.json").is_file()
+    cli_run(capsys, *base, "--model", out, "--checkpoints", "all", "--out", tmp_path / "e3")
+
+
+def test_a_scorer_folder_of_the_wrong_kind_names_the_model_it_needs(tiny_model, real_dir, clip_dir, tmp_path, capsys,
+                                                                    monkeypatch):
+    from transformers import CLIPVisionModel
+
+    from dreambooth.generate import save_images
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    meta = {"prompt": "a photo of sks dog", "negative_prompt": "", "seed": 0, "steps": 1, "guidance": 7.5,
+            "scheduler": "dpm++", "width": 32, "height": 32}
+    save_images([(image, meta)], tmp_path / "gen", "model-a")
+    base = ["evaluate", "--identifier", "sks", "--class-word", "dog", "--device", "cpu", "--real", real_dir,
+            "--images", tmp_path / "gen"]
+    err = cli_run(capsys, *base, "--clip", tiny_model / "text_encoder", "--out", tmp_path / "e1", code=2)
+    assert "need the whole CLIP model, both towers (CLIPModel)" in err
+    CLIPVisionModel.from_pretrained(clip_dir).save_pretrained(tmp_path / "vision")
+    err = cli_run(capsys, *base, "--clip", tmp_path / "vision", "--out", tmp_path / "e2", code=2)
+    assert "Pass the whole CLIP model (CLIPModel, with its tokenizer and image processor) as --clip" in err
+    cli_run(capsys, *base, "--clip", clip_dir, "--out", tmp_path / "e3")
+
+
+# ------------------------------------------------------------------------------------------------------- serve
+
+
+def test_serve_start_up_refusals_name_the_options_that_start_it(tiny_model, tmp_path):
+    import socket
+
+    from serving_support import characters_file
+
+    from dreambooth.command_options import ServeOptions
+    from dreambooth.errors import UserError
+    from dreambooth.serving.auth import parse_keys
+    from dreambooth.serving.command import build_app, listening_socket
+
+    path = characters_file(tmp_path, tiny_model)
+    with pytest.raises(UserError) as refused:
+        build_app(ServeOptions(characters=path, host="0.0.0.0", no_cache=True))
+    assert "give --api-keys FILE (or $DREAMBOOTH_API_KEYS), or --allow-no-auth on a trusted network" in str(
+        refused.value)
+    with pytest.raises(UserError) as short:  # a key file whose token is too short: the snippet makes one
+        parse_keys("web user abc", "keys")
+    (snippet,) = [q for q in QUOTED.findall(str(short.value)) if q.startswith("python -c")]
+    words = shlex.split(snippet)
+    token = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "keys").write_text(f"web user {token}\n")
+    build_app(ServeOptions(characters=path, host="0.0.0.0", api_keys=tmp_path / "keys", no_cache=True))
+    build_app(ServeOptions(characters=path, host="0.0.0.0", allow_no_auth=True, no_cache=True))
+    # a port that is taken: "Choose another --port (0 takes a free one)"
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(UserError, match=r"Choose another --port \(0 takes a free one\)"):
+            listening_socket("127.0.0.1", taken.getsockname()[1])
+        listening_socket("127.0.0.1", 0).close()
+    finally:
+        taken.close()
+    # a character its limits refuse: raise what the message names
+    big = characters_file(tmp_path, tiny_model, [{"name": "big", "model": str(tiny_model), "identifier": "sks",
+                                                  "class_word": "dog", "width": 1024, "height": 1024, "steps": 80}])
+    with pytest.raises(UserError) as limits:
+        build_app(ServeOptions(characters=big, no_cache=True, max_pixels=512 * 512))
+    raised = re.findall(r"raise (--max-[a-z]+) to at least (\d+)", str(limits.value))
+    assert {flag for flag, _ in raised} == {"--max-pixels", "--max-steps"}
+    options = {flag[2:].replace("-", "_"): int(value) for flag, value in raised}
+    build_app(ServeOptions(characters=big, no_cache=True, **options))
+
+
+def test_serve_request_refusals_name_what_is_answered(tiny_model, tmp_path):
+    import threading
+
+    from serving_support import StandInRenderer, stand_in_service
+    from starlette.testclient import TestClient
+
+    from dreambooth.serving.app import create_app
+    from dreambooth.serving.auth import parse_keys
+
+    user = "u" * 24
+    keys = parse_keys(f"web user {user}\nops operator {'o' * 24}", "test")
+    gate = threading.Event()
+    service = stand_in_service(tmp_path, tiny_model, renderer=StandInRenderer(gate=gate), deadline_s=30.0)
+    with TestClient(create_app(service, keys)) as client:
+        refused = client.post("/v1/compile", json={"character": "dog"})
+        assert refused.status_code == 401
+        header = re.search(r"`(Authorization: Bearer TOKEN)`", refused.json()["error"]["message"]).group(1)
+        name, value = header.replace("TOKEN", user).split(": ")
+        assert client.post("/v1/compile", json={"character": "dog"}, headers={name: value}).status_code == 200
+        refused = client.post("/v1/compile", json={"character": "dog", "prompt": "a dog"}, headers={name: value})
+        assert refused.status_code == 403 and "send a `state` instead" in refused.json()["error"]["message"]
+        assert client.post("/v1/compile", json={"character": "dog", "state": {"emotion": "happy"}},
+                           headers={name: value}).status_code == 200
+        # a deadline that passes: "retry later, or with a longer deadline_s up to the server's"
+        late = client.post("/v1/render", json={"character": "dog", "deadline_s": 0.2}, headers={name: value})
+        assert late.status_code == 504 and "with a longer deadline_s" in late.json()["error"]["message"]
+        gate.set()
+        again = client.post("/v1/render", json={"character": "dog", "deadline_s": 30}, headers={name: value})
+        assert again.status_code == 200 and again.headers["content-type"] == "image/png"
+
+
+def test_chat_advice_names_the_options_that_make_it_answer(tiny_model, tmp_path):
+    from serving_support import running, stand_in_service
+    from starlette.testclient import TestClient
+    from test_serve_chat import SLOW_S, FakeLLM
+
+    from dreambooth.errors import UserError
+    from dreambooth.serving.app import create_app
+    from dreambooth.serving.chat import ChatStates
+
+    body = {"character": "dog", "message": "happy at the beach", "format": "json"}
+    with TestClient(create_app(stand_in_service(tmp_path, tiny_model), [], auth=False)) as client:
+        off = client.post("/v1/chat-render", json=body)
+        assert off.status_code == 501
+        assert "start `dreambooth serve` with --llm-base-url" in off.json()["error"]["message"]
+    fake = FakeLLM()
+    with running(fake.app) as url:
+        with pytest.raises(UserError, match="set it to the key alone"):
+            ChatStates(url + "/v1", "fake", "sk-\x01key")
+        for model, timeout_s, status in (("fake", 5.0, 200), ("slow", SLOW_S / 4, 504), ("slow", SLOW_S * 10, 200)):
+            chat = ChatStates(url + "/v1", model, "sk-key", timeout_s=timeout_s)
+            with TestClient(create_app(stand_in_service(tmp_path, tiny_model), [], auth=False, chat=chat)) as client:
+                answer = client.post("/v1/chat-render", json=body)
+                assert answer.status_code == status, answer.text
+                if status == 504:
+                    assert "a longer --llm-timeout-s" in answer.json()["error"]["message"]

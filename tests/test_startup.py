@@ -136,18 +136,35 @@ def test_a_class_image_batch_that_runs_out_of_memory_is_halved_and_draws_the_sam
     assert all(np.array_equal(drawn["halved"][k], drawn["fits"][k]) for k in drawn["fits"])
 
 
-@pytest.mark.parametrize(("given", "spins"), [(None, "0"), ("ACTIVE", "30000000000")])
-def test_the_command_makes_openmp_threads_sleep_at_barriers_unless_the_user_chose(given, spins, tmp_path):
+@pytest.mark.parametrize(("given", "seen"), [
+    ({}, {"GOMP_SPINCOUNT": "0", "OMP_NUM_THREADS": "1"}),
+    ({"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "2"}, {"GOMP_SPINCOUNT": "30000000000", "OMP_NUM_THREADS": "2"}),
+    ({"GOMP_SPINCOUNT": "300000"}, {"GOMP_SPINCOUNT": "300000", "OMP_NUM_THREADS": "1"}),
+])
+def test_the_command_makes_openmp_threads_sleep_and_leave_a_core_unless_the_user_chose(given, seen, tmp_path):
     """Beside another torch process on the same cores, OpenMP threads spinning at barriers made the demo about 100
-    times slower (issue 24). libgomp reads its policy when torch loads; OMP_DISPLAY_ENV=VERBOSE makes it print what it
-    read. Its spin count tells the policies apart (300000 unset, 0 passive); the policy line says PASSIVE for both."""
+    times slower (issue 24). libgomp reads its settings when torch loads; OMP_DISPLAY_ENV=VERBOSE makes it print what
+    it read. The spin count tells the policies apart (300000 unset, 0 passive: the policy line says PASSIVE for
+    both). The process here may run on 2 cores (taskset), so it leaves 1 thread."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env.update({"OMP_DISPLAY_ENV": "VERBOSE", **({"OMP_WAIT_POLICY": given} if given else {})})
-    script = ("import sys; from dreambooth.cli import entry; sys.argv = ['dreambooth', 'tiny-model', sys.argv[1]]; "
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+    env.update({"OMP_DISPLAY_ENV": "VERBOSE", **given})
+    script = ("import os, sys; os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2]); "
+              "from dreambooth.cli import entry; sys.argv = ['dreambooth', 'tiny-model', sys.argv[1]]; "
               "raise SystemExit(entry())")
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m")], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert f"GOMP_SPINCOUNT = '{spins}'" in proc.stderr
+    for name, value in seen.items():
+        assert f"{name} = '{value}'" in proc.stderr, name
+
+
+def test_the_thread_count_leaves_a_core_and_what_the_user_set_stays():
+    from dreambooth.training.speed import cpu_threading
+
+    assert cpu_threading({}, cores=16) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "15"}
+    assert cpu_threading({}, cores=1) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    mine = {"OMP_NUM_THREADS": "4", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert cpu_threading(mine, cores=16) == {} and mine == {"OMP_NUM_THREADS": "4", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert cpu_threading({"GOMP_SPINCOUNT": "1000"}, cores=4) == {"OMP_NUM_THREADS": "3"}

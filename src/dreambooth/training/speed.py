@@ -47,22 +47,31 @@ def collection_paused():
             gc.enable()
 
 
-def cpu_threading(environ: dict | None = None) -> dict[str, str]:
-    """OpenMP's wait policy for this process, PASSIVE unless the user set one; returns what it set. Must run before
-    torch is imported: libgomp reads the environment when it loads.
+def cpu_threading(environ: dict | None = None, cores: int | None = None) -> dict[str, str]:
+    """OpenMP's settings for this process's CPU work, each unless the user (or a launcher) set it: threads that sleep
+    at barriers (OMP_WAIT_POLICY=PASSIVE) and one thread fewer than the cores this process may run on
+    (OMP_NUM_THREADS), so that another process computing on the same machine has a core. Returns what it set. Must
+    run before torch is imported: libgomp and torch read these when they load.
 
-    PyTorch's CPU kernels run on OpenMP threads that, by default, spin for a while at every barrier instead of
-    sleeping. Alone on its cores that saves microseconds; beside another process that computes on the same cores, a
-    spinning thread takes the core the thread it waits for needs, and each of a step's thousands of parallel regions
-    waits for the scheduler: a demo beside a second torch process ran 9.5 s a step instead of 12 steps a second
-    (issue 24). Passive threads sleep at once, so the two processes share the cores; docs/bench.md ("A busy CPU")
-    has the measurements, alone and beside another process.
+    PyTorch's CPU kernels run on OpenMP threads that by default spin at every barrier. Beside another process that
+    computes on the same cores, a spinning thread takes the core the thread it waits for needs, and each of a step's
+    thousands of parallel regions waits for the scheduler: a demo beside a second torch process ran 9.5 s a step
+    instead of 12 steps a second (issue 24). Measured with bench/busy_cpu.py on the 2-core machine (docs/bench.md,
+    "A busy CPU"): `dreambooth demo --steps 300` took 82 s alone and over 600 s beside another torch process with
+    libgomp's defaults; passive threads alone cost 1.85x (152 s: each small parallel region waits for a sleeping
+    thread to wake), one thread alone 1.18x (97 s); beside the other process, both 160 s. A shorter spin
+    (GOMP_SPINCOUNT 20000) kept 80 s alone but took 331 s beside it.
     """
     environ = os.environ if environ is None else environ
-    if "OMP_WAIT_POLICY" in environ:
-        return {}
-    environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
+    changed = {}
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:  # either says how long threads spin
+        changed["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "OMP_NUM_THREADS" not in environ:
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        changed["OMP_NUM_THREADS"] = str(max(1, cores - 1))
+    environ.update(changed)
+    return changed
 
 
 _process_ends_with_command = False
