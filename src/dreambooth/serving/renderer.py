@@ -29,7 +29,7 @@ from dreambooth.formats.lora import find_lora_file, new_tokens, token_file_for
 from dreambooth.formats.lora_fit import check_lora_fits
 from dreambooth.formats.lora_loading import load_lora_adapter, text_sides
 from dreambooth.generate import png_info
-from dreambooth.models.base import model_identity
+from dreambooth.models.base import FAMILIES, config_folder, model_family, model_identity
 from dreambooth.models.loading import load_pipeline, make_scheduler, pick_device, pick_dtype
 
 
@@ -173,13 +173,14 @@ class Renderer:
         return self.drawn[name].model_hash
 
     def model_family(self, name: str) -> tuple[str, int]:
-        """The family of the character's model as loaded, and the side its UNet was made for, in pixels (SD 1.x 512,
-        SD 2.x 768 or 512, SDXL 1024): SDXL has a second text encoder; SD 2.x's OpenCLIP tokenizer pads with `!`."""
-        pipe = self.drawn[name].slot.pipe
-        side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            return "SDXL", side
-        return ("SD 2.x" if pipe.tokenizer.pad_token == "!" else "SD 1.x"), side
+        """The family of the character's model, as models.base reads it from the model's config files, and the side
+        its UNet was made for, in pixels (SD 1.x 512, SD 2.x 768 or 512, SDXL 1024)."""
+        drawn = self.drawn[name]
+        pipe = drawn.slot.pipe
+        folder = config_folder(drawn.character.model)
+        family = model_family(folder) if folder is not None else None
+        return FAMILIES.get(family, "of a family this tool does not know"), \
+            int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
     def _activate(self, drawn: Drawn, scheduler: str) -> None:
         slot, pipe = drawn.slot, drawn.slot.pipe
