@@ -38,6 +38,37 @@ def assert_same_picture(a, b) -> None:
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01, f"{(diff > 0).sum()} values differ, by up to {diff.max()}"
 
 
+def rounding_bound(pipe, *, steps: int, guidance: float) -> float:
+    """How far two 0..1 pictures of `pipe` may differ when the same maths runs in another order (another CPU's vector
+    width or thread count, a LoRA folded into its weights or kept beside them, one converter's multiplication order
+    against another's), from the size of the computation rather than from one machine's result.
+
+    A float32 sum of n terms in another order moves by about sqrt(n) * eps of its size (rounding errors add like a
+    random walk; Higham, Accuracy and Stability of Numerical Algorithms, ch. 3-4). A network of L such layers, its
+    widest reducing over n, moves its output by about sqrt(L * n) * eps, each layer's error adding in quadrature.
+    The UNet and text encoders run at every sampler step, and classifier-free guidance scales a difference in the
+    noise prediction by up to 2g - 1; the VAE decodes once. Four times that, to stay clear of the tail: for the tiny
+    SD model at 2 steps and guidance 7.5 about 2e-3 of the pixel range, where a LoRA changes a picture by 0.02-0.1.
+    """
+    import math
+
+    def spread(model) -> float:
+        layers, widest = 0, 1
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                layers, widest = layers + 1, max(widest, m.in_features)
+            elif isinstance(m, torch.nn.Conv2d):
+                taps = m.kernel_size[0] * m.kernel_size[1]
+                layers, widest = layers + 1, max(widest, m.in_channels * taps // m.groups)
+        return math.sqrt(layers * widest) * torch.finfo(torch.float32).eps
+
+    encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
+                if e is not None]
+    per_step = math.sqrt(spread(pipe.unet) ** 2 + sum(spread(e) ** 2 for e in encoders))
+    amplified = max(1.0, 2 * guidance - 1) * math.sqrt(steps) * per_step
+    return 4 * (amplified + spread(pipe.vae.decoder))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     from dreambooth.models.tiny import build_tiny_model

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import rounding_bound
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
@@ -135,9 +136,9 @@ def test_sdxl_kohya_lora_gives_the_same_images_as_the_diffusers_lora(xl_model, x
     assert adapted_layers(from_kohya) == adapted_layers(from_diffusers) == {"unet": 64, "text_encoder": 8,
                                                                             "text_encoder_2": 8}
     assert sum(adapted_layers(from_kohya).values()) == file_layers  # every layer of the file found its module
-    with_lora = picture(from_diffusers)
-    assert np.abs(picture(from_kohya) - with_lora).max() < 1e-4
-    assert np.abs(with_lora - picture(load_xl(xl_model))).max() > 1e-3  # the LoRA changes the picture
+    with_lora, bound = picture(from_diffusers), rounding_bound(from_kohya, steps=2, guidance=7.5)
+    assert np.abs(picture(from_kohya) - with_lora).max() < bound
+    assert np.abs(with_lora - picture(load_xl(xl_model))).max() > 5 * bound  # the LoRA changes the picture
 
     for pipe in (from_diffusers, from_kohya):
         pipe.fuse_lora(components=["unet", *ENCODERS])

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import draw_subject, interrupt_after
+from conftest import draw_subject, interrupt_after, rounding_bound
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -197,8 +197,9 @@ def test_several_loras_mix_at_their_weights(tiny_model, instance_dir, tmp_path):
             load_loras(pipe, loras)
         assert [str(w.message) for w in caught] == []  # not peft's "Already found a `peft_config`" for the second
         images.append(image_of(pipe))
-    assert np.abs(images[0] - images[1]).max() < 1e-4
-    assert np.abs(images[0] - images[2]).max() > 1e-3  # and the weights do matter
+    bound = rounding_bound(pipe, steps=3, guidance=7.5)
+    assert np.abs(images[0] - images[1]).max() < bound
+    assert np.abs(images[0] - images[2]).max() > 5 * bound  # and the weights do matter
 
 
 @pytest.mark.parametrize("damage, says", [

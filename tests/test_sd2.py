@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import rounding_bound
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from test_export import image as picture
@@ -74,5 +75,6 @@ def test_sd2_lora_with_the_text_encoder_loads_in_stock_diffusers_in_both_formats
         pipe.load_lora_weights(str(source))
         pictures.append(picture(pipe))
     plain = picture(StableDiffusionPipeline.from_pretrained(sd2_model))
-    assert np.abs(pictures[0] - pictures[1]).max() < 1e-4
-    assert np.abs(pictures[0] - plain).max() > 1e-3  # the LoRA changes the picture
+    bound = rounding_bound(pipe, steps=2, guidance=7.5)
+    assert np.abs(pictures[0] - pictures[1]).max() < bound
+    assert np.abs(pictures[0] - plain).max() > 5 * bound  # the LoRA changes the picture

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import rounding_bound
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 from test_export import image as picture
@@ -164,12 +165,12 @@ def test_sdxl_lora_on_both_text_encoders_with_a_new_token_loads_in_stock_diffuse
                                  tokenizer=stock.tokenizer_2)
     ours = StableDiffusionXLPipeline.from_pretrained(xl_model)
     load_loras(ours, [(out, 1.0)])  # what generate, validation of a LoRA and the service load
-    theirs = picture(stock, prompt="a photo of <zq> dog")
-    assert np.abs(picture(ours, prompt="a photo of <zq> dog") - theirs).max() <= 1e-5
+    theirs, bound = picture(stock, prompt="a photo of <zq> dog"), rounding_bound(stock, steps=2, guidance=7.5)
+    assert np.abs(picture(ours, prompt="a photo of <zq> dog") - theirs).max() <= bound
     assert main(["generate", "--model", str(xl_model), "--lora", str(out), "--prompt", "a photo of <zq> dog",
                  "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "shots")]) == 0
     plain = picture(StableDiffusionXLPipeline.from_pretrained(xl_model), prompt="a photo of <zq> dog")
-    assert np.abs(theirs - plain).max() > 1e-3
+    assert np.abs(theirs - plain).max() > 5 * bound
 
     # exported: kohya (the token bundled for both encoders) through our loader, and the single file with the LoRA
     # merged (the token in an embedding file beside it) through stock from_single_file
@@ -177,7 +178,7 @@ def test_sdxl_lora_on_both_text_encoders_with_a_new_token_loads_in_stock_diffuse
     assert main(["export", str(out), "--format", "kohya", "--out", str(kohya)]) == 0
     from_kohya = StableDiffusionXLPipeline.from_pretrained(xl_model)
     load_loras(from_kohya, [(kohya, 1.0)])
-    assert np.abs(picture(from_kohya, prompt="a photo of <zq> dog") - theirs).max() <= 1e-4
+    assert np.abs(picture(from_kohya, prompt="a photo of <zq> dog") - theirs).max() <= bound
     single = tmp_path / "xl.safetensors"
     assert main(["export", str(xl_model), "--merge-lora", str(out), "--format", "single-file",
                  "--out", str(single)]) == 0
@@ -187,7 +188,7 @@ def test_sdxl_lora_on_both_text_encoders_with_a_new_token_loads_in_stock_diffuse
                                  tokenizer=stock.tokenizer)
     stock.load_textual_inversion(rows["clip_g"], token="<zq>", text_encoder=stock.text_encoder_2,
                                  tokenizer=stock.tokenizer_2)
-    assert np.abs(picture(stock, prompt="a photo of <zq> dog") - theirs).max() <= 1e-4
+    assert np.abs(picture(stock, prompt="a photo of <zq> dog") - theirs).max() <= bound
 
 
 def test_an_sdxl_models_identity_covers_its_second_text_encoder(xl_model, tmp_path):
