@@ -16,6 +16,36 @@ class UserError(Exception):
     """A problem with the user's input (file, folder, config key) that they can fix; printed without a traceback."""
 
 
+class Problems:
+    """Every problem one pass of checks finds, so that one run of a command reports them all: `check` runs a check
+    and keeps its UserError; `raise_if_any` raises one UserError with them all (a single one as it was worded)."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def check(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)`, or None with its UserError kept."""
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            self.found.append(str(e))
+            return None
+
+    def passes(self, fn, *args, **kwargs) -> bool:
+        """Whether `fn(*args, **kwargs)` raised no UserError (kept if it did): for checks that later ones depend on."""
+        before = len(self.found)
+        self.check(fn, *args, **kwargs)
+        return len(self.found) == before
+
+    def raise_if_any(self, what: str) -> None:
+        """`what`: the command or input the problems are of, e.g. '`dreambooth generate`'."""
+        if len(self.found) == 1:
+            raise UserError(self.found[0])
+        if self.found:
+            listed = "\n  - ".join(p.replace("\n", "\n    ") for p in self.found)
+            raise UserError(f"{what} has {len(self.found)} problems; nothing was loaded or written:\n  - {listed}")
+
+
 class TrainingStopped(Exception):
     """A stop the user asked for (Ctrl-C, SIGTERM), after its checkpoint was saved: not an error, the CLI exits 0.
 

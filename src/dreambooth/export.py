@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dreambooth.errors import UserError
+from dreambooth.errors import Problems, UserError
 from dreambooth.formats.kohya import lora_to_kohya
 from dreambooth.formats.lora import (
     check_lora_source,
@@ -77,10 +77,13 @@ def export_command(options) -> Path:
     src, out, fmt, half = Path(options.src), Path(options.out), options.format, bool(options.half)
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt} is not one of {', '.join(FORMATS)}.")
-    loras = [parse_lora_spec(spec, "--merge-lora") for spec in options.merge_lora]
+    problems = Problems()  # what SRC and each --merge-lora are, in one message
+    loras = [spec for spec in (problems.check(parse_lora_spec, text, "--merge-lora") for text in options.merge_lora)
+             if spec]
     for path, _ in loras:
-        check_lora_source(path, "--merge-lora")  # a full model given as a LoRA is refused, saying what to pass
-    kind = source_kind(src)
+        problems.check(check_lora_source, path, "--merge-lora")  # a full model given as a LoRA: what to pass
+    kind = problems.check(source_kind, src)
+    problems.raise_if_any("`dreambooth export`")
     if kind == "model" or (kind == "lora-checkpoint" and fmt == "single-file"):
         own = [(src / LORA_FILE, 1.0)] if kind == "lora-checkpoint" else []
         for path, _ in own + loras:  # a LoRA made for another model is refused before any weights load

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dreambooth.errors import UserError
+from dreambooth.errors import Problems, UserError
 from dreambooth.formats.atomic import atomic_file, write_json_atomic
 from dreambooth.formats.lora import check_lora_source, parse_lora_spec
 from dreambooth.formats.lora_fit import check_lora_fits
@@ -200,29 +200,41 @@ class GenerateJob:
     overwrite: bool = False
 
 
-def check_job(job: GenerateJob) -> None:
-    """Everything about a job that can be wrong, found before any weights load."""
+def check_job(job: GenerateJob, problems: Problems | None = None) -> None:
+    """Everything about a job that can be wrong, found before any weights load, all in one message (`problems`: what
+    the caller found already, e.g. a prompts file that does not read)."""
+    problems = problems or Problems()
     s = job.settings  # steps, image count and seed ranges are declared with the options (command_options)
     for name, value in (("--height", s.height), ("--width", s.width)):
-        if value is not None and (value < 8 or value % 8):
-            raise UserError(f"{name} {value} is not a multiple of 8; Stable Diffusion's VAE needs sides divisible "
-                            f"by 8 (e.g. {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}).")
-    repeated = sorted({seed for seed in s.seeds if s.seeds.count(seed) > 1})
+        problems.check(check_side, name, value)
+    problems.check(check_seeds, s.seeds)
+    problems.check(make_scheduler, s.scheduler, {})  # an unknown name fails before the model loads
+    model_ok = ((Path(job.model) / CHECKPOINT_STATE).is_file() or is_hub_id(str(job.model))
+                or problems.passes(check_model_folder, job.model))
+    for path, _ in job.loras:
+        lora = problems.check(check_lora_source, path)  # a missing, pickle or full-model "LoRA"
+        if lora is not None and model_ok:
+            problems.check(check_lora_fits, lora, job.model)  # one made for another model
+    problems.check(claim_image_folder, job.out, job.overwrite)
+    problems.raise_if_any("`dreambooth generate`")
+
+
+def check_side(name: str, value: int | None) -> None:
+    if value is not None and (value < 8 or value % 8):
+        raise UserError(f"{name} {value} is not a multiple of 8; Stable Diffusion's VAE needs sides divisible "
+                        f"by 8 (e.g. {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}).")
+
+
+def check_seeds(seeds: list[int]) -> None:
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
     if repeated:
         raise UserError(f"--seed {repeated[0]} is given more than once; a seed draws the same images every time. "
                         "Give each seed once (--num-images draws more images per seed).")
-    make_scheduler(s.scheduler, {})  # an unknown name fails before the model loads
-    if not (Path(job.model) / CHECKPOINT_STATE).is_file() and not is_hub_id(str(job.model)):
-        check_model_folder(job.model)
-    for path, _ in job.loras:
-        # a missing, pickle or full-model "LoRA", or one made for another model, fails before the model loads
-        check_lora_fits(check_lora_source(path), job.model)
-    claim_image_folder(job.out, job.overwrite)
 
 
 def run_job(job: GenerateJob) -> list[Path]:
-    """Loads the model once, draws every prompt x seed x image, saves PNGs, grid.png and settings.json."""
-    check_job(job)
+    """Loads the model once, draws every prompt x seed x image, saves PNGs, grid.png and settings.json (the job
+    checked by `check_job` first)."""
     device = pick_device(job.device)
     pipe = load_pipeline(job.model, device=device, dtype=pick_dtype(job.precision, device),
                          scheduler=job.settings.scheduler)
@@ -240,10 +252,14 @@ def run_job(job: GenerateJob) -> list[Path]:
 def generate_command(options) -> list[Path]:
     """`dreambooth generate`: its options (a command_options.GenerateOptions) as a job."""
     check_settings(options)
+    problems = Problems()
+    prompts = problems.check(read_prompts, options.prompt, options.prompts_file) or []
+    loras = [spec for spec in (problems.check(parse_lora_spec, text) for text in options.lora) if spec]
     settings = GenerationSettings(
-        prompts=read_prompts(options.prompt, options.prompts_file), negative_prompt=options.negative_prompt,
-        steps=options.steps, guidance=options.guidance, seeds=options.seeds or [0], num_images=options.num_images,
-        scheduler=options.scheduler, height=options.height, width=options.width)
-    return run_job(GenerateJob(model=options.model, settings=settings, out=options.out,
-                               loras=[parse_lora_spec(text) for text in options.lora], precision=options.precision,
-                               device=options.device, overwrite=options.overwrite))
+        prompts=prompts, negative_prompt=options.negative_prompt, steps=options.steps, guidance=options.guidance,
+        seeds=options.seeds or [0], num_images=options.num_images, scheduler=options.scheduler,
+        height=options.height, width=options.width)
+    job = GenerateJob(model=options.model, settings=settings, out=options.out, loras=loras,
+                      precision=options.precision, device=options.device, overwrite=options.overwrite)
+    check_job(job, problems)
+    return run_job(job)

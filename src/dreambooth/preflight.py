@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreambooth import errors
 from dreambooth.config import Config, Subject
 from dreambooth.config_file import ConfigReading
 from dreambooth.errors import UserError
@@ -74,13 +75,14 @@ class Preflight:
         return "\n".join(lines)
 
 
-class Problems:
+class Problems(errors.Problems):
     """Every problem found before any weights load, so that one run of the command reports them all: the config's
     own (with the keys they make `broken`) and pre-flight's. A check that reads a broken key is skipped, since its
     value is only the default standing in for what the user wrote."""
 
     def __init__(self, config: ConfigReading | None = None) -> None:
-        self.found: list[str] = list(config.problems) if config else []
+        super().__init__()
+        self.found = list(config.problems) if config else []
         self.broken: set[str] = set(config.broken) if config else set()
         self.where = config.where if config else ""
 
@@ -91,13 +93,7 @@ class Problems:
 
     def check(self, fn: Callable, *args, needs: tuple[str, ...] = (), **kwargs):
         """`fn(*args)`, or None with its UserError recorded; None without calling it when it needs a broken key."""
-        if self.blocked(needs):
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            self.found.append(str(e))
-            return None
+        return None if self.blocked(needs) else super().check(fn, *args, **kwargs)
 
     def raise_if_any(self) -> None:
         if not self.found:

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
-from dreambooth.errors import UserError
+from dreambooth.errors import Problems, UserError
 from dreambooth.evaluation.scorers import (
     CLIP_EXAMPLE,
     KINDS,
@@ -242,12 +242,16 @@ def score_images(images: list[Image.Image], prompts: list[str], real: list[Image
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def load_real_images(folder: Path) -> list[Image.Image]:
-    """The subject's photos, decoded to RGB; unusable files are skipped with a note, none usable is an error."""
+def check_real_folder(folder: Path) -> None:
     if not folder.is_dir():
         state = "is a file, not a folder" if folder.exists() else "does not exist"
         raise UserError(f"--real {folder} {state}. Pass the folder of the subject's real photos (the instance "
                         "images the model was trained on).")
+
+
+def load_real_images(folder: Path) -> list[Image.Image]:
+    """The subject's photos, decoded to RGB; unusable files are skipped with a note, none usable is an error."""
+    check_real_folder(folder)
     report = scan_image_folder(folder, 0, check_duplicates=False)
     if not report.usable:
         listed = ", ".join(f"{issue.path.name} ({issue.reason})" for issue in report.rejected()[:10])
@@ -347,21 +351,36 @@ def say_scorers(scorers: dict[str, ScorerFolder | None], world: bool) -> None:
 
 
 def check_inputs(options) -> tuple[bool, dict[str, ScorerFolder | None]]:
-    """Everything about an evaluation that can be wrong, before photos, images or weights load: whether the built-in
-    world's measures apply, and the CLIP and DINO folders."""
+    """Everything about an evaluation that can be wrong, before photos, images or weights load, in one message:
+    whether the built-in world's measures apply, and the CLIP and DINO folders."""
+    problems = Problems()
     world = _uses_world_model(options)
-    scorers = choose_scorers(options.clip, options.dino, world)
-    if not options.identifier.strip() or not options.class_word.strip():
-        raise UserError("--identifier and --class-word must not be empty (e.g. --identifier sks --class-word dog).")
-    if options.images is not None and (options.prompt or options.prompts_file or options.lora or options.seeds):
-        raise UserError("--prompt, --prompts-file, --lora and --seed choose what --model generates; with --images "
-                        "each image's prompt is read from its metadata. Drop them, or use --model.")
+    scorers = problems.check(choose_scorers, options.clip, options.dino, world)
+    problems.found += _option_problems(options)
     for spec in options.lora if options.model is not None else ():
-        check_lora_fits(check_lora_source(parse_lora_spec(spec)[0]), options.model)
-    if (options.out / "metrics.json").is_file() and not options.overwrite:
-        raise UserError(f"--out {options.out} holds the results of an earlier evaluation (metrics.json); choose "
-                        "another --out, or pass --overwrite to replace them.")
+        lora = problems.check(parse_lora_spec, spec)
+        source = problems.check(check_lora_source, lora[0]) if lora else None
+        if source is not None:
+            problems.check(check_lora_fits, source, options.model)
+    problems.check(check_real_folder, options.real)
+    if options.images is not None:
+        problems.check(generated_image_paths, options.images)
+    problems.raise_if_any("`dreambooth evaluate`")
     return world, scorers
+
+
+def _option_problems(options) -> list[str]:
+    """What is wrong with the options among themselves."""
+    found = []
+    if not options.identifier.strip() or not options.class_word.strip():
+        found.append("--identifier and --class-word must not be empty (e.g. --identifier sks --class-word dog).")
+    if options.images is not None and (options.prompt or options.prompts_file or options.lora or options.seeds):
+        found.append("--prompt, --prompts-file, --lora and --seed choose what --model generates; with --images each "
+                     "image's prompt is read from its metadata. Drop them, or use --model.")
+    if (options.out / "metrics.json").is_file() and not options.overwrite:
+        found.append(f"--out {options.out} holds the results of an earlier evaluation (metrics.json); choose another "
+                     "--out, or pass --overwrite to replace them.")
+    return found
 
 
 def evaluate_command(options) -> dict:
