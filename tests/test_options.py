@@ -224,3 +224,27 @@ def test_every_float_option_of_every_command_refuses_non_finite_numbers(value, c
     # and settings made in code
     with pytest.raises(UserError, match="--guidance nan is not a finite number"):
         check_settings(GenerateOptions(model=Path("m"), guidance=float("nan")))
+
+
+def test_generate_export_and_evaluate_report_every_input_problem_at_once(tiny_model, tmp_path, capsys):
+    """Each stopped at its first problem: a wrong --model, then (next run) a missing LoRA, then the seeds..."""
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["generate", "--model", str(tmp_path / "nowhere"), "--lora", str(tmp_path / "missing.safetensors"),
+                     "--prompt", "a dog", "--height", "60", "--seed", "1", "--seed", "1", "--scheduler", "fastest",
+                     "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "`dreambooth generate` has 5 problems; nothing was loaded or written" in err
+    for part in ("--height 60 is not a multiple of 8", "--seed 1 is given more than once", "unknown scheduler",
+                 f"--model {tmp_path / 'nowhere'} does not exist", "--out", "is a file"):
+        assert part in err, part
+    assert cli.main(["export", str(tmp_path / "nowhere"), "--format", "kohya", "--out", str(tmp_path / "k"),
+                     "--merge-lora", f"{tiny_model}:abc"]) == 2
+    err = capsys.readouterr().err
+    assert "`dreambooth export` has 2 problems" in err and "the weight 'abc'" in err and "nowhere" in err
+    assert cli.main(["evaluate", "--real", str(tmp_path / "nowhere"), "--images", str(tmp_path / "none"),
+                     "--identifier", "sks", "--class-word", "dog", "--clip", str(tiny_model / "text_encoder"),
+                     "--seed", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "`dreambooth evaluate` has 4 problems" in err
+    for part in ("--real", "--images", "a text encoder without CLIP's vision tower", "Drop them, or use --model"):
+        assert part in err, part
