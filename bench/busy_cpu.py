@@ -1,6 +1,6 @@
-"""A busy CPU: `dreambooth demo` alone and beside another process that computes with torch on the same cores, with
-OpenMP's threads spinning at barriers (libgomp's default) or sleeping there (PASSIVE, the tool's default since
-issue 24), and at a thread count that leaves a core to the other process.
+"""A busy CPU: `dreambooth demo` alone and beside other processes that compute with torch on the same cores, as the
+tool ran before issue 24 (libgomp's defaults: OpenMP threads that spin at barriers, one per core) and now
+(training.speed.cpu_threading: threads that sleep at barriers, one core left free).
 
     python bench/busy_cpu.py --out bench/results/cpu-busy [--steps 300] [--repeats 2] [--limit 900]
 
@@ -34,20 +34,21 @@ while True:
     conv(x).square().mean().backward()
 """
 
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+# How the tool ran before issue 24: libgomp's defaults (an empty OMP_WAIT_POLICY is read as unset, and the tool leaves
+# a set variable alone), on every core.
+BEFORE = {"OMP_WAIT_POLICY": "", "OMP_NUM_THREADS": str(CORES)}
 CASES = {
-    # name: (the demo's environment, the other process: None, its environment, or a second demo's)
-    "alone, spinning (libgomp's default)": ({"OMP_WAIT_POLICY": ""}, None),
-    "alone, passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
-    "alone, spin count 20000": ({"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "20000"}, None),
-    "alone, 1 thread": ({"OMP_NUM_THREADS": "1"}, None),
-    "alone, the tool's default": ({}, None),
-    "beside busy torch, spinning": ({"OMP_WAIT_POLICY": ""}, {}),
-    "beside busy torch, passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, {}),
-    "beside busy torch, spin count 20000": ({"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "20000"}, {}),
-    "beside busy torch, 1 thread": ({"OMP_NUM_THREADS": "1"}, {}),
-    "beside busy torch, the tool's default": ({}, {}),
-    "beside a second demo, both spinning": ({"OMP_WAIT_POLICY": ""}, "demo-spinning"),
-    "beside a second demo, both the tool's default": ({}, "demo-default"),
+    # name: (the demo's environment, what runs beside it: None, a busy torch loop's environment (a list: several),
+    # or a second demo: "demo-before" / "demo-now")
+    "alone, before": (BEFORE, None),
+    "alone, now": ({}, None),
+    "beside a busy torch process, before": (BEFORE, {}),
+    "beside a busy torch process, now": ({}, {}),
+    "beside two busy torch processes, before": (BEFORE, [{}, {}]),
+    "beside two busy torch processes, now": ({}, [{}, {}]),
+    "beside a second demo, both before": (BEFORE, "demo-before"),
+    "beside a second demo, both now": ({}, "demo-now"),
 }
 
 
@@ -59,16 +60,19 @@ def environment(changes: dict) -> dict:
     return env
 
 
-def other_process(kind, work: Path) -> subprocess.Popen | None:
+def other_processes(kind, work: Path) -> list[subprocess.Popen]:
+    """The processes a case runs beside the demo: busy torch loops (an environment each), or a second demo."""
     if kind is None:
-        return None
-    if isinstance(kind, dict):
-        return subprocess.Popen([sys.executable, "-c", BUSY], env=environment({"OMP_WAIT_POLICY": "", **kind}),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    policy = {"OMP_WAIT_POLICY": ""} if kind == "demo-spinning" else {}  # "demo-default": the tool's own choice
+        return []
+    if isinstance(kind, (dict, list)):
+        return [subprocess.Popen([sys.executable, "-c", BUSY], env=environment({**BEFORE, **each}),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for each in (kind if isinstance(kind, list) else [kind])]
+    policy = BEFORE if kind == "demo-before" else {}  # "demo-now": the tool's own choice
     # a second demo, long enough to outlast the measured one
-    return subprocess.Popen([sys.executable, "-m", "dreambooth", "demo", "--out", str(work / "other"), "--steps",
-                             "100000"], env=environment(policy), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = (work / "other.log").open("w")
+    return [subprocess.Popen([sys.executable, "-m", "dreambooth", "demo", "--out", str(work / "other"), "--steps",
+                              "100000"], env=environment(policy), stdout=log, stderr=log)]
 
 
 def time_demo(env: dict, steps: int, work: Path, limit: float) -> float | None:
@@ -89,15 +93,18 @@ def run_case(name: str, steps: int, repeats: int, limit: float) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         for _ in range(repeats):
-            busy = other_process(other, work)
+            busy = other_processes(other, work)
             try:
-                if busy is not None:
+                if busy:
                     time.sleep(20 if isinstance(other, str) else 3)  # a second demo is past its start-up by then
                 seconds = time_demo(environment(demo_env), steps, work, limit)
             finally:
-                if busy is not None:
-                    busy.kill()
-                    busy.wait()
+                ended = [" ".join(str(a) for a in p.args[1:4]) for p in busy if p.poll() is not None]
+                for process in busy:
+                    process.kill()
+                    process.wait()
+            if ended:  # it would have measured the demo alone
+                raise SystemExit(f"{name}: what ran beside the demo ended before it did ({', '.join(ended)})")
             times.append(seconds)
             print(f"{name}: {seconds if seconds is not None else f'over {limit:g}'} s", flush=True)
             if seconds is None:
@@ -122,9 +129,8 @@ def main() -> None:
               or platform.machine(), "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    alone = next(r["median_s"] for r in results if r["case"].startswith("alone, spinning")) \
-        if any(r["case"].startswith("alone, spinning") for r in results) else None
-    print(f"\n| case | median s (of {args.repeats}) | vs alone, spinning |\n|---|---|---|")
+    alone = next((r["median_s"] for r in results if r["case"] == "alone, before"), None)
+    print(f"\n| case | median s (of {args.repeats}) | vs alone, before |\n|---|---|---|")
     for r in results:
         median = r["median_s"]
         shown = f"{median:.1f}" if median is not None else f"over {args.limit:g}"
