@@ -503,6 +503,13 @@ def test_a_stopped_train_continues_with_the_command_it_names(tiny_model, instanc
 
 def test_a_stopped_demo_continues_with_the_command_it_names(tmp_path, capsys, monkeypatch):
     """`dreambooth demo` has no --resume_from_checkpoint, and a plain rerun threw the checkpoint away."""
+    import functools
+
+    from dreambooth.evaluation import experiment
+
+    # the demo's recipe, with fewer class images and measuring images: what is tested is how it continues
+    monkeypatch.setattr(experiment, "Recipe", functools.partial(experiment.Recipe, num_class_images=4,
+                                                                images_per_prompt=1, sample_steps=2))
     out = tmp_path / "demo"
     with monkeypatch.context() as m:
         interrupt_after(m, 2)
