@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import draw_subject
 from torch.utils.data import DataLoader
@@ -83,6 +84,7 @@ def test_disk_cache_survives_a_new_process(tiny_model, tmp_path):
     assert other_model.misses == 1
 
 
+@pytest.mark.numerics
 def test_training_with_and_without_the_cache_agrees(tiny_model, instance_dir, tmp_path):
     from safetensors.torch import load_file
 

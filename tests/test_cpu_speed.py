@@ -51,6 +51,7 @@ def test_kernel_choice_is_restored_after_the_block_even_on_error():
         assert torch.backends.mkldnn.enabled == before
 
 
+@pytest.mark.numerics
 def test_native_kernels_compute_the_same_convolutions():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 16, 3, padding=1)
@@ -67,6 +68,7 @@ def test_native_kernels_compute_the_same_convolutions():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.numerics
 def test_training_with_either_kernels_gives_the_same_weights(tiny_model, instance_dir, tmp_path, monkeypatch):
     seen = []
     real_loop = train_module.loop
@@ -100,6 +102,7 @@ def test_the_latent_cache_encodes_with_the_default_kernels_whatever_the_loop_use
     assert torch.equal(cache.memory["k"][0], truth.mean[0]) and torch.equal(cache.memory["k"][1], truth.std[0])
 
 
+@pytest.mark.numerics
 def test_clipping_folded_into_fused_adamw_gives_accelerates_weights(tiny_model, instance_dir, tmp_path, monkeypatch):
     """A tiny max_grad_norm so every step clips; then the same weights as accelerate's clip_grad_norm_."""
     scales = []

@@ -284,6 +284,7 @@ def test_prepare_image_shape_dtype_and_range():
     assert tensor.min() < -0.5 and tensor.max() > 0.5  # really spans the range, not squeezed into [0, 1]
 
 
+@pytest.mark.numerics
 def test_prepare_image_center_crop_takes_the_middle_columns():
     columns = np.arange(8, dtype=np.uint8) * 30  # column x has value 30x; short side 4 = resolution: no resize
     image = Image.fromarray(np.stack([np.tile(columns, (4, 1))] * 3, axis=-1))

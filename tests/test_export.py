@@ -154,6 +154,7 @@ def lora_layer_count(pipe) -> int:
 # --- kohya ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_kohya_lora_gives_the_same_images_as_the_diffusers_lora(tiny_model, lora_dir, kohya_file, base_image):
     with load_problems() as problems:
         from_diffusers = load(tiny_model)
@@ -187,6 +188,7 @@ def peft_scale(component: str, module: str) -> float:
     return 4.0 if module.endswith(("attn1.to_q", "attn2.to_v")) else 2.0
 
 
+@pytest.mark.numerics
 def test_kohya_layers_scale_like_peft(lora_dir, kohya_file):
     """Every layer: kohya's alpha / rank * up @ down equals peft's scale * B @ A, with one alpha for the file."""
     source, kohya = load_file(lora_dir / LORA_FILE), load_file(kohya_file)
@@ -226,6 +228,7 @@ def test_diffusers_reads_per_layer_kohya_alphas(tiny_model, kohya_file, tmp_path
     assert pipe.unet.get_submodule(Q_ATTN1).scaling["default_0"] == 4.0
 
 
+@pytest.mark.numerics
 def test_kohya_half_and_our_trainings_lora_file(tiny_model, lora_dir, kohya_file, tmp_path):
     """Our training (like diffusers' scripts) saves `lora.down` keys; the result must be the same file."""
     old = make_lora(tiny_model, tmp_path / "old", seed=1, writer="ours",
@@ -431,6 +434,7 @@ def second_kohya(tiny_model, tmp_path_factory):
     return lora_to_kohya(lora, folder / "second.safetensors")
 
 
+@pytest.mark.numerics
 def test_merged_model_has_the_lora_in_its_weights(tiny_model, lora_dir, second_kohya, tmp_path):
     merged = merge_lora(tiny_model, [(lora_dir, 0.7), (second_kohya, -0.4)], tmp_path / "merged")
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary folder left
@@ -493,6 +497,7 @@ def header(path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+@pytest.mark.numerics
 @pytest.mark.smoke
 def test_new_tokens_go_with_every_export_and_never_get_lost(tiny_model, token_lora, tmp_path, capsys):
     want = load_file(token_lora / "token_embeddings.safetensors")["<zq>"]

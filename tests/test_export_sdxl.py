@@ -117,6 +117,7 @@ def test_an_sdxl_lora_is_read_with_both_text_encoders(xl_lora):
     assert lora.adapter_config["text_encoder_2"]["use_rslora"] is True
 
 
+@pytest.mark.numerics
 def test_sdxl_kohya_lora_gives_the_same_images_as_the_diffusers_lora(xl_model, xl_lora, xl_kohya):
     keys = load_file(xl_kohya).keys()
     prefixes = {k.split(".")[0].split("_")[1] for k in keys}
@@ -299,6 +300,7 @@ def xl_prompt_embeds(pipe, prompt="a photo of <zq> dog"):
         return pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)[0]
 
 
+@pytest.mark.numerics
 def test_sdxl_new_tokens_go_with_the_single_file_and_kohya_exports(xl_model, xl_config_model, xl_lora, tmp_path,
                                                                    capsys):
     """A LoRA trained with a new token (its rows for both encoders in a clip_l/clip_g token file): the single file
@@ -344,6 +346,7 @@ def test_sdxl_new_tokens_go_with_the_single_file_and_kohya_exports(xl_model, xl_
 # --- merging ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # two adapters on one model: the point
 def test_merged_sdxl_model_equals_fusing_in_stock_diffusers(xl_model, xl_lora, xl_kohya, tmp_path):
     second = make_xl_lora(xl_model, tmp_path / "second", seed=6)

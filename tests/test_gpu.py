@@ -40,6 +40,7 @@ def test_mixed_precision_keeps_trained_weights_fp32_on_cuda(probe, precision):
     assert all(torch.isfinite(q).all() for q in trained.values())
 
 
+@pytest.mark.numerics
 def test_fused_adamw_with_clipping_folded_in_on_cuda(probe):
     p = probe(training__max_grad_norm=1e-3)  # so small that every step clips
     optimizer = inner_optimizer(p)

@@ -61,6 +61,7 @@ CASES = {
 }
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", CASES)
 def test_the_static_step_trains_what_the_eager_loop_trains(case, tiny_model, instance_dir, class_dir,
                                                            class_dir_cache, tmp_path, monkeypatch, static_path):
@@ -116,6 +117,7 @@ def test_a_short_last_batch_runs_eagerly_beside_the_static_buffers(tiny_model, t
     assert eager.count(True) == 2 and eager.count(False) == 2
 
 
+@pytest.mark.numerics
 def test_resume_through_the_static_step_gives_the_same_weights(tiny_model, instance_dir, class_dir, class_dir_cache,
                                                                tmp_path, monkeypatch, static_path):
     import os
@@ -196,6 +198,7 @@ def test_cuda_graph_on_is_refused_where_it_cannot_run(tiny_model, instance_dir, 
     assert "training.cuda_graph is on" in err and "not CUDA" in err and "Traceback" not in err
 
 
+@pytest.mark.numerics
 def test_tensor_learning_rates_follow_the_schedule():
     """The graph's optimizer reads its learning rate from a tensor that the schedule fills in place."""
     from diffusers.optimization import get_scheduler

@@ -177,6 +177,7 @@ def test_subject_config_errors():
     assert "subjects[1].identifier: '<a>' names two subjects" in msg
 
 
+@pytest.mark.numerics
 def test_several_loras_mix_at_their_weights(tiny_model, instance_dir, tmp_path):
     """Two copies of one LoRA at 0.5 each must draw what the LoRA draws at 1.0: adapters add linearly."""
     import shutil

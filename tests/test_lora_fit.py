@@ -201,6 +201,7 @@ def test_a_loaded_pipeline_refuses_it_too_without_library_output(tiny_model, xl_
     assert capfd.readouterr() == ("", "") and not getattr(pipe.unet, "peft_config", None)
 
 
+@pytest.mark.numerics
 def test_a_lora_checkpoint_as_the_model_keeps_its_own_lora_beside_another(tiny_model, tmp_path):
     """`generate --model checkpoint-N --lora X`: the checkpoint's LoRA loads as an adapter first, so X takes a name
     of its own (it was refused as 'Adapter name lora0 already in use') and both draw, the checkpoint's at 1.0."""

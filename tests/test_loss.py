@@ -74,6 +74,7 @@ def test_min_snr_with_prior_preservation_at_batch_2():
     assert parts.prior_loss.item() == pytest.approx((4 * 1.0 + 4 * 0.25) / 2)
 
 
+@pytest.mark.numerics
 def test_offset_noise_adds_a_per_channel_constant():
     latents = torch.zeros(2, 3, 4, 4)
     plain = noise_with_offset(latents, 0.0, torch.Generator().manual_seed(0))

@@ -233,9 +233,10 @@ def test_generate_export_and_evaluate_report_every_input_problem_at_once(tiny_mo
                      "--prompt", "a dog", "--height", "60", "--seed", "1", "--seed", "1", "--scheduler", "fastest",
                      "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
-    assert "`dreambooth generate` has 5 problems; nothing was loaded or written" in err
+    assert "`dreambooth generate` has 6 problems; nothing was loaded or written" in err
     for part in ("--height 60 is not a multiple of 8", "--seed 1 is given more than once", "unknown scheduler",
-                 f"--model {tmp_path / 'nowhere'} does not exist", "--out", "is a file"):
+                 f"--model {tmp_path / 'nowhere'} does not exist", "missing.safetensors does not exist", "--out",
+                 "is a file"):
         assert part in err, part
     assert cli.main(["export", str(tmp_path / "nowhere"), "--format", "kohya", "--out", str(tmp_path / "k"),
                      "--merge-lora", f"{tiny_model}:abc"]) == 2

@@ -61,6 +61,7 @@ def test_sd2_full_fine_tune_resumes_exactly_generates_and_exports(sd2_model, ins
     assert np.array_equal(picture(loaded), picture(trained))
 
 
+@pytest.mark.numerics
 def test_sd2_lora_with_the_text_encoder_loads_in_stock_diffusers_in_both_formats(sd2_model, instance_dir, tmp_path):
     out = tmp_path / "lora"
     train(load_config(None, values(sd2_model, instance_dir, out, **{

@@ -27,6 +27,7 @@ def xl_model(tmp_path_factory):
     return build_model(tmp_path_factory.mktemp("xl") / "model", size="sdxl-tiny", seed=2)
 
 
+@pytest.mark.numerics
 def test_prompts_are_encoded_as_the_sdxl_pipeline_encodes_them(xl_model):
     from dreambooth.training.components import Models, PromptEncoder
 
@@ -134,6 +135,7 @@ def test_sdxl_new_token_alone_trains_only_its_rows_in_both_encoders(xl_model, in
         assert (rows[new] - start).abs().max() > 1e-4  # trained away from the initializer's embedding
 
 
+@pytest.mark.numerics
 def test_sdxl_lora_on_both_text_encoders_with_a_new_token_loads_in_stock_diffusers(xl_model, instance_dir,
                                                                                    tmp_path):
     """The LoRA file holds unet, text_encoder and text_encoder_2 adapters, the token file clip_l and clip_g rows:

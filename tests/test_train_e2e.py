@@ -186,6 +186,7 @@ def trained_unet(p) -> torch.nn.Module:
     return p.run.accelerator.unwrap_model(p.run.models.unet)
 
 
+@pytest.mark.numerics
 def test_gradient_checkpointing_gives_the_same_step(probe):
     """Recomputing activations must not change the result, only what the forward keeps for backward."""
     plain = probe(count_saved=True)
@@ -203,6 +204,7 @@ def spatial_kernel_layouts(unet: torch.nn.Module) -> set[tuple[bool, bool]]:
             for w in unet.parameters() if w.dim() == 4 and w.shape[-1] > 1}
 
 
+@pytest.mark.numerics
 def test_channels_last_trains_the_same(probe):
     """The same gradients in another memory layout. The gradient norms are compared, not only the weights: after
     AdamW's first steps a weight moves by about the learning rate whatever the size of its gradient, so weights

@@ -140,6 +140,7 @@ def test_class_images_do_not_move_until_the_run_can_start(tiny_model, instance_d
 # --------------------------------------------------------------------------------------------- generate
 
 
+@pytest.mark.numerics
 def test_generate_gives_every_image_its_own_noise_and_never_mixes_folders(tiny_model, tmp_path, capsys):
     out = tmp_path / "shots"
     argv = ["generate", "--model", str(tiny_model), "--prompt", "a photo of sks dog", "--steps", "2",

@@ -340,6 +340,7 @@ def test_8bit_adam_is_the_optimizer(probe, monkeypatch):
     assert made == [{"betas": (0.7, 0.999), "eps": 1e-8}]
 
 
+@pytest.mark.numerics
 @wires("training.max_grad_norm")
 def test_gradients_are_clipped_to_max_grad_norm(probe):
     unclipped = probe(training__max_grad_norm=1e6).updates
@@ -507,6 +508,7 @@ def test_cpu_convolution_choice_holds_during_the_steps(probe):
 RED, GREEN, BLUE = (220, 20, 20), (20, 200, 20), (20, 20, 230)
 
 
+@pytest.mark.numerics
 @wires("dataset.instance_dir", "dataset.instance_prompt", "dataset.class_dir", "dataset.class_prompt",
        "dataset.with_prior_preservation", "training.prior_loss_weight")
 def test_prior_preservation_pairs_each_photo_with_a_class_image(probe, tmp_path):
@@ -554,6 +556,7 @@ def stripes(path: Path, colors, size=(64, 96), vertical=False) -> None:
     Image.fromarray(a).save(path)
 
 
+@pytest.mark.numerics
 @wires("dataset.center_crop")
 def test_center_crop_takes_the_middle(probe, tmp_path):
     stripes(tmp_path / "tall" / "a.png", [RED, GREEN, BLUE])  # 64 x 96: the middle 64 rows are 16 red, 32 green...
@@ -701,6 +704,7 @@ def test_evaluate_generation_options_reach_the_pipeline(tiny_model, tmp_path, re
         assert all(torch.equal(c["unet"][k], on_disk[k]) for k in on_disk)
 
 
+@pytest.mark.numerics
 @wires("generate.lora", "evaluate.lora", "export.src", "export.format", "export.half", "export.merge_lora")
 def test_lora_options_reach_generation_and_export(probe, tiny_model, tmp_path, real_dir, dino_dir, pipeline_calls):
     calls, _ = pipeline_calls

@@ -37,13 +37,14 @@ class Problems:
         self.check(fn, *args, **kwargs)
         return len(self.found) == before
 
-    def raise_if_any(self, what: str) -> None:
-        """`what`: the command or input the problems are of, e.g. '`dreambooth generate`'."""
+    def raise_if_any(self, command: str) -> None:
+        """`command`: the dreambooth command the problems are of, e.g. 'generate'."""
         if len(self.found) == 1:
             raise UserError(self.found[0])
         if self.found:
             listed = "\n  - ".join(p.replace("\n", "\n    ") for p in self.found)
-            raise UserError(f"{what} has {len(self.found)} problems; nothing was loaded or written:\n  - {listed}")
+            raise UserError(f"`dreambooth {command}` has {len(self.found)} problems; nothing was loaded or written:"
+                            f"\n  - {listed}")
 
 
 class TrainingStopped(Exception):

@@ -83,7 +83,7 @@ def export_command(options) -> Path:
     for path, _ in loras:
         problems.check(check_lora_source, path, "--merge-lora")  # a full model given as a LoRA: what to pass
     kind = problems.check(source_kind, src)
-    problems.raise_if_any("`dreambooth export`")
+    problems.raise_if_any("export")
     if kind == "model" or (kind == "lora-checkpoint" and fmt == "single-file"):
         own = [(src / LORA_FILE, 1.0)] if kind == "lora-checkpoint" else []
         for path, _ in own + loras:  # a LoRA made for another model is refused before any weights load

@@ -216,7 +216,7 @@ def check_job(job: GenerateJob, problems: Problems | None = None) -> None:
         if lora is not None and model_ok:
             problems.check(check_lora_fits, lora, job.model)  # one made for another model
     problems.check(claim_image_folder, job.out, job.overwrite)
-    problems.raise_if_any("`dreambooth generate`")
+    problems.raise_if_any("generate")
 
 
 def check_side(name: str, value: int | None) -> None:

@@ -242,21 +242,23 @@ def score_images(images: list[Image.Image], prompts: list[str], real: list[Image
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def check_real_folder(folder: Path) -> None:
+def check_real_folder(folder: Path):
+    """The subject's photos in `folder`, checked (a folder holding at least one usable image); their scan report."""
     if not folder.is_dir():
         state = "is a file, not a folder" if folder.exists() else "does not exist"
         raise UserError(f"--real {folder} {state}. Pass the folder of the subject's real photos (the instance "
                         "images the model was trained on).")
-
-
-def load_real_images(folder: Path) -> list[Image.Image]:
-    """The subject's photos, decoded to RGB; unusable files are skipped with a note, none usable is an error."""
-    check_real_folder(folder)
     report = scan_image_folder(folder, 0, check_duplicates=False)
     if not report.usable:
         listed = ", ".join(f"{issue.path.name} ({issue.reason})" for issue in report.rejected()[:10])
         raise UserError(f"--real {folder} holds no usable image{': ' + listed if listed else ''}. Pass the folder "
                         "of the subject's real photos (the instance images the model was trained on).")
+    return report
+
+
+def load_real_images(folder: Path) -> list[Image.Image]:
+    """The subject's photos, decoded to RGB; unusable files are skipped with a note, none usable is an error."""
+    report = check_real_folder(folder)
     for issue in report.rejected():
         print(f"note: --real: skipped {issue.path.name} ({issue.reason})")
     return [load_image(path) for path in report.usable]
@@ -365,7 +367,7 @@ def check_inputs(options) -> tuple[bool, dict[str, ScorerFolder | None]]:
     problems.check(check_real_folder, options.real)
     if options.images is not None:
         problems.check(generated_image_paths, options.images)
-    problems.raise_if_any("`dreambooth evaluate`")
+    problems.raise_if_any("evaluate")
     return world, scorers
 
 
