@@ -57,10 +57,10 @@ def cpu_threading(environ: dict | None = None, cores: int | None = None) -> dict
     computes on the same cores, a spinning thread takes the core the thread it waits for needs, and each of a step's
     thousands of parallel regions waits for the scheduler: a demo beside a second torch process ran 9.5 s a step
     instead of 12 steps a second (issue 24). Measured with bench/busy_cpu.py on the 2-core machine (docs/bench.md,
-    "A busy CPU"): `dreambooth demo --steps 300` took 82 s alone and over 600 s beside another torch process with
-    libgomp's defaults; passive threads alone cost 1.85x (152 s: each small parallel region waits for a sleeping
-    thread to wake), one thread alone 1.18x (97 s); beside the other process, both 160 s. A shorter spin
-    (GOMP_SPINCOUNT 20000) kept 80 s alone but took 331 s beside it.
+    "A busy CPU"), `dreambooth demo --steps 150`: with libgomp's defaults 68 s alone and over 300 s beside a busy
+    torch process or a second demo; with these settings 88 s alone (the free core's price), 122 s beside the busy
+    process, 75 s beside a second demo. Two passive threads alone cost 1.85x: each small parallel region waits for a
+    sleeping thread to wake, hence one thread fewer as well.
     """
     environ = os.environ if environ is None else environ
     changed = {}
