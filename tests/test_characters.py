@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from dreambooth.characters.character import Character, load_characters, merged_vocabulary, shipped_vocabulary
+from dreambooth.characters.character import Character, load_characters, merged_vocabulary, shipped_vocabulary, sized
 from dreambooth.characters.compiler import compile_prompt, token_counter
 from dreambooth.characters.state import EMOTIONS, GAZES, LIGHTING, SHOTS, TIMES_OF_DAY, CharacterState, state_schema
 from dreambooth.cli import main
@@ -281,3 +281,31 @@ def test_a_vocabulary_sets_the_text_between_fragments():
         assert request.prompt == request.joiner.join(f["text"] for f in request.fragments)
     with pytest.raises(ValidationError):
         character(vocabulary={"joiner": ""})
+
+
+def test_a_character_without_a_size_is_drawn_at_its_models_own(tiny_model, tmp_path):
+    """An SDXL character with SD's 512 px default drew badly; no width and height means the side its model was made
+    for, read from the model's config files (the UNet's sample size times the VAE's downscaling)."""
+    from dreambooth.models.tiny_families import build_model
+
+    xl = build_model(tmp_path / "xl", size="sdxl-tiny", seed=2)
+    (tmp_path / "no-configs").mkdir()
+    path = write_characters(tmp_path, [
+        {"name": "sd", "model": str(tiny_model), "identifier": "sks", "class_word": "dog"},
+        {"name": "xl", "model": str(xl), "identifier": "sks", "class_word": "dog", "height": 96}])
+    characters = load_characters(path)
+
+    def side(model):
+        unet = json.loads((model / "unet" / "config.json").read_text())
+        vae = json.loads((model / "vae" / "config.json").read_text())
+        return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+
+    assert (characters["sd"].width, characters["sd"].height) == (side(tiny_model), side(tiny_model))
+    assert (characters["xl"].width, characters["xl"].height) == (side(xl), 96)  # a side given stays
+    assert side(tiny_model) != 512  # not the old default
+    # configs not here (a hub id the service fetches): the service sizes it from the loaded pipeline
+    path = write_characters(tmp_path, [
+        {"name": "a", "model": str(tmp_path / "no-configs"), "identifier": "sks", "class_word": "dog"}])
+    unsized = load_characters(path)["a"]
+    assert (unsized.width, unsized.height) == (None, None)
+    assert (sized(unsized, 1024).width, sized(unsized, 1024).height) == (1024, 1024)

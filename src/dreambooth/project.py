@@ -50,7 +50,8 @@ def project_characters(identifier: str, class_word: str) -> dict:
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", identifier).strip("_") or "character"
     return {"characters": [{
         "name": name, "model": "output", "identifier": identifier, "class_word": class_word,
-        "appearance": [], "style": None, "negative_prompt": "blurry, lowres", "width": 512, "height": 512,
+        "appearance": [], "style": None, "negative_prompt": "blurry, lowres",
+        "width": None, "height": None,  # null: the size the trained model was made for (SDXL 1024, SD 1.x 512)
         "steps": 30, "guidance": 7.5, "scheduler": "dpm++", "seed_policy": "state", "seed": 0}]}
 
 

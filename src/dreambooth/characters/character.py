@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from dreambooth.characters.state import CharacterState, problem_text
 from dreambooth.config_file import read_text, resolve_model_ref
 from dreambooth.errors import UserError
-from dreambooth.models.base import SCHEDULERS
+from dreambooth.models.base import SCHEDULERS, native_side
 
 MAX_SEED = 2**53 - 1  # seeds travel through JSON, whose numbers are exact up to 2**53
 MAX_GUIDANCE = 30.0  # a character's and a request's alike, so that a character's own guidance is always one to ask for
@@ -99,8 +99,9 @@ class Character(BaseModel):
     appearance: list[str] = Field(default_factory=list)
     style: str | None = None
     negative_prompt: str | None = ""
-    width: int = Field(512, ge=8, le=2048)
-    height: int = Field(512, ge=8, le=2048)
+    # None: the side its model was made for (SD 1.x 512, SD 2.x 768, SDXL 1024), filled in by load_characters
+    width: int | None = Field(None, ge=8, le=2048)
+    height: int | None = Field(None, ge=8, le=2048)
     steps: int = Field(30, ge=1, le=150)
     guidance: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
     scheduler: str = "dpm++"
@@ -117,8 +118,8 @@ class Character(BaseModel):
 
     @field_validator("width", "height")
     @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
             raise ValueError(f"{value} is not a multiple of 8 (the VAE needs sides divisible by 8)")
         return value
 
@@ -215,10 +216,23 @@ def load_characters(path: Path) -> dict[str, Character]:
             problems += [f"{where}.{'.'.join(map(str, err['loc'])) or 'entry'}: {problem_text(err)}"
                          for err in e.errors()]
             continue
-        characters.setdefault(character.name, character)
+        characters.setdefault(character.name, sized(character))
     if problems:
         raise UserError(f"{path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return characters
+
+
+def sized(character: Character, side: int | None = None) -> Character:
+    """The character with a width or height it does not give set to `side`, the side its model was made for (SD
+    1.x 512, SD 2.x 768, SDXL 1024: an SDXL model drawn at SD's 512 px draws badly), by default read from the model's
+    config files; unchanged when they are not on this machine (a hub id not in the cache: the service fills it in
+    once the model has loaded)."""
+    if character.width is not None and character.height is not None:
+        return character
+    side = side or native_side(character.model)
+    if side is None:
+        return character
+    return character.model_copy(update={"width": character.width or side, "height": character.height or side})
 
 
 def _resolved(character: Character, base: Path) -> Character:

@@ -63,6 +63,10 @@ def compile_prompt_command(options) -> dict:
     character = characters[options.character]
     state = read_state(options.state)
     tokenizer = character_tokenizer(character)
+    if character.width is None or character.height is None:
+        raise UserError(f"character {character.name}: no width and height given, and the size its model "
+                        f"{character.model} was made for cannot be read from its unet/ and vae/ config.json; give "
+                        "width and height in the characters file, or a local diffusers folder as its model.")
     request = compile_prompt(character, state, count_tokens=token_counter(tokenizer),
                              max_tokens=token_limit(tokenizer))
     record = asdict(request)

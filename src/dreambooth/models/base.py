@@ -329,6 +329,20 @@ def config_folder(model: Path | str) -> Path | None:
     return Path(cached) if cached else None
 
 
+def native_side(model: Path | str) -> int | None:
+    """The side in pixels a model's UNet was made for (SD 1.x 512, SD 2.x 768, SDXL 1024), from its config files
+    alone (the UNet's sample size times the VAE's downscaling); None when they are not on this machine."""
+    folder = config_folder(model)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text()) if folder else None
+        vae = json.loads((folder / "vae" / "config.json").read_text()) if folder else None
+        sample = unet["sample_size"]
+        sample = sample[0] if isinstance(sample, list) else sample
+        return int(sample) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
 def _first_weights(folder: Path) -> Path | None:
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     return files[0] if files else None
