@@ -333,9 +333,11 @@ def native_side(model: Path | str) -> int | None:
     """The side in pixels a model's UNet was made for (SD 1.x 512, SD 2.x 768, SDXL 1024), from its config files
     alone (the UNet's sample size times the VAE's downscaling); None when they are not on this machine."""
     folder = config_folder(model)
+    if folder is None:
+        return None
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text()) if folder else None
-        vae = json.loads((folder / "vae" / "config.json").read_text()) if folder else None
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
         sample = unet["sample_size"]
         sample = sample[0] if isinstance(sample, list) else sample
         return int(sample) * 2 ** (len(vae["block_out_channels"]) - 1)
