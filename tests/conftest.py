@@ -301,7 +301,8 @@ def watch(probe: Probe, mp: pytest.MonkeyPatch) -> None:
         probe.calls.append({"prompts": list(batch["prompts"]), "pixels": batch["pixel_values"].detach().clone(),
                             "is_prior": batch["is_prior"].clone(), "loss": parts.loss.item(),
                             "instance_loss": parts.instance_loss.item(), "prior_loss": parts.prior_loss.item(),
-                            "embeddings": seen["embeddings"].detach().clone(),
+                            "embeddings": seen["embeddings"]["embeds"].detach().clone(),
+                            "conditioning": {k: v.detach().clone() for k, v in seen["embeddings"].parts.items()},
                             "onednn": torch.backends.mkldnn.enabled,
                             "saved_bytes": sum(saved) if probe.count_saved else None})
         return parts

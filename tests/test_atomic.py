@@ -20,6 +20,7 @@ from dreambooth.formats.atomic import (
     temporary_folder,
     write_json_atomic,
 )
+from dreambooth.models.families import FAMILIES
 from dreambooth.training.rundir import is_partial_save, remove_partial_saves
 
 
@@ -146,7 +147,8 @@ def test_a_failed_lora_save_leaves_neither_file_nor_scratch_folder(tmp_path, mon
     monkeypatch.setattr(StableDiffusionPipeline, "save_lora_weights", fails_midway)
     (tmp_path / "checkpoint-10").mkdir()
     with pytest.raises(OSError, match="disk full"):
-        lora.save_lora(tmp_path, {"unet": torch.nn.Linear(1, 1), "text_encoder": None}, {}, {"dreambooth.steps": "10"})
+        lora.save_lora(tmp_path, FAMILIES["sd1"], {"unet": torch.nn.Linear(1, 1), "text_encoder": None}, {},
+                       {"dreambooth.steps": "10"})
     assert listing(tmp_path) == ["checkpoint-10"]
 
 
@@ -164,7 +166,7 @@ def test_a_lora_save_writes_our_metadata_in_fp32(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lora, "lora_layers", lambda module: {})
     monkeypatch.setattr(StableDiffusionPipeline, "save_lora_weights", writes)
-    path = lora.save_lora(tmp_path, {"unet": torch.nn.Linear(1, 1), "text_encoder": None}, {},
+    path = lora.save_lora(tmp_path, FAMILIES["sd1"], {"unet": torch.nn.Linear(1, 1), "text_encoder": None}, {},
                           {"dreambooth.steps": "10"})
     assert listing(tmp_path) == ["pytorch_lora_weights.safetensors"]
     assert load_file(str(path))["unet.x.lora_A.weight"].dtype == torch.float32

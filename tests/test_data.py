@@ -339,7 +339,7 @@ def test_dataset_pairs_instance_with_class_examples(image_sets):
 
     alone = DreamBoothDataset(instance, "a sks dog", 32, center_crop=True)
     assert len(alone) == 2 and set(alone[0]) == {"instance_pixels", "instance_prompt", "instance_key",
-                                                 "instance_time_ids"}
+                                                 "instance_geometry"}
 
 
 def test_dataset_augmentation_depends_only_on_seed_epoch_and_index(image_sets):
@@ -388,11 +388,11 @@ def test_collate_puts_instance_rows_first_then_class_rows():
             "instance_pixels": torch.full((3, 4, 4), value),
             "instance_prompt": f"instance {value}",
             "instance_key": f"i{value}",
-            "instance_time_ids": torch.full((6,), value),
+            "instance_geometry": torch.full((6,), value),
             "class_pixels": torch.full((3, 4, 4), -value),
             "class_prompt": f"class {value}",
             "class_key": f"c{value}",
-            "class_time_ids": torch.full((6,), -value),
+            "class_geometry": torch.full((6,), -value),
         }
 
     batch = collate_examples([example(0.25), example(0.5)])
@@ -403,10 +403,10 @@ def test_collate_puts_instance_rows_first_then_class_rows():
     assert batch["prompts"] == ["instance 0.25", "instance 0.5", "class 0.25", "class 0.5"]
     assert batch["cache_keys"] == ["i0.25", "i0.5", "c0.25", "c0.5"]
     assert batch["is_prior"].tolist() == [False, False, True, True]
-    assert batch["time_ids"][:, 0].tolist() == [0.25, 0.5, -0.25, -0.5]
+    assert batch["geometry"][:, 0].tolist() == [0.25, 0.5, -0.25, -0.5]
 
     alone = collate_examples([{"instance_pixels": torch.zeros(3, 4, 4), "instance_prompt": "x", "instance_key": "k",
-                               "instance_time_ids": torch.zeros(6)}])
+                               "instance_geometry": torch.zeros(6)}])
     assert alone["pixel_values"].shape == (1, 3, 4, 4) and alone["is_prior"].tolist() == [False]
 
 

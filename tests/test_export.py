@@ -28,6 +28,7 @@ from dreambooth.formats.lora import parse_lora_spec
 from dreambooth.formats.merge import merge_lora
 from dreambooth.formats.single_file import to_single_file
 from dreambooth.models.base import LORA_FILE
+from dreambooth.models.families import FAMILIES
 from dreambooth.models.tiny import build_tiny_model
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -81,7 +82,7 @@ def make_lora(model_dir, out_dir, *, seed, unet_config, te_config=None, writer="
     configs = {"unet": pipe.unet.peft_config["default"].to_dict() if metadata else None,
                "text_encoder": text_encoder.peft_config["default"].to_dict() if metadata and text_encoder else None}
     if writer == "ours":
-        save_lora(out_dir, {"unet": pipe.unet, "text_encoder": text_encoder}, configs,
+        save_lora(out_dir, FAMILIES["sd1"], {"unet": pipe.unet, "text_encoder": text_encoder}, configs,
                   {"dreambooth.identifiers": '["sks"]'})
         return out_dir
     layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet), "unet_lora_adapter_metadata": configs["unet"]}

@@ -15,8 +15,9 @@ from test_sd2 import values  # the same short runs as the SD 2.x tests
 
 from dreambooth.cli import main
 from dreambooth.config_file import load_config
+from dreambooth.models.families import FAMILIES
 from dreambooth.models.tiny_families import build_model
-from dreambooth.training.data import size_conditioning
+from dreambooth.training.data import crop_geometry
 from dreambooth.training.loop import train
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -32,20 +33,20 @@ def test_prompts_are_encoded_as_the_sdxl_pipeline_encodes_them(xl_model):
     from dreambooth.training.components import Models, PromptEncoder
 
     pipe = StableDiffusionXLPipeline.from_pretrained(xl_model)
-    models = Models(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler,
-                    text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
+    models = Models.from_pipeline(pipe, FAMILIES["sdxl"])
     cfg = load_config(None, {"model.pretrained_model": str(xl_model), "dataset.instance_dir": "d",
                              "dataset.instance_prompt": "a photo of sks dog"})
-    embeds, pooled = PromptEncoder(cfg, models, torch.device("cpu"))(["a photo of sks dog", "a photo of a dog"])
+    cond = PromptEncoder(cfg, models, torch.device("cpu"))(["a photo of sks dog", "a photo of a dog"])
+    embeds, pooled = cond["embeds"], cond["pooled"]
     want, _, want_pooled, _ = pipe.encode_prompt(["a photo of sks dog", "a photo of a dog"], device="cpu",
                                                  do_classifier_free_guidance=False)
     assert torch.allclose(embeds, want) and torch.allclose(pooled, want_pooled)
 
 
-def test_size_conditioning_is_original_size_crop_corner_and_target():
+def test_crop_geometry_is_original_size_crop_corner_and_target():
     # A 300x200 photo (w x h) resized to 96x64 for 64 px: cropped at x=20, or mirrored (then x = 96 - 20 - 64).
-    assert size_conditioning((300, 200), (96, 64), (20, 0), False, 64).tolist() == [200, 300, 0, 20, 64, 64]
-    assert size_conditioning((300, 200), (96, 64), (20, 0), True, 64).tolist() == [200, 300, 0, 12, 64, 64]
+    assert crop_geometry((300, 200), (96, 64), (20, 0), False, 64).tolist() == [200, 300, 0, 20, 64, 64]
+    assert crop_geometry((300, 200), (96, 64), (20, 0), True, 64).tolist() == [200, 300, 0, 12, 64, 64]
 
 
 def test_sdxl_full_fine_tune_with_prior_resumes_exactly_and_loads_in_stock_diffusers(xl_model, instance_dir,

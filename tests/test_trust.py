@@ -487,8 +487,10 @@ def test_newest_dependencies_add_text_encoder_adapters_with_peft_directly(tiny_m
                              "model.train_text_encoder": True, "dataset.instance_prompt": "x"})
     from transformers import CLIPTextModel
 
-    models = components.Models(None, CLIPTextModel.from_pretrained(tiny_model / "text_encoder"), None,
-                               torch.nn.Linear(1, 1), None)
+    from dreambooth.models.families import FAMILIES
+
+    models = components.Models(FAMILIES["sd1"], {"text_encoder": CLIPTextModel.from_pretrained(
+        tiny_model / "text_encoder"), "tokenizer": None, "vae": None, "unet": torch.nn.Linear(1, 1)}, None)
     models.unet.add_adapter = lambda config: None
     add_lora_adapters(cfg, models)
     assert "default" in models.text_encoder.peft_config

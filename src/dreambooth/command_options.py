@@ -41,10 +41,14 @@ class SamplingOptions:
     seeds: list[int] = option([], flags=("--seed",), minimum=0, below=SEED_BELOW,
                               help="Seed (repeatable) [default: 0].")
     num_images: int = option(1, minimum=1, help="Images per prompt and seed.")
-    steps: int = option(30, minimum=1, help="Denoising steps.")
-    guidance: float = option(7.5, help="Classifier-free guidance scale.")
-    scheduler: str = option("dpm++", help="Sampler: dpm++, ddim, euler, euler_a, pndm, unipc, ddpm, lms, heun, or a "
-                            "diffusers scheduler class name.")
+    steps: int | None = option(None, minimum=1, help="Denoising steps [default: the family's: 30 for SD 1.x/2.x and "
+                               "SDXL, 28 for Flux.1 dev and SD3, 4 for Flux.1 schnell].")
+    guidance: float | None = option(None, help="Guidance scale: classifier-free, or Flux.1 dev's guidance embedding "
+                                    "[default: 7.5 for SD 1.x/2.x and SDXL, 3.5 for Flux.1 dev, 7.0 for SD3; Flux.1 "
+                                    "schnell takes none].")
+    scheduler: str | None = option(None, help="Sampler: dpm++, ddim, euler, euler_a, pndm, unipc, ddpm, lms, heun, or "
+                                   "a diffusers scheduler class name [default: dpm++; Flux and SD3: the model's own "
+                                   "flow-matching sampler].")
     device: str | None = option(None, help="cuda, cpu, ... [default: cuda when available]")
 
 

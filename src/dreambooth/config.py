@@ -58,8 +58,16 @@ class LoraSection(Section):
     rank: int = opt(4, "LoRA rank.", "--rank", "--lora_rank", ge=1)
     alpha: float | None = opt(None, "LoRA alpha (default: the rank, a scale of 1).", "--lora_alpha", gt=0)
     dropout: float = opt(0.0, "Dropout on the LoRA path.", "--lora_dropout", ge=0, lt=1)
-    unet_target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"],
-                                         "UNet modules that get adapters (repeatable flag).", "--lora_unet_target")
+    unet_target_modules: list[str] | None = opt(
+        None, "The denoiser's (UNet's or transformer's) modules that get adapters (repeatable flag; default: the "
+        "family's: to_q, to_k, to_v, to_out.0 for SD and SDXL, diffusers' script's for Flux and SD3).",
+        "--lora_unet_target")
+    layers: str | None = opt(
+        None, "The denoiser's modules that get adapters, comma-separated, as diffusers' --lora_layers (e.g. "
+        "'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0'); replaces unet_target_modules.", "--lora_layers")
+    blocks: str | None = opt(
+        None, "SD3: only these transformer blocks get adapters, comma-separated indices, as diffusers' "
+        "--lora_blocks (e.g. '12,13,14').", "--lora_blocks")
     text_encoder_target_modules: list[str] = opt(
         ["q_proj", "k_proj", "v_proj", "out_proj"], "Text-encoder modules that get adapters with "
         "--train_text_encoder (repeatable flag).", "--lora_text_encoder_target")
@@ -157,6 +165,30 @@ class TrainingSection(Section):
         "which are faster for few, small latents. auto: native when images per step x latent pixels <= 1024 "
         "(e.g. 1 instance + 1 class image at 128 px with SD's VAE), oneDNN otherwise. No effect on a GPU.")
     tokenizer_max_length: int | None = opt(None, "Token length of prompts (default: the tokenizer's, 77).", ge=2)
+    max_sequence_length: int | None = opt(
+        None, "Flux and SD3: token length of the T5 prompt (default: 512 for Flux, 77 for SD3, as diffusers' scripts; "
+        "CLIP reads 77 whatever this is).", ge=1, le=512)
+    # The flow-matching objective (Flux, SD3; training.flow), with diffusers' flag names and meanings. Unset: the
+    # family's default as diffusers' DreamBooth scripts have it.
+    weighting_scheme: Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"] | None = opt(
+        None, "Flux and SD3: how timesteps are drawn (logit_normal, mode: their densities; others uniform) and the "
+        "loss weighted (sigma_sqrt, cosmap), as diffusers' --weighting_scheme (default: none for Flux, logit_normal "
+        "for SD3).")
+    logit_mean: float = opt(0.0, "Mean of the logit_normal timestep density.")
+    logit_std: float = opt(1.0, "Standard deviation of the logit_normal timestep density.", gt=0)
+    mode_scale: float = opt(1.29, "Scale of the mode timestep density.")
+    timestep_sampling: Literal["uniform", "sigmoid", "shift", "flux_shift"] | None = opt(
+        None, "Flux and SD3: kohya's timestep sampling instead of --weighting_scheme's density: uniform, sigmoid "
+        "(of a normal draw times --sigmoid_scale), shift (sigmoid, then --discrete_flow_shift), flux_shift (shifted by "
+        "the image's token count, as Flux's scheduler at inference).")
+    sigmoid_scale: float = opt(1.0, "Scale of the normal draw of --timestep_sampling sigmoid and shift.", gt=0)
+    discrete_flow_shift: float = opt(3.0, "Shift of --timestep_sampling shift.", gt=0)
+    precondition_outputs: bool | None = opt(
+        None, "SD3: train on the prediction turned into x0 (model_pred * -sigma + noisy) against the latents, as "
+        "diffusers' --precondition_outputs 1 (default: on for SD3).")
+    guidance_scale: float | None = opt(
+        None, "Flux.1 dev: the guidance the transformer's guidance embedding reads during training (default 3.5, as "
+        "diffusers' scripts). Flux.1 schnell has no guidance embedding.", ge=0)
     text_encoder_use_attention_mask: bool = opt(False, "Pass the attention mask to the text encoder.")
     set_grads_to_none: bool = opt(True, "Free gradients instead of zeroing them (always on; accepted for diffusers).")
     pre_compute_text_embeddings: bool = opt(False, "Accepted for diffusers compatibility.")
@@ -168,8 +200,11 @@ class ValidationSection(Section):
     num_images: int = opt(4, "Images per validation prompt.", "--num_validation_images", ge=1)
     negative_prompt: str = opt("", "Negative prompt for validation images.", "--validation_negative_prompt")
     num_inference_steps: int = opt(25, "Denoising steps of validation images.", "--validation_inference_steps", ge=1)
-    guidance_scale: float = opt(7.5, "Classifier-free guidance of validation images.", "--validation_guidance", ge=0)
-    scheduler: str = opt("DPMSolverMultistepScheduler", "Sampler of validation images.", "--validation_scheduler")
+    guidance_scale: float | None = opt(
+        None, "Guidance of validation images (default: the family's, as `dreambooth generate`: 7.5 for SD 1.x/2.x and "
+        "SDXL, 3.5 for Flux.1 dev, 7.0 for SD3).", "--validation_guidance", ge=0)
+    scheduler: str | None = opt(None, "Sampler of validation images (default: DPM-Solver++ for SD 1.x/2.x and SDXL, "
+                                "the model's own flow-matching sampler for Flux and SD3).", "--validation_scheduler")
     seed: int = opt(0, "Seed of validation images, so that steps compare.", "--validation_seed", ge=0)
 
     @field_validator("prompts", mode="before")
@@ -222,6 +257,27 @@ class Config(BaseModel):
     # How loading resolved what the user left unset, for the pre-flight report ("prior preservation: on, because
     # ..."); not part of the recorded config.
     _notes: list[str] = PrivateAttr(default_factory=list)
+    # The base model's family (models.families), read once from its model_index.json at pre-flight.
+    _family: Any = PrivateAttr(default=None)
+
+    def family(self):
+        """The base model's models.families.Family: as pre-flight read it, else read now (a UserError when the
+        model's files do not tell)."""
+        if self._family is None:
+            from dreambooth.models.base import detect_family
+
+            found = detect_family(self.model.pretrained_model, self.model.revision, self.output.hub_token)
+            if found is None:
+                from dreambooth.errors import UserError
+
+                raise UserError(f"model.pretrained_model: cannot tell the model family of {self.model.pretrained_model}"
+                                " (no readable model_index.json, or a pipeline this tool does not train). Pass a "
+                                "diffusers folder of SD 1.x/2.x, SDXL, Flux.1 or SD3.")
+            self._family = found
+        return self._family
+
+    def set_family(self, family) -> None:
+        self._family = family
 
     @property
     def notes(self) -> list[str]:
@@ -327,3 +383,18 @@ def cross_check(data: dict[str, Any]) -> list[str]:
     if not (_truthy(model.get("train_unet", True)) or _truthy(model.get("train_text_encoder", False))):
         problems.append("model.train_unet: nothing would train (UNet and text encoder both off)")
     return problems
+
+
+def lora_denoiser_targets(cfg: Config) -> list[str]:
+    """The denoiser's LoRA target modules: --lora_layers, else lora.unet_target_modules, else the family's; with
+    SD3's --lora_blocks, each only in those transformer blocks (as diffusers' SD3 script builds them)."""
+    if cfg.lora.layers:
+        targets = [t.strip() for t in cfg.lora.layers.split(",") if t.strip()]
+    elif cfg.lora.unet_target_modules:
+        targets = list(cfg.lora.unet_target_modules)
+    else:
+        targets = list(cfg.family().denoiser_lora_targets)
+    if cfg.lora.blocks:
+        blocks = [b.strip() for b in cfg.lora.blocks.split(",") if b.strip()]
+        targets = [f"transformer_blocks.{block}.{t}" for block in blocks for t in targets]
+    return targets

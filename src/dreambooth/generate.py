@@ -20,7 +20,7 @@ from dreambooth.formats.lora import check_lora_source, parse_lora_spec
 from dreambooth.formats.lora_fit import check_lora_fits
 from dreambooth.formats.lora_loading import load_loras
 from dreambooth.models.base import CHECKPOINT_STATE, check_model_folder, is_hub_id
-from dreambooth.models.loading import load_pipeline, make_scheduler, pick_device, pick_dtype
+from dreambooth.models.loading import load_pipeline, make_scheduler, model_family, pick_device, pick_dtype
 from dreambooth.options import check_settings
 
 
@@ -30,11 +30,11 @@ class GenerationSettings:
 
     prompts: list[str]
     negative_prompt: str = ""
-    steps: int = 30
-    guidance: float = 7.5
+    steps: int | None = None  # None: the family's (models.families.common.Behaviour.draw_defaults)
+    guidance: float | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     num_images: int = 1
-    scheduler: str = "dpm++"
+    scheduler: str | None = None  # None: dpm++, or a flow-matching model's own sampler
     height: int | None = None
     width: int | None = None
 
@@ -58,6 +58,7 @@ def generate_images(pipe, settings: GenerationSettings, *, batch_size: int = 4) 
     Each image gets its own generator, seeded with `image_seed(seed, k)`, so an image is the same whatever
     the batch it was drawn in.
     """
+    settings = resolved_settings(pipe, settings)
     jobs = [(p, image_seed(s, k)) for p in settings.prompts for s in settings.seeds for k in range(settings.num_images)]
     results = []
     for start in range(0, len(jobs), batch_size):
@@ -205,12 +206,16 @@ def check_job(job: GenerateJob, problems: Problems | None = None) -> None:
     the caller found already, e.g. a prompts file that does not read)."""
     problems = problems or Problems()
     s = job.settings  # steps, image count and seed ranges are declared with the options (command_options)
-    for name, value in (("--height", s.height), ("--width", s.width)):
-        problems.check(check_side, name, value)
     problems.check(check_seeds, s.seeds)
-    problems.check(make_scheduler, s.scheduler, {})  # an unknown name fails before the model loads
     model_ok = ((Path(job.model) / CHECKPOINT_STATE).is_file() or is_hub_id(str(job.model))
                 or problems.passes(check_model_folder, job.model))
+    family = problems.check(model_family, job.model) if model_ok else None
+    # an unknown name, or a sampler of the other objective, fails before the model loads
+    problems.check(make_scheduler, s.scheduler, {"_class_name": family.train_scheduler} if family else {})
+    if family is not None:
+        for name, value in (("--height", s.height), ("--width", s.width)):
+            problems.check(check_side, name, value, family.side_multiple)
+        problems.check(family.behaviour().check_drawing, s)
     for path, _ in job.loras:
         lora = problems.check(check_lora_source, path)  # a missing, pickle or full-model "LoRA"
         if lora is not None and model_ok:
@@ -219,10 +224,12 @@ def check_job(job: GenerateJob, problems: Problems | None = None) -> None:
     problems.raise_if_any("generate")
 
 
-def check_side(name: str, value: int | None) -> None:
-    if value is not None and (value < 8 or value % 8):
-        raise UserError(f"{name} {value} is not a multiple of 8; Stable Diffusion's VAE needs sides divisible "
-                        f"by 8 (e.g. {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}).")
+def check_side(name: str, value: int | None, multiple: int = 8) -> None:
+    if value is not None and (value < multiple or value % multiple):
+        why = "the VAE needs sides divisible by 8" if multiple == 8 else \
+            "the VAE shrinks 8x and the transformer reads 2x2 patches of latents"
+        raise UserError(f"{name} {value} is not a multiple of {multiple}; {why} (e.g. "
+                        f"{max(multiple, value // multiple * multiple)} or {value // multiple * multiple + multiple}).")
 
 
 def check_seeds(seeds: list[int]) -> None:
@@ -232,12 +239,26 @@ def check_seeds(seeds: list[int]) -> None:
                         "Give each seed once (--num-images draws more images per seed).")
 
 
+def resolved_settings(pipe, settings: GenerationSettings) -> GenerationSettings:
+    """The settings with what was left unset filled from the pipeline's family: its steps and guidance, and the
+    sampler the pipeline draws with, so that every PNG records what drew it."""
+    from dataclasses import replace
+
+    from dreambooth.models.families import FAMILIES, pipeline_family
+
+    defaults = (pipeline_family(pipe) or FAMILIES["sd1"]).behaviour().draw_defaults(pipe)
+    return replace(settings, steps=settings.steps or defaults["steps"],
+                   guidance=defaults["guidance"] if settings.guidance is None else settings.guidance,
+                   scheduler=settings.scheduler or type(pipe.scheduler).__name__)
+
+
 def run_job(job: GenerateJob) -> list[Path]:
     """Loads the model once, draws every prompt x seed x image, saves PNGs, grid.png and settings.json (the job
     checked by `check_job` first)."""
     device = pick_device(job.device)
     pipe = load_pipeline(job.model, device=device, dtype=pick_dtype(job.precision, device),
-                         scheduler=job.settings.scheduler)
+                         scheduler=job.settings.scheduler or "default")
+    job.settings = resolved_settings(pipe, job.settings)
     load_loras(pipe, job.loras, model=job.model)
     results = generate_images(pipe, job.settings)
     paths = save_images(results, job.out, str(job.model), cols=len(job.settings.seeds) * job.settings.num_images,

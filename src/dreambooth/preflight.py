@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreambooth import errors
-from dreambooth.config import Config, Subject
+from dreambooth.config import Config, Subject, lora_denoiser_targets
 from dreambooth.config_file import ConfigReading
 from dreambooth.errors import UserError
 from dreambooth.models.base import (
@@ -149,14 +149,24 @@ def check_base_model(cfg: Config) -> str:
     if is_hub_id(model):
         cfg.model.pretrained_model = resolve_hub_model(model, cfg.model.revision, token=cfg.output.hub_token)
         if cfg.model.pretrained_model == model:
-            return "epsilon"  # the real value is read when the scheduler loads
+            cfg.family()  # read from the hub's model_index.json, once, before any weights load
+            return "epsilon" if cfg.family().objective == "diffusion" else "flow"  # read again with the scheduler
     local = Path(cfg.model.pretrained_model)
     check_model_folder(local, what="model.pretrained_model")
     sched = local / "scheduler" / "scheduler_config.json"
     if not sched.is_file():
         raise UserError(f"model.pretrained_model: {local} has no scheduler/scheduler_config.json; it is not a "
-                        "complete Stable Diffusion folder.")
+                        "complete diffusers pipeline folder.")
+    if cfg.family().objective == "flow":
+        return "flow"
     return json.loads(sched.read_text()).get("prediction_type", "epsilon")
+
+
+def check_family_settings(cfg: Config) -> None:
+    """Settings that mean nothing, or something wrong, for the model's family (models.families)."""
+    found = cfg.family().behaviour().check_config(cfg)
+    if found:
+        raise UserError("\n".join(found))
 
 
 def vae_scale_factor(model: str) -> int:
@@ -167,14 +177,16 @@ def vae_scale_factor(model: str) -> int:
     return 2 ** (len(json.loads(config.read_text()).get("block_out_channels", [0] * 4)) - 1)
 
 
-def check_resolution(resolution: int, factor: int, key: str = "training.resolution") -> None:
-    """diffusers' pipelines need sides divisible by 8, and latents need whole pixels."""
-    step = max(8, factor)
+def check_resolution(resolution: int, factor: int, key: str = "training.resolution", packed: bool = False) -> None:
+    """diffusers' pipelines need sides divisible by 8, latents need whole pixels, and the flow families' 2x2 latent
+    patches (`packed`) whole patches."""
+    step = max(8, factor * (2 if packed else 1))
     if resolution % step:
         low, high = resolution // step * step, (resolution // step + 1) * step
-        raise UserError(f"{key}: {resolution} is not a multiple of {step}; the VAE shrinks images {factor}x and "
-                        f"diffusers' pipelines need sides divisible by 8. Use {low or high} or {high} (SD 1.x: 512, "
-                        "SD 2.x: 512 or 768).")
+        why = (f"the VAE shrinks images {factor}x and the transformer reads 2x2 patches of latents" if packed else
+               f"the VAE shrinks images {factor}x and diffusers' pipelines need sides divisible by 8")
+        raise UserError(f"{key}: {resolution} is not a multiple of {step}; {why}. Use {low or high} or {high} (SD "
+                        "1.x: 512, SD 2.x: 512 or 768, SDXL, Flux and SD3: 1024).")
 
 
 def check_prompts(cfg: Config, tokenizer, plans: list[IdentifierPlan], problems: Problems) -> list[str]:
@@ -254,30 +266,33 @@ def plan_all_class_images(cfg: Config, identity: str) -> dict[Path, ClassImagePl
     return plans
 
 
-def _module_names(model: str, part: str) -> dict[str, str]:
+def _module_names(model: str, part: str, cls_name: str, library: str) -> dict[str, str]:
     """The modules of one part of a local model ({name: class name}), built from its config on the meta device."""
+    import importlib
+
     from accelerate import init_empty_weights
 
+    cls = getattr(importlib.import_module(library), cls_name)
     with init_empty_weights():
-        if part == "unet":
-            from diffusers import UNet2DConditionModel
-
-            module = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(model) / "unet"))
+        if library == "diffusers":
+            module = cls.from_config(cls.load_config(Path(model) / part))
         else:
-            from transformers import CLIPTextConfig, CLIPTextModel
-
-            module = CLIPTextModel(CLIPTextConfig.from_pretrained(Path(model) / "text_encoder"))
+            module = cls(cls.config_class.from_pretrained(Path(model) / part))
     return {name: type(m).__name__ for name, m in module.named_modules()}
 
 
 def check_lora_targets(cfg: Config) -> None:
     """Every LoRA target module name must match a module (as peft matches: the name or its last parts); peft
     would otherwise fail after class images were generated and the weights loaded."""
-    parts = [("unet", "lora.unet_target_modules", cfg.lora.unet_target_modules)] if cfg.model.train_unet else []
+    family = cfg.family()
+    key = "lora.layers" if cfg.lora.layers else "lora.unet_target_modules"
+    parts = [(family.denoiser, family.denoiser_cls, "diffusers", key, lora_denoiser_targets(cfg))] \
+        if cfg.model.train_unet else []
     if cfg.model.train_text_encoder:
-        parts.append(("text_encoder", "lora.text_encoder_target_modules", cfg.lora.text_encoder_target_modules))
-    for part, key, targets in parts:
-        names = _module_names(cfg.model.pretrained_model, part)
+        parts += [(t.component, t.cls, "transformers", "lora.text_encoder_target_modules",
+                   cfg.lora.text_encoder_target_modules) for t in family.text_encoders if t.trains]
+    for part, cls_name, library, key, targets in parts:
+        names = _module_names(cfg.model.pretrained_model, part, cls_name, library)
         unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if unmatched:
             leaves = sorted({n.rsplit(".", 1)[-1] for n, kind in names.items()
@@ -297,11 +312,37 @@ def check_token_length(cfg: Config) -> None:
                             "positions; leave it unset (the tokenizer's own length) or lower it.")
 
 
-def check_scheduler_name(name: str, key: str) -> None:
+def check_sequence_length(cfg: Config) -> None:
+    """Flux and SD3 read the whole prompt through T5, up to training.max_sequence_length tokens; a longer prompt
+    would be cut there, silently, so it is refused."""
+    from transformers import AutoTokenizer
+
+    family = cfg.family()
+    t5 = next((t for t in family.text_encoders if t.kind == "t5"), None)
+    if t5 is None:
+        return
+    limit = cfg.training.max_sequence_length or family.behaviour().sequence_length(None)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.pretrained_model, subfolder=t5.tokenizer,
+                                              revision=cfg.model.revision)
+    prompts = [(f"subject {s.identifier or i} instance prompt", s.instance_prompt) for i, s in
+               enumerate(cfg.subject_list())]
+    if cfg.dataset.with_prior_preservation:
+        prompts += [(f"subject {s.identifier or i} class prompt", s.class_prompt) for i, s in
+                    enumerate(cfg.subject_list())]
+    prompts += [("validation prompt", p) for p in cfg.validation.prompts]
+    long = [(what, prompt, n) for what, prompt in prompts if prompt
+            and (n := len(tokenizer(prompt, truncation=False).input_ids)) > limit]
+    if long:
+        listed = "; ".join(f"the {what} ({n} tokens): {prompt!r}" for what, prompt, n in long)
+        raise UserError(f"training.max_sequence_length: {family.title}'s T5 reads {limit} tokens and would cut "
+                        f"{listed}. Shorten it, or raise --max_sequence_length (at most 512).")
+
+
+def check_scheduler_name(name: str | None, key: str, base_config: dict | None = None) -> None:
     from dreambooth.models.loading import make_scheduler
 
     try:
-        make_scheduler(name, {})
+        make_scheduler(name, base_config or {})
     except UserError as e:
         raise UserError(f"{key}: {e}") from None
 
@@ -344,12 +385,18 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
     model_ok = prediction_type is not None
     model = cfg.model.pretrained_model
     resolution = ("training.resolution",)
+    packed = model_ok and cfg.family().side_multiple > 8  # Flux's and SD3's 2x2 latent patches
+    if model_ok:
+        problems.check(check_family_settings, cfg, needs=("training.", "lora."))
     if model_ok and not is_hub_id(model):
-        problems.check(check_resolution, cfg.training.resolution, vae_scale_factor(model), needs=resolution)
-    elif cfg.training.resolution % 8:
-        problems.check(check_resolution, cfg.training.resolution, 8, needs=resolution)
+        problems.check(check_resolution, cfg.training.resolution, vae_scale_factor(model), needs=resolution,
+                       packed=packed)
+    elif cfg.training.resolution % (16 if packed else 8):
+        problems.check(check_resolution, cfg.training.resolution, 8, needs=resolution, packed=packed)
     if model_ok and not is_hub_id(model):
         problems.check(check_token_length, cfg, needs=("training.tokenizer_max_length",))
+        problems.check(check_sequence_length, cfg, needs=SUBJECTS + ("training.max_sequence_length",
+                                                                     "validation.prompts", "dataset."))
         if cfg.model.method == "lora":
             problems.check(check_lora_targets, cfg, needs=("model.method", "model.train_unet", "lora."))
     identity = None if problems.blocked(MODEL) else weights_identity(model, cfg.model.revision, cfg.model.variant,
@@ -375,7 +422,8 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
                                                                         c.model.variant, c.model.pretrained_vae),
                               needs=MODEL + ("output.",))
     if cfg.validation.prompts:
-        problems.check(check_scheduler_name, cfg.validation.scheduler, "validation.scheduler",
+        base = {"_class_name": cfg.family().train_scheduler} if model_ok else {}
+        problems.check(check_scheduler_name, cfg.validation.scheduler, "validation.scheduler", base,
                        needs=("validation.scheduler",))
     problems.check(check_tracker, cfg.output.report_to, needs=("output.report_to",))
     hub_repo = None

@@ -27,7 +27,8 @@ from dreambooth.formats.lora import (
     lora_token_vectors,
     read_lora,
 )
-from dreambooth.models.base import cached_snapshot, is_hub_id, is_sdxl
+from dreambooth.models.base import cached_snapshot, is_hub_id
+from dreambooth.models.families import folder_family
 
 
 def _pattern_value(patterns: dict, module: str):
@@ -133,14 +134,15 @@ def _sgm_names(lora: LoraFile) -> dict[str, str] | None:
     showing none of these (adapters only where both layouts have attention) keeps diffusers' names, with a note."""
     base = _recorded_base(lora)
     unet = list(lora.layers.get("unet", {}))
-    if not lora.layers.get("text_encoder_2") and not (base and is_sdxl(base)) and not _sdxl_blocks(unet):
+    sdxl_base = base is not None and getattr(folder_family(base), "name", None) == "sdxl"
+    if not lora.layers.get("text_encoder_2") and not sdxl_base and not _sdxl_blocks(unet):
         if unet and lora.metadata.get("dreambooth.base_model") and base is None:
             print(f"note: LoRA {lora.path} records the base model {lora.metadata['dreambooth.base_model']}, which is "
                   "not on this machine, and its layers do not show whether it is SDXL's; its UNet keeps diffusers' "
                   "names (SD 1.x/2.x kohya files use them; for SDXL, export where the base model is).")
         return None
     modules = list(lora.layers.get("unet", {}))
-    if base and is_sdxl(base):
+    if sdxl_base:
         config = json.loads((base / "unet" / "config.json").read_text())
     else:
         config = _unet_config_from_layers(modules)

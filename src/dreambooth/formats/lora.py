@@ -305,17 +305,19 @@ def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
 
 
-def save_lora(out_dir: Path, modules: dict[str, torch.nn.Module | None], adapter_configs: dict[str, dict],
+def save_lora(out_dir: Path, family, modules: dict[str, torch.nn.Module | None], adapter_configs: dict[str, dict],
               metadata: dict[str, str]) -> Path:
-    """Writes the LoRA with stock diffusers, in fp32 and with our metadata added, atomically.
+    """Writes the LoRA with the family's stock diffusers pipeline (models.families), in fp32 and with our metadata
+    added, atomically.
 
-    `modules` maps "unet", "text_encoder" and, for SDXL, "text_encoder_2" to the adapted module (None where that
-    part does not train); SDXL's pipeline writes the second encoder's layers under `text_encoder_2.`.
+    `modules` maps the denoiser ("unet" or "transformer") and the text encoders by component name to the adapted
+    module (None where that part does not train); each pipeline writes its parts under their own prefixes
+    (`unet.`, `transformer.`, `text_encoder_2.`).
     """
     import shutil
 
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
     scratch = out_dir / ".lora.tmp"  # diffusers writes only to a folder; the run folder's rules know this name
@@ -324,7 +326,7 @@ def save_lora(out_dir: Path, modules: dict[str, torch.nn.Module | None], adapter
     for name, module in modules.items():
         kwargs[f"{name}_lora_layers"] = lora_layers(module) if module is not None else None
         kwargs[f"{name}_lora_adapter_metadata"] = adapter_configs.get(name)
-    pipeline = StableDiffusionXLPipeline if "text_encoder_2" in modules else StableDiffusionPipeline
+    pipeline = getattr(diffusers, family.pipeline)
     try:
         pipeline.save_lora_weights(scratch, **kwargs, safe_serialization=True)
         header = read_metadata(scratch / LORA_FILE)

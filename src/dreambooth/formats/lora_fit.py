@@ -20,7 +20,9 @@ from pathlib import Path
 
 from dreambooth.errors import UserError
 from dreambooth.formats.lora import COMPONENTS, is_kohya, lora_state_for_peft
-from dreambooth.models.base import FAMILIES, config_folder, model_family, safetensors_header
+from dreambooth.models.base import config_folder, safetensors_header
+from dreambooth.models.families import TITLES as FAMILIES
+from dreambooth.models.families import folder_family
 from dreambooth.models.layout import Layout, config_layout
 
 # kohya's prefixes and the pipeline component each adapts (`lora_te_` is SD 1.x/2.x's encoder and SDXL's first).
@@ -117,8 +119,8 @@ def _recorded_family(metadata: dict[str, str]) -> tuple[str | None, str]:
         folder = config_folder(base) if base else None
     except UserError:  # a checkpoint whose own base is gone: nothing to read
         folder = None
-    if folder is not None and (family := model_family(folder)):
-        return family, f"trained on {base}"
+    if folder is not None and (family := folder_family(folder)):
+        return family.name, f"trained on {base}"
     kohya = f"{metadata.get('ss_base_model_version', '')} {metadata.get('modelspec.architecture', '')}".lower()
     said = "its ss_base_model_version/modelspec.architecture metadata"
     if "xl" in kohya:

@@ -12,8 +12,8 @@ from dreambooth.errors import UserError
 from dreambooth.formats.atomic import atomic_folder, check_new_folder
 from dreambooth.formats.lora import PICKLE_SUFFIXES, find_lora_file
 from dreambooth.formats.lora_loading import load_lora_adapter, text_sides
-from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, check_model_folder, checkpoint_base, is_sdxl
-from dreambooth.models.loading import load_checkpoint_pipeline, pipeline_class
+from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, check_model_folder, checkpoint_base
+from dreambooth.models.loading import load_checkpoint_pipeline, model_family, pipeline_class
 from dreambooth.versions import library_versions
 
 LORA_DOWN_SUFFIXES = ("lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_linear_layer.down.weight")
@@ -59,13 +59,14 @@ def source_pipeline(src: Path, *, whole: bool = False):
                                         with_lora=False)
         return pipe, [(src / LORA_FILE, 1.0)] if (src / LORA_FILE).is_file() else []
     check_model_folder(src, what="SRC")
-    sdxl = is_sdxl(src)  # SDXL has no safety checker, and a second text encoder that a single file holds too
-    weights = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ())
+    family = model_family(src)
+    weights = (family.denoiser, "vae", *(t.component for t in family.text_encoders))
     _check_safetensors_weights(src, _weight_folders(src) if whole else weights)
-    extra = {} if whole or sdxl else {"safety_checker": None, "feature_extractor": None,
-                                      "requires_safety_checker": False}
+    extra = {} if whole else family.behaviour().pipeline_extras(safety_checker=False)
+    if "safety_checker" in extra:
+        extra["feature_extractor"] = None
     try:
-        pipe = pipeline_class(src).from_pretrained(src, use_safetensors=True, **extra)
+        pipe = pipeline_class(family).from_pretrained(src, use_safetensors=True, **extra)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the model in {src}: {e}") from None
     pipe.set_progress_bar_config(disable=True)

@@ -26,7 +26,7 @@ from dreambooth.formats.lora import (
 )
 from dreambooth.formats.lora_loading import text_sides
 from dreambooth.formats.merge import fuse_loras, model_folder, source_pipeline
-from dreambooth.models.base import is_sdxl
+from dreambooth.models.families import folder_family
 from dreambooth.models.layout import Rule, check_mid_block, ldm_name, unet_rules
 
 VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
@@ -236,7 +236,7 @@ def _check_text_encoder(model_dir: Path) -> None:
     """Text encoders with no place in the original layout stop the export before any weights load (config.json):
     SD 1.x's OpenAI CLIP or SD 2.x's OpenCLIP alone, or SDXL's pair in that order."""
     first = _encoder_family(model_dir / "text_encoder" / "config.json")
-    if not is_sdxl(model_dir):
+    if getattr(folder_family(model_dir), "name", None) != "sdxl":
         return
     second = _encoder_family(model_dir / "text_encoder_2" / "config.json")
     if (first, second) != SDXL_TEXT_FAMILIES:

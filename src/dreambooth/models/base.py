@@ -21,55 +21,18 @@ import re
 from pathlib import Path
 
 from dreambooth.errors import UserError, command_line
+from dreambooth.models.families import (
+    PIPELINE_FAMILIES,
+    SUPPORTED_PIPELINES,
+    Family,
+    family_from_index,
+    folder_family,
+    read_json,
+)
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CHECKPOINT_STATE = "trainer_state.json"
-# model_index.json's _class_name of the models this tool works with (img2img and inpaint folders share the layout
-# of text-to-image ones and are saved under their own names by some tools).
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
-                       "StableDiffusionXLImg2ImgPipeline")
-
-
-def is_sdxl(model: Path | str) -> bool:
-    """Whether a local model folder is SDXL-shaped (two text encoders); False for a hub id or anything else.
-
-    The one place that tells the families apart: SDXL's differences (a second text encoder and tokenizer, the
-    pooled embedding and size conditioning, its pipeline class) hang off this answer.
-    """
-    folder = Path(model)
-    if (folder / "text_encoder_2").is_dir():
-        return True
-    try:
-        return "XL" in json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
-    except (OSError, ValueError):
-        return False
-
-
-# The model families this tool works with, by the short names records use, and how messages name them.
-FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-
-
-def family_of(text_encoders: int, hidden_act: str | None) -> str | None:
-    """A model's family from its text encoders: SDXL has two; SD 2.x's one is OpenCLIP (GELU), SD 1.x's OpenAI's CLIP
-    (quick GELU); None for anything else."""
-    if text_encoders == 2:
-        return "sdxl"
-    return {"gelu": "sd2", "quick_gelu": "sd1"}.get(hidden_act or "")
-
-
-def model_family(model: Path | str) -> str | None:
-    """'sd1', 'sd2' or 'sdxl' for a local model folder, from its config files alone; None when they do not tell."""
-    folder = Path(model)
-    if is_sdxl(folder):
-        return "sdxl"
-    try:
-        config = json.loads((folder / "text_encoder" / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return family_of(1, config.get("hidden_act"))
-
-
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 
 
@@ -191,8 +154,8 @@ def check_model_folder(path: Path | str, what: str = "--model") -> None:
             pipeline = ""
         if pipeline and pipeline not in SUPPORTED_PIPELINES:
             raise UserError(f"{what} {p} is a {pipeline} model; this tool trains and draws Stable Diffusion 1.x, "
-                            "2.x and SDXL (StableDiffusionPipeline and StableDiffusionXLPipeline folders). Pass such "
-                            "a model.")
+                            "2.x, SDXL, Flux.1 and SD3 (StableDiffusionPipeline, StableDiffusionXLPipeline, "
+                            "FluxPipeline and StableDiffusion3Pipeline folders). Pass such a model.")
         return
     if p.is_file() and p.suffix == ".safetensors":
         kind = file_kind(p)
@@ -330,15 +293,21 @@ def config_folder(model: Path | str) -> Path | None:
 
 
 def native_side(model: Path | str) -> int | None:
-    """The side in pixels a model's UNet was made for (SD 1.x 512, SD 2.x 768, SDXL 1024), from its config files
-    alone (the UNet's sample size times the VAE's downscaling); None when they are not on this machine."""
+    """The side in pixels a model's denoiser was made for (SD 1.x 512, SD 2.x 768, SDXL, Flux and SD3 1024), from
+    its config files alone (the denoiser's sample size times the VAE's downscaling); None when they are not on this
+    machine."""
     folder = config_folder(model)
     if folder is None:
         return None
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
+        family = folder_family(folder)
+        if family is None:
+            return None
+        denoiser = json.loads((folder / family.denoiser / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
-        sample = unet["sample_size"]
+        sample = denoiser.get("sample_size")
+        if sample is None:  # Flux's transformer has no sample size: FluxPipeline draws at 1024 unless told
+            return family.native_side
         sample = sample[0] if isinstance(sample, list) else sample
         return int(sample) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError, IndexError):
@@ -356,7 +325,8 @@ def model_fingerprint(model: str | Path) -> str:
     The header and first MiB of the file, and its size: enough to tell models apart, fast for 3 GB files.
     LoRA files record it as `dreambooth.base_model_hash`, so its definition stays as it is.
     """
-    return weights_fingerprint(Path(model) / "unet")
+    family = folder_family(model)
+    return weights_fingerprint(Path(model) / (family.denoiser if family else "unet"))
 
 
 def weights_fingerprint(folder: Path) -> str:
@@ -391,7 +361,10 @@ def model_identity(model: str | Path, revision: str | None = None, variant: str 
     if not (folder / "model_index.json").is_file():
         return f"hub:{model}@{revision or 'main'}"
     digest = hashlib.sha256()
-    for part in ("unet", "text_encoder", "vae", "text_encoder_2"):
+    family = folder_family(folder)
+    denoiser = family.denoiser if family else "unet"
+    encoders = [t.component for t in family.text_encoders] if family else ["text_encoder", "text_encoder_2"]
+    for part in (denoiser, encoders[0], "vae", *encoders[1:]):
         file = _first_weights(folder / part)
         if variant and file is not None:
             file = next((f for f in sorted((folder / part).glob(f"*.{variant}.safetensors"))), file)
@@ -401,3 +374,37 @@ def model_identity(model: str | Path, revision: str | None = None, variant: str 
             digest.update(f.read(1 << 20))
         digest.update(f"{part}:{file.stat().st_size}".encode())
     return "sha256:" + digest.hexdigest()[:24]
+
+
+def hub_family(repo_id: str, revision: str | None = None, token: str | None = None) -> Family | None:
+    """The family of a hub model, from its model_index.json (and text encoder config for SD) as cached or fetched;
+    None when neither the cache nor the hub has them."""
+    from huggingface_hub import hf_hub_download
+
+    def fetch(name: str) -> dict | None:
+        for local_only in (True, False):
+            try:
+                path = hf_hub_download(repo_id, name, revision=revision, token=token, local_files_only=local_only,
+                                       etag_timeout=hub_timeout())
+            except Exception:  # noqa: BLE001 - not cached, or the hub cannot say: try the next way, then give up
+                continue
+            return read_json(Path(path))
+        return None
+
+    index = fetch("model_index.json")
+    if index is None:
+        return None
+    text = fetch("text_encoder/config.json") if PIPELINE_FAMILIES.get(index.get("_class_name", "")) == "sd" else None
+    return family_from_index(index, text)
+
+
+def detect_family(model: Path | str, revision: str | None = None, token: str | None = None) -> Family | None:
+    """A model's family: a local folder's from its files, a training checkpoint's from its base model, a hub id's
+    from the hub (cache first). The one way the families are told apart."""
+    if (Path(model) / CHECKPOINT_STATE).is_file():
+        model = checkpoint_base(Path(model))[0]
+    if (Path(model) / "model_index.json").is_file():
+        return folder_family(model)
+    if is_hub_id(str(model)):
+        return hub_family(str(model), revision, token)
+    return None

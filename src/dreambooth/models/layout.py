@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dreambooth.errors import UserError
-from dreambooth.models.base import family_of, model_family
+from dreambooth.models.families import folder_family, sd_generation
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -106,7 +106,7 @@ class Layout:
     module name, and the UNet modules' original names."""
 
     name: str  # how messages name the model
-    family: str | None  # models.base.FAMILIES
+    family: str | None  # a models.families.FAMILIES name
     shapes: dict[str, dict[str, tuple[int, ...]]]
     original_names: dict[str, str]  # UNet module -> its LDM/SGM name
 
@@ -141,7 +141,7 @@ def pipeline_layout(pipe, name: str) -> Layout:
     parts = {"unet": pipe.unet, **{c: getattr(pipe, c) for c in TEXT_ENCODERS if getattr(pipe, c, None) is not None}}
     hidden_act = getattr(getattr(parts.get("text_encoder"), "config", None), "hidden_act", None)
     # an SDXL pipeline is SDXL whatever encoders it holds (a refiner has the second alone)
-    family = "sdxl" if "XL" in type(pipe).__name__ else family_of(1, hidden_act)
+    family = "sdxl" if "XL" in type(pipe).__name__ else sd_generation({"hidden_act": hidden_act})
     return Layout(name, family, {c: weight_shapes(m) for c, m in parts.items()}, original_names(pipe.unet))
 
 
@@ -162,4 +162,6 @@ def config_layout(folder: Path, name: str) -> Layout:
                 continue
             cls = getattr(transformers, entry[-1], None) or transformers.CLIPTextModel
             parts[component] = cls(cls.config_class.from_pretrained(folder / component))
-    return Layout(name, model_family(folder), {c: weight_shapes(m) for c, m in parts.items()}, original_names(unet))
+    family = folder_family(folder)
+    shapes = {c: weight_shapes(m) for c, m in parts.items()}
+    return Layout(name, family.name if family else None, shapes, original_names(unet))

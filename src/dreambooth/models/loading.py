@@ -19,10 +19,11 @@ from dreambooth.models.base import (
     SCHEDULERS,
     check_model_folder,
     checkpoint_base,
+    detect_family,
     is_hub_id,
-    is_sdxl,
     resolve_hub_model,
 )
+from dreambooth.models.families import Family
 from dreambooth.training.speed import collection_paused
 
 
@@ -55,11 +56,22 @@ def quiet_progress_bars():
 DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def make_scheduler(name: str, base_config: dict):
-    """A sampler by short name ('dpm++') or diffusers class name, built from the model's scheduler config."""
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+
+
+def make_scheduler(name: str | None, base_config: dict):
+    """A sampler by short name ('dpm++') or diffusers class name, built from the model's scheduler config. None or
+    'default': the model's own for a flow-matching model (Flux, SD3), 'dpm++' for the others."""
     import diffusers
 
+    flow = base_config.get("_class_name", "").startswith("FlowMatch")
+    if name in (None, "default"):
+        name = FLOW_SCHEDULER if flow else "dpm++"
     cls_name, tweaks = SCHEDULERS.get(name, (name, {}))
+    if flow and not cls_name.startswith("FlowMatch"):
+        raise UserError(f"scheduler '{name}' samples the diffusion objective (SD 1.x/2.x, SDXL); this model is "
+                        f"trained on flow matching and draws with {FLOW_SCHEDULER} or another FlowMatch* scheduler. "
+                        "Leave the scheduler unset for the model's own.")
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not cls_name.endswith("Scheduler"):
         raise UserError(f"unknown scheduler '{name}'; use one of {', '.join(SCHEDULERS)} "
@@ -82,7 +94,8 @@ def pick_dtype(precision: str | None, device: torch.device) -> torch.dtype:
 
 def load_pipeline(model: str | Path, *, device: torch.device, dtype: torch.dtype, scheduler: str | None = None,
                   safety_checker: bool = True, **kwargs):
-    """Loads a Stable Diffusion pipeline from a diffusers folder, a training checkpoint or a hub id, on `device`."""
+    """Loads a model's pipeline from a diffusers folder, a training checkpoint or a hub id, on `device`, with the
+    sampler `scheduler` names (make_scheduler; None: the model's own, as saved)."""
     if (Path(model) / CHECKPOINT_STATE).is_file():
         return load_checkpoint_pipeline(Path(model), device=device, dtype=dtype, scheduler=scheduler,
                                         safety_checker=safety_checker)
@@ -90,10 +103,11 @@ def load_pipeline(model: str | Path, *, device: torch.device, dtype: torch.dtype
         model = resolve_hub_model(str(model), kwargs.get("revision"), what="--model")
     else:
         check_model_folder(model)
-    extra = {} if safety_checker or is_sdxl(model) else {"safety_checker": None, "requires_safety_checker": False}
+    family = model_family(model, kwargs.get("revision"))
+    extra = family.behaviour().pipeline_extras(safety_checker)
     try:
         with collection_paused():  # diffusers' import and the weights live on (dreambooth.training.speed)
-            pipe = pipeline_class(model).from_pretrained(str(model), dtype=dtype, **extra, **kwargs)
+            pipe = pipeline_class(family).from_pretrained(str(model), dtype=dtype, **extra, **kwargs)
     except OSError as e:
         raise UserError(f"could not load the model {model}: {e}. Give a local diffusers folder; a hub id "
                         "needs a network connection and a cached download.") from None
@@ -103,11 +117,22 @@ def load_pipeline(model: str | Path, *, device: torch.device, dtype: torch.dtype
     return pipe.to(device)
 
 
-def pipeline_class(model: str | Path):
-    """The diffusers text-to-image pipeline of a model's family (models.base.is_sdxl)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def model_family(model: str | Path, revision: str | None = None) -> Family:
+    """A model's family (models.families), or a UserError saying the model's files do not tell it."""
+    family = detect_family(model, revision)
+    if family is None:
+        raise UserError(f"cannot tell which model family {model} is (its model_index.json is missing or names a "
+                        "pipeline this tool does not know); pass a diffusers folder of SD 1.x/2.x, SDXL, Flux.1 or "
+                        "SD3.")
+    return family
 
-    return StableDiffusionXLPipeline if is_sdxl(model) else StableDiffusionPipeline
+
+def pipeline_class(model: str | Path | Family):
+    """The diffusers text-to-image pipeline class of a model's family."""
+    import diffusers
+
+    family = model if isinstance(model, Family) else model_family(model)
+    return getattr(diffusers, family.pipeline)
 
 
 def load_checkpoint_pipeline(ckpt: Path, *, device: torch.device, dtype: torch.dtype, scheduler: str | None = None,
@@ -116,21 +141,22 @@ def load_checkpoint_pipeline(ckpt: Path, *, device: torch.device, dtype: torch.d
     new tokens), as diffusers users load intermediate checkpoints. `with_lora=False` leaves a LoRA run's adapters
     out (for a caller that fuses them itself)."""
     base, config = checkpoint_base(ckpt)
+    family = model_family(base, config.get("revision"))
     parts = {}
     with collection_paused():
-        if (ckpt / "unet").is_dir():
-            from diffusers import UNet2DConditionModel
+        import diffusers
+        import transformers
 
-            parts["unet"] = UNet2DConditionModel.from_pretrained(ckpt / "unet", torch_dtype=dtype)
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        # SDXL's second text encoder has a projection (its pooled output conditions the UNet)
-        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-            if (ckpt / name).is_dir():
-                parts[name] = cls.from_pretrained(ckpt / name, torch_dtype=dtype)
-                tokenizer = ckpt / name.replace("text_encoder", "tokenizer")
-                if tokenizer.is_dir():
-                    parts[tokenizer.name] = CLIPTokenizer.from_pretrained(tokenizer)
+        if (ckpt / family.denoiser).is_dir():
+            parts[family.denoiser] = getattr(diffusers, family.denoiser_cls).from_pretrained(
+                ckpt / family.denoiser, torch_dtype=dtype)
+        for t in family.text_encoders:
+            if (ckpt / t.component).is_dir():
+                parts[t.component] = getattr(transformers, t.cls).from_pretrained(ckpt / t.component,
+                                                                                 torch_dtype=dtype)
+            if (ckpt / t.tokenizer).is_dir():
+                cls = transformers.CLIPTokenizer if t.kind == "clip" else transformers.AutoTokenizer
+                parts[t.tokenizer] = cls.from_pretrained(ckpt / t.tokenizer)
     pipe = load_pipeline(base, device=device, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker,
                          revision=config.get("revision"), variant=config.get("variant"), **parts)
     if (ckpt / LORA_FILE).is_file():

@@ -29,7 +29,8 @@ from dreambooth.formats.lora import find_lora_file, new_tokens, token_file_for
 from dreambooth.formats.lora_fit import check_lora_fits
 from dreambooth.formats.lora_loading import load_lora_adapter, text_sides
 from dreambooth.generate import png_info
-from dreambooth.models.base import FAMILIES, config_folder, model_family, model_identity
+from dreambooth.models.base import config_folder, model_identity
+from dreambooth.models.families import folder_family
 from dreambooth.models.loading import load_pipeline, make_scheduler, pick_device, pick_dtype
 
 
@@ -178,8 +179,8 @@ class Renderer:
         drawn = self.drawn[name]
         pipe = drawn.slot.pipe
         folder = config_folder(drawn.character.model)
-        family = model_family(folder) if folder is not None else None
-        return FAMILIES.get(family, "of a family this tool does not know"), \
+        family = folder_family(folder) if folder is not None else None
+        return family.title if family else "of a family this tool does not know", \
             int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
     def _activate(self, drawn: Drawn, scheduler: str) -> None:

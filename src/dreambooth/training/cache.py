@@ -55,8 +55,10 @@ class LatentCache:
         return mean + std * noise
 
     def scaled_sample(self, pixels: torch.Tensor, keys: list[str], generator: torch.Generator) -> torch.Tensor:
-        """`sample` in fp32 times the VAE's scaling factor: the latents the UNet trains on."""
-        return self.sample(pixels, keys, generator).float() * self.vae.config.scaling_factor
+        """`sample` in fp32, shifted and scaled as the VAE's config says: the latents the denoiser trains on (SD's VAEs
+        have a scaling factor only; Flux's and SD3's a shift too, as their pipelines undo when decoding)."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (self.sample(pixels, keys, generator).float() - shift) * self.vae.config.scaling_factor
 
     def _encode(self, pixels: torch.Tensor):
         # On the VAE's device, which is the CPU once training.offload moved it there (a miss after that is slow,

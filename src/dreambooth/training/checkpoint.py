@@ -1,7 +1,8 @@
 """Resumable checkpoints: atomic `checkpoint-N/` folders in diffusers' layout, rotation, and a clean stop.
 
 A checkpoint holds what trains in the layout diffusers users already load intermediate checkpoints from:
-`unet/` and `text_encoder/` (and SDXL's `text_encoder_2/`; save_pretrained folders) when they train whole,
+the denoiser's folder (`unet/`, or `transformer/` for Flux and SD3) and the CLIP text encoders' (`text_encoder/`,
+SDXL's and SD3's `text_encoder_2/`; save_pretrained folders) when they train whole,
 `pytorch_lora_weights.safetensors` for LoRA, and `token_embeddings.safetensors` with `tokenizer/` (and
 `tokenizer_2/`) for new identifier tokens; beside them
 accelerate's optimizer, schedule and RNG state, each process's noise generator, the resolved `config.yaml`, and
@@ -116,9 +117,10 @@ class CheckpointFiles:
             save_lora_output(self.run, folder)  # adapters and new tokens, as in the final output
         else:
             if cfg.model.train_unet:
-                modules["unet"].save_pretrained(folder / "unet", safe_serialization=True)
+                denoiser = m.family.denoiser
+                modules[denoiser].save_pretrained(folder / denoiser, safe_serialization=True)
             if cfg.model.train_text_encoder:
-                for name, _, _, _ in m.text_sides():
+                for name, _, _, _ in m.text_sides(trainable_only=True):
                     modules[name].save_pretrained(folder / name, safe_serialization=True)
             else:
                 save_token_embeddings(folder, token_sides(self.run))
@@ -136,11 +138,11 @@ class CheckpointFiles:
             self._load_lora(folder, modules)
         else:
             if cfg.model.train_unet:
-                self._load_whole(folder / "unet", modules["unet"])
+                self._load_whole(folder / m.family.denoiser, modules[m.family.denoiser])
             if cfg.model.train_text_encoder:
-                for name, _, _, _ in m.text_sides():
+                for name, _, _, _ in m.text_sides(trainable_only=True):
                     self._load_whole(folder / name, modules[name])
-        if m.new_token_ids and not (cfg.model.method == "full" and cfg.model.train_text_encoder):
+        if m.first_token_ids and not (cfg.model.method == "full" and cfg.model.train_text_encoder):
             self._load_token_rows(folder, modules)
 
     def _load_whole(self, folder: Path, module: torch.nn.Module) -> None:
@@ -168,7 +170,7 @@ class CheckpointFiles:
         if not file.is_file():
             raise UserError(f"output.resume_from_checkpoint: {folder} has no {TOKEN_FILE} for the new identifier "
                             "token(s) of this run; resume with the identifier it was trained with.")
-        sides = self.run.models.text_sides()
+        sides = [side for side in self.run.models.text_sides() if side[3]]  # the encoders with new tokens
         with torch.no_grad():
             for token, vector in read_token_file(file).items():
                 rows = vector if isinstance(vector, dict) else {None: vector}

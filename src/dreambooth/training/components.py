@@ -8,97 +8,134 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from dreambooth.config import Config, Subject
-from dreambooth.models.base import is_sdxl
+from dreambooth.config import Config, Subject, lora_denoiser_targets
+from dreambooth.models.families import Family
+from dreambooth.models.families.common import Conditioning
 from dreambooth.training.data import DreamBoothDataset, MultiSubjectDataset, collate_examples
 from dreambooth.training.tokens import IdentifierPlan, add_identifier_token, load_tokenizer, train_only_rows
 
 
 @dataclass
 class Models:
-    """The pipeline parts training touches, and which of them learn."""
+    """The pipeline parts training touches, by component name, and which of them learn.
 
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    unet: torch.nn.Module
+    `parts` holds the denoiser ("unet" or "transformer"), "vae" and each text encoder and tokenizer under the
+    family's component names; `new_token_ids` the ids of new identifier tokens per text encoder.
+    """
+
+    family: Family
+    parts: dict[str, object]
     noise_scheduler: object
-    new_token_ids: list[int] = field(default_factory=list)
-    # SDXL's second text encoder (OpenCLIP with a projection, whose pooled output also conditions the UNet) and its
-    # tokenizer, with the ids of the new tokens added to it; None for SD 1.x and 2.x. It trains as the first does.
-    text_encoder_2: torch.nn.Module | None = None
-    tokenizer_2: object = None
-    new_token_ids_2: list[int] = field(default_factory=list)
+    new_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
-    def text_sides(self) -> list[tuple[str, object, torch.nn.Module, list[int]]]:
-        """(component name, tokenizer, text encoder, new token ids) of each text encoder: one, or SDXL's two. The
-        one place the families' text sides differ; everything that trains or saves the text side walks this."""
-        sides = [("text_encoder", self.tokenizer, self.text_encoder, self.new_token_ids)]
-        if self.text_encoder_2 is not None:
-            sides.append(("text_encoder_2", self.tokenizer_2, self.text_encoder_2, self.new_token_ids_2))
-        return sides
+    @classmethod
+    def from_pipeline(cls, pipe, family: Family) -> Models:
+        """The parts of a loaded pipeline of `family` (tests, and callers that hold a pipeline already)."""
+        names = [family.denoiser, "vae"] + [n for t in family.text_encoders for n in (t.component, t.tokenizer)]
+        return cls(family, {name: getattr(pipe, name) for name in names}, pipe.scheduler)
+
+    def __getattr__(self, name: str):
+        # component names read as attributes (models.vae, models.text_encoder_2), as on a diffusers pipeline
+        parts = self.__dict__.get("parts") or {}
+        if name in parts:
+            return parts[name]
+        raise AttributeError(name)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.parts[self.family.denoiser]
+
+    @property
+    def first_token_ids(self) -> list[int]:
+        """The new tokens' ids in the first tokenizer (the one the report and the LoRA metadata name them by)."""
+        return self.new_token_ids.get(self.family.text_encoders[0].component, [])
+
+    def set_part(self, name: str, module) -> None:
+        self.parts[name] = module
+
+    def text_sides(self, trainable_only: bool = False) -> list[tuple[str, object, torch.nn.Module, list[int]]]:
+        """(component name, tokenizer, text encoder, new token ids) of each text encoder of the family; with
+        `trainable_only`, those --train_text_encoder trains (not T5). Everything that trains or saves the text side
+        walks this."""
+        return [(t.component, self.parts[t.tokenizer], self.parts[t.component], self.new_token_ids.get(t.component, []))
+                for t in self.family.text_encoders if t.trains or not trainable_only]
 
     def encoders(self) -> list[torch.nn.Module]:
         return [encoder for _, _, encoder, _ in self.text_sides()]
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The denoiser, the VAE and the text encoders by component name."""
+        return {self.family.denoiser: self.denoiser, "vae": self.parts["vae"],
+                **{name: encoder for name, _, encoder, _ in self.text_sides()}}
+
     def trained(self) -> list[torch.nn.Module]:
-        """The UNet and the text encoders, each if any of its parameters trains (LoRA adapters, a new token's row)."""
-        return [m for m in (self.unet, *self.encoders()) if any(p.requires_grad for p in m.parameters())]
+        """The denoiser and the text encoders, each if any of its parameters trains (adapters, a new token's row)."""
+        return [m for m in (self.denoiser, *self.encoders()) if any(p.requires_grad for p in m.parameters())]
+
+    def trained_names(self) -> list[str]:
+        return [name for name, m in self.modules().items() if m in self.trained()]
 
     @property
     def text_trains(self) -> bool:
         return any(p.requires_grad for encoder in self.encoders() for p in encoder.parameters())
 
 
-def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dtype) -> Models:
-    """Loads the base model's parts; frozen weights go to `weight_dtype`, trainable ones stay fp32."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def _class(library: str, name: str):
+    import importlib
 
+    return getattr(importlib.import_module(library), name)
+
+
+def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dtype) -> Models:
+    """Loads the base model's parts as its family names them; frozen weights go to `weight_dtype`, trainable ones
+    stay fp32."""
     src = {"revision": cfg.model.revision}
     base = cfg.model.pretrained_model
-    tokenizer = load_tokenizer(cfg)
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=cfg.model.variant, **src)
-    vae = load_vae(cfg)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=cfg.model.variant, **src)
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **src)
-    models = Models(tokenizer, text_encoder, vae, unet, noise_scheduler)
-    if is_sdxl(base):
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
-        models.tokenizer_2 = AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", **src)
-        models.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-            base, subfolder="text_encoder_2", variant=cfg.model.variant, **src).requires_grad_(False).eval()
-    models.new_token_ids = [i for plan in plans for i in add_identifier_token(tokenizer, text_encoder, plan)]
-    if models.text_encoder_2 is not None:  # SDXL: the same new tokens in its second tokenizer and encoder
-        models.new_token_ids_2 = [i for plan in plans
-                                  for i in add_identifier_token(models.tokenizer_2, models.text_encoder_2, plan)]
-    for module in (unet, text_encoder, vae, models.text_encoder_2):
-        if module is not None and module.dtype != weight_dtype:
+    family = cfg.family()
+    parts: dict[str, object] = {}
+    for t in family.text_encoders:
+        parts[t.tokenizer] = load_tokenizer(cfg) if t == family.text_encoders[0] else \
+            _class("transformers", "AutoTokenizer").from_pretrained(base, subfolder=t.tokenizer, **src)
+        parts[t.component] = _class("transformers", t.cls).from_pretrained(
+            base, subfolder=t.component, variant=cfg.model.variant, **src).requires_grad_(False).eval()
+    parts["vae"] = load_vae(cfg)
+    parts[family.denoiser] = _class("diffusers", family.denoiser_cls).from_pretrained(
+        base, subfolder=family.denoiser, variant=cfg.model.variant, **src)
+    noise_scheduler = _class("diffusers", family.train_scheduler).from_pretrained(base, subfolder="scheduler", **src)
+    models = Models(family, parts, noise_scheduler)
+    # a new identifier token goes into every CLIP tokenizer and encoder of the family (SDXL's two, Flux's one);
+    # T5 reads the identifier as its own pieces
+    for t in family.text_encoders:
+        if t.kind == "clip":
+            models.new_token_ids[t.component] = [i for plan in plans for i in add_identifier_token(
+                parts[t.tokenizer], parts[t.component], plan)]
+    for module in models.modules().values():
+        if module.dtype != weight_dtype:
             module.to(dtype=weight_dtype)
+    vae = parts["vae"]
     if weight_dtype == torch.float16 and vae.config.get("force_upcast", False):
         # SDXL's VAE overflows in fp16 (its config says so with force_upcast): it encodes in fp32.
         vae.to(dtype=torch.float32)
         print("note: this model's VAE is marked as overflowing in fp16 (force_upcast); it encodes in fp32, the rest "
               "trains in fp16")
     set_trainable(cfg, models)
-    # Trainable weights (full UNet, LoRA adapters, a token's embedding) are fp32 whatever the precision of the
-    # checkpoint or of the run: the optimizer's small updates vanish in fp16/bf16. A text encoder with anything
+    # Trainable weights (the whole denoiser, LoRA adapters, a token's embedding) are fp32 whatever the precision of
+    # the checkpoint or of the run: the optimizer's small updates vanish in fp16/bf16. A text encoder with anything
     # trainable stays fp32 as a whole: an fp32 embedding feeding half-precision LayerNorms fails outside CUDA
-    # autocast, and CLIP's 123 M parameters are cheap next to the UNet.
+    # autocast, and CLIP's 123 M parameters are cheap next to the denoiser.
     for encoder in models.encoders():
         if any(p.requires_grad for p in encoder.parameters()):
             encoder.to(dtype=torch.float32)
-    for param in unet.parameters():
+    for param in models.denoiser.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     if cfg.training.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        models.denoiser.enable_gradient_checkpointing()
         if cfg.model.train_text_encoder:
-            for encoder in models.encoders():
+            for _, _, encoder, _ in models.text_sides(trainable_only=True):
                 encoder.gradient_checkpointing_enable()
     if cfg.model.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
+        models.denoiser.enable_xformers_memory_efficient_attention()
     return models
 
 
@@ -114,20 +151,22 @@ def load_vae(cfg: Config, dtype: torch.dtype | None = None):
 
 
 def set_trainable(cfg: Config, models: Models) -> None:
-    """UNet and text encoders as configured (whole, or LoRA adapters); a new token's rows always; the VAE never."""
+    """Denoiser and text encoders as configured (whole, or LoRA adapters; T5 never, as in diffusers' scripts); a new
+    token's rows always; the VAE never."""
     lora = cfg.model.method == "lora"
     whole_text = cfg.model.train_text_encoder and not lora
+    trainable = {name for name, _, _, _ in models.text_sides(trainable_only=True)}
     models.vae.requires_grad_(False)
-    models.unet.requires_grad_(cfg.model.train_unet and not lora)
-    for encoder in models.encoders():
-        encoder.requires_grad_(whole_text)
+    models.denoiser.requires_grad_(cfg.model.train_unet and not lora)
+    for name, _, encoder, _ in models.text_sides():
+        encoder.requires_grad_(whole_text and name in trainable)
     if lora:
         add_lora_adapters(cfg, models)
-    for _, _, encoder, token_ids in models.text_sides():
-        if token_ids and not whole_text:
+    for name, _, encoder, token_ids in models.text_sides():
+        if token_ids and not (whole_text and name in trainable):
             train_only_rows(encoder.get_input_embeddings(), token_ids)
         encoder.train(any(p.requires_grad for p in encoder.parameters()))
-    models.unet.train(cfg.model.train_unet)
+    models.denoiser.train(cfg.model.train_unet)
 
 
 def lora_config(cfg: Config, target_modules: list[str]):
@@ -139,7 +178,7 @@ def lora_config(cfg: Config, target_modules: list[str]):
 
 
 def add_lora_adapters(cfg: Config, models: Models) -> None:
-    """peft LoRA adapters on the UNet's attention projections (and the text encoders', when they train).
+    """peft LoRA adapters on the denoiser's attention projections (and the CLIP text encoders', when they train).
 
     The text encoder's come from peft directly, not through transformers' `add_adapter`: transformers 5.24 refuses
     every peft release that exists (it asks for peft >= 0.22), while peft itself, like diffusers' loader, works
@@ -148,25 +187,26 @@ def add_lora_adapters(cfg: Config, models: Models) -> None:
     from peft import inject_adapter_in_model
 
     if cfg.model.train_unet:
-        models.unet.add_adapter(lora_config(cfg, cfg.lora.unet_target_modules))
+        models.denoiser.add_adapter(lora_config(cfg, lora_denoiser_targets(cfg)))
     if cfg.model.train_text_encoder:
-        for encoder in models.encoders():
+        for _, _, encoder, _ in models.text_sides(trainable_only=True):
             config = lora_config(cfg, cfg.lora.text_encoder_target_modules)
             inject_adapter_in_model(config, encoder, adapter_name="default")
             encoder.peft_config = {"default": config}
 
 
 def param_groups(cfg: Config, models: Models, lr_scale: float) -> list[dict]:
-    """Optimizer groups: UNet at learning_rate, the text side at text_encoder_lr.
+    """Optimizer groups: the denoiser at learning_rate, the text side at text_encoder_lr.
 
     A lone token embedding gets no weight decay: decay would shrink the frozen rows of the vocabulary, whose
     gradients are zero, so only without it do they stay exactly as pretrained.
     """
     t = cfg.training
     groups = []
-    unet_params = [p for p in models.unet.parameters() if p.requires_grad]
-    if unet_params:
-        groups.append({"params": unet_params, "lr": t.learning_rate * lr_scale, "weight_decay": t.adam_weight_decay})
+    denoiser_params = [p for p in models.denoiser.parameters() if p.requires_grad]
+    if denoiser_params:
+        groups.append({"params": denoiser_params, "lr": t.learning_rate * lr_scale,
+                       "weight_decay": t.adam_weight_decay})
     embeddings = [e.get_input_embeddings().weight for e in models.encoders()]
     text_params = [p for e in models.encoders() for p in e.parameters()
                    if p.requires_grad and not any(p is w for w in embeddings)]
@@ -249,65 +289,48 @@ def make_dataloader(cfg: Config, subjects: list[Subject], instance: list[list[Pa
 
 
 class PromptEncoder:
-    """Prompt embeddings; cached per prompt while the text side is frozen (DreamBooth has two prompts)."""
+    """Prompt conditioning as the family builds it (models.families); cached per prompt while the text side is
+    frozen (DreamBooth has two prompts)."""
 
     def __init__(self, cfg: Config, models: Models, device: torch.device) -> None:
         self.models, self.device = models, device
-        self.max_length = cfg.training.tokenizer_max_length or models.tokenizer.model_max_length
+        self.behaviour = models.family.behaviour()
+        self.max_length = cfg.training.tokenizer_max_length
+        self.sequence_length = cfg.training.max_sequence_length
         self.use_mask = cfg.training.text_encoder_use_attention_mask
-        self.cache: dict[str, torch.Tensor] | None = None if models.text_trains else {}
+        self.cache: dict[str, dict[str, torch.Tensor]] | None = None if models.text_trains else {}
 
     @property
     def trains(self) -> bool:
         """Whether the text side trains (then prompts are encoded inside every step)."""
         return self.cache is None
 
+    # token ids and their embedding as two steps: a CUDA-graph step (training.graph_step, SD 1.x/2.x only)
+    # captures the embedding but not the tokenizer
     def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tok = self.models.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                                    return_tensors="pt")
+        tokenizer = self.models.tokenizer
+        tok = tokenizer(prompts, padding="max_length", max_length=self.max_length or tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
         return tok.input_ids.to(self.device), tok.attention_mask.to(self.device) if self.use_mask else None
 
-    def embed(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.models.text_encoder(ids, attention_mask=mask)[0]
-
-    def _encode_sdxl(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDXL's conditioning, as its pipeline builds it: the penultimate hidden states of both encoders side by
-        side, and the second encoder's pooled, projected embedding."""
-        states, pooled = [], None
-        for tokenizer, encoder in ((self.models.tokenizer, self.models.text_encoder),
-                                   (self.models.tokenizer_2, self.models.text_encoder_2)):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(_device_of(encoder))
-            out = encoder(ids, output_hidden_states=True)
-            states.append(out.hidden_states[-2].to(self.device))
-            pooled = out[0].to(self.device)
-        return torch.cat(states, dim=-1), pooled
-
-    def _encode(self, prompts: list[str]):
-        if self.models.text_encoder_2 is not None:
-            return self._encode_sdxl(prompts)
-        ids, mask = self.tokens(prompts)
-        # a frozen encoder may live on the CPU (training.offload): it reads and answers there
-        device = _device_of(self.models.text_encoder)
-        return self.embed(ids.to(device), None if mask is None else mask.to(device)).to(self.device)
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor | None) -> Conditioning:
+        return Conditioning({"embeds": self.models.text_encoder(ids, attention_mask=mask)[0]})
 
     def conditioning(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What a step needs of its prompts: token ids (and mask) when the text side trains, else embeddings."""
-        return self.tokens(prompts) if self.trains else (self(prompts), None)
+        """What a captured step needs of its prompts: token ids (and mask) when the text side trains, else the
+        embedding (SD's one tensor)."""
+        return self.tokens(prompts) if self.trains else (self(prompts)["embeds"], None)
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        return self.behaviour.encode(self.models, prompts, max_length=self.max_length,
+                                     sequence_length=self.sequence_length, mask=self.use_mask).to(self.device)
+
+    def __call__(self, prompts: list[str]) -> Conditioning:
         if self.cache is None:
             return self._encode(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if missing:
             with torch.no_grad():
-                encoded = self._encode(missing)
-                parts = encoded if isinstance(encoded, tuple) else (encoded,)
-                for i, p in enumerate(missing):
-                    self.cache[p] = tuple(part[i] for part in parts)
-        stacked = tuple(torch.stack([self.cache[p][k] for p in prompts]) for k in range(len(self.cache[prompts[0]])))
-        return stacked if len(stacked) > 1 else stacked[0]
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
+                for p, row in zip(missing, self._encode(missing).rows()):
+                    self.cache[p] = row
+        return Conditioning.stack([self.cache[p] for p in prompts])

@@ -49,10 +49,11 @@ def prepare_image(
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
-def size_conditioning(original: tuple[int, int], resized: tuple[int, int], origin: tuple[int, int], flip: bool,
-                      resolution: int) -> torch.Tensor:
-    """SDXL's `add_time_ids` of a training image (Podell et al. 2023, "size and crop conditioning"): original
-    height and width, the crop's top-left corner (y, x) in the resized image, and the target height and width.
+def crop_geometry(original: tuple[int, int], resized: tuple[int, int], origin: tuple[int, int], flip: bool,
+                  resolution: int) -> torch.Tensor:
+    """Where a training image came from: its original height and width, the crop's top-left corner (y, x) in the
+    resized image, and the target height and width. SDXL conditions on exactly these six numbers (its
+    `add_time_ids`, Podell et al. 2023, "size and crop conditioning"); the other families ignore them.
 
     A mirrored crop is described in the mirrored image, as diffusers' SDXL script does (it flips before it crops):
     its left edge is the resized width minus the crop's right edge.
@@ -136,18 +137,18 @@ class DreamBoothDataset(Dataset):
         return max(len(self._instance), len(self._class))
 
     def __getitem__(self, index: int) -> dict:
-        pixels, key, time_ids = self._augment(index, "instance")
+        pixels, key, geometry = self._augment(index, "instance")
         example = {"instance_pixels": pixels, "instance_prompt": self.instance_prompt, "instance_key": key,
-                   "instance_time_ids": time_ids}
+                   "instance_geometry": geometry}
         if self._class:
-            pixels, key, time_ids = self._augment(index, "class")
+            pixels, key, geometry = self._augment(index, "class")
             example.update(class_pixels=pixels, class_prompt=self.class_prompt, class_key=key,
-                           class_time_ids=time_ids)
+                           class_geometry=geometry)
         return example
 
     def _augment(self, index: int, role: str) -> tuple[torch.Tensor, str, torch.Tensor]:
-        """The augmented pixels of an item, a key naming exactly them (image file, crop corner, flip), and SDXL's
-        size conditioning of them (`time_ids`).
+        """The augmented pixels of an item, a key naming exactly them (image file, crop corner, flip), and its
+        geometry (`crop_geometry`).
 
         The key is what a latent cache may be indexed by; it never depends on step or batch position. The
         conditioning follows from the key (the file's original size, the crop, the flip), so cached latents and
@@ -168,7 +169,7 @@ class DreamBoothDataset(Dataset):
         pixels = prepare_image(image, self.resolution, center_crop=self.center_crop, flip=flip, crop_rng=None,
                                origin=origin)
         key = f"{self._paths[role][i]}|{self.resolution}|{origin[0]},{origin[1]}|{int(flip)}"
-        return pixels, key, size_conditioning(size, image.size, origin, flip, self.resolution)
+        return pixels, key, crop_geometry(size, image.size, origin, flip, self.resolution)
 
     def view_count(self) -> int | None:
         """How many (pixels, cache key) views a batch can ever hold, when augmentation leaves few: one crop per image
@@ -204,12 +205,12 @@ def collate_examples(examples: list[dict]) -> dict:
     pixels += [example["class_pixels"] for example in with_class]
     prompts += [example["class_prompt"] for example in with_class]
     keys += [example["class_key"] for example in with_class]
-    time_ids = [example["instance_time_ids"] for example in examples]
-    time_ids += [example["class_time_ids"] for example in with_class]
+    geometry = [example["instance_geometry"] for example in examples]
+    geometry += [example["class_geometry"] for example in with_class]
     is_prior = torch.tensor([False] * len(examples) + [True] * len(with_class))
     pixel_values = torch.stack(pixels).to(dtype=torch.float32, memory_format=torch.contiguous_format)
     return {"pixel_values": pixel_values, "prompts": prompts, "is_prior": is_prior, "cache_keys": keys,
-            "time_ids": torch.stack(time_ids)}
+            "geometry": torch.stack(geometry)}
 
 
 class MultiSubjectDataset(Dataset):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dreambooth.models.base import is_sdxl
+from dreambooth.models.families.common import Conditioning
 from dreambooth.training.loss import LossParts
 
 WARMUP_STEPS = 3  # eager optimizer steps before capture: cuDNN/cuBLAS pick their kernels, AdamW creates its state
@@ -49,13 +49,24 @@ def graph_obstacles(cfg, device_type: str, num_processes: int) -> list[str]:
         found.append("--torch_compile is on (compiled code and a hand-made graph do not mix)")
     if t.latent_cache == "disk":
         found.append("the disk latent cache reads files on the host each step")
-    if is_sdxl(cfg.model.pretrained_model):
-        found.append("SDXL's step (two text encoders, pooled embeddings) is not captured yet")
+    family = known_family(cfg)
+    if family is not None and not family.graph_step:
+        found.append(f"{family.title}'s step is not captured yet (SD 1.x and 2.x's is)")
     if t.gradient_checkpointing and cfg.model.method == "lora" and cfg.lora.dropout > 0:
         # Recomputation restores the RNG by its host offset, which captured kernels do not read: the recomputed
         # dropout masks would differ from the forward's.
         found.append("gradient checkpointing with LoRA dropout draws other dropout masks when recomputed in a graph")
     return found
+
+
+def known_family(cfg):
+    """The run's model family, or None where its files do not tell (pre-flight reports that)."""
+    from dreambooth.errors import UserError
+
+    try:
+        return cfg.family()
+    except UserError:
+        return None
 
 
 def graph_plan(cfg, device_type: str, num_processes: int) -> tuple[bool, str]:
@@ -76,7 +87,7 @@ class Staged:
     cond: torch.Tensor  # prompt embeddings (text side frozen) or token ids (text side trains)
     mask: torch.Tensor | None
     is_prior: torch.Tensor
-    time_ids: torch.Tensor  # SDXL's size conditioning (unused by SD 1.x and 2.x)
+    geometry: torch.Tensor  # each image's size and crop (training.data.crop_geometry)
 
 
 class StaticStep:
@@ -106,7 +117,7 @@ class StaticStep:
         latents = self.latent_cache.scaled_sample(batch["pixel_values"], batch["cache_keys"], run.generator)
         cond, mask = self.encode.conditioning(batch["prompts"])
         is_prior = batch["is_prior"].to(latents.device)
-        fresh = Staged(latents, cond, mask, is_prior, batch["time_ids"].to(latents.device))
+        fresh = Staged(latents, cond, mask, is_prior, batch["geometry"].to(latents.device))
         if self.staged is None and latents.shape[0] != self.full_rows:
             self._eager_inputs = fresh  # buffers take a full batch's shape, not a short last one's
             return False
@@ -124,8 +135,9 @@ class StaticStep:
 
     # ------------------------------------------------------------------------------------------- the step's body
     def _micro(self, staged: Staged) -> LossParts:
-        cond = self.encode.embed(staged.cond, staged.mask) if self.encode.trains else staged.cond
-        parts = self.step_loss(staged.latents, cond, staged.is_prior, staged.time_ids)
+        cond = self.encode.embed(staged.cond, staged.mask) if self.encode.trains else \
+            Conditioning({"embeds": staged.cond})
+        parts = self.step_loss(staged.latents, cond, staged.is_prior, staged.geometry)
         (parts.loss / self.accumulation).backward()
         return parts
 

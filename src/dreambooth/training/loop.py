@@ -14,6 +14,7 @@ from dreambooth.config import Config
 from dreambooth.config_file import dump_config
 from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.formats.atomic import atomic_file
+from dreambooth.models.families.common import Conditioning
 from dreambooth.models.loading import DTYPES, make_scheduler, pipeline_class
 from dreambooth.preflight import Preflight, run_preflight
 from dreambooth.training.cache import LatentCache
@@ -29,14 +30,7 @@ from dreambooth.training.components import (
     param_groups,
 )
 from dreambooth.training.graph_step import StaticStep, graph_plan
-from dreambooth.training.loss import (
-    LossParts,
-    diffusion_target,
-    dreambooth_loss,
-    min_snr_weights,
-    noise_with_offset,
-    snr_from_alphas,
-)
+from dreambooth.training.loss import LossParts
 from dreambooth.training.offload import FrozenOffload, offload_plan
 from dreambooth.training.outputs import MetricsLog, save_outputs, write_model_card, write_run_info
 from dreambooth.training.report_page import refresh_report
@@ -55,37 +49,19 @@ from dreambooth.versions import library_versions
 
 def training_step(cfg: Config, models: Models, batch: dict, encode: PromptEncoder, latent_cache: LatentCache,
                   generator: torch.Generator) -> LossParts:
-    """One forward pass: latents of the images, noise at per-sample timesteps, prediction, and the loss."""
+    """One forward pass: latents of the images, the prompts' conditioning, and the family's loss."""
     latents = latent_cache.scaled_sample(batch["pixel_values"], batch["cache_keys"], generator)
-    time_ids = batch.get("time_ids")
+    geometry = batch.get("geometry")
     return step_loss(cfg, models, latents, encode(batch["prompts"]), batch["is_prior"].to(latents.device), generator,
-                     None if time_ids is None else time_ids.to(latents.device))
+                     None if geometry is None else geometry.to(latents.device))
 
 
-def step_loss(cfg: Config, models: Models, latents: torch.Tensor, cond, is_prior: torch.Tensor,
-              generator: torch.Generator, time_ids: torch.Tensor | None = None) -> LossParts:
-    """Noise at per-sample timesteps on scaled latents, the prediction, and the loss: the part of a step a CUDA
-    graph captures (training.graph_step), so it reads only its arguments and draws only from `generator`.
-
-    `cond` is the prompts' embedding, or for SDXL (embedding, pooled embedding), which conditions the UNet with
-    each image's size conditioning `time_ids` (data.size_conditioning).
-    """
-    unet, sched = models.unet, models.noise_scheduler
-    added = None
-    if isinstance(cond, tuple):
-        cond, pooled = cond
-        added = {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
-    noise = noise_with_offset(latents, cfg.training.noise_offset, generator)
-    timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
-                              device=latents.device)
-    noisy = sched.add_noise(latents, noise, timesteps)
-    target = diffusion_target(sched, latents, noise, timesteps)
-    pred = unet(noisy, timesteps, cond, added_cond_kwargs=added).sample
-    weights = None
-    if cfg.training.snr_gamma is not None:
-        snr = snr_from_alphas(sched.alphas_cumprod, timesteps)
-        weights = min_snr_weights(snr, cfg.training.snr_gamma, sched.config.prediction_type)
-    return dreambooth_loss(pred, target, is_prior, cfg.training.prior_loss_weight, weights)
+def step_loss(cfg: Config, models: Models, latents: torch.Tensor, cond: Conditioning, is_prior: torch.Tensor,
+              generator: torch.Generator, geometry: torch.Tensor | None = None) -> LossParts:
+    """The family's loss of a batch (noise, the denoiser's prediction, the target, prior preservation): the part of
+    a step a CUDA graph captures (training.graph_step), so it reads only its arguments and draws only from
+    `generator`. `geometry`: each image's size and crop (training.data.crop_geometry), which SDXL conditions on."""
+    return models.family.behaviour().loss(cfg, models, latents, cond, geometry, is_prior, generator)
 
 
 @dataclass
@@ -134,8 +110,8 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
     offload = frozen_offload(run, encode, latent_cache)
     static = None
     if run.graph:
-        def loss_of(latents, cond, is_prior, time_ids):
-            return step_loss(cfg, run.models, latents, cond, is_prior, run.generator, time_ids)
+        def loss_of(latents, cond, is_prior, geometry):
+            return step_loss(cfg, run.models, latents, cond, is_prior, run.generator, geometry)
 
         static = StaticStep(run, encode, latent_cache, clip, loss_of, capture=acc.device.type == "cuda")
     run.global_step = start_step
@@ -216,26 +192,23 @@ def checkpoint(run: Run) -> Path:
 
 def validate(run: Run) -> None:
     """Samples the validation prompts with the same code as `dreambooth generate`; saves a grid per step."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     from dreambooth.generate import GenerationSettings, generate_images, grid_info, make_grid
 
     acc, v, m = run.accelerator, run.cfg.validation, run.models
     if not acc.is_main_process:
         return
-    parts = {"vae": m.vae, "text_encoder": acc.unwrap_model(m.text_encoder), "tokenizer": m.tokenizer,
-             "unet": acc.unwrap_model(m.unet), "scheduler": make_scheduler(v.scheduler, m.noise_scheduler.config)}
-    if m.text_encoder_2 is not None:
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=acc.unwrap_model(m.text_encoder_2),
-                                         tokenizer_2=m.tokenizer_2)
-    else:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    parts = {name: acc.unwrap_model(module) for name, module in m.modules().items()}
+    parts.update({name.replace("text_encoder", "tokenizer"): tokenizer for name, tokenizer, _, _ in m.text_sides()})
+    parts["scheduler"] = make_scheduler(v.scheduler, m.noise_scheduler.config)  # None: the family's default
+    pipe = m.family.behaviour().pipeline(parts)
     pipe.set_progress_bar_config(disable=True)
     res = run.cfg.training.resolution
+    guidance = v.guidance_scale
+    if guidance is None:
+        guidance = m.family.behaviour().draw_defaults(pipe)["guidance"]
     settings = GenerationSettings(prompts=v.prompts, negative_prompt=v.negative_prompt, steps=v.num_inference_steps,
-                                  guidance=v.guidance_scale, seeds=[v.seed], num_images=v.num_images,
-                                  scheduler=v.scheduler, height=res, width=res)
+                                  guidance=guidance, seeds=[v.seed], num_images=v.num_images,
+                                  scheduler=type(parts["scheduler"]).__name__, height=res, width=res)
     with torch.no_grad(), acc.autocast():
         results = generate_images(pipe, settings)
     grid = make_grid([img for img, _ in results], cols=v.num_images)
@@ -300,14 +273,13 @@ def setup(cfg: Config, report: Preflight) -> Run:
     lr_scheduler = make_lr_scheduler(cfg, optimizer, accelerator.num_processes, total)
     trained = models.trained()
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
-    names = {id(models.unet): "unet", **{id(encoder): name for name, _, encoder, _ in models.text_sides()}}
+    names = {id(module): name for name, module in models.modules().items()}
     for module, wrapped in zip(trained, prepared):
-        setattr(models, names[id(module)], wrapped)
+        models.set_part(names[id(module)], wrapped)
     optimizer, lr_scheduler = prepared[-2:]
     speed_up(cfg, models, accelerator)
-    for module in (models.vae, models.unet, models.text_encoder, models.text_encoder_2):
-        if module is not None:
-            module.to(accelerator.device)
+    for module in models.modules().values():
+        module.to(accelerator.device)
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed + accelerator.process_index)
     run = Run(cfg, accelerator, models, optimizer, lr_scheduler, loader, generator, out, total, report, graph=graph)
     CheckpointFiles(run).register()

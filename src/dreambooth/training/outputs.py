@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 from dreambooth import __version__
+from dreambooth.config import lora_denoiser_targets
 from dreambooth.config_file import dump_config
 from dreambooth.formats.atomic import move_into, temporary_folder, write_json_atomic, write_text_atomic
 from dreambooth.formats.lora import save_lora, save_token_embeddings
-from dreambooth.models.base import family_of, model_fingerprint
+from dreambooth.models.base import model_fingerprint
 from dreambooth.models.loading import DTYPES
 from dreambooth.versions import library_versions
 
@@ -28,7 +29,7 @@ def save_full_model(run) -> None:
     from dreambooth.models.loading import pipeline_class
 
     acc, cfg, m = run.accelerator, run.cfg, run.models
-    parts = {"unet": acc.unwrap_model(m.unet)}
+    parts = {m.family.denoiser: acc.unwrap_model(m.denoiser)}
     for name, tokenizer, encoder, _ in m.text_sides():
         parts[name.replace("text_encoder", "tokenizer")] = tokenizer  # with any new token
         if any(p.requires_grad for p in encoder.parameters()):
@@ -39,7 +40,7 @@ def save_full_model(run) -> None:
         from dreambooth.training.components import load_vae
 
         parts["vae"] = load_vae(cfg)
-    pipe = pipeline_class(cfg.model.pretrained_model).from_pretrained(
+    pipe = pipeline_class(m.family).from_pretrained(
         cfg.model.pretrained_model, revision=cfg.model.revision, variant=cfg.model.variant, **parts)
     pipe.to(dtype=DTYPES[cfg.output.save_precision])
     # Beside checkpoints in the run folder, so it cannot be swapped in whole: its entries move in one by one.
@@ -60,21 +61,19 @@ def lora_metadata(run) -> dict[str, str]:
     settings."""
     cfg, m = run.cfg, run.models
     subjects = cfg.subject_list()
-    encoders = m.encoders()
-    # the family tells where the LoRA applies even once the base model is gone (formats.lora_fit reads it)
-    family = family_of(len(encoders), getattr(encoders[0].config, "hidden_act", None)) or ""
     return {
         "dreambooth.version": __version__,
         "dreambooth.base_model": str(cfg.model.pretrained_model),
         "dreambooth.base_model_hash": model_fingerprint(cfg.model.pretrained_model),
-        "dreambooth.base_family": family,
+        # the family tells where the LoRA applies even once the base model is gone (formats.lora_fit reads it)
+        "dreambooth.base_family": m.family.name,
         "dreambooth.identifiers": json.dumps([s.identifier for s in subjects]),
         "dreambooth.instance_prompts": json.dumps([s.instance_prompt for s in subjects]),
         "dreambooth.class_prompts": json.dumps([s.class_prompt for s in subjects]),
-        "dreambooth.new_tokens": json.dumps(m.tokenizer.convert_ids_to_tokens(m.new_token_ids)),
+        "dreambooth.new_tokens": json.dumps(m.tokenizer.convert_ids_to_tokens(m.first_token_ids)),
         "dreambooth.rank": str(cfg.lora.rank),
         "dreambooth.alpha": f"{cfg.lora.alpha or cfg.lora.rank:g}",
-        "dreambooth.unet_target_modules": json.dumps(cfg.lora.unet_target_modules if cfg.model.train_unet else []),
+        "dreambooth.unet_target_modules": json.dumps(lora_denoiser_targets(cfg) if cfg.model.train_unet else []),
         "dreambooth.text_encoder_target_modules": json.dumps(
             cfg.lora.text_encoder_target_modules if cfg.model.train_text_encoder else []),
         "dreambooth.steps": str(run.global_step),
@@ -88,18 +87,21 @@ def save_lora_output(run, folder: Path | None = None) -> None:
     the output folder or in a checkpoint being written."""
     folder = folder or run.out
     model = run.cfg.model
-    modules = {name: module if (model.train_unet if name == "unet" else model.train_text_encoder) else None
+    family = run.models.family
+    trainable = {name for name, *_ in run.models.text_sides(trainable_only=True)}
+    modules = {name: module if (model.train_unet if name == family.denoiser else
+                                model.train_text_encoder and name in trainable) else None
                for name, module in unwrapped(run).items()}
     configs = {name: _adapter_config(module) if module else None for name, module in modules.items()}
-    save_lora(folder, modules, configs, lora_metadata(run))
+    save_lora(folder, family, modules, configs, lora_metadata(run))
     save_token_embeddings(folder, token_sides(run))
 
 
 def unwrapped(run) -> dict[str, torch.nn.Module]:
-    """The UNet and the text encoders by component name ("unet", "text_encoder", "text_encoder_2"), unwrapped from
-    what accelerate prepared."""
+    """The denoiser and the text encoders by component name ("unet" or "transformer", "text_encoder", ...),
+    unwrapped from what accelerate prepared."""
     acc, m = run.accelerator, run.models
-    return {"unet": acc.unwrap_model(m.unet),
+    return {m.family.denoiser: acc.unwrap_model(m.denoiser),
             **{name: acc.unwrap_model(encoder) for name, _, encoder, _ in m.text_sides()}}
 
 
@@ -141,9 +143,7 @@ def model_card(run) -> str:
     if samples:
         shown = cfg.validation.prompts[0] if cfg.validation.prompts else subjects[0].instance_prompt
         header["widget"] = [{"text": shown, "output": {"url": f"samples/{samples[-1].name}"}}]
-    from dreambooth.models.base import is_sdxl
-
-    cls = "StableDiffusionXLPipeline" if is_sdxl(cfg.model.pretrained_model) else "StableDiffusionPipeline"
+    cls = cfg.family().pipeline
     load = (f'{cls}.from_pretrained("{cfg.model.pretrained_model}")\n'
             'pipe.load_lora_weights("PATH_TO_THIS_FOLDER")' if lora
             else f'{cls}.from_pretrained("PATH_TO_THIS_FOLDER")')
@@ -173,7 +173,7 @@ def write_run_info(run) -> None:
     """run_info.json and config.yaml: what this run is, in data a program can read back."""
     cfg, report, models = run.cfg, run.report, run.models
     write_text_atomic(run.out / "config.yaml", dump_config(cfg))
-    trainable = sum(p.numel() for m in (models.unet, *models.encoders()) for p in m.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for m in (models.denoiser, *models.encoders()) for p in m.parameters() if p.requires_grad)
     subjects = []
     for s in report.subjects:
         plan, subject = s.identifier, s.subject

@@ -24,10 +24,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreambooth.config import lora_denoiser_targets
 from dreambooth.config_file import load_config, resolve_model_ref
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import write_text_atomic
-from dreambooth.models.base import CHECKPOINT_STATE, FAMILIES, LORA_FILE, model_family
+from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
+from dreambooth.models.families import folder_family
 
 RUN_INFO = "run_info.json"
 LOCK_FILE = ".dreambooth.lock"
@@ -90,7 +92,7 @@ def run_settings(cfg, base_identity: str) -> dict:
         "train_unet": cfg.model.train_unet,
         "train_text_encoder": cfg.model.train_text_encoder,
         "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha or cfg.lora.rank,
-                 "unet_target_modules": sorted(cfg.lora.unet_target_modules),
+                 "unet_target_modules": sorted(lora_denoiser_targets(cfg)),
                  "text_encoder_target_modules": sorted(cfg.lora.text_encoder_target_modules)} if lora else None,
         "identifiers": [[s.identifier, s.initializer] for s in cfg.subject_list()],
         "resolution": cfg.training.resolution,
@@ -102,8 +104,8 @@ def other_base_model(checkpoint: CheckpointInfo, model) -> str:
     (the settings record the models by the hash of their weights, which tells the user nothing)."""
 
     def described(path) -> str:
-        family = model_family(path) if path else None
-        return f"{path} (an {FAMILIES[family]} model)" if family else str(path)
+        family = folder_family(path) if path else None
+        return f"{path} (an {family.title} model)" if family else str(path)
 
     base = checkpoint.state.get("base_model")
     trained_on = described(base) if base else "another base model"

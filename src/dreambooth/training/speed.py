@@ -185,7 +185,7 @@ def speed_up(cfg: Config, models, accelerator) -> None:
     """
     import torch
 
-    unet = accelerator.unwrap_model(models.unet)
+    unet = accelerator.unwrap_model(models.denoiser)
     if cfg.training.channels_last:
         unet.to(memory_format=torch.channels_last)
     if cfg.training.compile:
