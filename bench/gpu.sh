@@ -7,10 +7,12 @@
 #   bash bench/gpu.sh [OUT]          # OUT defaults to $OUT (the device tool's folder), else runs/gpu
 #
 # What the machine needs beside the repository (carried in, the machine has no network):
-#   .whl/      wheels the machine lacks: diffusers + importlib_metadata, pydantic + pydantic_core + annotated_types +
-#              typing_inspection + typing_extensions, PyYAML and pytest where missing, bitsandbytes (for the
-#              lean-memory run; 43 MB, optional), and setuptools + wheel + packaging: with no network, pip cannot
-#              fetch a build environment, so this package installs with --no-build-isolation from what is there
+#   .whl/      wheels the machine lacks, filled by `python bench/carry_wheels.py [--bitsandbytes]` (Python 3.12,
+#              manylinux; prints the list and the size): diffusers + importlib_metadata, pydantic + pydantic_core +
+#              annotated_types + typing_inspection + typing_extensions, PyYAML, pytest, their own small dependencies,
+#              bitsandbytes (for the lean-memory run; 43 MB, optional), and setuptools + wheel + packaging: with no
+#              network, pip cannot fetch a build environment, so this package installs with --no-build-isolation
+#              from what is there (bench/install_offline.sh, which tests/test_offline_install.py runs offline)
 #   runs/peer/examples/dreambooth/   diffusers' train_dreambooth.py and train_dreambooth_lora.py (bench/README.md)
 # Budget, about 9 minutes: install 0.5, model 0.5, 4 bench pairs x ~1.3, graph on/off pairs 2, class images 0.5,
 # profile 0.5, GPU tests 1.
@@ -39,8 +41,7 @@ peer_flag() {  # the peer script for a method, when it was carried in
 }
 
 # 1. Install what the machine lacks, then this package without touching its torch.
-step install 120 bash -c 'if ls .whl/*.whl >/dev/null 2>&1; then pip install -q --no-index --find-links .whl .whl/*.whl; fi
-                          pip install -q --no-deps --no-build-isolation --no-index -e .'
+step install 120 bash bench/install_offline.sh
 step facts 30 bash -c 'nvidia-smi; python -c "import torch, diffusers, transformers, accelerate, peft;
 print(torch.__version__, torch.version.cuda, diffusers.__version__, transformers.__version__, accelerate.__version__,
 peft.__version__, torch.cuda.get_device_name())"'
