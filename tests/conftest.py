@@ -248,8 +248,9 @@ class Probe:
 
 
 def snapshot(run) -> dict:
-    return {name: {n: p.detach().clone() for n, p in getattr(run.models, name).named_parameters()}
-            for name in ("unet", "text_encoder")}
+    """Every parameter of the denoiser and the text encoders, by component name, before the first step."""
+    return {name: {n: p.detach().clone() for n, p in module.named_parameters()}
+            for name, module in run.models.modules().items() if name != "vae"}
 
 
 def watch(probe: Probe, mp: pytest.MonkeyPatch) -> None:
@@ -265,7 +266,7 @@ def watch(probe: Probe, mp: pytest.MonkeyPatch) -> None:
                 on = torch.is_autocast_enabled(run.accelerator.device.type)
                 probe.before["autocast"] = torch.get_autocast_dtype(run.accelerator.device.type) if on else None
 
-        run.accelerator.unwrap_model(run.models.unet).conv_in.register_forward_pre_hook(autocast_dtype)
+        run.accelerator.unwrap_model(run.models.denoiser).register_forward_pre_hook(autocast_dtype)
         inner = getattr(run.optimizer, "optimizer", run.optimizer)
         step = inner.step
 

@@ -87,11 +87,11 @@ def save_lora_output(run, folder: Path | None = None) -> None:
     the output folder or in a checkpoint being written."""
     folder = folder or run.out
     model = run.cfg.model
-    family = run.models.family
-    trainable = {name for name, *_ in run.models.text_sides(trainable_only=True)}
-    modules = {name: module if (model.train_unet if name == family.denoiser else
-                                model.train_text_encoder and name in trainable) else None
-               for name, module in unwrapped(run).items()}
+    family, parts = run.models.family, unwrapped(run)
+    # the parts that can carry adapters (the denoiser, the CLIP encoders; never T5), as the family's pipeline names
+    # them in save_lora_weights
+    modules = {name: parts[name] if (model.train_unet if name == family.denoiser else model.train_text_encoder)
+               else None for name in family.trained_parts}
     configs = {name: _adapter_config(module) if module else None for name, module in modules.items()}
     save_lora(folder, family, modules, configs, lora_metadata(run))
     save_token_embeddings(folder, token_sides(run))
