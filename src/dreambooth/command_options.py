@@ -138,16 +138,20 @@ class TinyModelOptions:
     """`dreambooth tiny-model`: a random-weight Stable Diffusion model, built offline."""
 
     dir: Path = option(positional=True, help="The folder to write the model to (new or empty).")
-    size: str = option("tiny", choices=("tiny", "small", "sd15", "sd2-tiny", "sdxl-tiny", "sdxl"),
+    size: str = option("tiny", choices=("tiny", "small", "sd15", "sd2-tiny", "sdxl-tiny", "sdxl", "flux-tiny",
+                                        "flux-schnell-tiny", "sd3-tiny", "flux", "sd3"),
                        help="tiny: 0.2 M UNet, 64 px (tests); small: 35 M UNet, 128 px (CPU benchmarks); sd15: "
                        "Stable Diffusion 1.5's exact architecture, 512 px, ~4 GB on disk; sd2-tiny and sdxl-tiny: SD "
                        "2.x and SDXL shapes at the tiny size, 64 px; sdxl: SDXL 1.0's exact architecture, 1024 px, "
-                       "~13 GB.")
+                       "~13 GB; flux-tiny, flux-schnell-tiny and sd3-tiny: FLUX.1-dev, FLUX.1-schnell and SD3.5 "
+                       "shapes at the tiny size, 64 px; flux and sd3: FLUX.1-dev's and SD3.5-large's exact "
+                       "architectures, 1024 px, bfloat16, ~34 and ~27 GB.")
     resolution: int | None = option(None, minimum=8,
                                     help="Image side the model is configured for [default: the size's].")
     prediction_type: str | None = option(None, choices=("epsilon", "v_prediction"),
                                          help="What the UNet learns to predict (its scheduler's prediction_type) "
-                                         "[default: v_prediction for sd2-tiny, epsilon otherwise].")
+                                         "[default: v_prediction for sd2-tiny, epsilon otherwise; the flow-"
+                                         "matching sizes (flux*, sd3*) take none].")
     seed: int = option(0, minimum=0, help="Seed of the random weights.")
 
 

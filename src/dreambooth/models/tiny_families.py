@@ -9,6 +9,7 @@
 
 Each folder loads in stock diffusers (`StableDiffusionPipeline` for sd2-tiny, `StableDiffusionXLPipeline` for the
 SDXL ones). Training them is issue 16's work; until then `dreambooth train` refuses an SDXL folder by name.
+The flow-matching sizes (`flux-tiny`, `flux-schnell-tiny`, `sd3-tiny`, `flux`, `sd3`) are `models.tiny_flow`'s.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ from dreambooth.models.tiny import (
     build_tokenizer,
     sd_noise_scheduler,
 )
+from dreambooth.models.tiny_flow import FLOW_SIZES, build_flow_model, flow_configs
 
 FAMILY_SIZES = ("sd2-tiny", "sdxl-tiny", "sdxl")
 DEFAULT_RESOLUTION = {"sd2-tiny": 64, "sdxl-tiny": 64, "sdxl": 1024}
 DEFAULT_PREDICTION = {"sd2-tiny": "v_prediction", "sdxl-tiny": "epsilon", "sdxl": "epsilon"}
 TIME_EMBED = {"sdxl-tiny": 8, "sdxl": 256}  # addition_time_embed_dim: each of the 6 size/crop numbers
 SIDE_MULTIPLE = {"sd2-tiny": 8, "sdxl-tiny": 8, "sdxl": 32}  # the VAE factor times the UNet's downsamplings
-ALL_SIZES = SIZES + FAMILY_SIZES
+ALL_SIZES = SIZES + FAMILY_SIZES + FLOW_SIZES
 
 
 def build_model(out_dir, *, size: str = "tiny", prediction_type: str | None = None, seed: int = 0,
@@ -50,6 +52,8 @@ def build_model(out_dir, *, size: str = "tiny", prediction_type: str | None = No
         raise UserError(f"size must be one of {ALL_SIZES}, got {size!r}")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise UserError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if size in FLOW_SIZES:
+        return build_flow_model(out_dir, size=size, prediction_type=prediction_type, seed=seed, resolution=resolution)
     if size in SIZES:
         return build_tiny_model(out_dir, prediction_type=prediction_type or "epsilon", seed=seed,
                                 resolution=resolution, size=size)
@@ -77,6 +81,8 @@ def tiny_model_command(options) -> pathlib.Path:
 
 def family_configs(size: str, resolution: int | None = None) -> dict[str, dict]:
     """Constructor arguments of each module of a size (`text_encoder_2` for the SDXL ones), building nothing."""
+    if size in FLOW_SIZES:
+        return flow_configs(size, resolution)
     resolution = DEFAULT_RESOLUTION[size] if resolution is None else resolution
     vocab = CLIP_VOCAB_SIZE if size == "sdxl" else len(_vocab_tokens())
     ids = {"bos_token_id": vocab - 2, "eos_token_id": vocab - 1, "pad_token_id": vocab - 1}
