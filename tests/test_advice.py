@@ -115,6 +115,7 @@ def all_flags() -> dict[str, set[str]]:
 # ------------------------------------------------------------------------------------------------ the sites
 
 # A fragment of each suggestion's source text -> the test that runs it, or why it cannot run here.
+FLOW = "tests/test_flow_families.py::"
 SITES = {
     # training: the run folder
     "holds another run ({folder.describe()}). Continue it with": "test_a_folder_holding_a_run_offers_three_ways_on",
@@ -266,6 +267,17 @@ SITES = {
     "holds control characters; set it to the key alone": "test_chat_advice_names_the_options_that_make_it_answer",
     "a faster model or a longer --llm-timeout-s": "test_chat_advice_names_the_options_that_make_it_answer",
     "use a model with tool calling (llama.cpp needs --jinja)": "reason: names another program's model and flag",
+    # the flow-matching families (tests/test_flow_families.py)
+    "is a Flux.1 schnell-type model (its": "tests/test_flow_families.py::test_a_schnell_run_with_guidance_is_refused",
+    "Flux's CLIP reads 77 tokens as its pipeline does": FLOW + "test_settings_of_another_objective_are_refused_and_"
+                                                        "dropping_them_works",
+    "Flux.1 is guidance-distilled and its pipeline draws": FLOW + "test_a_lora_of_another_family_is_refused_before_"
+                                                            "weights_load",
+    "SD3's transformer has no guidance embedding": FLOW + "test_settings_of_another_objective_are_refused_and_"
+                                                   "dropping_them_works",
+    "Min-SNR-gamma weights the epsilon and v-prediction": FLOW + "test_settings_of_another_objective_are_refused_"
+                                                          "and_dropping_them_works",
+    "T5 reads {limit} tokens and would cut": FLOW + "test_a_t5_prompt_past_max_sequence_length_is_refused",
 }
 
 

@@ -29,7 +29,7 @@ LAYERS = {
     "models and drawing": ["models.families.common", "models.families.sd", "models.families.sdxl",
                            "models.families.transformer", "models.families.flux", "models.families.sd3",
                            "models.loading", "formats.lora_loading",
-                           "models.tiny", "models.tiny_families",
+                           "models.tiny", "models.tiny_flow", "models.tiny_families",
                            "generate"],
     "exports": ["formats.kohya", "formats.merge", "formats.single_file"],
     "characters": ["characters.state", "characters.character", "characters.compiler"],

@@ -47,6 +47,7 @@ def wires(*keys: str):
     return register
 
 
+FLOW = "test_flow_families.py::"
 # Options whose wiring another file tests; the meta-test checks that each named test exists.
 ELSEWHERE = {
     "training.cuda_graph": "test_graph_step.py::test_the_cuda_graph_setting_reaches_the_loop",
@@ -68,6 +69,19 @@ ELSEWHERE = {
     "evaluate.dino": "test_evaluate.py::test_cli_scores_a_generate_folder",
     "evaluate.overwrite": "test_trust.py::test_evaluate_refuses_images_of_two_models",
     "evaluate.checkpoints": "test_report.py::test_evaluate_all_checkpoints_names_the_best_in_the_report",
+    # the flow-matching families' options, on the tiny Flux and SD3 models
+    "training.max_sequence_length": FLOW + "test_max_sequence_length_sets_t5s_length",
+    "training.weighting_scheme": FLOW + "test_weighting_scheme_and_its_density_settings_reach_the_flow_maths",
+    "training.logit_mean": FLOW + "test_weighting_scheme_and_its_density_settings_reach_the_flow_maths",
+    "training.logit_std": FLOW + "test_weighting_scheme_and_its_density_settings_reach_the_flow_maths",
+    "training.mode_scale": FLOW + "test_weighting_scheme_and_its_density_settings_reach_the_flow_maths",
+    "training.timestep_sampling": FLOW + "test_timestep_sampling_and_its_settings_reach_the_flow_maths",
+    "training.sigmoid_scale": FLOW + "test_timestep_sampling_and_its_settings_reach_the_flow_maths",
+    "training.discrete_flow_shift": FLOW + "test_timestep_sampling_and_its_settings_reach_the_flow_maths",
+    "training.precondition_outputs": FLOW + "test_precondition_outputs_and_guidance_scale_reach_the_step",
+    "training.guidance_scale": FLOW + "test_precondition_outputs_and_guidance_scale_reach_the_step",
+    "lora.layers": FLOW + "test_lora_layers_and_blocks_choose_the_adapted_modules",
+    "lora.blocks": FLOW + "test_lora_layers_and_blocks_choose_the_adapted_modules",
 }
 
 # Options that change no number of the result, and why.

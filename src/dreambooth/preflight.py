@@ -293,6 +293,16 @@ def check_lora_targets(cfg: Config) -> None:
                    cfg.lora.text_encoder_target_modules) for t in family.text_encoders if t.trains]
     for part, cls_name, library, key, targets in parts:
         names = _module_names(cfg.model.pretrained_model, part, cls_name, library)
+        if part == family.denoiser and cfg.lora.blocks:
+            # SD3's --lora_blocks: every named block must exist; within one, a module only some blocks have (the
+            # last block's context projections) is skipped, as diffusers' script and peft do
+            blocks = sorted({t.split(".")[1] for t in targets})
+            missing = [b for b in blocks if not any(n.startswith(f"transformer_blocks.{b}.") for n in names)]
+            if missing:
+                count = len({n.split(".")[1] for n in names if n.startswith("transformer_blocks.")})
+                raise UserError(f"lora.blocks: block(s) {', '.join(missing)} do not exist; this model's transformer "
+                                f"has blocks 0 to {count - 1}.")
+            targets = sorted({t.split(".", 2)[2] for t in targets})
         unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if unmatched:
             leaves = sorted({n.rsplit(".", 1)[-1] for n, kind in names.items()

@@ -135,7 +135,7 @@ def _to_peft_names(component: str, tensors: dict) -> dict:
 
     if all(".lora_A." in k or ".lora_B." in k for k in tensors):
         return tensors
-    if component == "unet":
+    if component in ("unet", "transformer"):
         return convert_unet_state_dict_to_peft(tensors)
     try:
         return convert_state_dict_to_peft(tensors)
@@ -297,12 +297,14 @@ def check_lora_source(path: Path, flag: str = "--lora") -> Path:
     return find_lora_file(p)
 
 
-def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights of a peft-wrapped diffusers/transformers module, in diffusers' key layout."""
+def lora_layers(module: torch.nn.Module, diffusers_names: bool = True) -> dict[str, torch.Tensor]:
+    """The adapter weights of a peft-wrapped diffusers/transformers module, in diffusers' key layout (`lora.down`,
+    as diffusers' SD and SDXL scripts save), or peft's (`lora_A`, as its Flux and SD3 scripts save)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    state = get_peft_model_state_dict(module)
+    return convert_state_dict_to_diffusers(state) if diffusers_names else state
 
 
 def save_lora(out_dir: Path, family, modules: dict[str, torch.nn.Module | None], adapter_configs: dict[str, dict],
@@ -324,7 +326,7 @@ def save_lora(out_dir: Path, family, modules: dict[str, torch.nn.Module | None],
     shutil.rmtree(scratch, ignore_errors=True)
     kwargs = {}
     for name, module in modules.items():
-        kwargs[f"{name}_lora_layers"] = lora_layers(module) if module is not None else None
+        kwargs[f"{name}_lora_layers"] = lora_layers(module, family.denoiser == "unet") if module is not None else None
         kwargs[f"{name}_lora_adapter_metadata"] = adapter_configs.get(name)
     pipeline = getattr(diffusers, family.pipeline)
     try:

@@ -21,8 +21,9 @@ from pathlib import Path
 from dreambooth.errors import UserError
 from dreambooth.formats.lora import COMPONENTS, is_kohya, lora_state_for_peft
 from dreambooth.models.base import config_folder, safetensors_header
+from dreambooth.models.families import FAMILIES as FAMILIES_BY_NAME
 from dreambooth.models.families import TITLES as FAMILIES
-from dreambooth.models.families import folder_family
+from dreambooth.models.families import Family, folder_family
 from dreambooth.models.layout import Layout, config_layout
 
 # kohya's prefixes and the pipeline component each adapts (`lora_te_` is SD 1.x/2.x's encoder and SDXL's first).
@@ -211,6 +212,46 @@ def check_lora_fits(file: Path, model: Path | str, flag: str = "--model") -> Non
     folder = config_folder(model)
     if folder is None:
         return
+    model_family = folder_family(folder)
+    header = safetensors_header(file)
+    keys = list(header[0]) if header else []
+    theirs = transformer_lora_family(keys, header[1] if header else {})
+    if theirs is not None or (model_family is not None and model_family.denoiser != "unet"):
+        family_error(file, theirs, model_family, str(model), flag)
+        return
     error = fit_error(read_adapted_layers(file), config_layout(folder, str(model)), flag)
     if error is not None:
         raise error
+
+
+def transformer_lora_family(keys: list[str], metadata: dict[str, str]) -> Family | None:
+    """The flow family (Flux, SD3) a LoRA was made for, from this tool's metadata, or from its keys: diffusers writes
+    a transformer's adapters under `transformer.`, and only Flux's has single-stream blocks; None for a UNet LoRA."""
+    recorded = FAMILIES_BY_NAME.get(metadata.get("dreambooth.base_family", ""))
+    if recorded is not None:
+        return recorded if recorded.denoiser != "unet" else None
+    if not any(k.startswith("transformer.") for k in keys):
+        return None
+    if any(".single_transformer_blocks." in k for k in keys):
+        return FAMILIES_BY_NAME["flux"]
+    return FAMILIES_BY_NAME["sd3"] if any(k.startswith("text_encoder_2.") for k in keys) else None
+
+
+def family_error(file: Path, theirs: Family | None, model: Family | None, name: str, flag: str) -> None:
+    """Refuses a LoRA of one family on a model of another where a transformer family is involved (their layers
+    share no names with a UNet's, so the loader would fail after loading the weights, or skip them all)."""
+    unet_lora = theirs is None
+    if model is None or (theirs is not None and theirs.name == model.name):
+        return
+    if unet_lora and model.denoiser == "unet":
+        return
+    what = "a UNet LoRA (SD 1.x/2.x or SDXL)" if unet_lora else f"{article(theirs.title)} {theirs.title} LoRA"
+    own = "an SD 1.x/2.x or SDXL model" if unet_lora else f"{article(theirs.title)} {theirs.title} model"
+    raise UserError(f"LoRA {file} is {what} and cannot be applied to {name}, {article(model.title)} {model.title} "
+                    f"model: their layers have nothing in common. Apply it with {own} as {flag}, or use a LoRA "
+                    f"trained on {article(model.title)} {model.title} model with {name}.")
+
+
+def article(title: str) -> str:
+    """'a' or 'an' before a family's name as it is read out ("an SD 1.x", "a Flux.1")."""
+    return "an" if title[0] in "AEIOSX" else "a"

@@ -22,8 +22,9 @@ from dreambooth.formats.lora import (
     read_token_file,
     token_file_for,
 )
-from dreambooth.formats.lora_fit import fit_error, read_adapted_layers
-from dreambooth.models.base import lora_base_model, model_fingerprint
+from dreambooth.formats.lora_fit import family_error, fit_error, read_adapted_layers, transformer_lora_family
+from dreambooth.models.base import lora_base_model, model_fingerprint, safetensors_header
+from dreambooth.models.families import pipeline_family
 from dreambooth.models.layout import pipeline_layout
 
 
@@ -86,6 +87,20 @@ def bundled_embeddings(tensors: dict) -> dict:
     return found
 
 
+def check_pipeline_fit(pipe, file: Path, name: str, flag: str) -> None:
+    """Refuses a LoRA that does not fit a loaded pipeline: another family, or (for the UNet families) layers of
+    another shape (formats.lora_fit)."""
+    family = pipeline_family(pipe)
+    header = safetensors_header(file)
+    theirs = transformer_lora_family(list(header[0]) if header else [], header[1] if header else {})
+    if theirs is not None or (family is not None and family.denoiser != "unet"):
+        family_error(file, theirs, family, name, flag)
+        return
+    error = fit_error(read_adapted_layers(file), pipeline_layout(pipe, name), flag)
+    if error is not None:
+        raise error
+
+
 def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | None = None,
                       flag: str = "--model") -> Path:
     """One LoRA (diffusers or kohya format, file or folder) as a named adapter, with its new tokens; returns its file.
@@ -98,9 +113,7 @@ def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | N
     from safetensors.torch import load_file
 
     file = check_lora_source(path)
-    error = fit_error(read_adapted_layers(file), pipeline_layout(pipe, str(model or "this model")), flag)
-    if error is not None:
-        raise error
+    check_pipeline_fit(pipe, file, str(model or "this model"), flag)
     with safe_open(str(file), "pt") as f:
         bundled = [k for k in f.keys() if k.startswith("bundle_emb.")]
     source = str(file)

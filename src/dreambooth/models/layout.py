@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dreambooth.errors import UserError
-from dreambooth.models.families import folder_family, sd_generation
+from dreambooth.models.families import folder_family, pipeline_family, sd_generation
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -141,7 +141,8 @@ def pipeline_layout(pipe, name: str) -> Layout:
     parts = {"unet": pipe.unet, **{c: getattr(pipe, c) for c in TEXT_ENCODERS if getattr(pipe, c, None) is not None}}
     hidden_act = getattr(getattr(parts.get("text_encoder"), "config", None), "hidden_act", None)
     # an SDXL pipeline is SDXL whatever encoders it holds (a refiner has the second alone)
-    family = "sdxl" if "XL" in type(pipe).__name__ else sd_generation({"hidden_act": hidden_act})
+    family = pipeline_family(pipe)
+    family = family.name if family else sd_generation({"hidden_act": hidden_act})
     return Layout(name, family, {c: weight_shapes(m) for c, m in parts.items()}, original_names(pipe.unet))
 
 

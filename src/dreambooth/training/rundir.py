@@ -29,7 +29,7 @@ from dreambooth.config_file import load_config, resolve_model_ref
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import write_text_atomic
 from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
-from dreambooth.models.families import folder_family
+from dreambooth.models.families import FAMILIES, folder_family
 
 RUN_INFO = "run_info.json"
 LOCK_FILE = ".dreambooth.lock"
@@ -37,8 +37,8 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL_FILE = re.compile(r"^\..+\.\d+\.tmp$")  # formats.atomic.temporary_name
 SCRATCH_FOLDERS = (".final-model.tmp", ".lora.tmp")  # training.outputs and formats.lora save through these
 # What a run writes at the top of its folder; overwriting a run removes these and nothing else.
-MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-               "scheduler", "safety_checker", "feature_extractor", "pytorch_lora_weights.safetensors",
+MODEL_PARTS = ("model_index.json", *sorted({part for family in FAMILIES.values() for part in family.components}),
+               "safety_checker", "feature_extractor", "pytorch_lora_weights.safetensors",
                "token_embeddings.safetensors")
 RUN_FILES = (RUN_INFO, "config.yaml", "README.md", "samples", "latent_cache", "report.html", "report",
              "checkpoint_metrics.json", *SCRATCH_FOLDERS)
