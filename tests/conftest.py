@@ -266,7 +266,10 @@ def watch(probe: Probe, mp: pytest.MonkeyPatch) -> None:
                 on = torch.is_autocast_enabled(run.accelerator.device.type)
                 probe.before["autocast"] = torch.get_autocast_dtype(run.accelerator.device.type) if on else None
 
-        run.accelerator.unwrap_model(run.models.denoiser).register_forward_pre_hook(autocast_dtype)
+        # a layer inside the denoiser's forward (accelerate wraps forward itself in autocast)
+        denoiser = run.accelerator.unwrap_model(run.models.denoiser)
+        first = next(m for m in denoiser.modules() if not list(m.children()) and list(m.parameters()))
+        first.register_forward_pre_hook(autocast_dtype)
         inner = getattr(run.optimizer, "optimizer", run.optimizer)
         step = inner.step
 

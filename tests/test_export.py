@@ -402,7 +402,9 @@ def test_single_file_refuses_what_it_cannot_map(tiny_model, tmp_path, monkeypatc
         to_single_file(other, tmp_path / "other.safetensors")
     xl = tmp_path / "xl"
     shutil.copytree(tiny_model, xl)
-    (xl / "text_encoder_2").mkdir()  # SDXL-shaped without its second encoder's config
+    (xl / "text_encoder_2").mkdir()  # an SDXL folder without its second encoder's config
+    index = json.loads((xl / "model_index.json").read_text())
+    (xl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(UserError, match="text encoders are openai and missing"):
         to_single_file(xl, tmp_path / "xl.safetensors")
 

@@ -68,7 +68,7 @@ def test_declared_options_reach_the_command_function(monkeypatch):
     assert (target, command) == ("dreambooth.generate:generate_command", "generate")
     assert options == GenerateOptions(model=Path("m"), prompt=["a", "b"], seeds=[3, 8], steps=4, guidance=5.0,
                                       precision="bf16", height=48)
-    assert (options.num_images, options.scheduler, options.out, options.lora) == (1, "dpm++", Path("generated"), [])
+    assert (options.num_images, options.scheduler, options.out, options.lora) == (1, None, Path("generated"), [])
 
 
 def test_evaluate_keeps_its_own_defaults_and_hands_generate_the_shared_options():
@@ -96,9 +96,10 @@ def test_help_says_which_evaluate_options_apply_with_model_only():
         return {a.dest: a.help for a in sub.choices[command]._actions}
 
     evaluate, generate = helps("evaluate"), helps("generate")
-    assert evaluate["steps"] == "With --model: denoising steps [default: 30]."
+    assert evaluate["steps"].startswith("With --model: denoising steps [default: the family's: 30 for SD 1.x/2.x")
     assert evaluate["num_images"] == "With --model: images per prompt and seed [default: 4, as in the paper]."
-    assert generate["steps"] == "Denoising steps [default: 30]." and generate["num_images"].endswith("[default: 1].")
+    assert generate["steps"].startswith("Denoising steps [default: the family's: 30 for SD")
+    assert generate["num_images"].endswith("[default: 1].")
     assert evaluate["device"] == generate["device"]  # --device also runs the scorers
 
 

@@ -554,11 +554,11 @@ def test_what_a_model_argument_is_is_said_for_every_command(tiny_model, tmp_path
     from dreambooth.errors import UserError
     from dreambooth.models.base import check_model_folder
 
-    sd3 = tmp_path / "sd3"
-    sd3.mkdir()
-    (sd3 / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
-    with pytest.raises(UserError, match="is a StableDiffusion3Pipeline model"):
-        check_model_folder(sd3)
+    other = tmp_path / "kandinsky"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "KandinskyV22Pipeline"}')
+    with pytest.raises(UserError, match="is a KandinskyV22Pipeline model"):
+        check_model_folder(other)
     lora = tmp_path / "lora.safetensors"
     from safetensors.torch import save_file
 

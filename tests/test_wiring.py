@@ -498,7 +498,7 @@ def test_compile_reaches_the_unet_forward(tiny_model, monkeypatch):
     own = unet.forward
     cfg = load_config(None, {"model.pretrained_model": str(tiny_model), "dataset.instance_prompt": "a sks dog",
                              "training.compile": True})
-    speed_up(cfg, SimpleNamespace(unet=unet), SimpleNamespace(unwrap_model=lambda m: m))
+    speed_up(cfg, SimpleNamespace(denoiser=unet), SimpleNamespace(unwrap_model=lambda m: m))
     assert compiled == [own] and unet(None) == "compiled"
 
 

@@ -72,7 +72,8 @@ def _is_bool(annotation: Any) -> bool:
 
 
 def _is_list(annotation: Any) -> bool:
-    return typing.get_origin(annotation) is list
+    return typing.get_origin(annotation) is list or any(typing.get_origin(a) is list
+                                                        for a in typing.get_args(annotation))
 
 
 class Switch(argparse.BooleanOptionalAction):

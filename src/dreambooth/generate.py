@@ -212,9 +212,9 @@ def check_job(job: GenerateJob, problems: Problems | None = None) -> None:
     family = problems.check(model_family, job.model) if model_ok else None
     # an unknown name, or a sampler of the other objective, fails before the model loads
     problems.check(make_scheduler, s.scheduler, {"_class_name": family.train_scheduler} if family else {})
+    for name, value in (("--height", s.height), ("--width", s.width)):
+        problems.check(check_side, name, value, family.side_multiple if family else 8)
     if family is not None:
-        for name, value in (("--height", s.height), ("--width", s.width)):
-            problems.check(check_side, name, value, family.side_multiple)
         problems.check(family.behaviour().check_drawing, s)
     for path, _ in job.loras:
         lora = problems.check(check_lora_source, path)  # a missing, pickle or full-model "LoRA"
@@ -246,10 +246,13 @@ def resolved_settings(pipe, settings: GenerationSettings) -> GenerationSettings:
 
     from dreambooth.models.families import FAMILIES, pipeline_family
 
-    defaults = (pipeline_family(pipe) or FAMILIES["sd1"]).behaviour().draw_defaults(pipe)
-    return replace(settings, steps=settings.steps or defaults["steps"],
-                   guidance=defaults["guidance"] if settings.guidance is None else settings.guidance,
-                   scheduler=settings.scheduler or type(pipe.scheduler).__name__)
+    if settings.steps is None or settings.guidance is None:
+        defaults = (pipeline_family(pipe) or FAMILIES["sd1"]).behaviour().draw_defaults(pipe)
+        settings = replace(settings, steps=settings.steps or defaults["steps"],
+                           guidance=defaults["guidance"] if settings.guidance is None else settings.guidance)
+    if settings.scheduler is None and hasattr(pipe, "scheduler"):
+        settings = replace(settings, scheduler=type(pipe.scheduler).__name__)
+    return settings
 
 
 def run_job(job: GenerateJob) -> list[Path]:

@@ -151,9 +151,9 @@ def load_checkpoint_pipeline(ckpt: Path, *, device: torch.device, dtype: torch.d
             parts[family.denoiser] = getattr(diffusers, family.denoiser_cls).from_pretrained(
                 ckpt / family.denoiser, torch_dtype=dtype)
         for t in family.text_encoders:
-            if (ckpt / t.component).is_dir():
-                parts[t.component] = getattr(transformers, t.cls).from_pretrained(ckpt / t.component,
-                                                                                 torch_dtype=dtype)
+            if not (ckpt / t.component).is_dir():
+                continue  # a new token's rows alone come from the token file, which adds it to the tokenizer
+            parts[t.component] = getattr(transformers, t.cls).from_pretrained(ckpt / t.component, torch_dtype=dtype)
             if (ckpt / t.tokenizer).is_dir():
                 cls = transformers.CLIPTokenizer if t.kind == "clip" else transformers.AutoTokenizer
                 parts[t.tokenizer] = cls.from_pretrained(ckpt / t.tokenizer)
