@@ -379,5 +379,5 @@ def test_an_sdxl_unet_lora_gets_sgm_names_wherever_its_base_model_is(xl_model, t
 def test_a_one_encoder_token_file_is_refused_by_an_sdxl_pipeline(xl_model, tmp_path):
     from dreambooth.formats.lora_loading import load_token_vectors
 
-    with pytest.raises(UserError, match="one text encoder"):
+    with pytest.raises(UserError, match="one CLIP text encoder"):
         load_token_vectors(load_xl(xl_model), {"<zq>": torch.zeros(32)})

@@ -155,12 +155,14 @@ def load_loras(pipe, loras: list[tuple[Path, float]], model: Path | str | None =
 
 
 def text_sides(pipe) -> list[tuple[str, object, object]]:
-    """(component name, tokenizer, text encoder) of a pipeline's text encoders: one, or SDXL's two, in the order of
-    SDXL_TOKEN_KEYS. The drawing side's twin of training.components.Models.text_sides."""
-    sides = [("text_encoder", pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        sides.append(("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2))
-    return sides
+    """(component name, tokenizer, text encoder) of a pipeline's CLIP encoders, the ones new identifier tokens go
+    into: one (SD 1.x/2.x, Flux), or two in the order of SDXL_TOKEN_KEYS (SDXL, SD3); never T5. The drawing side's
+    twin of training.components.Models.text_sides."""
+    family = pipeline_family(pipe)
+    names = [(t.component, t.tokenizer) for t in family.text_encoders if t.kind == "clip"] if family else \
+        [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]
+    return [(name, getattr(pipe, tokenizer), getattr(pipe, name)) for name, tokenizer in names
+            if getattr(pipe, name, None) is not None]
 
 
 def load_token_vectors(pipe, vectors: dict) -> None:
@@ -172,15 +174,15 @@ def load_token_vectors(pipe, vectors: dict) -> None:
             continue
         if not isinstance(vector, dict):
             if len(sides) > 1:
-                raise UserError(f"the new token {token} was trained for a model with one text encoder (SD 1.x/2.x); "
-                                "this SDXL model has two, and the token would mean something only to the first. Use "
-                                "it with the model it was trained on.")
+                raise UserError(f"the new token {token} was trained for a model with one CLIP text encoder (SD "
+                                "1.x/2.x, Flux); this model has two (SDXL, SD3), and the token would mean something "
+                                "only to the first. Use it with the model it was trained on.")
             vector = vector[0] if vector.ndim == 2 and vector.shape[0] == 1 else vector
             pipe.load_textual_inversion({token: vector}, token=token)
             continue
         if len(sides) == 1:
-            raise UserError(f"the new token {token} was trained for SDXL's two text encoders; this model has one. "
-                            "Use it with the SDXL model it was trained on.")
+            raise UserError(f"the new token {token} was trained for two CLIP text encoders (SDXL, SD3); this model "
+                            "has one. Use it with the model it was trained on.")
         for key, (_, tokenizer, encoder) in zip(SDXL_TOKEN_KEYS, sides):
             pipe.load_textual_inversion(vector[key].reshape(1, -1), token=token, text_encoder=encoder,
                                         tokenizer=tokenizer)
