@@ -133,11 +133,18 @@ def test_a_flow_run_resumes_to_the_same_weights_and_loads_in_stock_diffusers(kin
 
 
 def test_generate_draws_with_a_flux_lora_at_the_familys_defaults(flux_model, photos, tmp_path, capsys):
+    """A Flux LoRA with CLIP's adapters and a new identifier token (its row trained in CLIP; T5 frozen, as in
+    diffusers' scripts) draws through generate with the token, at Flux.1 dev's guidance and own sampler."""
     out = tmp_path / "run"
-    cli_run(capsys, *flow_argv(flux_model, photos, out, "--method", "lora", steps=1))
+    cli_run(capsys, *train_argv(flux_model, photos, out, "--method", "lora", "--train_text_encoder", "--identifier",
+                                "<zq_dog>", "--initializer", "dog", "--instance_prompt", "a photo of <zq_dog> dog",
+                                steps=1))
+    parts = {k.split(".")[0] for k in load_file(str(out / "pytorch_lora_weights.safetensors"))}
+    assert parts == {"transformer", "text_encoder"}
+    assert list(load_file(str(out / "token_embeddings.safetensors"))) == ["<zq_dog>"]
     shots = tmp_path / "shots"
-    cli_run(capsys, "generate", "--model", flux_model, "--lora", out, "--prompt", "a photo of sks dog", "--height",
-            "64", "--width", "64", "--steps", "2", "--out", shots)
+    cli_run(capsys, "generate", "--model", flux_model, "--lora", out, "--prompt", "a photo of <zq_dog> dog",
+            "--height", "64", "--width", "64", "--steps", "2", "--out", shots)
     settings = json.loads((shots / "settings.json").read_text())
     assert settings["guidance"] == 3.5 and settings["scheduler"] == "FlowMatchEulerDiscreteScheduler"
     assert len(list(shots.glob("0*.png"))) == 1
@@ -299,3 +306,60 @@ def test_every_family_is_a_known_family():
     assert set(FAMILIES) == {"sd1", "sd2", "sdxl", "flux", "sd3"}
     for family in FAMILIES.values():
         assert family.behaviour().family is family
+
+
+# ------------------------------------------------------------------------------------------- a 4-bit frozen base
+@pytest.mark.parametrize("how", ["quantize_base", "bnb_quantization_config_path"])
+def test_a_quantized_base_loads_the_frozen_denoiser_in_4_bits(how, flux_model, tmp_path, monkeypatch):
+    """--quantize_base nf4 (or diffusers' --bnb_quantization_config_path) reaches the denoiser's from_pretrained as
+    a BitsAndBytesConfig computing in the run's precision, then peft's k-bit preparation. bitsandbytes needs CUDA, so
+    the config class and the preparation are stood in for here; the GPU run is bench/gpu.sh's."""
+    import diffusers
+    import peft
+
+    from dreambooth.config_file import load_config
+    from dreambooth.training.components import load_models
+
+    seen = {}
+
+    class Recorded:
+        def __init__(self, **kwargs):
+            seen["config"] = kwargs
+
+    real = diffusers.FluxTransformer2DModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, quantization_config=None, torch_dtype=None, **kwargs):
+        seen["passed"], seen["dtype"] = quantization_config, torch_dtype
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers, "BitsAndBytesConfig", Recorded)
+    monkeypatch.setattr(diffusers.FluxTransformer2DModel, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training",
+                        lambda model, **kw: seen.setdefault("prepared", kw) and model)
+    settings = {"model.pretrained_model": str(flux_model), "model.method": "lora", "dataset.instance_prompt": "x"}
+    if how == "quantize_base":
+        settings["model.quantize_base"] = "nf4"
+        want = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    else:
+        want = {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True}
+        (tmp_path / "bnb.json").write_text(json.dumps(want))
+        settings["model.bnb_quantization_config_path"] = str(tmp_path / "bnb.json")
+    models = load_models(load_config(None, settings), [], torch.bfloat16)
+    assert seen["config"] == {**want, "bnb_4bit_compute_dtype": torch.bfloat16}
+    assert isinstance(seen["passed"], Recorded) and seen["dtype"] == torch.bfloat16
+    assert seen["prepared"] == {"use_gradient_checkpointing": False}
+    assert any("lora_A" in n for n, _ in models.denoiser.named_parameters())
+
+
+def test_a_quantized_base_is_refused_where_it_cannot_run(flux_model, photos, tmp_path, capsys, monkeypatch):
+    (tmp_path / "bad.json").write_text("[1]")
+    err = cli_run(capsys, *train_argv(flux_model, photos, tmp_path / "a", "--quantize_base", "nf4",
+                                      "--bnb_quantization_config_path", tmp_path / "bad.json"), code=2)
+    assert "give one of them" in err and "Use it with --method lora, or drop it" in err
+    assert "does not read as a JSON object" in err and "needs a CUDA GPU" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    err = cli_run(capsys, *train_argv(flux_model, photos, tmp_path / "a", "--method", "lora", "--quantize_base",
+                                      "nf4"), code=2)
+    assert "needs bitsandbytes, which is not installed" in err
+    monkeypatch.undo()
+    passes_preflight(capsys, monkeypatch, *train_argv(flux_model, photos, tmp_path / "a", "--method", "lora"))

@@ -52,6 +52,13 @@ class ModelSection(Section):
         "training.text_encoder_lr; for SDXL, both text encoders.")
     enable_xformers_memory_efficient_attention: bool = opt(
         False, "Use xformers attention (must be installed); PyTorch SDPA is used otherwise.")
+    quantize_base: Literal["nf4"] | None = opt(
+        None, "LoRA: keep the frozen denoiser in 4 bits (NF4, bitsandbytes; CUDA only), computing in the run's "
+        "precision, as QLoRA; the adapters train in fp32. Saves most of a large transformer's memory (Flux's 12 B).")
+    bnb_quantization_config_path: Path | None = opt(
+        None, "LoRA: a JSON file of bitsandbytes settings for the frozen denoiser (diffusers' BitsAndBytesConfig "
+        "arguments, e.g. {\"load_in_4bit\": true, \"bnb_4bit_quant_type\": \"nf4\"}), as diffusers' Flux script reads "
+        "it; the compute dtype is the run's precision. Instead of --quantize_base.")
 
 
 class LoraSection(Section):

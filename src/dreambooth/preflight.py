@@ -139,6 +139,44 @@ def check_runtime(cfg: Config) -> None:
                         "`pip install xformers` or drop the flag (PyTorch SDPA attention is used by default).")
 
 
+def check_quantization(cfg: Config) -> None:
+    """A 4-bit frozen denoiser (--quantize_base, --bnb_quantization_config_path): LoRA only, on CUDA, with
+    bitsandbytes, from a readable settings file; every problem at once."""
+    import importlib.util
+
+    import torch
+
+    m = cfg.model
+    flag = "--quantize_base" if m.quantize_base else "--bnb_quantization_config_path"
+    if not (m.quantize_base or m.bnb_quantization_config_path):
+        return
+    found = []
+    if m.quantize_base and m.bnb_quantization_config_path:
+        found.append("model.quantize_base and model.bnb_quantization_config_path both say how to quantize the base; "
+                     "give one of them.")
+    if m.method != "lora":
+        found.append(f"model.quantize_base: {flag} keeps the frozen denoiser in 4 bits, and a full fine-tune trains "
+                     "the denoiser's own weights. Use it with --method lora, or drop it.")
+    if m.bnb_quantization_config_path:
+        path = Path(m.bnb_quantization_config_path)
+        try:
+            settings = json.loads(path.read_text())
+            if not isinstance(settings, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            found.append(f"model.bnb_quantization_config_path: {path} does not read as a JSON object of "
+                         f"BitsAndBytesConfig arguments ({e}); write e.g. {{\"load_in_4bit\": true, "
+                         "\"bnb_4bit_quant_type\": \"nf4\"}.")
+    if not torch.cuda.is_available():
+        found.append(f"model.quantize_base: {flag} needs a CUDA GPU (bitsandbytes' 4-bit kernels) and none is "
+                     "available. Drop it on this machine.")
+    elif importlib.util.find_spec("bitsandbytes") is None:
+        found.append(f"model.quantize_base: {flag} needs bitsandbytes, which is not installed; `pip install "
+                     "bitsandbytes`, or drop it.")
+    if found:
+        raise UserError("\n".join(found))
+
+
 def check_base_model(cfg: Config) -> str:
     """The base model must be a diffusers folder or a hub id the hub answers for; returns its prediction type.
 
@@ -391,6 +429,7 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
     """
     problems = Problems(config)
     problems.check(check_runtime, cfg)
+    problems.check(check_quantization, cfg, needs=("model.", "model.method"))
     prediction_type = problems.check(check_base_model, cfg, needs=MODEL)
     model_ok = prediction_type is not None
     model = cfg.model.pretrained_model

@@ -99,8 +99,16 @@ def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dt
         parts[t.component] = _class("transformers", t.cls).from_pretrained(
             base, subfolder=t.component, variant=cfg.model.variant, **src).requires_grad_(False).eval()
     parts["vae"] = load_vae(cfg)
+    quantized = quantization_config(cfg, weight_dtype)
+    extra = {"quantization_config": quantized, "torch_dtype": weight_dtype} if quantized is not None else {}
     parts[family.denoiser] = _class("diffusers", family.denoiser_cls).from_pretrained(
-        base, subfolder=family.denoiser, variant=cfg.model.variant, **src)
+        base, subfolder=family.denoiser, variant=cfg.model.variant, **src, **extra)
+    if quantized is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # the frozen 4-bit weights stay as they are; norms and the like go to fp32 for stable LoRA training (QLoRA)
+        parts[family.denoiser] = prepare_model_for_kbit_training(parts[family.denoiser],
+                                                                 use_gradient_checkpointing=False)
     noise_scheduler = _class("diffusers", family.train_scheduler).from_pretrained(base, subfolder="scheduler", **src)
     models = Models(family, parts, noise_scheduler)
     # a new identifier token goes into every CLIP tokenizer and encoder of the family (SDXL's two, Flux's one);
@@ -109,8 +117,8 @@ def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dt
         if t.kind == "clip":
             models.new_token_ids[t.component] = [i for plan in plans for i in add_identifier_token(
                 parts[t.tokenizer], parts[t.component], plan)]
-    for module in models.modules().values():
-        if module.dtype != weight_dtype:
+    for name, module in models.modules().items():
+        if module.dtype != weight_dtype and not (quantized is not None and name == family.denoiser):
             module.to(dtype=weight_dtype)
     vae = parts["vae"]
     if weight_dtype == torch.float16 and vae.config.get("force_upcast", False):
@@ -137,6 +145,28 @@ def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dt
     if cfg.model.enable_xformers_memory_efficient_attention:
         models.denoiser.enable_xformers_memory_efficient_attention()
     return models
+
+
+def quantization_settings(cfg: Config) -> dict | None:
+    """The bitsandbytes settings of a quantized frozen denoiser (--quantize_base nf4, or the JSON of
+    --bnb_quantization_config_path); None when the denoiser loads as it is."""
+    import json
+
+    if cfg.model.bnb_quantization_config_path is not None:
+        return json.loads(Path(cfg.model.bnb_quantization_config_path).read_text())
+    if cfg.model.quantize_base == "nf4":
+        return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    return None
+
+
+def quantization_config(cfg: Config, compute_dtype: torch.dtype):
+    """diffusers' BitsAndBytesConfig of the frozen denoiser, computing in the run's precision, or None."""
+    settings = quantization_settings(cfg)
+    if settings is None:
+        return None
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**{**settings, "bnb_4bit_compute_dtype": compute_dtype})
 
 
 def load_vae(cfg: Config, dtype: torch.dtype | None = None):
