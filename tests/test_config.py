@@ -47,6 +47,29 @@ def test_design_yaml_loads_as_written(tmp_path):
     assert cfg.dataset.with_prior_preservation is True
     assert cfg.dataset.class_prompt == "a photo of a girl"
     assert any("prior preservation: on" in note for note in cfg.notes)
+    assert cfg.model.train_denoiser is True  # `train_unet`, the key's old name, still reads
+
+
+def test_renamed_keys_read_under_their_old_names_and_not_both(tmp_path):
+    """model.train_unet and lora.unet_target_modules became train_denoiser and denoiser_target_modules (the
+    denoiser may be a transformer); files and flags with the old names still read, and giving both is a problem."""
+    path = write(tmp_path, """\
+        model: {pretrained_model: m, train_unet: false, train_text_encoder: true}
+        lora: {unet_target_modules: [to_q]}
+        dataset: {instance_prompt: x}
+        """)
+    cfg = load_config(path)
+    assert (cfg.model.train_denoiser, cfg.lora.denoiser_target_modules) == (False, ["to_q"])
+    assert "train_unet" not in dump_config(cfg) and "train_denoiser: false" in dump_config(cfg)
+    assert load_config(None, {"model.pretrained_model": "m", "dataset.instance_prompt": "x",
+                              **overrides(["--no-train_unet", "--train_text_encoder", "--lora_unet_target",
+                                           "to_k"])}).lora.denoiser_target_modules == ["to_k"]
+    both = write(tmp_path, """\
+        model: {pretrained_model: m, train_unet: false, train_denoiser: true}
+        dataset: {instance_prompt: x}
+        """, "both.yaml")
+    with pytest.raises(UserError, match="gives both model.train_unet .its old name. and model.train_denoiser"):
+        load_config(both)
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -100,7 +100,7 @@ def test_lora_with_text_encoder_new_token_and_bf16(tiny_model, instance_dir, tmp
 @pytest.mark.parametrize("train_unet, identifier", [(True, "sks"), (False, "sks"), (True, "<zq>")])
 def test_lora_resume_gives_the_same_adapters(tiny_model, instance_dir, tmp_path, monkeypatch, train_unet, identifier):
     extra = {"model.train_text_encoder": True, "training.max_train_steps": 4, "output.checkpointing_steps": 100,
-             "dataset.random_flip": True, "model.train_unet": train_unet, "token.identifier": identifier,
+             "dataset.random_flip": True, "model.train_denoiser": train_unet, "token.identifier": identifier,
              "token.initializer": "dog", "dataset.instance_prompt": f"a photo of {identifier} dog"}
     straight = tmp_path / "straight"
     train(lora_cfg(tiny_model, instance_dir, straight, **extra))

@@ -546,7 +546,7 @@ def test_lora_targets_and_token_length_are_checked_before_any_work(tiny_model, i
     err = run(capsys, train_argv(tiny_model, instance_dir, tmp_path / "o", "--method", "lora", "--lora_unet_target",
                                  "to_q", "--lora_unet_target", "attn_qkv", "--tokenizer_max_length", "500"),
               code=2).err
-    assert "lora.unet_target_modules: attn_qkv match no module" in err and "to_k" in err
+    assert "lora.denoiser_target_modules: attn_qkv match no module" in err and "to_k" in err
     assert "training.tokenizer_max_length: 500 is more than" in err
 
 

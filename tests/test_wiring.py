@@ -239,11 +239,11 @@ def test_tokenizer_folder_and_token_length(probe, tiny_model, tmp_path):
     assert probe().calls[0]["embeddings"].shape[1] == own
 
 
-@wires("model.method", "model.train_unet", "model.train_text_encoder")
+@wires("model.method", "model.train_denoiser", "model.train_text_encoder")
 @pytest.mark.parametrize("method,unet,text", [("full", True, False), ("full", False, True), ("full", True, True),
                                                ("lora", True, False), ("lora", False, True)])
 def test_what_trains_is_what_is_asked(probe, method, unet, text):
-    p = probe(model__method=method, model__train_unet=unet, model__train_text_encoder=text,
+    p = probe(model__method=method, model__train_denoiser=unet, model__train_text_encoder=text,
               training__learning_rate=1e-2)
     for module, wanted in (("unet", unet), ("text_encoder", text)):
         changed = p.changed(module)
@@ -603,10 +603,10 @@ def test_random_flip_mirrors_some_batches(probe, tmp_path):
 # lora.*
 
 
-@wires("lora.rank", "lora.alpha", "lora.dropout", "lora.unet_target_modules", "lora.text_encoder_target_modules")
+@wires("lora.rank", "lora.alpha", "lora.dropout", "lora.denoiser_target_modules", "lora.text_encoder_target_modules")
 def test_lora_shape_scale_dropout_and_targets(probe):
     p = probe(model__method="lora", model__train_text_encoder=True, lora__rank=3, lora__alpha=6.0,
-              lora__dropout=0.1, lora__unet_target_modules=["to_q", "to_v"],
+              lora__dropout=0.1, lora__denoiser_target_modules=["to_q", "to_v"],
               lora__text_encoder_target_modules=["q_proj"])
     for module, targets in (("unet", {"to_q", "to_v"}), ("text_encoder", {"q_proj"})):
         layers = {n: m for n, m in getattr(p.run.models, module).named_modules() if hasattr(m, "lora_A")}

@@ -46,7 +46,9 @@ class ModelSection(Section):
     method: Literal["full", "lora"] = opt(
         "full", "'full' fine-tunes the UNet weights (strongest identity); 'lora' trains low-rank adapters (light "
         "files, less memory, many subjects).")
-    train_unet: bool = opt(True, "Train the UNet (turn off to train only the text side).")
+    train_denoiser: bool = opt(
+        True, "Train the denoiser: the UNet (SD, SDXL) or the transformer (Flux, SD3); off trains only the text side. "
+        "Was model.train_unet, which config files may still say.", "--train_denoiser", "--train_unet")
     train_text_encoder: bool = opt(
         False, "Also train the text encoder (the whole of it, or LoRA adapters on it with method lora), at "
         "training.text_encoder_lr; for SDXL, both text encoders.")
@@ -65,13 +67,13 @@ class LoraSection(Section):
     rank: int = opt(4, "LoRA rank.", "--rank", "--lora_rank", ge=1)
     alpha: float | None = opt(None, "LoRA alpha (default: the rank, a scale of 1).", "--lora_alpha", gt=0)
     dropout: float = opt(0.0, "Dropout on the LoRA path.", "--lora_dropout", ge=0, lt=1)
-    unet_target_modules: list[str] | None = opt(
+    denoiser_target_modules: list[str] | None = opt(
         None, "The denoiser's (UNet's or transformer's) modules that get adapters (repeatable flag; default: the "
-        "family's: to_q, to_k, to_v, to_out.0 for SD and SDXL, diffusers' script's for Flux and SD3).",
-        "--lora_unet_target")
+        "family's: to_q, to_k, to_v, to_out.0 for SD and SDXL, diffusers' script's for Flux and SD3). Was "
+        "lora.unet_target_modules, which config files may still say.", "--lora_target", "--lora_unet_target")
     layers: str | None = opt(
         None, "The denoiser's modules that get adapters, comma-separated, as diffusers' --lora_layers (e.g. "
-        "'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0'); replaces unet_target_modules.", "--lora_layers")
+        "'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0'); replaces denoiser_target_modules.", "--lora_layers")
     blocks: str | None = opt(
         None, "SD3: only these transformer blocks get adapters, comma-separated indices, as diffusers' "
         "--lora_blocks (e.g. '12,13,14').", "--lora_blocks")
@@ -319,6 +321,11 @@ SECTION_TYPES: dict[str, type[Section]] = {
 }
 
 
+# Keys renamed when the families beyond the UNet came (the denoiser may be a transformer), by their old dotted names:
+# a config file or checkpoint written before still reads.
+RENAMED_KEYS = {"model.train_unet": "model.train_denoiser", "lora.unet_target_modules": "lora.denoiser_target_modules"}
+
+
 def field_flags(section: str, name: str) -> list[str]:
     """The CLI flags of one config field."""
     extra = SECTION_TYPES[section].model_fields[name].json_schema_extra or {}
@@ -387,18 +394,18 @@ def cross_check(data: dict[str, Any]) -> list[str]:
     if _truthy(out.get("skip_save_text_encoder", False)) and isinstance(ident, str) and ident.startswith("<"):
         problems.append(f"output.skip_save_text_encoder: the new token '{ident}' lives in the text encoder's "
                         "embedding; skipping the text encoder would lose it")
-    if not (_truthy(model.get("train_unet", True)) or _truthy(model.get("train_text_encoder", False))):
-        problems.append("model.train_unet: nothing would train (UNet and text encoder both off)")
+    if not (_truthy(model.get("train_denoiser", True)) or _truthy(model.get("train_text_encoder", False))):
+        problems.append("model.train_denoiser: nothing would train (denoiser and text encoder both off)")
     return problems
 
 
 def lora_denoiser_targets(cfg: Config) -> list[str]:
-    """The denoiser's LoRA target modules: --lora_layers, else lora.unet_target_modules, else the family's; with
+    """The denoiser's LoRA target modules: --lora_layers, else lora.denoiser_target_modules, else the family's; with
     SD3's --lora_blocks, each only in those transformer blocks (as diffusers' SD3 script builds them)."""
     if cfg.lora.layers:
         targets = [t.strip() for t in cfg.lora.layers.split(",") if t.strip()]
-    elif cfg.lora.unet_target_modules:
-        targets = list(cfg.lora.unet_target_modules)
+    elif cfg.lora.denoiser_target_modules:
+        targets = list(cfg.lora.denoiser_target_modules)
     else:
         targets = list(cfg.family().denoiser_lora_targets)
     if cfg.lora.blocks:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dreambooth.config import DEFAULT_MAX_TRAIN_STEPS, SECTION_TYPES, Config, all_keys, cross_check
+from dreambooth.config import DEFAULT_MAX_TRAIN_STEPS, RENAMED_KEYS, SECTION_TYPES, Config, all_keys, cross_check
 from dreambooth.errors import UserError
 from dreambooth.models.base import HUB_ID
 
@@ -217,6 +217,24 @@ def _validate_what_holds(data: dict[str, Any]) -> tuple[Config, list[str]]:
     return Config(), lines
 
 
+def _renamed_keys(data: dict[str, Any]) -> list[str]:
+    """A config file's keys under their old names (config.RENAMED_KEYS) moved to the new ones; a problem where both
+    are given."""
+    problems = []
+    for old, new in RENAMED_KEYS.items():
+        section, old_key = old.split(".")
+        values = data.get(section)
+        if not isinstance(values, dict) or old_key not in values:
+            continue
+        new_key = new.split(".")[1]
+        if new_key in values:
+            problems.append(f"{new}: the file gives both {old} (its old name) and {new}; keep {new} alone")
+            values.pop(old_key)
+            continue
+        values[new_key] = values.pop(old_key)
+    return problems
+
+
 def read_config(path: Path | None = None, overrides: dict[str, Any] | None = None,
                 unrecognized: list[str] | None = None) -> ConfigReading:
     """Config from an optional YAML file plus `{"section.key": value}` overrides, validated in full, as a
@@ -233,11 +251,13 @@ def read_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         elif section in SECTION_TYPES and not isinstance(values, dict):
             raise UserError(f"config file {path}: section '{section}' must be a mapping of keys to values, "
                             f"not {type(values).__name__}.")
+    renamed = _renamed_keys(data)
     file_data = copy.deepcopy(data)
     base = path.resolve().parent if path is not None else None
     _resolve_paths(data, base or Path.cwd())
     overrides = overrides or {}
     for dotted, value in overrides.items():
+        dotted = RENAMED_KEYS.get(dotted, dotted)
         if "." not in dotted:  # a whole top-level entry, such as `subjects`
             data[dotted] = value
             if dotted == "subjects" and isinstance(value, list):
@@ -254,7 +274,7 @@ def read_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             _fill_subject_prompts(subject)
     checked = cross_check(data)
     cfg, lines = _validate_what_holds(data)
-    lines = list(unrecognized or []) + lines + checked
+    lines = list(unrecognized or []) + renamed + lines + checked
     cfg = resolve_defaults(cfg)
     cfg.notes = notes
     lines += [line for line in identifier_problems(cfg) if line not in lines]

@@ -323,9 +323,9 @@ def check_lora_targets(cfg: Config) -> None:
     """Every LoRA target module name must match a module (as peft matches: the name or its last parts); peft
     would otherwise fail after class images were generated and the weights loaded."""
     family = cfg.family()
-    key = "lora.layers" if cfg.lora.layers else "lora.unet_target_modules"
+    key = "lora.layers" if cfg.lora.layers else "lora.denoiser_target_modules"
     parts = [(family.denoiser, family.denoiser_cls, "diffusers", key, lora_denoiser_targets(cfg))] \
-        if cfg.model.train_unet else []
+        if cfg.model.train_denoiser else []
     if cfg.model.train_text_encoder:
         parts += [(t.component, t.cls, "transformers", "lora.text_encoder_target_modules",
                    cfg.lora.text_encoder_target_modules) for t in family.text_encoders if t.trains]
@@ -447,7 +447,7 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
         problems.check(check_sequence_length, cfg, needs=SUBJECTS + ("training.max_sequence_length",
                                                                      "validation.prompts", "dataset."))
         if cfg.model.method == "lora":
-            problems.check(check_lora_targets, cfg, needs=("model.method", "model.train_unet", "lora."))
+            problems.check(check_lora_targets, cfg, needs=("model.method", "model.train_denoiser", "lora."))
     identity = None if problems.blocked(MODEL) else weights_identity(model, cfg.model.revision, cfg.model.variant,
                                                                      cfg.model.pretrained_vae)
     if cfg.model.pretrained_vae and not is_hub_id(cfg.model.pretrained_vae):

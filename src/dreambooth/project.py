@@ -34,7 +34,7 @@ The trained subject as a character: `characters.yaml` (its look, style, negative
 def project_config(identifier: str, class_word: str, model: str | None) -> dict:
     """The config.yaml that init writes: the sections of docs/design.md, with prior preservation on."""
     return {
-        "model": {"pretrained_model": model, "train_unet": True, "train_text_encoder": False},
+        "model": {"pretrained_model": model, "train_denoiser": True, "train_text_encoder": False},
         "token": {"identifier": identifier, "initializer": class_word, "class_word": class_word},
         "training": {"resolution": 512, "batch_size": 1, "gradient_accumulation_steps": 1, "learning_rate": 5e-6,
                      "max_train_steps": 800, "prior_loss_weight": 1.0, "mixed_precision": "no", "seed": 0},

@@ -115,7 +115,7 @@ def train_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: 
         "training.learning_rate": lr, "training.seed": seed, "training.prior_loss_weight": recipe.prior_loss_weight,
         "training.lr_scheduler": recipe.lr_scheduler, "training.lr_warmup_steps": recipe.lr_warmup_steps,
         "training.batch_size": recipe.batch_size,
-        "lora.rank": recipe.rank, **({"lora.unet_target_modules": list(recipe.lora_targets)}
+        "lora.rank": recipe.rank, **({"lora.denoiser_target_modules": list(recipe.lora_targets)}
                                      if recipe.lora_targets else {}),
         "output.output_dir": str(work / "runs" / f"{_slug(variant)}-seed{seed}"),
         "output.checkpointing_steps": recipe.steps + 1, "output.logging_steps": 50, "output.report_to": "none",

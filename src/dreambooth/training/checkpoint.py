@@ -116,7 +116,7 @@ class CheckpointFiles:
         if cfg.model.method == "lora":
             save_lora_output(self.run, folder)  # adapters and new tokens, as in the final output
         else:
-            if cfg.model.train_unet:
+            if cfg.model.train_denoiser:
                 denoiser = m.family.denoiser
                 modules[denoiser].save_pretrained(folder / denoiser, safe_serialization=True)
             if cfg.model.train_text_encoder:
@@ -137,7 +137,7 @@ class CheckpointFiles:
         if cfg.model.method == "lora":
             self._load_lora(folder, modules)
         else:
-            if cfg.model.train_unet:
+            if cfg.model.train_denoiser:
                 self._load_whole(folder / m.family.denoiser, modules[m.family.denoiser])
             if cfg.model.train_text_encoder:
                 for name, _, _, _ in m.text_sides(trainable_only=True):

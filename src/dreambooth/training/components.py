@@ -187,7 +187,7 @@ def set_trainable(cfg: Config, models: Models) -> None:
     whole_text = cfg.model.train_text_encoder and not lora
     trainable = {name for name, _, _, _ in models.text_sides(trainable_only=True)}
     models.vae.requires_grad_(False)
-    models.denoiser.requires_grad_(cfg.model.train_unet and not lora)
+    models.denoiser.requires_grad_(cfg.model.train_denoiser and not lora)
     for name, _, encoder, _ in models.text_sides():
         encoder.requires_grad_(whole_text and name in trainable)
     if lora:
@@ -196,7 +196,7 @@ def set_trainable(cfg: Config, models: Models) -> None:
         if token_ids and not (whole_text and name in trainable):
             train_only_rows(encoder.get_input_embeddings(), token_ids)
         encoder.train(any(p.requires_grad for p in encoder.parameters()))
-    models.denoiser.train(cfg.model.train_unet)
+    models.denoiser.train(cfg.model.train_denoiser)
 
 
 def lora_config(cfg: Config, target_modules: list[str]):
@@ -216,7 +216,7 @@ def add_lora_adapters(cfg: Config, models: Models) -> None:
     """
     from peft import inject_adapter_in_model
 
-    if cfg.model.train_unet:
+    if cfg.model.train_denoiser:
         models.denoiser.add_adapter(lora_config(cfg, lora_denoiser_targets(cfg)))
     if cfg.model.train_text_encoder:
         for _, _, encoder, _ in models.text_sides(trainable_only=True):

@@ -73,7 +73,8 @@ def lora_metadata(run) -> dict[str, str]:
         "dreambooth.new_tokens": json.dumps(m.tokenizer.convert_ids_to_tokens(m.first_token_ids)),
         "dreambooth.rank": str(cfg.lora.rank),
         "dreambooth.alpha": f"{cfg.lora.alpha or cfg.lora.rank:g}",
-        "dreambooth.unet_target_modules": json.dumps(lora_denoiser_targets(cfg) if cfg.model.train_unet else []),
+        # the denoiser's targets, under the key LoRA files of this tool have always carried
+        "dreambooth.unet_target_modules": json.dumps(lora_denoiser_targets(cfg) if cfg.model.train_denoiser else []),
         "dreambooth.text_encoder_target_modules": json.dumps(
             cfg.lora.text_encoder_target_modules if cfg.model.train_text_encoder else []),
         "dreambooth.steps": str(run.global_step),
@@ -90,7 +91,7 @@ def save_lora_output(run, folder: Path | None = None) -> None:
     family, parts = run.models.family, unwrapped(run)
     # the parts that can carry adapters (the denoiser, the CLIP encoders; never T5), as the family's pipeline names
     # them in save_lora_weights
-    modules = {name: parts[name] if (model.train_unet if name == family.denoiser else model.train_text_encoder)
+    modules = {name: parts[name] if (model.train_denoiser if name == family.denoiser else model.train_text_encoder)
                else None for name in family.trained_parts}
     configs = {name: _adapter_config(module) if module else None for name, module in modules.items()}
     save_lora(folder, family, modules, configs, lora_metadata(run))

@@ -86,10 +86,11 @@ def run_settings(cfg, base_identity: str) -> dict:
     else or not fit.
     """
     lora = cfg.model.method == "lora"
+    # recorded under the names checkpoints have always had (train_unet: the denoiser), so older ones still compare
     return {
         "base_model": base_identity,
         "method": cfg.model.method,
-        "train_unet": cfg.model.train_unet,
+        "train_unet": cfg.model.train_denoiser,
         "train_text_encoder": cfg.model.train_text_encoder,
         "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha or cfg.lora.rank,
                  "unet_target_modules": sorted(lora_denoiser_targets(cfg)),
