@@ -282,6 +282,8 @@ SITES = {
                                                                   "cannot_run",
     "needs bitsandbytes, which is not installed; `pip install bitsandbytes`": "reason: installs from a package "
                                                                                "registry (and needs CUDA)",
+    "measures SD 1.x/2.x models; {options.model} is": "reason: train and evaluate, which it names, are run for the "
+                                                      "flow families in tests/test_flow_families.py",
 }
 
 

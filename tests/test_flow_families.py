@@ -363,3 +363,8 @@ def test_a_quantized_base_is_refused_where_it_cannot_run(flux_model, photos, tmp
     assert "needs bitsandbytes, which is not installed" in err
     monkeypatch.undo()
     passes_preflight(capsys, monkeypatch, *train_argv(flux_model, photos, tmp_path / "a", "--method", "lora"))
+
+
+def test_compare_refuses_a_family_it_does_not_measure(flux_model, tmp_path, capsys):
+    err = cli_run(capsys, "compare", "--model", flux_model, "--out", tmp_path / "c", code=2)
+    assert "measures SD 1.x/2.x models" in err and "is Flux.1" in err

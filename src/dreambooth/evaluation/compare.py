@@ -142,6 +142,14 @@ def run_compare(out: Path, *, model: Path | None, instance_dir: Path | None, ste
 
 def compare_command(options) -> list[dict]:
     """`dreambooth compare`: `options` is a command_options.CompareOptions."""
+    from dreambooth.models.base import detect_family
+
+    family = detect_family(options.model) if options.model else None
+    if family is not None and family.name not in ("sd1", "sd2"):
+        # its quality columns are SD's UNet called on one text embedding at fixed DDPM timesteps
+        raise UserError(f"`dreambooth compare` measures SD 1.x/2.x models; {options.model} is {family.title}. Train "
+                        "each method with dreambooth train (--method full, then --method lora) and score both with "
+                        "dreambooth evaluate.")
     return run_compare(options.out, model=options.model, instance_dir=options.instance_dir, steps=options.steps,
                        resolution=options.resolution, rank=options.rank,
                        learning_rates={"full": options.full_lr, "lora": options.lora_lr})
