@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import photo_folder
+from PIL import Image
 from safetensors.torch import load_file
 from test_advice import cli_run, passes_preflight, train_argv
 
@@ -368,3 +369,19 @@ def test_a_quantized_base_is_refused_where_it_cannot_run(flux_model, photos, tmp
 def test_compare_refuses_a_family_it_does_not_measure(flux_model, tmp_path, capsys):
     err = cli_run(capsys, "compare", "--model", flux_model, "--out", tmp_path / "c", code=2)
     assert "measures SD 1.x/2.x models" in err and "is Flux.1" in err
+
+
+def test_evaluate_scores_every_checkpoint_of_a_flux_lora_run(flux_model, photos, real_dir, dino_dir, tmp_path,
+                                                             capsys):
+    """`evaluate --checkpoints all` draws each checkpoint of a Flux LoRA run with the family's pipeline and names
+    the best in the run report."""
+    out = tmp_path / "run"
+    cli_run(capsys, *flow_argv(flux_model, photos, out, "--method", "lora", steps=2))
+    cli_run(capsys, "evaluate", "--model", out, "--checkpoints", "all", "--real", real_dir, "--identifier", "sks",
+            "--class-word", "dog", "--dino", dino_dir, "--prompt", "a photo of sks dog", "--steps", "2",
+            "--num-images", "1", "--height", "64", "--width", "64", "--out", tmp_path / "eval")
+    record = json.loads((out / "checkpoint_metrics.json").read_text())
+    assert [e["name"] for e in record["checkpoints"]] == ["checkpoint-2", "final"]
+    assert record["best"] in ("checkpoint-2", "final") and (out / "report.html").is_file()
+    drawn = [Image.open(png).size for png in (tmp_path / "eval").rglob("images/0*.png")]
+    assert drawn and set(drawn) == {(64, 64)}  # evaluate's --height and --width reach the drawing

@@ -82,6 +82,8 @@ ELSEWHERE = {
     "training.guidance_scale": FLOW + "test_precondition_outputs_and_guidance_scale_reach_the_step",
     "lora.layers": FLOW + "test_lora_layers_and_blocks_choose_the_adapted_modules",
     "lora.blocks": FLOW + "test_lora_layers_and_blocks_choose_the_adapted_modules",
+    "evaluate.height": FLOW + "test_evaluate_scores_every_checkpoint_of_a_flux_lora_run",
+    "evaluate.width": FLOW + "test_evaluate_scores_every_checkpoint_of_a_flux_lora_run",
     "model.quantize_base": FLOW + "test_a_quantized_base_loads_the_frozen_denoiser_in_4_bits",
     "model.bnb_quantization_config_path": FLOW + "test_a_quantized_base_loads_the_frozen_denoiser_in_4_bits",
 }

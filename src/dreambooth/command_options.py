@@ -49,6 +49,8 @@ class SamplingOptions:
     scheduler: str | None = option(None, help="Sampler: dpm++, ddim, euler, euler_a, pndm, unipc, ddpm, lms, heun, or "
                                    "a diffusers scheduler class name [default: dpm++; Flux and SD3: the model's own "
                                    "flow-matching sampler].")
+    height: int | None = option(None, help="Image height [default: the model's].")
+    width: int | None = option(None, help="Image width [default: the model's].")
     device: str | None = option(None, help="cuda, cpu, ... [default: cuda when available]")
 
 
@@ -59,8 +61,6 @@ class GenerateOptions(SamplingOptions):
     model: Path = option(help="A diffusers model folder (a full fine-tune's output, or the base model of --lora "
                          "files), or a training checkpoint-N folder.")
     negative_prompt: str = option("", help="Negative prompt.")
-    height: int | None = option(None, help="Image height [default: the model's].")
-    width: int | None = option(None, help="Image width [default: the model's].")
     precision: str | None = option(None, choices=("fp32", "fp16", "bf16"),
                                    help="Weights' precision [default: fp16 on GPU, fp32 on CPU].")
     out: Path = option(Path("generated"), help="Output folder, new or empty.")
