@@ -72,9 +72,6 @@ class Models:
         """The denoiser and the text encoders, each if any of its parameters trains (adapters, a new token's row)."""
         return [m for m in (self.denoiser, *self.encoders()) if any(p.requires_grad for p in m.parameters())]
 
-    def trained_names(self) -> list[str]:
-        return [name for name, m in self.modules().items() if m in self.trained()]
-
     @property
     def text_trains(self) -> bool:
         return any(p.requires_grad for encoder in self.encoders() for p in encoder.parameters())

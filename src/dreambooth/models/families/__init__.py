@@ -152,7 +152,3 @@ def folder_family(folder: Path | str) -> Family | None:
     if index is None:
         return None
     return family_from_index(index, read_json(folder / "text_encoder" / "config.json"))
-
-
-def family_named(name: str) -> Family:
-    return FAMILIES[name]
