@@ -137,11 +137,13 @@ def test_generate_draws_with_a_flux_lora_at_the_familys_defaults(flux_model, pho
     """A Flux LoRA with CLIP's adapters and a new identifier token (its row trained in CLIP; T5 frozen, as in
     diffusers' scripts) draws through generate with the token, at Flux.1 dev's guidance and own sampler."""
     out = tmp_path / "run"
-    cli_run(capsys, *train_argv(flux_model, photos, out, "--method", "lora", "--train_text_encoder", "--identifier",
-                                "<zq_dog>", "--initializer", "dog", "--instance_prompt", "a photo of <zq_dog> dog",
-                                steps=1))
+    printed = cli_run(capsys, *train_argv(flux_model, photos, out, "--method", "lora", "--train_text_encoder",
+                                          "--identifier", "<zq_dog>", "--initializer", "dog", "--instance_prompt",
+                                          "a photo of <zq_dog> dog", steps=1))
     parts = {k.split(".")[0] for k in load_file(str(out / "pytorch_lora_weights.safetensors"))}
     assert parts == {"transformer", "text_encoder"}
+    assert json.loads((out / "run_info.json").read_text())["family"] == "flux"
+    assert "model family: Flux.1 (FluxPipeline, read from model_index.json)" in printed
     assert list(load_file(str(out / "token_embeddings.safetensors"))) == ["<zq_dog>"]
     shots = tmp_path / "shots"
     cli_run(capsys, "generate", "--model", flux_model, "--lora", out, "--prompt", "a photo of <zq_dog> dog",

@@ -56,6 +56,7 @@ class Preflight:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     hub_repo: str | None = None
+    family: str | None = None  # models.families: how the model's model_index.json named it
 
     @property
     def plans(self) -> list[IdentifierPlan]:
@@ -69,6 +70,8 @@ class Preflight:
             lines.append(s.instance.format("instance images"))
             lines.append(s.identifier.describe())
         lines += [plan.describe() for plan in self.class_plans.values()]
+        if self.family:
+            lines.append(f"model family: {self.family}")
         lines.append(f"prediction type: {self.prediction_type}")
         lines += self.notes
         lines += [f"warning: {w}" for w in self.warnings]
@@ -481,8 +484,10 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
 
         hub_repo = problems.check(check_upload, cfg, needs=("output.",))
     problems.raise_if_any()
+    family = cfg.family()
     report = Preflight(subjects, prediction_type, identity, run_plan, class_plans, warnings,
-                       notes=cfg.notes + run_plan.notes, hub_repo=hub_repo)
+                       notes=cfg.notes + run_plan.notes, hub_repo=hub_repo,
+                       family=f"{family.title} ({family.pipeline}, read from model_index.json)")
     if int(os.environ.get("RANK", "0")) == 0:  # launched processes all check; one reports
         print(report.format(), flush=True)
     return report

@@ -194,6 +194,7 @@ def write_run_info(run) -> None:
         "run_id": run.run_id, "settings": report.run_plan.settings, "base_model": cfg.model.pretrained_model,
         "base_model_hash": model_fingerprint(cfg.model.pretrained_model), "base_model_identity": report.base_identity,
         "method": cfg.model.method, "trainable_parameters": trainable, "prediction_type": report.prediction_type,
+        "family": models.family.name,
         "prior_preservation": cfg.dataset.with_prior_preservation,
         "resumed_from": str(report.run_plan.resume_from.path) if report.run_plan.resume_from else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "subjects": subjects, "warnings": report.warnings,
