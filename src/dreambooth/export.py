@@ -2,7 +2,10 @@
 
 The writers, each reading safetensors only and writing atomically: `formats.kohya.lora_to_kohya` (a LoRA for
 A1111/Forge/ComfyUI), `formats.lora.copy_lora` (a diffusers LoRA as it is), `formats.single_file.to_single_file`
-(a model as one original-layout file) and `formats.merge.merge_lora` (LoRAs baked into a diffusers folder).
+(a model as one original-layout file) and `formats.merge.merge_lora` (LoRAs baked into a diffusers folder). The flow
+families have their own: `formats.flux_kohya.flux_lora_to_kohya` (a Flux LoRA in kohya's layout),
+`formats.flow_single_file.flow_to_single_file` (a Flux or SD3 transformer in its original layout) and
+`formats.flow_merge.merge_flow_loras`; their diffusers LoRA is copied as any other.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import json
 from pathlib import Path
 
 from dreambooth.errors import Problems, UserError
+from dreambooth.formats.flow_merge import KOHYA_DROPPED, merge_flow_loras
+from dreambooth.formats.flow_single_file import flow_to_single_file, left_out_note
+from dreambooth.formats.flux_kohya import flux_lora_to_kohya, outside_blocks
 from dreambooth.formats.kohya import lora_to_kohya
 from dreambooth.formats.lora import (
     check_lora_source,
@@ -21,17 +27,21 @@ from dreambooth.formats.lora import (
     read_metadata,
     read_safetensors,
     refuse_pickle,
+    token_file_for,
 )
-from dreambooth.formats.lora_fit import check_lora_fits
+from dreambooth.formats.lora_fit import check_lora_fits, transformer_lora_family
 from dreambooth.formats.merge import merge_lora, model_folder
 from dreambooth.formats.single_file import embedding_note, prediction_type, to_single_file
 from dreambooth.models.base import (
     CHECKPOINT_STATE,
     LORA_FILE,
     SINGLE_FILE_TO_FOLDER,
+    config_folder,
     file_kind,
+    safetensors_header,
     safetensors_metadata,
 )
+from dreambooth.models.families import Family, folder_family
 from dreambooth.models.loading import quiet_progress_bars
 from dreambooth.training.rundir import human_size, path_size
 
@@ -69,6 +79,36 @@ def source_kind(src: Path) -> str:
     raise UserError(f"SRC {src} holds neither LoRA weights nor a model (first key: {keys[0] if keys else 'none'}).")
 
 
+def transformer_lora(file: Path) -> str | None:
+    """'flux' or 'sd3' for a LoRA of a flow family's transformer, 'unknown' for a transformer LoRA whose family
+    neither its metadata nor its layers tell; None for a UNet family's LoRA."""
+    header = safetensors_header(file)
+    keys, metadata = (list(header[0]), header[1]) if header else ([], {})
+    family = transformer_lora_family(keys, metadata)
+    if family is not None:
+        return family.name
+    return "unknown" if any(k.startswith("transformer.") for k in keys) else None
+
+
+def kohya_writer(src: Path):
+    """The kohya writer for a LoRA's family: SD 1.x, 2.x and SDXL's, or Flux's; SD3's has none."""
+    family = transformer_lora(find_lora_file(src))
+    if family is None:
+        return lora_to_kohya
+    if family == "flux":
+        return flux_lora_to_kohya
+    what = "an SD3 LoRA" if family == "sd3" else "a transformer LoRA of no family its metadata or layers tell"
+    raise UserError(f"SRC {src} is {what}; the kohya export writes SD 1.x/2.x, SDXL and Flux.1 LoRAs. Use --format "
+                    "diffusers: stock StableDiffusion3Pipeline.load_lora_weights and ComfyUI's LoRA loader read "
+                    "that file as it is.")
+
+
+def source_family(src: Path) -> Family | None:
+    """The family of a model folder or training checkpoint, from its (or its base model's) config files."""
+    folder = config_folder(src)
+    return folder_family(folder) if folder is not None else None
+
+
 def export_command(options) -> Path:
     """`dreambooth export SRC --format kohya|single-file|diffusers --out PATH [--half] [--merge-lora FILE[:W]]`.
 
@@ -90,6 +130,7 @@ def export_command(options) -> Path:
             check_lora_fits(find_lora_file(path), src, "SRC")
     if kind == "lora-checkpoint":  # its LoRA as it is, or fused into its base model for one file
         kind = "model" if fmt == "single-file" else "lora"
+    family, flow = None, False
     if kind == "lora":
         if loras:
             raise UserError(f"--merge-lora merges LoRAs into a full model, but SRC {src} is a LoRA. Pass the base "
@@ -102,24 +143,41 @@ def export_command(options) -> Path:
             raise UserError(f"SRC {src} is a kohya-format LoRA; --format diffusers copies a diffusers-format "
                             "LoRA. diffusers' load_lora_weights reads kohya files as they are, and --merge-lora "
                             "takes them too.")
-        path = lora_to_kohya(src, out, half=half) if fmt == "kohya" else copy_lora(src, out, half=half)
+        path = kohya_writer(src)(src, out, half=half) if fmt == "kohya" else copy_lora(src, out, half=half)
         what = "kohya LoRA" if fmt == "kohya" else "diffusers LoRA"
     else:
         if fmt == "kohya":
             raise UserError(f"SRC {src} is a full model; the kohya format is for LoRA files. Use --format "
                             "single-file for a full model (A1111/ComfyUI), or --format diffusers.")
+        family = source_family(src)
+        flow = family is not None and family.denoiser == "transformer"
         with quiet_progress_bars():
-            if fmt == "single-file":
+            if fmt == "single-file" and flow:
+                path, what = flow_to_single_file(src, out, half=half, loras=loras), "single-file transformer"
+            elif fmt == "single-file":
                 path, what = to_single_file(src, out, half=half, loras=loras), "single-file checkpoint"
+            elif flow:
+                path, what = merge_flow_loras(src, loras, out, half=half), "diffusers model"
             else:
                 path, what = merge_lora(src, loras, out, half=half), "diffusers model"
     print(f"wrote {what} {path} ({human_size(path_size(path))})")
-    embedded = json.loads(read_metadata(path).get("dreambooth.embedding_files", "{}")) if path.is_file() else {}
+    header = read_metadata(path) if path.is_file() else {}
+    flux_kohya = fmt == "kohya" and header.get("ss_network_module") == "networks.lora_flux"
+    embedded = json.loads(header.get("dreambooth.embedding_files", "{}"))
+    if flux_kohya and outside_blocks(path):
+        print(f"note: diffusers 0.42's FluxPipeline.load_lora_weights drops the adapters of {KOHYA_DROPPED} from a "
+              "kohya file (ComfyUI and Forge read them); in diffusers, load the diffusers-format LoRA instead.")
     if embedded:
-        if fmt == "kohya":
+        if flux_kohya:
+            print(f"note: the new token(s) {', '.join(embedded)} are not in the kohya file (diffusers' kohya Flux "
+                  f"reader refuses A1111's bundled embeddings); they are beside it, in {token_file_for(path).name} "
+                  "(this tool's loaders) and in a textual-inversion file per token.")
+        elif fmt == "kohya":
             print(f"note: the kohya file carries the new token(s) {', '.join(embedded)} itself (A1111 and Forge read "
                   "its bundled embeddings; write the token in the prompt as trained).")
         print(embedding_note(path, embedded))
+    if kind == "model" and fmt == "single-file" and flow:
+        print(left_out_note(family, src))
     if kind == "model" and fmt == "single-file" and prediction_type(model_folder(src)) == "v_prediction":
         print("note: this model predicts v (v_prediction), which a single file does not record; A1111 needs a "
               "config .yaml with `parameterization: v` beside it, ComfyUI a v_prediction sampling node.")
