@@ -387,3 +387,25 @@ def test_evaluate_scores_every_checkpoint_of_a_flux_lora_run(flux_model, photos,
     assert record["best"] in ("checkpoint-2", "final") and (out / "report.html").is_file()
     drawn = [Image.open(png).size for png in (tmp_path / "eval").rglob("images/0*.png")]
     assert drawn and set(drawn) == {(64, 64)}  # evaluate's --height and --width reach the drawing
+
+
+def test_a_kohya_flux_file_from_elsewhere_is_read_as_flux(flux_model, sd3_model, photos, tmp_path, capsys):
+    """A kohya-layout Flux LoRA without this tool's metadata (from ComfyUI or sd-scripts) is known as Flux by its
+    keys: refused on an SD3 model; on this narrow tiny Flux, diffusers' converter (which asserts FLUX.1's widths)
+    fails, and that failure is one message, not a traceback."""
+    from safetensors.torch import save_file
+
+    from dreambooth.formats.lora_fit import transformer_lora_family
+
+    assert transformer_lora_family(["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"], {}).name == "flux"
+    run = tmp_path / "run"
+    cli_run(capsys, *flow_argv(flux_model, photos, run, "--method", "lora", steps=1))
+    cli_run(capsys, "export", run, "--format", "kohya", "--out", tmp_path / "k.safetensors")
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(tmp_path / "k.safetensors")), str(bare))  # no metadata
+    err = cli_run(capsys, "generate", "--model", sd3_model, "--lora", bare, "--prompt", "x", "--out",
+                  tmp_path / "a", code=2)
+    assert "is a Flux.1 LoRA and cannot be applied to" in err
+    err = cli_run(capsys, "generate", "--model", flux_model, "--lora", bare, "--prompt", "x", "--height", "64",
+                  "--width", "64", "--steps", "1", "--out", tmp_path / "b", code=2)
+    assert "could not be loaded into" in err

@@ -230,6 +230,8 @@ def transformer_lora_family(keys: list[str], metadata: dict[str, str]) -> Family
     recorded = FAMILIES_BY_NAME.get(metadata.get("dreambooth.base_family", ""))
     if recorded is not None:
         return recorded if recorded.denoiser != "unet" else None
+    if any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in keys):
+        return FAMILIES_BY_NAME["flux"]  # kohya's and ComfyUI's Flux layout (BFL's module names)
     if not any(k.startswith("transformer.") for k in keys):
         return None
     if any(".single_transformer_blocks." in k for k in keys):

@@ -35,7 +35,8 @@ def load_failure(file: Path, error: Exception, model: Path | str | None) -> User
     detail = (lines or [type(error).__name__])[0][:300]
     base = lora_base_model(file)
     hint = (f" It was trained on {base}; pass that model (or a fine-tune of it) as --model." if base else
-            " Is it a LoRA for this model's family (SD 1.x, 2.x and SDXL LoRAs do not mix)?")
+            " Is it a LoRA for this model's family and shape (LoRAs of SD 1.x, 2.x, SDXL, Flux and SD3 do not "
+            "mix)?")
     return UserError(f"LoRA {file} could not be loaded into {model or 'this model'}: {detail}.{hint}")
 
 
@@ -130,7 +131,8 @@ def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | N
                 pipe.load_lora_weights(source, adapter_name=adapter_name)
             else:
                 pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
-    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+    except (ValueError, KeyError, RuntimeError, TypeError, AssertionError) as e:
+        # AssertionError: diffusers' kohya Flux converter asserts FLUX.1's own widths (a narrower model's file)
         raise load_failure(file, e, model) from None
     note_other_base(file, model)
     load_token_embeddings(pipe, file, bundled_embeddings(tensors))
