@@ -647,6 +647,16 @@ def test_validation_settings_reach_the_sampler(probe, monkeypatch):
     assert Image.open(p.out / "samples" / "step-000002.png").size == (2 * 64, 2 * 64)
 
 
+@wires("validation.epochs")
+def test_validation_epochs_count_passes_over_the_photos(probe):
+    # 4 photos, 1 a batch, 2 batches an optimizer step: an epoch is 2 steps, 2 epochs are 4; validation.steps gives
+    # way. Then the last step, as with validation.steps.
+    p = probe(validation__prompts=["a photo of sks dog"], validation__epochs=2, validation__steps=1,
+              validation__num_images=1, validation__num_inference_steps=1, training__gradient_accumulation_steps=2,
+              training__max_train_steps=5)
+    assert sorted(x.name for x in (p.out / "samples").iterdir()) == ["step-000004.png", "step-000005.png"]
+
+
 @wires("output.checkpointing_steps", "output.checkpoints_total_limit")
 def test_checkpoints_every_n_steps_and_only_the_newest_kept(probe):
     p = probe(training__max_train_steps=5, output__checkpointing_steps=2, output__checkpoints_total_limit=1)

@@ -42,7 +42,10 @@ from dreambooth.options import Parser, add_options, parse_settings, settings_fro
 # diffusers' train_dreambooth.py flags that mean nothing here, with what to do instead.
 HUB_DATASET = ("datasets from the Hugging Face hub are not read; put the photos in a folder and pass "
                "--instance_data_dir (a caption per image is not supported either)")
-PRODIGY = "the optimizer is AdamW (--use_8bit_adam for 8-bit AdamW); Prodigy is not supported"
+PRODIGY = ("Prodigy is not supported yet; use --optimizer adamw (the default) or drop the flag, and give AdamW "
+           "learning rates with it: the 1.0 that diffusers' Prodigy examples pass as --learning_rate and "
+           "--text_encoder_lr would wreck the weights under AdamW (their Flux and SD3 AdamW examples use 1e-4 to "
+           "4e-4); --use_8bit_adam gives 8-bit AdamW")
 REFUSED_FLAGS = {
     "--validation_images": "it is for DeepFloyd IF upscalers only; this tool trains Stable Diffusion 1/2",
     "--class_labels_conditioning": "it is for DeepFloyd IF only; this tool trains Stable Diffusion 1/2",
@@ -50,13 +53,15 @@ REFUSED_FLAGS = {
     "--dataset_name": HUB_DATASET, "--dataset_config_name": HUB_DATASET, "--image_column": HUB_DATASET,
     "--caption_column": HUB_DATASET, "--cache_dir": HUB_DATASET,
     "--repeats": "every photo is seen once an epoch; train longer with --max_train_steps or --num_train_epochs",
-    "--validation_epochs": "validation runs every --validation_steps optimizer steps; give that instead",
     "--do_edm_style_training": "EDM-style training (Playground v2.5) is not supported",
     "--output_kohya_format": "export after training: `dreambooth export OUTPUT_DIR/pytorch_lora_weights.safetensors "
                              "--format kohya --out FILE` (SD 1.x, 2.x and SDXL)",
     "--use_dora": "DoRA adapters are not supported; LoRA is",
     "--prodigy_beta3": PRODIGY, "--prodigy_decouple": PRODIGY, "--prodigy_use_bias_correction": PRODIGY,
     "--prodigy_safeguard_warmup": PRODIGY,
+    # diffusers' Flux and SD3 DreamBooth scripts:
+    "--enable_npu_flash_attention": "Ascend NPUs are not supported; drop the flag: attention is PyTorch's SDPA (or "
+                                    "xformers', with --enable_xformers_memory_efficient_attention)",
 }
 # Flags of diffusers' scripts whose only value this tool has: accepted with it, refused with another.
 ONLY_VALUE_FLAGS = {
@@ -109,6 +114,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     compat.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help="Set by launchers; ignored.")
     compat.add_argument("--cache_latents", action="store_true", default=argparse.SUPPRESS,
                         help="Accepted from diffusers' scripts: latents are cached by default (--latent_cache).")
+    compat.add_argument("--upcast_before_saving", action="store_true", default=argparse.SUPPRESS,
+                        help="Save in fp32, as in diffusers' Flux and SD3 LoRA scripts: --save_precision fp32, the "
+                        "default here.")
     for flag in REFUSED_FLAGS:
         compat.add_argument(flag, nargs="?", const=True, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     for flag, (value, _) in ONLY_VALUE_FLAGS.items():
@@ -117,15 +125,24 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The `section.key` values given on the command line."""
+    """The `section.key` values given on the command line; every refused flag of diffusers' scripts in one UserError."""
     given = vars(args)
+    flags_for: dict[str, list[str]] = {}  # a hub dataset's --dataset_name, --image_column, ... share one reason
     for flag, why in REFUSED_FLAGS.items():
         if flag[2:] in given:
-            raise UserError(f"{flag} is not supported: {why}.")
-    for flag, (value, why) in ONLY_VALUE_FLAGS.items():
-        if flag[2:] in given and str(given[flag[2:]]).lower() != value:
-            raise UserError(f"{flag} {given[flag[2:]]} is not supported: {why}.")
+            flags_for.setdefault(why, []).append(flag)
+    refused = [f"{', '.join(flags)} {'is' if len(flags) == 1 else 'are'} not supported: {why}."
+               for why, flags in flags_for.items()]
+    refused += [f"{flag} {given[flag[2:]]} is not supported: {why}." for flag, (value, why) in ONLY_VALUE_FLAGS.items()
+                if flag[2:] in given and str(given[flag[2:]]).lower() != value]
+    if given.get("upcast_before_saving") and given.get("output.save_precision", "fp32") != "fp32":
+        refused.append(f"--upcast_before_saving saves in fp32, and --save_precision {given['output.save_precision']} "
+                       "asks for another precision; pass one of them.")
+    if refused:  # every one at once, as a command copied from diffusers' examples may hold several
+        raise UserError("\n".join(refused))
     overrides = {k: v for k, v in given.items() if "." in k}
+    if given.get("upcast_before_saving"):
+        overrides["output.save_precision"] = "fp32"
     if given.get("cache_latents") and "training.latent_cache" not in overrides:
         overrides["training.latent_cache"] = "memory"
     if given.get("offset_noise") and "training.noise_offset" not in overrides:

@@ -215,6 +215,9 @@ class ValidationSection(Section):
     scheduler: str | None = opt(None, "Sampler of validation images (default: DPM-Solver++ for SD 1.x/2.x and SDXL, "
                                 "the model's own flow-matching sampler for Flux and SD3).", "--validation_scheduler")
     seed: int = opt(0, "Seed of validation images, so that steps compare.", "--validation_seed", ge=0)
+    epochs: int | None = opt(
+        None, "Sample every N epochs instead, as diffusers' --validation_epochs (an epoch: one pass over the photos, "
+        "as --num_train_epochs counts it); replaces validation.steps.", "--validation_epochs", ge=1)
 
     @field_validator("prompts", mode="before")
     @classmethod

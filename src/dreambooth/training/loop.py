@@ -83,6 +83,18 @@ class Run:
     graph: bool = False  # the step runs through training.graph_step (captured as a CUDA graph on CUDA)
 
 
+def steps_per_epoch(cfg: Config, loader) -> int:
+    """Optimizer steps in one pass over the loader's batches, as --num_train_epochs and --validation_epochs count an
+    epoch (diffusers' num_update_steps_per_epoch)."""
+    return math.ceil(len(loader) / cfg.training.gradient_accumulation_steps)
+
+
+def validation_every(run: Run) -> int:
+    """Optimizer steps between validations: validation.steps, or validation.epochs epochs' worth of them."""
+    epochs = run.cfg.validation.epochs
+    return run.cfg.validation.steps if epochs is None else epochs * steps_per_epoch(run.cfg, run.loader)
+
+
 def batch_stream(run: Run, batches_done: int):
     """Batches forever, epoch after epoch, starting `batches_done` batches in (for resuming mid-epoch)."""
     per_epoch = len(run.loader)
@@ -114,7 +126,7 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
             return step_loss(cfg, run.models, latents, cond, is_prior, run.generator, geometry)
 
         static = StaticStep(run, encode, latent_cache, clip, loss_of, capture=acc.device.type == "cuda")
-    run.global_step = start_step
+    run.global_step, validate_every = start_step, validation_every(run)
     while run.global_step < run.total_steps:
         if static is None:
             eager_update(run, batches, encode, latent_cache, clip, modules, logger)
@@ -129,7 +141,7 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
         if stop.requested:
             bar.close()
             raise TrainingStopped(run.global_step, path)
-        if cfg.validation.prompts and (run.global_step % cfg.validation.steps == 0
+        if cfg.validation.prompts and (run.global_step % validate_every == 0
                                        or run.global_step == run.total_steps):
             with offload.resident():
                 validate(run)
@@ -269,7 +281,7 @@ def setup(cfg: Config, report: Preflight) -> Run:
         print(why)
     optimizer = make_optimizer(cfg, param_groups(cfg, models, scale), accelerator.device, graph=graph)
     loader = accelerator.prepare(loader)
-    total = t.max_train_steps or t.num_train_epochs * math.ceil(len(loader) / t.gradient_accumulation_steps)
+    total = t.max_train_steps or t.num_train_epochs * steps_per_epoch(cfg, loader)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, accelerator.num_processes, total)
     trained = models.trained()
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
