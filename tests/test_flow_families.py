@@ -216,15 +216,21 @@ def test_timestep_sampling_and_its_settings_reach_the_flow_maths(probe, spy, flu
 
 
 def test_precondition_outputs_and_guidance_scale_reach_the_step(probe, spy, flux_model, sd3_model):
-    wired(probe, sd3_model, training__precondition_outputs=False)
+    from dreambooth.cli import build_parser, config_overrides
+
+    # diffusers spells it with a number: --precondition_outputs 0
+    parsed = config_overrides(build_parser().parse_args(["train", "--precondition_outputs", "0"]))
+    assert int(parsed["training.precondition_outputs"]) == 0  # read as the config validates it
+    wired(probe, sd3_model, training__precondition_outputs=0)
     assert spy["prediction_and_target"][0][1]["precondition_outputs"] is False
-    wired(probe, flux_model, training__guidance_scale=1.25, training__precondition_outputs=True)
+    wired(probe, flux_model, training__guidance_scale=1.25, training__precondition_outputs=1)
     assert spy["guidance_vector"][-1][0][0] == 1.25
     assert spy["prediction_and_target"][-1][1]["precondition_outputs"] is True
 
 
 def test_max_sequence_length_sets_t5s_length(probe, flux_model, sd3_model):
-    assert wired(probe, flux_model).calls[0]["conditioning"]["embeds"].shape[1] == 512  # Flux's default
+    assert wired(probe, flux_model, model__method="lora").calls[0]["conditioning"]["embeds"].shape[1] == 512
+    assert wired(probe, flux_model).calls[0]["conditioning"]["embeds"].shape[1] == 77  # diffusers' full script's
     assert wired(probe, flux_model, training__max_sequence_length=24).calls[0]["conditioning"]["embeds"].shape[1] == 24
     assert wired(probe, sd3_model, training__max_sequence_length=30).calls[0]["conditioning"]["embeds"].shape[1] == 107
 

@@ -175,8 +175,8 @@ class TrainingSection(Section):
         "(e.g. 1 instance + 1 class image at 128 px with SD's VAE), oneDNN otherwise. No effect on a GPU.")
     tokenizer_max_length: int | None = opt(None, "Token length of prompts (default: the tokenizer's, 77).", ge=2)
     max_sequence_length: int | None = opt(
-        None, "Flux and SD3: token length of the T5 prompt (default: 512 for Flux, 77 for SD3, as diffusers' scripts; "
-        "CLIP reads 77 whatever this is).", ge=1, le=512)
+        None, "Flux and SD3: token length of the T5 prompt (default, as diffusers' scripts: Flux 512 with LoRA and 77 "
+        "fully fine-tuned, SD3 77; CLIP reads 77 whatever this is).", ge=1, le=512)
     # The flow-matching objective (Flux, SD3; training.flow), with diffusers' flag names and meanings. Unset: the
     # family's default as diffusers' DreamBooth scripts have it.
     weighting_scheme: Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"] | None = opt(
@@ -192,9 +192,9 @@ class TrainingSection(Section):
         "the image's token count, as Flux's scheduler at inference).")
     sigmoid_scale: float = opt(1.0, "Scale of the normal draw of --timestep_sampling sigmoid and shift.", gt=0)
     discrete_flow_shift: float = opt(3.0, "Shift of --timestep_sampling shift.", gt=0)
-    precondition_outputs: bool | None = opt(
-        None, "SD3: train on the prediction turned into x0 (model_pred * -sigma + noisy) against the latents, as "
-        "diffusers' --precondition_outputs 1 (default: on for SD3).")
+    precondition_outputs: int | None = opt(
+        None, "SD3: 1 trains on the prediction turned into x0 (model_pred * -sigma + noisy) against the latents, 0 on "
+        "the velocity, as diffusers' --precondition_outputs (default: 1 for SD3, 0 for Flux).", ge=0, le=1)
     guidance_scale: float | None = opt(
         None, "Flux.1 dev: the guidance the transformer's guidance embedding reads during training (default 3.5, as "
         "diffusers' scripts). Flux.1 schnell has no guidance embedding.", ge=0)

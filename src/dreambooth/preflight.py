@@ -372,7 +372,7 @@ def check_sequence_length(cfg: Config) -> None:
     t5 = next((t for t in family.text_encoders if t.kind == "t5"), None)
     if t5 is None:
         return
-    limit = cfg.training.max_sequence_length or family.behaviour().sequence_length(None)
+    limit = family.behaviour().sequence_length(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.pretrained_model, subfolder=t5.tokenizer,
                                               revision=cfg.model.revision)
     prompts = [(f"subject {s.identifier or i} instance prompt", s.instance_prompt) for i, s in

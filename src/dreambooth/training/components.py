@@ -323,7 +323,7 @@ class PromptEncoder:
         self.models, self.device = models, device
         self.behaviour = models.family.behaviour()
         self.max_length = cfg.training.tokenizer_max_length
-        self.sequence_length = cfg.training.max_sequence_length
+        self.sequence_length = self.behaviour.sequence_length(cfg)
         self.use_mask = cfg.training.text_encoder_use_attention_mask
         self.cache: dict[str, dict[str, torch.Tensor]] | None = None if models.text_trains else {}
 

@@ -55,6 +55,10 @@ class Behaviour:
         `geometry` holds each image's (original h, w, crop top, left, target h, w), which SDXL conditions on."""
         raise NotImplementedError
 
+    def sequence_length(self, cfg) -> int | None:
+        """T5's token length for this run (the flow families); None where the family has no T5."""
+        return None
+
     def check_config(self, cfg) -> list[str]:
         """Settings that mean nothing, or something wrong, for this family: one message each (pre-flight)."""
         return []

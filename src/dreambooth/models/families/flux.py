@@ -38,7 +38,7 @@ class Behaviour(FlowBehaviour):
                             tokenizer=models.tokenizer, text_encoder_2=models.text_encoder_2,
                             tokenizer_2=models.tokenizer_2)
         embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, device=device_of(models.text_encoder_2),
-                                               max_sequence_length=self.sequence_length(sequence_length))
+                                               max_sequence_length=sequence_length or self.default_sequence_length)
         return Conditioning({"embeds": embeds, "pooled": pooled.to(embeds.device)})
 
     def predict(self, cfg, models, noisy, timesteps, cond):
@@ -60,6 +60,11 @@ class Behaviour(FlowBehaviour):
             img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype),
             return_dict=False)[0]
         return FluxPipeline._unpack_latents(out, h, w, 1)  # a factor of 1: h and w are latent sides already
+
+    def sequence_length(self, cfg) -> int:
+        """diffusers' Flux LoRA script reads 512 T5 tokens and its full fine-tuning script 77; so does this tool
+        unless --max_sequence_length says."""
+        return cfg.training.max_sequence_length or (77 if cfg.model.method == "full" else 512)
 
     def guidance(self, cfg) -> float:
         return DEFAULT_GUIDANCE if cfg.training.guidance_scale is None else cfg.training.guidance_scale

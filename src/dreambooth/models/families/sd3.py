@@ -25,7 +25,7 @@ class Behaviour(FlowBehaviour):
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, prompt_3=None,
                                                   device=device_of(models.text_encoder_3),
                                                   do_classifier_free_guidance=False,
-                                                  max_sequence_length=self.sequence_length(sequence_length))
+                                                  max_sequence_length=sequence_length or self.default_sequence_length)
         return Conditioning({"embeds": embeds, "pooled": pooled.to(embeds.device)})
 
     def predict(self, cfg, models, noisy, timesteps, cond):

@@ -29,16 +29,16 @@ class FlowBehaviour(Base):
         super().__init__(family)
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def sequence_length(self, setting: int | None) -> int:
+    def sequence_length(self, cfg) -> int:
         """T5's token length: --max_sequence_length, else the family's default in diffusers' scripts."""
-        return setting or self.default_sequence_length
+        return cfg.training.max_sequence_length or self.default_sequence_length
 
     def weighting(self, cfg) -> str:
         return cfg.training.weighting_scheme or self.default_weighting
 
     def precondition(self, cfg) -> bool:
         setting = cfg.training.precondition_outputs
-        return self.default_precondition if setting is None else setting
+        return self.default_precondition if setting is None else bool(setting)
 
     def predict(self, cfg, models, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         raise NotImplementedError
