@@ -138,6 +138,9 @@ def serve_command(options) -> None:
         sock.close()  # the port is free again at once, for the corrected command
         raise
     port = sock.getsockname()[1]
+    # listening before the line below says so: a client that reads it and connects before uvicorn's own listen()
+    # was refused (seen on a loaded machine); the kernel now queues it
+    sock.listen(2048)
     names = ", ".join(sorted(service.characters))
     print(f"serving {len(service.characters)} character(s) ({names}) at http://{options.host}:{port}/ (the page; "
           "the API's OpenAPI page is /docs). Ctrl-C stops.", flush=True)
