@@ -99,12 +99,16 @@ class Character(BaseModel):
     appearance: list[str] = Field(default_factory=list)
     style: str | None = None
     negative_prompt: str | None = ""
-    # None: the side its model was made for (SD 1.x 512, SD 2.x 768, SDXL 1024), filled in by load_characters
+    # None: the side its model was made for (SD 1.x 512, SD 2.x 768, SDXL, Flux and SD3 1024), filled in by
+    # load_characters
     width: int | None = Field(None, ge=8, le=2048)
     height: int | None = Field(None, ge=8, le=2048)
-    steps: int = Field(30, ge=1, le=150)
-    guidance: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
-    scheduler: str = "dpm++"
+    # None: its model's family's, as `dreambooth generate` takes them (SD 30 steps at 7.5, Flux.1 dev 28 at 3.5,
+    # Flux.1 schnell 4 without guidance, SD3 28 at 7.0; dpm++, or a flow-matching model's own sampler), filled in by
+    # load_characters
+    steps: int | None = Field(None, ge=1, le=150)
+    guidance: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE)
+    scheduler: str | None = None
     seed_policy: Literal["state", "fixed"] = "state"
     seed: int = Field(0, ge=0, le=MAX_SEED)
     vocabulary: Vocabulary = Field(default_factory=Vocabulary)
@@ -125,8 +129,8 @@ class Character(BaseModel):
 
     @field_validator("scheduler")
     @classmethod
-    def _known_scheduler(cls, value: str) -> str:
-        if value not in SCHEDULERS and not value.endswith("Scheduler"):
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        if value is not None and value not in SCHEDULERS and not value.endswith("Scheduler"):
             raise ValueError(f"unknown scheduler {value!r}; use one of {', '.join(SCHEDULERS)} or a diffusers "
                              "scheduler class name")
         return value
@@ -216,7 +220,7 @@ def load_characters(path: Path) -> dict[str, Character]:
             problems += [f"{where}.{'.'.join(map(str, err['loc'])) or 'entry'}: {problem_text(err)}"
                          for err in e.errors()]
             continue
-        characters.setdefault(character.name, sized(character))
+        characters.setdefault(character.name, with_family_defaults(sized(character)))
     if problems:
         raise UserError(f"{path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return characters
@@ -239,3 +243,46 @@ def _resolved(character: Character, base: Path) -> Character:
     """Relative model and LoRA paths made absolute against the file's folder; a hub id stays one."""
     loras = [LoraRef(file=_lora_path(lora.file, base), weight=lora.weight) for lora in character.loras]
     return character.model_copy(update={"model": resolve_model_ref(character.model, base), "loras": loras})
+
+
+def family_defaults(family, pipe) -> dict:
+    """What a drawing of `family` takes when it is not told: its `Behaviour.draw_defaults` steps and guidance, as
+    `dreambooth generate` takes them, and the sampler `models.loading.make_scheduler` picks for no name (dpm++ for the
+    diffusion objective, the model's own flow-matching sampler for Flux and SD3). `pipe`: the loaded pipeline, or
+    what of it draw_defaults reads (its denoiser's config)."""
+    from dreambooth.models.loading import FLOW_SCHEDULER
+
+    defaults = family.behaviour().draw_defaults(pipe)
+    return {"steps": defaults["steps"], "guidance": defaults["guidance"],
+            "scheduler": FLOW_SCHEDULER if family.objective == "flow" else "dpm++"}
+
+
+def folder_defaults(model: str) -> dict | None:
+    """`family_defaults` of a model from its config files alone (draw_defaults reads the pipeline's denoiser config:
+    Flux.1 schnell's transformer has no guidance embedding, and draws without guidance); None when they are not on
+    this machine."""
+    from types import SimpleNamespace
+
+    from dreambooth.models.base import config_folder
+    from dreambooth.models.families import folder_family, read_json
+
+    folder = config_folder(model)
+    family = folder_family(folder) if folder is not None else None
+    if family is None:
+        return None
+    config = read_json(folder / family.denoiser / "config.json") or {}
+    denoiser = SimpleNamespace(config=SimpleNamespace(**config))
+    return family_defaults(family, SimpleNamespace(**{family.denoiser: denoiser}))
+
+
+def with_family_defaults(character: Character, defaults: dict | None = None) -> Character:
+    """The character with the steps, guidance and sampler it does not give set to its model's family's
+    (`family_defaults`), by default read from the model's config files; unchanged when they are not on this machine
+    (a hub id not in the cache: the service fills them in once the model has loaded)."""
+    unset = [key for key in ("steps", "guidance", "scheduler") if getattr(character, key) is None]
+    if not unset:
+        return character
+    defaults = defaults or folder_defaults(character.model)
+    if defaults is None:
+        return character
+    return character.model_copy(update={key: defaults[key] for key in unset})

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from dreambooth.characters.character import Character, load_characters
-from dreambooth.characters.compiler import compile_prompt, token_counter, token_limit
+from dreambooth.characters.compiler import Budget, compile_prompt, family_budget, token_counter
 from dreambooth.characters.state import CharacterState, problem_text
 from dreambooth.config_file import read_text
 from dreambooth.errors import UserError
@@ -29,21 +30,34 @@ def read_state(path: Path) -> CharacterState:
                         "--schema` prints what a state holds.") from None
 
 
-def character_tokenizer(character: Character):
-    """The tokenizer of the character's model, with the new tokens its LoRAs were trained with, so that an
-    identifier such as `<saya>` counts as the one token it is."""
-    from transformers import CLIPTokenizer
+def character_budget(character: Character) -> Budget:
+    """The character's model's token budget (compiler.family_budget), counted with its own tokenizers, the CLIP ones
+    with the new tokens its LoRAs were trained with, so that an identifier such as `<saya>` counts as the one token
+    it is."""
+    from transformers import AutoTokenizer
 
     from dreambooth.formats.lora import find_lora_file, new_tokens
+    from dreambooth.models.families import FAMILIES, folder_family
 
-    folder = Path(character.model) / "tokenizer"
-    if not folder.is_dir():
+    folder = Path(character.model)
+    if not (folder / "tokenizer").is_dir():
         raise UserError(f"character {character.name}: {character.model} has no tokenizer/ folder; prompts are "
                         "measured with the model's own tokenizer. Give a local diffusers model folder as `model`.")
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    for lora in character.loras:
-        tokenizer.add_tokens(new_tokens(find_lora_file(lora.file)))
-    return tokenizer
+    family = folder_family(folder) or FAMILIES["sd1"]
+    tokenizers = {}
+    for encoder in family.text_encoders:
+        if (folder / encoder.tokenizer).is_dir():
+            tokenizers[encoder.tokenizer] = tokenizer = AutoTokenizer.from_pretrained(folder / encoder.tokenizer)
+            if encoder.kind == "clip":
+                for lora in character.loras:
+                    tokenizer.add_tokens(new_tokens(find_lora_file(lora.file)))
+    return family_budget(family, tokenizers)
+
+
+def counter(tokenizers) -> Callable[[str], int]:
+    """The most tokens any of `tokenizers` makes of a text."""
+    counts = [token_counter(tokenizer) for tokenizer in tokenizers]
+    return lambda text: max(count(text) for count in counts)
 
 
 def compile_prompt_command(options) -> dict:
@@ -62,13 +76,15 @@ def compile_prompt_command(options) -> dict:
                         f"{', '.join(characters)}).")
     character = characters[options.character]
     state = read_state(options.state)
-    tokenizer = character_tokenizer(character)
+    budget = character_budget(character)
     if character.width is None or character.height is None:
         raise UserError(f"character {character.name}: no width and height given, and the size its model "
-                        f"{character.model} was made for cannot be read from its unet/ and vae/ config.json; give "
-                        "width and height in the characters file, or a local diffusers folder as its model.")
-    request = compile_prompt(character, state, count_tokens=token_counter(tokenizer),
-                             max_tokens=token_limit(tokenizer))
+                        f"{character.model} was made for cannot be read from its denoiser's (unet/ or transformer/) "
+                        "and vae/ config.json; give width and height in the characters file, or a local diffusers "
+                        "folder as its model.")
+    request = compile_prompt(character, state, count_tokens=counter(budget.prompt), max_tokens=budget.limit,
+                             identity_tokens=counter(budget.identity) if budget.identity else None,
+                             max_identity_tokens=budget.identity_limit)
     record = asdict(request)
     print(json.dumps(record, indent=2))
     return record

@@ -12,7 +12,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from dreambooth.characters.character import load_characters, sized
+from dreambooth.characters.character import load_characters, sized, with_family_defaults
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import write_text_atomic
 
@@ -74,9 +74,11 @@ def build_service(characters_file: Path, options):
                     deadline_s=options.deadline_s)
     folder = None if options.no_cache else (options.cache_dir or Path(characters_file).parent / ".serve-cache")
     renderer = Renderer(characters, device=options.device, precision=options.precision)
-    # a character without width and height whose model's configs were not here before it loaded (a hub id fetched
-    # now): the side its model was made for, as the loaded pipeline says
-    characters = {name: sized(character, renderer.model_family(name)[1]) for name, character in characters.items()}
+    # a character without width and height, steps, guidance or sampler whose model's configs were not here before it
+    # loaded (a hub id fetched now): its model's side and its family's defaults, as the loaded pipeline says
+    characters = {name: with_family_defaults(sized(character, renderer.model_family(name)[1]),
+                                             renderer.draw_defaults(name))
+                  for name, character in characters.items()}
     service = Service(characters, renderer, limits=limits, cache=ImageCache(folder, options.cache_mb * 1024 * 1024))
     never = service.never_drawn()  # after the models load: the tokens are their tokenizers', the family their own
     if never:

@@ -7,10 +7,12 @@ trained as `<sks>`) cannot share a tokenizer: the second gets its own copy of th
 
 Prompts are measured with the slot's own copies of the pipeline's tokenizers (`TokenCounter`), never with the
 pipeline's: a tokenizer call sets state that the next call reads, and the pipeline is the worker thread's alone.
+What a model reads of a prompt is its family's (characters.compiler.family_budget): CLIP's 77 tokens for SD and
+SDXL; for Flux.1 and SD3 T5's max_sequence_length for the whole prompt, and CLIP's 77 for the identity.
 
 A render request whose fragments all weigh 1.0 is drawn from its prompt text, exactly as `dreambooth generate`
-draws that prompt; weighted fragments (an emotion's intensity) become weighted embeddings through compel, which
-builds them from (text, weight) pairs.
+draws that prompt; weighted fragments (an emotion's intensity) become weighted embeddings, compel's weighting applied
+to every text encoder the family's pipeline reads, T5 included (`WEIGHTED`, one function per family, at the end).
 """
 
 from __future__ import annotations
@@ -18,24 +20,27 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreambooth.characters.character import Character
-from dreambooth.characters.compiler import RenderRequest, token_counter, token_limit
+from dreambooth.characters.character import Character, family_defaults
+from dreambooth.characters.compiler import Budget, RenderRequest, family_budget, token_counter, token_limit
 from dreambooth.errors import UserError
 from dreambooth.formats.lora import find_lora_file, new_tokens, token_file_for
 from dreambooth.formats.lora_fit import check_lora_fits
-from dreambooth.formats.lora_loading import load_lora_adapter, text_sides
-from dreambooth.generate import png_info
-from dreambooth.models.base import config_folder, model_identity
-from dreambooth.models.families import folder_family
+from dreambooth.formats.lora_loading import load_lora_adapter
+from dreambooth.generate import GenerationSettings, png_info
+from dreambooth.models.base import model_identity
+from dreambooth.models.families import FAMILIES, Family, pipeline_family
 from dreambooth.models.loading import load_pipeline, make_scheduler, pick_device, pick_dtype
+from dreambooth.serving.service import TextRules
 
 
 class TokenCounter:
-    """A prompt's tokens as a pipeline's tokenizers count them (the most of SDXL's two), on copies of its own.
+    """A prompt's tokens as some of a pipeline's tokenizers count them (the most of SDXL's two CLIPs; Flux's or SD3's
+    T5; their CLIPs, for the identity), on copies of its own.
 
     A transformers tokenizer keeps padding and truncation on its backend between calls, and every call sets them:
     counting with the pipeline's tokenizer (truncation off, no padding) from a request thread, while the worker thread
@@ -43,10 +48,10 @@ class TokenCounter:
     torch.cat failed ("Expected size 2 but got size 77"; ~2% of renders under /v1/compile + /v1/render load). The
     copies are shared by the request threads (sync endpoints run in a thread pool), so calls take turns."""
 
-    def __init__(self, tokenizers: list):
+    def __init__(self, tokenizers: list, limit: int | None = None):
         self.tokenizers = [copy.deepcopy(tokenizer) for tokenizer in tokenizers]
         self.counters = [token_counter(tokenizer) for tokenizer in self.tokenizers]
-        self.limit = min(token_limit(tokenizer) for tokenizer in self.tokenizers)
+        self.limit = limit if limit is not None else min(token_limit(tokenizer) for tokenizer in self.tokenizers)
         self._lock = threading.Lock()
 
     def __call__(self, text: str) -> int:
@@ -60,11 +65,24 @@ class Slot:
 
     pipe: object
     model: str
+    family: Family
     tokens: set[str] = field(default_factory=set)
     adapters: bool = False
     schedulers: dict = field(default_factory=dict)
-    compel: object = None
-    counter: TokenCounter | None = None  # the request threads' tokenizers, copied once every LoRA is loaded
+    weighting: dict = field(default_factory=dict)  # what the weighted embeddings keep between batches (compel)
+    budget: Budget | None = None
+    # the request threads' tokenizers, copied once every LoRA is loaded: the whole prompt's, and where those are
+    # T5's, the identity's (CLIP's)
+    counter: TokenCounter | None = None
+    identity: TokenCounter | None = None
+    negative_prompt: bool = True  # whether its pipeline draws with a negative prompt (Flux.1's does not)
+
+    def call_kwargs(self) -> dict:
+        """What every call of its pipeline passes beside the prompt: T5's length, where it has T5, so that the
+        length prompts were measured against is the one they are drawn with (Flux.1 schnell: 256, not
+        FluxPipeline's 512)."""
+        length = self.budget.sequence_length
+        return {} if length is None else {"max_sequence_length": length}
 
 
 @dataclass
@@ -116,13 +134,19 @@ class Renderer:
         for character in characters.values():
             self.drawn[character.name] = self._place(character)
         for slot in self.slots:  # after the LoRAs, whose new tokens the copies must know
-            slot.counter = TokenCounter([tokenizer for _, tokenizer, _ in text_sides(slot.pipe)])
+            tokenizers = {t.tokenizer: getattr(slot.pipe, t.tokenizer, None) for t in slot.family.text_encoders}
+            slot.budget = family_budget(slot.family, tokenizers)
+            slot.counter = TokenCounter(list(slot.budget.prompt), slot.budget.limit)
+            if slot.budget.identity:
+                slot.identity = TokenCounter(list(slot.budget.identity), slot.budget.identity_limit)
         self._problems = {name: self._prepare_scheduler(drawn) for name, drawn in self.drawn.items()}
 
     # ------------------------------------------------------------------------------------------------ loading
     def _new_slot(self, model: str) -> Slot:
         pipe = load_pipeline(model, device=self.device, dtype=self.dtype)
-        slot = Slot(pipe=pipe, model=model, tokens=set(pipe.tokenizer.get_vocab()))
+        family = pipeline_family(pipe) or FAMILIES["sd1"]
+        slot = Slot(pipe=pipe, model=model, family=family, tokens=set(pipe.tokenizer.get_vocab()),
+                    negative_prompt=takes_negative_prompt(family))
         slot.schedulers["__base__"] = dict(pipe.scheduler.config)
         self.slots.append(slot)
         return slot
@@ -170,18 +194,35 @@ class Renderer:
     def max_tokens(self, name: str) -> int:
         return self.drawn[name].slot.counter.limit
 
+    def text_rules(self, name: str) -> TextRules:
+        """What the character's model reads of a prompt and how it draws (service.TextRules)."""
+        slot = self.drawn[name].slot
+        identity = slot.identity
+        return TextRules(count=slot.counter, limit=slot.counter.limit, encoder=slot.budget.encoder,
+                         count_identity=identity, identity_limit=identity.limit if identity else None,
+                         family=slot.family.title, negative_prompt=slot.negative_prompt,
+                         side_multiple=slot.family.side_multiple)
+
+    def draw_defaults(self, name: str) -> dict:
+        """The steps, guidance and sampler of the character's model's family, as its loaded pipeline says
+        (characters.character.family_defaults)."""
+        slot = self.drawn[name].slot
+        return family_defaults(slot.family, slot.pipe)
+
     def model_hash(self, name: str) -> str:
         return self.drawn[name].model_hash
 
     def model_family(self, name: str) -> tuple[str, int]:
-        """The family of the character's model, as models.base reads it from the model's config files, and the side
-        its UNet was made for, in pixels (SD 1.x 512, SD 2.x 768 or 512, SDXL 1024)."""
-        drawn = self.drawn[name]
-        pipe = drawn.slot.pipe
-        folder = config_folder(drawn.character.model)
-        family = folder_family(folder) if folder is not None else None
-        return family.title if family else "of a family this tool does not know", \
-            int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        """The family of the character's model and the side its pipeline draws when not told, in pixels (SD 1.x 512,
+        SD 2.x 768 or 512, SDXL, Flux and SD3 1024): its default sample size (the denoiser's, where the pipeline
+        keeps none) times the VAE's downscaling."""
+        slot = self.drawn[name].slot
+        pipe = slot.pipe
+        sample = getattr(pipe, "default_sample_size", None)
+        if sample is None:
+            sample = getattr(pipe, slot.family.denoiser).config.sample_size
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+        return slot.family.title, int(sample) * int(pipe.vae_scale_factor)
 
     def _activate(self, drawn: Drawn, scheduler: str) -> None:
         slot, pipe = drawn.slot, drawn.slot.pipe
@@ -195,69 +236,27 @@ class Renderer:
             slot.schedulers[scheduler] = make_scheduler(scheduler, slot.schedulers["__base__"])
         pipe.scheduler = slot.schedulers[scheduler]
 
-    def _weighted_embeddings(self, slot: Slot, request: RenderRequest):
-        """The prompt's embedding with each fragment at its weight (compel), and for SDXL the pooled embedding of the
-        plain prompt; the text is the prompt's own, split where the compiler joined it, so that weights of 1.0 would
-        give the plain prompt's tokens."""
-        from compel import Compel, ReturnedEmbeddingsType
-        from compel.prompt_parser import FlattenedPrompt
-
-        PENULTIMATE = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED  # noqa: N806
-
-        pipe = slot.pipe
-        sides = text_sides(pipe)
-        sdxl = len(sides) > 1
-        if slot.compel is None and sdxl:
-            # SDXL conditions on both encoders' penultimate hidden states side by side, and on the second's pooled
-            # output, as its pipeline's encode_prompt builds them
-            slot.compel = Compel(tokenizer=[tokenizer for _, tokenizer, _ in sides],
-                                 text_encoder=[encoder for *_, encoder in sides],
-                                 returned_embeddings_type=PENULTIMATE,
-                                 requires_pooled=[False, True], truncate_long_prompts=True, device=str(self.device))
-        elif slot.compel is None:
-            slot.compel = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
-                                 truncate_long_prompts=True, device=str(self.device))
-        parts = [(part["text"] if i == 0 else request.joiner + part["text"], float(part["weight"]))
-                 for i, part in enumerate(request.fragments)]
-        (conditioning, _), _ = slot.compel.build_conditioning_tensor_for_prompt_object(FlattenedPrompt(parts))
-        if not sdxl:
-            return conditioning, None
-        pooled = slot.compel.conditioning_provider.get_pooled_embeddings([request.prompt], device=str(self.device))
-        return conditioning, pooled
-
-    def _weighted_call(self, pipe, requests: list[RenderRequest], slot: Slot) -> dict:
-        """The pipeline's embedding arguments for a batch with weighted fragments; the negative prompts as usual."""
-        import torch
-
-        pairs = [self._weighted_embeddings(slot, r) for r in requests]
-        first = requests[0]
-        encoded = pipe.encode_prompt(prompt=[r.prompt for r in requests], device=pipe.device, num_images_per_prompt=1,
-                                     do_classifier_free_guidance=first.guidance > 1.0,
-                                     negative_prompt=[r.negative_prompt for r in requests])
-        embeds = {"prompt_embeds": torch.cat([c for c, _ in pairs]).to(pipe.dtype),
-                  "negative_prompt_embeds": encoded[1]}
-        if pairs[0][1] is not None:  # SDXL: (embeds, negative, pooled, negative pooled)
-            embeds.update(pooled_prompt_embeds=torch.cat([p for _, p in pairs]).to(pipe.dtype),
-                          negative_pooled_prompt_embeds=encoded[3])
-        return embeds
-
     def render(self, requests: list[RenderRequest]) -> list[bytes]:
         """PNGs of a batch of requests that share character, size, steps, guidance and sampler; one pipeline call."""
         import torch
 
         first = requests[0]
         drawn = self.drawn[first.character]
-        pipe = drawn.slot.pipe
+        slot = drawn.slot
+        pipe = slot.pipe
         generators = [torch.Generator(device=pipe.device).manual_seed(r.seed) for r in requests]
         shared = dict(num_inference_steps=first.steps, guidance_scale=first.guidance, height=first.height,
-                      width=first.width, generator=generators)
+                      width=first.width, generator=generators, **slot.call_kwargs())
         with self._lock, torch.inference_mode():
             self._activate(drawn, first.scheduler)
             if any(part["weight"] != 1.0 for r in requests for part in r.fragments):
-                out = pipe(**self._weighted_call(pipe, requests, drawn.slot), **shared)
-            else:
-                out = pipe(prompt=[r.prompt for r in requests], negative_prompt=[r.negative_prompt for r in requests],
+                weighted = WEIGHTED.get(slot.family.name, WEIGHTED["sd1"])
+                out = pipe(**weighted(pipe, requests, slot.weighting, self.device, slot.budget.sequence_length),
                            **shared)
+            else:
+                # Flux.1 takes no negative prompt (a character or request with one is refused before it gets here)
+                negative = {"negative_prompt": [r.negative_prompt for r in requests]} if slot.negative_prompt else {}
+                out = pipe(prompt=[r.prompt for r in requests], **negative, **shared)
             self.calls += 1
         return [self._png(image, request, drawn) for image, request in zip(out.images, requests)]
 
@@ -273,3 +272,172 @@ class Renderer:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", pnginfo=png_info(meta, f"{request.character} ({drawn.model_hash})", loras))
         return buffer.getvalue()
+
+
+def takes_negative_prompt(family: Family) -> bool:
+    """Whether the family's pipeline draws with a negative prompt, as its behaviour's check of generation settings
+    says (Flux.1, guidance-distilled, refuses one: its pipeline would ignore it)."""
+    try:
+        family.behaviour().check_drawing(GenerationSettings(prompts=[], negative_prompt="a negative prompt"))
+    except UserError:
+        return False
+    return True
+
+
+# -------------------------------------------------------------------------------------- weighted fragments
+# A batch's weighted fragments (an emotion's intensity) as the embeddings each family's pipeline takes.
+#
+# The weighting is compel's (Compel 2.x, `EmbeddingsProvider.get_embeddings_for_weighted_prompt_fragments`): a
+# fragment's tokens' hidden states are moved from the empty prompt's by its weight, `empty + (z - empty) * w`, and
+# a fragment weighted under 1 also blends the prompt towards itself encoded with the fragment masked out of attention,
+# by `tan((1 - w) * pi / 2)` against the prompt's 1 (so that a weight near 0 nearly removes it). SD 1.x/2.x and SDXL go
+# through compel itself, which takes the fragments as (text, weight) pairs and reads CLIP.
+#
+# Flux.1 and SD3 read the prompt through T5 as well, and compel 2.5 has no SD3 wrapper; its Flux one (`CompelForFlux`)
+# tokenizes each fragment alone, and SentencePiece then starts each with a word boundary of its own (`, happy` alone is
+# `▁ , ▁happy`, within the prompt `, ▁happy`), so weights of 1.0 would not give the prompt's own tokens. Here every
+# encoder reads the prompt as its pipeline tokenizes it (same padding, same length), each token takes the weight of the
+# fragment its characters belong to (the joiner before a fragment is the fragment's, as compel is given it on the CLIP
+# families), and compel's own `build_weighted_embedding_tensor` and `apply_embedding_weights` do the maths. The pooled
+# embeddings are the plain prompt's, as for SDXL: CLIP's pooled output is one vector for the whole prompt (compel does
+# not weight it either).
+
+def fragment_spans(request: RenderRequest) -> list[tuple[int, int, float]]:
+    """(start, end, weight) of each fragment's characters in the prompt, the joiner before it included."""
+    spans, at = [], 0
+    for i, part in enumerate(request.fragments):
+        start = at - (len(request.joiner) if i else 0)
+        at += (len(request.joiner) if i else 0) + len(part["text"])
+        spans.append((start, at, float(part["weight"])))
+    return spans
+
+
+def token_owners(offsets: list, special: list, spans: list[tuple[int, int, float]]) -> list[int | None]:
+    """The fragment each token's characters belong to (None: the start, end and padding tokens)."""
+    owners = []
+    for (start, _), is_special in zip(offsets, special):
+        owner = None if is_special else next((i for i, (a, b, _) in enumerate(spans) if a <= start < b), None)
+        owners.append(owner)
+    return owners
+
+
+def weighted_states(tokenizer, encoder, returned, request: RenderRequest, length: int, device):
+    """One prompt's hidden states, (1, length, width), with each fragment at its weight: compel's maths on the tokens
+    the pipeline gives the encoder (`returned`: compel's ReturnedEmbeddingsType of the states the pipeline takes)."""
+    import torch
+    from compel import EmbeddingsProvider
+
+    provider = EmbeddingsProvider(tokenizer=tokenizer, text_encoder=encoder, returned_embeddings_type=returned,
+                                  truncate=True, device=str(device), model_max_length=length)
+    tokens = tokenizer(request.prompt, padding="max_length", max_length=length, truncation=True,
+                       return_offsets_mapping=True, return_special_tokens_mask=True)
+    spans = fragment_spans(request)
+    owners = token_owners(tokens.offset_mapping, tokens.special_tokens_mask, spans)
+    ids = torch.tensor(tokens.input_ids, dtype=torch.long, device=device)
+    weights = torch.tensor([1.0 if o is None else spans[o][2] for o in owners], dtype=torch.float32, device=device)
+    mask = torch.ones_like(ids)
+    states = [provider.build_weighted_embedding_tensor(ids, weights, mask, device=device)]
+    blend = [1.0]
+    for i, (_, _, weight) in enumerate(spans):
+        if weight < 1.0:
+            without = mask.clone()
+            without[torch.tensor([o == i for o in owners], device=device)] = 0
+            states.append(provider.build_weighted_embedding_tensor(ids, weights, without, device=device))
+            blend.append(math.tan((1.0 - max(weight, 1e-5)) * math.pi / 2))
+    stacked = torch.stack(states, dim=1)  # (1, k, length, width)
+    return provider.apply_embedding_weights(stacked, blend, normalize=True)
+
+
+# ------------------------------------------------------------------------------------------------ per family
+def sd_embeddings(pipe, requests: list[RenderRequest], cache: dict, device, sequence_length) -> dict:
+    """SD 1.x/2.x: compel over the CLIP encoder's last hidden states; the negative prompts as the pipeline encodes
+    them."""
+    import torch
+    from compel import Compel
+    from compel.prompt_parser import FlattenedPrompt
+
+    if "compel" not in cache:
+        cache["compel"] = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
+                                 truncate_long_prompts=True, device=str(device))
+    embeds = [cache["compel"].build_conditioning_tensor_for_prompt_object(FlattenedPrompt(_pairs(r)))[0][0]
+              for r in requests]
+    encoded = pipe.encode_prompt(prompt=[r.prompt for r in requests], device=pipe.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=requests[0].guidance > 1.0,
+                                 negative_prompt=[r.negative_prompt for r in requests])
+    return {"prompt_embeds": torch.cat(embeds).to(pipe.dtype), "negative_prompt_embeds": encoded[1]}
+
+
+def sdxl_embeddings(pipe, requests: list[RenderRequest], cache: dict, device, sequence_length) -> dict:
+    """SDXL: compel over both encoders' penultimate hidden states side by side, and the second's pooled output of
+    the plain prompt, as its pipeline's encode_prompt builds them."""
+    import torch
+    from compel import Compel, ReturnedEmbeddingsType
+    from compel.prompt_parser import FlattenedPrompt
+
+    if "compel" not in cache:
+        cache["compel"] = Compel(tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
+                                 text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
+                                 returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                                 requires_pooled=[False, True], truncate_long_prompts=True, device=str(device))
+    compel = cache["compel"]
+    embeds = [compel.build_conditioning_tensor_for_prompt_object(FlattenedPrompt(_pairs(r)))[0][0] for r in requests]
+    pooled = [compel.conditioning_provider.get_pooled_embeddings([r.prompt], device=str(device)) for r in requests]
+    encoded = pipe.encode_prompt(prompt=[r.prompt for r in requests], device=pipe.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=requests[0].guidance > 1.0,
+                                 negative_prompt=[r.negative_prompt for r in requests])
+    return {"prompt_embeds": torch.cat(embeds).to(pipe.dtype), "negative_prompt_embeds": encoded[1],
+            "pooled_prompt_embeds": torch.cat(pooled).to(pipe.dtype), "negative_pooled_prompt_embeds": encoded[3]}
+
+
+def flux_embeddings(pipe, requests: list[RenderRequest], cache: dict, device, sequence_length: int) -> dict:
+    """Flux.1: T5's hidden states weighted (they are all the per-token conditioning it has), CLIP's pooled embedding
+    of the plain prompt."""
+    import torch
+    from compel import ReturnedEmbeddingsType
+
+    last = ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED  # T5's last hidden state, as FluxPipeline takes it
+    embeds = [weighted_states(pipe.tokenizer_2, pipe.text_encoder_2, last, r, sequence_length, device)
+              for r in requests]
+    _, pooled, _ = pipe.encode_prompt(prompt=[r.prompt for r in requests], prompt_2=None, device=pipe.device,
+                                      max_sequence_length=sequence_length)
+    return {"prompt_embeds": torch.cat(embeds).to(pipe.dtype), "pooled_prompt_embeds": pooled}
+
+
+def sd3_embeddings(pipe, requests: list[RenderRequest], cache: dict, device, sequence_length: int) -> dict:
+    """SD3: both CLIPs' penultimate hidden states side by side, padded to T5's width, then T5's, each weighted, as
+    StableDiffusion3Pipeline.encode_prompt lays them out; the pooled embeddings of the plain prompt and the negative
+    prompts as it encodes them."""
+    import torch
+    from compel import ReturnedEmbeddingsType
+
+    penultimate = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED  # its clip_skip=None
+    last = ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED
+    encoded = pipe.encode_prompt(prompt=[r.prompt for r in requests], prompt_2=None, prompt_3=None,
+                                 device=pipe.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=requests[0].guidance > 1.0,
+                                 negative_prompt=[r.negative_prompt for r in requests],
+                                 max_sequence_length=sequence_length)
+    embeds = []
+    for i, request in enumerate(requests):
+        clip = torch.cat([weighted_states(tokenizer, encoder, penultimate, request, pipe.tokenizer_max_length, device)
+                          for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
+                                                     (pipe.tokenizer_2, pipe.text_encoder_2))], dim=-1)
+        if pipe.text_encoder_3 is not None:
+            t5 = weighted_states(pipe.tokenizer_3, pipe.text_encoder_3, last, request, sequence_length, device)
+        else:  # loaded without T5: the pipeline's zeros
+            t5 = encoded[0][i:i + 1, clip.shape[1]:].to(clip.dtype)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        embeds.append(torch.cat([clip, t5.to(clip.device)], dim=-2))
+    return {"prompt_embeds": torch.cat(embeds).to(pipe.dtype), "negative_prompt_embeds": encoded[1],
+            "pooled_prompt_embeds": encoded[2], "negative_pooled_prompt_embeds": encoded[3]}
+
+
+def _pairs(request: RenderRequest) -> list[tuple[str, float]]:
+    """The prompt's (text, weight) pairs for compel: its own text, split where the compiler joined it, so that weights
+    of 1.0 would give the plain prompt's tokens (CLIP splits words at spaces and punctuation alike)."""
+    return [(part["text"] if i == 0 else request.joiner + part["text"], float(part["weight"]))
+            for i, part in enumerate(request.fragments)]
+
+
+WEIGHTED = {"sd1": sd_embeddings, "sd2": sd_embeddings, "sdxl": sdxl_embeddings, "flux": flux_embeddings,
+            "sd3": sd3_embeddings}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -73,11 +74,29 @@ class RenderBody(BaseModel):
                                      "server's --deadline-s).")
 
 
+@dataclass(frozen=True)
+class TextRules:
+    """What a character's model reads of a prompt and how it draws (characters.compiler.family_budget): the whole
+    prompt within `limit` tokens of `encoder` as `count` counts them; where another encoder reads less of it (Flux
+    and SD3: CLIP reads the first 77 tokens, T5 the whole prompt), the identity within `identity_limit` as
+    `count_identity` counts them; whether its pipeline takes a negative prompt; the multiple its sides must be."""
+
+    count: Callable[[str], int]
+    limit: int
+    encoder: str = "CLIP"
+    count_identity: Callable[[str], int] | None = None
+    identity_limit: int | None = None
+    family: str = "its model"  # the family's title, for messages
+    negative_prompt: bool = True
+    side_multiple: int = 8
+
+
 class Renderer(Protocol):
     calls: int
 
     def count_tokens(self, name: str): ...
     def max_tokens(self, name: str) -> int: ...
+    # optional: text_rules(name) -> TextRules, where a model reads more than a CLIP prompt (Service.rules)
     def model_hash(self, name: str) -> str: ...
     def model_family(self, name: str) -> tuple[str, int]: ...
     def unusable(self, name: str) -> list[str]: ...
@@ -120,6 +139,14 @@ class Service:
                            f"({', '.join(sorted(self.characters))}).")
         return self.characters[name]
 
+    def rules(self, name: str) -> TextRules:
+        """The renderer's TextRules of the character's model; a renderer with count_tokens and max_tokens alone (the
+        tests' stand-in) reads prompts as CLIP does, with negative prompts."""
+        text_rules = getattr(self.renderer, "text_rules", None)
+        if text_rules is not None:
+            return text_rules(name)
+        return TextRules(count=self.renderer.count_tokens(name), limit=self.renderer.max_tokens(name))
+
     def compile(self, body: RenderBody, operator: bool) -> RenderRequest:
         """The render request of a body, checked against the limits; refusals name the field."""
         character = self.character(body.character)
@@ -128,29 +155,36 @@ class Service:
                            "`state` instead (GET /v1/state-schema).")
         if body.prompt is not None and body.state is not None:
             raise ApiError(422, "invalid_request", "give either `state` or `prompt`, not both.")
-        count, most = self.renderer.count_tokens(character.name), self.renderer.max_tokens(character.name)
+        rules = self.rules(character.name)
+        count, most = rules.count, rules.limit
         try:
             request = compile_prompt(character, body.state or CharacterState(), count_tokens=count, max_tokens=most,
-                                     vocabulary=self.vocabularies[character.name])
+                                     vocabulary=self.vocabularies[character.name],
+                                     identity_tokens=rules.count_identity, max_identity_tokens=rules.identity_limit)
         except UserError as e:
             raise ApiError(422, "invalid_character", str(e)) from None
+        reads = f"its {rules.encoder} text encoder reads {most}"
         if body.prompt is not None:
             tokens = count(body.prompt)
             if tokens > most:
-                raise ApiError(422, "prompt_too_long", f"`prompt` is {tokens} tokens; the text encoder reads "
-                               f"{most} (start and end included). Shorten it: it is not cut silently.")
+                raise ApiError(422, "prompt_too_long", f"`prompt` is {tokens} tokens; {reads} (start and end "
+                               "included). Shorten it: it is not cut silently.")
             request = dataclasses.replace(request, prompt=body.prompt, tokens=tokens, dropped=[],
                                           fragments=[{"slot": "prompt", "text": body.prompt, "weight": 1.0}])
+        if body.negative_prompt and not rules.negative_prompt:
+            raise ApiError(422, "invalid_request", f"`negative_prompt`: {rules.family} draws without a negative "
+                           "prompt (its pipeline would ignore it, not use it). Leave it out; say what the picture "
+                           "should show in `prompt` instead.")
         if body.negative_prompt is not None and count(body.negative_prompt) > most:
-            raise ApiError(422, "prompt_too_long", f"`negative_prompt` is {count(body.negative_prompt)} tokens; the "
-                           f"text encoder reads {most}. Shorten it: it is not cut silently.")
+            raise ApiError(422, "prompt_too_long", f"`negative_prompt` is {count(body.negative_prompt)} tokens; "
+                           f"{reads}. Shorten it: it is not cut silently.")
         changes = {k: getattr(body, k) for k in ("negative_prompt", "seed", "steps", "guidance", "width", "height")
                    if getattr(body, k) is not None}
         request = dataclasses.replace(request, **changes)
-        self._check_limits(request, body)
+        self._check_limits(request, body, rules.side_multiple)
         return request
 
-    def _check_limits(self, request: RenderRequest, body: RenderBody) -> None:
+    def _check_limits(self, request: RenderRequest, body: RenderBody, side_multiple: int = 8) -> None:
         """Each limit the request passes, named with this server's value and the option that sets it."""
         limits, problems = self.limits, []
         if request.steps > limits.max_steps:
@@ -159,8 +193,8 @@ class Service:
             problems.append(f"{request.width}x{request.height} is {request.width * request.height} pixels, more "
                             f"than this server's {limits.max_pixels} (--max-pixels)")
         for side in ("width", "height"):
-            if getattr(request, side) % 8:
-                problems.append(f"{side} {getattr(request, side)} is not a multiple of 8")
+            if getattr(request, side) % side_multiple:
+                problems.append(f"{side} {getattr(request, side)} is not a multiple of {side_multiple}")
         if body.n > limits.max_images:
             problems.append(f"n {body.n} is more images than this server's {limits.max_images} a request "
                             "(--max-images)")
@@ -183,6 +217,7 @@ class Service:
         limits, found = self.limits, []
         for name, character in self.characters.items():
             problems = list(self.renderer.unusable(name))
+            rules = self.rules(name)
             pixels = character.width * character.height
             if pixels > limits.max_pixels:
                 family, side = self.renderer.model_family(name)
@@ -192,19 +227,42 @@ class Service:
             if character.steps > limits.max_steps:
                 problems.append(f"its steps {character.steps} are more than --max-steps {limits.max_steps}: raise "
                                 f"--max-steps to at least {character.steps}, or lower its steps")
-            count, most = self.renderer.count_tokens(name), self.renderer.max_tokens(name)
-            identity = character.prompt_template.format(identifier=character.identifier,
-                                                        class_word=character.class_word)
-            for key, text in (("prompt_template", identity), ("negative_prompt", character.negative_prompt or "")):
-                if count(text) > most:  # no option raises a text encoder's length
-                    problems.append(f"its {key} makes {count(text)} tokens, more than its text encoder's {most}: "
-                                    f"shorten {key}")
+            problems += self._text_problems(character, rules)
             for option, value in (("--max-images", limits.max_images), ("--max-queue", limits.max_queue)):
                 if value < 1:
                     problems.append(f"{option} {value} admits no image: raise {option} to at least 1")
             if problems:
                 found.append(f"{name}: " + "; ".join(problems))
         return found
+
+    @staticmethod
+    def _text_problems(character: Character, rules: TextRules) -> list[str]:
+        """What of the character's own text its model cannot read as written: its identity over the tokens of any of
+        its text encoders, a negative prompt its pipeline does not take, or one over its tokens; its sides not a
+        multiple of its family's (Flux and SD3: 16)."""
+        count, most, problems = rules.count, rules.limit, []
+        identity = character.prompt_template.format(identifier=character.identifier, class_word=character.class_word)
+        texts = [("prompt_template", identity, count, most, rules.encoder)]
+        if rules.count_identity is not None:  # the CLIP that reads the prompt's first tokens only
+            texts.append(("prompt_template", identity, rules.count_identity, rules.identity_limit, "CLIP"))
+        if character.negative_prompt and not rules.negative_prompt:
+            problems.append(f"its negative_prompt: {rules.family} draws without a negative prompt (its pipeline "
+                            "would ignore it, not use it): remove negative_prompt, and put what the pictures should "
+                            "show in its prompt_template, appearance or style")
+        else:
+            texts.append(("negative_prompt", character.negative_prompt or "", count, most, rules.encoder))
+        for key, text, counter, limit, encoder in texts:
+            if counter(text) > limit:  # no option raises a text encoder's length
+                problems.append(f"its {key} makes {counter(text)} tokens, more than its text encoder's {limit} "
+                                f"({encoder}): shorten {key}")
+        step = rules.side_multiple
+        for side in ("width", "height"):
+            value = getattr(character, side)
+            if value is not None and value % step:
+                problems.append(f"its {side} {value} is not a multiple of {step} ({rules.family} draws in steps of "
+                                f"{step} pixels): set its {side} to {max(step, value // step * step)} or "
+                                f"{value // step * step + step}")
+        return problems
 
     # ------------------------------------------------------------------------------------------- drawing
     def _draw(self, items: list[tuple[RenderRequest, str]]) -> list[bytes]:
