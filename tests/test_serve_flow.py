@@ -340,3 +340,21 @@ def test_a_lora_character_of_another_family_is_refused_before_any_model_loads(mo
         build_service(path, ServeOptions(characters=path, no_cache=True))
     assert f"is {what} and cannot be applied to {base}" in str(refused.value)
     assert "character mixed's model" in str(refused.value)
+
+
+def test_init_for_a_flux_model_writes_a_character_its_family_draws(models, tmp_path, capsys, monkeypatch):
+    """`dreambooth init --model FLUX` leaves steps, guidance and sampler to the family and writes no negative prompt
+    (Flux's pipeline draws without one), so compile-prompt takes its character as written."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    cli_run(capsys, "init", "p", "--model", models["flux-tiny"], "--identifier", "sks", "--class-word", "dog")
+    written = yaml.safe_load((tmp_path / "p" / "characters.yaml").read_text())["characters"][0]
+    assert written["negative_prompt"] is None and written["steps"] is None and written["scheduler"] is None
+    written["model"] = str(models["flux-tiny"])  # the run's output folder stands in: the base model
+    (tmp_path / "p" / "characters.yaml").write_text(yaml.safe_dump({"characters": [written]}))
+    state = tmp_path / "state.json"
+    state.write_text("{}")
+    record = json.loads(cli_run(capsys, "compile-prompt", "--characters", tmp_path / "p" / "characters.yaml",
+                                "--character", "sks", "--state", state))
+    assert record["steps"] == 28 and record["negative_prompt"] in ("", None)

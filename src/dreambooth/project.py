@@ -12,6 +12,7 @@ from dreambooth.config_file import resolve_model_ref
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import write_text_atomic
 from dreambooth.models.base import is_hub_id
+from dreambooth.models.families import folder_family
 
 PROJECT_README = """# DreamBooth project: {identifier} {class_word}
 
@@ -45,14 +46,19 @@ def project_config(identifier: str, class_word: str, model: str | None) -> dict:
     }
 
 
-def project_characters(identifier: str, class_word: str) -> dict:
-    """The characters.yaml that init writes: the subject as a character of the trained model (`output`)."""
+def project_characters(identifier: str, class_word: str, model: str | None = None) -> dict:
+    """The characters.yaml that init writes: the subject as a character of the trained model (`output`). Size,
+    steps, guidance and sampler are left to the model's family (null); a Flux model draws without a negative
+    prompt, so its character has none."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", identifier).strip("_") or "character"
+    family = folder_family(model) if model else None
+    negative = None if family is not None and family.name == "flux" else "blurry, lowres"
     return {"characters": [{
         "name": name, "model": "output", "identifier": identifier, "class_word": class_word,
-        "appearance": [], "style": None, "negative_prompt": "blurry, lowres",
+        "appearance": [], "style": None, "negative_prompt": negative,
         "width": None, "height": None,  # null: the size the trained model was made for (SDXL 1024, SD 1.x 512)
-        "steps": 30, "guidance": 7.5, "scheduler": "dpm++", "seed_policy": "state", "seed": 0}]}
+        "steps": None, "guidance": None, "scheduler": None,  # null: the family's (SD: 30, 7.5, dpm++)
+        "seed_policy": "state", "seed": 0}]}
 
 
 def init_project(directory: Path, *, identifier: str, class_word: str, model: str | None,
@@ -78,7 +84,7 @@ def init_project(directory: Path, *, identifier: str, class_word: str, model: st
     characters = directory / "characters.yaml"
     if not characters.exists():  # the user's characters are kept, as the prompts are, even with --force
         header = "# Characters for `dreambooth compile-prompt` (`--schema` prints the state it reads).\n"
-        write_text_atomic(characters, header + yaml.safe_dump(project_characters(identifier, class_word),
+        write_text_atomic(characters, header + yaml.safe_dump(project_characters(identifier, class_word, model),
                                                               sort_keys=False))
     model_step = (f"The base model is `{model}` (`model.pretrained_model` in `config.yaml`)." if model else
                   "Set `model.pretrained_model` in `config.yaml` to a Stable Diffusion folder in diffusers format.")
