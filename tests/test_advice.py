@@ -116,6 +116,7 @@ def all_flags() -> dict[str, set[str]]:
 
 # A fragment of each suggestion's source text -> the test that runs it, or why it cannot run here.
 FLOW = "tests/test_flow_families.py::"
+EXPORT = "tests/test_export_flow.py::"
 COMMANDS = "tests/test_diffusers_commands.py::"
 SITES = {
     # training: the run folder
@@ -284,6 +285,19 @@ SITES = {
                                                                                "registry (and needs CUDA)",
     "measures SD 1.x/2.x models; {options.model} is": "reason: train and evaluate, which it names, are run for the "
                                                       "flow families in tests/test_flow_families.py",
+    # the flow families' exports (tests/test_export_flow.py)
+    "the kohya export writes SD 1.x/2.x, SDXL and Flux.1 LoRAs": EXPORT + "test_a_kohya_export_of_an_sd3_lora_is_"
+                                                                   "refused_naming_the_format_that_works",
+    "adapts transformer layer(s) with no place in": EXPORT + "test_a_flux_lora_layer_with_no_kohya_name_is_refused",
+    "It is not a plain {'Flux.1' if family": "reason: a transformer with tensors outside its family's layout (an odd "
+                                             "variant) that no model here makes; --format diffusers copies it",
+    "has keys the kohya export of a Flux LoRA cannot convert": "reason: a file with keys of another kind than "
+                                                               "LoRA layers, which no run here writes",
+    "which the kohya format cannot e": "reason: DoRA and LoRA biases, which no run here trains yet (issue 26)",
+    "lacks {counts[target] - len(pieces)} of its": "reason: a transformer missing part of a fused layer is a "
+                                                   "damaged file no model here makes; --format diffusers copies it",
+    "but the single file holds the transformer alone": EXPORT + "test_a_text_encoder_lora_is_not_merged_into_a_file_"
+                                                       "without_a_text_encoder",
     # diffusers' Flux and SD3 example commands (tests/test_diffusers_commands.py)
     "Prodigy is not supported yet; use --optimizer adamw": COMMANDS + "test_a_readme_command_passes_preflight_after_"
                                                             "the_changes_its_refusals_name",

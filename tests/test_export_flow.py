@@ -400,6 +400,8 @@ def test_a_kohya_export_of_an_sd3_lora_is_refused_naming_the_format_that_works(s
     with pytest.raises(UserError, match="SD3 LoRA.*--format diffusers"):
         export_command(args(sd3_lora, "kohya", tmp_path / "k.safetensors"))
     assert not list(tmp_path.iterdir())
+    export_command(args(sd3_lora, "diffusers", tmp_path / "d"))  # what the refusal names works
+    assert list((tmp_path / "d").glob("*.safetensors"))
 
 
 def test_a_lora_of_one_family_is_refused_on_a_model_of_another(tiny_model, flux_model, flux_lora, sd3_lora,
@@ -415,6 +417,9 @@ def test_a_text_encoder_lora_is_not_merged_into_a_file_without_a_text_encoder(fl
     with pytest.raises(UserError, match="adapts the text encoder.*--format kohya"):
         export_command(args(flux_model, "single-file", tmp_path / "a.safetensors", flux_lora))
     assert not list(tmp_path.iterdir())
+    export_command(args(flux_lora, "kohya", tmp_path / "k.safetensors"))  # what the refusal names works
+    export_command(args(flux_model, "diffusers", tmp_path / "merged", flux_lora))
+    assert (tmp_path / "k.safetensors").is_file() and (tmp_path / "merged" / "model_index.json").is_file()
 
 
 def test_a_flux_lora_layer_with_no_kohya_name_is_refused(flux_lora, tmp_path):
@@ -424,6 +429,8 @@ def test_a_flux_lora_layer_with_no_kohya_name_is_refused(flux_lora, tmp_path):
     save_file(tensors, tmp_path / "odd.safetensors", metadata={"dreambooth.base_family": "flux"})
     with pytest.raises(UserError, match="no place in Black Forest Labs' Flux.1 layout.*pos_embed"):
         export_command(args(tmp_path / "odd.safetensors", "kohya", tmp_path / "k.safetensors"))
+    export_command(args(tmp_path / "odd.safetensors", "diffusers", tmp_path / "d"))  # as the refusal says
+    assert list((tmp_path / "d").glob("*.safetensors"))
 
 
 def test_merging_a_kohya_file_diffusers_cannot_split_is_a_clear_refusal(flux_model, every_layer_lora, tmp_path):

@@ -414,4 +414,4 @@ def test_a_kohya_flux_file_from_elsewhere_is_read_as_flux(flux_model, sd3_model,
     assert "is a Flux.1 LoRA and cannot be applied to" in err
     err = cli_run(capsys, "generate", "--model", flux_model, "--lora", bare, "--prompt", "x", "--height", "64",
                   "--width", "64", "--steps", "1", "--out", tmp_path / "b", code=2)
-    assert "could not be loaded into" in err
+    assert "kohya Flux reader could not convert it" in err

@@ -58,14 +58,8 @@ def fuse_flow_loras(pipe, loras: Sequence[tuple[Path, float]], model: Path | str
     names = []
     for i, (path, _) in enumerate(loras):
         name = f"export_{i}"
-        try:
-            file = load_lora_adapter(pipe, path, name, model, flag="SRC")
-            expected, loaded = _expected_layers(pipe, file), _loaded_layers(pipe, name)
-        except AssertionError:  # diffusers' kohya Flux reader asserts FLUX.1's widths
-            raise UserError(f"LoRA {path}: diffusers' kohya Flux reader could not convert it. It splits a single "
-                            "block's linear1 at FLUX.1's own widths (3 x 3072 + 12288), so a kohya file of a Flux "
-                            "model of another width does not load in diffusers; merge the LoRA's diffusers-format "
-                            "original.") from None
+        file = load_lora_adapter(pipe, path, name, model, flag="SRC")  # refuses what diffusers cannot convert
+        expected, loaded = _expected_layers(pipe, file), _loaded_layers(pipe, name)
         if loaded != expected:
             why = (f" diffusers' kohya reader drops the adapters of Flux's {KOHYA_DROPPED}; merge the LoRA's "
                    "diffusers-format original" if is_kohya(read_safetensors(file)[0]) else

@@ -131,8 +131,12 @@ def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | N
                 pipe.load_lora_weights(source, adapter_name=adapter_name)
             else:
                 pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
-    except (ValueError, KeyError, RuntimeError, TypeError, AssertionError) as e:
-        # AssertionError: diffusers' kohya Flux converter asserts FLUX.1's own widths (a narrower model's file)
+    except AssertionError:  # diffusers' kohya Flux converter asserts FLUX.1's own widths
+        raise UserError(f"LoRA {file}: diffusers' kohya Flux reader could not convert it. It splits a single "
+                        "block's linear1 at FLUX.1's own widths (3 x 3072 + 12288), so a kohya file of a Flux model "
+                        "of another width does not load in diffusers; use the LoRA's diffusers-format original (its "
+                        "run's pytorch_lora_weights.safetensors).") from None
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise load_failure(file, e, model) from None
     note_other_base(file, model)
     load_token_embeddings(pipe, file, bundled_embeddings(tensors))
