@@ -1,19 +1,20 @@
 """`dreambooth bench` (or `python bench/bench.py`): training speed and memory of this tool, and of diffusers'
-DreamBooth script beside it. Developer tooling: it lives in the repository, not in the installed package. One
-file of about 530 lines on purpose: a benchmark's numbers are trusted by reading, in one place, how both programs
-are set up, started, timed and compared.
+DreamBooth script beside it (for SDXL, Flux.1 and SD3, that family's script). Developer tooling: it lives in the
+repository, not in the installed package. One file of about 750 lines on purpose: a benchmark's numbers are trusted
+by reading, in one place, how both programs are set up, started, timed and compared.
 
-Both programs run as subprocesses with the same diffusers-style flag list, the same data (5 instance photos and
-the same pre-filled class folder, so neither generates class images in the timed part) and the same thread
-count. Neither program is changed: a `sitecustomize.py` on the child's PYTHONPATH registers a global optimizer
-step hook (timer/sitecustomize.py) that records the clock after every optimizer step, so both are timed by the same
-clock with the same definition of a step. Reported per program:
+Both programs run as subprocesses with the same diffusers-style flag list (Flux.1 and SD3 add their own, FLOW_FLAGS),
+the same data (5 instance photos and the same pre-filled class folder, so neither generates class images in the timed
+part), the same thread count and OpenMP wait policy. Neither program is changed: a `sitecustomize.py` on the child's
+PYTHONPATH registers a global optimizer step hook (timer/sitecustomize.py) that records the clock after every
+optimizer step, so both are timed by the same clock with the same definition of a step. Reported per program:
 
 - s/step: median of consecutive step-end differences after `warmup` steps (start-up, model loading and
-  saving excluded); samples/s = images per step (instance + class) / s/step.
+  saving excluded); samples/s = images per step (instance + class) / s/step. CPU s/step: the same median of the
+  process's CPU time, which other work on a shared CPU delays but does not add to.
 - peak memory: GPU, torch's max allocated memory up to the last step; CPU, the process's peak RSS up to the
   last step (the final save is excluded from both; the whole-process peak is kept beside it).
-- MFU (GPU only): model FLOPs of one training step (VAE encode + UNet forward and backward of the batch, counted
+- MFU (GPU only): model FLOPs of one training step (VAE encode + UNet or transformer forward and backward, counted
   by FlopCounterMode on the meta device with plain attention, so the same number for both programs) per second,
   over the device's dense bf16 peak.
 - wall time of the training process, from launch to exit. With `fresh_class_images` each run starts with an
@@ -43,7 +44,16 @@ from dreambooth.options import option, parse_settings, problems
 HERE = Path(__file__).resolve().parent
 REPOSITORY = HERE.parent
 TIMES_ENV = "DREAMBOOTH_BENCH_TIMES"
-BUILT_MODELS = ("tiny", "small", "sd15")
+BUILT_MODELS = ("tiny", "small", "sd15", "flux-tiny", "flux-schnell-tiny", "sd3-tiny")
+BUILT_FAMILY = {"tiny": "sd1", "small": "sd1", "sd15": "sd1", "flux-tiny": "flux", "flux-schnell-tiny": "flux",
+                "sd3-tiny": "sd3"}
+# diffusers' DreamBooth script for each family: the file name's part after train_dreambooth[_lora]
+PEER_SUFFIX = {"sd1": "", "sd2": "", "sdxl": "_sdxl", "flux": "_flux", "sd3": "_sd3"}
+# The flow families' flags in diffusers' names, given to both programs with the value both default to, so that a
+# reader sees them and neither program's default can drift: T5's token length, the timestep density, and (Flux.1 dev
+# only, whose transformer embeds it) the guidance the transformer reads in training.
+FLOW_FLAGS = {"flux": {"max_sequence_length": 512, "weighting_scheme": "none", "guidance_scale": 3.5},
+              "sd3": {"max_sequence_length": 77, "weighting_scheme": "logit_normal"}}
 INSTANCE_PROMPT = "a photo of sks toy"
 CLASS_PROMPT = "a photo of a toy"
 INSTANCE_IMAGES = 5
@@ -63,8 +73,8 @@ class BenchSettings:
     The options of `dreambooth bench` and `python bench/bench.py`.
     """
 
-    model: str = option("tiny", help="tiny, small or sd15 (random weights, built under --out) or a diffusers model "
-                        "folder.")
+    model: str = option("tiny", help="tiny, small, sd15, flux-tiny, flux-schnell-tiny or sd3-tiny (random weights, "
+                        "built under --out) or a diffusers model folder of SD 1.x/2.x, SDXL, Flux.1 or SD3.")
     method: str = option("full", choices=("full", "lora"), help="Full fine-tuning or LoRA.")
     resolution: int | None = option(None, minimum=8, help="[default: the model's]")
     precision: str | None = option(None, choices=("no", "fp16", "bf16"), help="--mixed_precision of both programs "
@@ -75,8 +85,8 @@ class BenchSettings:
     rank: int = option(4, minimum=1, help="LoRA rank.")
     repeats: int = option(1, minimum=1, help="Runs per program, in alternating order; figures are their medians.")
     peer: Path | None = option(None, metavar="SCRIPT", help="diffusers' examples/dreambooth/train_dreambooth.py "
-                               "(train_dreambooth_lora.py for --method lora), run with the same flags beside this "
-                               "tool.")
+                               "(train_dreambooth_lora.py for --method lora; the _sdxl, _flux and _sd3 scripts for "
+                               "those families), run with the same flags beside this tool.")
     tv_shim: Path | None = option(None, help="A torchvision stand-in for the peer's process only [default: "
                                   "../shared/peer-tools/tv_shim when torchvision is missing].")
     out: Path = option(Path("runs/bench"), help="Working folder: models, data, runs.")
@@ -110,17 +120,56 @@ def check_settings(s: BenchSettings, cuda: bool) -> None:
         found.append("--lean-memory needs a CUDA GPU: bitsandbytes' 8-bit AdamW runs only there")
     elif s.lean_memory and importlib.util.find_spec("bitsandbytes") is None:
         found.append("--lean-memory needs bitsandbytes for 8-bit AdamW: `pip install bitsandbytes`")
-    if s.model not in BUILT_MODELS and not (Path(s.model) / "model_index.json").is_file():
-        found.append(f"--model {s.model!r} is neither tiny, small, sd15 nor a diffusers model folder "
-                     "(no model_index.json there)")
+    family = model_family(s.model)
+    if family is None:
+        found.append(f"--model {s.model!r} is neither one of {', '.join(BUILT_MODELS)} nor a diffusers model folder "
+                     "of a family this tool trains (no model_index.json there, or one naming another pipeline)")
+    elif s.resolution is not None and s.resolution % side_multiple(family):
+        found.append(f"--resolution {s.resolution} must be a multiple of {side_multiple(family)} for a "
+                     f"{family_title(family)} model")
     if s.peer is not None:
+        family = family or "sd1"
+        want = peer_script(family, s.method)
         if not s.peer.is_file():
             found.append(f"--peer {s.peer}: no such file; take examples/dreambooth/ from a diffusers clone")
-        elif ("lora" in s.peer.name) != (s.method == "lora"):
-            want = "train_dreambooth_lora.py" if s.method == "lora" else "train_dreambooth.py"
-            found.append(f"--peer {s.peer.name} does not match --method {s.method}; give {want}")
+        elif ("lora" in s.peer.name) != (s.method == "lora") or peer_family(s.peer.name) != PEER_SUFFIX[family]:
+            found.append(f"--peer {s.peer.name} does not match --method {s.method} on a {family_title(family)} "
+                         f"model; give {want}")
     if found:
         raise UserError("bench settings:\n  " + "\n  ".join(found))
+
+
+def model_family(model: str) -> str | None:
+    """The family name (dreambooth.models.families) of a built size or a model folder; None when unknown."""
+    if model in BUILT_FAMILY:
+        return BUILT_FAMILY[model]
+    from dreambooth.models.families import folder_family
+
+    family = folder_family(model)
+    return family and family.name
+
+
+def family_title(family: str) -> str:
+    from dreambooth.models.families import TITLES
+
+    return TITLES.get(family, family)
+
+
+def side_multiple(family: str) -> int:
+    from dreambooth.models.families import FAMILIES
+
+    return FAMILIES[family].side_multiple
+
+
+def peer_script(family: str, method: str) -> str:
+    """The name of diffusers' DreamBooth script for a family and method: train_dreambooth_lora_flux.py, ..."""
+    return f"train_dreambooth{'_lora' if method == 'lora' else ''}{PEER_SUFFIX[family]}.py"
+
+
+def peer_family(script: str) -> str:
+    """The family part of a diffusers script's name: "_flux" for train_dreambooth_lora_flux.py, "" for SD 1.x/2.x's
+    train_dreambooth[_lora].py."""
+    return script.removesuffix(".py").replace("train_dreambooth", "", 1).replace("_lora", "", 1)
 
 
 def device_info() -> dict:
@@ -151,22 +200,27 @@ def prepare_model(s: BenchSettings) -> tuple[Path, int]:
     if s.model not in BUILT_MODELS:
         model = Path(s.model).resolve()
         return model, s.resolution or default_resolution(model)
-    from dreambooth.models.tiny import DEFAULT_RESOLUTION, build_tiny_model
+    from dreambooth.models.tiny import DEFAULT_RESOLUTION
+    from dreambooth.models.tiny_families import build_model
+    from dreambooth.models.tiny_flow import DEFAULT_RESOLUTION as FLOW_RESOLUTION
 
-    resolution = s.resolution or DEFAULT_RESOLUTION[s.model]
+    resolution = s.resolution or {**DEFAULT_RESOLUTION, **FLOW_RESOLUTION}[s.model]
     folder = (s.out / "models" / f"{s.model}-{resolution}px").resolve()
     if not (folder / "model_index.json").is_file():
         t0 = time.perf_counter()
         shutil.rmtree(folder, ignore_errors=True)
-        build_tiny_model(folder, size=s.model, resolution=resolution, seed=0)
+        build_model(folder, size=s.model, resolution=resolution, seed=0)
         print(f"bench: built the {s.model} model in {time.perf_counter() - t0:.1f} s: {folder}")
     return folder, resolution
 
 
 def default_resolution(model: Path) -> int:
-    """The resolution a model folder was made for: UNet sample size times the VAE's downscaling."""
-    unet = json.loads((model / "unet" / "config.json").read_text())
+    """The resolution a model folder was made for: a UNet's sample size times the VAE's downscaling; a transformer
+    model's (Flux, SD3) VAE sample size, which diffusers' configs of those models set to the native side."""
     vae = json.loads((model / "vae" / "config.json").read_text())
+    if not (model / "unet" / "config.json").is_file():
+        return int(vae["sample_size"])
+    unet = json.loads((model / "unet" / "config.json").read_text())
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
@@ -208,12 +262,16 @@ def generate_class_images(class_dir: Path, model: Path, resolution: int, count: 
     import torch
 
     from dreambooth.config import SECTION_TYPES
+    from dreambooth.models.base import model_identity
     from dreambooth.models.loading import load_pipeline, pick_device, pick_dtype
     from dreambooth.training.class_images import default_batch_size, ensure_class_images
 
     device = pick_device()
+    # The identity training compares (a hash of the weights): without it, this tool's first run found the images
+    # made by another recipe and generated them again inside its timed run.
     images = ensure_class_images(
         class_dir, prompt=CLASS_PROMPT, model=str(model), resolution=resolution, num_images=count, seed=0,
+        model_identity=model_identity(model),
         load_pipe=lambda: load_pipeline(model, device=device, dtype=pick_dtype(None, device), safety_checker=False),
         batch_size=default_batch_size(device.type, resolution),
         steps=SECTION_TYPES["dataset"].model_fields["class_inference_steps"].default)
@@ -225,7 +283,8 @@ def generate_class_images(class_dir: Path, model: Path, resolution: int, count: 
 
 def train_flags(s: BenchSettings, model: Path, instance: Path, class_dir: Path, output: Path, resolution: int,
                 precision: str, tracker: str = "tensorboard") -> list[str]:
-    """diffusers' train_dreambooth.py flags; this tool takes the same list with the same meaning."""
+    """diffusers' train_dreambooth.py flags (and its Flux and SD3 scripts' for those families, `family_flags`); this
+    tool takes the same list with the same meaning."""
     flags = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance),
              "--instance_prompt", INSTANCE_PROMPT, "--with_prior_preservation", "--class_data_dir", str(class_dir),
              "--class_prompt", CLASS_PROMPT, "--num_class_images", str(s.num_class_images),
@@ -236,7 +295,29 @@ def train_flags(s: BenchSettings, model: Path, instance: Path, class_dir: Path, 
              # uninstalled tracker, so it gets "none" where TensorBoard is missing: neither program logs to it then.
              "--report_to", tracker]
     lean = ["--use_8bit_adam", "--gradient_checkpointing"] if s.lean_memory else []
-    return flags + lean + (["--rank", str(s.rank)] if s.method == "lora" else [])
+    return flags + family_flags(model, s.method) + lean + (["--rank", str(s.rank)] if s.method == "lora" else [])
+
+
+def family_flags(model: Path, method: str) -> list[str]:
+    """The flow families' own flags (FLOW_FLAGS), and for LoRA `--cache_latents`: diffusers' Flux and SD3 LoRA
+    scripts encode every image with the VAE at every step unless given it, which this tool never does (it caches
+    latents by default and takes the flag as a no-op), so without it the comparison would measure a setting, not the
+    programs. Their full fine-tuning scripts have no such flag: they encode at every step."""
+    family = model_family(str(model))
+    if family not in FLOW_FLAGS:
+        return []
+    flags = ["--cache_latents"] if method == "lora" else []
+    for name, value in FLOW_FLAGS[family].items():
+        if name == "guidance_scale" and not guidance_embedded(model):
+            continue  # Flux.1 schnell: no guidance embedding; this tool refuses the flag, diffusers' ignores it
+        flags += [f"--{name}", str(value)]
+    return flags
+
+
+def guidance_embedded(model: Path) -> bool:
+    """Whether a Flux folder's transformer embeds the guidance scale (Flux.1 dev: yes; schnell: no)."""
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    return bool(config.get("guidance_embeds"))
 
 
 def tv_shim_path(given: Path | None) -> Path | None:
@@ -255,12 +336,62 @@ def tv_shim_path(given: Path | None) -> Path | None:
                     "--tv-shim FOLDER with a stand-in (shared/peer-tools/tv_shim next to the repository)")
 
 
+# What diffusers' SDXL, Flux and SD3 scripts take from torchvision beyond the SD scripts' transforms, which the shared
+# stand-in has: their random-crop path calls `RandomCrop.get_params` and `transforms.functional.crop`. Added to a copy
+# of the stand-in (`peer_tv_shim`), with torchvision's meaning for PIL images; each module's marker says it is there.
+TV_SHIM_ADDITIONS = {
+    ("transforms", "functional.py"): ("def crop", """
+
+def crop(img, top, left, height, width):
+    return img.crop((left, top, left + width, top + height))
+"""),
+    ("transforms", "__init__.py"): ("get_params", """
+
+def _random_crop_params(img, output_size):
+    w, h = img.size
+    th, tw = output_size
+    if h < th or w < tw:
+        raise ValueError(f"Required crop size {(th, tw)} is larger than input image size {(h, w)}")
+    if (w, h) == (tw, th):
+        return 0, 0, h, w
+    i = torch.randint(0, h - th + 1, size=(1,)).item()
+    j = torch.randint(0, w - tw + 1, size=(1,)).item()
+    return i, j, th, tw
+
+
+RandomCrop.get_params = staticmethod(_random_crop_params)
+"""),
+}
+
+
+def peer_tv_shim(shim: Path | None, folder: Path) -> Path | None:
+    """A copy of the torchvision stand-in in `folder`, with what TV_SHIM_ADDITIONS adds where it is missing."""
+    if shim is None:
+        return None
+    copy = folder / "tv_shim"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(shim, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for parts, (marker, code) in TV_SHIM_ADDITIONS.items():
+        module = copy.joinpath("torchvision", *parts)
+        if module.is_file() and marker not in module.read_text():
+            module.write_text(module.read_text() + code)
+    return copy
+
+
 def child_env(timer_dir: Path, times: Path, threads: int, extra_path: list[Path]) -> dict[str, str]:
-    """The same environment for both programs, except for extra PYTHONPATH entries (the peer's shim)."""
+    """The same environment for both programs, except for extra PYTHONPATH entries (the peer's shim).
+
+    OpenMP's wait policy is set for both (PASSIVE, unless this process's environment says otherwise): this tool
+    picks passive waiting itself where nobody set it (training.speed.cpu_threading), diffusers' script keeps
+    libgomp's spinning threads, and on a CPU shared with other work spinning threads wait for the scheduler at
+    every parallel region (docs/bench.md, "A busy CPU"): the programs would be measured under different settings.
+    """
     env = dict(os.environ)
     paths = [str(p) for p in extra_path] + [str(timer_dir)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env.update({"PYTHONPATH": os.pathsep.join(paths), TIMES_ENV: str(times), "HF_HUB_OFFLINE": "1",
                 "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"})
+    if "GOMP_SPINCOUNT" not in env:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
@@ -312,10 +443,14 @@ def figures(record: dict, warmup: int, samples_per_step: int, flops: float | Non
     steps = [b - a for a, b in zip(t[warmup - 1:], t[warmup:])]
     s = statistics.median(steps)
     q1, _, q3 = statistics.quantiles(steps, n=4) if len(steps) > 1 else (s, s, s)
+    # CPU seconds of the process per step (all its threads; OpenMP threads wait passively, see child_env): the work
+    # a step took, which other processes on a shared CPU delay but do not add to, unlike the clock.
+    cpu = record.get("cpu_times") or []
+    cpu_s = statistics.median(b - a for a, b in zip(cpu[warmup - 1:], cpu[warmup:])) if len(cpu) > warmup else None
     gpu = bool(record["cuda_allocated"])
     peak_mem = (record["cuda_allocated"][-1] / 2**20) if gpu else record["rss_kb"][-1] / 1024
     whole = (record.get("cuda_allocated_exit", 0) / 2**20) if gpu else record["rss_kb_exit"] / 1024
-    return {"s_per_step_median": s, "s_per_step_q1": q1, "s_per_step_q3": q3,
+    return {"s_per_step_median": s, "s_per_step_q1": q1, "s_per_step_q3": q3, "cpu_s_per_step_median": cpu_s,
             "samples_per_s": samples_per_step / s, "peak_mem_mb": round(peak_mem, 1),
             "peak_mem_kind": "cuda max allocated" if gpu else "peak RSS", "peak_mem_whole_run_mb": round(whole, 1),
             "tflops_per_s": flops / s / 1e12 if flops else None,
@@ -328,8 +463,9 @@ def median_of_runs(runs: list[dict]) -> dict:
     """Each number is the median over the repeats; the rest is taken from the first."""
     out = dict(runs[0])
     for key, value in runs[0].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = statistics.median(r[key] for r in runs)
+        numbers = [r[key] for r in runs if isinstance(r[key], (int, float)) and not isinstance(r[key], bool)]
+        if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(numbers)
     return out
 
 
@@ -344,6 +480,8 @@ def step_flops(model: Path, method: str, resolution: int, rank: int, batch: int 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
+    if model_family(str(model)) in FLOW_FLAGS:
+        return flow_step_flops(model, method, resolution, rank, batch)
     try:
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
@@ -361,6 +499,56 @@ def step_flops(model: Path, method: str, resolution: int, rank: int, batch: int 
                 with torch.no_grad():
                     latents = vae.encode(pixels).latent_dist.sample()
                 pred = unet(latents, torch.zeros(batch, dtype=torch.long), context).sample
+                pred.float().pow(2).mean().backward()
+        return float(counter.get_total_flops())
+    except Exception as e:  # a model this counter cannot trace on meta still gets its timings
+        print(f"bench: could not count FLOPs ({type(e).__name__}: {e}); MFU left out")
+        return None
+
+
+def flow_step_flops(model: Path, method: str, resolution: int, rank: int, batch: int = 2) -> float | None:
+    """`step_flops` of a Flux or SD3 model: VAE encode and the transformer's forward and backward of `batch` images
+    with T5's prompt at the length both programs are given (FLOW_FLAGS; SD3 puts CLIP's 77 tokens before it)."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dreambooth.models.families import FAMILIES
+
+    family = model_family(str(model))
+    seq = FLOW_FLAGS[family]["max_sequence_length"]
+    cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+    try:
+        with torch.device("meta"):
+            transformer = cls.from_config(cls.load_config(model, subfolder="transformer"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae"))
+            vae.requires_grad_(False)
+            if method == "lora":
+                from peft import LoraConfig
+
+                transformer.requires_grad_(False)
+                transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                                   target_modules=list(FAMILIES[family].denoiser_lora_targets)))
+            c = transformer.config
+            pixels = torch.randn(batch, 3, resolution, resolution)
+            side = resolution // 2 ** (len(vae.config.block_out_channels) - 1)  # the latent side
+            t = torch.full((batch,), 0.5)
+            with FlopCounterMode(display=False) as counter:
+                with torch.no_grad():
+                    latents = vae.encode(pixels).latent_dist.sample()
+                if family == "flux":
+                    tokens = (side // 2) ** 2  # 2x2 latent patches, packed
+                    pred = transformer(
+                        hidden_states=torch.randn(batch, tokens, c.in_channels), timestep=t,
+                        guidance=t if c.guidance_embeds else None,
+                        pooled_projections=torch.randn(batch, c.pooled_projection_dim),
+                        encoder_hidden_states=torch.randn(batch, seq, c.joint_attention_dim),
+                        txt_ids=torch.zeros(seq, 3), img_ids=torch.zeros(tokens, 3), return_dict=False)[0]
+                else:
+                    pred = transformer(
+                        hidden_states=latents, timestep=t * 1000,
+                        encoder_hidden_states=torch.randn(batch, 77 + seq, c.joint_attention_dim),
+                        pooled_projections=torch.randn(batch, c.pooled_projection_dim), return_dict=False)[0]
                 pred.float().pow(2).mean().backward()
         return float(counter.get_total_flops())
     except Exception as e:  # a model this counter cannot trace on meta still gets its timings
@@ -403,7 +591,8 @@ def measure(s: BenchSettings, cmds: dict[str, list[str]], envs: dict[str, dict],
             if not s.keep_outputs:
                 shutil.rmtree(work / who, ignore_errors=True)
             f = runs[who][-1]
-            print(f"bench: {who} repeat {r + 1}: {f['s_per_step_median']:.4f} s/step, {f['peak_mem_mb']:.0f} MB, "
+            cpu = f" ({f['cpu_s_per_step_median']:.4f} CPU s)" if f["cpu_s_per_step_median"] is not None else ""
+            print(f"bench: {who} repeat {r + 1}: {f['s_per_step_median']:.4f} s/step{cpu}, {f['peak_mem_mb']:.0f} MB, "
                   f"{f['wall_s']:.1f} s")
     return runs
 
@@ -416,7 +605,7 @@ def run_bench(s: BenchSettings) -> dict:
     dev = device_info()
     cuda = dev["device"] != "cpu"
     check_settings(s, cuda)
-    shim = tv_shim_path(s.tv_shim) if s.peer else None
+    shim = peer_tv_shim(tv_shim_path(s.tv_shim), s.out.resolve()) if s.peer else None
     precision = s.precision or ("bf16" if cuda else "no")
     name = s.model if s.model in BUILT_MODELS else Path(s.model).name
     model, resolution = prepare_model(s)
@@ -437,16 +626,21 @@ def run_bench(s: BenchSettings) -> dict:
     peer = median_of_runs(runs["peer"]) if s.peer else None
     result = {
         "device": dev["device"], "device_key": dev["device_key"], "torch": torch.__version__, "model": name,
-        "method": s.method, "resolution": resolution, "precision": precision, "steps": s.steps, **ours,
+        "family": model_family(str(model)), "method": s.method, "resolution": resolution, "precision": precision,
+        "steps": s.steps, **ours,
         "peer": peer and {"script": s.peer.name, "script_sha256": sha256(s.peer), "tv_shim": shim and str(shim),
                           **peer},
         "speedup": peer and peer["s_per_step_median"] / ours["s_per_step_median"],
+        "cpu_time_ratio": peer and ours["cpu_s_per_step_median"] and peer["cpu_s_per_step_median"]
+        and peer["cpu_s_per_step_median"] / ours["cpu_s_per_step_median"],
         "memory_ratio": peer and ours["peak_mem_mb"] / peer["peak_mem_mb"],
         "warmup": s.warmup, "repeats": s.repeats, "samples_per_step": 2, "num_class_images": s.num_class_images,
         "rank": s.rank if s.method == "lora" else None, "flops_per_step": flops,
         "bf16_peak_flops": dev["bf16_peak_flops"], "class_images_s": round(class_s, 2),
         "class_images_in_run": s.fresh_class_images, "lean_memory": s.lean_memory, "tag": s.tag,
-        "ours_args": s.ours_arg, "both_args": s.both_arg, "bench_wall_s": round(time.perf_counter() - started, 2),
+        "ours_args": s.ours_arg, "both_args": s.both_arg,
+        "openmp": {k: envs["ours"].get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+        "bench_wall_s": round(time.perf_counter() - started, 2),
         "runs": runs,
         "commands": cmds,
         "machine": machine_facts(threads), "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -482,11 +676,13 @@ def _num(value, fmt: str, missing: str = "-") -> str:
 
 def format_table(results: list[dict]) -> str:
     """A markdown table, one row per result, this tool's figures beside diffusers' script's."""
-    rows = ["| device | model | method | px | precision | steps | s/step ours | s/step diffusers | speedup | "
+    rows = ["| device | family | model | method | px | precision | steps | s/step ours | s/step diffusers | speedup | "
             "peak MB ours | peak MB diffusers | memory ours/diffusers | class images | run s ours | run s diffusers | "
-            "run ours/diffusers | MFU ours | MFU diffusers |", "|" + "---|" * 18]
+            "run ours/diffusers | MFU ours | MFU diffusers |", "|" + "---|" * 19]
     size = {m: i for i, m in enumerate(BUILT_MODELS)}
-    for r in sorted(results, key=lambda r: (r["device"], size.get(r["model"], len(size)), r["model"], r["resolution"],
+    order = {f: i for i, f in enumerate(PEER_SUFFIX)}
+    for r in sorted(results, key=lambda r: (r["device"], order.get(result_family(r), len(order)),
+                                            size.get(r["model"], len(size)), r["model"], r["resolution"],
                                             r["method"], r["precision"], r.get("lean_memory", False),
                                             r.get("class_images_in_run", False))):
         p = r.get("peer") or {}
@@ -497,13 +693,19 @@ def format_table(results: list[dict]) -> str:
         made = "in the run" if r.get("class_images_in_run") else "beforehand"
         run_ratio = p.get("wall_s") and r["wall_s"] / p["wall_s"]
         rows.append(
-            f"| {r['device']} | {r['model']} | {method} | {r['resolution']} | {r['precision']} | {r['steps']} | "
+            f"| {r['device']} | {family_title(result_family(r))} | {r['model']} | {method} | {r['resolution']} | "
+            f"{r['precision']} | {r['steps']} | "
             f"{r['s_per_step_median']:.3f} | {_num(p.get('s_per_step_median'), '.3f')} | "
             f"{_num(r.get('speedup'), '.2f')}x | {r['peak_mem_mb']:.0f} | {_num(p.get('peak_mem_mb'), '.0f')} | "
             f"{_num(r.get('memory_ratio'), '.2f')} | {made} | {r['wall_s']:.1f} | {_num(p.get('wall_s'), '.1f')} | "
             f"{_num(run_ratio, '.2f')} | "
             f"{_num(r.get('mfu'), '.1%')} | {_num(p.get('mfu'), '.1%')} |")
     return "\n".join(rows).replace("| -x |", "| - |")
+
+
+def result_family(r: dict) -> str:
+    """A result's family; results from before families were recorded are SD 1.x's, or SDXL's by their model name."""
+    return r.get("family") or BUILT_FAMILY.get(r["model"]) or ("sdxl" if "sdxl" in r["model"] else "sd1")
 
 
 def read_results(results_dir: Path) -> list[dict]:

@@ -4,7 +4,9 @@
 # goes, and a failed step does not stop the next; everything lands in one folder, which regenerates the GPU rows of
 # docs/bench.md (`dreambooth bench --table --results OUT/results`).
 #
-#   bash bench/gpu.sh [OUT]          # OUT defaults to $OUT (the device tool's folder), else runs/gpu
+#   bash bench/gpu.sh [OUT]                 # OUT defaults to $OUT (the device tool's folder), else runs/gpu
+#   bash bench/gpu.sh [OUT] --flow flux     # instead of steps 2-5b: Flux.1-dev LoRA at 1024 px ("The flow stage")
+#   bash bench/gpu.sh [OUT] --flow sd3      # instead of steps 2-5b: SD3.5-large LoRA at 1024 px
 #
 # What the machine needs beside the repository (carried in, the machine has no network):
 #   .whl/      wheels the machine lacks, filled by `python bench/carry_wheels.py [--bitsandbytes]` (Python 3.12,
@@ -13,12 +15,29 @@
 #              bitsandbytes (for the lean-memory run; 43 MB, optional), and setuptools + wheel + packaging: with no
 #              network, pip cannot fetch a build environment, so this package installs with --no-build-isolation
 #              from what is there (bench/install_offline.sh, which tests/test_offline_install.py runs offline)
-#   runs/peer/examples/dreambooth/   diffusers' train_dreambooth.py and train_dreambooth_lora.py (bench/README.md)
+#   runs/peer/examples/dreambooth/   diffusers' train_dreambooth.py and train_dreambooth_lora.py, and for --flow
+#              train_dreambooth_lora_flux.py and train_dreambooth_lora_sd3.py (bench/README.md)
+#   runs/peer/tv_shim/   only where the machine has no torchvision: a copy of ../shared/peer-tools/tv_shim (bench
+#              completes it with the two names the Flux and SD3 scripts call)
 # Budget, about 9 minutes: install 0.5, model 0.5, 4 bench pairs x ~1.3, graph on/off pairs 2, class images 0.5,
 # profile 0.5, GPU tests 1.
+# Budget of --flow, one family per device session (one command of at most 10 minutes; 15 minutes of device time with
+# the start), as step limits: install 2 (expected ~0.5), facts 0.3, the model built on the GPU 2 (expected under 1:
+# seconds to initialise, then writing 34 GB for Flux, 27 GB for SD3.5), the LoRA pair 5.3 (expected ~4.5: FLOPs and
+# class images ~0.7, this tool ~1.3, diffusers' script ~2.5, whose start loads the transformer and T5 in float32 and
+# whose end reloads the whole pipeline), table 0.3: 10 minutes at most, ~7 expected. Estimates, not measurements: no
+# GPU has run it yet. Both families in one session do not fit; with a second session, `--flow sd3` after `--flow flux`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-${OUT:-runs/gpu}}
+OUT=${OUT:-runs/gpu}
+FLOW=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --flow) FLOW=${2:?"--flow needs flux or sd3"}; shift 2 ;;
+        *) OUT=$1; shift ;;
+    esac
+done
+case $FLOW in ""|flux|sd3) ;; *) echo "--flow $FLOW: give flux or sd3" >&2; exit 2 ;; esac
 mkdir -p "$OUT/results"
 LOG="$OUT/steps.log"
 PEER=runs/peer/examples/dreambooth
@@ -34,17 +53,68 @@ step() {  # step NAME SECONDS COMMAND...: runs it with a limit, its output in OU
     echo "$name rc=$rc $(( $(date +%s) - t0 ))s (at $(( $(date +%s) - started ))s)" | tee -a "$LOG"
 }
 
+tv_shim_flag() {  # the carried torchvision stand-in, where the machine has no torchvision
+    python -c "import torchvision" 2>/dev/null && return
+    [ -d runs/peer/tv_shim ] && echo "--tv-shim=runs/peer/tv_shim"
+}
+
 peer_flag() {  # the peer script for a method, when it was carried in
     local script=$PEER/train_dreambooth.py
     [ "$1" = lora ] && script=$PEER/train_dreambooth_lora.py
-    [ -f "$script" ] && echo "--peer=$script"
+    [ -f "$script" ] && echo "--peer=$script $(tv_shim_flag)"
 }
 
 # 1. Install what the machine lacks, then this package without touching its torch.
 step install 120 bash bench/install_offline.sh
-step facts 30 bash -c 'nvidia-smi; python -c "import torch, diffusers, transformers, accelerate, peft;
+FACTS_S=$([ -n "$FLOW" ] && echo 20 || echo 30)
+step facts "$FACTS_S" bash -c 'nvidia-smi; python -c "import torch, diffusers, transformers, accelerate, peft;
 print(torch.__version__, torch.version.cuda, diffusers.__version__, transformers.__version__, accelerate.__version__,
 peft.__version__, torch.cuda.get_device_name())"'
+
+# The flow stage (--flow flux|sd3, in place of steps 2-5b): Flux.1-dev or SD3.5-large LoRA at 1024 px beside diffusers'
+# script, on a random-weight model of the full architecture. It is built by models.tiny_flow's own builder (configs,
+# tokenizers, files, bfloat16 as published) with the weights made on the GPU: `dreambooth tiny-model DIR --size flux`
+# makes them on the CPU, where random initialisation alone took 58 s per billion parameters of Flux's blocks and 146 s
+# per billion of T5's (2026-12-07, one block of each, the shared 2-core CPU machine): ~20 minutes for Flux's 17 B, and
+# ~60 GB of RAM. Both programs: bf16, gradient checkpointing, LoRA rank 4, T5 at the family's length, latents cached
+# (--cache_latents; this tool caches latents and prompt embeddings anyway and moves the frozen encoders and VAE off the
+# GPU, training.offload_frozen); 1 + 1 images a step (prior preservation, 2 class images made beforehand).
+BUILD_ON_GPU='import sys, time, torch
+from dreambooth.models.tiny_families import build_model
+t0 = time.perf_counter()
+torch.set_default_dtype(torch.bfloat16)  # as published; the builder casts to it anyway
+with torch.device("cuda"):
+    build_model(sys.argv[1], size=sys.argv[2], seed=0)
+print(f"{sys.argv[2]}: built on {torch.cuda.get_device_name()} in {time.perf_counter() - t0:.0f} s, peak GPU memory "
+      f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB: {sys.argv[1]}")'
+PEAK='import json, pathlib, sys
+for f in sorted(pathlib.Path(sys.argv[1]).glob(f"*-{sys.argv[2]}-lora-1024-*.json")):
+    r = json.loads(f.read_text())
+    line = "%s: this tool %.3f s/step, peak GPU memory %.1f GiB" % (f.stem, r["s_per_step_median"],
+                                                                   r["peak_mem_mb"] / 1024)
+    p = r.get("peer")
+    if p:
+        line += "; diffusers %.3f s/step, %.1f GiB" % (p["s_per_step_median"], p["peak_mem_mb"] / 1024)
+    print(line)'
+
+flow_bench() {  # flow_bench flux|sd3: build, bench LoRA beside diffusers' script, print step times and peak memory
+    local size=$1 dir=runs/gpu-model/$1 script=$PEER/train_dreambooth_lora_$1.py
+    [ -f "$dir/model_index.json" ] || step model-$size 120 python -c "$BUILD_ON_GPU" "$dir" "$size"
+    df -h . | tail -1 | tee -a "$LOG"
+    step bench-$size-lora 320 dreambooth bench --model "$dir" --method lora --resolution 1024 --steps 8 --warmup 3 \
+        --num-class-images 2 --both-arg=--gradient_checkpointing --tag ckpt --results "$OUT/results" \
+        --out runs/gpu-bench $( [ -f "$script" ] && echo "--peer=$script" ) $(tv_shim_flag)
+    python -c "$PEAK" "$OUT/results" "$size" | tee -a "$LOG"
+    rm -rf "$dir"  # 34 GB (Flux) or 27 GB (SD3.5) of the 64 GB disk: one full model at a time
+}
+
+if [ -n "$FLOW" ]; then
+    flow_bench "$FLOW"
+    printf '%s\n%s\n' '<!-- bench-table:start -->' '<!-- bench-table:end -->' > "$OUT/bench-table.md"
+    step table 20 dreambooth bench --table --results "$OUT/results" --doc "$OUT/bench-table.md"
+    echo "done in $(( $(date +%s) - started ))s; see $LOG" | tee -a "$LOG"
+    exit 0
+fi
 
 # 2. The SD 1.5-shaped model (random weights, exact shapes), built once.
 [ -f "$MODEL/model_index.json" ] || step model 120 dreambooth tiny-model "$MODEL" --size sd15

@@ -18,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench import BenchSettings, check_settings, device_info, prepare_data, prepare_model, train_flags
+from bench import BUILT_MODELS, BenchSettings, check_settings, device_info, prepare_data, prepare_model, train_flags
 
 
 def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="small", help="tiny, small, sd15 or a diffusers model folder [small]")
+    p.add_argument("--model", default="small", help="a size bench builds (tiny, small, sd15, flux-tiny, sd3-tiny, ...) "
+                   "or a diffusers model folder [small]")
     p.add_argument("--method", default="full", choices=["full", "lora"])
     p.add_argument("--precision", choices=["no", "fp16", "bf16"], help="[bf16 on a GPU, no on the CPU]")
     p.add_argument("--step", type=int, default=10, help="The step recorded (at least 2); earlier ones warm up [10].")
@@ -54,7 +55,7 @@ def main() -> int:
                       warmup=1, out=args.work)
     check_settings(s, cuda)
     model, resolution = prepare_model(s)
-    name = args.model if args.model in ("tiny", "small", "sd15") else model.name
+    name = args.model if args.model in BUILT_MODELS else model.name
     out = args.out or Path("bench/results") / f"profile-{dev['device_key']}-{name}-{args.method}-{precision}"
     out.mkdir(parents=True, exist_ok=True)
     run_dir = (args.work / "runs" / f"profile-{name}-{args.method}").resolve()

@@ -52,6 +52,7 @@ def test_timer_records_every_optimizer_step_of_an_unchanged_program(tmp_path):
     assert len(record["times"]) == 3 * 3 + 2  # for-loop, foreach and fused AdamW, and accelerate's real steps
     assert record["times"] == sorted(record["times"])
     assert len(record["rss_kb"]) == 11 and record["rss_kb_exit"] >= record["rss_kb"][-1] > 0
+    assert len(record["cpu_times"]) == 11 and record["cpu_times"] == sorted(record["cpu_times"])
 
 
 def test_a_process_without_optimizer_steps_writes_nothing(tmp_path):
@@ -70,6 +71,9 @@ def test_step_time_is_the_median_difference_after_warmup():
     assert f["samples_per_s"] == pytest.approx(2 / 1.5)
     assert (f["peak_mem_mb"], f["peak_mem_whole_run_mb"]) == (1.0, 2.0)
     assert f["mfu"] is None and f["tflops_per_s"] == pytest.approx(4 / 1.5)
+    assert f["cpu_s_per_step_median"] is None  # a record from before the timer kept CPU times
+    record["cpu_times"] = [0.0, 2.0, 4.0, 6.0, 7.0, 9.0]  # steps 3..6 used 2, 2, 1, 2 CPU seconds
+    assert figures(record, warmup=2, samples_per_step=2, flops=None, peak=None)["cpu_s_per_step_median"] == 2.0
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +105,9 @@ def test_bench_reports_every_figure_from_exactly_the_steps_run(bench_dir, method
     assert not (bench_dir / "work" / "runs" / name / "ours").exists()  # outputs removed
     # fresh class images: made inside each timed run; otherwise once, before the timed runs
     assert result["class_images_in_run"] is fresh and (result["class_images_s"] == 0) is fresh
-    assert log.count("0 usable, 2 to generate (of 2 wanted)") == (2 if fresh else 1)
+    # made beforehand with the identity training compares, so that this tool's run finds them usable
+    assert log.count("0 usable, 2 to generate (of 2 wanted)") == (2 if fresh else 0)
+    assert ("2 usable, 0 to generate (of 2 wanted)" in log) is not fresh
     assert (str(bench_dir / "work" / "runs" / name / "ours-class") in result["commands"]["ours"]) is fresh
 
 
@@ -125,7 +131,7 @@ def test_lean_memory_gives_both_programs_8bit_adam_and_checkpointing(tmp_path):
     assert "--use_8bit_adam" not in train_flags(BenchSettings(), tmp_path, tmp_path, tmp_path, tmp_path, 64, "no")
     row = _result("cuda", "full", 0.02, 0.05)
     row["lean_memory"] = True
-    assert "| cuda | small | full, 8-bit AdamW + checkpointing | 128 |" in format_table([row])
+    assert "| cuda | SD 1.x | small | full, 8-bit AdamW + checkpointing | 128 |" in format_table([row])
 
 
 def _result(device, method, ours, peer=None, fresh=False):
@@ -149,12 +155,12 @@ def test_table_is_built_from_the_result_files(tmp_path):
     doc.write_text("# Bench\n\nbefore\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\nafter\n")
     table = write_table(doc, results)
     lines = table.splitlines()
-    assert len(lines) == 5 and lines[0].startswith("| device | model | method |")
-    full = "| cpu | small | full | 128 | no | 50 | 0.250 | 0.400 | 1.60x | 800 | 1000 | 0.80 |"
+    assert len(lines) == 5 and lines[0].startswith("| device | family | model | method |")
+    full = "| cpu | SD 1.x | small | full | 128 | no | 50 | 0.250 | 0.400 | 1.60x | 800 | 1000 | 0.80 |"
     assert lines[2].startswith(full + " beforehand | 30.0 | 40.0 | 0.75 |")
     assert lines[3].startswith(full + " in the run | 30.0 | 40.0 | 0.75 |")
-    assert lines[4].startswith("| cpu | small | LoRA r4 | 128 | no | 50 | 0.200 | - | - | 800 | - | - | beforehand | "
-                               "30.0 | - | - |")
+    assert lines[4].startswith("| cpu | SD 1.x | small | LoRA r4 | 128 | no | 50 | 0.200 | - | - | 800 | - | - | "
+                               "beforehand | 30.0 | - | - |")
     text = doc.read_text()
     assert "old" not in text and text.startswith("# Bench\n\nbefore\n") and text.endswith("after\n")
     assert table in text
@@ -171,7 +177,7 @@ def test_table_command_rewrites_the_doc_and_says_when_there_is_nothing(tmp_path,
     assert "no results in" in capsys.readouterr().err
     (results / "cpu-small-full-128-no.json").write_text(json.dumps(_result("cpu", "full", 0.25, 0.40)))
     assert main(["bench", "--table", "--results", str(results), "--doc", str(doc)]) == 0
-    assert "| cpu | small | full |" in doc.read_text()
+    assert "| cpu | SD 1.x | small | full |" in doc.read_text()
 
 
 def test_the_command_passes_every_argument_to_the_script(capsys):
@@ -231,3 +237,67 @@ def test_a_setting_of_both_programs_reaches_both_commands(tmp_path):
     assert "--train_text_encoder" in cmds["ours"] and cmds["peer"][-1] == "--train_text_encoder"
     row = {**_result("cpu", "lora", 0.02), "both_args": ["--train_text_encoder"], "tag": "te"}
     assert "(both: --train_text_encoder)" in format_table([row])
+
+
+def _flow_folder(root: Path, pipeline: str, guidance: bool | None = None) -> Path:
+    """A folder that says its family as a real one does (model_index.json; Flux's transformer config)."""
+    root.mkdir()
+    (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    if guidance is not None:
+        (root / "transformer").mkdir()
+        (root / "transformer" / "config.json").write_text(json.dumps({"guidance_embeds": guidance}))
+    return root
+
+
+def test_flow_families_get_their_flags_on_both_sides_and_their_own_peer_script(tmp_path):
+    """Flux and SD3: T5's length, the timestep density, Flux.1 dev's guidance and --cache_latents, the same for both
+    programs; the peer must be that family's script, the resolution a multiple of 16."""
+    from bench import commands
+
+    dev = _flow_folder(tmp_path / "flux-dev", "FluxPipeline", guidance=True)
+    schnell = _flow_folder(tmp_path / "flux-schnell", "FluxPipeline", guidance=False)
+    sd3 = _flow_folder(tmp_path / "sd3", "StableDiffusion3Pipeline")
+    want = {dev: ["--cache_latents", "--max_sequence_length", "512", "--weighting_scheme", "none",
+                  "--guidance_scale", "3.5"],
+            schnell: ["--cache_latents", "--max_sequence_length", "512", "--weighting_scheme", "none"],
+            sd3: ["--cache_latents", "--max_sequence_length", "77", "--weighting_scheme", "logit_normal"]}
+    for model, flags in want.items():
+        s = BenchSettings(method="lora", peer=tmp_path / "train_dreambooth_lora_flux.py")
+        cmds = commands(s, model, (tmp_path, tmp_path / "c", tmp_path / "pc"), tmp_path, 64, "no", False, 2)
+        for who in ("ours", "peer"):
+            line = " ".join(cmds[who])
+            assert " ".join(flags + ["--rank", "4"]) in line, (model.name, who)
+    assert "--cache_latents" not in train_flags(BenchSettings(), tmp_path, tmp_path, tmp_path, tmp_path, 64, "no")
+    full = train_flags(BenchSettings(method="full"), sd3, tmp_path, tmp_path, tmp_path, 64, "no")
+    assert full[-4:] == ["--max_sequence_length", "77", "--weighting_scheme", "logit_normal"]  # no --cache_latents
+
+    peer = tmp_path / "train_dreambooth_lora.py"
+    peer.write_text("")
+    with pytest.raises(UserError) as e:
+        check_settings(BenchSettings(model=str(dev), method="lora", peer=peer, resolution=72), cuda=False)
+    assert "give train_dreambooth_lora_flux.py" in str(e.value) and "multiple of 16" in str(e.value)
+    flux_full = tmp_path / "train_dreambooth_flux.py"
+    flux_full.write_text("")
+    check_settings(BenchSettings(model="flux-tiny", method="full", peer=flux_full), cuda=False)
+    with pytest.raises(UserError, match="give train_dreambooth_lora_sd3.py"):
+        check_settings(BenchSettings(model="sd3-tiny", method="lora", peer=flux_full), cuda=False)
+    row = {**_result("cpu", "lora", 0.05, 0.10), "model": "flux-tiny", "family": "flux", "resolution": 64}
+    assert "| cpu | Flux.1 | flux-tiny | LoRA r4 | 64 |" in format_table([row])
+
+
+def test_the_peer_torchvision_stand_in_gets_the_crop_the_flow_scripts_call(tmp_path):
+    """diffusers' SDXL, Flux and SD3 scripts call RandomCrop.get_params and transforms.functional.crop."""
+    shim = tmp_path / "shim" / "torchvision" / "transforms"
+    shim.mkdir(parents=True)
+    (shim.parent / "__init__.py").write_text("")
+    (shim / "__init__.py").write_text("import torch\n\n\nclass RandomCrop:\n    pass\n")
+    (shim / "functional.py").write_text("")
+    copy = bench.peer_tv_shim(tmp_path / "shim", tmp_path / "work")
+    check = ("from PIL import Image\nfrom torchvision import transforms\nfrom torchvision.transforms.functional "
+             "import crop\nimage = Image.new('RGB', (80, 64))\ni, j, h, w = transforms.RandomCrop.get_params(image, "
+             "(64, 64))\nassert i == 0 and 0 <= j <= 16 and (h, w) == (64, 64)\nassert crop(image, i, j, h, w).size "
+             "== (64, 64)\n")
+    subprocess.run([sys.executable, "-c", check], env={**os.environ, "PYTHONPATH": str(copy)}, check=True)
+    assert bench.peer_tv_shim(copy, tmp_path / "again") is not None  # a complete stand-in is copied as it is
+    assert (tmp_path / "again" / "tv_shim" / "torchvision" / "transforms" / "functional.py").read_text().count(
+        "def crop") == 1

@@ -4,7 +4,8 @@ a sitecustomize module at start-up.
 When torch.optim.optimizer is first imported, a global optimizer-step post-hook is registered. torch calls it
 after the step of every torch optimizer (AdamW for-loop, foreach or fused, bitsandbytes' 8-bit ones, and through
 accelerate's AcceleratedOptimizer, which forwards only real steps). It records the clock (after a CUDA
-synchronize, so the step has finished), the peak RSS so far and the peak CUDA memory so far. At exit a process
+synchronize, so the step has finished), the CPU time the process has used (all its threads), the peak RSS so far and
+the peak CUDA memory so far. At exit a process
 that stepped writes them to the JSON file named by DREAMBOOTH_BENCH_TIMES; a launcher that did not step writes
 nothing. Importing nothing heavy here keeps the program's own import order as it is.
 """
@@ -20,7 +21,8 @@ import time
 
 _OUT = os.environ.get("DREAMBOOTH_BENCH_TIMES")
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_REC = {"pid": os.getpid(), "argv": sys.argv, "times": [], "rss_kb": [], "cuda_allocated": [], "cuda_reserved": []}
+_REC = {"pid": os.getpid(), "argv": sys.argv, "times": [], "cpu_times": [], "rss_kb": [], "cuda_allocated": [],
+        "cuda_reserved": []}
 
 
 def _on_step(optimizer, args, kwargs):
@@ -29,6 +31,7 @@ def _on_step(optimizer, args, kwargs):
     if cuda:
         torch.cuda.synchronize()
     _REC["times"].append(time.perf_counter())
+    _REC["cpu_times"].append(time.process_time())
     _REC["rss_kb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     if cuda:
         _REC["cuda_allocated"].append(torch.cuda.max_memory_allocated())
