@@ -99,6 +99,7 @@ def flow_argv(model, photos, out, *extra, steps=4):
     return [*train_argv(model, photos, out, "--checkpointing_steps", "2", *extra, steps=steps)]
 
 
+@pytest.mark.smoke  # .ci/run also runs it against the newest releases the dependency ranges allow
 @pytest.mark.parametrize("kind", ["flux-lora", "sd3-full"])
 def test_a_flow_run_resumes_to_the_same_weights_and_loads_in_stock_diffusers(kind, flux_model, sd3_model, photos,
                                                                               tmp_path, capsys):
