@@ -38,7 +38,7 @@ LAYERS = {
                  "training.outputs", "training.class_images", "training.hub", "preflight", "training.graph_step",
                  "training.offload", "training.report", "training.report_page", "training.loop"],
     "evaluation": ["evaluation.scorers", "evaluation.evaluate", "evaluation.world", "evaluation.world_model",
-                   "evaluation.experiment", "evaluation.demo", "evaluation.compare"],
+                   "evaluation.world_model_flux", "evaluation.experiment", "evaluation.demo", "evaluation.compare"],
     "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.metrics", "serving.service",
                 "serving.renderer", "serving.chat", "serving.app"],
     "front doors": ["export", "project", "characters.commands", "serving.command", "cli", "__main__"],

@@ -184,7 +184,9 @@ class DemoOptions:
     """`dreambooth demo`: the built-in subject trained into the built-in model on a CPU, measured before and after."""
 
     out: Path = option(Path("demo-run"), help="Folder for everything.")
-    steps: int | None = option(None, minimum=1, help="Training steps [default: 900, the experiment's].")
+    steps: int | None = option(None, minimum=1, help="Training steps [default: the family's recipe, 900 for sd].")
+    family: str = option("sd", choices=("sd", "flux"), help="The built-in model: sd (Stable Diffusion's architecture) "
+                         "or flux (Flux.1's, guidance-distilled as FLUX.1-dev).")
 
 
 @dataclass(kw_only=True)

@@ -81,10 +81,58 @@ class Recipe:
     images_per_prompt: int = 8
     sample_steps: int = 20
     guidance: float = 7.5
+    sampler: str = "dpm++"  # the measured drawings' (`models.loading.make_scheduler`; "default": the model's own)
+    max_sequence_length: int | None = None  # Flux: T5's prompt length in training (training.max_sequence_length)
+    training_guidance: float | None = None  # Flux.1 dev: the guidance input in training (training.guidance_scale)
 
     def identifier_for(self, variant: Variant) -> str:
         """The identifier a variant trains and is measured with."""
         return self.lora_identifier if variant.method == "lora" else self.identifier
+
+
+# The Flux.1 demo's recipe (`dreambooth demo --family flux`, on `world_model_flux`'s model): a LoRA, as most Flux
+# DreamBooth runs are. How it was found, with every trial's figures: docs/world.md, "The Flux.1 model".
+FLUX_RECIPE = Recipe(
+    steps=1500,  # 1,000 read 0.55 (seed 1), and 0.85 with the class prior down to 0.75 (seed 0); 2,500 read 0.58
+    lora_lr=3e-3,
+    rank=16,
+    lora_targets=None,  # the Flux family's own: attention and feed-forward of both block kinds, as diffusers' script
+    # Neither CLIP nor its adapters train: CLIP reaches the transformer only through its pooled vector, which
+    # modulates every block, so teaching it "sks" moved every circle prompt (full fine-tuning: class prior 0.69
+    # against 0.88 without). T5 never trains (diffusers' scripts). The identifier is `sks`, as in diffusers' Flux
+    # examples; a new token `<sks>` (its CLIP row trained, T5 reading it as pieces) did worse (0.33-0.63).
+    train_text_encoder=False,
+    lora_identifier=world.IDENTIFIER,
+    # The guidance input held at 1 in training, as SimpleTuner and ai-toolkit train a guidance-distilled Flux (dev):
+    # the LoRA learns the plain conditional velocity where the distilled model gives it, and drawing at a higher
+    # guidance amplifies what it learned. At diffusers' default of 3.5 the LoRA reached fidelity 0.45-0.65.
+    training_guidance=1.0,
+    # The LoRA moves the class prompts little (class prior 0.91-1.00 at weight 1), so half the weight buys subject
+    # fidelity (seed 2: 0.60 -> 0.73) for little prior (0.94 -> 0.97, within the measure's noise).
+    prior_loss_weight=0.5,
+    sampler="default",  # the model's FlowMatchEulerDiscreteScheduler with Flux's resolution shift
+    # Drawn at 5, inside the 2-5 users draw FLUX.1-dev with (3.5 its default): the subject's bands came out
+    # orange-blurred at 3.5 more often (seed 2's LoRA: fidelity 0.45 at 3.5, 0.60 at 5, 0.58 at 7; the base's
+    # class prior 1.00 at each).
+    guidance=5.0,
+    # T5 prompts of 16 tokens in training (world prompts are at most 11): the model reads any padded length alike
+    # (world_model_flux, "The prompt length"), and 512, the pipeline's, would make a step several times dearer.
+    max_sequence_length=16,
+)
+RECIPES = {"sd": Recipe(), "flux": FLUX_RECIPE}
+# What the demo trains per family: the method the README's figures are for.
+DEMO_VARIANTS = {"sd": Variant("full + prior", "full", prior=True), "flux": Variant("lora + prior", "lora", prior=True)}
+
+
+def builtin_model(family: str = "sd") -> Path:
+    """The shipped world model of a family: "sd" (`world_model`) or "flux" (`world_model_flux`)."""
+    if family == "flux":
+        from dreambooth.evaluation.world_model_flux import builtin_flux_model_path
+
+        return builtin_flux_model_path()
+    from dreambooth.evaluation.world_model import builtin_model_path
+
+    return builtin_model_path()
 
 
 def write_instance_images(folder: Path, n: int = 5) -> Path:
@@ -117,6 +165,8 @@ def train_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: 
         "training.batch_size": recipe.batch_size,
         "lora.rank": recipe.rank, **({"lora.denoiser_target_modules": list(recipe.lora_targets)}
                                      if recipe.lora_targets else {}),
+        **({"training.max_sequence_length": recipe.max_sequence_length} if recipe.max_sequence_length else {}),
+        **({"training.guidance_scale": recipe.training_guidance} if recipe.training_guidance is not None else {}),
         "output.output_dir": str(work / "runs" / f"{_slug(variant)}-seed{seed}"),
         "output.checkpointing_steps": recipe.steps + 1, "output.logging_steps": 50, "output.report_to": "none",
         **(extra or {}),
@@ -149,12 +199,15 @@ def draw_prompts(model: Path, lora: Path | None, seed: int, recipe: Recipe,
     from dreambooth.generate import GenerationSettings, generate_images
     from dreambooth.models.loading import load_pipeline, pick_device
 
-    pipe = load_pipeline(model, device=pick_device(), dtype=torch.float32, scheduler="dpm++", safety_checker=False)
+    pipe = load_pipeline(model, device=pick_device(), dtype=torch.float32, scheduler=recipe.sampler,
+                         safety_checker=False)
     load_loras(pipe, [(lora, 1.0)] if lora else [])
     prompts = [p for p, _ in world.subject_prompts(identifier)] + [p for p, _ in world.class_prompts()]
-    # Image seeds differ from training seeds' neighbours by a wide stride, so seeds never share noise.
+    # Image seeds differ from training seeds' neighbours by a wide stride, so seeds never share noise. The side is
+    # the world's: FluxPipeline's default is 128 latent pixels whatever the model, not its VAE's sample size.
     settings = GenerationSettings(prompts=prompts, seeds=[1000 * (seed + 1)], num_images=recipe.images_per_prompt,
-                                  steps=recipe.sample_steps, guidance=recipe.guidance)
+                                  steps=recipe.sample_steps, guidance=recipe.guidance, height=world.SIZE,
+                                  width=world.SIZE)
     images: dict[str, list[Image.Image]] = {p: [] for p in prompts}
     for image, meta in generate_images(pipe, settings, batch_size=32):
         images[meta["prompt"]].append(image)
