@@ -11,6 +11,7 @@ import torch
 from dreambooth.evaluation import world
 
 
+@pytest.mark.numerics
 def test_pad_bias_makes_a_short_prompt_weigh_as_the_pipelines_512_token_one():
     """FluxPipeline pads T5's tokens to 512; pretraining runs the real tokens and one pad with log(pads wanted / pads
     present) on the pad's logit. With a layer-free T5 every pad is the same vector, so the two are the same sum."""
