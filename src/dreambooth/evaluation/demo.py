@@ -40,8 +40,7 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0, family: str = "
         "validation.num_inference_steps": 20})
     metrics, grids = {}, {}
     identifier = recipe.identifier_for(variant)
-    trained = (run_dir, None) if variant.method == "full" else (model, run_dir)
-    for name, (path, lora) in (("base", (model, None)), ("trained", trained)):
+    for name, (path, lora) in (("base", (model, None)), ("trained", experiment.drawn_from(model, variant, run_dir))):
         images = experiment.draw_prompts(path, lora, seed, recipe, identifier)
         metrics[name] = experiment.measure_images(images, identifier)
         grids[name] = out / f"{'before' if name == 'base' else 'after'}.png"
@@ -52,19 +51,18 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0, family: str = "
               "metrics": metrics, "prompts": {"subject": [p for p, _ in world.subject_prompts(identifier)],
                                               "class": [p for p, _ in world.class_prompts()]}}
     write_json_atomic(out / "metrics.json", record)
-    print_summary(metrics, run_dir, out, grids, family)
+    print_summary(metrics, run_dir, out, grids, family, variant.method)
     return record
 
 
-def print_summary(metrics: dict, run_dir: Path, out: Path, grids: dict, family: str = "sd") -> None:
+def print_summary(metrics: dict, run_dir: Path, out: Path, grids: dict, family: str = "sd",
+                  method: str = "full") -> None:
     model = "the built-in Flux.1 model" if family == "flux" else "the built-in model"
     print(f"\ndemo finished: the built-in subject 'sks circle' trained into {model}\n")
     print(f"  {'measure':18s} {'base':>6s} {'trained':>8s}")
     for key in experiment.MEASURES:
         print(f"  {key:18s} {metrics['base'][key]:6.2f} {metrics['trained'][key]:8.2f}")
-    from dreambooth.models.base import LORA_FILE
-
-    what = "LoRA " if (run_dir / LORA_FILE).is_file() else "model"
+    what = "LoRA " if method == "lora" else "model"
     print(f"\n  trained {what}      {run_dir}\n  before / after     {grids['base']}  {grids['trained']}"
           f"\n  measures           {out / 'metrics.json'}\n  instance photos    {out / 'instance'}"
           f"\n  class images       {out / 'class'}\n  run report         {run_dir / 'report.html'}\n")

@@ -230,6 +230,11 @@ def prompt_grid(images: dict[str, list[Image.Image]], scale: int = 3) -> Image.I
     return make_grid(rows, cols=len(next(iter(images.values()))))
 
 
+def drawn_from(model: Path, variant: Variant, run_dir: Path) -> tuple[Path, Path | None]:
+    """What a trained variant is drawn with: (model, LoRA): the base and the run's LoRA, or the run's full model."""
+    return (model, run_dir) if variant.method == "lora" else (run_dir, None)
+
+
 def run_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: Recipe) -> tuple[dict, Image.Image]:
     """Trains (unless base), draws and measures one variant at one seed; returns the measures and the grid."""
     start = time.perf_counter()
@@ -237,7 +242,7 @@ def run_variant(model: Path, variant: Variant, seed: int, work: Path, recipe: Re
         trained, lora = model, None
     else:
         out = train_variant(model, variant, seed, work, recipe)
-        trained, lora = (model, out) if variant.method == "lora" else (out, None)
+        trained, lora = drawn_from(model, variant, out)
     identifier = recipe.identifier_for(variant)
     images = draw_prompts(trained, lora, seed, recipe, identifier)
     result = {"variant": variant.name, "seed": seed, "identifier": identifier, **measure_images(images, identifier),
