@@ -279,6 +279,10 @@ SITES = {
     "Min-SNR-gamma weights the epsilon and v-prediction": FLOW + "test_settings_of_another_objective_are_refused_"
                                                           "and_dropping_them_works",
     "T5 reads {limit} tokens and would cut": FLOW + "test_a_t5_prompt_past_max_sequence_length_is_refused",
+    "reads prompts through CLIP alone and has no T5": "tests/test_t5_token.py::test_t5_new_token_is_refused_where_it_"
+                                                      "means_nothing",
+    "no subject's identifier is a new token": "tests/test_t5_token.py::test_t5_new_token_is_refused_where_it_means_"
+                                              "nothing",
     "keeps the frozen denoiser in 4 bits, and a full fine-tune": FLOW + "test_a_quantized_base_is_refused_where_it_"
                                                                   "cannot_run",
     "needs bitsandbytes, which is not installed; `pip install bitsandbytes`": "reason: installs from a package "

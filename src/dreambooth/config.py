@@ -90,6 +90,10 @@ class TokenSection(Section):
     initializer: str | None = opt(
         None, "Word whose embedding initialises a new identifier token (default: the class word).")
     class_word: str | None = opt(None, "The class word, e.g. 'dog' or 'girl'; fills {class_word} in prompts.")
+    t5_new_token: bool = opt(
+        False, "Flux and SD3: add a new identifier token to T5 too (its row initialised from the initializer and "
+        "trained, as in the CLIP encoders); otherwise T5 reads the identifier as its pieces. Costs T5's forward and "
+        "backward every step (its prompts are no longer cached).", "--t5_new_token", "--enable_t5_ti")
 
 
 class DatasetSection(Section):

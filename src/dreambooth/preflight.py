@@ -389,6 +389,42 @@ def check_sequence_length(cfg: Config) -> None:
                         f"{listed}. Shorten it, or raise --max_sequence_length (at most 512).")
 
 
+def check_t5_token(cfg: Config, plans: list[IdentifierPlan]) -> list[str]:
+    """token.t5_new_token needs a family with T5 and a new identifier token; returns how T5 reads each new token
+    (a note for the report)."""
+    from transformers import AutoTokenizer
+
+    family, new = cfg.family(), [p for p in plans if p.kind == "new"]
+    t5 = family.t5
+    if t5 is None:
+        if cfg.token.t5_new_token:
+            raise UserError(f"token.t5_new_token: {family.title} reads prompts through CLIP alone and has no T5 to add "
+                            "the identifier to (Flux.1 and SD3 have). Drop --t5_new_token; the new token goes into "
+                            "the CLIP encoder(s) as it is.")
+        return []
+    if cfg.token.t5_new_token and not new:
+        raise UserError("token.t5_new_token: it adds a new identifier token to T5 as well as to CLIP, but no subject's "
+                        "identifier is a new token (an existing word such as 'sks' is T5's own). Write the identifier "
+                        "in angle brackets with an initializer (--identifier '<zq_dog>' --initializer dog), or drop "
+                        "--t5_new_token.")
+    if not new:
+        return []
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.pretrained_model, subfolder=t5.tokenizer,
+                                              revision=cfg.model.revision)
+    notes = []
+    for plan in new:
+        if cfg.token.t5_new_token:
+            if not tokenizer(plan.initializer, add_special_tokens=False).input_ids:
+                raise UserError(f"token.initializer '{plan.initializer}' is nothing to T5's tokenizer, so the new "
+                                f"token '{plan.identifier}' has no T5 row to start from; pick a plain word.")
+            notes.append(f"T5: '{plan.identifier}' is added there too (token.t5_new_token), its row initialised from "
+                         f"'{plan.initializer}' and trained; T5 runs every step")
+        else:
+            notes.append(f"T5: reads '{plan.identifier}' as the pieces {tokenizer.tokenize(plan.identifier)}, frozen "
+                         "(the new token is CLIP's; --t5_new_token adds it to T5 too)")
+    return notes
+
+
 def check_scheduler_name(name: str | None, key: str, base_config: dict | None = None) -> None:
     from dreambooth.models.loading import make_scheduler
 
@@ -466,6 +502,10 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
             subjects.append(SubjectReport(s, instance, plan))
     if tokenizer is not None and not problems.blocked(SUBJECTS + ("dataset.class_prompt", "validation.prompts")):
         warnings = check_prompts(cfg, tokenizer, [s.identifier for s in subjects], problems)
+    t5_notes = []
+    if model_ok:
+        t5_notes = problems.check(check_t5_token, cfg, [s.identifier for s in subjects],
+                                  needs=SUBJECTS + ("token.",)) or []
     class_plans = {}
     if cfg.dataset.with_prior_preservation and identity is not None:
         class_plans = problems.check(plan_all_class_images, cfg, identity,
@@ -486,7 +526,7 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
     problems.raise_if_any()
     family = cfg.family()
     report = Preflight(subjects, prediction_type, identity, run_plan, class_plans, warnings,
-                       notes=cfg.notes + run_plan.notes, hub_repo=hub_repo,
+                       notes=cfg.notes + t5_notes + run_plan.notes, hub_repo=hub_repo,
                        family=f"{family.title} ({family.pipeline}, read from model_index.json)")
     if int(os.environ.get("RANK", "0")) == 0:  # launched processes all check; one reports
         print(report.format(), flush=True)

@@ -6,7 +6,8 @@ The file is `pytorch_lora_weights.safetensors` (`models.base.LORA_FILE`), diffus
 `token_embeddings.safetensors` ({token: vector}, the layout `pipe.load_textual_inversion` reads), or
 `NAME.tokens.safetensors` beside any other `NAME.safetensors`; an SDXL token lives in both text encoders, so its
 file holds `clip_l` and `clip_g` rows (the layout SDXL embeddings are shared in, which stock diffusers loads with
-one `load_textual_inversion` call per encoder). Loading LoRAs into a pipeline is
+one `load_textual_inversion` call per encoder), and so does SD3's; a token added to T5 as well (Flux, SD3) adds a
+`t5` row. Loading LoRAs into a pipeline is
 `formats.lora_loading`; the kohya layout is `formats.kohya`. Torch and safetensors load when a function needs them.
 """
 
@@ -36,6 +37,9 @@ TOKEN_FILE = "token_embeddings.safetensors"
 # An SDXL token's rows in its two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG), by the names SDXL embedding files
 # use, in the order of the pipeline's text_encoder and text_encoder_2.
 SDXL_TOKEN_KEYS = ("clip_l", "clip_g")
+# Every key a token file of several encoders may hold: the CLIP encoders', and T5's where the token was added to it
+# (token.t5_new_token; the key diffusers' advanced Flux script writes T5's rows under).
+TOKEN_KEYS = (*SDXL_TOKEN_KEYS, "t5")
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
@@ -339,37 +343,39 @@ def save_lora(out_dir: Path, family, modules: dict[str, torch.nn.Module | None],
 
 
 def save_token_embeddings(out_dir: Path, sides: list[tuple]) -> Path | None:
-    """The trained rows of new identifier tokens: {token: vector} for one text encoder; for SDXL's two (`sides` is
-    [(tokenizer, text_encoder, token_ids)] per encoder) `clip_l` and `clip_g`, one row per token, in the order the
-    `dreambooth.tokens` metadata lists them."""
+    """The trained rows of new identifier tokens. `sides` is [(token key, tokenizer, text encoder, token ids)] per
+    text encoder. One encoder with tokens (SD 1.x/2.x, a Flux token in CLIP alone): {token: vector}. Several (SDXL's
+    and SD3's two CLIPs, a token added to T5 too): one tensor per encoder under its key (`clip_l`, `clip_g`, `t5`),
+    one row per token, in the order the `dreambooth.tokens` metadata lists them."""
     import torch
 
-    sides = [side for side in sides if side[2]]
+    sides = [side for side in sides if side[3]]
     if not sides:
         return None
-    rows = []
-    for tokenizer, text_encoder, token_ids in sides:
+    rows = {}
+    for key, tokenizer, text_encoder, token_ids in sides:
         weight = text_encoder.get_input_embeddings().weight.detach().float().cpu()
-        rows.append({tokenizer.convert_ids_to_tokens(i): weight[i].clone() for i in token_ids})
+        rows[key] = {tokenizer.convert_ids_to_tokens(i): weight[i].clone() for i in token_ids}
     if len(rows) == 1:
-        return save_safetensors_atomic(rows[0], out_dir / TOKEN_FILE)
-    tokens = list(rows[0])
-    if any(list(r) != tokens for r in rows[1:]):
-        raise ValueError(f"the new tokens differ between the text encoders: {[list(r) for r in rows]}")
-    tensors = {key: torch.stack([r[t] for t in tokens]) for key, r in zip(SDXL_TOKEN_KEYS, rows)}
+        return save_safetensors_atomic(next(iter(rows.values())), out_dir / TOKEN_FILE)
+    tokens = list(next(iter(rows.values())))
+    if any(list(r) != tokens for r in rows.values()):
+        raise ValueError(f"the new tokens differ between the text encoders: {[list(r) for r in rows.values()]}")
+    tensors = {key: torch.stack([r[t] for t in tokens]) for key, r in rows.items()}
     return save_safetensors_atomic(tensors, out_dir / TOKEN_FILE, {"dreambooth.tokens": json.dumps(tokens)})
 
 
 def read_token_file(file: Path) -> dict:
-    """A token file's embeddings by token: {token: vector}, or for SDXL {token: {"clip_l": vector, "clip_g": vector}}
-    (a single-token `clip_l`/`clip_g` file made elsewhere is named by its file name, as A1111 does)."""
+    """A token file's embeddings by token: {token: vector}, or where the token lives in several text encoders
+    {token: {"clip_l": vector, "clip_g": vector}} (SDXL), with "t5" where it was added to T5 too (a single-token
+    `clip_l`/`clip_g` file made elsewhere is named by its file name, as A1111 does)."""
     tensors, metadata = read_safetensors(file)
-    if set(tensors) != set(SDXL_TOKEN_KEYS):
+    if len(tensors) < 2 or not set(tensors) <= set(TOKEN_KEYS):
         return tensors
-    count = tensors[SDXL_TOKEN_KEYS[0]].reshape(-1, tensors[SDXL_TOKEN_KEYS[0]].shape[-1]).shape[0]
+    keys = [key for key in TOKEN_KEYS if key in tensors]
+    counts = {key: tensors[key].reshape(-1, tensors[key].shape[-1]).shape[0] for key in keys}
     tokens = json.loads(metadata.get("dreambooth.tokens", "null") or "null") or [file.name.split(".")[0]]
-    if len(tokens) != count:
-        raise UserError(f"token file {file} holds {count} rows per encoder for {len(tokens)} token(s) {tokens}; "
+    if any(count != len(tokens) for count in counts.values()):
+        raise UserError(f"token file {file} holds {counts} rows per encoder for {len(tokens)} token(s) {tokens}; "
                         "it is damaged or was not written by this tool. Train again or pass the matching file.")
-    return {token: {key: tensors[key].reshape(count, -1)[i] for key in SDXL_TOKEN_KEYS}
-            for i, token in enumerate(tokens)}
+    return {token: {key: tensors[key].reshape(len(tokens), -1)[i] for key in keys} for i, token in enumerate(tokens)}

@@ -17,6 +17,7 @@ from pathlib import Path
 from dreambooth.errors import UserError
 from dreambooth.formats.lora import (
     SDXL_TOKEN_KEYS,
+    TOKEN_KEYS,
     check_lora_source,
     read_metadata,
     read_token_file,
@@ -81,7 +82,7 @@ def bundled_embeddings(tensors: dict) -> dict:
             continue
         name = key[len("bundle_emb."):]
         token, _, part = name.rpartition(".")
-        if part in SDXL_TOKEN_KEYS:
+        if part in TOKEN_KEYS:
             found.setdefault(token, {})[part] = value
             continue
         found[name.rsplit(".emb_params", 1)[0].split(".string_to_param")[0]] = value
@@ -171,27 +172,60 @@ def text_sides(pipe) -> list[tuple[str, object, object]]:
             if getattr(pipe, name, None) is not None]
 
 
+def token_encoders(pipe) -> dict[str, tuple[object, object]]:
+    """{token key: (tokenizer, text encoder)} of every text encoder of a pipeline that a token file may hold rows
+    for: its CLIP encoders (`clip_l`, and SDXL's and SD3's `clip_g`) and its T5 (`t5`)."""
+    family = pipeline_family(pipe)
+    if family is None:
+        return {key: (tokenizer, encoder) for key, (_, tokenizer, encoder) in zip(SDXL_TOKEN_KEYS, text_sides(pipe))}
+    return {t.token_key: (getattr(pipe, t.tokenizer), getattr(pipe, t.component)) for t in family.text_encoders
+            if getattr(pipe, t.component, None) is not None}
+
+
 def load_token_vectors(pipe, vectors: dict) -> None:
-    """New tokens with their trained embeddings, into the pipeline's tokenizer and text encoder: {token: vector},
-    or for SDXL {token: {"clip_l": vector, "clip_g": vector}}, one row into each of its two encoders."""
-    vocab, sides = pipe.tokenizer.get_vocab(), text_sides(pipe)
+    """New tokens with their trained embeddings, into the pipeline's tokenizers and text encoders: {token: vector}
+    for a model with one CLIP encoder, or {token: {"clip_l": vector, "clip_g": vector, "t5": vector}}, rows for each
+    encoder the token was trained in."""
+    sides = token_encoders(pipe)
+    clip = [key for key in sides if key != "t5"]
     for token, vector in vectors.items():
-        if token in vocab:
-            continue
         if not isinstance(vector, dict):
-            if len(sides) > 1:
+            if len(clip) != 1:
                 raise UserError(f"the new token {token} was trained for a model with one CLIP text encoder (SD "
                                 "1.x/2.x, Flux); this model has two (SDXL, SD3), and the token would mean something "
                                 "only to the first. Use it with the model it was trained on.")
-            vector = vector[0] if vector.ndim == 2 and vector.shape[0] == 1 else vector
-            pipe.load_textual_inversion({token: vector}, token=token)
-            continue
-        if len(sides) == 1:
-            raise UserError(f"the new token {token} was trained for two CLIP text encoders (SDXL, SD3); this model "
-                            "has one. Use it with the model it was trained on.")
-        for key, (_, tokenizer, encoder) in zip(SDXL_TOKEN_KEYS, sides):
-            pipe.load_textual_inversion(vector[key].reshape(1, -1), token=token, text_encoder=encoder,
-                                        tokenizer=tokenizer)
+            vector = {clip[0]: vector}
+        trained = [key for key in vector if key != "t5"]
+        if len(trained) != len(clip) or ("t5" in vector and "t5" not in sides):
+            raise UserError(f"the new token {token} was trained for a model with {len(trained)} CLIP text "
+                            f"encoder(s){' and T5' if 't5' in vector else ''} ({', '.join(vector)}); this model has "
+                            f"{len(clip)}{' and T5' if 't5' in sides else ''}. Use it with the model it was trained "
+                            "on.")
+        for key, rows in vector.items():
+            tokenizer, encoder = sides[key]
+            if token not in tokenizer.get_vocab():
+                _insert_token(pipe, token, rows, tokenizer, encoder)
+
+
+def _insert_token(pipe, token: str, rows, tokenizer, encoder) -> None:
+    """One token's rows into one tokenizer and text encoder. A single row goes in directly
+    (training.tokens.set_token_row): SD3's pipeline has no textual-inversion loader, and diffusers' would cut T5's
+    embedding down to its tokenizer's length. Several rows (an A1111 embedding bundled in a kohya LoRA) go through the
+    pipeline's own `load_textual_inversion`, which spreads them over tokens it makes up for them."""
+    from dreambooth.training.tokens import set_token_row
+
+    width = encoder.get_input_embeddings().weight.shape[1]
+    if rows.shape[-1] != width:
+        raise UserError(f"the embedding of {token} is {rows.shape[-1]} wide and this model's {type(encoder).__name__} "
+                        f"takes {width}; it was trained for another model. Use it with the model it was trained on.")
+    rows = rows.reshape(-1, width)
+    if rows.shape[0] == 1:
+        set_token_row(tokenizer, encoder, token, rows[0])
+    elif hasattr(pipe, "load_textual_inversion"):
+        pipe.load_textual_inversion(rows, token=token, tokenizer=tokenizer, text_encoder=encoder)
+    else:
+        raise UserError(f"the embedding of {token} has {rows.shape[0]} vectors; {type(pipe).__name__} has no "
+                        "textual-inversion loader to spread them over tokens. Use a one-vector embedding.")
 
 
 def load_token_file(pipe, file: Path) -> None:

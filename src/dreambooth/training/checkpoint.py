@@ -170,14 +170,19 @@ class CheckpointFiles:
         if not file.is_file():
             raise UserError(f"output.resume_from_checkpoint: {folder} has no {TOKEN_FILE} for the new identifier "
                             "token(s) of this run; resume with the identifier it was trained with.")
-        sides = [side for side in self.run.models.text_sides() if side[3]]  # the encoders with new tokens
+        family = self.run.models.family
+        # the encoders with new tokens, by their key in the token file
+        sides = {family.text_encoder(name).token_key: (name, tokenizer)
+                 for name, tokenizer, _, ids in self.run.models.text_sides() if ids}
         with torch.no_grad():
             for token, vector in read_token_file(file).items():
-                rows = vector if isinstance(vector, dict) else {None: vector}
-                if len(rows) != len(sides):
-                    raise UserError(f"output.resume_from_checkpoint: {file} holds token rows for {len(rows)} text "
-                                    f"encoder(s), this model has {len(sides)}; resume with the base it was made on.")
-                for (name, tokenizer, _, _), row in zip(sides, rows.values()):
+                rows = vector if isinstance(vector, dict) else {next(iter(sides)): vector}
+                if set(rows) != set(sides):
+                    raise UserError(f"output.resume_from_checkpoint: {file} holds rows of token {token} for the text "
+                                    f"encoder(s) {sorted(rows)}, this run trains it in {sorted(sides)}; resume with "
+                                    "the base model and token settings (token.t5_new_token) it was made with.")
+                for key, row in rows.items():
+                    name, tokenizer = sides[key]
                     weight = modules[name].get_input_embeddings().weight
                     weight[tokenizer.convert_tokens_to_ids(token)] = row.to(weight.device, weight.dtype)
 

@@ -108,10 +108,10 @@ def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dt
                                                                  use_gradient_checkpointing=False)
     noise_scheduler = _class("diffusers", family.train_scheduler).from_pretrained(base, subfolder="scheduler", **src)
     models = Models(family, parts, noise_scheduler)
-    # a new identifier token goes into every CLIP tokenizer and encoder of the family (SDXL's two, Flux's one);
-    # T5 reads the identifier as its own pieces
+    # a new identifier token goes into every CLIP tokenizer and encoder of the family (SDXL's two, Flux's one); T5
+    # reads the identifier as its own pieces unless token.t5_new_token adds it there too
     for t in family.text_encoders:
-        if t.kind == "clip":
+        if t.kind == "clip" or cfg.token.t5_new_token:
             models.new_token_ids[t.component] = [i for plan in plans for i in add_identifier_token(
                 parts[t.tokenizer], parts[t.component], plan)]
     for name, module in models.modules().items():
@@ -128,8 +128,15 @@ def load_models(cfg: Config, plans: list[IdentifierPlan], weight_dtype: torch.dt
     # the checkpoint or of the run: the optimizer's small updates vanish in fp16/bf16. A text encoder with anything
     # trainable stays fp32 as a whole: an fp32 embedding feeding half-precision LayerNorms fails outside CUDA
     # autocast, and CLIP's 123 M parameters are cheap next to the denoiser.
-    for encoder in models.encoders():
-        if any(p.requires_grad for p in encoder.parameters()):
+    for name, _, encoder, _ in models.text_sides():
+        if not any(p.requires_grad for p in encoder.parameters()):
+            continue
+        if family.text_encoder(name).kind == "t5":
+            # Only a new token's rows train in T5 (never adapters or the whole): its embedding alone goes to fp32.
+            # T5's layer norms cast their input to the weights' dtype, so fp32 rows feed a half-precision T5 outside
+            # autocast too, and T5-XXL (4.7 B parameters) stays at half its fp32 size.
+            encoder.get_input_embeddings().to(dtype=torch.float32)
+        else:
             encoder.to(dtype=torch.float32)
     for param in models.denoiser.parameters():
         if param.requires_grad and param.dtype != torch.float32:
@@ -192,7 +199,10 @@ def set_trainable(cfg: Config, models: Models) -> None:
     for name, _, encoder, token_ids in models.text_sides():
         if token_ids and not (whole_text and name in trainable):
             train_only_rows(encoder.get_input_embeddings(), token_ids)
-        encoder.train(any(p.requires_grad for p in encoder.parameters()))
+        # T5 learns a new token's rows at most; the rest of it is frozen and stays in eval mode, so its dropout
+        # (T5 v1.1's 0.1) does not blur every prompt in training while drawing sees them sharp
+        encoder.train(any(p.requires_grad for p in encoder.parameters())
+                      and models.family.text_encoder(name).kind != "t5")
     models.denoiser.train(cfg.model.train_denoiser)
 
 

@@ -107,9 +107,10 @@ def unwrapped(run) -> dict[str, torch.nn.Module]:
 
 
 def token_sides(run) -> list[tuple]:
-    """(tokenizer, unwrapped text encoder, new token ids) per text encoder, for the token file."""
-    modules = unwrapped(run)
-    return [(tokenizer, modules[name], ids) for name, tokenizer, _, ids in run.models.text_sides()]
+    """(token key, tokenizer, unwrapped text encoder, new token ids) per text encoder, for the token file."""
+    modules, family = unwrapped(run), run.models.family
+    return [(family.text_encoder(name).token_key, tokenizer, modules[name], ids)
+            for name, tokenizer, _, ids in run.models.text_sides()]
 
 
 def save_outputs(run) -> None:

@@ -61,22 +61,32 @@ def add_identifier_token(tokenizer, text_encoder, plan: IdentifierPlan) -> list[
 
     Returns the ids of the added tokens ([] when nothing was added).
     """
-    import torch
-
     if plan.kind != "new":
         return []
     init_ids = tokenizer(plan.initializer, add_special_tokens=False).input_ids
     if not init_ids:
         raise UserError(f"token.initializer '{plan.initializer}' tokenizes to nothing; pick a plain word.")
-    if plan.identifier not in tokenizer.get_vocab():
-        tokenizer.add_tokens([plan.identifier])
-    new_id = tokenizer.convert_tokens_to_ids(plan.identifier)
-    if text_encoder.get_input_embeddings().weight.shape[0] <= new_id:
-        text_encoder.resize_token_embeddings(len(tokenizer))
+    weight = text_encoder.get_input_embeddings().weight
+    return [set_token_row(tokenizer, text_encoder, plan.identifier, weight[init_ids].detach().mean(dim=0))]
+
+
+def set_token_row(tokenizer, text_encoder, token: str, row: torch.Tensor) -> int:
+    """Adds `token` to the tokenizer (where it is new) and sets its embedding row to `row`; returns its id.
+
+    The embedding grows only when the token's id falls outside it: T5's has spare rows past its vocabulary (32,128
+    rows for 32,100 tokens), which a new token takes as they are.
+    """
+    import torch
+
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([token])
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if text_encoder.get_input_embeddings().weight.shape[0] <= token_id:
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set just below
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        weight[new_id] = weight[init_ids].mean(dim=0)
-    return [new_id]
+        weight[token_id] = row.to(weight.device, weight.dtype)
+    return token_id
 
 
 def train_only_rows(embedding: torch.nn.Embedding, row_ids: list[int]) -> None:

@@ -29,8 +29,9 @@ class TextEncoder:
     component: str  # the pipeline's component name: "text_encoder", "text_encoder_2", ...
     tokenizer: str  # its tokenizer's component name
     cls: str  # transformers class
-    kind: str  # "clip" (77 tokens, takes new identifier tokens) or "t5" (long prompts)
+    kind: str  # "clip" (77 tokens, takes new identifier tokens) or "t5" (long prompts; new tokens when asked)
     trains: bool = True  # whether --train_text_encoder trains it (T5 stays frozen, as in diffusers' scripts)
+    token_key: str = "clip_l"  # its row's key in a token file of several encoders (A1111's clip_l / clip_g, t5)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,15 @@ class Family:
         """The parts that can train: the denoiser and the text encoders `--train_text_encoder` trains."""
         return (self.denoiser, *(t.component for t in self.text_encoders if t.trains))
 
+    def text_encoder(self, component: str) -> TextEncoder:
+        """The text encoder of this family with the given component name."""
+        return next(t for t in self.text_encoders if t.component == component)
+
+    @property
+    def t5(self) -> TextEncoder | None:
+        """The family's T5 encoder (Flux, SD3), which reads the whole prompt; None where it has none."""
+        return next((t for t in self.text_encoders if t.kind == "t5"), None)
+
     def behaviour(self):
         """The family's torch side (`Behaviour` of its module), imported on first use; one per family."""
         if self.name not in _BEHAVIOURS:
@@ -76,7 +86,7 @@ _BEHAVIOURS: dict[str, object] = {}
 
 
 _CLIP = TextEncoder("text_encoder", "tokenizer", "CLIPTextModel", "clip")
-_CLIP_2 = TextEncoder("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip")
+_CLIP_2 = TextEncoder("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip", token_key="clip_g")
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd1", "SD 1.x", "StableDiffusionPipeline", "unet", "UNet2DConditionModel", (_CLIP,), "diffusion",
@@ -86,7 +96,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sdxl", "SDXL", "StableDiffusionXLPipeline", "unet", "UNet2DConditionModel", (_CLIP, _CLIP_2),
            "diffusion", "DDPMScheduler", "sdxl", native_side=1024),
     Family("flux", "Flux.1", "FluxPipeline", "transformer", "FluxTransformer2DModel",
-           (_CLIP, TextEncoder("text_encoder_2", "tokenizer_2", "T5EncoderModel", "t5", trains=False)), "flow",
+           (_CLIP, TextEncoder("text_encoder_2", "tokenizer_2", "T5EncoderModel", "t5", trains=False,
+                              token_key="t5")), "flow",
            "FlowMatchEulerDiscreteScheduler", "flux", side_multiple=16, guidance_embedding=True, native_side=1024,
            # diffusers' Flux LoRA script's default targets: attention of both block kinds, and the single blocks'
            # projections
@@ -95,7 +106,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                                   "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")),
     Family("sd3", "SD3", "StableDiffusion3Pipeline", "transformer", "SD3Transformer2DModel",
            (TextEncoder("text_encoder", "tokenizer", "CLIPTextModelWithProjection", "clip"), _CLIP_2,
-            TextEncoder("text_encoder_3", "tokenizer_3", "T5EncoderModel", "t5", trains=False)), "flow",
+            TextEncoder("text_encoder_3", "tokenizer_3", "T5EncoderModel", "t5", trains=False,
+                        token_key="t5")), "flow",
            "FlowMatchEulerDiscreteScheduler", "sd3", side_multiple=16, native_side=1024,
            denoiser_lora_targets=("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                                   "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")),
