@@ -279,6 +279,9 @@ SITES = {
     "Min-SNR-gamma weights the epsilon and v-prediction": FLOW + "test_settings_of_another_objective_are_refused_"
                                                           "and_dropping_them_works",
     "T5 reads {limit} tokens and would cut": FLOW + "test_a_t5_prompt_past_max_sequence_length_is_refused",
+    "is not a folder here. It is read as a local folder": "test_refused_diffusers_flags_name_what_works_instead",
+    "names a column of {path}, which does not exist; write it": "tests/test_captions.py::test_dataset_name_reads_a_"
+                                                                  "local_imagefolder",
     "reads prompts through CLIP alone and has no T5": "tests/test_t5_token.py::test_t5_new_token_is_refused_where_it_"
                                                       "means_nothing",
     "no subject's identifier is a new token": "tests/test_t5_token.py::test_t5_new_token_is_refused_where_it_means_"
@@ -615,7 +618,7 @@ def test_refused_diffusers_flags_name_what_works_instead(tiny_model, instance_di
                                                          monkeypatch):
     base = train_argv(tiny_model, instance_dir, tmp_path / "a", steps=1)
     err = cli_run(capsys, *base, "--dataset_name", "user/dogs", code=2)
-    assert "pass --instance_data_dir" in err
+    assert "pass it as --instance_data_dir" in err
     passes_preflight(capsys, monkeypatch, *base)  # the photos in a folder, as --instance_data_dir says
     err = cli_run(capsys, *train_argv(tiny_model, instance_dir, tmp_path / "b"), "--repeats", "3", code=2)
     assert "train longer with --max_train_steps or --num_train_epochs" in err

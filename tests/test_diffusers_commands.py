@@ -331,13 +331,13 @@ READING = (
     Advice(lambda a: value_of(a, "--optimizer") == "prodigy",
            "Prodigy is not supported yet; use --optimizer adamw (the default) or drop the flag, and give AdamW "
            "learning rates with it", adamw_rates),
-    Advice(lambda a: value_of(a, "--dataset_name") is not None,
-           "put the photos in a folder and pass --instance_data_dir", photos_folder),
 )
 # Refused by pre-flight, all in one report. Only these two depend on the machine: wandb is not installed where the
 # suite runs (and installing a tracker for a test is not wanted), and accelerate's fp16 needs a CUDA device. On a
 # machine with both, the commands pass pre-flight with --report_to wandb and --mixed_precision fp16 as printed.
 PREFLIGHT = (
+    Advice(lambda a: value_of(a, "--dataset_name") is not None,
+           "Put the photos in a folder and pass it as --instance_data_dir", photos_folder),
     Advice(lambda a: value_of(a, "--report_to") == "wandb" and importlib.util.find_spec("wandb") is None,
            "wandb is not installed. Install it (`pip install wandb`, and log in if it needs an account), or pass "
            "--report_to none", lambda a: with_value(a, "--report_to", "none")),
@@ -456,8 +456,8 @@ def test_a_readme_command_trains_end_to_end_on_the_tiny_model(name, readme_folde
 @pytest.mark.parametrize("block,says", [
     (KONTEXT_T2I, "is a FluxKontextPipeline model; this tool trains and draws Stable Diffusion 1.x, 2.x, SDXL, "
                   "Flux.1 and SD3"),
-    (KONTEXT_I2I, "--dataset_name, --image_column, --caption_column are not supported: datasets from the Hugging "
-                  "Face hub are not read"),
+    (KONTEXT_I2I, "--image_column output is not supported: a --dataset_name folder's photos are the files its "
+                  "metadata.jsonl names"),
 ])
 def test_kontext_commands_are_refused_with_the_reason(block, says, tmp_path, monkeypatch, tiny_models, capsys):
     """FLUX.1 Kontext is an image-conditioned pipeline (FluxKontextPipeline) this tool does not train: its README

@@ -71,6 +71,10 @@ ELSEWHERE = {
     "evaluate.checkpoints": "test_report.py::test_evaluate_all_checkpoints_names_the_best_in_the_report",
     # the flow-matching families' options, on the tiny Flux and SD3 models
     "training.max_sequence_length": FLOW + "test_max_sequence_length_sets_t5s_length",
+    "dataset.caption_extension": "test_captions.py::test_caption_extension_picks_the_files",
+    "dataset.dataset_name": "test_captions.py::test_dataset_name_reads_a_local_imagefolder",
+    "dataset.caption_column": "test_captions.py::test_dataset_name_reads_a_local_imagefolder",
+    "dataset.caption_dropout": "test_captions.py::test_captions_and_caption_dropout_reach_the_step",
     "token.t5_new_token": "test_t5_token.py::test_a_t5_token_trains_its_row_alone_and_every_drawing_path_uses_it",
     "training.weighting_scheme": FLOW + "test_weighting_scheme_and_its_density_settings_reach_the_flow_maths",
     "training.logit_mean": FLOW + "test_weighting_scheme_and_its_density_settings_reach_the_flow_maths",

@@ -40,8 +40,8 @@ from dreambooth.errors import TrainingStopped, UserError, command_line
 from dreambooth.options import Parser, add_options, parse_settings, settings_from
 
 # diffusers' train_dreambooth.py flags that mean nothing here, with what to do instead.
-HUB_DATASET = ("datasets from the Hugging Face hub are not read; put the photos in a folder and pass "
-               "--instance_data_dir (a caption per image is not supported either)")
+HUB_DATASET = ("datasets from the Hugging Face hub are not read; put the photos in a folder and pass it as "
+               "--instance_data_dir, or as --dataset_name with a metadata.jsonl holding their captions")
 PRODIGY = ("Prodigy is not supported yet; use --optimizer adamw (the default) or drop the flag, and give AdamW "
            "learning rates with it: the 1.0 that diffusers' Prodigy examples pass as --learning_rate and "
            "--text_encoder_lr would wreck the weights under AdamW (their Flux and SD3 AdamW examples use 1e-4 to "
@@ -50,8 +50,7 @@ REFUSED_FLAGS = {
     "--validation_images": "it is for DeepFloyd IF upscalers only; this tool trains Stable Diffusion 1/2",
     "--class_labels_conditioning": "it is for DeepFloyd IF only; this tool trains Stable Diffusion 1/2",
     # diffusers' SDXL DreamBooth LoRA script's flags for what this tool does another way, or not at all:
-    "--dataset_name": HUB_DATASET, "--dataset_config_name": HUB_DATASET, "--image_column": HUB_DATASET,
-    "--caption_column": HUB_DATASET, "--cache_dir": HUB_DATASET,
+    "--dataset_config_name": HUB_DATASET, "--cache_dir": HUB_DATASET,
     "--repeats": "every photo is seen once an epoch; train longer with --max_train_steps or --num_train_epochs",
     "--do_edm_style_training": "EDM-style training (Playground v2.5) is not supported",
     "--output_kohya_format": "export after training: `dreambooth export OUTPUT_DIR/pytorch_lora_weights.safetensors "
@@ -66,6 +65,8 @@ REFUSED_FLAGS = {
 # Flags of diffusers' scripts whose only value this tool has: accepted with it, refused with another.
 ONLY_VALUE_FLAGS = {
     "--optimizer": ("adamw", PRODIGY),
+    "--image_column": ("image", "a --dataset_name folder's photos are the files its metadata.jsonl names under "
+                                "file_name, the column the imagefolder layout calls 'image'"),
     "--image_interpolation_mode": ("lanczos", "images are resized with Lanczos filtering, the default of diffusers' "
                                               "scripts; other filters are not supported"),
 }

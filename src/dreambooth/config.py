@@ -117,6 +117,19 @@ class DatasetSection(Section):
     center_crop: bool = opt(False, "Center-crop images to the resolution (default: random crop).")
     random_flip: bool = opt(False, "Randomly flip images horizontally.")
     strict: bool = opt(False, "Refuse to train when any image in the folders is rejected.")
+    caption_extension: str = opt(
+        ".txt", "A photo's own caption is the file of this extension beside it (NAME.txt for NAME.png, kohya's "
+        "convention); it must contain the identifier ({identifier} and {class} are filled in). Photos without one "
+        "train on the instance prompt.", pattern=r"^\.[A-Za-z0-9_-]+$")
+    dataset_name: str | None = opt(
+        None, "As diffusers' --dataset_name: a local folder in the `datasets` imagefolder layout (photos and a "
+        "metadata.jsonl with file_name and a caption column); it is the instance folder. Hub datasets are not read.")
+    caption_column: str | None = opt(
+        None, "The metadata.jsonl column holding each photo's caption (diffusers' --caption_column); unset: caption "
+        "files, else the instance prompt.")
+    caption_dropout: float = opt(
+        0.0, "Share of instance examples trained on an empty caption (kohya's --caption_dropout_rate), drawn per "
+        "example and epoch.", "--caption_dropout", "--caption_dropout_rate", ge=0, lt=1)
 
     @field_validator("prior_generation_precision", mode="before")
     @classmethod

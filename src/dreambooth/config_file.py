@@ -156,6 +156,30 @@ def _fill_prompts(data: dict[str, Any], base: Path | None) -> None:
     _default_prompts(ds, tok.get("identifier"), tok.get("class_word"))
 
 
+def _dataset_folder(data: dict[str, Any], file_data: dict[str, Any], overrides: dict[str, Any],
+                    base: Path | None) -> list[str]:
+    """diffusers' --dataset_name as this tool reads it: a local folder in the imagefolder layout becomes the instance
+    folder (a relative name is read from the config file's folder, or the working folder for a flag)."""
+    ds = data.get("dataset")
+    if not isinstance(ds, dict) or not ds.get("dataset_name"):
+        return []
+    name = str(ds["dataset_name"])
+    folder = Path(name).expanduser()
+    if not folder.is_absolute():
+        folder = (Path.cwd() if "dataset.dataset_name" in overrides or base is None else base) / folder
+    if not folder.is_dir():
+        return [f"dataset.dataset_name: '{name}' is not a folder here. It is read as a local folder in the `datasets` "
+                "imagefolder layout (the photos and a metadata.jsonl naming each file_name with its caption); "
+                "datasets on the Hugging Face hub are not downloaded. Put the photos in a folder and pass it as "
+                "--instance_data_dir (or as --dataset_name, with a metadata.jsonl of their captions)"]
+    given = "dataset.instance_dir" in overrides or "instance_dir" in (file_data.get("dataset") or {})
+    if given and Path(ds.get("instance_dir", "")).resolve() != folder.resolve():
+        return [f"dataset.dataset_name: {folder} and dataset.instance_dir {ds.get('instance_dir')} both name the "
+                "subject's photos; pass one of them"]
+    ds["instance_dir"] = folder
+    return []
+
+
 def _format_error(err: dict[str, Any]) -> list[str]:
     """One pydantic error as lines naming the dotted key, with the closest valid key for a typo."""
     loc = [str(p) for p in err["loc"]]
@@ -268,13 +292,14 @@ def read_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             data[section] = {}
         data[section][key] = _resolve_value(section, key, value, Path.cwd())
     notes = [note] if (note := _prior_preservation(data, file_data, set(overrides))) else []
+    dataset_problems = _dataset_folder(data, file_data, overrides, base)
     _fill_prompts(data, base)
     for subject in data.get("subjects") or []:
         if isinstance(subject, dict):
             _fill_subject_prompts(subject)
     checked = cross_check(data)
     cfg, lines = _validate_what_holds(data)
-    lines = list(unrecognized or []) + renamed + lines + checked
+    lines = list(unrecognized or []) + renamed + lines + checked + dataset_problems
     cfg = resolve_defaults(cfg)
     cfg.notes = notes
     lines += [line for line in identifier_problems(cfg) if line not in lines]

@@ -19,6 +19,7 @@ from dreambooth.models.base import (
     resolve_hub_model,
     weights_identity,
 )
+from dreambooth.training.captions import Captions, is_companion, read_captions
 from dreambooth.training.class_images import ClassImagePlan, plan_class_images, recipe
 from dreambooth.training.images import ImageFolderReport, check_instance_folder, scan_image_folder
 from dreambooth.training.rundir import RunPlan, plan_run
@@ -42,6 +43,8 @@ class SubjectReport:
     subject: Subject
     instance: ImageFolderReport
     identifier: IdentifierPlan
+    captions: Captions = field(default_factory=Captions)
+    longest_caption: tuple[int, str] | None = None  # (CLIP tokens, caption)
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Preflight:
             if len(self.subjects) > 1:
                 lines.append(f"subject {i + 1}: \"{s.subject.instance_prompt}\"")
             lines.append(s.instance.format("instance images"))
+            lines.append(s.captions.describe(len(s.instance.usable), s.longest_caption))
             lines.append(s.identifier.describe())
         lines += [plan.describe() for plan in self.class_plans.values()]
         if self.family:
@@ -230,11 +234,16 @@ def check_resolution(resolution: int, factor: int, key: str = "training.resoluti
                         "1.x: 512, SD 2.x: 512 or 768, SDXL, Flux and SD3: 1024).")
 
 
-def check_prompts(cfg: Config, tokenizer, plans: list[IdentifierPlan], problems: Problems) -> list[str]:
-    """Prompt lengths (a problem past the token limit) and each identifier's presence (a warning)."""
+def check_prompts(cfg: Config, tokenizer, reports: list[SubjectReport], problems: Problems) -> list[str]:
+    """Prompt and caption lengths (a problem past the token limit; each subject's longest caption noted for the
+    report) and each identifier's presence (a warning)."""
+    plans = [s.identifier for s in reports]
     new = [p.identifier for p in plans if p.kind == "new" and p.identifier not in tokenizer.get_vocab()]
     if new:
         tokenizer = _with_tokens(tokenizer, new)
+    for report in reports:
+        lengths = [(prompt_token_count(tokenizer, c), c) for c in report.captions.by_photo.values()]
+        report.longest_caption = max(lengths, default=None, key=lambda pair: pair[0])
     limit = cfg.training.tokenizer_max_length or tokenizer.model_max_length
     subjects = cfg.subject_list()
     prompts = {}
@@ -244,12 +253,18 @@ def check_prompts(cfg: Config, tokenizer, plans: list[IdentifierPlan], problems:
         if cfg.dataset.with_prior_preservation:
             prompts[where + "class_prompt"] = s.class_prompt
     prompts.update({f"validation.prompts[{i}]": p for i, p in enumerate(cfg.validation.prompts)})
+    prompts.update(caption_prompts(reports))
     for key, prompt in prompts.items():
         n = prompt_token_count(tokenizer, prompt)
         if n > limit:
             problems.found.append(f"{key} is {n} tokens long, over the text encoder's limit of {limit}: \"{prompt}\". "
                                   "Shorten it; the text encoder would silently cut off the end.")
     return [w for s in subjects for w in _identifier_warnings(s)]
+
+
+def caption_prompts(subjects: list[SubjectReport]) -> dict[str, str]:
+    """Each photo's caption under the name of the photo it describes (messages about lengths name it)."""
+    return {f"the caption of {photo}": text for report in subjects for photo, text in report.captions.by_photo.items()}
 
 
 def _identifier_warnings(s: Subject) -> list[str]:
@@ -274,11 +289,22 @@ def _with_tokens(tokenizer, tokens: list[str]):
 
 
 def check_instance_photos(cfg: Config, subject: Subject) -> ImageFolderReport:
-    instance = scan_image_folder(subject.instance_dir, cfg.training.resolution)
+    extension = cfg.dataset.caption_extension
+    instance = scan_image_folder(subject.instance_dir, cfg.training.resolution,
+                                 companion=lambda path: is_companion(path, extension))
     check_instance_folder(instance)
     if cfg.dataset.strict and instance.rejected():
         _refuse_strict(instance)
     return instance
+
+
+def check_captions(cfg: Config, subject: Subject, instance: ImageFolderReport, problems: Problems) -> Captions:
+    """The photos' own captions (training.captions); each problem with them is one of pre-flight's."""
+    captions = read_captions(subject.instance_dir, instance.usable, extension=cfg.dataset.caption_extension,
+                             caption_column=cfg.dataset.caption_column, identifier=subject.identifier,
+                             class_word=subject.class_word)
+    problems.found += captions.problems
+    return captions
 
 
 def _refuse_strict(report: ImageFolderReport) -> None:
@@ -363,7 +389,7 @@ def check_token_length(cfg: Config) -> None:
                             "positions; leave it unset (the tokenizer's own length) or lower it.")
 
 
-def check_sequence_length(cfg: Config) -> None:
+def check_sequence_length(cfg: Config, captions: dict[str, str]) -> None:
     """Flux and SD3 read the whole prompt through T5, up to training.max_sequence_length tokens; a longer prompt
     would be cut there, silently, so it is refused."""
     from transformers import AutoTokenizer
@@ -381,6 +407,7 @@ def check_sequence_length(cfg: Config) -> None:
         prompts += [(f"subject {s.identifier or i} class prompt", s.class_prompt) for i, s in
                     enumerate(cfg.subject_list())]
     prompts += [("validation prompt", p) for p in cfg.validation.prompts]
+    prompts += list(captions.items())
     long = [(what, prompt, n) for what, prompt in prompts if prompt
             and (n := len(tokenizer(prompt, truncation=False).input_ids)) > limit]
     if long:
@@ -458,6 +485,7 @@ def check_vae_folder(folder: str) -> None:
 
 MODEL = ("model.pretrained_model", "model.revision", "model.variant", "model.pretrained_vae")
 SUBJECTS = ("subjects", "dataset.instance_dir", "dataset.instance_prompt", "token.")
+CAPTIONS = ("dataset.caption_extension", "dataset.caption_column", "dataset.dataset_name")
 
 
 def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight:
@@ -483,8 +511,6 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
         problems.check(check_resolution, cfg.training.resolution, 8, needs=resolution, packed=packed)
     if model_ok and not is_hub_id(model):
         problems.check(check_token_length, cfg, needs=("training.tokenizer_max_length",))
-        problems.check(check_sequence_length, cfg, needs=SUBJECTS + ("training.max_sequence_length",
-                                                                     "validation.prompts", "dataset."))
         if cfg.model.method == "lora":
             problems.check(check_lora_targets, cfg, needs=("model.method", "model.train_denoiser", "lora."))
     identity = None if problems.blocked(MODEL) else weights_identity(model, cfg.model.revision, cfg.model.variant,
@@ -495,13 +521,19 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
     tokenizer = problems.check(load_tokenizer, cfg, needs=("model.tokenizer_name",)) \
         if model_ok or cfg.model.tokenizer_name else None
     for s in cfg.subject_list():
-        instance = problems.check(check_instance_photos, cfg, s, needs=SUBJECTS[:2] + ("dataset.strict",))
+        instance = problems.check(check_instance_photos, cfg, s, needs=SUBJECTS[:2] + ("dataset.strict",
+                                                                                      "dataset.caption_extension"))
+        captions = problems.check(check_captions, cfg, s, instance, problems, needs=SUBJECTS + CAPTIONS) \
+            if instance is not None else None
         plan = problems.check(plan_identifier, tokenizer, s.identifier, s.initializer, needs=SUBJECTS) \
             if tokenizer else None
-        if instance is not None and plan is not None:
-            subjects.append(SubjectReport(s, instance, plan))
+        if instance is not None and plan is not None and captions is not None:
+            subjects.append(SubjectReport(s, instance, plan, captions))
     if tokenizer is not None and not problems.blocked(SUBJECTS + ("dataset.class_prompt", "validation.prompts")):
-        warnings = check_prompts(cfg, tokenizer, [s.identifier for s in subjects], problems)
+        warnings = check_prompts(cfg, tokenizer, subjects, problems)
+    if model_ok and not is_hub_id(model):
+        problems.check(check_sequence_length, cfg, caption_prompts(subjects),
+                       needs=SUBJECTS + ("training.max_sequence_length", "validation.prompts", "dataset."))
     t5_notes = []
     if model_ok:
         t5_notes = problems.check(check_t5_token, cfg, [s.identifier for s in subjects],

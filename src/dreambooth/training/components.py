@@ -311,13 +311,16 @@ class EpochSampler(Sampler):
 
 
 def make_dataloader(cfg: Config, subjects: list[Subject], instance: list[list[Path]],
-                    classes: list[list[Path]] | None) -> DataLoader:
-    """One dataset per subject (instance photos paired with that subject's class images), sampled in balance."""
+                    classes: list[list[Path]] | None, captions: list[dict[Path, str]] | None = None) -> DataLoader:
+    """One dataset per subject (instance photos, each with its caption or the instance prompt, paired with that
+    subject's class images), sampled in balance."""
     ds = cfg.dataset
+    captions = captions or [{} for _ in subjects]
     parts = [DreamBoothDataset(
         photos, s.instance_prompt, cfg.training.resolution,
         class_images=classes[i] if classes else None, class_prompt=s.class_prompt if classes else None,
-        center_crop=ds.center_crop, random_flip=ds.random_flip, seed=cfg.training.seed + 7919 * i)
+        center_crop=ds.center_crop, random_flip=ds.random_flip, seed=cfg.training.seed + 7919 * i,
+        captions=[captions[i].get(photo) for photo in photos], caption_dropout=ds.caption_dropout)
         for i, (s, photos) in enumerate(zip(subjects, instance))]
     dataset = parts[0] if len(parts) == 1 else MultiSubjectDataset(parts)
     sampler = EpochSampler(len(dataset), cfg.training.seed)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dreambooth.training.captions import drop_caption
 from dreambooth.training.images import load_image
 
 # ---------------------------------------------------------------------------------------------- pixels
@@ -112,12 +113,19 @@ class DreamBoothDataset(Dataset):
         center_crop: bool = False,
         random_flip: bool = False,
         seed: int = 0,
+        captions: list[str | None] | None = None,
+        caption_dropout: float = 0.0,
     ):
         if not instance_images:
             raise ValueError("DreamBoothDataset needs at least one instance image")
         if class_images is not None and (not class_images or class_prompt is None):
             raise ValueError("class_images must be non-empty and come with a class_prompt")
         self.instance_prompt = instance_prompt
+        # each photo's own caption (training.captions), else the instance prompt
+        self.captions = [c or instance_prompt for c in (captions or [None] * len(instance_images))]
+        if len(self.captions) != len(instance_images):
+            raise ValueError("captions must give one entry (or None) per instance image")
+        self.caption_dropout = caption_dropout
         self.class_prompt = class_prompt
         self.resolution = resolution
         self.center_crop = center_crop
@@ -138,13 +146,20 @@ class DreamBoothDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         pixels, key, geometry = self._augment(index, "instance")
-        example = {"instance_pixels": pixels, "instance_prompt": self.instance_prompt, "instance_key": key,
+        example = {"instance_pixels": pixels, "instance_prompt": self._caption(index), "instance_key": key,
                    "instance_geometry": geometry}
         if self._class:
             pixels, key, geometry = self._augment(index, "class")
             example.update(class_pixels=pixels, class_prompt=self.class_prompt, class_key=key,
                            class_geometry=geometry)
         return example
+
+    def _caption(self, index: int) -> str:
+        """The photo's caption, or "" when caption dropout draws this example this epoch (a draw of its own, so
+        the crops and flips are the same with dropout on or off)."""
+        if drop_caption(self.seed, self.epoch, index, self.caption_dropout):
+            return ""
+        return self.captions[index % len(self.captions)]
 
     def _augment(self, index: int, role: str) -> tuple[torch.Tensor, str, torch.Tensor]:
         """The augmented pixels of an item, a key naming exactly them (image file, crop corner, flip), and its
@@ -190,8 +205,10 @@ class DreamBoothDataset(Dataset):
                     yield pixels, key
 
     def prompts(self) -> list[str]:
-        """The prompts its batches carry."""
-        return [self.instance_prompt] + ([self.class_prompt] if self._class else [])
+        """The prompts its batches carry (every one, so that they can all be encoded before the text encoders leave
+        the device)."""
+        prompts = list(dict.fromkeys(self.captions)) + ([""] if self.caption_dropout > 0 else [])
+        return prompts + ([self.class_prompt] if self._class else [])
 
 
 def collate_examples(examples: list[dict]) -> dict:

@@ -7,6 +7,7 @@ before any model loads, and reported with the file's name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -188,12 +189,14 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------------------------------------- scanning
 
 
-def scan_image_folder(folder: Path, resolution: int, *, check_duplicates: bool = True) -> ImageFolderReport:
+def scan_image_folder(folder: Path, resolution: int, *, check_duplicates: bool = True,
+                      companion: Callable[[Path], bool] | None = None) -> ImageFolderReport:
     """Checks every visible file directly in `folder` by decoding it; never raises for a missing or empty folder.
 
-    Hidden files (name starting with '.') are skipped silently, subfolders with a line in the report (what class
-    images leave behind, `replaced-<time>/`, silently). Any other file whose content is not a usable image is
-    rejected with a reason; usable files may carry non-fatal notes.
+    Hidden files (name starting with '.') are skipped silently, and so are `companion` files (a photo's caption,
+    training.captions, read on their own), subfolders with a line in the report (what class images leave behind,
+    `replaced-<time>/`, silently). Any other file whose content is not a usable image is rejected with a reason;
+    usable files may carry non-fatal notes.
     """
     folder = Path(folder)
     report = ImageFolderReport(folder=folder)
@@ -209,6 +212,8 @@ def scan_image_folder(folder: Path, resolution: int, *, check_duplicates: bool =
         if path.is_dir():
             if not path.name.startswith(TOOL_FOLDER_PREFIXES):
                 report.subfolders.append((path, _image_files_in(path)))
+            continue
+        if companion is not None and companion(path):
             continue
         if not path.is_file():
             report.issues.append(ImageIssue(path, "not a regular file (broken link or special file)", True))

@@ -273,7 +273,8 @@ def setup(cfg: Config, report: Preflight) -> Run:
     classes = prepare_class_images(cfg, accelerator, report)
     with collection_paused():  # diffusers' import and the weights live on (dreambooth.training.speed)
         models = load_models(cfg, report.plans, DTYPES[cfg.training.mixed_precision])
-    loader = make_dataloader(cfg, cfg.subject_list(), [s.instance.usable for s in report.subjects], classes)
+    loader = make_dataloader(cfg, cfg.subject_list(), [s.instance.usable for s in report.subjects], classes,
+                             [s.captions.by_photo for s in report.subjects])
     t = cfg.training
     scale = t.gradient_accumulation_steps * t.batch_size * accelerator.num_processes if t.scale_lr else 1.0
     graph, why = graph_plan(cfg, accelerator.device.type, accelerator.num_processes)
