@@ -71,6 +71,8 @@ ELSEWHERE = {
     "evaluate.checkpoints": "test_report.py::test_evaluate_all_checkpoints_names_the_best_in_the_report",
     # the flow-matching families' options, on the tiny Flux and SD3 models
     "training.max_sequence_length": FLOW + "test_max_sequence_length_sets_t5s_length",
+    "validation.loss": "test_validation_loss.py::test_the_score_is_logged_and_training_is_unchanged",
+    "validation.loss_draws": "test_validation_loss.py::test_draws_and_class_images_change_the_score",
     "dataset.caption_extension": "test_captions.py::test_caption_extension_picks_the_files",
     "dataset.dataset_name": "test_captions.py::test_dataset_name_reads_a_local_imagefolder",
     "dataset.caption_column": "test_captions.py::test_dataset_name_reads_a_local_imagefolder",

@@ -222,7 +222,14 @@ class TrainingSection(Section):
 
 class ValidationSection(Section):
     prompts: list[str] = opt([], "Prompts sampled every validation.steps (repeatable flag).", "--validation_prompt")
-    steps: int = opt(100, "Sample every N optimizer steps.", "--validation_steps", ge=1)
+    steps: int = opt(100, "Sample (and score the validation loss) every N optimizer steps.", "--validation_steps",
+                     ge=1)
+    loss: bool = opt(
+        False, "Score the validation loss every validation.steps: the training loss of fixed noise and timestep draws "
+        "on each instance photo (and as many class images), logged beside the training loss and drawn in the run "
+        "report; the over-fitting signal. Does not change training.", "--validation_loss")
+    loss_draws: int = opt(4, "Noise and timestep draws per image of the validation loss.", "--validation_loss_draws",
+                          ge=1)
     num_images: int = opt(4, "Images per validation prompt.", "--num_validation_images", ge=1)
     negative_prompt: str = opt("", "Negative prompt for validation images.", "--validation_negative_prompt")
     num_inference_steps: int = opt(25, "Denoising steps of validation images.", "--validation_inference_steps", ge=1)

@@ -204,6 +204,16 @@ class DreamBoothDataset(Dataset):
                     pixels, key, _ = self._view(role, i, origin, flip)
                     yield pixels, key
 
+    def fixed_views(self):
+        """The validation loss's set (training.validation_loss): each instance photo's centre view, unflipped, with
+        its caption, then as many class images with the class prompt; as (pixels, key, geometry, prompt, is_prior)."""
+        for role, images in (("instance", self._instance), ("class", self._class[:len(self._instance)])):
+            for i, image in enumerate(images):
+                origin = crop_origin(image.size, self.resolution, center_crop=True, crop_rng=None)
+                pixels, key, geometry = self._view(role, i, origin, False)
+                prompt = self.captions[i] if role == "instance" else self.class_prompt
+                yield pixels, key, geometry, prompt, role == "class"
+
     def prompts(self) -> list[str]:
         """The prompts its batches carry (every one, so that they can all be encoded before the text encoders leave
         the device)."""
@@ -260,6 +270,10 @@ class MultiSubjectDataset(Dataset):
     def views(self):
         for subject in self.subjects:
             yield from subject.views()
+
+    def fixed_views(self):
+        for subject in self.subjects:
+            yield from subject.fixed_views()
 
     def prompts(self) -> list[str]:
         return list(dict.fromkeys(p for subject in self.subjects for p in subject.prompts()))

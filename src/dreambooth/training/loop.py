@@ -44,6 +44,7 @@ from dreambooth.training.speed import (
     set_tf32,
     speed_up,
 )
+from dreambooth.training.validation_loss import ValidationLoss, log_score
 from dreambooth.versions import library_versions
 
 
@@ -119,7 +120,10 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
     bar = tqdm(total=run.total_steps, initial=start_step, desc="training", unit="step",
                disable=not acc.is_local_main_process)
     batches = batch_stream(run, start_step * cfg.training.gradient_accumulation_steps)
+    held_out = ValidationLoss.prepare(run, latent_cache) if cfg.validation.loss else None
     offload = frozen_offload(run, encode, latent_cache)
+    if held_out is not None and start_step == 0:
+        log_score(run, held_out.score(run, encode))  # the base model's, where the curve starts
     static = None
     if run.graph:
         def loss_of(latents, cond, is_prior, geometry):
@@ -141,8 +145,10 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
         if stop.requested:
             bar.close()
             raise TrainingStopped(run.global_step, path)
-        if cfg.validation.prompts and (run.global_step % validate_every == 0
-                                       or run.global_step == run.total_steps):
+        due = run.global_step % validate_every == 0 or run.global_step == run.total_steps
+        if held_out is not None and due:
+            log_score(run, held_out.score(run, encode))
+        if cfg.validation.prompts and due:
             with offload.resident():
                 validate(run)
     bar.close()

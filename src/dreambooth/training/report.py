@@ -28,6 +28,7 @@ from dreambooth.training.rundir import (
     list_checkpoints,
     path_size,
 )
+from dreambooth.training.validation_loss import LOG_FILE as VALIDATION_LOSS_FILE
 
 REPORT_PAGE = "report.html"
 REPORT_DIR = "report"  # the page's own images (curves, thumbnails, sample cells), beside it
@@ -80,6 +81,7 @@ class RunFacts:
     progress: dict | None
     status: str
     logging_dir: str = "logs"
+    val_log: list[dict] = field(default_factory=list)  # the validation loss's scorings (training.validation_loss)
 
     @property
     def subjects(self) -> list[dict]:
@@ -261,12 +263,13 @@ def gather(out: Path, status: str | None = None) -> RunFacts:
     config_text = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
     logs = logging_dir(out, config_text)
     log = read_log(out / logs / "train_log.jsonl")
+    val_log = read_log(out / logs / VALIDATION_LOSS_FILE)
     evaluation = read_json(out / EVALUATION_FILE)
     progress = read_json(out / REPORT_DIR / PROGRESS_FILE)
     checkpoints = read_checkpoints(out, evaluation, final_model_step(out, progress))
     return RunFacts(out=out, info=read_json(out / RUN_INFO), config_text=config_text, log=log,
                     samples=read_samples(out), checkpoints=checkpoints, evaluation=evaluation, progress=progress,
-                    status=status or run_status(out, checkpoints, log), logging_dir=logs)
+                    status=status or run_status(out, checkpoints, log), logging_dir=logs, val_log=val_log)
 
 
 def class_images(folder: Path, limit: int) -> list[Path]:

@@ -127,6 +127,11 @@ def draw_curves(facts: RunFacts, target: Path) -> bool:
         colour = f"C{i}"
         losses.plot(xs, ys, color=colour, alpha=0.25, linewidth=1)
         losses.plot(xs, ema(ys), color=colour, linewidth=1.8, label=f"{LOSS_LABELS[key]} (EMA 0.9)")
+    for key, label, colour in (("val_loss", "validation loss (fixed draws)", "C4"),
+                               ("val_prior_loss", "validation prior loss", "C5")):
+        points = [(r["step"], float(r[key])) for r in facts.val_log if isinstance(r.get(key), (int, float))]
+        if points and (key == "val_loss" or any(r.get("val_prior_loss") for r in facts.val_log)):
+            losses.plot(*zip(*points), color=colour, linewidth=1.8, marker="o", markersize=3, label=label)
     losses.set(xlabel="step", ylabel="loss", title="loss (faint: as logged)")
     losses.legend(fontsize=8)
     losses.grid(alpha=0.3)
