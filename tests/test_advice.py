@@ -282,6 +282,8 @@ SITES = {
     "is not a folder here. It is read as a local folder": "test_refused_diffusers_flags_name_what_works_instead",
     "names a column of {path}, which does not exist; write it": "tests/test_captions.py::test_dataset_name_reads_a_"
                                                                   "local_imagefolder",
+    "has both sides between {low} and {high} in steps of {step}": "tests/test_buckets.py::test_the_report_lists_the_"
+                                                                   "buckets_and_bad_ranges_are_refused",
     "reads prompts through CLIP alone and has no T5": "tests/test_t5_token.py::test_t5_new_token_is_refused_where_it_"
                                                       "means_nothing",
     "no subject's identifier is a new token": "tests/test_t5_token.py::test_t5_new_token_is_refused_where_it_means_"

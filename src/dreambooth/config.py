@@ -130,6 +130,17 @@ class DatasetSection(Section):
     caption_dropout: float = opt(
         0.0, "Share of instance examples trained on an empty caption (kohya's --caption_dropout_rate), drawn per "
         "example and epoch.", "--caption_dropout", "--caption_dropout_rate", ge=0, lt=1)
+    enable_bucket: bool = opt(
+        False, "Aspect-ratio buckets: each photo keeps its shape, cropped to the bucket nearest its aspect ratio "
+        "(about the square resolution's pixel count); a batch comes from one bucket (kohya's --enable_bucket).")
+    min_bucket_reso: int | None = opt(None, "Least bucket side in pixels (default: half the resolution).", ge=8)
+    max_bucket_reso: int | None = opt(None, "Most bucket side in pixels (default: twice the resolution).", ge=8)
+    bucket_reso_steps: int = opt(64, "Bucket sides are multiples of this (kohya's default 64; a multiple of 8, of 16 "
+                                 "for Flux and SD3).", ge=8)
+
+    def bucket_range(self, resolution: int) -> tuple[int, int]:
+        """The least and most bucket side: as set, else half and twice the resolution."""
+        return self.min_bucket_reso or resolution // 2, self.max_bucket_reso or resolution * 2
 
     @field_validator("prior_generation_precision", mode="before")
     @classmethod
@@ -239,6 +250,10 @@ class ValidationSection(Section):
     scheduler: str | None = opt(None, "Sampler of validation images (default: DPM-Solver++ for SD 1.x/2.x and SDXL, "
                                 "the model's own flow-matching sampler for Flux and SD3).", "--validation_scheduler")
     seed: int = opt(0, "Seed of validation images, so that steps compare.", "--validation_seed", ge=0)
+    width: int | None = opt(None, "Width of validation images (default: the training resolution).",
+                            "--validation_width", ge=8)
+    height: int | None = opt(None, "Height of validation images (default: the training resolution).",
+                             "--validation_height", ge=8)
     epochs: int | None = opt(
         None, "Sample every N epochs instead, as diffusers' --validation_epochs (an epoch: one pass over the photos, "
         "as --num_train_epochs counts it); replaces validation.steps.", "--validation_epochs", ge=1)

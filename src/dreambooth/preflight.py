@@ -19,9 +19,10 @@ from dreambooth.models.base import (
     resolve_hub_model,
     weights_identity,
 )
+from dreambooth.training.buckets import assign_bucket, describe_buckets, make_buckets
 from dreambooth.training.captions import Captions, is_companion, read_captions
 from dreambooth.training.class_images import ClassImagePlan, plan_class_images, recipe
-from dreambooth.training.images import ImageFolderReport, check_instance_folder, scan_image_folder
+from dreambooth.training.images import ImageFolderReport, check_instance_folder, load_image, scan_image_folder
 from dreambooth.training.rundir import RunPlan, plan_run
 from dreambooth.training.tokens import (
     IdentifierPlan,
@@ -45,6 +46,8 @@ class SubjectReport:
     identifier: IdentifierPlan
     captions: Captions = field(default_factory=Captions)
     longest_caption: tuple[int, str] | None = None  # (CLIP tokens, caption)
+    buckets: list[tuple[int, int]] = field(default_factory=list)  # each usable photo's (width, height) bucket
+    bucket_line: str = ""  # the report's line on them
 
 
 @dataclass
@@ -72,6 +75,8 @@ class Preflight:
                 lines.append(f"subject {i + 1}: \"{s.subject.instance_prompt}\"")
             lines.append(s.instance.format("instance images"))
             lines.append(s.captions.describe(len(s.instance.usable), s.longest_caption))
+            if s.bucket_line:
+                lines.append(s.bucket_line)
             lines.append(s.identifier.describe())
         lines += [plan.describe() for plan in self.class_plans.values()]
         if self.family:
@@ -298,6 +303,33 @@ def check_instance_photos(cfg: Config, subject: Subject) -> ImageFolderReport:
     return instance
 
 
+def check_bucket_settings(cfg: Config, packed: bool) -> list[tuple[int, int]]:
+    """The aspect buckets the settings allow; a problem when they allow none or sides the model cannot take."""
+    ds, resolution = cfg.dataset, cfg.training.resolution
+    low, high = ds.bucket_range(resolution)
+    step = ds.bucket_reso_steps
+    factor = 16 if packed else 8
+    if step % factor:
+        raise UserError(f"dataset.bucket_reso_steps: {step} is not a multiple of {factor}; bucket sides must be "
+                        f"{'whole 2x2 patches of latents (Flux, SD3)' if packed else 'divisible by 8'}. Use "
+                        f"{max(factor, step // factor * factor)} or {(step // factor + 1) * factor}.")
+    buckets = make_buckets(resolution, low, high, step)
+    if not buckets:
+        raise UserError(f"dataset.min_bucket_reso / max_bucket_reso: no bucket of at most {resolution}x{resolution} "
+                        f"pixels has both sides between {low} and {high} in steps of {step}, so no photo fits one. "
+                        f"Lower --min_bucket_reso (at most {resolution}) or raise --max_bucket_reso (at least "
+                        f"{resolution}).")
+    return buckets
+
+
+def assign_photo_buckets(cfg: Config, report: SubjectReport, buckets: list[tuple[int, int]]) -> None:
+    """Each usable photo's bucket, by its upright size, and the report's line listing them."""
+    ds, resolution = cfg.dataset, cfg.training.resolution
+    report.buckets = [assign_bucket(load_image(path).size, buckets) for path in report.instance.usable]
+    report.bucket_line = describe_buckets(report.buckets, resolution, *ds.bucket_range(resolution),
+                                          ds.bucket_reso_steps)
+
+
 def check_captions(cfg: Config, subject: Subject, instance: ImageFolderReport, problems: Problems) -> Captions:
     """The photos' own captions (training.captions); each problem with them is one of pre-flight's."""
     captions = read_captions(subject.instance_dir, instance.usable, extension=cfg.dataset.caption_extension,
@@ -509,6 +541,10 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
                        packed=packed)
     elif cfg.training.resolution % (16 if packed else 8):
         problems.check(check_resolution, cfg.training.resolution, 8, needs=resolution, packed=packed)
+    for key in ("width", "height"):
+        if getattr(cfg.validation, key):
+            problems.check(check_resolution, getattr(cfg.validation, key), 8, f"validation.{key}", packed=packed,
+                           needs=(f"validation.{key}",))
     if model_ok and not is_hub_id(model):
         problems.check(check_token_length, cfg, needs=("training.tokenizer_max_length",))
         if cfg.model.method == "lora":
@@ -531,6 +567,10 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
             subjects.append(SubjectReport(s, instance, plan, captions))
     if tokenizer is not None and not problems.blocked(SUBJECTS + ("dataset.class_prompt", "validation.prompts")):
         warnings = check_prompts(cfg, tokenizer, subjects, problems)
+    if cfg.dataset.enable_bucket:
+        buckets = problems.check(check_bucket_settings, cfg, packed, needs=("dataset.", "training.resolution"))
+        for report in subjects if buckets else []:
+            assign_photo_buckets(cfg, report, buckets)
     if model_ok and not is_hub_id(model):
         problems.check(check_sequence_length, cfg, caption_prompts(subjects),
                        needs=SUBJECTS + ("training.max_sequence_length", "validation.prompts", "dataset."))

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Sampler
 from dreambooth.config import Config, Subject, lora_denoiser_targets
 from dreambooth.models.families import Family
 from dreambooth.models.families.common import Conditioning
+from dreambooth.training.buckets import BucketBatchSampler
 from dreambooth.training.data import DreamBoothDataset, MultiSubjectDataset, collate_examples
 from dreambooth.training.tokens import IdentifierPlan, add_identifier_token, load_tokenizer, train_only_rows
 
@@ -311,21 +312,26 @@ class EpochSampler(Sampler):
 
 
 def make_dataloader(cfg: Config, subjects: list[Subject], instance: list[list[Path]],
-                    classes: list[list[Path]] | None, captions: list[dict[Path, str]] | None = None) -> DataLoader:
-    """One dataset per subject (instance photos, each with its caption or the instance prompt, paired with that
-    subject's class images), sampled in balance."""
-    ds = cfg.dataset
+                    classes: list[list[Path]] | None, captions: list[dict[Path, str]] | None = None,
+                    buckets: list[list[tuple[int, int]]] | None = None) -> DataLoader:
+    """One dataset per subject (instance photos, each with its caption or the instance prompt and its aspect bucket,
+    paired with that subject's class images), sampled in balance; with buckets, each batch from one bucket."""
+    ds, t = cfg.dataset, cfg.training
     captions = captions or [{} for _ in subjects]
     parts = [DreamBoothDataset(
-        photos, s.instance_prompt, cfg.training.resolution,
+        photos, s.instance_prompt, t.resolution,
         class_images=classes[i] if classes else None, class_prompt=s.class_prompt if classes else None,
-        center_crop=ds.center_crop, random_flip=ds.random_flip, seed=cfg.training.seed + 7919 * i,
-        captions=[captions[i].get(photo) for photo in photos], caption_dropout=ds.caption_dropout)
+        center_crop=ds.center_crop, random_flip=ds.random_flip, seed=t.seed + 7919 * i,
+        captions=[captions[i].get(photo) for photo in photos], caption_dropout=ds.caption_dropout,
+        buckets=buckets[i] if buckets else None)
         for i, (s, photos) in enumerate(zip(subjects, instance))]
     dataset = parts[0] if len(parts) == 1 else MultiSubjectDataset(parts)
-    sampler = EpochSampler(len(dataset), cfg.training.seed)
-    return DataLoader(dataset, batch_size=cfg.training.batch_size, sampler=sampler,
-                      collate_fn=collate_examples, num_workers=cfg.training.dataloader_num_workers)
+    common = {"collate_fn": collate_examples, "num_workers": t.dataloader_num_workers}
+    if buckets:
+        sampler = BucketBatchSampler([dataset.bucket_of(i) for i in range(len(dataset))], t.batch_size, t.seed,
+                                     dataset)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+    return DataLoader(dataset, batch_size=t.batch_size, sampler=EpochSampler(len(dataset), t.seed), **common)
 
 
 class PromptEncoder:

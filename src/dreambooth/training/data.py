@@ -13,37 +13,49 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dreambooth.training.buckets import cover_size
 from dreambooth.training.captions import drop_caption
 from dreambooth.training.images import load_image
 
 # ---------------------------------------------------------------------------------------------- pixels
 
 
-def crop_origin(size: tuple[int, int], resolution: int, *, center_crop: bool,
+Target = int | tuple[int, int]  # the crop: a square side (the training resolution), or an aspect bucket's (w, h)
+
+
+def target_size(target: Target) -> tuple[int, int]:
+    return (target, target) if isinstance(target, int) else target
+
+
+def crop_origin(size: tuple[int, int], target: Target, *, center_crop: bool,
                 crop_rng: random.Random | None) -> tuple[int, int]:
-    """Top-left corner of the crop of an image already resized to short side == resolution."""
+    """Top-left corner of the crop of an image already resized to cover the target (short side == resolution for
+    a square)."""
     width, height = size
+    tw, th = target_size(target)
     if center_crop:
-        return (width - resolution) // 2, (height - resolution) // 2
+        return (width - tw) // 2, (height - th) // 2
     if crop_rng is None:
         raise ValueError("prepare_image needs crop_rng for a random crop (or center_crop=True)")
-    return crop_rng.randint(0, width - resolution), crop_rng.randint(0, height - resolution)
+    return crop_rng.randint(0, width - tw), crop_rng.randint(0, height - th)
 
 
 def prepare_image(
-    image: Image.Image, resolution: int, *, center_crop: bool, flip: bool, crop_rng: random.Random | None,
+    image: Image.Image, resolution: Target, *, center_crop: bool, flip: bool, crop_rng: random.Random | None,
     origin: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """RGB image -> float32 [3, resolution, resolution] in [-1, 1]: short side resized, cropped, maybe mirrored.
+    """RGB image -> float32 [3, height, width] in [-1, 1] (a square of side `resolution`, or an aspect bucket's
+    (width, height)): resized to cover it, cropped, maybe mirrored.
 
     The crop is at `origin` when given, else centred if `center_crop`, else at an offset drawn from `crop_rng`.
     `flip` mirrors left-right; the caller draws it, so this function is deterministic given its arguments.
     """
     if image.mode != "RGB":
         raise ValueError(f"prepare_image expects an RGB image (use load_image), got mode {image.mode}")
-    image = _resize_short_side(image, resolution)
+    image = _resize_to_cover(image, resolution)
+    tw, th = target_size(resolution)
     left, top = origin or crop_origin(image.size, resolution, center_crop=center_crop, crop_rng=crop_rng)
-    image = image.crop((left, top, left + resolution, top + resolution))
+    image = image.crop((left, top, left + tw, top + th))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -51,7 +63,7 @@ def prepare_image(
 
 
 def crop_geometry(original: tuple[int, int], resized: tuple[int, int], origin: tuple[int, int], flip: bool,
-                  resolution: int) -> torch.Tensor:
+                  resolution: Target) -> torch.Tensor:
     """Where a training image came from: its original height and width, the crop's top-left corner (y, x) in the
     resized image, and the target height and width. SDXL conditions on exactly these six numbers (its
     `add_time_ids`, Podell et al. 2023, "size and crop conditioning"); the other families ignore them.
@@ -60,29 +72,27 @@ def crop_geometry(original: tuple[int, int], resized: tuple[int, int], origin: t
     its left edge is the resized width minus the crop's right edge.
     """
     left, top = origin
+    tw, th = target_size(resolution)
     if flip:
-        left = resized[0] - left - resolution
-    return torch.tensor([original[1], original[0], top, left, resolution, resolution], dtype=torch.float32)
+        left = resized[0] - left - tw
+    return torch.tensor([original[1], original[0], top, left, th, tw], dtype=torch.float32)
 
 
-def _load_resized(paths: list[Path], resolution: int) -> tuple[list[Image.Image], list[tuple[int, int]]]:
-    """Images decoded and resized (short side = resolution), with their original (width, height)."""
+def _load_resized(paths: list[Path], targets: list[Target]) -> tuple[list[Image.Image], list[tuple[int, int]]]:
+    """Images decoded and resized to cover their targets (short side = resolution for a square), with their original
+    (width, height)."""
     images, sizes = [], []
-    for path in paths:
+    for path, target in zip(paths, targets):
         image = load_image(path)
         sizes.append(image.size)
-        images.append(_resize_short_side(image, resolution))
+        images.append(_resize_to_cover(image, target))
     return images, sizes
 
 
-def _resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
-    width, height = image.size
-    if min(width, height) == resolution:
-        return image
-    scale = resolution / min(width, height)
-    # max() keeps the long side from rounding below the crop size.
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS)
+def _resize_to_cover(image: Image.Image, target: Target) -> Image.Image:
+    """The image scaled (aspect kept) to the least size that covers the target; for a square, short side = side."""
+    size = cover_size(image.size, target_size(target))
+    return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -97,9 +107,10 @@ def _item_rng(*key: object) -> random.Random:
 class DreamBoothDataset(Dataset):
     """Instance examples, each paired with a class (prior-preservation) example when class images are given.
 
-    Images are decoded once in __init__ and kept in memory already resized (short side = resolution), so
-    an item only crops and flips. Augmentation is a pure function of (seed, epoch, index): call set_epoch
-    before iterating each epoch, and resuming mid-epoch reproduces exactly the same pixels.
+    Images are decoded once in __init__ and kept in memory already resized to cover their crop (short side =
+    resolution; with aspect buckets, the photo's bucket, and a class image is cropped to the bucket of the photo it
+    is paired with), so an item only crops and flips. Augmentation is a pure function of (seed, epoch, index): call
+    set_epoch before iterating each epoch, and resuming mid-epoch reproduces exactly the same pixels.
     """
 
     def __init__(
@@ -115,6 +126,7 @@ class DreamBoothDataset(Dataset):
         seed: int = 0,
         captions: list[str | None] | None = None,
         caption_dropout: float = 0.0,
+        buckets: list[tuple[int, int]] | None = None,
     ):
         if not instance_images:
             raise ValueError("DreamBoothDataset needs at least one instance image")
@@ -135,8 +147,14 @@ class DreamBoothDataset(Dataset):
         # a file's modification time is part of its cache key, so an edited photo is encoded again
         self._paths = {role: [f"{p}@{Path(p).stat().st_mtime_ns}" for p in paths]
                        for role, paths in (("instance", instance_images), ("class", class_images or []))}
-        self._instance, self._instance_sizes = _load_resized(instance_images, resolution)
-        self._class, self._class_sizes = _load_resized(class_images or [], resolution)
+        self._files = {"instance": list(instance_images), "class": list(class_images or [])}
+        # each photo's crop: its aspect bucket (training.buckets), else the square
+        self._targets: list[Target] = list(buckets) if buckets else [resolution] * len(instance_images)
+        if len(self._targets) != len(instance_images):
+            raise ValueError("buckets must give one (width, height) per instance image")
+        self._instance, self._instance_sizes = _load_resized(instance_images, self._targets)
+        self._class, self._class_sizes = _load_resized(class_images or [], [resolution] * len(class_images or []))
+        self._covered: dict[tuple[str, int, Target], Image.Image] = {}  # other crops' resized copies, made on use
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -169,46 +187,74 @@ class DreamBoothDataset(Dataset):
         conditioning follows from the key (the file's original size, the crop, the flip), so cached latents and
         their conditioning always agree.
         """
-        images = self._instance if role == "instance" else self._class
-        image = images[index % len(images)]
+        i = index % len(self._instance if role == "instance" else self._class)
+        target = self.bucket_of(index)
+        image = self._image(role, i, target)
         rng = _item_rng(self.seed, self.epoch, index, role)
         flip = self.random_flip and rng.random() < 0.5
-        origin = crop_origin(image.size, self.resolution, center_crop=self.center_crop,
+        origin = crop_origin(image.size, target, center_crop=self.center_crop,
                              crop_rng=None if self.center_crop else rng)
-        return self._view(role, index % len(images), origin, flip)
+        return self._view(role, i, origin, flip, target)
 
-    def _view(self, role: str, i: int, origin: tuple[int, int], flip: bool) -> tuple[torch.Tensor, str, torch.Tensor]:
-        """Image `i` of `role` cropped at `origin`, maybe mirrored: its pixels, cache key and size conditioning."""
-        image = (self._instance if role == "instance" else self._class)[i]
+    def bucket_of(self, index: int) -> Target:
+        """The crop of item `index`: its photo's bucket (the class image paired with it takes the same), or the
+        square."""
+        return self._targets[index % len(self._instance)]
+
+    def _image(self, role: str, i: int, target: Target) -> Image.Image:
+        """Image `i` of `role` resized to cover `target`: the copy made at load time, or one made on first use (a
+        class image for a bucket, a photo for the square of the validation loss)."""
+        preloaded = self._targets[i] if role == "instance" else self.resolution
+        if target == preloaded:
+            return (self._instance if role == "instance" else self._class)[i]
+        key = (role, i, target)
+        if key not in self._covered:
+            self._covered[key] = _resize_to_cover(load_image(self._files[role][i]), target)
+        return self._covered[key]
+
+    def _view(self, role: str, i: int, origin: tuple[int, int], flip: bool,
+              target: Target | None = None) -> tuple[torch.Tensor, str, torch.Tensor]:
+        """Image `i` of `role` cropped to `target` (default: the square) at `origin`, maybe mirrored: its pixels,
+        cache key and size conditioning."""
+        target = self.resolution if target is None else target
+        image = self._image(role, i, target)
         size = (self._instance_sizes if role == "instance" else self._class_sizes)[i]
-        pixels = prepare_image(image, self.resolution, center_crop=self.center_crop, flip=flip, crop_rng=None,
-                               origin=origin)
-        key = f"{self._paths[role][i]}|{self.resolution}|{origin[0]},{origin[1]}|{int(flip)}"
-        return pixels, key, crop_geometry(size, image.size, origin, flip, self.resolution)
+        pixels = prepare_image(image, target, center_crop=self.center_crop, flip=flip, crop_rng=None, origin=origin)
+        crop = str(target) if isinstance(target, int) else f"{target[0]}x{target[1]}"
+        key = f"{self._paths[role][i]}|{crop}|{origin[0]},{origin[1]}|{int(flip)}"
+        return pixels, key, crop_geometry(size, image.size, origin, flip, target)
+
+    def _all_views(self) -> list[tuple[str, int, Target]]:
+        """(role, image, crop) of every image a batch can show: each photo at its crop, each class image at every
+        crop a photo has."""
+        crops = list(dict.fromkeys(self._targets))
+        return ([("instance", i, t) for i, t in enumerate(self._targets)]
+                + [("class", i, t) for i in range(len(self._class)) for t in crops])
 
     def view_count(self) -> int | None:
         """How many (pixels, cache key) views a batch can ever hold, when augmentation leaves few: one crop per image
         (centre crop, or an image already square at the resolution) and each flip `random_flip` allows. None when
         random crops make them too many to list; then latents are cached as they come."""
-        images = self._instance + self._class
-        if not self.center_crop and any(image.size != (self.resolution, self.resolution) for image in images):
+        views = self._all_views()
+        if not self.center_crop and any(self._image(role, i, t).size != target_size(t) for role, i, t in views):
             return None
-        return len(images) * (2 if self.random_flip else 1)
+        return len(views) * (2 if self.random_flip else 1)
 
     def views(self):
         """Each of the `view_count()` views as (pixels, cache key), made one at a time."""
-        for role, images in (("instance", self._instance), ("class", self._class)):
-            for i, image in enumerate(images):
-                origin = crop_origin(image.size, self.resolution, center_crop=True, crop_rng=None)
-                for flip in (False, True) if self.random_flip else (False,):
-                    pixels, key, _ = self._view(role, i, origin, flip)
-                    yield pixels, key
+        for role, i, target in self._all_views():
+            origin = crop_origin(self._image(role, i, target).size, target, center_crop=True, crop_rng=None)
+            for flip in (False, True) if self.random_flip else (False,):
+                pixels, key, _ = self._view(role, i, origin, flip, target)
+                yield pixels, key
 
     def fixed_views(self):
         """The validation loss's set (training.validation_loss): each instance photo's centre view, unflipped, with
-        its caption, then as many class images with the class prompt; as (pixels, key, geometry, prompt, is_prior)."""
+        its caption, then as many class images with the class prompt; as (pixels, key, geometry, prompt, is_prior).
+        Square at the resolution, with or without buckets, so that the set is one batch of one shape."""
         for role, images in (("instance", self._instance), ("class", self._class[:len(self._instance)])):
-            for i, image in enumerate(images):
+            for i in range(len(images)):
+                image = self._image(role, i, self.resolution)
                 origin = crop_origin(image.size, self.resolution, center_crop=True, crop_rng=None)
                 pixels, key, geometry = self._view(role, i, origin, False)
                 prompt = self.captions[i] if role == "instance" else self.class_prompt
@@ -270,6 +316,10 @@ class MultiSubjectDataset(Dataset):
     def views(self):
         for subject in self.subjects:
             yield from subject.views()
+
+    def bucket_of(self, index: int):
+        subject = self.subjects[index % len(self.subjects)]
+        return subject.bucket_of((index // len(self.subjects)) % len(subject))
 
     def fixed_views(self):
         for subject in self.subjects:

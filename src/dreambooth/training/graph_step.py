@@ -49,6 +49,8 @@ def graph_obstacles(cfg, device_type: str, num_processes: int) -> list[str]:
         found.append("--torch_compile is on (compiled code and a hand-made graph do not mix)")
     if t.latent_cache == "disk":
         found.append("the disk latent cache reads files on the host each step")
+    if cfg.dataset.enable_bucket:
+        found.append("aspect buckets change the batch's shape from step to step (a graph replays one shape)")
     family = known_family(cfg)
     if family is not None and not family.graph_step:
         found.append(f"{family.title}'s step is not captured yet (SD 1.x and 2.x's is)")

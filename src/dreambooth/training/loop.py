@@ -226,7 +226,8 @@ def validate(run: Run) -> None:
         guidance = m.family.behaviour().draw_defaults(pipe)["guidance"]
     settings = GenerationSettings(prompts=v.prompts, negative_prompt=v.negative_prompt, steps=v.num_inference_steps,
                                   guidance=guidance, seeds=[v.seed], num_images=v.num_images,
-                                  scheduler=type(parts["scheduler"]).__name__, height=res, width=res)
+                                  scheduler=type(parts["scheduler"]).__name__, height=v.height or res,
+                                  width=v.width or res)
     with torch.no_grad(), acc.autocast():
         results = generate_images(pipe, settings)
     grid = make_grid([img for img, _ in results], cols=v.num_images)
@@ -280,7 +281,8 @@ def setup(cfg: Config, report: Preflight) -> Run:
     with collection_paused():  # diffusers' import and the weights live on (dreambooth.training.speed)
         models = load_models(cfg, report.plans, DTYPES[cfg.training.mixed_precision])
     loader = make_dataloader(cfg, cfg.subject_list(), [s.instance.usable for s in report.subjects], classes,
-                             [s.captions.by_photo for s in report.subjects])
+                             [s.captions.by_photo for s in report.subjects],
+                             [s.buckets for s in report.subjects] if cfg.dataset.enable_bucket else None)
     t = cfg.training
     scale = t.gradient_accumulation_steps * t.batch_size * accelerator.num_processes if t.scale_lr else 1.0
     graph, why = graph_plan(cfg, accelerator.device.type, accelerator.num_processes)
