@@ -1,7 +1,8 @@
 """Fills .whl/ with the wheels bench/gpu.sh's GPU machine lacks; that machine has no network, so they travel with
 the checkout and bench/install_offline.sh installs them with --no-index.
 
-    python bench/carry_wheels.py                  # diffusers, pydantic, PyYAML, pytest, setuptools, wheel, packaging
+    python bench/carry_wheels.py                  # diffusers, pydantic, PyYAML, pytest, prodigyopt, lion-pytorch,
+                                                  # setuptools, wheel, packaging
     python bench/carry_wheels.py --bitsandbytes   # and bitsandbytes, for the lean-memory run (~43 MB)
     python bench/carry_wheels.py --build-only     # only setuptools + wheel + packaging (the editable install's needs)
 
@@ -11,8 +12,9 @@ its pins where it pins a package (diffusers, pydantic, PyYAML, pytest), and the 
 downloaded with `pip download --no-deps`, one exact version each. Carried: those packages and every dependency they
 reach, except what the machine already has (ON_MACHINE: its torch stack, which gpu.sh's facts step imports, and the
 dependencies diffusers shares with it); bench/install_offline.sh installs all carried wheels in one pip call, which
-fails as a whole if one of them needs something neither carried nor there. bitsandbytes is downloaded without
-resolving (its dependency is torch, which must never be resolved here: a multi-GB CUDA build).
+fails as a whole if one of them needs something neither carried nor there. bitsandbytes, prodigyopt and lion-pytorch
+are downloaded without resolving (their one dependency is torch, which must never be resolved here: a multi-GB CUDA
+build); the optimizers at their constraints.txt pins.
 
 Leaves the folder holding exactly this set (other wheels there are removed) and prints each wheel's size and the
 total against the 64 MiB that a device run carries (this checkout's tracked files travel too).
@@ -41,6 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 # What bench/gpu.sh runs beside the build backend: diffusers (the machine has transformers, accelerate, peft, not
 # diffusers), pydantic (the config), PyYAML (config files), pytest (the GPU tests).
 RUNTIME = ["diffusers", "pydantic", "PyYAML", "pytest"]
+# The optimizers of training.optimizer beyond torch's: pure Python, needing torch alone, so downloaded at their pins
+# without resolving (resolving them would resolve torch).
+TORCH_ONLY = ["prodigyopt", "lion-pytorch"]
 # Beside [build-system]'s setuptools and wheel: wheel requires it, and setuptools imports an installed one before
 # its own vendored copy.
 BUILD_EXTRA = ["packaging"]
@@ -57,6 +62,13 @@ def project_requirements() -> tuple[list[str], str]:
     build = pyproject["build-system"]["requires"]
     bnb = next(r for r in pyproject["project"]["optional-dependencies"]["bnb"] if r.startswith("bitsandbytes"))
     return build, bnb
+
+
+def constraint_pins() -> dict[str, str]:
+    """constraints.txt's pins, by canonical name: {name: version}."""
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    return {canonicalize_name(line.split("==")[0]): line.split("==")[1].strip() for line in lines
+            if "==" in line and not line.startswith("#")}
 
 
 def target_options(python_version: str, glibc: str, arch: str) -> list[str]:
@@ -158,6 +170,13 @@ def main() -> int:
     names, of_machine = carried(roots, resolved, environment)
     pins = [f"{resolved[n]['name']}=={resolved[n]['version']}" for n in names]
 
+    pinned = constraint_pins()
+    versions = {n: resolved[n]["version"] for n in names}
+    if not args.build_only:
+        versions.update({canonicalize_name(n): pinned[canonicalize_name(n)] for n in TORCH_ONLY})
+        pins += [f"{n}=={pinned[canonicalize_name(n)]}" for n in TORCH_ONLY]
+        names += [canonicalize_name(n) for n in TORCH_ONLY]
+
     args.dest.mkdir(parents=True, exist_ok=True)
     pip("download", "--no-deps", "--quiet", "--dest", str(args.dest), *target, *pins)
     if args.bitsandbytes:
@@ -169,7 +188,7 @@ def main() -> int:
     wheels = {}
     for path in sorted(args.dest.glob("*.whl"), key=lambda p: parse_wheel_filename(p.name)[1], reverse=True):
         name, version = parse_wheel_filename(path.name)[:2]
-        exact = name == "bitsandbytes" or str(version) == resolved[name]["version"] if name in names else False
+        exact = name == "bitsandbytes" or str(version) == versions[name] if name in names else False
         if exact and name not in wheels:
             wheels[name] = path
         else:
@@ -179,15 +198,14 @@ def main() -> int:
     if missing:
         sys.exit(f"no wheel came for {missing}")
 
-    pinned = {canonicalize_name(line.split("==")[0]) for line in (REPO / "constraints.txt").read_text().splitlines()
-              if "==" in line and not line.startswith("#")}
     print(f"{args.dest}: Python {args.python_version}, manylinux (glibc <= {args.glibc}) {args.arch}; versions from "
           "constraints.txt (*) or resolved under it")
     for name in names:
         label = f"{name} {parse_wheel_filename(wheels[name].name)[1]}"
         print(f"  {label:<28} {mib(wheels[name].stat().st_size):>9}{' *' if name in pinned else ''}")
-    if args.bitsandbytes:
-        of_machine += [f"{line} (bitsandbytes)" for line in wheel_requires(wheels["bitsandbytes"], environment)
+    unresolved = (["bitsandbytes"] if args.bitsandbytes else []) + ([] if args.build_only else TORCH_ONLY)
+    for root in map(canonicalize_name, unresolved):
+        of_machine += [f"{line} ({root})" for line in wheel_requires(wheels[root], environment)
                        if canonicalize_name(Requirement(line).name) not in names]
     if of_machine:
         print("not carried, the machine must have: " + ", ".join(of_machine))

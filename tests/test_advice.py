@@ -157,6 +157,14 @@ SITES = {
     "`pip install xformers` or drop the flag": "test_runtime_refusals_name_the_flag_to_drop",
     "or pass --report_to none": "test_runtime_refusals_name_the_flag_to_drop",
     "Use --cuda_graph auto (on where it is valid) or off": "test_runtime_refusals_name_the_flag_to_drop",
+    # training: the optimizer
+    "asks for 8-bit AdamW and training.optimizer is": "test_optimizer_refusals_name_what_works",
+    "Prodigy, and training.optimizer is": "test_optimizer_refusals_name_what_works",
+    "Prodigy estimates its own step size and multiplies it": "test_optimizer_refusals_name_what_works",
+    "and Prodigy steps every parameter group with one learning rate": "test_optimizer_refusals_name_what_works",
+    "package, which is not installed; reinstall dreambooth with": "reason: installs from a package registry; "
+                                                                  "prodigyopt and lion-pytorch are dependencies of "
+                                                                  "this package, there wherever it installed whole",
     "Pass --cuda_graph off to skip the attempt": "reason: a capture that fails needs CUDA; --cuda_graph off itself "
                                                  "is run by test_runtime_refusals_name_the_flag_to_drop",
     "ran out of memory with one image at a time": "reason: needs a GPU to run out of memory on; "
@@ -308,8 +316,6 @@ SITES = {
     "but the single file holds the transformer alone": EXPORT + "test_a_text_encoder_lora_is_not_merged_into_a_file_"
                                                        "without_a_text_encoder",
     # diffusers' Flux and SD3 example commands (tests/test_diffusers_commands.py)
-    "Prodigy is not supported yet; use --optimizer adamw": COMMANDS + "test_a_readme_command_passes_preflight_after_"
-                                                            "the_changes_its_refusals_name",
     "Ascend NPUs are not supported; drop the flag": COMMANDS + "test_npu_attention_is_refused_and_the_command_without_"
                                                     "it_passes",
     "--upcast_before_saving saves in fp32, and --save_precision": COMMANDS + "test_upcast_before_saving_is_fp32_and_"
@@ -649,12 +655,41 @@ def test_runtime_refusals_name_the_flag_to_drop(tiny_model, instance_dir, tmp_pa
 
     if importlib.util.find_spec("bitsandbytes") is None:
         cases.append((["--use_8bit_adam"], "or drop --use_8bit_adam", []))
+        cases.append((["--optimizer", "adamw8bit"], "or drop --optimizer adamw8bit", []))
     if importlib.util.find_spec("xformers") is None:
         cases.append((["--enable_xformers_memory_efficient_attention"], "or drop the flag", []))
     for i, (refused, advice, instead) in enumerate(cases):
         err = cli_run(capsys, *train_argv(tiny_model, instance_dir, tmp_path / f"r{i}", *refused, steps=1), code=2)
         assert advice in err, (refused, err)
         passes_preflight(capsys, monkeypatch, *train_argv(tiny_model, instance_dir, tmp_path / f"r{i}", *instead))
+
+
+def test_optimizer_refusals_name_what_works(tiny_model, instance_dir, tmp_path, capsys, monkeypatch):
+    """Prodigy's learning rates, its settings given to another optimizer, 8-bit AdamW asked for beside Prodigy: each
+    refusal names the change, and the command with it passes pre-flight (train_argv's --learning_rate is 1e-3)."""
+    import importlib.util
+
+    prodigy = ["--optimizer", "prodigy", "--learning_rate", "1.0"]
+    cases = [(["--optimizer", "prodigy"], "Pass --learning_rate 1.0", [prodigy]),
+             (["--optimizer", "prodigy"], "--prodigy_d_coef, e.g. 0.5 or 2", [[*prodigy, "--prodigy_d_coef", "2"]]),
+             ([*prodigy, "--text_encoder_lr", "5e-6"], "Drop --text_encoder_lr (it then follows --learning_rate)",
+              [prodigy]),
+             ([*prodigy, "--use_8bit_adam"], "Drop --use_8bit_adam to train with prodigy, or pass --optimizer "
+              "adamw8bit", [prodigy, ["--optimizer", "adamw8bit"]]),
+             (["--prodigy_beta3", "0.9", "--prodigy_safeguard_warmup=False"], "Drop --prodigy_beta3, "
+              "--prodigy_safeguard_warmup, or pass --optimizer prodigy (with --learning_rate 1.0)",
+              [[], ["--prodigy_beta3", "0.9", "--prodigy_safeguard_warmup=False", *prodigy]])]
+    for i, (refused, advice, instead) in enumerate(cases):
+        out = tmp_path / f"o{i}"
+        err = cli_run(capsys, *train_argv(tiny_model, instance_dir, out, *refused, steps=1), code=2)
+        assert advice in err and err.count("\n  - ") == 1, (refused, err)  # the one problem, the one advice
+        for flags in instead:
+            if flags == ["--optimizer", "adamw8bit"] and importlib.util.find_spec("bitsandbytes") is None:
+                # its own refusal, whose advice test_runtime_refusals_name_the_flag_to_drop runs
+                err = cli_run(capsys, *train_argv(tiny_model, instance_dir, out, *flags), code=2)
+                assert "bitsandbytes, which is not installed" in err
+                continue
+            passes_preflight(capsys, monkeypatch, *train_argv(tiny_model, instance_dir, out, *flags))
 
 
 def test_an_upload_that_cannot_happen_leaves_training_possible(tiny_model, instance_dir, tmp_path, capsys,

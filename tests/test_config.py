@@ -148,6 +148,36 @@ def test_every_flag_of_diffusers_sdxl_lora_script_is_accepted_or_refused_with_a_
             overrides([flag, "other"])
 
 
+def training_from(*argv: str):
+    given = {"model.pretrained_model": "m", "dataset.instance_prompt": "x", **overrides(argv)}
+    return load_config(None, given).training
+
+
+def test_optimizer_and_prodigy_flags_read_as_diffusers_commands_write_them(tmp_path):
+    """--optimizer in any case (diffusers' scripts say AdamW and prodigy); their `type=bool` Prodigy flags with a
+    value (`--prodigy_safeguard_warmup=True`), where false means off (diffusers' bool("False") is True), or alone;
+    --use_8bit_adam is 8-bit AdamW. A recorded config.yaml, which holds every Prodigy key, reads back the same, also
+    for AdamW (its Prodigy keys at their defaults are no Prodigy settings given to another optimizer)."""
+    t = training_from("--optimizer=Prodigy", "--learning_rate=1.", "--prodigy_safeguard_warmup=False",
+                      "--prodigy_use_bias_correction", "true", "--prodigy_decouple", "--prodigy_beta3", "0.99")
+    assert (t.optimizer, t.prodigy_safeguard_warmup, t.prodigy_use_bias_correction, t.prodigy_decouple,
+            t.prodigy_beta3) == ("prodigy", False, True, True, 0.99)
+    assert training_from("--optimizer", "prodigy", "--learning_rate", "1", "--no-prodigy_decouple").prodigy_decouple \
+        is False
+    assert training_from("--optimizer", "AdamW", "--use_8bit_adam").optimizer_kind == "adamw8bit"
+    assert training_from("--optimizer", "LION").optimizer_kind == "lion"
+    with pytest.raises(UserError, match="training.optimizer: input should be 'adamw', 'adamw8bit', 'prodigy' or "
+                                        "'lion'"):
+        training_from("--optimizer", "sgd")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--no-prodigy_decouple=true"])
+    for argv in (["--optimizer", "prodigy", "--learning_rate", "1", "--prodigy_d_coef", "2"], []):
+        cfg = load_config(None, {"model.pretrained_model": "m", "dataset.instance_prompt": "x", **overrides(argv)})
+        recorded = tmp_path / "config.yaml"
+        recorded.write_text(dump_config(cfg))
+        assert load_config(recorded).training == cfg.training
+
+
 def test_flags_are_unique():
     flags = [f for key in all_keys() for f in field_flags(*key.split("."))]
     assert len(flags) == len(set(flags))

@@ -8,9 +8,10 @@ model at the hub id's path (a folder there is taken before the hub, `config_file
 (with `--method lora` for a LoRA script, whose name chose that there); every other word is the README's.
 
 Where the tool refuses a command as written, the test asserts that the refusal names the change and makes exactly
-that change (READING and PREFLIGHT below: Prodigy and a hub dataset everywhere; the wandb tracker and fp16 where the
-machine lacks them), then runs the result through pre-flight, and for real for 2 steps at 64 px. The two FLUX.1
-Kontext commands of README_flux.md are for a pipeline this tool does not train; they are refused, and say so.
+that change (PREFLIGHT below: a hub dataset everywhere; the wandb tracker and fp16 where the machine
+lacks them), then runs the result through pre-flight, and for real for 2 steps at 64 px. Their Prodigy (with
+`--learning_rate=1.`) runs as written. The two FLUX.1 Kontext commands of README_flux.md are for a pipeline this tool
+does not train; they are refused, and say so.
 """
 
 from __future__ import annotations
@@ -312,26 +313,11 @@ class Advice:
     change: object  # argv -> argv
 
 
-def adamw_rates(argv: list[str]) -> list[str]:
-    """Prodigy refused: --optimizer dropped, and AdamW learning rates for the 1.0 Prodigy takes (1e-4, the low end of
-    the range the refusal names)."""
-    argv = without(argv, "--optimizer")
-    for flag in ("--learning_rate", "--text_encoder_lr"):
-        argv = with_value(argv, flag, "1e-4") if value_of(argv, flag) is not None else argv
-    return argv
-
-
 def photos_folder(argv: list[str]) -> list[str]:
     """A hub dataset refused: its photos in a folder, passed as --instance_data_dir."""
     return [*without(argv, "--dataset_name"), "--instance_data_dir=dog"]
 
 
-# Refused when the flags are read, all in one message.
-READING = (
-    Advice(lambda a: value_of(a, "--optimizer") == "prodigy",
-           "Prodigy is not supported yet; use --optimizer adamw (the default) or drop the flag, and give AdamW "
-           "learning rates with it", adamw_rates),
-)
 # Refused by pre-flight, all in one report. Only these two depend on the machine: wandb is not installed where the
 # suite runs (and installing a tracker for a test is not wanted), and accelerate's fp16 needs a CUDA device. On a
 # machine with both, the commands pass pre-flight with --report_to wandb and --mixed_precision fp16 as printed.
@@ -358,7 +344,7 @@ def refusal(capsys, monkeypatch, argv: list[str]) -> str:
 def follow_refusals(capsys, monkeypatch, argv: list[str]) -> list[str]:
     """Runs the command as written; each round of refusals must name every change ADVICE makes for it, which is
     then made. Returns the command that is left (the README's, where nothing was refused)."""
-    for advice in (READING, PREFLIGHT):
+    for advice in (PREFLIGHT,):
         due = [a for a in advice if a.applies(argv)]
         if due:
             err = refusal(capsys, monkeypatch, argv)
@@ -420,10 +406,9 @@ def test_a_readme_command_passes_preflight_after_the_changes_its_refusals_name(n
     readme_folder(argv, example.size)
     accepted = follow_refusals(capsys, monkeypatch, argv)
     passes_preflight(capsys, monkeypatch, *accepted)
-    # Prodigy and its learning rates, the hub dataset, and the machine's two settings: nothing else changed
+    # the hub dataset and the machine's two settings: nothing else changed (Prodigy and its rates run as written)
     changed = {w.split("=", 1)[0] for w in set(argv) ^ set(accepted)}
-    assert changed <= {"--optimizer", "--learning_rate", "--text_encoder_lr", "--dataset_name",
-                       "--instance_data_dir", "--report_to", "--mixed_precision"}, changed
+    assert changed <= {"--dataset_name", "--instance_data_dir", "--report_to", "--mixed_precision"}, changed
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -439,7 +424,10 @@ def test_a_readme_command_trains_end_to_end_on_the_tiny_model(name, readme_folde
     assert cfg["model"]["method"] == example.method
     assert cfg["model"]["train_text_encoder"] == ("--train_text_encoder" in argv)
     assert cfg["training"]["gradient_accumulation_steps"] == int(value_of(argv, "--gradient_accumulation_steps"))
-    assert cfg["training"]["learning_rate"] == float(value_of(accepted, "--learning_rate"))
+    assert cfg["training"]["learning_rate"] == float(value_of(argv, "--learning_rate"))
+    assert cfg["training"]["optimizer"] == (value_of(argv, "--optimizer") or "adamw").lower()
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["optimizer"] == cfg["training"]["optimizer"]
     assert cfg["training"]["guidance_scale"] == (1.0 if "--guidance_scale=1" in argv else None)
     assert cfg["validation"]["epochs"] == (25 if "--validation_epochs=25" in argv else None)
     # validation at the last step, where the command asks for it
@@ -501,14 +489,13 @@ SCRIPT_FLAGS = {
 @pytest.mark.parametrize("script", SCRIPT_FLAGS)
 def test_every_flag_of_diffusers_flux_and_sd3_scripts_is_accepted_or_refused_with_a_reason(script):
     """A command copied from these scripts never meets "unrecognized arguments": each flag means what it means there,
-    or is refused with what to do instead (Prodigy, hub datasets, --repeats, NPU attention)."""
+    or is refused with what to do instead (hub datasets, --repeats, NPU attention)."""
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     known = {s for a in train._actions for s in a.option_strings}
     assert [f for f in SCRIPT_FLAGS[script] if f"--{f}" not in known] == []
     refused = {f for f in SCRIPT_FLAGS[script] if f"--{f}" in REFUSED_FLAGS or f"--{f}" in ONLY_VALUE_FLAGS}
     assert refused <= {"cache_dir", "caption_column", "dataset_config_name", "dataset_name", "image_column",
-                       "enable_npu_flash_attention", "repeats", "optimizer", "image_interpolation_mode",
-                       "prodigy_beta3", "prodigy_decouple", "prodigy_safeguard_warmup", "prodigy_use_bias_correction"}
+                       "enable_npu_flash_attention", "repeats", "image_interpolation_mode"}
 
 
 def plain_argv(model: Path, tmp_path: Path) -> list[str]:

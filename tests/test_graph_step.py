@@ -183,6 +183,11 @@ def test_graph_plan_says_why_not():
     cfg.training.mixed_precision, cfg.training.use_8bit_adam = "fp16", True
     enabled, why = graph_step.graph_plan(cfg, "cuda", 2)
     assert not enabled and all(s in why for s in ("DDP", "GradScaler", "8-bit"))
+    cfg.training.mixed_precision, cfg.training.use_8bit_adam = "bf16", False
+    for optimizer, named in (("adamw8bit", "8-bit AdamW"), ("prodigy", "Prodigy"), ("lion", "Lion")):
+        cfg.training.optimizer = optimizer  # steps eagerly, saying why
+        why = graph_step.UNCAPTURED_OPTIMIZERS[optimizer]
+        assert graph_step.graph_plan(cfg, "cuda", 1) == (False, f"CUDA graph off: {why}") and named in why
     cfg.training.cuda_graph = "off"
     assert graph_step.graph_plan(cfg, "cuda", 1)[0] is False
 

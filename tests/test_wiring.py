@@ -353,7 +353,9 @@ def test_adam_settings_reach_the_optimizer(probe):
 
 
 @wires("training.use_8bit_adam")
-def test_8bit_adam_is_the_optimizer(probe, monkeypatch):
+@pytest.mark.parametrize("asked", [{"training__use_8bit_adam": True}, {"training__optimizer": "adamw8bit"}],
+                         ids=["use_8bit_adam", "optimizer"])
+def test_8bit_adam_is_the_optimizer(probe, monkeypatch, asked):
     made = []
 
     class AdamW8bit(torch.optim.AdamW):  # bitsandbytes needs CUDA; this stand-in records that it was chosen
@@ -366,9 +368,55 @@ def test_8bit_adam_is_the_optimizer(probe, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
-    p = probe(training__use_8bit_adam=True, training__adam_beta1=0.7)
+    p = probe(training__adam_beta1=0.7, **asked)
     assert isinstance(getattr(p.run.optimizer, "optimizer", p.run.optimizer), AdamW8bit)
     assert made == [{"betas": (0.7, 0.999), "eps": 1e-8}]
+    assert json.loads((p.out / "run_info.json").read_text())["optimizer"] == "adamw8bit"
+
+
+# What each optimizer keeps per parameter: the proof that its own step ran on the weights.
+OPTIMIZER_STATE = {"Prodigy": {"step", "s", "p0", "exp_avg", "exp_avg_sq"}, "Lion": {"exp_avg"}}
+
+
+@wires("training.optimizer")
+@pytest.mark.parametrize("name,cls,lr", [("Prodigy", "Prodigy", 1.0), ("lion", "Lion", 1e-4)])
+def test_the_chosen_optimizer_steps_the_weights(probe, name, cls, lr):
+    """--optimizer (any case, as diffusers' commands write it) builds that optimizer, and its step is the one that
+    moves the weights: every trained tensor holds its kind of state, no other; the run records its name."""
+    p = probe(training__optimizer=name, training__learning_rate=lr)
+    inner = p.run.optimizer.optimizer
+    assert type(inner).__name__ == cls and len(p.updates) == 2  # the probe counts calls of this object's step
+    trained = list(p.trainable("unet").values())
+    assert trained and all(set(inner.state[q]) == OPTIMIZER_STATE[cls] for q in trained)
+    assert p.changed("unet") == set(p.trainable("unet"))
+    assert json.loads((p.out / "run_info.json").read_text())["optimizer"] == name.lower()
+    assert f"<tr><th>optimizer</th><td>{name.lower()}</td></tr>" in (p.out / "report.html").read_text()
+
+
+@wires("training.prodigy_beta3", "training.prodigy_decouple", "training.prodigy_use_bias_correction",
+       "training.prodigy_safeguard_warmup", "training.prodigy_d_coef")
+def test_prodigy_settings_reach_its_groups(probe):
+    """Each --prodigy_* setting, and AdamW's betas, epsilon and weight decay (as diffusers passes them), in every
+    group of the Prodigy that stepped, with a new token's group beside the UNet's (Prodigy needs one learning rate
+    for both); its step-size estimate is logged."""
+    p = probe(training__optimizer="prodigy", training__learning_rate=2.0, token__identifier="<zwx>",
+              token__class_word="dog", dataset__instance_prompt=None, training__prodigy_beta3=0.95,
+              training__prodigy_decouple=False, training__prodigy_use_bias_correction=False,
+              training__prodigy_safeguard_warmup=False, training__prodigy_d_coef=3.0, training__adam_beta1=0.8,
+              training__adam_beta2=0.99, training__adam_epsilon=1e-6, training__adam_weight_decay=0.05)
+    groups = p.groups()
+    assert len(groups) == 2 and type(p.run.optimizer.optimizer).__name__ == "Prodigy"
+    assert all((g["beta3"], g["decouple"], g["use_bias_correction"], g["safeguard_warmup"], g["d_coef"], g["betas"],
+                g["eps"], g["lr"]) == (0.95, False, False, False, 3.0, (0.8, 0.99), 1e-6, 2.0) for g in groups)
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]  # none on the new token's rows
+    assert p.log[-1]["prodigy_d"] == groups[0]["d"]
+
+
+@wires("training.adam_beta1", "training.adam_beta2", "training.adam_weight_decay")
+def test_lion_takes_adams_betas_and_the_weight_decay(probe):
+    p = probe(training__optimizer="lion", training__learning_rate=1e-4, training__adam_beta1=0.95,
+              training__adam_beta2=0.98, training__adam_weight_decay=0.1)
+    assert [(g["betas"], g["weight_decay"]) for g in p.groups()] == [((0.95, 0.98), 0.1)]
 
 
 @pytest.mark.numerics

@@ -42,10 +42,6 @@ from dreambooth.options import Parser, add_options, parse_settings, settings_fro
 # diffusers' train_dreambooth.py flags that mean nothing here, with what to do instead.
 HUB_DATASET = ("datasets from the Hugging Face hub are not read; put the photos in a folder and pass it as "
                "--instance_data_dir, or as --dataset_name with a metadata.jsonl holding their captions")
-PRODIGY = ("Prodigy is not supported yet; use --optimizer adamw (the default) or drop the flag, and give AdamW "
-           "learning rates with it: the 1.0 that diffusers' Prodigy examples pass as --learning_rate and "
-           "--text_encoder_lr would wreck the weights under AdamW (their Flux and SD3 AdamW examples use 1e-4 to "
-           "4e-4); --use_8bit_adam gives 8-bit AdamW")
 REFUSED_FLAGS = {
     "--validation_images": "it is for DeepFloyd IF upscalers only; this tool trains Stable Diffusion 1/2",
     "--class_labels_conditioning": "it is for DeepFloyd IF only; this tool trains Stable Diffusion 1/2",
@@ -56,15 +52,12 @@ REFUSED_FLAGS = {
     "--output_kohya_format": "export after training: `dreambooth export OUTPUT_DIR/pytorch_lora_weights.safetensors "
                              "--format kohya --out FILE` (SD 1.x, 2.x and SDXL)",
     "--use_dora": "DoRA adapters are not supported; LoRA is",
-    "--prodigy_beta3": PRODIGY, "--prodigy_decouple": PRODIGY, "--prodigy_use_bias_correction": PRODIGY,
-    "--prodigy_safeguard_warmup": PRODIGY,
     # diffusers' Flux and SD3 DreamBooth scripts:
     "--enable_npu_flash_attention": "Ascend NPUs are not supported; drop the flag: attention is PyTorch's SDPA (or "
                                     "xformers', with --enable_xformers_memory_efficient_attention)",
 }
 # Flags of diffusers' scripts whose only value this tool has: accepted with it, refused with another.
 ONLY_VALUE_FLAGS = {
-    "--optimizer": ("adamw", PRODIGY),
     "--image_column": ("image", "a --dataset_name folder's photos are the files its metadata.jsonl names under "
                                 "file_name, the column the imagefolder layout calls 'image'"),
     "--image_interpolation_mode": ("lanczos", "images are resized with Lanczos filtering, the default of diffusers' "
@@ -89,6 +82,24 @@ class Switch(argparse.BooleanOptionalAction):
         setattr(namespace, self.dest, not option_string.startswith("--no-"))
 
 
+class ValuedSwitch(Switch):
+    """A switch that also takes a value, as diffusers' `type=bool` flags need one: `--prodigy_decouple=True`,
+    `--prodigy_decouple false`, or alone for on. The value is read by the config (true/false, yes/no, 1/0); unlike
+    diffusers' `bool("False")`, false means off."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nargs, self.metavar = "?", "BOOL"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                raise argparse.ArgumentError(self, f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+        else:
+            setattr(namespace, self.dest, True if values is None else values)
+
+
 def _help_text(field: Any) -> str:
     default = field.default
     shown = "" if default in (None, [], "") or isinstance(default, bool) else f" [default: {default}]"
@@ -103,7 +114,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             flags = field_flags(section, name)
             kw: dict[str, Any] = {"dest": f"{section}.{name}", "default": argparse.SUPPRESS, "help": _help_text(field)}
             if _is_bool(field.annotation):
-                kw["action"] = Switch
+                kw["action"] = ValuedSwitch if (field.json_schema_extra or {}).get("valued") else Switch
             elif _is_list(field.annotation):
                 kw.update(action="append", metavar="TEXT")
             else:

@@ -18,12 +18,24 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 TRACKERS = ("tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab", "aim", "all",
             "none")
 DEFAULT_MAX_TRAIN_STEPS = 800
+# training.optimizer's kinds; what builds each is training.components.OPTIMIZERS.
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "lion")
+# Prodigy's own lr is a multiplier of the step size it estimates, best left at 1.0 (its README). Its README tunes
+# that estimate with d_coef between 0.1 and 10, so a multiplier outside the same band is taken for what it almost
+# always is: an AdamW rate (1e-4 .. 1e-6) carried over, with which Prodigy would barely move the weights.
+PRODIGY_LR_BAND = (0.1, 10.0)
 
 
-def opt(default: Any, help: str, *flags: str, **kw: Any) -> Any:
-    """A config field with its help text and, when they differ from `--<name>`, its CLI flags."""
-    extra = {"flags": list(flags)} if flags else None
-    return Field(default, description=help, json_schema_extra=extra, **kw)
+def opt(default: Any, help: str, *flags: str, valued: bool = False, **kw: Any) -> Any:
+    """A config field with its help text and, when they differ from `--<name>`, its CLI flags.
+
+    `valued`: a switch that also takes a value (`--flag=True`, `--flag false`), as diffusers' `type=bool` flags are
+    written in their commands.
+    """
+    extra = {"flags": list(flags)} if flags else {}
+    if valued:
+        extra["valued"] = True
+    return Field(default, description=help, json_schema_extra=extra or None, **kw)
 
 
 class Section(BaseModel):
@@ -165,13 +177,36 @@ class TrainingSection(Section):
     lr_warmup_steps: int = opt(0, "Warm-up steps of the schedule.", ge=0)
     lr_num_cycles: int = opt(1, "Hard restarts of cosine_with_restarts.", ge=1)
     lr_power: float = opt(1.0, "Power of the polynomial schedule.", gt=0)
-    use_8bit_adam: bool = opt(False, "8-bit AdamW from bitsandbytes (must be installed).")
-    adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0, lt=1)
-    adam_beta2: float = opt(0.999, "AdamW beta2.", ge=0, lt=1)
-    adam_weight_decay: float = opt(1e-2, "AdamW weight decay (never applied to a new token's embedding).", ge=0)
+    optimizer: Literal[OPTIMIZERS] = opt(  # type: ignore[valid-type]
+        "adamw", "adamw: torch's AdamW (fused kernel); adamw8bit: bitsandbytes' 8-bit AdamW (must be installed); "
+        "prodigy: Prodigy (prodigyopt), which estimates its own step size: keep learning_rate at 1.0; lion: Lion "
+        "(lion-pytorch), sign updates with betas adam_beta1/adam_beta2 (its paper uses 0.9/0.99): users typically "
+        "take a learning rate 3-10x below AdamW's and a weight decay as much above. Any case, as diffusers' "
+        "--optimizer AdamW.")
+    use_8bit_adam: bool = opt(False, "8-bit AdamW from bitsandbytes (must be installed): --optimizer adamw8bit, as "
+                              "diffusers' flag.")
+    adam_beta1: float = opt(0.9, "AdamW beta1 (Prodigy's and Lion's beta1 too).", ge=0, lt=1)
+    adam_beta2: float = opt(0.999, "AdamW beta2 (Prodigy's and Lion's beta2 too).", ge=0, lt=1)
+    adam_weight_decay: float = opt(1e-2, "Weight decay of every optimizer (never applied to a new token's "
+                                   "embedding).", ge=0)
     adam_weight_decay_text_encoder: float | None = opt(
-        None, "AdamW weight decay of the text side (default: adam_weight_decay).", ge=0)
-    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", gt=0)
+        None, "Weight decay of the text side (default: adam_weight_decay).", ge=0)
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon (Prodigy's too).", gt=0)
+    # Prodigy's settings, with the names and defaults of diffusers' DreamBooth scripts (which differ from
+    # prodigyopt's own: bias correction and the warm-up safeguard are on there, as diffusers advises for diffusion).
+    prodigy_beta3: float | None = opt(
+        None, "Prodigy: coefficient of the running averages of its step-size estimate (default: sqrt(adam_beta2)).",
+        ge=0, lt=1)
+    prodigy_decouple: bool = opt(True, "Prodigy: AdamW-style decoupled weight decay (default: on, as in diffusers).",
+                                 valued=True)
+    prodigy_use_bias_correction: bool = opt(
+        True, "Prodigy: Adam's bias correction (default: on, as in diffusers' DreamBooth scripts).", valued=True)
+    prodigy_safeguard_warmup: bool = opt(
+        True, "Prodigy: leave the learning rate out of the step-size estimate's denominator, against trouble in a "
+        "warm-up (default: on, as in diffusers' DreamBooth scripts).", valued=True)
+    prodigy_d_coef: float = opt(
+        1.0, "Prodigy: multiplies its step-size estimate; Prodigy's README tunes this instead of the learning rate "
+        "(2 or 10 for larger steps, 0.5 or 0.1 for smaller).", gt=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.", gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = opt(
         "no", "Mixed precision: trainable weights stay fp32, frozen modules run in this precision.")
@@ -229,6 +264,17 @@ class TrainingSection(Section):
     text_encoder_use_attention_mask: bool = opt(False, "Pass the attention mask to the text encoder.")
     set_grads_to_none: bool = opt(True, "Free gradients instead of zeroing them (always on; accepted for diffusers).")
     pre_compute_text_embeddings: bool = opt(False, "Accepted for diffusers compatibility.")
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _any_case(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v  # diffusers' commands say AdamW, adamW or prodigy
+
+    @property
+    def optimizer_kind(self) -> str:
+        """The optimizer that trains: training.optimizer, or adamw8bit where diffusers' --use_8bit_adam asks for it
+        beside adamw (the default)."""
+        return "adamw8bit" if self.use_8bit_adam and self.optimizer == "adamw" else self.optimizer
 
 
 class ValidationSection(Section):
@@ -438,6 +484,52 @@ def cross_check(data: dict[str, Any]) -> list[str]:
                         "embedding; skipping the text encoder would lose it")
     if not (_truthy(model.get("train_denoiser", True)) or _truthy(model.get("train_text_encoder", False))):
         problems.append("model.train_denoiser: nothing would train (denoiser and text encoder both off)")
+    return problems
+
+
+PRODIGY_KEYS = ("prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup",
+                "prodigy_d_coef")
+
+
+def optimizer_problems(t: TrainingSection, given: set[str], broken: set[str]) -> list[str]:
+    """Optimizer settings that contradict each other or would be silently ignored. `given`: the dotted keys set on
+    the command line; `broken`: keys with a problem of their own, whose value is only the default standing in."""
+    kind, problems = t.optimizer_kind, []
+    if "training.optimizer" in broken:
+        return problems
+    if t.use_8bit_adam and kind not in ("adamw", "adamw8bit"):
+        # diffusers warns and trains with its --optimizer; here the two are a contradiction to settle
+        problems.append(f"training.use_8bit_adam: --use_8bit_adam asks for 8-bit AdamW and training.optimizer is "
+                        f"{kind}. Drop --use_8bit_adam to train with {kind}, or pass --optimizer adamw8bit for 8-bit "
+                        "AdamW.")
+    ignored = [k for k in PRODIGY_KEYS if f"training.{k}" in given
+               or getattr(t, k) != TrainingSection.model_fields[k].default]
+    if kind != "prodigy" and ignored:
+        flags, one = ", ".join(f"--{k}" for k in ignored), len(ignored) == 1
+        problems.append(f"training.{ignored[0]}: {flags} {'sets' if one else 'set'} Prodigy, and training.optimizer "
+                        f"is {kind}, which would train without {'it' if one else 'them'}. Drop {flags}, or pass "
+                        "--optimizer prodigy (with --learning_rate 1.0).")
+    if kind == "prodigy":
+        problems += _prodigy_rates(t, broken)
+    return problems
+
+
+def _prodigy_rates(t: TrainingSection, broken: set[str]) -> list[str]:
+    """Prodigy's learning rate multiplies the step size it estimates: near 1.0, and one for every group."""
+    low, high = PRODIGY_LR_BAND
+    problems = []
+    if "training.learning_rate" not in broken and not low <= t.learning_rate <= high:
+        problems.append(f"training.learning_rate: {t.learning_rate:g} with --optimizer prodigy. Prodigy estimates its "
+                        "own step size and multiplies it by the learning rate, which its authors advise to leave at "
+                        f"1.0; {t.learning_rate:g} looks like an AdamW rate and would "
+                        f"{'barely move the weights' if t.learning_rate < low else 'make every step far too large'}. "
+                        "Pass --learning_rate 1.0 (to tune Prodigy's step, --prodigy_d_coef, e.g. 0.5 or 2).")
+    if not {"training.learning_rate", "training.text_encoder_lr"} & broken and t.text_encoder_lr != t.learning_rate:
+        # diffusers sets the text side's rate to learning_rate with a warning; prodigyopt itself refuses groups with
+        # different rates (at the first step, after the weights loaded)
+        problems.append(f"training.text_encoder_lr: {t.text_encoder_lr:g} differs from training.learning_rate "
+                        f"{t.learning_rate:g}, and Prodigy steps every parameter group with one learning rate. Drop "
+                        "--text_encoder_lr (it then follows --learning_rate).")
     return problems
 
 

@@ -18,7 +18,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dreambooth.config import DEFAULT_MAX_TRAIN_STEPS, RENAMED_KEYS, SECTION_TYPES, Config, all_keys, cross_check
+from dreambooth.config import (
+    DEFAULT_MAX_TRAIN_STEPS,
+    RENAMED_KEYS,
+    SECTION_TYPES,
+    Config,
+    all_keys,
+    cross_check,
+    optimizer_problems,
+)
 from dreambooth.errors import UserError
 from dreambooth.models.base import HUB_ID
 
@@ -303,6 +311,7 @@ def read_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     cfg = resolve_defaults(cfg)
     cfg.notes = notes
     lines += [line for line in identifier_problems(cfg) if line not in lines]
+    lines += optimizer_problems(cfg.training, {RENAMED_KEYS.get(k, k) for k in overrides}, {_key_of(x) for x in lines})
     return ConfigReading(cfg, lines, {_key_of(line) for line in lines},
                          f" in {path}" if path is not None else "")
 

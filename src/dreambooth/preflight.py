@@ -32,6 +32,8 @@ from dreambooth.training.tokens import (
     wants_new_token,
 )
 
+# The optimizers' packages: (module, pip name).
+OPTIMIZER_PACKAGES = {"prodigy": ("prodigyopt", "prodigyopt"), "lion": ("lion_pytorch", "lion-pytorch")}
 # pip names of accelerate's trackers, for the message when one is missing
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "comet_ml": "comet-ml",
                     "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "aim": "aim"}
@@ -143,9 +145,15 @@ def check_runtime(cfg: Config) -> None:
         if found:
             raise UserError("training.cuda_graph is on, but this run's step cannot be captured: " + "; ".join(found)
                             + ". Use --cuda_graph auto (on where it is valid) or off.")
-    if t.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("training.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes` "
-                        "(needs a CUDA GPU) or drop --use_8bit_adam.")
+    if t.optimizer_kind == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        flag = "--use_8bit_adam" if t.use_8bit_adam else "--optimizer adamw8bit"
+        raise UserError(f"training.{'use_8bit_adam' if t.use_8bit_adam else 'optimizer'}: 8-bit AdamW comes from "
+                        f"bitsandbytes, which is not installed; `pip install bitsandbytes` (needs a CUDA GPU) or drop "
+                        f"{flag}.")
+    package = OPTIMIZER_PACKAGES.get(t.optimizer_kind)
+    if package and importlib.util.find_spec(package[0]) is None:  # dependencies of this package: a broken install
+        raise UserError(f"training.optimizer: {t.optimizer_kind} needs the {package[1]} package, which is not "
+                        f"installed; reinstall dreambooth with its dependencies, or `pip install {package[1]}`.")
     if cfg.model.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
         raise UserError("model.enable_xformers_memory_efficient_attention: xformers is not installed; "
                         "`pip install xformers` or drop the flag (PyTorch SDPA attention is used by default).")

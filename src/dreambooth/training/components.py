@@ -261,26 +261,60 @@ def param_groups(cfg: Config, models: Models, lr_scale: float) -> list[dict]:
 
 def make_optimizer(cfg: Config, groups: list[dict], device: torch.device, *,
                    graph: bool = False) -> torch.optim.Optimizer:
-    """AdamW: 8-bit from bitsandbytes when asked, else torch's fused kernel (foreach where there is none).
+    """The optimizer training.optimizer names (OPTIMIZERS), over `param_groups`' groups, each keeping its learning
+    rate and weight decay.
 
-    `graph`: for a step captured as a CUDA graph (training.graph_step): each group's learning rate is a device
-    tensor that the LR schedule fills in place, and the step is capturable (its step counts on the device).
+    `graph`: for a step captured as a CUDA graph (training.graph_step, torch's AdamW only): each group's learning rate
+    is a device tensor that the LR schedule fills in place, and the step is capturable (its step counts on the device).
     """
     t = cfg.training
-    kw = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
     if graph:
         groups = [{**group, "lr": torch.tensor(float(group["lr"]), device=device)} for group in groups]
-        return torch.optim.AdamW(groups, **kw, fused=True, capturable=device.type == "cuda")
-    if t.use_8bit_adam:
-        import bitsandbytes as bnb
+        return torch.optim.AdamW(groups, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=True,
+                                 capturable=device.type == "cuda")
+    return OPTIMIZERS[t.optimizer_kind](t, groups)
 
-        return bnb.optim.AdamW8bit(groups, **kw)
+
+def adamw(t, groups: list[dict]) -> torch.optim.Optimizer:
+    """torch's AdamW, fused (foreach where there is no fused kernel)."""
+    kw = {"betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
     # The fused kernel (one pass over all parameters) exists for CUDA and, in recent torch, the CPU, where it
     # measured 4x faster than foreach on the 35 M-parameter `small` UNet (docs/bench.md) and needs no temporaries.
     try:
         return torch.optim.AdamW(groups, **kw, fused=True)
     except (RuntimeError, ValueError):  # a device or torch without the fused kernel
         return torch.optim.AdamW(groups, **kw, foreach=True)
+
+
+def adamw8bit(t, groups: list[dict]) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW: a quarter of AdamW's moment memory."""
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(groups, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+
+
+def prodigy(t, groups: list[dict]) -> torch.optim.Optimizer:
+    """Prodigy (Mishchenko & Defazio 2023, arXiv:2306.06101): Adam whose step size it estimates itself, which the
+    learning rate multiplies. Built as diffusers' DreamBooth scripts build it: AdamW's betas, epsilon and weight
+    decay, and the training.prodigy_* settings."""
+    from prodigyopt import Prodigy
+
+    return Prodigy(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), beta3=t.prodigy_beta3,
+                   eps=t.adam_epsilon, weight_decay=t.adam_weight_decay, decouple=t.prodigy_decouple,
+                   use_bias_correction=t.prodigy_use_bias_correction, safeguard_warmup=t.prodigy_safeguard_warmup,
+                   d_coef=t.prodigy_d_coef)
+
+
+def lion(t, groups: list[dict]) -> torch.optim.Optimizer:
+    """Lion (Chen et al. 2023, arXiv:2302.06675): the sign of an interpolated momentum, so every weight moves by
+    exactly the learning rate; one moment (half of AdamW's state). lion-pytorch, as kohya's sd-scripts use."""
+    from lion_pytorch import Lion
+
+    return Lion(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay)
+
+
+# training.optimizer's kinds (config.OPTIMIZERS) and what builds each from the training section and the groups.
+OPTIMIZERS = {"adamw": adamw, "adamw8bit": adamw8bit, "prodigy": prodigy, "lion": lion}
 
 
 def make_lr_scheduler(cfg: Config, optimizer, num_processes: int, total_steps: int):

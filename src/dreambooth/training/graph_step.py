@@ -32,6 +32,12 @@ from dreambooth.models.families.common import Conditioning
 from dreambooth.training.loss import LossParts
 
 WARMUP_STEPS = 3  # eager optimizer steps before capture: cuDNN/cuBLAS pick their kernels, AdamW creates its state
+# Why each optimizer but torch's AdamW (whose fused kernel has a capturable mode) steps eagerly.
+UNCAPTURED_OPTIMIZERS = {
+    "adamw8bit": "8-bit AdamW (bitsandbytes) has no capturable step",
+    "prodigy": "Prodigy reads its step-size estimate on the host each step",
+    "lion": "Lion (lion-pytorch) reads its learning rate as a host number, which a graph would freeze",
+}
 
 
 def graph_obstacles(cfg, device_type: str, num_processes: int) -> list[str]:
@@ -43,8 +49,8 @@ def graph_obstacles(cfg, device_type: str, num_processes: int) -> list[str]:
         found.append("several processes (DDP) are not captured yet")
     if t.mixed_precision == "fp16":
         found.append("fp16's GradScaler reads the host every step (bf16 needs none)")
-    if t.use_8bit_adam:
-        found.append("8-bit AdamW (bitsandbytes) has no capturable step")
+    if t.optimizer_kind != "adamw":
+        found.append(UNCAPTURED_OPTIMIZERS[t.optimizer_kind])
     if t.compile:
         found.append("--torch_compile is on (compiled code and a hand-made graph do not mix)")
     if t.latent_cache == "disk":

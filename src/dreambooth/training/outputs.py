@@ -194,7 +194,8 @@ def write_run_info(run) -> None:
     write_json_atomic(run.out / "run_info.json", {
         "run_id": run.run_id, "settings": report.run_plan.settings, "base_model": cfg.model.pretrained_model,
         "base_model_hash": model_fingerprint(cfg.model.pretrained_model), "base_model_identity": report.base_identity,
-        "method": cfg.model.method, "trainable_parameters": trainable, "prediction_type": report.prediction_type,
+        "method": cfg.model.method, "optimizer": cfg.training.optimizer_kind, "trainable_parameters": trainable,
+        "prediction_type": report.prediction_type,
         "family": models.family.name,
         "prior_preservation": cfg.dataset.with_prior_preservation,
         "resumed_from": str(report.run_plan.resume_from.path) if report.run_plan.resume_from else None,
@@ -231,6 +232,9 @@ class MetricsLog:
         now, steps = time.perf_counter(), self.run.global_step - self.steps_at_t0
         record = {"step": self.run.global_step, "loss": loss, "instance_loss": inst, "prior_loss": prior,
                   "lr": float(self.run.lr_scheduler.get_last_lr()[0]), "step_time_s": (now - self.t0) / max(steps, 1)}
+        if self.run.cfg.training.optimizer_kind == "prodigy":  # its step-size estimate, which lr multiplies
+            inner = getattr(self.run.optimizer, "optimizer", self.run.optimizer)
+            record["prodigy_d"] = float(inner.param_groups[0]["d"])
         self.sums, self.count, self.t0, self.steps_at_t0 = None, 0, now, self.run.global_step
         if self.run.accelerator.is_main_process:
             with self.path.open("a", encoding="utf-8") as f:

@@ -207,7 +207,8 @@ def run_section(facts: RunFacts) -> str:
              + (f" <span class=dim>hash {esc(info['base_model_hash'])}</span>" if info.get("base_model_hash") else "")),
             ("method", esc(info.get("method", "not recorded"))
              + (", with prior preservation" if info.get("prior_preservation") else
-                ", without prior preservation" if "prior_preservation" in info else ""))]
+                ", without prior preservation" if "prior_preservation" in info else "")),
+            ("optimizer", esc(info.get("optimizer", "not recorded")))]
     for i, s in enumerate(facts.subjects):
         tokens = " ".join(f"<code>{esc(t)}</code>" for t in s.get("identifier_tokens") or [])
         who = f"subject {i + 1}: " if len(facts.subjects) > 1 else ""

@@ -2,7 +2,7 @@
 
 A run folder holds exactly one run. Its `run_info.json` and every checkpoint's `trainer_state.json` carry the
 run's id and the settings that make it that run (base model by content, method, what trains, LoRA shape,
-identifiers, resolution). Training into a folder that holds another run is refused unless the user resumes
+identifiers, resolution, optimizer). Training into a folder that holds another run is refused unless the user resumes
 it or asks to replace it; resuming from a checkpoint whose settings differ, or that belongs to another run
 than the folder, is refused. Nothing is removed before the run is known to start (`claim`).
 
@@ -97,7 +97,18 @@ def run_settings(cfg, base_identity: str) -> dict:
                  "text_encoder_target_modules": sorted(cfg.lora.text_encoder_target_modules)} if lora else None,
         "identifiers": [[s.identifier, s.initializer] for s in cfg.subject_list()],
         "resolution": cfg.training.resolution,
+        "optimizer": cfg.training.optimizer_kind,  # a checkpoint's optimizer state is its own kind's
     }
+
+
+def with_optimizer(theirs: dict, ours: dict) -> dict:
+    """A checkpoint's settings as this version records them. The optimizer is recorded since Prodigy and Lion came;
+    a checkpoint from before was trained by AdamW (8-bit with --use_8bit_adam, which was not recorded either), so it
+    resumes into a run of either AdamW, as it always did."""
+    if "optimizer" in theirs:
+        return theirs
+    adamw = ours.get("optimizer") in ("adamw", "adamw8bit")
+    return {**theirs, "optimizer": ours["optimizer"] if adamw else "adamw"}
 
 
 def other_base_model(checkpoint: CheckpointInfo, model) -> str:
@@ -351,6 +362,7 @@ def _plan_resume(cfg, plan: RunPlan, folder: FolderState, resume: str, identity_
                             f"output_dir {out} holds run {folder.run_id}. Resume it into its own folder or an empty "
                             "one.")
     theirs = checkpoint.settings or legacy_settings(checkpoint, identity_of)
+    theirs = None if theirs is None else with_optimizer(theirs, plan.settings)
     if theirs is not None and theirs.get("base_model") != plan.settings["base_model"]:
         raise UserError(other_base_model(checkpoint, cfg.model.pretrained_model))
     if theirs is not None and theirs != plan.settings:

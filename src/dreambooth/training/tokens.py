@@ -92,8 +92,9 @@ def set_token_row(tokenizer, text_encoder, token: str, row: torch.Tensor) -> int
 def train_only_rows(embedding: torch.nn.Embedding, row_ids: list[int]) -> None:
     """Makes only `row_ids` of the embedding learn: gradients of every other row are zeroed.
 
-    With zero gradients and no weight decay (the optimizer group for this weight has none), AdamW leaves those
-    rows exactly unchanged, so the rest of the vocabulary keeps its pretrained meaning.
+    With zero gradients and no weight decay (the optimizer group for this weight has none), every optimizer of
+    training.optimizer leaves those rows exactly unchanged (AdamW's and Prodigy's moments of a zero gradient are zero,
+    Lion's sign of a zero momentum is zero), so the rest of the vocabulary keeps its pretrained meaning.
     """
     import torch
 
