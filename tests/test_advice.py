@@ -144,6 +144,7 @@ SITES = {
     "no instance prompt; pass --instance_prompt": "test_missing_config_keys_name_the_flags_that_fill_them",
     "needs an initializer word whose embedding": "test_missing_config_keys_name_the_flags_that_fill_them",
     "Create one with `dreambooth init DIR`": "test_a_missing_config_file_is_made_by_init",
+    "pass --use_ema too, or drop": "test_an_ema_setting_without_use_ema_is_refused_and_both_ways_on_run",
     "Fix these keys (in the YAML or as --flags)": "reason: names no command; each key it lists carries its own "
                                                   "advice, tested with it",
     "Fix these (in the YAML or as --flags)": "reason: names no command; each problem it lists carries its own "
@@ -611,6 +612,18 @@ def test_missing_config_keys_name_the_flags_that_fill_them(tiny_model, instance_
     err = cli_run(capsys, *argv, "--initializer", "dog", code=2)
     assert "name it with --identifier" in err
     cli_run(capsys, *argv, "--initializer", "dog", "--identifier", "<yy>")
+
+
+def test_an_ema_setting_without_use_ema_is_refused_and_both_ways_on_run(tiny_model, instance_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    argv = train_argv(tiny_model, instance_dir, tmp_path / "out", "--ema_on_cpu", steps=1)
+    err = cli_run(capsys, *argv, code=2)
+    advice = re.search(r"training.ema_on_cpu: .*; pass (--use_ema) too, or drop (--ema_on_cpu)", err)
+    assert advice, err
+    cli_run(capsys, *argv, advice.group(1))
+    assert run_info(tmp_path / "out")["ema"]["on_cpu"] is True
+    dropped = train_argv(tiny_model, instance_dir, tmp_path / "dropped", "--ema_on_cpu", steps=1)
+    passes_preflight(capsys, monkeypatch, *[a for a in dropped if a != advice.group(2)])
 
 
 def test_a_missing_config_file_is_made_by_init(tmp_path, capsys, monkeypatch):

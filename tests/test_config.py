@@ -272,6 +272,25 @@ def test_skipping_the_text_encoder_would_lose_a_new_token():
                            "output.skip_save_text_encoder": True})
 
 
+def test_ema_settings_without_use_ema_are_refused_by_key_and_a_recorded_config_reads_again(tmp_path):
+    """--ema_on_cpu (or another EMA setting) without --use_ema would change nothing; a config.yaml a run without EMA
+    recorded holds every EMA key at its default, which is no problem."""
+    base = {"model.pretrained_model": "m", "dataset.instance_prompt": "a photo of sks dog"}
+    with pytest.raises(UserError) as e:
+        load_config(None, {**base, **overrides(["--ema_on_cpu", "--ema_decay", "0.99", "--ema_warmup"])})
+    message = str(e.value)
+    for key, flag in (("ema_on_cpu", "--ema_on_cpu"), ("ema_decay", "--ema_decay"), ("ema_warmup", "--ema_warmup")):
+        assert f"training.{key}: it is a setting of the EMA of the weights, but training.use_ema is off" in message
+        assert f"pass --use_ema too, or drop {flag}" in message
+    assert "ema_update_after_step" not in message  # not given
+    cfg = load_config(None, {**base, **overrides(["--use_ema", "--offload_ema", "--ema_decay", "0.99"])})
+    assert (cfg.training.use_ema, cfg.training.ema_on_cpu, cfg.training.ema_decay) == (True, True, 0.99)
+    recorded = load_config(write(tmp_path, dump_config(load_config(None, {**base, "training.ema_decay": "0.999"}))))
+    assert not recorded.training.use_ema and recorded.training.ema_decay == 0.999
+    with pytest.raises(UserError, match=r"training.ema_decay: input should be less than 1 \(got 1.0\)"):
+        load_config(None, {**base, "training.use_ema": True, "training.ema_decay": 1.0})
+
+
 # ---------------------------------------------------------------------------------------- every problem at once
 
 

@@ -1,4 +1,5 @@
-"""Two processes on the CPU (gloo DDP through accelerate): training, checkpoints and resume still agree."""
+"""Two processes on the CPU (gloo DDP through accelerate): training, checkpoints and resume still agree, with the EMA
+of the weights on."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_two_processes_train_checkpoint_and_resume(tiny_model, instance_dir, tmp
             "--instance_prompt", "a photo of sks dog", "--with_prior_preservation", "--class_data_dir",
             str(tmp_path / "class"), "--class_prompt", "a photo of dog", "--num_class_images", "2",
             "--class_inference_steps", "2", "--resolution", "64", "--checkpointing_steps", "2", "--seed", "3",
-            "--learning_rate", "1e-3", "--report_to", "none"]
+            "--learning_rate", "1e-3", "--report_to", "none", "--use_ema"]
     torchrun([*args, "--max_train_steps", "4"], tmp_path / "straight", tmp_path)
     ckpt = tmp_path / "straight" / "checkpoint-4"
     # every process saved its own noise generator and RNG state
@@ -36,4 +37,9 @@ def test_two_processes_train_checkpoint_and_resume(tiny_model, instance_dir, tmp
     assert proc.stdout.count("resumed from") == 1  # one process reports
     a = load_file(str(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert all((a[k] == b[k]).all() for k in a)
+    assert all((a[k] == b[k]).all() for k in a)  # the EMA of the weights (--use_ema), each process keeping one
+    # and the trained weights it averages, which training continues from
+    raw_a, raw_b = (load_file(str(tmp_path / run / "checkpoint-4" / "raw_weights.safetensors"))
+                    for run in ("straight", "resumed"))
+    assert raw_a.keys() == {f"unet.{k}" for k in a} and all((raw_a[k] == raw_b[k]).all() for k in raw_a)
+    assert any((raw_a[f"unet.{k}"] != a[k]).any() for k in a)

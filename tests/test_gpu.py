@@ -198,6 +198,26 @@ def test_a_capture_that_fails_goes_on_eagerly_on_cuda(tiny_model, instance_dir, 
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def test_the_ema_in_cpu_memory_follows_the_captured_step_on_cuda(tiny_model, instance_dir, tmp_path, monkeypatch,
+                                                                 capsys):
+    """--ema_on_cpu beside CUDA weights: the average stays in pinned CPU memory, is updated after each replay of the
+    captured step (outside the graphs), and comes out as the average kept on the GPU does."""
+    from dreambooth.training import loop
+
+    made, real = [], loop.make_average
+    monkeypatch.setattr(loop, "make_average", lambda *args: made.append(real(*args)) or made[-1])
+    ema = {"training.cuda_graph": "on", "training.use_ema": True}
+    on_cpu = graph_run(tiny_model, instance_dir, tmp_path / "cpu", **ema, **{"training.ema_on_cpu": True})
+    assert "CUDA graph on" in capsys.readouterr().out
+    assert all(slot.param.is_cuda for slot in made[-1].slots)
+    assert all(held.device.type == "cpu" and held.is_pinned() for held in made[-1].shadow)
+    assert made[-1].updates == 8
+    on_gpu = graph_run(tiny_model, instance_dir, tmp_path / "gpu", **ema)
+    assert all(held.is_cuda for held in made[-1].shadow)
+    worst = max((on_cpu[k].float() - on_gpu[k].float()).abs().max().item() for k in on_gpu)
+    assert worst < 2e-2, worst  # two bf16 runs on the GPU, as the captured-against-eager test allows
+
+
 # ---------------------------------------------------------------------------------------------- frozen modules off
 
 def test_frozen_modules_leave_the_gpu_and_the_lora_trains_the_same_on_cuda(tiny_model, instance_dir, tmp_path,

@@ -58,6 +58,8 @@ CASES = {
     "lora with text encoder": {
         "model.method": "lora", "model.train_text_encoder": True, "training.learning_rate": 1e-2,
         "training.max_train_steps": 3, "lora.rank": 4},
+    # the EMA is updated after the optimizer step's replay, outside the graphs (training.graph_step)
+    "full, EMA in CPU memory": {"training.use_ema": True, "training.ema_on_cpu": True, "training.max_train_steps": 3},
 }
 
 

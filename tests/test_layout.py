@@ -34,7 +34,7 @@ LAYERS = {
     "exports": ["formats.kohya", "formats.merge", "formats.single_file", "formats.flow_layout", "formats.flow_merge",
                 "formats.flux_kohya", "formats.flow_single_file"],
     "characters": ["characters.state", "characters.character", "characters.compiler"],
-    "training": ["training.data", "training.cache", "training.components", "training.checkpoint",
+    "training": ["training.data", "training.cache", "training.components", "training.ema", "training.checkpoint",
                  "training.outputs", "training.class_images", "training.hub", "preflight", "training.graph_step",
                  "training.offload", "training.validation_loss", "training.report", "training.report_page",
                  "training.loop"],

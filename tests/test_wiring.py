@@ -581,6 +581,98 @@ def test_cpu_convolution_choice_holds_during_the_steps(probe):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# training.*: the EMA of the weights (its update formula by hand: test_ema.py)
+
+
+def watch_ema(monkeypatch) -> list[dict]:
+    """Each EMA update's input: the trained weights by slot name, and the decay it used."""
+    from dreambooth.training import ema
+
+    seen, real = [], ema.WeightAverage.update
+
+    def update(self):
+        weights = {slot.name: slot.read().clone() for slot in self.slots}
+        real(self)
+        seen.append({"weights": weights, "decay": self.schedule.cur_decay_value})
+
+    monkeypatch.setattr(ema.WeightAverage, "update", update)
+    return seen
+
+
+def ema_by_hand(start: dict, updates: list[dict]) -> dict:
+    """The EMA of the per-step weights, from `start`: s -= (1 - decay) * (s - w) after each step."""
+    average = {k: v.clone() for k, v in start.items()}
+    for u in updates:
+        for k, s in average.items():
+            s.sub_(s - u["weights"][k], alpha=1 - u["decay"])
+    return average
+
+
+@wires("training.use_ema", "training.ema_decay", "training.ema_update_after_step")
+def test_ema_is_what_validation_draws_and_what_is_saved(probe, monkeypatch, pipeline_calls):
+    """With --use_ema the saved UNet is the EMA of the weights each step left (not the last step's), with the
+    decays diffusers' schedule gives: none until ema_update_after_step, then (1 + t) / (10 + t), at most ema_decay;
+    validation draws with it, and training goes on from the trained weights."""
+    calls, _ = pipeline_calls
+    updates = watch_ema(monkeypatch)
+    p = probe(training__use_ema=True, training__ema_decay=0.2, training__ema_update_after_step=1,
+              training__max_train_steps=4, validation__prompts=["a photo of sks dog"], validation__steps=2,
+              validation__num_images=1, validation__num_inference_steps=1)
+    assert [u["decay"] for u in updates] == [0.0, 0.0, 2 / 11, 0.2]  # the 4th: (1 + 2) / (10 + 2) capped at 0.2
+    start = {f"unet.{k}": v for k, v in p.before["unet"].items()}
+    saved = load_file(str(p.out / "unet/diffusion_pytorch_model.safetensors"))
+    want = ema_by_hand(start, updates)
+    assert all(torch.equal(saved[k], want[f"unet.{k}"]) for k in saved)
+    live = dict(p.run.models.unet.named_parameters())  # the last step's weights, which training goes on from
+    assert any(not torch.equal(saved[k], live[k].detach()) for k in saved)
+    assert all(torch.equal(live[k].detach(), updates[-1]["weights"][f"unet.{k}"]) for k in saved)
+    drawn = [c["unet"] for c in calls]
+    assert len(drawn) == 2  # steps 2 and 4
+    for unet, step in zip(drawn, (2, 4)):
+        at_step = ema_by_hand(start, updates[:step])
+        assert all(torch.equal(unet[k], at_step[f"unet.{k}"]) for k in saved)
+
+
+@wires("training.ema_warmup")
+def test_ema_warmup_uses_diffusers_warmup_decay(probe, monkeypatch):
+    updates = watch_ema(monkeypatch)
+    probe(training__use_ema=True, training__ema_warmup=True, training__max_train_steps=3)
+    # 1 - (1 + t)^(-2/3) after t updates (EMAModel's inv_gamma 1, power 2/3)
+    assert [u["decay"] for u in updates] == [0.0, 1 - 2 ** (-2 / 3), 1 - 3 ** (-2 / 3)]
+
+
+@wires("training.ema_on_cpu")
+def test_ema_on_cpu_holds_the_average_apart_and_gives_the_same_numbers(probe, monkeypatch):
+    """On this CPU-only machine the weights are in CPU memory too, so what can be checked is that the average is
+    held apart from them and updated through the path that visits the weights' device one tensor at a time
+    (tests/test_gpu.py checks it stays in CPU memory beside CUDA weights)."""
+    from dreambooth.training import ema
+
+    moved, real_to, real_update = [], torch.Tensor.to, ema.WeightAverage.update
+
+    def update(self):  # each tensor the update sends to a device, and where
+        def to(tensor, *args, **kwargs):
+            moved.append(str(args[0]))
+            return real_to(tensor, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(torch.Tensor, "to", to)
+            real_update(self)
+
+    monkeypatch.setattr(ema.WeightAverage, "update", update)
+    on_device = probe(training__use_ema=True, training__max_train_steps=3)
+    assert moved == []  # the average beside the weights: updated where it is
+    on_cpu = probe(training__use_ema=True, training__ema_on_cpu=True, training__max_train_steps=3)
+    average = on_cpu.run.ema
+    assert average.on_cpu and not on_device.run.ema.on_cpu
+    assert all(held.device.type == "cpu" and held.data_ptr() != slot.param.data_ptr()
+               for held, slot in zip(average.shadow, average.slots))
+    assert moved == ["cpu"] * (3 * len(average.slots))  # to the weights' device (here the CPU), every update
+    a, b = (load_file(str(run.out / "unet/diffusion_pytorch_model.safetensors")) for run in (on_device, on_cpu))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # dataset.*
 
 

@@ -261,6 +261,26 @@ class TrainingSection(Section):
     guidance_scale: float | None = opt(
         None, "Flux.1 dev: the guidance the transformer's guidance embedding reads during training (default 3.5, as "
         "diffusers' scripts). Flux.1 schnell has no guidance embedding.", ge=0)
+    # An exponential moving average (EMA) of the trained weights (training.ema), with the schedule of diffusers'
+    # EMAModel: the decay ramps up as (1 + t) / (10 + t) and ema_decay caps it. 0.999 rather than EMAModel's 0.9999:
+    # a DreamBooth run is a few hundred to a few thousand steps, where the ramp decides either way (it reaches 0.999
+    # only after ~9,000 steps), and past that a 1,000-step horizon fits the run where 0.9999's 10,000 would be most of
+    # it. A constant 0.9999 from step 1 would leave 92% of the average on the first step's weights after 800 steps.
+    use_ema: bool = opt(
+        False, "Keep an exponential moving average (EMA) of the trained weights (the whole trained model, or the LoRA "
+        "adapters, and a new token's rows), updated after each optimizer step; validation, checkpoints and the final "
+        "model or LoRA hold the EMA weights.")
+    ema_decay: float = opt(
+        0.999, "The EMA's largest decay: each update's is min(ema_decay, (1 + t) / (10 + t)), t the updates before it, "
+        "as in diffusers' EMAModel, so a short run averages over about its last ninth.", gt=0, lt=1)
+    ema_on_cpu: bool = opt(
+        False, "Keep the EMA in CPU memory instead of beside the weights on the GPU; each update then moves it to "
+        "the GPU and back one tensor at a time.", "--ema_on_cpu", "--offload_ema")
+    ema_update_after_step: int = opt(
+        0, "Optimizer steps before the EMA starts averaging; until then it follows the trained weights.", ge=0)
+    ema_warmup: bool = opt(
+        False, "The EMA's decay ramps up as 1 - (1 + t)^(-2/3) instead (diffusers' use_ema_warmup, inv_gamma 1, "
+        "power 2/3), still at most ema_decay.")
     text_encoder_use_attention_mask: bool = opt(False, "Pass the attention mask to the text encoder.")
     set_grads_to_none: bool = opt(True, "Free gradients instead of zeroing them (always on; accepted for diffusers).")
     pre_compute_text_embeddings: bool = opt(False, "Accepted for diffusers compatibility.")
@@ -484,7 +504,30 @@ def cross_check(data: dict[str, Any]) -> list[str]:
                         "embedding; skipping the text encoder would lose it")
     if not (_truthy(model.get("train_denoiser", True)) or _truthy(model.get("train_text_encoder", False))):
         problems.append("model.train_denoiser: nothing would train (denoiser and text encoder both off)")
-    return problems
+    return problems + _check_ema(data.get("training") or {})
+
+
+EMA_SETTINGS = ("ema_decay", "ema_on_cpu", "ema_update_after_step", "ema_warmup")
+
+
+def _differs(value: Any, default: Any) -> bool:
+    """Whether a raw value (YAML's, or a flag's string) asks for something other than the default."""
+    if isinstance(default, bool):
+        return _truthy(value) != default
+    try:
+        return float(value) != float(default)
+    except (TypeError, ValueError):
+        return False  # not a number: validation reports it
+
+
+def _check_ema(training: dict[str, Any]) -> list[str]:
+    """A setting of the EMA without the EMA would be silently ignored."""
+    if not isinstance(training, dict) or _truthy(training.get("use_ema", False)):
+        return []
+    fields = TrainingSection.model_fields
+    return [f"training.{key}: it is a setting of the EMA of the weights, but training.use_ema is off, so no EMA is "
+            f"kept; pass --use_ema too, or drop {field_flags('training', key)[0]}"
+            for key in EMA_SETTINGS if key in training and _differs(training[key], fields[key].default)]
 
 
 PRODIGY_KEYS = ("prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup",

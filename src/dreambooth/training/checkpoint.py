@@ -9,6 +9,11 @@ accelerate's optimizer, schedule and RNG state, each process's noise generator, 
 `trainer_state.json` (step, run id, the run's settings). So a checkpoint is usable on its own: `generate`,
 `evaluate` and `export` take it, and `UNet2DConditionModel.from_pretrained("checkpoint-400/unet")` loads it.
 
+With --use_ema that layout holds the EMA weights (training.ema), so whatever draws or exports a checkpoint gets what
+validation drew and what the final output would have been; the trained weights that training continues from are
+in `raw_weights.safetensors` beside it, with the EMA's count of updates. Resuming loads the layout into the EMA and
+the raw file into the model.
+
 It is written into `checkpoint-N.tmp/` and renamed when complete, so a killed save never leaves a folder that
 `resume_from_checkpoint latest` would pick up. Old checkpoints are removed only after the new one is in place
 (diffusers removes them before saving, which loses them if the save then fails), and never the one just
@@ -29,6 +34,7 @@ from dreambooth.errors import UserError
 from dreambooth.formats.atomic import commit_folder
 from dreambooth.formats.lora import TOKEN_FILE, lora_state_for_peft, read_token_file, save_token_embeddings
 from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
+from dreambooth.training.ema import RAW_WEIGHTS, ema_weights, load_raw_weights, save_raw_weights, trained_slots
 from dreambooth.training.outputs import save_lora_output, token_sides, unwrapped
 from dreambooth.training.rundir import next_save_index, rotate
 
@@ -111,6 +117,12 @@ class CheckpointFiles:
         acc.register_load_state_pre_hook(load_hook)
 
     def save(self, folder: Path) -> None:
+        with ema_weights(self.run):
+            self._save_layout(folder)
+        if self.run.ema is not None:
+            save_raw_weights(self.run.ema, folder / RAW_WEIGHTS)
+
+    def _save_layout(self, folder: Path) -> None:
         cfg, m = self.run.cfg, self.run.models
         modules = unwrapped(self.run)
         if cfg.model.method == "lora":
@@ -129,6 +141,26 @@ class CheckpointFiles:
                 tokenizer.save_pretrained(folder / name.replace("text_encoder", "tokenizer"))
 
     def load(self, folder: Path) -> None:
+        self._load_layout(folder)
+        self._load_average(folder)
+
+    def _load_average(self, folder: Path) -> None:
+        """After the layout: with a raw file, the layout held the EMA (kept, if this run has one) and the raw file
+        holds the weights to continue from. A checkpoint without one starts this run's EMA at its weights."""
+        run, raw = self.run, folder / RAW_WEIGHTS
+        if raw.is_file():
+            if run.ema is not None:
+                run.ema.restart()
+            slots = run.ema.slots if run.ema is not None else trained_slots(run.cfg, run.models, unwrapped(run))
+            record = load_raw_weights(raw, slots)
+            if run.ema is not None:
+                run.ema.schedule.optimization_step = int(record.get("updates", 0))
+        elif run.ema is not None:
+            run.ema.restart()
+            if run.accelerator.is_main_process:
+                print(f"note: {folder} was saved without an EMA; the EMA starts from its weights")
+
+    def _load_layout(self, folder: Path) -> None:
         cfg, m = self.run.cfg, self.run.models
         modules = unwrapped(self.run)
         if any(folder.glob("trainable_*.safetensors")):

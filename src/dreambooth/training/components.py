@@ -189,22 +189,35 @@ def set_trainable(cfg: Config, models: Models) -> None:
     """Denoiser and text encoders as configured (whole, or LoRA adapters; T5 never, as in diffusers' scripts); a new
     token's rows always; the VAE never."""
     lora = cfg.model.method == "lora"
-    whole_text = cfg.model.train_text_encoder and not lora
-    trainable = {name for name, _, _, _ in models.text_sides(trainable_only=True)}
+    whole = wholly_trained_encoders(cfg, models)
     models.vae.requires_grad_(False)
     models.denoiser.requires_grad_(cfg.model.train_denoiser and not lora)
     for name, _, encoder, _ in models.text_sides():
-        encoder.requires_grad_(whole_text and name in trainable)
+        encoder.requires_grad_(name in whole)
     if lora:
         add_lora_adapters(cfg, models)
-    for name, _, encoder, token_ids in models.text_sides():
-        if token_ids and not (whole_text and name in trainable):
-            train_only_rows(encoder.get_input_embeddings(), token_ids)
+    rows = token_rows_only(cfg, models)
+    for name, _, encoder, _ in models.text_sides():
+        if name in rows:
+            train_only_rows(encoder.get_input_embeddings(), rows[name])
         # T5 learns a new token's rows at most; the rest of it is frozen and stays in eval mode, so its dropout
         # (T5 v1.1's 0.1) does not blur every prompt in training while drawing sees them sharp
         encoder.train(any(p.requires_grad for p in encoder.parameters())
                       and models.family.text_encoder(name).kind != "t5")
     models.denoiser.train(cfg.model.train_denoiser)
+
+
+def wholly_trained_encoders(cfg: Config, models: Models) -> set[str]:
+    """The text encoders that train whole (full fine-tuning with --train_text_encoder; never T5)."""
+    if not cfg.model.train_text_encoder or cfg.model.method == "lora":
+        return set()
+    return {name for name, _, _, _ in models.text_sides(trainable_only=True)}
+
+
+def token_rows_only(cfg: Config, models: Models) -> dict[str, list[int]]:
+    """The text encoders whose embedding trains only in the new tokens' rows (train_only_rows), with those rows."""
+    whole = wholly_trained_encoders(cfg, models)
+    return {name: ids for name, _, _, ids in models.text_sides() if ids and name not in whole}
 
 
 def lora_config(cfg: Config, target_modules: list[str]):

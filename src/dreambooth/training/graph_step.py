@@ -15,7 +15,9 @@ What a graph needs, and how the step gives it:
   advances its offset, so a checkpoint's generator state means the same thing with and without graphs).
 Two graphs: one micro-step (forward and backward, gradients accumulating), replayed `gradient_accumulation_steps`
 times, and one optimizer step (clip, AdamW, zero). Validation, checkpoints and a stop request happen between
-replays, as in the eager loop.
+replays, as in the eager loop, and so does the EMA update of --use_ema (training.ema): it reads the weights the
+optimizer graph has just written, in place at their fixed addresses, and is a few foreach launches (or, in CPU
+memory, copies that a graph could not capture), so it stays outside the graphs and needs no fall-back.
 
 On the CPU (and wherever capture is off or fails) the same object runs the same code eagerly, which is how the tests
 check that it trains the same weights as the eager loop.

@@ -29,6 +29,7 @@ from dreambooth.training.components import (
     make_optimizer,
     param_groups,
 )
+from dreambooth.training.ema import describe, ema_weights, make_average
 from dreambooth.training.graph_step import StaticStep, graph_plan
 from dreambooth.training.loss import LossParts
 from dreambooth.training.offload import FrozenOffload, offload_plan
@@ -82,6 +83,7 @@ class Run:
     run_id: str = ""
     global_step: int = 0
     graph: bool = False  # the step runs through training.graph_step (captured as a CUDA graph on CUDA)
+    ema: object = None  # training.ema.WeightAverage with --use_ema
 
 
 def steps_per_epoch(cfg: Config, loader) -> int:
@@ -136,6 +138,8 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
             eager_update(run, batches, encode, latent_cache, clip, modules, logger)
         else:
             static_update(run, batches, static, logger)
+        if run.ema is not None:  # after the whole optimizer step, outside any captured graph
+            run.ema.update()
         run.global_step += 1
         bar.update(1)
         if logger.due():
@@ -147,7 +151,8 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
             raise TrainingStopped(run.global_step, path)
         due = run.global_step % validate_every == 0 or run.global_step == run.total_steps
         if held_out is not None and due:
-            log_score(run, held_out.score(run, encode))
+            with ema_weights(run):  # the weights that are validated and saved: the EMA's, with --use_ema
+                log_score(run, held_out.score(run, encode))
         if cfg.validation.prompts and due:
             with offload.resident():
                 validate(run)
@@ -199,6 +204,8 @@ def checkpoint(run: Run) -> Path:
     cfg = run.cfg
     state = {"run_id": run.run_id, "settings": run.report.run_plan.settings, "base_model": cfg.model.pretrained_model,
              "method": cfg.model.method, "total_steps": run.total_steps, "versions": library_versions()}
+    if run.ema is not None:  # what the layout's weights are; raw_weights.safetensors holds the trained ones
+        state["ema"] = run.ema.record()
     extra = {"config.yaml": dump_config(run.cfg)}
     path = save_checkpoint(run.accelerator, run.out, run.global_step, state, run.generator,
                            run.cfg.output.checkpoints_total_limit, extra)
@@ -228,11 +235,12 @@ def validate(run: Run) -> None:
                                   guidance=guidance, seeds=[v.seed], num_images=v.num_images,
                                   scheduler=type(parts["scheduler"]).__name__, height=v.height or res,
                                   width=v.width or res)
-    with torch.no_grad(), acc.autocast():
+    with torch.no_grad(), acc.autocast(), ema_weights(run):
         results = generate_images(pipe, settings)
     grid = make_grid([img for img, _ in results], cols=v.num_images)
     path = run.out / "samples" / f"step-{run.global_step:06d}.png"
-    source = f"{run.cfg.model.pretrained_model} + run {run.run_id} at step {run.global_step}"
+    source = f"{run.cfg.model.pretrained_model} + run {run.run_id} at step {run.global_step}" + \
+        (" (EMA weights)" if run.ema is not None else "")
     with atomic_file(path) as tmp:
         grid.save(tmp, format="PNG", pnginfo=grid_info([meta for _, meta in results], source,
                                                        {"step": run.global_step, "run_id": run.run_id}))
@@ -302,7 +310,11 @@ def setup(cfg: Config, report: Preflight) -> Run:
     for module in models.modules().values():
         module.to(accelerator.device)
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed + accelerator.process_index)
-    run = Run(cfg, accelerator, models, optimizer, lr_scheduler, loader, generator, out, total, report, graph=graph)
+    ema = make_average(cfg, models, accelerator)
+    if ema is not None and accelerator.is_main_process:
+        print(describe(cfg, total))
+    run = Run(cfg, accelerator, models, optimizer, lr_scheduler, loader, generator, out, total, report, graph=graph,
+              ema=ema)
     CheckpointFiles(run).register()
     return run
 
@@ -379,15 +391,18 @@ def train(cfg: Config) -> Path:
 
 
 def finish(run: Run) -> None:
-    """The final outputs, the model card, the upload; one line saying where they are."""
-    save_outputs(run)
+    """The final outputs (with --use_ema, the EMA weights), the model card, the upload; one line saying where they
+    are."""
+    with ema_weights(run):
+        save_outputs(run)
     cfg, out = run.cfg, run.out
     if not run.accelerator.is_main_process:
         return
     write_model_card(run)
     what = (f"LoRA in {out / 'pytorch_lora_weights.safetensors'} (pipe.load_lora_weights)"
             if cfg.model.method == "lora" else f"model in {out} ({pipeline_class(out).__name__}.from_pretrained)")
-    print(f"done: {what}; checkpoints, samples/ and {cfg.output.logging_dir}/ beside it")
+    ema = ", the EMA weights" if run.ema is not None else ""
+    print(f"done: {what}{ema}; checkpoints, samples/ and {cfg.output.logging_dir}/ beside it")
     refresh_report(run, final=True)
     if cfg.output.push_to_hub:
         from dreambooth.training.hub import upload_run

@@ -16,6 +16,7 @@ from dreambooth.formats.atomic import move_into, temporary_folder, write_json_at
 from dreambooth.formats.lora import save_lora, save_token_embeddings
 from dreambooth.models.base import model_fingerprint
 from dreambooth.models.loading import DTYPES
+from dreambooth.training.ema import weights_label
 from dreambooth.versions import library_versions
 
 
@@ -78,6 +79,7 @@ def lora_metadata(run) -> dict[str, str]:
         "dreambooth.text_encoder_target_modules": json.dumps(
             cfg.lora.text_encoder_target_modules if cfg.model.train_text_encoder else []),
         "dreambooth.steps": str(run.global_step),
+        "dreambooth.weights": weights_label(cfg, run.global_step),
         "dreambooth.resolution": str(cfg.training.resolution),
         "dreambooth.run_id": run.run_id,
     }
@@ -156,6 +158,7 @@ def model_card(run) -> str:
              f"Trained by `dreambooth` {__version__} (run {run.run_id}) from `{cfg.model.pretrained_model}`, "
              f"{run.global_step} steps at {cfg.training.resolution} px, "
              f"{'with' if cfg.dataset.with_prior_preservation else 'without'} prior preservation.", "",
+             f"Weights: {weights_label(cfg, run.global_step)}.", "",
              "Prompts: " + "; ".join(f"\"{s.instance_prompt}\"" for s in subjects) + ".", "",
              "## Use", "", how, ""]
     if any(s.identifier and s.identifier.startswith("<") for s in subjects):
@@ -198,6 +201,10 @@ def write_run_info(run) -> None:
         "prediction_type": report.prediction_type,
         "family": models.family.name,
         "prior_preservation": cfg.dataset.with_prior_preservation,
+        # what the final model, the checkpoints' layout and the validation samples hold (training.ema)
+        "weights": weights_label(cfg, run.total_steps),
+        "ema": {"decay": cfg.training.ema_decay, "update_after_step": cfg.training.ema_update_after_step,
+                "warmup": cfg.training.ema_warmup, "on_cpu": cfg.training.ema_on_cpu} if cfg.training.use_ema else None,
         "resumed_from": str(report.run_plan.resume_from.path) if report.run_plan.resume_from else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "subjects": subjects, "warnings": report.warnings,
         "versions": library_versions()})

@@ -209,6 +209,8 @@ def run_section(facts: RunFacts) -> str:
              + (", with prior preservation" if info.get("prior_preservation") else
                 ", without prior preservation" if "prior_preservation" in info else "")),
             ("optimizer", esc(info.get("optimizer", "not recorded")))]
+    if info.get("weights"):  # recorded since --use_ema: the EMA weights, or the last step's
+        rows.append(("weights", esc(info["weights"])))
     for i, s in enumerate(facts.subjects):
         tokens = " ".join(f"<code>{esc(t)}</code>" for t in s.get("identifier_tokens") or [])
         who = f"subject {i + 1}: " if len(facts.subjects) > 1 else ""
