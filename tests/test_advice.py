@@ -637,7 +637,7 @@ def test_refused_diffusers_flags_name_what_works_instead(tiny_model, instance_di
 
 def test_runtime_refusals_name_the_flag_to_drop(tiny_model, instance_dir, tmp_path, capsys, monkeypatch):
     """Each refusal names a flag; the same command without it (or with the value named) trains."""
-    (instance_dir / "notes.txt").write_text("not a photo")
+    (instance_dir / "notes.md").write_text("not a photo")  # not .txt: that is a photo's caption (training.captions)
     cases = [(["--strict"], "run without --strict", []),
              (["--torch_compile"], "Drop --torch_compile", []),
              (["--report_to", "wandb"], "pass --report_to none", ["--report_to", "none"]),
