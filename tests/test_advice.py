@@ -282,6 +282,10 @@ SITES = {
     "is not a folder here. It is read as a local folder": "test_refused_diffusers_flags_name_what_works_instead",
     "names a column of {path}, which does not exist; write it": "tests/test_captions.py::test_dataset_name_reads_a_"
                                                                   "local_imagefolder",
+    "so it would change nothing; add NAME.mask.png files or photos": "tests/test_masks.py::test_a_bad_mask_or_none_"
+                                                                     "at_all_stops_the_run_before_anything_is_written",
+    "found, unused; pass --masked_loss to learn only": "tests/test_masks.py::test_mask_files_are_not_photos_and_the_"
+                                                       "report_says_what_masked_loss_would_do",
     "reads prompts through CLIP alone and has no T5": "tests/test_t5_token.py::test_t5_new_token_is_refused_where_it_"
                                                       "means_nothing",
     "no subject's identifier is a new token": "tests/test_t5_token.py::test_t5_new_token_is_refused_where_it_means_"

@@ -130,6 +130,11 @@ class DatasetSection(Section):
     caption_dropout: float = opt(
         0.0, "Share of instance examples trained on an empty caption (kohya's --caption_dropout_rate), drawn per "
         "example and epoch.", "--caption_dropout", "--caption_dropout_rate", ge=0, lt=1)
+    masked_loss: bool = opt(
+        False, "Weight each photo's loss by its mask, so that what is black in it (a background) is not learned: "
+        "NAME.mask.png beside NAME.png (white learn, black ignore), else the photo's alpha channel; photos without "
+        "either, and class images, are learned everywhere. kohya's --masked_loss and --alpha_mask both turn it on.",
+        "--masked_loss", "--alpha_mask")
 
     @field_validator("prior_generation_precision", mode="before")
     @classmethod

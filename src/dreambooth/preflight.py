@@ -22,6 +22,7 @@ from dreambooth.models.base import (
 from dreambooth.training.captions import Captions, is_companion, read_captions
 from dreambooth.training.class_images import ClassImagePlan, plan_class_images, recipe
 from dreambooth.training.images import ImageFolderReport, check_instance_folder, scan_image_folder
+from dreambooth.training.masks import MASK_SUFFIX, Masks, is_mask_file, read_masks
 from dreambooth.training.rundir import RunPlan, plan_run
 from dreambooth.training.tokens import (
     IdentifierPlan,
@@ -44,6 +45,7 @@ class SubjectReport:
     instance: ImageFolderReport
     identifier: IdentifierPlan
     captions: Captions = field(default_factory=Captions)
+    masks: Masks = field(default_factory=Masks)
     longest_caption: tuple[int, str] | None = None  # (CLIP tokens, caption)
 
 
@@ -72,6 +74,8 @@ class Preflight:
                 lines.append(f"subject {i + 1}: \"{s.subject.instance_prompt}\"")
             lines.append(s.instance.format("instance images"))
             lines.append(s.captions.describe(len(s.instance.usable), s.longest_caption))
+            masks = s.masks.describe(len(s.instance.usable))
+            lines += [masks] if masks else []
             lines.append(s.identifier.describe())
         lines += [plan.describe() for plan in self.class_plans.values()]
         if self.family:
@@ -291,7 +295,7 @@ def _with_tokens(tokenizer, tokens: list[str]):
 def check_instance_photos(cfg: Config, subject: Subject) -> ImageFolderReport:
     extension = cfg.dataset.caption_extension
     instance = scan_image_folder(subject.instance_dir, cfg.training.resolution,
-                                 companion=lambda path: is_companion(path, extension))
+                                 companion=lambda path: is_companion(path, extension) or is_mask_file(path))
     check_instance_folder(instance)
     if cfg.dataset.strict and instance.rejected():
         _refuse_strict(instance)
@@ -305,6 +309,26 @@ def check_captions(cfg: Config, subject: Subject, instance: ImageFolderReport, p
                              class_word=subject.class_word)
     problems.found += captions.problems
     return captions
+
+
+def check_masks(cfg: Config, subject: Subject, instance: ImageFolderReport, problems: Problems) -> Masks:
+    """The photos' loss masks (training.masks) under dataset.masked_loss; each problem with them is one of
+    pre-flight's. With it off, only the mask files there, for the report's line."""
+    masks = read_masks(subject.instance_dir, instance.usable, masked_loss=cfg.dataset.masked_loss,
+                       rejected=[issue.path for issue in instance.rejected()])
+    problems.found += masks.problems
+    return masks
+
+
+def check_some_mask(cfg: Config, subjects: list[SubjectReport]) -> None:
+    """dataset.masked_loss with no mask anywhere would train exactly as without it: refused, rather than let the user
+    believe the backgrounds are left out."""
+    if not cfg.dataset.masked_loss or any(s.masks.by_photo or s.masks.problems for s in subjects):
+        return
+    folders = ", ".join(str(s.subject.instance_dir) for s in subjects)
+    raise UserError(f"dataset.masked_loss: no photo in {folders} has a mask (a NAME{MASK_SUFFIX} beside NAME.png, or "
+                    "an alpha channel), so it would change nothing; add NAME.mask.png files or photos with alpha, or "
+                    "drop --masked_loss")
 
 
 def _refuse_strict(report: ImageFolderReport) -> None:
@@ -486,6 +510,7 @@ def check_vae_folder(folder: str) -> None:
 MODEL = ("model.pretrained_model", "model.revision", "model.variant", "model.pretrained_vae")
 SUBJECTS = ("subjects", "dataset.instance_dir", "dataset.instance_prompt", "token.")
 CAPTIONS = ("dataset.caption_extension", "dataset.caption_column", "dataset.dataset_name")
+MASKS = ("dataset.masked_loss",)
 
 
 def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight:
@@ -525,10 +550,14 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
                                                                                       "dataset.caption_extension"))
         captions = problems.check(check_captions, cfg, s, instance, problems, needs=SUBJECTS + CAPTIONS) \
             if instance is not None else None
+        masks = problems.check(check_masks, cfg, s, instance, problems, needs=SUBJECTS[:2] + MASKS) \
+            if instance is not None else None
         plan = problems.check(plan_identifier, tokenizer, s.identifier, s.initializer, needs=SUBJECTS) \
             if tokenizer else None
-        if instance is not None and plan is not None and captions is not None:
-            subjects.append(SubjectReport(s, instance, plan, captions))
+        if instance is not None and plan is not None and captions is not None and masks is not None:
+            subjects.append(SubjectReport(s, instance, plan, captions, masks))
+    if len(subjects) == len(cfg.subject_list()):
+        problems.check(check_some_mask, cfg, subjects, needs=MASKS)
     if tokenizer is not None and not problems.blocked(SUBJECTS + ("dataset.class_prompt", "validation.prompts")):
         warnings = check_prompts(cfg, tokenizer, subjects, problems)
     if model_ok and not is_hub_id(model):

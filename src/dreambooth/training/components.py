@@ -320,7 +320,8 @@ def make_dataloader(cfg: Config, subjects: list[Subject], instance: list[list[Pa
         photos, s.instance_prompt, cfg.training.resolution,
         class_images=classes[i] if classes else None, class_prompt=s.class_prompt if classes else None,
         center_crop=ds.center_crop, random_flip=ds.random_flip, seed=cfg.training.seed + 7919 * i,
-        captions=[captions[i].get(photo) for photo in photos], caption_dropout=ds.caption_dropout)
+        captions=[captions[i].get(photo) for photo in photos], caption_dropout=ds.caption_dropout,
+        masked_loss=ds.masked_loss)
         for i, (s, photos) in enumerate(zip(subjects, instance))]
     dataset = parts[0] if len(parts) == 1 else MultiSubjectDataset(parts)
     sampler = EpochSampler(len(dataset), cfg.training.seed)
