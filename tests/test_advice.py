@@ -293,6 +293,10 @@ SITES = {
                                                                   "local_imagefolder",
     "has both sides between {low} and {high} in steps of {step}": "tests/test_buckets.py::test_the_report_lists_the_"
                                                                    "buckets_and_bad_ranges_are_refused",
+    "so it would change nothing; add NAME.mask.png files or photos": "tests/test_masks.py::test_a_bad_mask_or_none_"
+                                                                     "at_all_stops_the_run_before_anything_is_written",
+    "found, unused; pass --masked_loss to learn only": "tests/test_masks.py::test_mask_files_are_not_photos_and_the_"
+                                                       "report_says_what_masked_loss_would_do",
     "reads prompts through CLIP alone and has no T5": "tests/test_t5_token.py::test_t5_new_token_is_refused_where_it_"
                                                       "means_nothing",
     "no subject's identifier is a new token": "tests/test_t5_token.py::test_t5_new_token_is_refused_where_it_means_"
@@ -658,7 +662,7 @@ def test_refused_diffusers_flags_name_what_works_instead(tiny_model, instance_di
 
 def test_runtime_refusals_name_the_flag_to_drop(tiny_model, instance_dir, tmp_path, capsys, monkeypatch):
     """Each refusal names a flag; the same command without it (or with the value named) trains."""
-    (instance_dir / "notes.txt").write_text("not a photo")
+    (instance_dir / "notes.md").write_text("not a photo")  # not .txt: that is a photo's caption (training.captions)
     cases = [(["--strict"], "run without --strict", []),
              (["--torch_compile"], "Drop --torch_compile", []),
              (["--report_to", "wandb"], "pass --report_to none", ["--report_to", "none"]),

@@ -39,10 +39,10 @@ def test_empty_instance_folder(tiny_model, tmp_path, capsys, no_model_load):
 def test_only_non_images(tiny_model, tmp_path, capsys, no_model_load):
     folder = tmp_path / "inst"
     folder.mkdir()
-    (folder / "notes.txt").write_text("hello")
+    (folder / "notes.md").write_text("hello")  # not .txt: that is a photo's caption (training.captions)
     (folder / "fake.png").write_text("not really a png")
     err = run_error(capsys, train_args(tiny_model, folder, tmp_path / "out"))
-    assert "fake.png" in err and "notes.txt" in err
+    assert "fake.png" in err and "notes.md" in err
 
 
 def test_bad_files_are_skipped_and_named_or_refused_when_strict(tiny_model, instance_dir, tmp_path, capsys,

@@ -1,5 +1,5 @@
-"""Issue 26's features on at once: captions with dropout, aspect buckets, the EMA, the validation loss and each
-optimizer; stopped and resumed, the run ends bitwise where the unstopped one does."""
+"""Issue 26's features on at once: captions with dropout, aspect buckets, masked loss, the EMA, the validation loss
+and each optimizer; stopped and resumed, the run ends bitwise where the unstopped one does."""
 
 from __future__ import annotations
 
@@ -17,13 +17,17 @@ SIZES = [(96, 64), (64, 96), (80, 80), (120, 64)]
 
 @pytest.fixture
 def captioned(tmp_path):
-    """Photos of four shapes, each with its own caption."""
+    """Photos of four shapes, each with its own caption; two with a loss mask (the left half black)."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for i, (w, h) in enumerate(SIZES):
         rng = np.random.default_rng(i)
         Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(folder / f"photo-{i}.png")
         (folder / f"photo-{i}.txt").write_text(f"a photo of sks dog, view {i}")
+        if i % 2 == 0:
+            mask = np.full((h, w), 255, dtype="uint8")
+            mask[:, : w // 2] = 0
+            Image.fromarray(mask).save(folder / f"photo-{i}.mask.png")
     return folder
 
 
@@ -31,7 +35,7 @@ def captioned(tmp_path):
 def test_everything_on_resumes_bitwise(optimizer, lr, tiny_model, captioned, tmp_path):
     whole, part = tmp_path / "whole", tmp_path / "part"
     extra = ["--optimizer", optimizer, "--learning_rate", lr, "--caption_dropout", "0.3", "--enable_bucket",
-             "--bucket_reso_steps", "16", "--train_batch_size", "2", "--random_flip", "--use_ema",
+             "--bucket_reso_steps", "16", "--train_batch_size", "2", "--random_flip", "--use_ema", "--masked_loss",
              "--validation_loss", "--validation_steps", "2", "--checkpointing_steps", "2",
              "--identifier", "<zq_dog>", "--initializer", "dog", "--instance_prompt", "a photo of <zq_dog> dog"]
     for photo in captioned.glob("*.txt"):

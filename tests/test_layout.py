@@ -24,8 +24,8 @@ MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
 LAYERS = {
     "base": ["errors", "versions", "options", "command_options", "formats.atomic", "training.speed"],
     "what things are": ["config", "config_file", "models.base", "models.layout", "formats.lora", "formats.lora_fit",
-                        "training.images", "training.buckets", "training.captions", "training.tokens",
-                        "training.rundir", "training.loss", "training.flow", "models.families"],
+                        "training.images", "training.buckets", "training.captions", "training.masks",
+                        "training.tokens", "training.rundir", "training.loss", "training.flow", "models.families"],
     "models and drawing": ["models.families.common", "models.families.sd", "models.families.sdxl",
                            "models.families.transformer", "models.families.flux", "models.families.sd3",
                            "models.loading", "formats.lora_loading",

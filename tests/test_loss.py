@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from dreambooth.training.loss import dreambooth_loss, min_snr_weights, noise_with_offset, snr_from_alphas
+from dreambooth.training.loss import (
+    dreambooth_loss,
+    latent_mask,
+    min_snr_weights,
+    noise_with_offset,
+    snr_from_alphas,
+)
 
 
 def preds(values):
@@ -112,3 +118,54 @@ def test_an_integer_prior_mask_means_the_same_as_a_boolean_one():
 def test_an_unknown_prediction_type_is_named():
     with pytest.raises(ValueError, match="unknown prediction_type 'sample'; expected 'epsilon' or 'v_prediction'"):
         min_snr_weights(torch.tensor([1.0]), 5.0, "sample")
+
+
+# --------------------------------------------------------------------------------------------------- masked loss
+def test_the_masked_loss_is_the_mean_squared_error_over_what_the_mask_keeps():
+    """Errors 1, 2, 3, 4 on a 2x2 latent, the mask [[1, 0], [1, 1]]: (1 + 9 + 16) / 3 = 26/3, the mean over the three
+    kept elements. kohya's plain mean of the masked errors would say 26/4 = 6.5, the unmasked loss (1+4+9+16)/4 =
+    7.5."""
+    pred, target = torch.zeros(1, 1, 2, 2), torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
+    masked = dreambooth_loss(pred, target, torch.tensor([False]), 1.0, mask=mask)
+    assert masked.instance_loss.item() == pytest.approx(26 / 3)
+    assert dreambooth_loss(pred, target, torch.tensor([False]), 1.0).instance_loss.item() == pytest.approx(7.5)
+    # the mask is shared by the channels: a second channel of errors 2 adds 4 + 4 + 4 over three more elements
+    two = torch.cat([target, torch.full((1, 1, 2, 2), 2.0)], dim=1)
+    parts = dreambooth_loss(torch.zeros(1, 2, 2, 2), two, torch.tensor([False]), 1.0, mask=mask)
+    assert parts.instance_loss.item() == pytest.approx((26 + 12) / 6)
+
+
+def test_a_grey_mask_weighs_and_an_empty_or_white_one_is_defined():
+    pred, target = torch.zeros(4, 1, 2, 2), torch.tensor([[[[2.0, 4.0], [0.0, 0.0]]]]).expand(4, 1, 2, 2)
+    mask = torch.tensor([[[1.0, 0.5], [0.0, 0.0]]])[None].repeat(4, 1, 1, 1)
+    mask[1] = 0.0  # a crop that caught none of the subject
+    mask[2] = 1.0  # white everywhere: the plain MSE
+    mask[3] = torch.tensor([[0.5, 0.0], [0.0, 0.0]])  # less than one latent pixel kept: the area counts as one
+    per_sample = [dreambooth_loss(pred[i:i + 1], target[i:i + 1], torch.tensor([False]), 1.0,
+                                  mask=mask[i:i + 1]).loss.item() for i in range(4)]
+    # (1 * 4 + 0.5 * 16) / 1.5 = 8; 0, not NaN; (4 + 16) / 4 = 5; 0.5 * 4 / 1 = 2
+    assert per_sample == pytest.approx([8.0, 0.0, 5.0, 2.0])
+
+
+def test_the_mask_composes_with_per_sample_weights_and_prior_preservation():
+    """Instance row masked as above (26/3), class row unmasked (ones, errors 1 everywhere: 1); weights 0.5 and 2 apply
+    per sample before the split, the prior loss weight after."""
+    pred = torch.zeros(2, 1, 2, 2)
+    target = torch.stack([torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]), torch.ones(1, 2, 2)])
+    mask = torch.stack([torch.tensor([[[1.0, 0.0], [1.0, 1.0]]]), torch.ones(1, 2, 2)])
+    parts = dreambooth_loss(pred, target, torch.tensor([False, True]), 0.5, torch.tensor([0.5, 2.0]), mask)
+    assert parts.instance_loss.item() == pytest.approx(0.5 * 26 / 3)
+    assert parts.prior_loss.item() == pytest.approx(2.0)
+    assert parts.loss.item() == pytest.approx(0.5 * 26 / 3 + 0.5 * 2.0)
+
+
+def test_a_pixel_mask_reaches_the_latent_grid_by_area():
+    """A 4x4 pixel mask onto 2x2 latents (a VAE factor of 2): each latent weighs the share of its 2x2 pixels kept."""
+    pixels = torch.tensor([[1.0, 0.0, 0.0, 0.0],
+                           [1.0, 0.0, 0.0, 1.0],
+                           [1.0, 1.0, 0.0, 0.0],
+                           [1.0, 1.0, 0.0, 0.0]])[None, None]
+    grid = latent_mask(pixels, torch.zeros(1, 4, 2, 2))
+    assert grid.tolist() == [[[[0.5, 0.25], [1.0, 0.0]]]]
+    assert latent_mask(None, torch.zeros(1, 4, 2, 2)) is None

@@ -754,6 +754,41 @@ def test_random_flip_mirrors_some_batches(probe, tmp_path):
     assert left_is_red(True) == {True, False}
 
 
+@wires("dataset.masked_loss")
+def test_masked_loss_leaves_what_the_mask_hides_untrained(probe, tmp_path, monkeypatch):
+    """Each 64 px photo's NAME.mask.png is black over its left half: the left 8 of the 16 latent columns. With
+    --masked_loss the loss there adds nothing, so the gradient reaching the denoiser's prediction is exactly zero on
+    them and not on the others; without it, the same first step (same seed, same noise) has another loss and a
+    gradient everywhere."""
+    from conftest import photo_folder
+
+    from dreambooth.models.families import sd
+
+    photos = photo_folder(tmp_path / "masked", 2, size=64)
+    for photo in sorted(photos.glob("*.png")):
+        mask = np.full((64, 64), 255, dtype=np.uint8)
+        mask[:, :32] = 0
+        Image.fromarray(mask).save(photo.with_name(photo.stem + ".mask.png"))
+    seen, real = [], sd.dreambooth_loss
+
+    def spy(pred, target, is_prior, prior_loss_weight, weights=None, mask=None):
+        seen.append({"mask": mask})
+        pred.register_hook(lambda grad, row=seen[-1]: row.update(grad=grad.detach().clone()))
+        return real(pred, target, is_prior, prior_loss_weight, weights, mask)
+
+    monkeypatch.setattr(sd, "dreambooth_loss", spy)
+    masked = probe(dataset__instance_dir=str(photos), dataset__masked_loss=True)
+    with_mask, seen[:] = list(seen), []
+    plain = probe(dataset__instance_dir=str(photos))
+    assert masked.calls[0]["loss"] != plain.calls[0]["loss"]
+    assert all(row["mask"] is None for row in seen)
+    for row in with_mask:
+        grad, mask = row["grad"], row["mask"]
+        assert mask.shape == (1, 1, 16, 16) and mask[..., :8].eq(0).all() and mask[..., 8:].eq(1).all()
+        assert grad[..., :8].eq(0).all() and grad[..., 8:].ne(0).any()
+    assert all(row["grad"][..., :8].ne(0).any() for row in seen)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # lora.*
 

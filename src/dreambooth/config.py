@@ -153,6 +153,11 @@ class DatasetSection(Section):
     def bucket_range(self, resolution: int) -> tuple[int, int]:
         """The least and most bucket side: as set, else half and twice the resolution."""
         return self.min_bucket_reso or resolution // 2, self.max_bucket_reso or resolution * 2
+    masked_loss: bool = opt(
+        False, "Weight each photo's loss by its mask, so that what is black in it (a background) is not learned: "
+        "NAME.mask.png beside NAME.png (white learn, black ignore), else the photo's alpha channel; photos without "
+        "either, and class images, are learned everywhere. kohya's --masked_loss and --alpha_mask both turn it on.",
+        "--masked_loss", "--alpha_mask")
 
     @field_validator("prior_generation_precision", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ from dreambooth.training.buckets import assign_bucket, describe_buckets, make_bu
 from dreambooth.training.captions import Captions, is_companion, read_captions
 from dreambooth.training.class_images import ClassImagePlan, plan_class_images, recipe
 from dreambooth.training.images import ImageFolderReport, check_instance_folder, load_image, scan_image_folder
+from dreambooth.training.masks import MASK_SUFFIX, Masks, is_mask_file, read_masks
 from dreambooth.training.rundir import RunPlan, plan_run
 from dreambooth.training.tokens import (
     IdentifierPlan,
@@ -47,6 +48,7 @@ class SubjectReport:
     instance: ImageFolderReport
     identifier: IdentifierPlan
     captions: Captions = field(default_factory=Captions)
+    masks: Masks = field(default_factory=Masks)
     longest_caption: tuple[int, str] | None = None  # (CLIP tokens, caption)
     buckets: list[tuple[int, int]] = field(default_factory=list)  # each usable photo's (width, height) bucket
     bucket_line: str = ""  # the report's line on them
@@ -79,6 +81,8 @@ class Preflight:
             lines.append(s.captions.describe(len(s.instance.usable), s.longest_caption))
             if s.bucket_line:
                 lines.append(s.bucket_line)
+            masks = s.masks.describe(len(s.instance.usable))
+            lines += [masks] if masks else []
             lines.append(s.identifier.describe())
         lines += [plan.describe() for plan in self.class_plans.values()]
         if self.family:
@@ -304,7 +308,7 @@ def _with_tokens(tokenizer, tokens: list[str]):
 def check_instance_photos(cfg: Config, subject: Subject) -> ImageFolderReport:
     extension = cfg.dataset.caption_extension
     instance = scan_image_folder(subject.instance_dir, cfg.training.resolution,
-                                 companion=lambda path: is_companion(path, extension))
+                                 companion=lambda path: is_companion(path, extension) or is_mask_file(path))
     check_instance_folder(instance)
     if cfg.dataset.strict and instance.rejected():
         _refuse_strict(instance)
@@ -345,6 +349,26 @@ def check_captions(cfg: Config, subject: Subject, instance: ImageFolderReport, p
                              class_word=subject.class_word)
     problems.found += captions.problems
     return captions
+
+
+def check_masks(cfg: Config, subject: Subject, instance: ImageFolderReport, problems: Problems) -> Masks:
+    """The photos' loss masks (training.masks) under dataset.masked_loss; each problem with them is one of
+    pre-flight's. With it off, only the mask files there, for the report's line."""
+    masks = read_masks(subject.instance_dir, instance.usable, masked_loss=cfg.dataset.masked_loss,
+                       rejected=[issue.path for issue in instance.rejected()])
+    problems.found += masks.problems
+    return masks
+
+
+def check_some_mask(cfg: Config, subjects: list[SubjectReport]) -> None:
+    """dataset.masked_loss with no mask anywhere would train exactly as without it: refused, rather than let the user
+    believe the backgrounds are left out."""
+    if not cfg.dataset.masked_loss or any(s.masks.by_photo or s.masks.problems for s in subjects):
+        return
+    folders = ", ".join(str(s.subject.instance_dir) for s in subjects)
+    raise UserError(f"dataset.masked_loss: no photo in {folders} has a mask (a NAME{MASK_SUFFIX} beside NAME.png, or "
+                    "an alpha channel), so it would change nothing; add NAME.mask.png files or photos with alpha, or "
+                    "drop --masked_loss")
 
 
 def _refuse_strict(report: ImageFolderReport) -> None:
@@ -526,6 +550,7 @@ def check_vae_folder(folder: str) -> None:
 MODEL = ("model.pretrained_model", "model.revision", "model.variant", "model.pretrained_vae")
 SUBJECTS = ("subjects", "dataset.instance_dir", "dataset.instance_prompt", "token.")
 CAPTIONS = ("dataset.caption_extension", "dataset.caption_column", "dataset.dataset_name")
+MASKS = ("dataset.masked_loss",)
 
 
 def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight:
@@ -569,10 +594,14 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
                                                                                       "dataset.caption_extension"))
         captions = problems.check(check_captions, cfg, s, instance, problems, needs=SUBJECTS + CAPTIONS) \
             if instance is not None else None
+        masks = problems.check(check_masks, cfg, s, instance, problems, needs=SUBJECTS[:2] + MASKS) \
+            if instance is not None else None
         plan = problems.check(plan_identifier, tokenizer, s.identifier, s.initializer, needs=SUBJECTS) \
             if tokenizer else None
-        if instance is not None and plan is not None and captions is not None:
-            subjects.append(SubjectReport(s, instance, plan, captions))
+        if instance is not None and plan is not None and captions is not None and masks is not None:
+            subjects.append(SubjectReport(s, instance, plan, captions, masks))
+    if len(subjects) == len(cfg.subject_list()):
+        problems.check(check_some_mask, cfg, subjects, needs=MASKS)
     if tokenizer is not None and not problems.blocked(SUBJECTS + ("dataset.class_prompt", "validation.prompts")):
         warnings = check_prompts(cfg, tokenizer, subjects, problems)
     if cfg.dataset.enable_bucket:

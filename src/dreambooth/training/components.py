@@ -370,7 +370,7 @@ def make_dataloader(cfg: Config, subjects: list[Subject], instance: list[list[Pa
         class_images=classes[i] if classes else None, class_prompt=s.class_prompt if classes else None,
         center_crop=ds.center_crop, random_flip=ds.random_flip, seed=t.seed + 7919 * i,
         captions=[captions[i].get(photo) for photo in photos], caption_dropout=ds.caption_dropout,
-        buckets=buckets[i] if buckets else None)
+        buckets=buckets[i] if buckets else None, masked_loss=ds.masked_loss)
         for i, (s, photos) in enumerate(zip(subjects, instance))]
     dataset = parts[0] if len(parts) == 1 else MultiSubjectDataset(parts)
     common = {"collate_fn": collate_examples, "num_workers": t.dataloader_num_workers}

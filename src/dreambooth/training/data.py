@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from dreambooth.training.buckets import cover_size
 from dreambooth.training.captions import drop_caption
 from dreambooth.training.images import load_image
+from dreambooth.training.masks import load_mask
 
 # ---------------------------------------------------------------------------------------------- pixels
 
@@ -62,6 +63,19 @@ def prepare_image(
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
+def prepare_mask(mask: Image.Image | None, resolution: Target, origin: tuple[int, int], flip: bool) -> torch.Tensor:
+    """A loss mask (8-bit grayscale, already resized as its photo) cropped at the photo's `origin` and mirrored with
+    it: float32 [1, height, width] in [0, 1]. None, a photo without a mask: ones, learned everywhere."""
+    tw, th = target_size(resolution)
+    if mask is None:
+        return torch.ones(1, th, tw)
+    left, top = origin
+    mask = mask.crop((left, top, left + tw, top + th))
+    if flip:
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+
+
 def crop_geometry(original: tuple[int, int], resized: tuple[int, int], origin: tuple[int, int], flip: bool,
                   resolution: Target) -> torch.Tensor:
     """Where a training image came from: its original height and width, the crop's top-left corner (y, x) in the
@@ -95,6 +109,20 @@ def _resize_to_cover(image: Image.Image, target: Target) -> Image.Image:
     return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
 
 
+def _load_masks(paths: list[Path], images: list[Image.Image]) -> list[Image.Image | None]:
+    """Each photo's loss mask (training.masks), resized to its resized photo (`images`), so that one crop box and
+    one flip place both. Bilinear, not the photo's Lanczos: the same pixel grid, without Lanczos' ringing, so a
+    hard edge stays in [0, 255] and a soft one stays soft."""
+    masks = []
+    for path, image in zip(paths, images):
+        found = load_mask(path)
+        mask = None if found is None else found[0]
+        if mask is not None and mask.size != image.size:
+            mask = mask.resize(image.size, Image.Resampling.BILINEAR)
+        masks.append(mask)
+    return masks
+
+
 # ---------------------------------------------------------------------------------------------- dataset
 
 
@@ -110,7 +138,9 @@ class DreamBoothDataset(Dataset):
     Images are decoded once in __init__ and kept in memory already resized to cover their crop (short side =
     resolution; with aspect buckets, the photo's bucket, and a class image is cropped to the bucket of the photo it
     is paired with), so an item only crops and flips. Augmentation is a pure function of (seed, epoch, index): call
-    set_epoch before iterating each epoch, and resuming mid-epoch reproduces exactly the same pixels.
+    set_epoch before iterating each epoch, and resuming mid-epoch reproduces exactly the same pixels. With
+    `masked_loss`, each photo's mask (training.masks) is kept beside it and cropped and flipped with it
+    (`instance_mask`).
     """
 
     def __init__(
@@ -127,6 +157,7 @@ class DreamBoothDataset(Dataset):
         captions: list[str | None] | None = None,
         caption_dropout: float = 0.0,
         buckets: list[tuple[int, int]] | None = None,
+        masked_loss: bool = False,
     ):
         if not instance_images:
             raise ValueError("DreamBoothDataset needs at least one instance image")
@@ -155,6 +186,7 @@ class DreamBoothDataset(Dataset):
         self._instance, self._instance_sizes = _load_resized(instance_images, self._targets)
         self._class, self._class_sizes = _load_resized(class_images or [], [resolution] * len(class_images or []))
         self._covered: dict[tuple[str, int, Target], Image.Image] = {}  # other crops' resized copies, made on use
+        self._masks = _load_masks(instance_images, self._instance) if masked_loss else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -163,11 +195,14 @@ class DreamBoothDataset(Dataset):
         return max(len(self._instance), len(self._class))
 
     def __getitem__(self, index: int) -> dict:
-        pixels, key, geometry = self._augment(index, "instance")
+        i, origin, flip, target = self._placement(index, "instance")
+        pixels, key, geometry = self._view("instance", i, origin, flip, target)
         example = {"instance_pixels": pixels, "instance_prompt": self._caption(index), "instance_key": key,
                    "instance_geometry": geometry}
+        if self._masks is not None:  # the photo's own crop and flip: the mask weighs the pixels it covers
+            example["instance_mask"] = prepare_mask(self._masks[i], target, origin, flip)
         if self._class:
-            pixels, key, geometry = self._augment(index, "class")
+            pixels, key, geometry = self._view("class", *self._placement(index, "class"))
             example.update(class_pixels=pixels, class_prompt=self.class_prompt, class_key=key,
                            class_geometry=geometry)
         return example
@@ -179,14 +214,10 @@ class DreamBoothDataset(Dataset):
             return ""
         return self.captions[index % len(self.captions)]
 
-    def _augment(self, index: int, role: str) -> tuple[torch.Tensor, str, torch.Tensor]:
-        """The augmented pixels of an item, a key naming exactly them (image file, crop corner, flip), and its
-        geometry (`crop_geometry`).
-
-        The key is what a latent cache may be indexed by; it never depends on step or batch position. The
-        conditioning follows from the key (the file's original size, the crop, the flip), so cached latents and
-        their conditioning always agree.
-        """
+    def _placement(self, index: int, role: str) -> tuple[int, tuple[int, int], bool, Target]:
+        """Which image of `role` item `index` shows this epoch, where it is cropped, whether it is mirrored, and its
+        crop (the photo's bucket, which the class image paired with it takes too): a draw that depends only on
+        (seed, epoch, index, role)."""
         i = index % len(self._instance if role == "instance" else self._class)
         target = self.bucket_of(index)
         image = self._image(role, i, target)
@@ -194,7 +225,7 @@ class DreamBoothDataset(Dataset):
         flip = self.random_flip and rng.random() < 0.5
         origin = crop_origin(image.size, target, center_crop=self.center_crop,
                              crop_rng=None if self.center_crop else rng)
-        return self._view(role, i, origin, flip, target)
+        return i, origin, flip, target
 
     def bucket_of(self, index: int) -> Target:
         """The crop of item `index`: its photo's bucket (the class image paired with it takes the same), or the
@@ -214,8 +245,13 @@ class DreamBoothDataset(Dataset):
 
     def _view(self, role: str, i: int, origin: tuple[int, int], flip: bool,
               target: Target | None = None) -> tuple[torch.Tensor, str, torch.Tensor]:
-        """Image `i` of `role` cropped to `target` (default: the square) at `origin`, maybe mirrored: its pixels,
-        cache key and size conditioning."""
+        """Image `i` of `role` cropped to `target` (default: the square) at `origin`, maybe mirrored: its pixels, a
+        key naming exactly them (image file, crop, corner, flip), and its size conditioning (`crop_geometry`).
+
+        The key is what a latent cache may be indexed by; it never depends on step or batch position. The
+        conditioning follows from the key (the file's original size, the crop, the flip), so cached latents and
+        their conditioning always agree. A loss mask is not in the latents, so it needs no part in the key.
+        """
         target = self.resolution if target is None else target
         image = self._image(role, i, target)
         size = (self._instance_sizes if role == "instance" else self._class_sizes)[i]
@@ -282,8 +318,13 @@ def collate_examples(examples: list[dict]) -> dict:
     geometry += [example["class_geometry"] for example in with_class]
     is_prior = torch.tensor([False] * len(examples) + [True] * len(with_class))
     pixel_values = torch.stack(pixels).to(dtype=torch.float32, memory_format=torch.contiguous_format)
-    return {"pixel_values": pixel_values, "prompts": prompts, "is_prior": is_prior, "cache_keys": keys,
-            "geometry": torch.stack(geometry)}
+    batch = {"pixel_values": pixel_values, "prompts": prompts, "is_prior": is_prior, "cache_keys": keys,
+             "geometry": torch.stack(geometry)}
+    if "instance_mask" in examples[0]:  # class images carry no mask: learned everywhere
+        masks = [example["instance_mask"] for example in examples]
+        masks += [torch.ones_like(masks[0]) for _ in with_class]
+        batch["loss_mask"] = torch.stack(masks)
+    return batch
 
 
 class MultiSubjectDataset(Dataset):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from dreambooth.models.families.common import Conditioning
-from dreambooth.training.loss import LossParts
+from dreambooth.training.loss import LossParts, latent_mask
 
 WARMUP_STEPS = 3  # eager optimizer steps before capture: cuDNN/cuBLAS pick their kernels, AdamW creates its state
 # Why each optimizer but torch's AdamW (whose fused kernel has a capturable mode) steps eagerly.
@@ -98,6 +98,7 @@ class Staged:
     mask: torch.Tensor | None
     is_prior: torch.Tensor
     geometry: torch.Tensor  # each image's size and crop (training.data.crop_geometry)
+    loss_mask: torch.Tensor | None = None  # on the latent grid (dataset.masked_loss): one more buffer, a view's own
 
 
 class StaticStep:
@@ -127,7 +128,8 @@ class StaticStep:
         latents = self.latent_cache.scaled_sample(batch["pixel_values"], batch["cache_keys"], run.generator)
         cond, mask = self.encode.conditioning(batch["prompts"])
         is_prior = batch["is_prior"].to(latents.device)
-        fresh = Staged(latents, cond, mask, is_prior, batch["geometry"].to(latents.device))
+        fresh = Staged(latents, cond, mask, is_prior, batch["geometry"].to(latents.device),
+                       latent_mask(batch.get("loss_mask"), latents))
         if self.staged is None and latents.shape[0] != self.full_rows:
             self._eager_inputs = fresh  # buffers take a full batch's shape, not a short last one's
             return False
@@ -147,7 +149,7 @@ class StaticStep:
     def _micro(self, staged: Staged) -> LossParts:
         cond = self.encode.embed(staged.cond, staged.mask) if self.encode.trains else \
             Conditioning({"embeds": staged.cond})
-        parts = self.step_loss(staged.latents, cond, staged.is_prior, staged.geometry)
+        parts = self.step_loss(staged.latents, cond, staged.is_prior, staged.geometry, staged.loss_mask)
         (parts.loss / self.accumulation).backward()
         return parts
 

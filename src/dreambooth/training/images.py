@@ -95,6 +95,43 @@ def load_image(path: Path) -> Image.Image:
     return image
 
 
+def load_alpha(path: Path) -> Image.Image | None:
+    """A photo's transparency as 8-bit grayscale (255 opaque), upright as `load_image` turns the photo; None when it
+    has no alpha channel or is opaque everywhere (training.masks reads it as the photo's loss mask)."""
+    try:
+        with Image.open(path) as opened:  # the header alone: most photos have no alpha, and need no second decode
+            if opened.mode not in _ALPHA_MODES and "transparency" not in opened.info:
+                return None
+        image, _notes = _decode(Path(path))
+    except (_Unreadable, OSError) as error:
+        raise UserError(f"Cannot use image {path}: {error}. Replace or remove this file.") from None
+    alpha = image.convert("RGBA").getchannel("A")
+    return None if alpha.getextrema()[0] == 255 else alpha
+
+
+def load_grayscale(path: Path) -> Image.Image:
+    """Any image file as 8-bit grayscale ("L"), upright per EXIF, for a mask: 16-bit and float scaled as photos are,
+    transparent areas black (nothing drawn there is nothing to learn). Raises UserError naming the file."""
+    try:
+        image, _notes = _decode(Path(path))
+    except _Unreadable as error:
+        raise UserError(f"Cannot use mask {path}: {error}. Save it again as a grayscale PNG, or delete it.") from None
+    if image.mode.startswith("I") or image.mode == "F":
+        return _high_depth_to_l(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return image.convert("L")
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as `load_image` returns it (turned per EXIF), from its header alone."""
+    with Image.open(path) as opened:
+        width, height = opened.size
+        turned = opened.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # transposed or rotated by 90 degrees
+    return (height, width) if turned else (width, height)
+
+
 def _decode_rgb(path: Path) -> tuple[Image.Image, list[str]]:
     """Fully decodes a file and converts it to RGB; returns the image and notes on what was converted."""
     image, notes = _decode(path)

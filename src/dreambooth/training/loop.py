@@ -31,7 +31,7 @@ from dreambooth.training.components import (
 )
 from dreambooth.training.ema import describe, ema_weights, make_average
 from dreambooth.training.graph_step import StaticStep, graph_plan
-from dreambooth.training.loss import LossParts
+from dreambooth.training.loss import LossParts, latent_mask
 from dreambooth.training.offload import FrozenOffload, offload_plan
 from dreambooth.training.outputs import MetricsLog, save_outputs, write_model_card, write_run_info
 from dreambooth.training.report_page import refresh_report
@@ -55,15 +55,18 @@ def training_step(cfg: Config, models: Models, batch: dict, encode: PromptEncode
     latents = latent_cache.scaled_sample(batch["pixel_values"], batch["cache_keys"], generator)
     geometry = batch.get("geometry")
     return step_loss(cfg, models, latents, encode(batch["prompts"]), batch["is_prior"].to(latents.device), generator,
-                     None if geometry is None else geometry.to(latents.device))
+                     None if geometry is None else geometry.to(latents.device),
+                     latent_mask(batch.get("loss_mask"), latents))
 
 
 def step_loss(cfg: Config, models: Models, latents: torch.Tensor, cond: Conditioning, is_prior: torch.Tensor,
-              generator: torch.Generator, geometry: torch.Tensor | None = None) -> LossParts:
+              generator: torch.Generator, geometry: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> LossParts:
     """The family's loss of a batch (noise, the denoiser's prediction, the target, prior preservation): the part of
     a step a CUDA graph captures (training.graph_step), so it reads only its arguments and draws only from
-    `generator`. `geometry`: each image's size and crop (training.data.crop_geometry), which SDXL conditions on."""
-    return models.family.behaviour().loss(cfg, models, latents, cond, geometry, is_prior, generator)
+    `generator`. `geometry`: each image's size and crop (training.data.crop_geometry), which SDXL conditions on;
+    `mask`: the loss mask on the latent grid (dataset.masked_loss), None without it."""
+    return models.family.behaviour().loss(cfg, models, latents, cond, geometry, is_prior, generator, mask)
 
 
 @dataclass
@@ -128,8 +131,8 @@ def loop(run: Run, start_step: int, stop: StopRequest) -> None:
         log_score(run, held_out.score(run, encode))  # the base model's, where the curve starts
     static = None
     if run.graph:
-        def loss_of(latents, cond, is_prior, geometry):
-            return step_loss(cfg, run.models, latents, cond, is_prior, run.generator, geometry)
+        def loss_of(latents, cond, is_prior, geometry, mask):
+            return step_loss(cfg, run.models, latents, cond, is_prior, run.generator, geometry, mask)
 
         static = StaticStep(run, encode, latent_cache, clip, loss_of, capture=acc.device.type == "cuda")
     run.global_step, validate_every = start_step, validation_every(run)

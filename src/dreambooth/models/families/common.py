@@ -50,9 +50,10 @@ class Behaviour:
 
     # ------------------------------------------------------------------------------------------- training
     def loss(self, cfg, models, latents: torch.Tensor, cond: Conditioning, geometry: torch.Tensor | None,
-             is_prior: torch.Tensor, generator: torch.Generator):
+             is_prior: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None):
         """The step's loss parts (training.loss.LossParts) for a batch of scaled latents and its conditioning;
-        `geometry` holds each image's (original h, w, crop top, left, target h, w), which SDXL conditions on."""
+        `geometry` holds each image's (original h, w, crop top, left, target h, w), which SDXL conditions on; `mask`
+        the loss mask on the latent grid, [B, 1, h, w] (dataset.masked_loss), for `training.loss.dreambooth_loss`."""
         raise NotImplementedError
 
     def sequence_length(self, cfg) -> int | None:

@@ -30,9 +30,9 @@ class Behaviour(Base):
     def denoiser_kwargs(self, cond: Conditioning, geometry: torch.Tensor | None) -> dict:
         return {"encoder_hidden_states": cond["embeds"]}
 
-    def loss(self, cfg, models, latents, cond, geometry, is_prior, generator) -> LossParts:
+    def loss(self, cfg, models, latents, cond, geometry, is_prior, generator, mask=None) -> LossParts:
         """Noise at per-sample timesteps (offset noise when asked), the UNet's prediction of the scheduler's target,
-        and the prior-preservation loss with Min-SNR-gamma weights (training.loss)."""
+        and the prior-preservation loss with Min-SNR-gamma weights and the loss mask (training.loss)."""
         sched = models.noise_scheduler
         noise = noise_with_offset(latents, cfg.training.noise_offset, generator)
         timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
@@ -44,7 +44,7 @@ class Behaviour(Base):
         if cfg.training.snr_gamma is not None:
             snr = snr_from_alphas(sched.alphas_cumprod, timesteps)
             weights = min_snr_weights(snr, cfg.training.snr_gamma, sched.config.prediction_type)
-        return dreambooth_loss(pred, target, is_prior, cfg.training.prior_loss_weight, weights)
+        return dreambooth_loss(pred, target, is_prior, cfg.training.prior_loss_weight, weights, mask)
 
     def check_config(self, cfg) -> list[str]:
         return flow_settings_refused(cfg, self.family.title)

@@ -49,10 +49,11 @@ class FlowBehaviour(Base):
             self._schedules[key] = training_schedule(scheduler)
         return self._schedules[key]
 
-    def loss(self, cfg, models, latents, cond, geometry, is_prior, generator) -> LossParts:
+    def loss(self, cfg, models, latents, cond, geometry, is_prior, generator, mask=None) -> LossParts:
         """Noise, each sample's sigma (diffusers' --weighting_scheme density, or kohya's --timestep_sampling), the
         straight path between them, the transformer's velocity (or x0, preconditioned) against its target, weighted
-        per sample, with prior preservation (training.flow, training.loss)."""
+        per sample, with prior preservation (training.flow, training.loss). The loss is taken on the unpacked latents
+        [B, C, h, w], where the mask [B, 1, h, w] lies on the same grid."""
         t, sched = cfg.training, models.noise_scheduler
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         weighting = self.weighting(cfg)
@@ -66,7 +67,7 @@ class FlowBehaviour(Base):
         pred = self.predict(cfg, models, noisy, timesteps, cond)
         pred, target = prediction_and_target(pred, noisy, latents, noise, sigmas,
                                              precondition_outputs=self.precondition(cfg))
-        return dreambooth_loss(pred, target, is_prior, t.prior_loss_weight, loss_weighting(weighting, sigmas))
+        return dreambooth_loss(pred, target, is_prior, t.prior_loss_weight, loss_weighting(weighting, sigmas), mask)
 
     def check_config(self, cfg) -> list[str]:
         t, title, found = cfg.training, self.family.title, []
