@@ -43,7 +43,7 @@ def test_everything_on_resumes_bitwise(optimizer, lr, tiny_model, captioned, tmp
     assert main(train_argv(tiny_model, captioned, whole, *extra, steps=4)) == 0
     assert main(train_argv(tiny_model, captioned, part, *extra, steps=2)) == 0
     assert main(train_argv(tiny_model, captioned, part, *extra, "--resume_from_checkpoint", "latest", steps=4)) == 0
-    for name in ("unet/diffusion_pytorch_model.safetensors", "token_embeddings.safetensors"):
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         a, b = (load_file(str(out / name)) for out in (whole, part))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     logs = [(out / "logs" / "validation_loss.jsonl").read_text() for out in (whole, part)]
