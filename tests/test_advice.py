@@ -118,6 +118,8 @@ def all_flags() -> dict[str, set[str]]:
 FLOW = "tests/test_flow_families.py::"
 EXPORT = "tests/test_export_flow.py::"
 COMMANDS = "tests/test_diffusers_commands.py::"
+ADAPTERS = "tests/test_adapters.py::"
+ADAPTER_SETTINGS = ADAPTERS + "test_adapter_settings_that_mean_nothing_are_refused_and_the_named_flags_work"
 SITES = {
     # training: the run folder
     "holds another run ({folder.describe()}). Continue it with": "test_a_folder_holding_a_run_offers_three_ways_on",
@@ -315,7 +317,8 @@ SITES = {
                                              "variant) that no model here makes; --format diffusers copies it",
     "has keys the kohya export of a Flux LoRA cannot convert": "reason: a file with keys of another kind than "
                                                                "LoRA layers, which no run here writes",
-    "which the kohya format cannot e": "reason: DoRA and LoRA biases, which no run here trains yet (issue 26)",
+    "which the kohya format cannot e": ADAPTERS + "test_a_flux_dora_is_refused_by_the_kohya_export_and_copied_by_the_"
+                                       "diffusers_one",
     "lacks {counts[target] - len(pieces)} of its": "reason: a transformer missing part of a fused layer is a "
                                                    "damaged file no model here makes; --format diffusers copies it",
     "but the single file holds the transformer alone": EXPORT + "test_a_text_encoder_lora_is_not_merged_into_a_file_"
@@ -325,6 +328,18 @@ SITES = {
                                                     "it_passes",
     "--upcast_before_saving saves in fp32, and --save_precision": COMMANDS + "test_upcast_before_saving_is_fp32_and_"
                                                                   "refused_beside_another_save_precision",
+    # adapter kinds (tests/test_adapters.py)
+    "--use_dora asks for DoRA adapters, and --adapter": ADAPTER_SETTINGS,
+    "is an adapter that --method lora trains, and model.method is": ADAPTER_SETTINGS,
+    "it sizes LoKr's factors, and lora.adapter is": ADAPTER_SETTINGS,
+    "has no dropout on its path as LoRA has": ADAPTER_SETTINGS,
+    "are convolution layers of this model's": ADAPTER_SETTINGS,
+    "which names {title}'s original fused layers": ADAPTERS + "test_lycoris_kinds_on_flux_are_refused_at_preflight_"
+                                                   "naming_what_works",
+    "which diffusers' LoRA format cannot hold and its SD pipelines": ADAPTERS + "test_a_lycoris_file_goes_to_kohya_as_"
+                                                                    "it_is_and_has_no_diffusers_form",
+    "adapter in LyCORIS' layout (`lora_unet_....{key}` keys): put": ADAPTERS + "test_the_model_card_of_a_lycoris_run_"
+                                                                   "names_commands_that_run",
 }
 
 

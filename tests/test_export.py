@@ -666,7 +666,7 @@ def test_each_kohya_prefix_alone_marks_a_kohya_file(key, kohya):
 def test_kohya_text_encoder_names_start_at_text_model_whatever_the_transformers_version():
     # transformers >= 5.6 names CLIP's layers from `encoder.`, earlier releases from `text_model.encoder.`
     want = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    assert kohya._kohya_name("text_encoder", "encoder.layers.0.self_attn.q_proj") == want
-    assert kohya._kohya_name("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj") == want
-    unet = kohya._kohya_name("unet", "down_blocks.0.attentions.0.proj_in")
+    assert kohya.kohya_name("text_encoder", "encoder.layers.0.self_attn.q_proj") == want
+    assert kohya.kohya_name("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj") == want
+    unet = kohya.kohya_name("unet", "down_blocks.0.attentions.0.proj_in")
     assert unet == "lora_unet_down_blocks_0_attentions_0_proj_in"

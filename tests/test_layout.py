@@ -23,12 +23,13 @@ MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
 # The layers of docs/design.md, bottom first: a module imports only from its own layer or the layers below it.
 LAYERS = {
     "base": ["errors", "versions", "options", "command_options", "formats.atomic", "training.speed"],
-    "what things are": ["config", "config_file", "models.base", "models.layout", "formats.lora", "formats.lora_fit",
-                        "training.images", "training.buckets", "training.captions", "training.masks",
-                        "training.tokens", "training.rundir", "training.loss", "training.flow", "models.families"],
+    "what things are": ["config", "config_file", "models.base", "models.layout", "formats.lora", "formats.lycoris",
+                        "formats.lora_fit", "training.images", "training.buckets", "training.captions",
+                        "training.masks", "training.tokens", "training.rundir", "training.loss", "training.flow",
+                        "models.families"],
     "models and drawing": ["models.families.common", "models.families.sd", "models.families.sdxl",
                            "models.families.transformer", "models.families.flux", "models.families.sd3",
-                           "models.loading", "formats.lora_loading",
+                           "models.loading", "formats.lycoris_loading", "formats.lora_loading",
                            "models.tiny", "models.tiny_flow", "models.tiny_families",
                            "generate"],
     "exports": ["formats.kohya", "formats.merge", "formats.single_file", "formats.flow_layout", "formats.flow_merge",

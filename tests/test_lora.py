@@ -208,7 +208,7 @@ def test_several_loras_mix_at_their_weights(tiny_model, instance_dir, tmp_path):
     ("drop_token_file", "{ckpt} has no {token_file} for the new identifier token(s) of this run; resume with the "
                         "identifier it was trained with."),
     ("drop_lora_file", "{ckpt} has no pytorch_lora_weights.safetensors; it was not saved by a LoRA run. Resume with "
-                       "the method it was trained with."),
+                       "the method and adapter it was trained with."),
 ])
 def test_resuming_from_a_damaged_lora_checkpoint_is_refused(tiny_model, instance_dir, tmp_path, damage, says):
     from safetensors.torch import save_file

@@ -807,6 +807,31 @@ def test_lora_shape_scale_dropout_and_targets(probe):
             assert layer.lora_dropout["default"].p == 0.1
 
 
+@wires("lora.adapter", "lora.lokr_factor")
+def test_the_adapter_kind_and_lokr_factor_shape_what_trains(probe):
+    """Each kind puts its own peft layers on the UNet and text encoder, and they are what the optimizer moves; LoKr's
+    factor sizes its first factor (a 16-wide projection splits 4 x 4 by default, 2 x 8 with factor 2)."""
+    from peft.tuners.loha.layer import LoHaLayer
+    from peft.tuners.lokr.layer import LoKrLayer
+    from peft.tuners.lora.layer import LoraLayer
+
+    kinds = {"dora": (LoraLayer, "lora_magnitude_vector"), "lokr": (LoKrLayer, "lokr_w1"),
+             "loha": (LoHaLayer, "hada_w1_a")}
+    for kind, (cls, parameter) in kinds.items():
+        p = probe(model__method="lora", model__train_text_encoder=True, lora__adapter=kind, lora__rank=2)
+        for module in ("unet", "text_encoder"):
+            layers = [m for m in getattr(p.run.models, module).modules() if isinstance(m, cls)]
+            assert layers and all("default" in getattr(m, parameter) for m in layers)
+            assert not any(isinstance(m, tuple(c for c, _ in kinds.values() if c is not cls))
+                           for m in getattr(p.run.models, module).modules())
+            assert any(parameter in name for name in p.changed(module)), f"{kind}: no {parameter} trained"
+    to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    for factor, shape in ((-1, (4, 4)), (2, (2, 2))):
+        p = probe(model__method="lora", lora__adapter="lokr", lora__rank=2, lora__lokr_factor=factor)
+        layer = dict(p.run.models.unet.named_modules())[to_q]
+        assert tuple(layer.lokr_w1["default"].shape) == shape
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # validation.* and output.*
 

@@ -51,7 +51,6 @@ REFUSED_FLAGS = {
     "--do_edm_style_training": "EDM-style training (Playground v2.5) is not supported",
     "--output_kohya_format": "export after training: `dreambooth export OUTPUT_DIR/pytorch_lora_weights.safetensors "
                              "--format kohya --out FILE` (SD 1.x, 2.x and SDXL)",
-    "--use_dora": "DoRA adapters are not supported; LoRA is",
     # diffusers' Flux and SD3 DreamBooth scripts:
     "--enable_npu_flash_attention": "Ascend NPUs are not supported; drop the flag: attention is PyTorch's SDPA (or "
                                     "xformers', with --enable_xformers_memory_efficient_attention)",
@@ -126,6 +125,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     compat.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help="Set by launchers; ignored.")
     compat.add_argument("--cache_latents", action="store_true", default=argparse.SUPPRESS,
                         help="Accepted from diffusers' scripts: latents are cached by default (--latent_cache).")
+    compat.add_argument("--use_dora", action="store_true", default=argparse.SUPPRESS,
+                        help="DoRA adapters, as in diffusers' LoRA scripts (same as --adapter dora).")
     compat.add_argument("--upcast_before_saving", action="store_true", default=argparse.SUPPRESS,
                         help="Save in fp32, as in diffusers' Flux and SD3 LoRA scripts: --save_precision fp32, the "
                         "default here.")
@@ -150,11 +151,16 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if given.get("upcast_before_saving") and given.get("output.save_precision", "fp32") != "fp32":
         refused.append(f"--upcast_before_saving saves in fp32, and --save_precision {given['output.save_precision']} "
                        "asks for another precision; pass one of them.")
+    if given.get("use_dora") and given.get("lora.adapter", "dora") != "dora":
+        refused.append(f"--use_dora asks for DoRA adapters, and --adapter {given['lora.adapter']} for another kind; "
+                       "pass one of them.")
     if refused:  # every one at once, as a command copied from diffusers' examples may hold several
         raise UserError("\n".join(refused))
     overrides = {k: v for k, v in given.items() if "." in k}
     if given.get("upcast_before_saving"):
         overrides["output.save_precision"] = "fp32"
+    if given.get("use_dora"):
+        overrides["lora.adapter"] = "dora"
     if given.get("cache_latents") and "training.latent_cache" not in overrides:
         overrides["training.latent_cache"] = "memory"
     if given.get("offset_noise") and "training.noise_offset" not in overrides:

@@ -75,7 +75,20 @@ class ModelSection(Section):
         "it; the compute dtype is the run's precision. Instead of --quantize_base.")
 
 
+# The adapter kinds `--method lora` trains, all through peft (README, "Adapters"): plain LoRA; DoRA (LoRA with a
+# learned magnitude per output, Liu et al. 2024), saved in diffusers' LoRA file; LoKr (a Kronecker product of two
+# factors) and LoHa (a Hadamard product of two low-rank products, FedPara), saved in LyCORIS' layout.
+ADAPTERS = ("lora", "dora", "lokr", "loha")
+
+
 class LoraSection(Section):
+    adapter: Literal[ADAPTERS] = opt(  # type: ignore[valid-type]
+        "lora", "Adapter kind with --method lora: lora; dora (diffusers' --use_dora: LoRA plus a learned magnitude per "
+        "output; diffusers' LoRA file); lokr or loha (LyCORIS' LoKr and LoHa, saved in LyCORIS' layout, which A1111, "
+        "Forge and ComfyUI read; SD 1.x, 2.x and SDXL).")
+    lokr_factor: int = opt(
+        -1, "LoKr: the size of the Kronecker product's first factor (peft's decompose_factor, LyCORIS' factor); -1 "
+        "splits each layer as near a square as it allows.", ge=-1)
     rank: int = opt(4, "LoRA rank.", "--rank", "--lora_rank", ge=1)
     alpha: float | None = opt(None, "LoRA alpha (default: the rank, a scale of 1).", "--lora_alpha", gt=0)
     dropout: float = opt(0.0, "Dropout on the LoRA path.", "--lora_dropout", ge=0, lt=1)
@@ -92,6 +105,13 @@ class LoraSection(Section):
     text_encoder_target_modules: list[str] = opt(
         ["q_proj", "k_proj", "v_proj", "out_proj"], "Text-encoder modules that get adapters with "
         "--train_text_encoder (repeatable flag).", "--lora_text_encoder_target")
+
+    @field_validator("lokr_factor")
+    @classmethod
+    def _a_factor_or_minus_one(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 is no factor; give -1 (each layer split as near a square as it allows) or a size >= 1")
+        return v
 
 
 class TokenSection(Section):
@@ -509,7 +529,7 @@ def cross_check(data: dict[str, Any]) -> list[str]:
                         "embedding; skipping the text encoder would lose it")
     if not (_truthy(model.get("train_denoiser", True)) or _truthy(model.get("train_text_encoder", False))):
         problems.append("model.train_denoiser: nothing would train (denoiser and text encoder both off)")
-    return problems + _check_ema(data.get("training") or {})
+    return problems + _check_ema(data.get("training") or {}) + _check_adapter(model, data.get("lora") or {})
 
 
 EMA_SETTINGS = ("ema_decay", "ema_on_cpu", "ema_update_after_step", "ema_warmup")
@@ -578,6 +598,26 @@ def _prodigy_rates(t: TrainingSection, broken: set[str]) -> list[str]:
         problems.append(f"training.text_encoder_lr: {t.text_encoder_lr:g} differs from training.learning_rate "
                         f"{t.learning_rate:g}, and Prodigy steps every parameter group with one learning rate. Drop "
                         "--text_encoder_lr (it then follows --learning_rate).")
+
+
+def _check_adapter(model: dict, lora: dict) -> list[str]:
+    """Adapter settings that would mean nothing: an adapter kind on a full fine-tune, LoKr's factor on another kind,
+    a dropout LoKr and LoHa do not have."""
+    adapter, problems = lora.get("adapter", "lora"), []
+    if adapter != "lora" and model.get("method", "full") != "lora":
+        problems.append(f"lora.adapter: {adapter} is an adapter that --method lora trains, and model.method is "
+                        f"{model.get('method', 'full')} (the whole weights train); pass --method lora with it, or "
+                        "drop --adapter")
+    if str(lora.get("lokr_factor", -1)) != "-1" and adapter != "lokr":
+        problems.append(f"lora.lokr_factor: it sizes LoKr's factors, and lora.adapter is {adapter}; drop "
+                        "--lokr_factor, or pass --adapter lokr")
+    try:
+        dropout = float(lora.get("dropout", 0) or 0)
+    except (TypeError, ValueError):
+        dropout = 0.0  # reported by validation
+    if adapter in ("lokr", "loha") and dropout > 0:
+        problems.append(f"lora.dropout: {adapter} has no dropout on its path as LoRA has (peft's rank and module "
+                        "dropout are other things); drop --lora_dropout")
     return problems
 
 

@@ -17,7 +17,7 @@ from dreambooth.errors import Problems, UserError
 from dreambooth.formats.flow_merge import KOHYA_DROPPED, merge_flow_loras
 from dreambooth.formats.flow_single_file import flow_to_single_file, left_out_note
 from dreambooth.formats.flux_kohya import flux_lora_to_kohya, outside_blocks
-from dreambooth.formats.kohya import lora_to_kohya
+from dreambooth.formats.kohya import lora_to_kohya, lycoris_to_kohya
 from dreambooth.formats.lora import (
     check_lora_source,
     copy_lora,
@@ -25,11 +25,11 @@ from dreambooth.formats.lora import (
     is_kohya,
     parse_lora_spec,
     read_metadata,
-    read_safetensors,
     refuse_pickle,
     token_file_for,
 )
 from dreambooth.formats.lora_fit import check_lora_fits, transformer_lora_family
+from dreambooth.formats.lycoris import TITLES, lycoris_kind
 from dreambooth.formats.merge import merge_lora, model_folder
 from dreambooth.formats.single_file import embedding_note, prediction_type, to_single_file
 from dreambooth.models.base import (
@@ -103,6 +103,29 @@ def kohya_writer(src: Path):
                     "that file as it is.")
 
 
+def export_lora(src: Path, out: Path, fmt: str, half: bool) -> tuple[Path, str]:
+    """A LoRA file or folder in the kohya layout, or copied as a diffusers LoRA; a LoKr or LoHa file (LyCORIS'
+    layout, A1111's and ComfyUI's already) goes to kohya as it is, and has no diffusers form."""
+    file = find_lora_file(src)
+    keys = list((safetensors_header(file) or ({}, {}))[0])
+    kind = lycoris_kind(keys)
+    if kind and fmt == "kohya":
+        return lycoris_to_kohya(src, out, half=half), f"{TITLES[kind]} file (LyCORIS' layout)"
+    if kind:
+        raise UserError(f"SRC {src} is a {TITLES[kind]} adapter in LyCORIS' layout, which diffusers' LoRA format "
+                        "cannot hold and its SD pipelines do not read. A1111, Forge and ComfyUI read the file as it is "
+                        "(--format kohya copies it with any new token bundled); for stock diffusers, bake it into "
+                        f"its base model: `dreambooth export BASE_MODEL --merge-lora {src} --format diffusers --out "
+                        "DIR`.")
+    if fmt == "diffusers" and is_kohya(keys):
+        raise UserError(f"SRC {src} is a kohya-format LoRA; --format diffusers copies a diffusers-format "
+                        "LoRA. diffusers' load_lora_weights reads kohya files as they are, and --merge-lora "
+                        "takes them too.")
+    if fmt == "kohya":
+        return kohya_writer(src)(src, out, half=half), "kohya LoRA"
+    return copy_lora(src, out, half=half), "diffusers LoRA"
+
+
 def source_family(src: Path) -> Family | None:
     """The family of a model folder or training checkpoint, from its (or its base model's) config files."""
     folder = config_folder(src)
@@ -139,12 +162,7 @@ def export_command(options) -> Path:
             raise UserError(f"SRC {src} is a LoRA, which holds only adapter weights; to bake it into a full model "
                             f"use `dreambooth export BASE_MODEL --format single-file --merge-lora {src} --out "
                             "FILE.safetensors`.")
-        if fmt == "diffusers" and is_kohya(read_safetensors(find_lora_file(src))[0]):
-            raise UserError(f"SRC {src} is a kohya-format LoRA; --format diffusers copies a diffusers-format "
-                            "LoRA. diffusers' load_lora_weights reads kohya files as they are, and --merge-lora "
-                            "takes them too.")
-        path = kohya_writer(src)(src, out, half=half) if fmt == "kohya" else copy_lora(src, out, half=half)
-        what = "kohya LoRA" if fmt == "kohya" else "diffusers LoRA"
+        path, what = export_lora(src, out, fmt, half)
     else:
         if fmt == "kohya":
             raise UserError(f"SRC {src} is a full model; the kohya format is for LoRA files. Use --format "

@@ -13,6 +13,7 @@ from dreambooth import errors
 from dreambooth.config import Config, Subject, lora_denoiser_targets
 from dreambooth.config_file import ConfigReading
 from dreambooth.errors import UserError
+from dreambooth.formats.lycoris import LYCORIS
 from dreambooth.models.base import (
     check_model_folder,
     is_hub_id,
@@ -440,6 +441,19 @@ def check_lora_targets(cfg: Config) -> None:
                              if kind in ("Linear", "Conv2d") and not n.rsplit(".", 1)[-1].isdigit()})
             raise UserError(f"{key}: {', '.join(unmatched)} match no module of this model's {part}; adapters go on "
                             f"modules named like {', '.join(leaves)} (or a dotted path such as to_out.0).")
+        if cfg.lora.adapter in LYCORIS:
+            check_linear_targets(cfg.lora.adapter, key, part, targets, names)
+
+
+def check_linear_targets(adapter: str, key: str, part: str, targets: list[str], names: dict[str, str]) -> None:
+    """LoKr and LoHa train linear layers here: peft and LyCORIS lay a convolution's factors out differently (Tucker
+    cores, kernel placement), and no reader of such a file was checked against peft's."""
+    convolutions = sorted({t for t in targets for n, kind in names.items()
+                           if (n == t or n.endswith("." + t)) and kind != "Linear"})
+    if convolutions:
+        raise UserError(f"{key}: {', '.join(convolutions)} are convolution layers of this model's {part}; {adapter} "
+                        "adapters train linear layers only (the attention projections, feed-forward layers). Target "
+                        "linear modules, or use --adapter lora for convolutions.")
 
 
 def check_token_length(cfg: Config) -> None:

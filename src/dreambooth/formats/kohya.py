@@ -24,10 +24,13 @@ from dreambooth.formats.lora import (
     cast_half,
     embedding_file_for,
     embedding_rows,
+    find_lora_file,
     lora_token_vectors,
     read_lora,
+    read_safetensors,
 )
-from dreambooth.models.base import cached_snapshot, is_hub_id
+from dreambooth.formats.lycoris import adapted_layers, lycoris_layer
+from dreambooth.models.base import LORA_FILE, cached_snapshot, is_hub_id
 from dreambooth.models.families import folder_family
 
 
@@ -54,7 +57,7 @@ def kohya_alpha(module: str, rank: int, config: dict | None) -> float:
     return float(scale * rank)
 
 
-def _kohya_name(component: str, module: str, sgm_names: dict[str, str] | None = None) -> str:
+def kohya_name(component: str, module: str, sgm_names: dict[str, str] | None = None) -> str:
     """The kohya name of a LoRA layer; `sgm_names` (SDXL's, from `sdxl_unet_names`) renames the UNet's layers and the
     first text encoder's prefix."""
     prefix = COMPONENTS[component]
@@ -170,7 +173,7 @@ def lora_to_kohya(src: Path, out: Path, *, half: bool = False) -> Path:
     check_new_file(out)
     lora = read_lora(src)
     sgm_names = _sgm_names(lora)
-    layers = [(_kohya_name(component, module, sgm_names), down, up,
+    layers = [(kohya_name(component, module, sgm_names), down, up,
                kohya_alpha(module, down.shape[0], lora.adapter_config.get(component)))
               for component, modules in lora.layers.items() for module, (down, up) in modules.items()]
     alpha = common_alpha([a for *_, a in layers])
@@ -190,7 +193,25 @@ def lora_to_kohya(src: Path, out: Path, *, half: bool = False) -> Path:
     ranks = {down.shape[0] for _, down, _, _ in layers}
     if len(ranks) == 1:
         metadata["ss_network_dim"] = str(ranks.pop())
-    vectors = lora_token_vectors(lora.path)
+    return save_with_tokens(tensors, metadata, lora.path, out, half)
+
+
+def lycoris_to_kohya(src: Path, out: Path, *, half: bool = False) -> Path:
+    """A LoKr or LoHa file of this tool (`formats.lycoris`) for A1111, Forge and ComfyUI: it is in their layout
+    already, so its tensors go as they are (fp16 with `half`, alphas fp32), new tokens bundled as in a LoRA's."""
+    out = Path(out)
+    check_new_file(out)
+    path = find_lora_file(src)
+    tensors, metadata = read_safetensors(path)
+    tensors = {**cast_half({k: v for k, v in tensors.items() if not k.endswith(".alpha")}, half),
+               **{k: v for k, v in tensors.items() if k.endswith(".alpha")}}
+    return save_with_tokens(tensors, metadata, path, out, half)
+
+
+def save_with_tokens(tensors: dict, metadata: dict[str, str], lora_path: Path, out: Path, half: bool) -> Path:
+    """Writes a kohya-layout file with the new tokens' embeddings of the LoRA at `lora_path` bundled in it, and each
+    also in a textual-inversion file of its own beside it."""
+    vectors = lora_token_vectors(lora_path)
     embedding_files = {token: embedding_file_for(out, token) for token in vectors}
     for file in embedding_files.values():
         check_new_file(file)
@@ -207,3 +228,35 @@ def lora_to_kohya(src: Path, out: Path, *, half: bool = False) -> Path:
         save_safetensors_atomic({k: v.float() for k, v in embedding_rows(vector).items()}, embedding_files[token],
                                 {"dreambooth.token": token, "dreambooth.lora": out.name})
     return written
+
+
+# ------------------------------------------------------------------------------------- LoKr and LoHa (LyCORIS)
+
+
+def lycoris_names(family, component: str, module, paths: list[str], out: Path) -> dict[str, str]:
+    """Each adapted module path's LyCORIS layer name: the kohya name of a LoRA layer on that module (SDXL's UNet by
+    its original SGM names, numbered from the UNet's own config; SDXL's encoders `lora_te1_`/`lora_te2_`)."""
+    sgm = None
+    if family.name == "sdxl":
+        sgm = sdxl_unet_names(dict(module.config), paths, out) if component == "unet" else {}
+    return {path: kohya_name(component, path, sgm) for path in paths}
+
+
+def save_lycoris(out_dir: Path, family, modules: dict, kind: str, metadata: dict[str, str]) -> Path:
+    """Writes a run's LoKr or LoHa adapters (`modules`: the denoiser and text encoders by component name, None where
+    nothing trains) as one file in LyCORIS' layout (`formats.lycoris`), `pytorch_lora_weights.safetensors`, fp32,
+    atomically."""
+    tensors, ranks = {}, set()
+    out = out_dir / LORA_FILE
+    for component, module in modules.items():
+        if module is None:
+            continue
+        layers = adapted_layers(module)
+        names = lycoris_names(family, component, module, list(layers), out)
+        for path, layer in layers.items():
+            tensors.update(lycoris_layer(names[path], layer))
+            ranks.add(int(layer.r["default"]))
+    # the header kohya's sd-scripts and LyCORIS write, which A1111's and ComfyUI's model browsers show
+    header = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": kind}),
+              **({"ss_network_dim": str(ranks.pop())} if len(ranks) == 1 else {})}
+    return save_safetensors_atomic(tensors, out, {**header, **metadata})

@@ -2,7 +2,8 @@
 refused where it cannot be converted), writing it, and its new tokens.
 
 The file is `pytorch_lora_weights.safetensors` (`models.base.LORA_FILE`), diffusers' own name and layout, so stock
-`pipe.load_lora_weights(output_dir)` loads it. A new identifier token's trained embedding goes beside it in
+`pipe.load_lora_weights(output_dir)` loads it (a LoKr or LoHa run writes that name in LyCORIS' layout instead:
+`formats.lycoris`). A new identifier token's trained embedding goes beside it in
 `token_embeddings.safetensors` ({token: vector}, the layout `pipe.load_textual_inversion` reads), or
 `NAME.tokens.safetensors` beside any other `NAME.safetensors`; an SDXL token lives in both text encoders, so its
 file holds `clip_l` and `clip_g` rows (the layout SDXL embeddings are shared in, which stock diffusers loads with
@@ -186,20 +187,28 @@ def read_lora(src: Path) -> LoraFile:
             else:
                 layers[component][module] = (ab["A"], ab["B"])
     unknown += [k for k in tensors if not k.startswith(tuple(c + "." for c in COMPONENTS))]
+    configs = {c: {k[len(c) + 1:]: v for k, v in raw_config.items() if k.startswith(c + ".")} for c in COMPONENTS}
+    refuse_dora(path, configs)
     if unknown:
         shown = ", ".join(sorted(unknown)[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise UserError(f"LoRA {path} has keys this export cannot convert: {shown}. It reads Stable Diffusion "
                         "1/2 and SDXL LoRAs saved by diffusers or peft (unet.*, text_encoder.* and text_encoder_2.* "
                         "with lora_A/lora_B or lora.down/lora.up weights); DoRA, LoRA biases and other adapter types "
                         "are not converted.")
-    configs = {c: {k[len(c) + 1:]: v for k, v in raw_config.items() if k.startswith(c + ".")} for c in COMPONENTS}
+    return LoraFile(path=path, layers=layers, adapter_config={c: v for c, v in configs.items() if v},
+                    metadata=metadata)
+
+
+def refuse_dora(path: Path, configs: dict[str, dict]) -> None:
+    """DoRA's magnitudes and LoRA biases have no one reading in the kohya/A1111 layout: its DoRA key (`dora_scale`)
+    is normalised per input by A1111 and per output by peft and ComfyUI, and diffusers' kohya reader drops it."""
     for component, cfg in configs.items():
         if cfg.get("use_dora") or cfg.get("lora_bias"):
             what = "DoRA" if cfg.get("use_dora") else "LoRA biases (lora_bias)"
-            raise UserError(f"LoRA {path}: its {component} adapter uses {what}, which the kohya/A1111 LoRA "
-                            "format cannot express. Export it with --format diffusers, or merge it into a model.")
-    return LoraFile(path=path, layers=layers, adapter_config={c: v for c, v in configs.items() if v},
-                    metadata=metadata)
+            raise UserError(f"LoRA {path}: its {component} adapter uses {what}, which the kohya/A1111 LoRA format "
+                            "cannot express (A1111 and ComfyUI read a DoRA scale differently, and diffusers' kohya "
+                            "reader drops it). Export it with --format diffusers (the file stock load_lora_weights "
+                            "reads), or merge it into its base model with --merge-lora.")
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -301,13 +310,21 @@ def check_lora_source(path: Path, flag: str = "--lora") -> Path:
     return find_lora_file(p)
 
 
-def lora_layers(module: torch.nn.Module, diffusers_names: bool = True) -> dict[str, torch.Tensor]:
+def lora_layers(module: torch.nn.Module, diffusers_names: bool = True,
+                text_encoder: bool = False) -> dict[str, torch.Tensor]:
     """The adapter weights of a peft-wrapped diffusers/transformers module, in diffusers' key layout (`lora.down`,
-    as diffusers' SD and SDXL scripts save), or peft's (`lora_A`, as its Flux and SD3 scripts save)."""
+    as diffusers' SD and SDXL scripts save), or peft's (`lora_A`, as its Flux and SD3 scripts save).
+
+    A text encoder's DoRA magnitudes are written as `lora_magnitude_vector.weight`: diffusers hands text encoders to
+    transformers' `load_adapter`, which (5.23) puts the adapter's name after `lora_magnitude_vector` and so misses
+    the `.weight` that peft's own loader adds first; peft reads either spelling.
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(module)
+    if text_encoder:
+        state = {k + ".weight" if k.endswith("lora_magnitude_vector") else k: v for k, v in state.items()}
     return convert_state_dict_to_diffusers(state) if diffusers_names else state
 
 
@@ -330,7 +347,8 @@ def save_lora(out_dir: Path, family, modules: dict[str, torch.nn.Module | None],
     shutil.rmtree(scratch, ignore_errors=True)
     kwargs = {}
     for name, module in modules.items():
-        kwargs[f"{name}_lora_layers"] = lora_layers(module, family.denoiser == "unet") if module is not None else None
+        kwargs[f"{name}_lora_layers"] = (lora_layers(module, family.denoiser == "unet", name != family.denoiser)
+                                         if module is not None else None)
         kwargs[f"{name}_lora_adapter_metadata"] = adapter_configs.get(name)
     pipeline = getattr(diffusers, family.pipeline)
     try:

@@ -14,12 +14,14 @@ ones). Torch and diffusers load when a function needs them.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from dreambooth.errors import UserError
 from dreambooth.formats.lora import COMPONENTS, is_kohya, lora_state_for_peft
+from dreambooth.formats.lycoris import lycoris_kind, lycoris_shapes
 from dreambooth.models.base import config_folder, safetensors_header
 from dreambooth.models.families import FAMILIES as FAMILIES_BY_NAME
 from dreambooth.models.families import TITLES as FAMILIES
@@ -63,6 +65,12 @@ def read_adapted_layers(file: Path) -> AdaptedLayers:
                         "truncated or not a LoRA at all.")
     shapes, metadata = read
     layers: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
+    if lycoris_kind(shapes):
+        for layer, sides in lycoris_shapes(shapes).items():
+            prefix = next((p for p in KOHYA_PARTS if layer.startswith(p)), None)
+            if prefix:
+                layers[(KOHYA_PARTS[prefix], layer[len(prefix):])] = sides
+        return AdaptedLayers(Path(file), layers, metadata)
     if is_kohya(shapes):
         for key, shape in shapes.items():
             prefix = next((p for p in KOHYA_PARTS if key.startswith(p)), None)
@@ -86,20 +94,31 @@ def flat_name(component: str, module: str) -> str:
 
 def _fits(sides: dict[str, tuple[int, ...]], weight: tuple[int, ...]) -> bool:
     """A layer with weight [out, in, *kernel] takes a down weight [rank, in, *kernel] and an up weight [out, rank, ...]
-    of as many dimensions (peft's and kohya's LoRA of a linear or convolution layer)."""
+    of as many dimensions (peft's and kohya's LoRA of a linear or convolution layer); a LoKr or LoHa layer an update
+    [out, in x kernel] (`formats.lycoris.lycoris_shapes`)."""
+    if "update" in sides:
+        out, flat = sides["update"]
+        return weight[0] == out and math.prod(weight[1:]) == flat
     down, up = sides.get("down"), sides.get("up")
     if down is not None and (len(down) != len(weight) or down[1:] != weight[1:]):
         return False
     return up is None or (len(up) == len(weight) and up[:1] == weight[:1])
 
 
-def compare(lora: AdaptedLayers, layout: Layout) -> Fit:
-    """Each adapted layer against the model's layer of the same name (a UNet layer by its diffusers or its original
-    name): missing, or of another shape."""
+def module_index(layout: Layout) -> dict[str, dict[str, str]]:
+    """Each component's modules by their flat name (`flat_name`), a UNet module under its diffusers and its original
+    name: how a layer named in any LoRA format finds the model's module."""
     index = {component: {flat_name(component, m): m for m in shapes} for component, shapes in layout.shapes.items()}
     for module, original in layout.original_names.items():
         if module in layout.shapes.get("unet", {}):
             index["unet"].setdefault(flat_name("unet", original), module)
+    return index
+
+
+def compare(lora: AdaptedLayers, layout: Layout) -> Fit:
+    """Each adapted layer against the model's layer of the same name (a UNet layer by its diffusers or its original
+    name): missing, or of another shape."""
+    index = module_index(layout)
     missing, reshaped = [], []
     for (component, module), sides in sorted(lora.layers.items()):
         found = index.get(component, {}).get(flat_name(component, module))
@@ -168,7 +187,7 @@ def _how_many(fit: Fit, layout: Layout) -> str:
     if fit.reshaped:
         component, module, sides, weight = fit.reshaped[0]
         down, up = sides.get("down"), sides.get("up")
-        theirs = (down[1] if down else "?", up[0] if up else "?")
+        theirs = sides["update"][::-1] if "update" in sides else (down[1] if down else "?", up[0] if up else "?")
         parts.append(f"{len(fit.reshaped)} have another shape (e.g. the {PART_NAMES[component]}'s {module}: "
                      f"{_in_out(theirs)} in the LoRA, {_in_out((weight[1], weight[0]), weight[2:])} in {name}, as "
                      "inputs->outputs)")

@@ -24,6 +24,8 @@ from dreambooth.formats.lora import (
     token_file_for,
 )
 from dreambooth.formats.lora_fit import family_error, fit_error, read_adapted_layers, transformer_lora_family
+from dreambooth.formats.lycoris import lycoris_kind
+from dreambooth.formats.lycoris_loading import load_lycoris_adapter
 from dreambooth.models.base import lora_base_model, model_fingerprint, safetensors_header
 from dreambooth.models.families import pipeline_family
 from dreambooth.models.layout import pipeline_layout
@@ -105,7 +107,8 @@ def check_pipeline_fit(pipe, file: Path, name: str, flag: str) -> None:
 
 def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | None = None,
                       flag: str = "--model") -> Path:
-    """One LoRA (diffusers or kohya format, file or folder) as a named adapter, with its new tokens; returns its file.
+    """One LoRA (diffusers or kohya format, or LoKr/LoHa in LyCORIS', file or folder) as a named adapter, with its
+    new tokens; returns its file.
 
     A LoRA that does not fit the pipeline is refused first (`flag` names where the user passes the model). diffusers
     refuses a kohya file with bundled embeddings ("Invalid LoRA checkpoint"), so those keys are taken out here and
@@ -117,7 +120,8 @@ def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | N
     file = check_lora_source(path)
     check_pipeline_fit(pipe, file, str(model or "this model"), flag)
     with safe_open(str(file), "pt") as f:
-        bundled = [k for k in f.keys() if k.startswith("bundle_emb.")]
+        keys = list(f.keys())
+    bundled = [k for k in keys if k.startswith("bundle_emb.")]
     source = str(file)
     tensors = {}
     if bundled:
@@ -128,7 +132,9 @@ def load_lora_adapter(pipe, path: Path, adapter_name: str, model: Path | str | N
             # several named adapters on one model is how LoRAs mix and the service's characters switch, not the
             # mistake peft warns of on every LoRA after the first
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            if isinstance(source, dict):
+            if lycoris_kind(keys):  # LoKr, LoHa: diffusers' SD pipelines have no reader; peft's layers take them
+                load_lycoris_adapter(pipe, file, adapter_name)
+            elif isinstance(source, dict):
                 pipe.load_lora_weights(source, adapter_name=adapter_name)
             else:
                 pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)

@@ -12,6 +12,7 @@ from dreambooth.errors import UserError
 from dreambooth.formats.atomic import atomic_folder, check_new_folder
 from dreambooth.formats.lora import PICKLE_SUFFIXES, find_lora_file
 from dreambooth.formats.lora_loading import load_lora_adapter, text_sides
+from dreambooth.formats.lycoris import lycoris_kind
 from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE, check_model_folder, checkpoint_base
 from dreambooth.models.loading import load_checkpoint_pipeline, model_family, pipeline_class
 from dreambooth.versions import library_versions
@@ -74,16 +75,22 @@ def source_pipeline(src: Path, *, whole: bool = False):
 
 
 def _lora_layer_count(file: Path) -> int:
+    """The layers a LoRA file adapts: one down matrix each, or one LoKr/LoHa layer each (LyCORIS' layout)."""
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt", device="cpu") as f:
-        return sum(k.endswith(LORA_DOWN_SUFFIXES) for k in f.keys())
+        keys = list(f.keys())
+    if lycoris_kind(keys):
+        return len({k.partition(".")[0] for k in keys if not k.startswith("bundle_emb.")})
+    return sum(k.endswith(LORA_DOWN_SUFFIXES) for k in keys)
 
 
 def _loaded_layer_count(pipe, adapter: str) -> int:
+    """The pipeline's layers that hold `adapter`, of any kind (peft's LoRA, LoKr and LoHa layers each keep its
+    rank in `r`)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return sum(isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {})
+    return sum(isinstance(m, BaseTunerLayer) and adapter in getattr(m, "r", {})
                for model in (pipe.unet, *(encoder for *_, encoder in text_sides(pipe))) for m in model.modules())
 
 

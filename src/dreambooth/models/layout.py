@@ -113,11 +113,15 @@ class Layout:
 
 def weight_shapes(module) -> dict[str, tuple[int, ...]]:
     """The weight shape of each linear, convolution and embedding layer, by module name; a layer that peft wrapped
-    is named as the bare one (its adapters' own weights are left out)."""
+    is named as the bare one (its adapters' own weights are left out), also where adapters of two kinds wrap it
+    twice (a LoKr layer around a LoRA layer: `to_q.base_layer.base_layer`)."""
     shapes = {}
     for name, param in module.named_parameters():
         if name.endswith(".weight") and param.ndim in (2, 4) and "lora_" not in name:
-            shapes[name.removesuffix(".weight").removesuffix(".base_layer")] = tuple(param.shape)
+            name = name.removesuffix(".weight")
+            while name.endswith(".base_layer"):
+                name = name.removesuffix(".base_layer")
+            shapes[name] = tuple(param.shape)
     return shapes
 
 

@@ -3,7 +3,8 @@
 A checkpoint holds what trains in the layout diffusers users already load intermediate checkpoints from:
 the denoiser's folder (`unet/`, or `transformer/` for Flux and SD3) and the CLIP text encoders' (`text_encoder/`,
 SDXL's and SD3's `text_encoder_2/`; save_pretrained folders) when they train whole,
-`pytorch_lora_weights.safetensors` for LoRA, and `token_embeddings.safetensors` with `tokenizer/` (and
+`pytorch_lora_weights.safetensors` for LoRA (with `adapter_state.safetensors`, peft's own state, for LoKr and LoHa),
+and `token_embeddings.safetensors` with `tokenizer/` (and
 `tokenizer_2/`) for new identifier tokens; beside them
 accelerate's optimizer, schedule and RNG state, each process's noise generator, the resolved `config.yaml`, and
 `trainer_state.json` (step, run id, the run's settings). So a checkpoint is usable on its own: `generate`,
@@ -33,10 +34,14 @@ from safetensors.torch import load_file, save_file
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import commit_folder
 from dreambooth.formats.lora import TOKEN_FILE, lora_state_for_peft, read_token_file, save_token_embeddings
+from dreambooth.formats.lycoris import ADAPTER_PARAMETERS, LYCORIS, TITLES
 from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
 from dreambooth.training.ema import RAW_WEIGHTS, ema_weights, load_raw_weights, save_raw_weights, trained_slots
 from dreambooth.training.outputs import save_lora_output, token_sides, unwrapped
 from dreambooth.training.rundir import next_save_index, rotate
+
+# A LoKr or LoHa run's adapters in a checkpoint as peft holds them, for an exact resume.
+ADAPTER_STATE = "adapter_state.safetensors"
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, generator: torch.Generator,
@@ -127,6 +132,8 @@ class CheckpointFiles:
         modules = unwrapped(self.run)
         if cfg.model.method == "lora":
             save_lora_output(self.run, folder)  # adapters and new tokens, as in the final output
+            if cfg.lora.adapter in LYCORIS:
+                self._save_adapter_state(folder, modules)
         else:
             if cfg.model.train_denoiser:
                 denoiser = m.family.denoiser
@@ -181,19 +188,33 @@ class CheckpointFiles:
         weights = _load_folder_weights(folder)
         _check_loaded(folder, module, module.load_state_dict(weights, strict=False))
 
+    @staticmethod
+    def _save_adapter_state(folder: Path, modules: dict[str, torch.nn.Module]) -> None:
+        """peft's own state of LoKr and LoHa adapters, `{component}.{peft name}`: what resuming reads, exactly. The
+        LyCORIS file beside it is for drawing; a LoKr layer of two whole factors has its scale folded in there,
+        which dividing out again would not give back bit for bit."""
+        from peft.utils import get_peft_model_state_dict
+
+        state = {f"{component}.{key}": value.detach().cpu().contiguous() for component, module in modules.items()
+                 if getattr(module, "peft_config", None)
+                 for key, value in get_peft_model_state_dict(module, adapter_name="default").items()}
+        save_file(state, str(folder / ADAPTER_STATE))
+
     def _load_lora(self, folder: Path, modules: dict[str, torch.nn.Module]) -> None:
         from peft import set_peft_model_state_dict
 
-
-        file = folder / LORA_FILE
+        lycoris = self.run.cfg.lora.adapter in LYCORIS
+        file = folder / (ADAPTER_STATE if lycoris else LORA_FILE)
         if not file.is_file():
-            raise UserError(f"output.resume_from_checkpoint: {folder} has no {LORA_FILE}; it was not saved by a "
-                            "LoRA run. Resume with the method it was trained with.")
+            raise UserError(f"output.resume_from_checkpoint: {folder} has no {file.name}; it was not saved by a "
+                            f"{TITLES[self.run.cfg.lora.adapter]} run. Resume with the method and adapter it was "
+                            "trained with.")
         tensors = load_file(str(file))
         for component, module in modules.items():
             if not getattr(module, "peft_config", None):
                 continue
-            state = lora_state_for_peft(component, tensors)
+            state = ({k[len(component) + 1:]: v for k, v in tensors.items() if k.startswith(component + ".")}
+                     if lycoris else lora_state_for_peft(component, tensors))
             result = set_peft_model_state_dict(module, state, adapter_name="default")
             _check_loaded(file, module, result, only_lora=True)
 
@@ -235,7 +256,8 @@ def _check_loaded(source: Path, module: torch.nn.Module, result, only_lora: bool
     """Every trainable weight must have come from the checkpoint, and nothing else."""
     missing = set(getattr(result, "missing_keys", []) or [])
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad and (not only_lora or "lora_" in n)}
+    trainable = {n for n, p in module.named_parameters()
+                 if p.requires_grad and (not only_lora or any(mark in n for mark in ADAPTER_PARAMETERS))}
     lost = sorted(n for n in trainable if n in missing)
     if unexpected or lost:
         shown = ", ".join((unexpected + lost)[:3])

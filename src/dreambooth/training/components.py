@@ -221,15 +221,23 @@ def token_rows_only(cfg: Config, models: Models) -> dict[str, list[int]]:
 
 
 def lora_config(cfg: Config, target_modules: list[str]):
-    from peft import LoraConfig
+    """peft's config of the adapter kind lora.adapter names, at its rank and alpha; each starts as no change (LoRA's
+    and DoRA's up matrix, LoKr's first factor, LoHa's second pair's up matrix are zeros), so step 0 is the base."""
+    import peft
 
     lc = cfg.lora
-    return LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
-                      init_lora_weights="gaussian", target_modules=target_modules)
+    alpha = lc.alpha or lc.rank
+    if lc.adapter == "lokr":
+        return peft.LoKrConfig(r=lc.rank, alpha=alpha, decompose_factor=lc.lokr_factor, target_modules=target_modules)
+    if lc.adapter == "loha":
+        return peft.LoHaConfig(r=lc.rank, alpha=alpha, target_modules=target_modules)
+    return peft.LoraConfig(r=lc.rank, lora_alpha=alpha, lora_dropout=lc.dropout, init_lora_weights="gaussian",
+                           use_dora=lc.adapter == "dora", target_modules=target_modules)
 
 
 def add_lora_adapters(cfg: Config, models: Models) -> None:
-    """peft LoRA adapters on the denoiser's attention projections (and the CLIP text encoders', when they train).
+    """peft adapters of lora.adapter's kind on the denoiser's attention projections (and the CLIP text encoders', when
+    they train).
 
     The text encoder's come from peft directly, not through transformers' `add_adapter`: transformers 5.24 refuses
     every peft release that exists (it asks for peft >= 0.22), while peft itself, like diffusers' loader, works

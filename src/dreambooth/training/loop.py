@@ -14,6 +14,7 @@ from dreambooth.config import Config
 from dreambooth.config_file import dump_config
 from dreambooth.errors import TrainingStopped, UserError
 from dreambooth.formats.atomic import atomic_file
+from dreambooth.formats.lycoris import LYCORIS, TITLES
 from dreambooth.models.families.common import Conditioning
 from dreambooth.models.loading import DTYPES, make_scheduler, pipeline_class
 from dreambooth.preflight import Preflight, run_preflight
@@ -402,8 +403,11 @@ def finish(run: Run) -> None:
     if not run.accelerator.is_main_process:
         return
     write_model_card(run)
-    what = (f"LoRA in {out / 'pytorch_lora_weights.safetensors'} (pipe.load_lora_weights)"
-            if cfg.model.method == "lora" else f"model in {out} ({pipeline_class(out).__name__}.from_pretrained)")
+    if cfg.model.method == "lora":
+        reader = "LyCORIS' layout: A1111, Forge, ComfyUI" if cfg.lora.adapter in LYCORIS else "pipe.load_lora_weights"
+        what = f"{TITLES[cfg.lora.adapter]} in {out / 'pytorch_lora_weights.safetensors'} ({reader})"
+    else:
+        what = f"model in {out} ({pipeline_class(out).__name__}.from_pretrained)"
     ema = ", the EMA weights" if run.ema is not None else ""
     print(f"done: {what}{ema}; checkpoints, samples/ and {cfg.output.logging_dir}/ beside it")
     refresh_report(run, final=True)

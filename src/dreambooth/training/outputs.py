@@ -13,7 +13,9 @@ from dreambooth import __version__
 from dreambooth.config import lora_denoiser_targets
 from dreambooth.config_file import dump_config
 from dreambooth.formats.atomic import move_into, temporary_folder, write_json_atomic, write_text_atomic
+from dreambooth.formats.kohya import save_lycoris
 from dreambooth.formats.lora import save_lora, save_token_embeddings
+from dreambooth.formats.lycoris import LYCORIS, TITLES
 from dreambooth.models.base import model_fingerprint
 from dreambooth.models.loading import DTYPES
 from dreambooth.training.ema import weights_label
@@ -72,6 +74,7 @@ def lora_metadata(run) -> dict[str, str]:
         "dreambooth.instance_prompts": json.dumps([s.instance_prompt for s in subjects]),
         "dreambooth.class_prompts": json.dumps([s.class_prompt for s in subjects]),
         "dreambooth.new_tokens": json.dumps(m.tokenizer.convert_ids_to_tokens(m.first_token_ids)),
+        "dreambooth.adapter": cfg.lora.adapter,
         "dreambooth.rank": str(cfg.lora.rank),
         "dreambooth.alpha": f"{cfg.lora.alpha or cfg.lora.rank:g}",
         # the denoiser's targets, under the key LoRA files of this tool have always carried
@@ -86,8 +89,9 @@ def lora_metadata(run) -> dict[str, str]:
 
 
 def save_lora_output(run, folder: Path | None = None) -> None:
-    """`pytorch_lora_weights.safetensors` (stock `load_lora_weights` reads it) and any new tokens' embeddings, in
-    the output folder or in a checkpoint being written."""
+    """`pytorch_lora_weights.safetensors` and any new tokens' embeddings, in the output folder or in a checkpoint
+    being written: a LoRA or DoRA in diffusers' layout (stock `load_lora_weights` reads it), LoKr or LoHa in
+    LyCORIS' (A1111, Forge and ComfyUI read it; `formats.lycoris`)."""
     folder = folder or run.out
     model = run.cfg.model
     family, parts = run.models.family, unwrapped(run)
@@ -95,8 +99,12 @@ def save_lora_output(run, folder: Path | None = None) -> None:
     # them in save_lora_weights
     modules = {name: parts[name] if (model.train_denoiser if name == family.denoiser else model.train_text_encoder)
                else None for name in family.trained_parts}
-    configs = {name: _adapter_config(module) if module else None for name, module in modules.items()}
-    save_lora(folder, family, modules, configs, lora_metadata(run))
+    adapter = run.cfg.lora.adapter
+    if adapter in LYCORIS:  # LyCORIS' layout, which diffusers' save_lora_weights does not write
+        save_lycoris(folder, family, modules, adapter, lora_metadata(run))
+    else:
+        configs = {name: _adapter_config(module) if module else None for name, module in modules.items()}
+        save_lora(folder, family, modules, configs, lora_metadata(run))
     save_token_embeddings(folder, token_sides(run))
 
 
@@ -140,27 +148,24 @@ def model_card(run) -> str:
         "library_name": "diffusers",
         "license": "other",
         "tags": ["text-to-image", "diffusers", "stable-diffusion", "dreambooth", "dreambooth-tool"]
-        + (["lora"] if lora else []),
+        + (["lora"] if lora else []) + ([cfg.lora.adapter] if lora and cfg.lora.adapter != "lora" else [])
+        + (["lycoris"] if lora and cfg.lora.adapter in LYCORIS else []),
         "instance_prompt": subjects[0].instance_prompt,
         "inference": True,
     }
     if samples:
         shown = cfg.validation.prompts[0] if cfg.validation.prompts else subjects[0].instance_prompt
         header["widget"] = [{"text": shown, "output": {"url": f"samples/{samples[-1].name}"}}]
-    cls = cfg.family().pipeline
-    load = (f'{cls}.from_pretrained("{cfg.model.pretrained_model}")\n'
-            'pipe.load_lora_weights("PATH_TO_THIS_FOLDER")' if lora
-            else f'{cls}.from_pretrained("PATH_TO_THIS_FOLDER")')
-    how = f"```python\nfrom diffusers import {cls}\n\npipe = {load}\n```"
     identifiers = ", ".join(f"`{s.identifier}`" for s in subjects if s.identifier)
+    what = TITLES[cfg.lora.adapter] if lora else "model"
     lines = [f"---\n{yaml.safe_dump(header, sort_keys=False)}---", "",
-             f"# DreamBooth {'LoRA' if lora else 'model'}: {identifiers or subjects[0].instance_prompt}", "",
+             f"# DreamBooth {what}: {identifiers or subjects[0].instance_prompt}", "",
              f"Trained by `dreambooth` {__version__} (run {run.run_id}) from `{cfg.model.pretrained_model}`, "
              f"{run.global_step} steps at {cfg.training.resolution} px, "
              f"{'with' if cfg.dataset.with_prior_preservation else 'without'} prior preservation.", "",
              f"Weights: {weights_label(cfg, run.global_step)}.", "",
              "Prompts: " + "; ".join(f"\"{s.instance_prompt}\"" for s in subjects) + ".", "",
-             "## Use", "", how, ""]
+             "## Use", "", usage(cfg), ""]
     if any(s.identifier and s.identifier.startswith("<") for s in subjects):
         lines += ["The identifier is a new token; its trained embedding is in `token_embeddings.safetensors` "
                   "(LoRA) or in the saved tokenizer and text encoder (full model).", ""]
@@ -168,6 +173,23 @@ def model_card(run) -> str:
         lines += ["## Samples", "", *(f"![step {p.stem[5:]}](samples/{p.name})" for p in samples[-3:]), ""]
     lines += ["Everything that made this model is in `config.yaml` and `run_info.json` beside this card."]
     return "\n".join(lines) + "\n"
+
+
+def usage(cfg) -> str:
+    """How the result loads: stock diffusers for a model, a LoRA or a DoRA; a LoKr or LoHa file, which diffusers' SD
+    pipelines do not read, in A1111/ComfyUI or through this tool."""
+    cls = cfg.family().pipeline
+    if cfg.model.method == "lora" and cfg.lora.adapter in LYCORIS:
+        key = "lokr_w1" if cfg.lora.adapter == "lokr" else "hada_w1_a"
+        return (f"A {TITLES[cfg.lora.adapter]} adapter in LyCORIS' layout (`lora_unet_....{key}` keys): put "
+                "`pytorch_lora_weights.safetensors` in the LoRA folder of A1111, Forge or ComfyUI. diffusers' "
+                f"{cls}.load_lora_weights does not read it; `dreambooth generate --model BASE --lora "
+                "PATH_TO_THIS_FOLDER --prompt PROMPT` draws with it, and `dreambooth export BASE --merge-lora "
+                "PATH_TO_THIS_FOLDER --format diffusers --out DIR` bakes it into a model stock diffusers loads.")
+    load = (f'{cls}.from_pretrained("{cfg.model.pretrained_model}")\n'
+            'pipe.load_lora_weights("PATH_TO_THIS_FOLDER")' if cfg.model.method == "lora"
+            else f'{cls}.from_pretrained("PATH_TO_THIS_FOLDER")')
+    return f"```python\nfrom diffusers import {cls}\n\npipe = {load}\n```"
 
 
 def write_model_card(run) -> None:
@@ -197,7 +219,8 @@ def write_run_info(run) -> None:
     write_json_atomic(run.out / "run_info.json", {
         "run_id": run.run_id, "settings": report.run_plan.settings, "base_model": cfg.model.pretrained_model,
         "base_model_hash": model_fingerprint(cfg.model.pretrained_model), "base_model_identity": report.base_identity,
-        "method": cfg.model.method, "optimizer": cfg.training.optimizer_kind, "trainable_parameters": trainable,
+        "method": cfg.model.method, "adapter": cfg.lora.adapter if cfg.model.method == "lora" else None,
+        "optimizer": cfg.training.optimizer_kind, "trainable_parameters": trainable,
         "prediction_type": report.prediction_type,
         "family": models.family.name,
         "prior_preservation": cfg.dataset.with_prior_preservation,

@@ -94,7 +94,9 @@ def run_settings(cfg, base_identity: str) -> dict:
         "train_text_encoder": cfg.model.train_text_encoder,
         "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha or cfg.lora.rank,
                  "unet_target_modules": sorted(lora_denoiser_targets(cfg)),
-                 "text_encoder_target_modules": sorted(cfg.lora.text_encoder_target_modules)} if lora else None,
+                 "text_encoder_target_modules": sorted(cfg.lora.text_encoder_target_modules),
+                 # recorded for the other kinds only, so a LoRA run's earlier checkpoints still compare
+                 **adapter_settings(cfg)} if lora else None,
         "identifiers": [[s.identifier, s.initializer] for s in cfg.subject_list()],
         "resolution": cfg.training.resolution,
         "optimizer": cfg.training.optimizer_kind,  # a checkpoint's optimizer state is its own kind's
@@ -109,6 +111,14 @@ def with_optimizer(theirs: dict, ours: dict) -> dict:
         return theirs
     adamw = ours.get("optimizer") in ("adamw", "adamw8bit")
     return {**theirs, "optimizer": ours["optimizer"] if adamw else "adamw"}
+
+
+def adapter_settings(cfg) -> dict:
+    """The adapter kind (and LoKr's factor) where it is not plain LoRA: the saved adapters are of that kind."""
+    if cfg.lora.adapter == "lora":
+        return {}
+    factor = {"lokr_factor": cfg.lora.lokr_factor} if cfg.lora.adapter == "lokr" else {}
+    return {"adapter": cfg.lora.adapter, **factor}
 
 
 def other_base_model(checkpoint: CheckpointInfo, model) -> str:

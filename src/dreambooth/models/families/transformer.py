@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from dreambooth.formats.lycoris import LYCORIS
 from dreambooth.models.families.common import Behaviour as Base
 from dreambooth.models.families.common import Conditioning
 from dreambooth.training.flow import (
@@ -82,6 +83,14 @@ class FlowBehaviour(Base):
         if t.channels_last:
             found.append(f"training.channels_last: lays out a UNet's convolutions; {title}'s transformer has none. "
                          "Drop it.")
+        if cfg.model.method == "lora" and cfg.lora.adapter in LYCORIS:
+            # LyCORIS' layout (formats.lycoris) names the original model's fused layers (Flux's qkv and linear1,
+            # SD3's qkv); a Kronecker or Hadamard product on diffusers' separate q, k and v has no exact form there
+            found.append(f"lora.adapter: {cfg.lora.adapter} adapters are saved in LyCORIS' layout, which names "
+                         f"{title}'s original fused layers (q, k and v as one qkv), where adapters trained on "
+                         "diffusers' separate projections have no exact form; so they train SD 1.x, 2.x and SDXL "
+                         f"only. For {title}, use --adapter lora or --adapter dora (diffusers' LoRA file, which "
+                         "stock load_lora_weights reads).")
         return found
 
     def draw_defaults(self, pipe) -> dict:
