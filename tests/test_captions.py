@@ -72,6 +72,14 @@ def test_a_metadata_column_gives_the_captions_and_its_bad_lines_are_named(photos
     assert "dataset.caption_column: 'text' names a column of" in missing.problems[0]
 
 
+def test_a_caption_file_without_its_photo_is_named_not_read(photos):
+    (photos / "notes.txt").write_text("my notes")
+    captions = read_captions(photos, names(photos), extension=".txt", caption_column=None, identifier="sks",
+                             class_word="dog")
+    assert captions.by_photo == {} and captions.problems == [] and captions.unread == [photos / "notes.txt"]
+    assert captions.describe(3, None).endswith("; not read, no usable photo of their name: notes.txt")
+
+
 def test_caption_files_are_not_rejected_as_images(photos):
     names(photos)[0].with_suffix(".txt").write_text("sks dog")
     (photos / "metadata.jsonl").write_text("")

@@ -22,19 +22,22 @@ class Captions:
     by_photo: dict[Path, str] = field(default_factory=dict)
     source: str = ""  # "caption files (*.txt)" or "metadata.jsonl, column 'text'"; "" when there are none
     problems: list[str] = field(default_factory=list)
+    unread: list[Path] = field(default_factory=list)  # caption files with no usable photo of their name
 
     def prompt_for(self, photo: Path, instance_prompt: str) -> str:
         return self.by_photo.get(photo, instance_prompt)
 
     def describe(self, photos: int, longest: tuple[int, str] | None) -> str:
+        unread = (f"; not read, no usable photo of their name: {', '.join(p.name for p in self.unread)}"
+                  if self.unread else "")
         if not self.by_photo:
-            return "captions: none; every photo is trained on the instance prompt"
+            return f"captions: none; every photo is trained on the instance prompt{unread}"
         line = f"captions: {len(self.by_photo)} of {photos} photos, from {self.source}"
         if len(self.by_photo) < photos:
             line += "; the others are trained on the instance prompt"
         if longest:
             line += f"; the longest is {longest[0]} tokens ({longest[1]})"
-        return line
+        return line + unread
 
 
 def caption_file(photo: Path, extension: str) -> Path:
@@ -66,6 +69,11 @@ def read_captions(folder: Path, photos: list[Path], *, extension: str, caption_c
     else:
         found = _from_caption_files(photos, extension)
     result = Captions(source=found.source, problems=found.problems)
+    if not caption_column and folder.is_dir():
+        # a caption file whose photo is missing or was rejected is said, not silently dropped
+        stems = {photo.stem for photo in photos}
+        result.unread = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                               and p.suffix.lower() == extension.lower() and p.stem not in stems)
     for photo, text in found.by_photo.items():
         text = fill_placeholders(text.strip(), identifier, class_word)
         where = found.source_of(photo)
