@@ -365,9 +365,10 @@ def test_every_suggestion_site_is_run_or_has_a_reason():
 def test_every_flag_a_message_or_docstring_names_exists():
     """`--resume_from_checkpoint` in `demo`'s message was no flag of `demo`; here, at least of some command."""
     known = set().union(*all_flags().values()) | set(OTHER_PROGRAMS) | PROSE
-    from dreambooth.evaluation import world_model
+    from dreambooth.evaluation import background, world_model
 
     known |= {flag for f in fields(world_model.PretrainOptions) for flag in flags_of(f)}
+    known |= {flag for f in fields(background.BackgroundOptions) for flag in flags_of(f)}
     unknown = sorted({f"{flag} ({m}:{line})" for m, line, text, _ in package_strings() for flag in FLAG.findall(text)
                       if flag not in known})
     assert not unknown, f"flags no command has: {unknown}"

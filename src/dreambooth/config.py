@@ -598,6 +598,7 @@ def _prodigy_rates(t: TrainingSection, broken: set[str]) -> list[str]:
         problems.append(f"training.text_encoder_lr: {t.text_encoder_lr:g} differs from training.learning_rate "
                         f"{t.learning_rate:g}, and Prodigy steps every parameter group with one learning rate. Drop "
                         "--text_encoder_lr (it then follows --learning_rate).")
+    return problems
 
 
 def _check_adapter(model: dict, lora: dict) -> list[str]:
