@@ -143,7 +143,7 @@ def test_a_failed_lora_save_leaves_neither_file_nor_scratch_folder(tmp_path, mon
         (Path(folder) / "pytorch_lora_weights.safetensors").write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora, "lora_layers", lambda module, diffusers_names=True: {})
+    monkeypatch.setattr(lora, "lora_layers", lambda module, *args: {})
     monkeypatch.setattr(StableDiffusionPipeline, "save_lora_weights", fails_midway)
     (tmp_path / "checkpoint-10").mkdir()
     with pytest.raises(OSError, match="disk full"):
@@ -164,7 +164,7 @@ def test_a_lora_save_writes_our_metadata_in_fp32(tmp_path, monkeypatch):
         save_file({"unet.x.lora_A.weight": torch.ones(2, dtype=torch.float16)},
                   str(Path(folder) / "pytorch_lora_weights.safetensors"), metadata={"format": "pt", "theirs": "1"})
 
-    monkeypatch.setattr(lora, "lora_layers", lambda module, diffusers_names=True: {})
+    monkeypatch.setattr(lora, "lora_layers", lambda module, *args: {})
     monkeypatch.setattr(StableDiffusionPipeline, "save_lora_weights", writes)
     path = lora.save_lora(tmp_path, FAMILIES["sd1"], {"unet": torch.nn.Linear(1, 1), "text_encoder": None}, {},
                           {"dreambooth.steps": "10"})
