@@ -91,6 +91,18 @@ def draw_subject(i: int, size: int = 72) -> Image.Image:
     return image
 
 
+SHAPED_SIZES = [(96, 64), (64, 96), (80, 80), (120, 64)]  # landscape, portrait, square, wide
+
+
+def shaped_folder(folder: Path) -> Path:
+    """Photos of noise in the SHAPED_SIZES, other shapes than square (aspect buckets), in a new folder."""
+    folder.mkdir()
+    for i, (w, h) in enumerate(SHAPED_SIZES):
+        rng = np.random.default_rng(i)
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(folder / f"photo-{i}.png")
+    return folder
+
+
 def photo_folder(folder: Path, count: int, size: int = 72) -> Path:
     """`count` photos of the synthetic subject in a new folder."""
     folder.mkdir()

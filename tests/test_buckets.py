@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import SHAPED_SIZES, shaped_folder
 from PIL import Image
 from safetensors.torch import load_file
 from test_advice import cli_run, passes_preflight, train_argv
@@ -16,18 +17,12 @@ from dreambooth.models.tiny_families import build_model
 from dreambooth.training.buckets import BucketBatchSampler, assign_bucket, make_buckets
 from dreambooth.training.data import DreamBoothDataset, crop_geometry
 
-SIZES = [(96, 64), (64, 96), (80, 80), (120, 64)]
+SIZES = SHAPED_SIZES
 
 
 @pytest.fixture
 def shaped(tmp_path):
-    """Four photos of other shapes than square (landscape, portrait, square, wide)."""
-    folder = tmp_path / "shaped"
-    folder.mkdir()
-    for i, (w, h) in enumerate(SIZES):
-        rng = np.random.default_rng(i)
-        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(folder / f"photo-{i}.png")
-    return folder
+    return shaped_folder(tmp_path / "shaped")
 
 
 def test_the_buckets_of_a_resolution():

@@ -6,23 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import SHAPED_SIZES, shaped_folder
 from PIL import Image
 from safetensors.torch import load_file
 from test_advice import train_argv
 
 from dreambooth.cli import main
 
-SIZES = [(96, 64), (64, 96), (80, 80), (120, 64)]
-
 
 @pytest.fixture
 def captioned(tmp_path):
     """Photos of four shapes, each with its own caption; two with a loss mask (the left half black)."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i, (w, h) in enumerate(SIZES):
-        rng = np.random.default_rng(i)
-        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(folder / f"photo-{i}.png")
+    folder = shaped_folder(tmp_path / "photos")
+    for i, (w, h) in enumerate(SHAPED_SIZES):
         (folder / f"photo-{i}.txt").write_text(f"a photo of sks dog, view {i}")
         if i % 2 == 0:
             mask = np.full((h, w), 255, dtype="uint8")

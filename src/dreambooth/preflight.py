@@ -467,18 +467,22 @@ def check_token_length(cfg: Config) -> None:
                             "positions; leave it unset (the tokenizer's own length) or lower it.")
 
 
+def t5_tokenizer(cfg: Config):
+    """The base model's T5 tokenizer alone (no weights), for the checks of what T5 reads."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.model.pretrained_model, subfolder=cfg.family().t5.tokenizer,
+                                         revision=cfg.model.revision)
+
+
 def check_sequence_length(cfg: Config, captions: dict[str, str]) -> None:
     """Flux and SD3 read the whole prompt through T5, up to training.max_sequence_length tokens; a longer prompt
     would be cut there, silently, so it is refused."""
-    from transformers import AutoTokenizer
-
     family = cfg.family()
-    t5 = next((t for t in family.text_encoders if t.kind == "t5"), None)
-    if t5 is None:
+    if family.t5 is None:
         return
     limit = family.behaviour().sequence_length(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.pretrained_model, subfolder=t5.tokenizer,
-                                              revision=cfg.model.revision)
+    tokenizer = t5_tokenizer(cfg)
     prompts = [(f"subject {s.identifier or i} instance prompt", s.instance_prompt) for i, s in
                enumerate(cfg.subject_list())]
     if cfg.dataset.with_prior_preservation:
@@ -497,8 +501,6 @@ def check_sequence_length(cfg: Config, captions: dict[str, str]) -> None:
 def check_t5_token(cfg: Config, plans: list[IdentifierPlan]) -> list[str]:
     """token.t5_new_token needs a family with T5 and a new identifier token; returns how T5 reads each new token
     (a note for the report)."""
-    from transformers import AutoTokenizer
-
     family, new = cfg.family(), [p for p in plans if p.kind == "new"]
     t5 = family.t5
     if t5 is None:
@@ -514,8 +516,7 @@ def check_t5_token(cfg: Config, plans: list[IdentifierPlan]) -> list[str]:
                         "--t5_new_token.")
     if not new:
         return []
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.pretrained_model, subfolder=t5.tokenizer,
-                                              revision=cfg.model.revision)
+    tokenizer = t5_tokenizer(cfg)
     notes = []
     for plan in new:
         if cfg.token.t5_new_token:
