@@ -43,7 +43,7 @@ LAYERS = {
                    "evaluation.world_model_flux", "evaluation.experiment", "evaluation.demo", "evaluation.compare",
                    "evaluation.background"],
     "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.metrics", "serving.service",
-                "serving.renderer", "serving.chat", "serving.app"],
+                "serving.renderer", "serving.chat", "serving.app", "serving.ray_app"],
     "front doors": ["export", "project", "characters.commands", "serving.command", "cli", "__main__"],
 }
 

@@ -238,3 +238,21 @@ class ServeOptions:
     llm_api_key_env: str = option("OPENAI_API_KEY", help="The environment variable holding the endpoint's key "
                                   "(a key is never a command-line argument).")
     llm_timeout_s: float = option(60.0, minimum=1, help="Longest wait for the language model.")
+    ray: bool = option(False, help="Serve on Ray Serve (the ray extra: `pip install 'dreambooth[ray]'`): replicas of "
+                       "the service behind Ray's HTTP proxy, each character's requests routed to a replica that has "
+                       "drawn it (model multiplexing). A local Ray is started unless --ray-address is given.")
+    ray_address: str | None = option(None, help="The Ray cluster to join (HOST:PORT of its head, or ray://HOST:PORT); "
+                                     "with --ray only [default: start a local one].")
+    replicas: int = option(1, minimum=1, help="Replicas of the service (with --ray); each loads every character's "
+                           "model and batches its own requests.")
+    min_replicas: int | None = option(None, minimum=0, help="Autoscaling's fewest replicas (with --ray and "
+                                      "--max-replicas) [default: --replicas].")
+    max_replicas: int | None = option(None, minimum=1, help="Autoscale up to this many replicas (with --ray); unset: "
+                                      "a fixed --replicas.")
+    target_ongoing_requests: float = option(2.0, minimum=0.1, help="Autoscaling's target of requests in flight per "
+                                            "replica (with --max-replicas).")
+    gpus_per_replica: float | None = option(None, minimum=0, help="GPUs each replica takes (with --ray) [default: 1 "
+                                            "when drawing on cuda, else 0].")
+    cpus_per_replica: float = option(1.0, minimum=0, help="CPUs each replica takes (with --ray).")
+    max_loras_per_replica: int = option(8, minimum=1, help="Characters a replica is routed as holding at once (with "
+                                        "--ray; least recently drawn let go first).")

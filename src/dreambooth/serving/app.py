@@ -76,10 +76,13 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send):
-        response = error_response(413, "body_too_large", "the request body is over this server's limit of "
-                                  f"{self.limit / 1024:g} KiB ({self.limit} bytes, --max-body-kb); a render request "
-                                  "is a few hundred bytes.")
-        await response(scope, receive, send)
+        await body_too_large(self.limit)(scope, receive, send)
+
+
+def body_too_large(limit: int) -> JSONResponse:
+    """The 413 of a body over `limit` bytes (this middleware's, and serve --ray's gateway's before it forwards)."""
+    return error_response(413, "body_too_large", f"the request body is over this server's limit of {limit / 1024:g} "
+                          f"KiB ({limit} bytes, --max-body-kb); a render request is a few hundred bytes.")
 
 
 class Measured:

@@ -7,6 +7,7 @@ beside this module), training the demo's subject first when it is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from importlib import resources
@@ -88,15 +89,33 @@ def build_service(characters_file: Path, options):
     return service
 
 
-def build_app(options):
-    """The app `serve` runs: keys and host checked before any model loads."""
-    from dreambooth.serving.app import create_app
+def checked_keys(options) -> list:
+    """The API keys; refused when there are none and --host is reachable from other machines."""
     from dreambooth.serving.auth import load_keys
 
     keys = load_keys(options.api_keys)
     if not keys and not is_loopback(options.host) and not options.allow_no_auth:
         raise UserError(f"--host {options.host} is reachable from other machines, and no API keys are set: give "
                         "--api-keys FILE (or $DREAMBOOTH_API_KEYS), or --allow-no-auth on a trusted network.")
+    return keys
+
+
+def checked_for_ray(options):
+    """The options Ray's replicas are built from, checked here first (keys, host, the characters file) so that a
+    mistake is one message from the command rather than a replica failing; --demo's characters file written (its
+    subject trained) once, here, not in each replica."""
+    checked_keys(options)
+    if options.demo:
+        options = dataclasses.replace(options, demo=False, characters=demo_characters_file(options.demo_dir))
+    load_characters(options.characters)
+    return options
+
+
+def build_app(options):
+    """The app `serve` runs: keys and host checked before any model loads."""
+    from dreambooth.serving.app import create_app
+
+    keys = checked_keys(options)
     characters_file = demo_characters_file(options.demo_dir) if options.demo else options.characters
     load_characters(characters_file)  # every problem of the file, before any model loads
     chat = None
@@ -131,6 +150,14 @@ def listening_socket(host: str, port: int):
 def serve_command(options) -> None:
     """`dreambooth serve`: `options` is a command_options.ServeOptions."""
     check_installed()
+    from dreambooth.serving.ray_app import check_ray_installed, option_problems, serve_on_ray
+
+    problems = option_problems(options)
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+    if options.ray:
+        check_ray_installed()
+        return serve_on_ray(checked_for_ray(options), build_app)
     import uvicorn
 
     sock = listening_socket(options.host, options.port)
@@ -148,3 +175,11 @@ def serve_command(options) -> None:
           "the API's OpenAPI page is /docs). Ctrl-C stops.", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
+
+
+def ray_application(args: dict):
+    """The Ray Serve application builder (`import_path: dreambooth.serving.command:ray_application` in a RayService,
+    `serve run dreambooth.serving.command:ray_application characters=...`): args are `serve`'s options by name."""
+    from dreambooth.serving.ray_app import build
+
+    return build(args, build_app)

@@ -76,6 +76,7 @@ class Slot:
     counter: TokenCounter | None = None
     identity: TokenCounter | None = None
     negative_prompt: bool = True  # whether its pipeline draws with a negative prompt (Flux.1's does not)
+    active: tuple | None = None  # the adapters and weights set now (None: none set yet)
 
     def call_kwargs(self) -> dict:
         """What every call of its pipeline passes beside the prompt: T5's length, where it has T5, so that the
@@ -127,6 +128,9 @@ class Renderer:
         self.slots: list[Slot] = []
         self.drawn: dict[str, Drawn] = {}
         self.calls = 0  # pipeline calls, for tests and metrics
+        # times a pipeline's active LoRAs changed between batches: what routing a character's requests to the replica
+        # that last drew it saves (serve --ray's model multiplexing), counted in /metrics
+        self.lora_switches = 0
         self._lock = threading.Lock()
         for character in characters.values():  # every LoRA made for another model, before any model loads
             for lora in character.loras:
@@ -227,6 +231,10 @@ class Renderer:
     def _activate(self, drawn: Drawn, scheduler: str) -> None:
         slot, pipe = drawn.slot, drawn.slot.pipe
         if slot.adapters:
+            active = (tuple(drawn.adapters), tuple(drawn.weights))
+            if active != slot.active:
+                self.lora_switches += 1
+            slot.active = active
             if drawn.adapters:
                 pipe.enable_lora()
                 pipe.set_adapters(drawn.adapters, adapter_weights=drawn.weights)

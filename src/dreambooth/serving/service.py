@@ -268,7 +268,9 @@ class Service:
     def _draw(self, items: list[tuple[RenderRequest, str]]) -> list[bytes]:
         """On the worker thread: one pipeline call, and the images into the cache (a client that left or timed
         out still leaves its picture for the retry)."""
+        switches = getattr(self.renderer, "lora_switches", 0)
         pngs = self.renderer.render([request for request, _ in items])
+        self.metrics.lora_switches.inc(getattr(self.renderer, "lora_switches", 0) - switches)
         for (_, key), png in zip(items, pngs):
             self.cache.put(key, png)
         return pngs
