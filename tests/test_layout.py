@@ -42,7 +42,8 @@ LAYERS = {
     "evaluation": ["evaluation.scorers", "evaluation.evaluate", "evaluation.world", "evaluation.world_model",
                    "evaluation.world_model_flux", "evaluation.experiment", "evaluation.demo", "evaluation.compare",
                    "evaluation.background"],
-    "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.metrics", "serving.service",
+    "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.stores", "serving.metrics",
+                "serving.service",
                 "serving.renderer", "serving.chat", "serving.app"],
     "front doors": ["export", "project", "characters.commands", "serving.command", "cli", "__main__"],
 }
