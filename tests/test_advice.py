@@ -119,6 +119,7 @@ FLOW = "tests/test_flow_families.py::"
 EXPORT = "tests/test_export_flow.py::"
 COMMANDS = "tests/test_diffusers_commands.py::"
 ADAPTERS = "tests/test_adapters.py::"
+REDIS = "tests/test_serve_redis.py::"
 ADAPTER_SETTINGS = ADAPTERS + "test_adapter_settings_that_mean_nothing_are_refused_and_the_named_flags_work"
 SITES = {
     # training: the run folder
@@ -276,6 +277,14 @@ SITES = {
     "send an API key as `Authorization: Bearer TOKEN`": "test_serve_request_refusals_name_what_is_answered",
     "with a longer deadline_s up to the server's": "test_serve_request_refusals_name_what_is_answered",
     "start `dreambooth serve` with --llm-base-url": "test_chat_advice_names_the_options_that_make_it_answer",
+    "is not a Redis URL ({e}): give one such as": REDIS + "test_a_redis_url_that_does_not_answer_is_refused_before_any_"
+                                                  "model_loads",
+    "no Redis answered at --redis-url {shown(url)} within": REDIS + "test_a_redis_url_that_does_not_answer_is_"
+                                                                    "refused_before_any_model_loads",
+    "both say where the image cache is: drop --cache-dir": REDIS + "test_a_redis_url_that_does_not_answer_is_refused_"
+                                                               "before_any_model_loads",
+    "refused the login ({e}): put the right user": REDIS + "test_a_redis_that_refuses_the_login_names_the_password_"
+                                                       "in_the_url",
     "holds control characters; set it to the key alone": "test_chat_advice_names_the_options_that_make_it_answer",
     "a faster model or a longer --llm-timeout-s": "test_chat_advice_names_the_options_that_make_it_answer",
     "use a model with tool calling (llama.cpp needs --jinja)": "reason: names another program's model and flag",

@@ -220,6 +220,9 @@ class ServeOptions:
                                     "characters file].")
     no_cache: bool = option(False, help="Draw every request, keep no image cache.")
     cache_mb: int = option(1024, minimum=1, help="Largest size of the image cache; least recently used go first.")
+    redis_url: str | None = option(None, help="A Redis (redis://HOST:6379/0) that keeps the image cache and the rate "
+                                   "limits instead of this process, shared by every `serve` and replica given it; "
+                                   "--cache-mb bounds it.")
     max_steps: int = option(50, minimum=1, help="Most sampling steps a request may ask for.")
     max_pixels: int = option(1024 * 1024, minimum=64, help="Most pixels (width x height) a request may ask for "
                              "[default: 1048576, SDXL's native 1024x1024; SD 1.x's is 512x512, SD 2.x's "

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreambooth.characters.state import problem_text, state_schema
-from dreambooth.serving.auth import LOCAL, Key, RateLimiter, Refusal, find_key
+from dreambooth.serving.auth import LOCAL, Key, Refusal, find_key
 from dreambooth.serving.service import ApiError, RenderBody, Rendered, Service
 
 log = logging.getLogger("dreambooth.serve")
@@ -126,7 +126,7 @@ class ChatBody(BaseModel):
 
 def make_caller(service: Service, keys: list[Key], auth: bool):
     """The dependency that names the caller of a /v1 request (its key, or LOCAL) and applies its rate limit."""
-    limiter = RateLimiter(service.limits.rate_per_minute, service.limits.burst)
+    limiter = service.limiter  # this process's, or one shared by replicas through Redis (serving.stores)
 
     def caller(request: Request) -> Key:
         if not auth:

@@ -63,9 +63,9 @@ def demo_characters_file(demo_dir: Path) -> Path:
 def build_service(characters_file: Path, options):
     """The service of a characters file with the options' limits, cache and device (models loaded); a UserError
     naming every character the limits leave undrawable."""
-    from dreambooth.serving.cache import ImageCache
     from dreambooth.serving.renderer import Renderer
     from dreambooth.serving.service import Limits, Service
+    from dreambooth.serving.stores import stores
 
     characters = load_characters(characters_file)
     limits = Limits(max_body_bytes=options.max_body_kb * 1024, max_steps=options.max_steps,
@@ -73,14 +73,14 @@ def build_service(characters_file: Path, options):
                     rate_per_minute=options.rate_per_minute, burst=options.burst, max_queue=options.max_queue,
                     max_batch=options.max_batch, batch_window_ms=options.batch_window_ms,
                     deadline_s=options.deadline_s)
-    folder = None if options.no_cache else (options.cache_dir or Path(characters_file).parent / ".serve-cache")
+    cache, limiter = stores(options, characters_file)  # a Redis that does not answer is refused before models load
     renderer = Renderer(characters, device=options.device, precision=options.precision)
     # a character without width and height, steps, guidance or sampler whose model's configs were not here before it
     # loaded (a hub id fetched now): its model's side and its family's defaults, as the loaded pipeline says
     characters = {name: with_family_defaults(sized(character, renderer.model_family(name)[1]),
                                              renderer.draw_defaults(name))
                   for name, character in characters.items()}
-    service = Service(characters, renderer, limits=limits, cache=ImageCache(folder, options.cache_mb * 1024 * 1024))
+    service = Service(characters, renderer, limits=limits, cache=cache, limiter=limiter)
     never = service.never_drawn()  # after the models load: the tokens are their tokenizers', the family their own
     if never:
         raise UserError(f"{len(never)} character(s) of {characters_file} cannot be drawn as the file describes "
