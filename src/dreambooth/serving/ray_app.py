@@ -405,6 +405,35 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
                         "start a local Ray.") from None
 
 
+def connect(address: str | None, timeout_s: float = 60.0) -> None:
+    """ray.init, bounded: a --ray-address whose port answers but is no Ray head would keep Ray retrying for minutes.
+    A local Ray (no address) starts in ~5-30 s."""
+    import threading
+
+    import ray
+
+    failed: list[BaseException] = []
+
+    def init():
+        try:
+            ray.init(address=address, namespace=APPLICATION, include_dashboard=False, log_to_driver=True,
+                     ignore_reinit_error=True)
+        except BaseException as e:  # handed to the caller's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=init, daemon=True, name="ray-init")
+    thread.start()
+    thread.join(timeout_s)
+    where = f"--ray-address {address}" if address else "a local Ray"
+    if thread.is_alive():
+        raise UserError(f"{where}: Ray did not connect within {timeout_s:g} s. Check that the address is the Ray "
+                        "head's GCS port (6379 by default, `ray status` on the head prints it) and that this "
+                        "machine's Ray version matches the cluster's.")
+    if failed:
+        raise UserError(f"{where}: Ray could not connect ({failed[0]}). Check the address (the head's `ray status` "
+                        "prints it) and that this machine's Ray version matches the cluster's.") from None
+
+
 def check_resources(options: ServeOptions, resources: dict) -> None:
     """More replicas than the cluster can place would wait for ever: refused, with what the cluster has."""
     most = options.max_replicas or options.replicas
@@ -439,8 +468,7 @@ def start(options: ServeOptions, build_app) -> str:
     import ray
     from ray import serve
 
-    ray.init(address=options.ray_address, namespace=APPLICATION, include_dashboard=False, log_to_driver=True,
-             ignore_reinit_error=True)
+    connect(options.ray_address)
     check_resources(options, ray.cluster_resources())
     port = options.port or free_port(options.host)
     # warnings and errors only: Ray's access log repeats every request, which /metrics counts
