@@ -54,7 +54,7 @@ def test_a_ray_address_that_does_not_answer_is_one_message_within_the_timeout(ti
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started although the address was refused")
 
-    monkeypatch.setattr(ray_app, "connect", no_ray)
+    monkeypatch.setattr(ray_app, "probe_cluster", no_ray)
     path = characters_file(tmp_path, tiny_model)
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
@@ -188,3 +188,17 @@ def lora_service(tiny_model, tmp_path):
         batcher.start()
 
     return service, render
+
+
+def test_an_address_that_answers_but_is_no_ray_head_is_one_message_within_the_timeout():
+    """A listener that never speaks Ray's protocol: the join is tried in a child process and given up after the
+    timeout, with one message (the command's own process would be ended by Ray's client)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        ray_app.check_address(address)  # the port answers
+        started = time.monotonic()
+        with pytest.raises(UserError, match=rf"--ray-address {address}: Ray did not connect within 6 s\. Check"):
+            ray_app.probe_cluster(address, timeout_s=6)
+        assert time.monotonic() - started < 20

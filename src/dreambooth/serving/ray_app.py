@@ -405,33 +405,28 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
                         "start a local Ray.") from None
 
 
-def connect(address: str | None, timeout_s: float = 60.0) -> None:
-    """ray.init, bounded: a --ray-address whose port answers but is no Ray head would keep Ray retrying for minutes.
-    A local Ray (no address) starts in ~5-30 s."""
-    import threading
+def probe_cluster(address: str, timeout_s: float = 60.0) -> None:
+    """A --ray-address whose port answers but that Ray cannot join, said in one message: joined first from a child
+    process, since a failed join ends the process that tries (Ray's client aborts after 60 s without a word of
+    ours) and ray.init only runs on the main thread."""
+    import subprocess
+    import sys
 
-    import ray
-
-    failed: list[BaseException] = []
-
-    def init():
-        try:
-            ray.init(address=address, namespace=APPLICATION, include_dashboard=False, log_to_driver=True,
-                     ignore_reinit_error=True)
-        except BaseException as e:  # handed to the caller's thread
-            failed.append(e)
-
-    thread = threading.Thread(target=init, daemon=True, name="ray-init")
-    thread.start()
-    thread.join(timeout_s)
-    where = f"--ray-address {address}" if address else "a local Ray"
-    if thread.is_alive():
-        raise UserError(f"{where}: Ray did not connect within {timeout_s:g} s. Check that the address is the Ray "
-                        "head's GCS port (6379 by default, `ray status` on the head prints it) and that this "
-                        "machine's Ray version matches the cluster's.")
-    if failed:
-        raise UserError(f"{where}: Ray could not connect ({failed[0]}). Check the address (the head's `ray status` "
-                        "prints it) and that this machine's Ray version matches the cluster's.") from None
+    code = ("import ray, sys; ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False); "
+            "ray.shutdown()")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        why = f"Ray did not connect within {timeout_s:g} s"
+    else:
+        if done.returncode == 0:
+            return
+        lines = [line for line in (done.stderr or "").splitlines() if line.strip()]
+        why = f"Ray could not connect: {lines[-1][:300] if lines else f'exit status {done.returncode}'}"
+    raise UserError(f"--ray-address {address}: {why}. Check that it is the Ray head's address (its GCS port, 6379 "
+                    "by default: `ray status` on the head prints it) and that this machine's Ray and Python versions "
+                    "match the cluster's.")
 
 
 def check_resources(options: ServeOptions, resources: dict) -> None:
@@ -465,10 +460,12 @@ def start(options: ServeOptions, build_app) -> str:
         raise UserError("; ".join(problems) + ".")
     if options.ray_address:
         check_address(options.ray_address)
+        probe_cluster(options.ray_address)
     import ray
     from ray import serve
 
-    connect(options.ray_address)
+    ray.init(address=options.ray_address, namespace=APPLICATION, include_dashboard=False, log_to_driver=True,
+             ignore_reinit_error=True)
     check_resources(options, ray.cluster_resources())
     port = options.port or free_port(options.host)
     # warnings and errors only: Ray's access log repeats every request, which /metrics counts
