@@ -35,6 +35,8 @@ ROUTED = ("/v1/render", "/v1/compile", "/v1/chat-render")  # the endpoints whose
 RETRIES = 3
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
 RETRY_AFTER_S = 5
+# The Gateway only forwards: no CPU of its own to reserve, and no queue (each replica's own answers 429).
+GATEWAY_SETTINGS = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 10_000}
 
 
 # ------------------------------------------------------------------------------------------------- the options
@@ -363,8 +365,7 @@ def application(options: ServeOptions, build_app):
     args = args_from_options(options)
     characters = serve.deployment(replica_class(options.max_loras_per_replica), name=CHARACTERS,
                                   logging_config=QUIET, **deployment_settings(options)).bind(args, build_app)
-    gateway = serve.deployment(Gateway, name=GATEWAY, ray_actor_options={"num_cpus": 0}, logging_config=QUIET,
-                               max_ongoing_requests=10_000)
+    gateway = serve.deployment(Gateway, name=GATEWAY, logging_config=QUIET, **GATEWAY_SETTINGS)
     return gateway.bind(characters, args)
 
 
