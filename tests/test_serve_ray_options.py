@@ -144,50 +144,70 @@ def test_the_replicas_metrics_are_joined_with_a_replica_label():
     assert values[("dreambooth_queue_depth", "r2")] == 1
 
 
-def test_a_lora_switch_is_counted_when_a_pipeline_changes_characters(lora_service):
+def test_a_lora_switch_is_counted_when_a_pipeline_changes_characters(lora_characters):
     """The renderer's count, as the service's /metrics reports it: a then a is one switch (to a), a then b two."""
-    service, render = lora_service
-    assert render([("a", 1), ("a", 2)]) == 1
-    assert render([("b", 3), ("a", 4)]) == 3
+    from dreambooth.serving.renderer import Renderer
+
+    characters = lora_characters
+    service, render = drawing(characters, Renderer(characters, device="cpu"))
+    render([("a", 1), ("a", 2)])
+    assert service.metrics.lora_switches._value.get() == 1
+    render([("b", 3), ("a", 4)])
+    assert service.metrics.lora_switches._value.get() == 3
+    assert b"dreambooth_lora_switches_total 3.0" in service.metrics_page()
+
+
+def test_a_lazy_renderer_loads_loras_when_drawn_and_draws_what_the_eager_one_draws(lora_characters):
+    """serve --ray's replicas: no LoRA loaded at start, a character's on its first draw (or `hold`), unloaded by
+    `release` and loaded again when drawn; every picture the one the renderer that loads all at start draws."""
+    from dreambooth.serving.renderer import Renderer
+
+    characters = lora_characters
+    _, eager = drawing(characters, Renderer(characters, device="cpu"))
+    lazy_renderer = Renderer(characters, device="cpu", lazy_loras=True)
+    service, lazy = drawing(characters, lazy_renderer)
+    assert lazy_renderer.loras_loaded == 0
+    assert lazy([("a", 5)]) == eager([("a", 5)])
+    assert lazy_renderer.loras_loaded == 1
+    lazy_renderer.hold("b")
+    assert lazy_renderer.loras_loaded == 2 and b"dreambooth_lora_characters_loaded 2.0" in service.metrics_page()
+    lazy_renderer.release("a")
+    assert lazy_renderer.loras_loaded == 1
+    assert lazy([("b", 6), ("a", 7), ("a", 5)]) == eager([("b", 6), ("a", 7), ("a", 5)])
+    assert lazy_renderer.loras_loaded == 2
 
 
 @pytest.fixture
-def lora_service(tiny_model, tmp_path):
-    import asyncio
-
+def lora_characters(tiny_model, tmp_path):
     from test_export import make_lora, unet_config
 
     from dreambooth.characters.character import load_characters
-    from dreambooth.serving.batcher import Batcher
-    from dreambooth.serving.renderer import Renderer
-    from dreambooth.serving.service import RenderBody, Service
 
     files = [make_lora(tiny_model, tmp_path / f"lora{i}", seed=i + 1, unet_config=unet_config()) for i in range(2)]
     entries = [{"name": name, "model": str(tiny_model), "loras": [{"file": str(file)}], "identifier": "sks",
                 "class_word": "dog", "width": 64, "height": 64, "steps": 1} for name, file in zip("ab", files)]
-    characters = load_characters(characters_file(tmp_path, tiny_model, entries))
-    service = Service(characters, Renderer(characters, device="cpu"))
+    return load_characters(characters_file(tmp_path, tiny_model, entries))
+
+
+def drawing(characters, renderer):
+    """A service over `renderer`, and `render([(character, seed), ...])`: each drawn in turn, their PNGs."""
+    import asyncio
+
+    from dreambooth.serving.batcher import Batcher
+    from dreambooth.serving.service import RenderBody, Service
+
+    service = Service(characters, renderer)
 
     async def go(renders):
-        for name, seed in renders:
-            await service.render(RenderBody(character=name, seed=seed), False)
-
-    def render(renders) -> float:
-        """Draws each (character, seed) in turn; the switches counted so far."""
         service.batcher = Batcher(service._draw, max_queue=4, max_batch=1, window_s=0)  # a new worker thread each
-        loop = asyncio.new_event_loop()
+        service.batcher.start()
         try:
-            loop.run_until_complete(started(service.batcher))
-            loop.run_until_complete(go(renders))
-            loop.run_until_complete(service.batcher.stop())
+            return [(await service.render(RenderBody(character=name, seed=seed), False)).images[0][1]
+                    for name, seed in renders]
         finally:
-            loop.close()
-        return service.metrics.lora_switches._value.get()
+            await service.batcher.stop()
 
-    async def started(batcher):
-        batcher.start()
-
-    return service, render
+    return service, lambda renders: asyncio.run(go(renders))
 
 
 def test_an_address_that_answers_but_is_no_ray_head_is_one_message_within_the_timeout():

@@ -273,7 +273,7 @@ def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=Non
     def metrics(request: Request):
         if auth:
             caller(request)
-        return Response(service.metrics.render(service.batcher.depth), media_type=CONTENT_TYPE_LATEST)
+        return Response(service.metrics_page(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/characters")
     def characters(key: Key = Depends(caller)):

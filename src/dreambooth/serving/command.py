@@ -74,7 +74,8 @@ def build_service(characters_file: Path, options):
                     max_batch=options.max_batch, batch_window_ms=options.batch_window_ms,
                     deadline_s=options.deadline_s)
     cache, limiter = stores(options, characters_file)  # a Redis that does not answer is refused before models load
-    renderer = Renderer(characters, device=options.device, precision=options.precision)
+    # serve --ray's replicas load a LoRA character's adapters when they are routed it (ray_app, model multiplexing)
+    renderer = Renderer(characters, device=options.device, precision=options.precision, lazy_loras=options.ray)
     # a character without width and height, steps, guidance or sampler whose model's configs were not here before it
     # loaded (a hub id fetched now): its model's side and its family's defaults, as the loaded pipeline says
     characters = {name: with_family_defaults(sized(character, renderer.model_family(name)[1]),

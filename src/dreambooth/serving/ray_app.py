@@ -219,14 +219,15 @@ def replica_class(max_loras: int):
             self.replica = serve.get_replica_context().replica_id.unique_id
             self.lifespan = None
             self.board = None
-            self.held: list[str] = []
 
         @serve.multiplexed(max_num_models_per_replica=max_loras)
         async def hold(self, name: str):
-            """Ray's multiplexed loader: this replica holds `name` (every character's model and LoRAs are loaded at
-            start; the router now sends `name`'s requests here, so its LoRAs stay active between batches)."""
-            self.held.append(name)
-            return Held(name, self.held)
+            """Ray's multiplexed loader: the character's LoRAs loaded into this replica's pipeline (its base model is
+            loaded at start), after which the router sends `name`'s requests here; past --max-loras-per-replica the
+            least recently drawn is let go (Held.__del__)."""
+            renderer = self.service.renderer
+            await asyncio.get_running_loop().run_in_executor(None, renderer.hold, name)
+            return Held(name, renderer)
 
         async def forward(self, request: dict) -> dict:
             if self.lifespan is None:
@@ -246,24 +247,26 @@ def replica_class(max_loras: int):
 
             if self.board is None:
                 self.board = ray.get_actor(BOARD, namespace=APPLICATION)
-            self.board.put.remote(self.replica, self.service.metrics.render(self.service.batcher.depth).decode())
+            self.board.put.remote(self.replica, self.service.metrics_page().decode())
 
         def metrics_text(self) -> str:
-            return self.service.metrics.render(self.service.batcher.depth).decode()
+            return self.service.metrics_page().decode()
 
     return CharacterReplica
 
 
 class Held:
-    """A character a replica is routed as holding; let go (Ray's LRU past --max-loras-per-replica) it leaves the
-    replica's list."""
+    """A character a replica holds: Ray's multiplexing calls `__del__` when it lets the character go (least recently
+    drawn, past --max-loras-per-replica), which unloads its LoRAs; once only, as Python calls it again on collection
+    (by then the character may be held again, by a new Held)."""
 
-    def __init__(self, name: str, held: list[str]):
-        self.name, self.held = name, held
+    def __init__(self, name: str, renderer):
+        self.name, self.renderer, self.released = name, renderer, False
 
     def __del__(self):
-        if self.name in self.held:
-            self.held.remove(self.name)
+        if not self.released:
+            self.released = True
+            self.renderer.release(self.name)
 
 
 class Board:

@@ -268,6 +268,10 @@ class Service:
         return problems
 
     # ------------------------------------------------------------------------------------------- drawing
+    def metrics_page(self) -> bytes:
+        """/metrics' text, the gauges read now."""
+        return self.metrics.render(self.batcher.depth, getattr(self.renderer, "loras_loaded", None))
+
     def _draw(self, items: list[tuple[RenderRequest, str]]) -> list[bytes]:
         """On the worker thread: one pipeline call, and the images into the cache (a client that left or timed
         out still leaves its picture for the retry)."""
