@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from serving_support import characters_file
+from serving_support import characters_file, redis_server
 
 pytestmark = pytest.mark.ray
 
@@ -40,7 +40,8 @@ def render(url: str, character: str, seed: int):
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, tmp_path_factory):
-    """Two LoRA characters and a plain one on the tiny model, served by 2 replicas; yields (url, metrics reader)."""
+    """Two LoRA characters and a plain one on the tiny model, served by 2 replicas sharing a Redis; yields its URL and
+    the Redis."""
     pytest.importorskip("ray.serve")
     from test_export import make_lora, unet_config
 
@@ -56,13 +57,15 @@ def cluster(tiny_model, tmp_path_factory):
     for entry in entries:
         entry.update(identifier="sks", class_word="dog", width=64, height=64, steps=2)
     path = characters_file(folder, tiny_model, entries)
-    # every client here is 127.0.0.1: the rate limit off, as bench/load.py runs
-    url = start(ServeOptions(characters=path, ray=True, replicas=2, port=0, rate_per_minute=0,
-                             cache_dir=folder / "cache", max_queue=64), build_app)
-    try:
-        yield url
-    finally:
-        stop()
+    # every client here is 127.0.0.1: the rate limit off, as bench/load.py runs; the image cache in Redis, as for
+    # replicas on several machines
+    with redis_server(folder) as redis:
+        url = start(ServeOptions(characters=path, ray=True, replicas=2, port=0, rate_per_minute=0,
+                                 redis_url=redis.url, max_queue=64), build_app)
+        try:
+            yield url, redis
+        finally:
+            stop()
 
 
 def metric(text: str, name: str) -> dict[str, float]:
@@ -78,6 +81,7 @@ def metric(text: str, name: str) -> dict[str, float]:
 
 
 def test_the_same_api_answers_through_the_gateway(cluster):
+    cluster, _ = cluster
     status, headers, body = call(cluster + "healthz")
     assert status == 200 and json.loads(body)["characters"] == ["a", "b", "plain"]
     status, headers, body = call(cluster)
@@ -93,6 +97,7 @@ def test_the_same_api_answers_through_the_gateway(cluster):
 def test_a_characters_requests_go_to_the_replica_that_holds_it(cluster):
     """Alternating a and b: each character stays on one replica, whose LoRAs then never switch. The first render
     of each (a, then b once the router knows where a is) goes to a replica holding the fewest characters."""
+    cluster, _ = cluster
     before = metric(call(cluster + "metrics")[2].decode(), "dreambooth_lora_switches_total")
     replicas = {"a": set(), "b": set()}
     for i in range(12):
@@ -114,6 +119,7 @@ def test_a_characters_requests_go_to_the_replica_that_holds_it(cluster):
 
 
 def test_two_replicas_answer_forty_concurrent_renders(cluster):
+    cluster, _ = cluster
     names = ["plain", "a", "b"]
     with concurrent.futures.ThreadPoolExecutor(40) as pool:
         answers = list(pool.map(lambda i: render(cluster, names[i % 3], 1000 + i), range(40)))
@@ -126,6 +132,10 @@ def test_two_replicas_answer_forty_concurrent_renders(cluster):
 
 def test_a_replica_killed_under_a_burst_loses_no_request_and_its_pictures_stay_in_the_shared_cache(cluster):
     import ray
+    import redis
+
+    cluster, server = cluster
+    stored = len(redis.Redis.from_url(server.url).keys("dreambooth:image:*"))
 
     status, headers, first = render(cluster, "a", 3000)
     assert status == 200 and headers["X-Cache"] == "miss"
@@ -144,3 +154,4 @@ def test_a_replica_killed_under_a_burst_loses_no_request_and_its_pictures_stay_i
     status, headers, again = render(cluster, "a", 3000)  # now on a replica that never drew it
     assert status == 200 and headers["X-Replica"] != victim
     assert headers["X-Cache"] == "hit" and again == first
+    assert len(redis.Redis.from_url(server.url).keys("dreambooth:image:*")) >= stored + 21  # the burst's, in Redis
