@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -116,6 +117,21 @@ def test_a_characters_requests_go_to_the_replica_that_holds_it(cluster):
     # each replica loaded the LoRAs of the character routed to it, and only those
     loaded = metric(call(cluster + "metrics")[2].decode(), "dreambooth_lora_characters_loaded")
     assert {loaded[next(iter(replicas[name]))] for name in "ab"} == {1.0}, loaded
+
+
+def test_each_replicas_figures_reach_rays_own_metrics(cluster):
+    """Ray's metrics port (what an operator's Prometheus scrapes on each node) has the replicas' LoRA switches and
+    images, tagged by replica, after the routing test drew on both. Ray exports every few seconds."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, replicas = time.monotonic() + 60, set()
+    while time.monotonic() < deadline and len(replicas) < 2:
+        time.sleep(2)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        replicas = {re.search(r'replica="([^"]+)"', line).group(1) for line in text.splitlines()
+                    if line.startswith("ray_dreambooth_replica_images_total{") and 'replica="' in line}
+    assert len(replicas) == 2, replicas
 
 
 def test_two_replicas_answer_forty_concurrent_renders(cluster):

@@ -219,6 +219,7 @@ def replica_class(max_loras: int):
             self.replica = serve.get_replica_context().replica_id.unique_id
             self.lifespan = None
             self.board = None
+            self.ray_figures = RayFigures()
 
         @serve.multiplexed(max_num_models_per_replica=max_loras)
         async def hold(self, name: str):
@@ -239,6 +240,7 @@ def replica_class(max_loras: int):
             answer = await call_asgi(self.app, request)
             answer["headers"].append(("x-replica", self.replica))
             self._post_metrics()
+            self.ray_figures.update(self.service)
             return answer
 
         def _post_metrics(self) -> None:
@@ -253,6 +255,29 @@ def replica_class(max_loras: int):
             return self.service.metrics_page().decode()
 
     return CharacterReplica
+
+
+class RayFigures:
+    """The replica's own figures in Ray's metrics too (ray.serve.metrics tags each with its deployment, replica and
+    application), for an operator who scrapes Ray's metrics port rather than the service's /metrics."""
+
+    def __init__(self):
+        from ray.serve import metrics
+
+        self.images = metrics.Counter("dreambooth_replica_images", description="Images this replica drew.")
+        self.switches = metrics.Counter("dreambooth_replica_lora_switches", description="Batches this replica drew "
+                                        "with other LoRAs than the one before on the same pipeline.")
+        self.loaded = metrics.Gauge("dreambooth_replica_lora_characters_loaded",
+                                    description="LoRA characters whose adapters this replica holds.")
+        self.seen = {"images": 0.0, "switches": 0.0}
+
+    def update(self, service) -> None:
+        now = {"images": service.metrics.images._value.get(), "switches": service.metrics.lora_switches._value.get()}
+        for name, counter in (("images", self.images), ("switches", self.switches)):
+            if now[name] > self.seen[name]:
+                counter.inc(now[name] - self.seen[name])
+        self.seen = now
+        self.loaded.set(getattr(service.renderer, "loras_loaded", 0))
 
 
 class Held:
