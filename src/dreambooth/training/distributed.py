@@ -61,8 +61,8 @@ def resume_note(saved: Layout | None, now: Layout) -> str | None:
     is_ = f"{now.processes} x {now.batch_size} x {now.accumulation}"
     if saved.global_batch == now.global_batch:
         return (f"note: resuming a checkpoint saved by {was} on {is_}: the same global batch of {now.global_batch}, so "
-                "the same photos and noise per step; not bitwise the same run (gradients are summed in another "
-                "order), within float rounding of it")
+                "the same photos and noise per step; the gradients are summed in another order, so the weights "
+                "can differ from an uninterrupted run in float rounding")
     return (f"note: resuming a checkpoint saved by {was} (global batch {saved.global_batch}) on {is_} (global batch "
             f"{now.global_batch}): not an exact resume; the steps from here cover {now.global_batch} photos each, and "
             "the data order continues from the same step count, not the same photo. Keep "
