@@ -48,10 +48,10 @@ def two_process_run(tiny_model, tmp_path_factory):
     return args, root
 
 
-def stopped_at_2(root, name):
-    """The straight run as if it had stopped after its checkpoint at step 2 (the same run: its schedule counts to 4)."""
-    out = root / name
-    shutil.copytree(root / "straight", out)
+def stopped_at_2(run, out):
+    """A copy of a 4-step run as if it had stopped after its checkpoint at step 2 (the same run: its schedule counts to
+    4, where a run of 2 steps would have ended its schedule there)."""
+    shutil.copytree(run, out)
     for gone in ("checkpoint-4", "unet"):
         shutil.rmtree(out / gone)
     return out
@@ -73,7 +73,7 @@ def test_two_processes_train_checkpoint_and_resume(two_process_run):
     layout = json.loads((ckpt / "trainer_state.json").read_text())["layout"]
     assert layout == {"processes": 2, "batch_size": 1, "gradient_accumulation_steps": 1}
 
-    resumed = stopped_at_2(root, "resumed")
+    resumed = stopped_at_2(root / "straight", root / "resumed")
     proc = torchrun([*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"], resumed, root)
     assert proc.stdout.count("resumed from") == 1  # one process reports
     assert "note: resuming" not in proc.stdout  # the same layout: an exact resume
@@ -86,22 +86,37 @@ def test_two_processes_train_checkpoint_and_resume(two_process_run):
     assert any((raw_a[f"unet.{k}"] != a[k]).any() for k in a)
 
 
-@pytest.mark.numerics
-def test_one_process_accumulating_two_batches_trains_what_two_processes_train(two_process_run, capsys):
-    """The same global batch of 2: one process with gradient_accumulation_steps 2 against two with 1 each. The same
-    photos and the same noise per micro-batch (training.distributed.draw_seed), so the same weights up to the order
-    of the sums."""
+@pytest.fixture(scope="module")
+def one_process_run(two_process_run):
+    """The same 4 steps on 1 process accumulating 2 batches (the same global batch of 2), in this process."""
     args, root = two_process_run
     out = root / "one"
     assert main(["train", *args, "--max_train_steps", "4", "--gradient_accumulation_steps", "2",
                  "--output_dir", str(out)]) == 0
+    return out
+
+
+@pytest.mark.numerics
+def test_one_process_accumulating_two_batches_trains_what_two_processes_train(two_process_run, one_process_run):
+    """The same global batch of 2: one process with gradient_accumulation_steps 2 against two with 1 each. The same
+    photos and the same noise per micro-batch (training.distributed.draw_seed), so the same weights up to the order
+    of the sums."""
+    args, root = two_process_run
     straight = unet(root / "straight")
-    difference = largest_difference(unet(out), straight)
-    assert difference < TOLERANCE
+    assert largest_difference(unet(one_process_run), straight) < TOLERANCE
     # and the weights moved far more than that: the comparison would see a wrong batch or noise
     base = Path(args[args.index("--pretrained_model_name_or_path") + 1])
     assert largest_difference(unet(base), straight) > 100 * TOLERANCE
-    capsys.readouterr()
+
+
+@pytest.mark.numerics
+def test_a_one_process_checkpoint_resumes_on_two_processes(two_process_run, one_process_run):
+    """Saved by 1 process accumulating 2 at step 2, continued on 2 processes with 1 each: the straight runs' weights."""
+    args, root = two_process_run
+    out = stopped_at_2(one_process_run, root / "one-then-two")
+    proc = torchrun([*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"], out, root)
+    assert "saved by 1 process(es) x batch 1 x accumulation 2 on 2 x 1 x 1: the same global batch of 2" in proc.stdout
+    assert largest_difference(unet(out), unet(root / "straight")) < TOLERANCE
 
 
 @pytest.mark.numerics
@@ -109,7 +124,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process(two_process_run, capsys
     """Saved by 2 processes at step 2, continued on 1 process with the same global batch (accumulation 2): the weights
     of the straight 2-process run, within float rounding; the log says what was kept."""
     args, root = two_process_run
-    out = stopped_at_2(root, "two-then-one")
+    out = stopped_at_2(root / "straight", root / "two-then-one")
     capsys.readouterr()
     assert main(["train", *args, "--max_train_steps", "4", "--gradient_accumulation_steps", "2", "--output_dir",
                  str(out), "--resume_from_checkpoint", "latest"]) == 0

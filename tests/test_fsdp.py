@@ -149,6 +149,31 @@ def test_a_resume_on_another_split_says_what_it_keeps():
     assert "not an exact resume" in other and "(global batch 4)" in other and "(global batch 8)" in other
 
 
+def test_the_gathered_denoiser_is_rebuilt_whole_on_the_main_process(tiny_model, monkeypatch):
+    """What FSDP's checkpoints and final model save (outputs.whole_denoiser): the full state accelerate gathers, in a
+    copy built on the meta device from the denoiser's config; no weight left on the meta device. The gathering itself
+    (accelerate's get_state_dict across processes) needs FSDP, so a GPU: here it is the module's own state."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth.training import outputs
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    main_process = SimpleNamespace(unwrap_model=lambda m: m, get_state_dict=lambda m: m.state_dict(),
+                                   is_main_process=True)
+    run = SimpleNamespace(accelerator=main_process, models=SimpleNamespace(denoiser=unet))
+    monkeypatch.setattr(outputs, "sharded", lambda accelerator: True)
+    whole = outputs.whole_denoiser(run)
+    assert whole is not unet and type(whole) is type(unet)
+    a, b = unet.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(t.is_meta for t in [*whole.parameters(), *whole.buffers()])
+    other = SimpleNamespace(accelerator=SimpleNamespace(**{**vars(main_process), "is_main_process": False}),
+                            models=run.models)
+    assert outputs.whole_denoiser(other) is None  # the other processes only take part in the gathering
+
+
 @pytest.mark.gpu
 @pytest.mark.numerics
 def test_fsdp_trains_the_weights_of_one_process_and_resumes(tiny_model, instance_dir, tmp_path):

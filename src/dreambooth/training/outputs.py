@@ -45,6 +45,10 @@ def whole_denoiser(run) -> torch.nn.Module | None:
     with torch.device("meta"):
         whole = type(module).from_config(module.config)
     whole.load_state_dict(state, assign=True)
+    for name, buffer in list(whole.named_buffers()):  # non-persistent buffers are in no state dict; FSDP leaves
+        if buffer.is_meta:                             # buffers whole on every process, so the local one is it
+            owner, _, leaf = name.rpartition(".")
+            whole.get_submodule(owner).register_buffer(leaf, module.get_buffer(name).detach().cpu(), persistent=False)
     return whole
 
 
@@ -58,7 +62,7 @@ def save_full_model(run, denoiser: torch.nn.Module | None = None) -> None:
     from dreambooth.models.loading import pipeline_class
 
     acc, cfg, m = run.accelerator, run.cfg, run.models
-    parts = {m.family.denoiser: denoiser or acc.unwrap_model(m.denoiser)}
+    parts = {m.family.denoiser: denoiser if denoiser is not None else acc.unwrap_model(m.denoiser)}
     for name, tokenizer, encoder, _ in m.text_sides():
         parts[name.replace("text_encoder", "tokenizer")] = tokenizer  # with any new token
         if any(p.requires_grad for p in encoder.parameters()):
