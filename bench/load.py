@@ -21,10 +21,18 @@ client here is the same caller, 127.0.0.1). Clients are asyncio tasks sharing on
    latency of each; and GET /healthz on the client's kept-alive connection against a new connection each time,
    which shows what HTTP alone costs.
 
+`--ray` runs only the steady phase, on three servers in turn: the one-process service, then `serve --ray` with 1
+replica and with 2 (each replica a process of a local Ray cluster the server starts, `--cpus-per-replica 1`), every
+client drawing each character the server lists in turn, so that multiplexing has characters to place. Images/s are
+read from the gateway's /metrics (the replicas' figures summed). RSS is the serving command's process only (with Ray
+the replicas are other processes). On a 2-core machine this shows the mechanics (routing, batching per replica,
+the gateway's cost), not a speed-up: two replicas share the same two cores.
+
 Run from the repository root (about 4 minutes with the defaults on a 2-core CPU):
 
     .venv/bin/python bench/load.py --demo-dir demo-run --out docs/results/serve-load.json
     .venv/bin/python bench/load.py --characters characters.yaml --character dog --quick --out /tmp/load.json
+    .venv/bin/python bench/load.py --demo-dir demo-run --ray --seconds 60 --out docs/results/serve-load-ray.json
 
 `--quick` runs a few seconds a phase (the test). It writes the JSON (`--out`), the servers' logs into `--log-dir`
 (default: a folder named as the JSON, beside it) and prints a summary table. The exit status is 1 when any phase
@@ -57,6 +65,9 @@ from pathlib import Path
 import httpx2
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# --ray: the servers whose steady phases are compared (the one-process service, then Ray Serve with 1 and 2 replicas)
+RAY_SERVERS = [("one-process", []), ("ray-1-replica", ["--ray", "--replicas", "1"]),
+               ("ray-2-replicas", ["--ray", "--replicas", "2"])]
 READY = re.compile(r"serving (\d+) character\(s\) \(([^)]*)\) at (http://[^\s/]+)/")
 PHASES = ("steady", "overload", "soak", "cache")
 FULL = {"clients": 4, "seconds": 60.0, "overload_clients": 32, "overload_seconds": 20.0, "soak_requests": 600,
@@ -153,7 +164,9 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
         if not match:
             continue
         labels = tuple(sorted(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(3) or "")))
-        out[(match.group(1), labels)] = float(match.group(4))
+        # serve --ray's gateway labels each replica's figures with `replica`: summed here, as one server's
+        labels = tuple(pair for pair in labels if pair[0] != "replica")
+        out[(match.group(1), labels)] = out.get((match.group(1), labels), 0.0) + float(match.group(4))
     return out
 
 
@@ -398,8 +411,11 @@ class Tally:
 class Load:
     """One server's clients: render requests, each answer checked and tallied."""
 
-    def __init__(self, server: Server, character: str, state: dict, seeds):
-        self.server, self.character, self.state, self.seeds = server, character, state, seeds
+    def __init__(self, server: Server, character: str | list[str], state: dict, seeds):
+        """`character`: one, or a list drawn in turn (request by request)."""
+        self.server, self.state, self.seeds = server, state, seeds
+        self.characters = [character] if isinstance(character, str) else list(character)
+        self.sent = 0
         self.client: httpx2.AsyncClient | None = None
 
     async def __aenter__(self):
@@ -417,7 +433,9 @@ class Load:
 
     async def render(self, tally: Tally, seed: int) -> tuple[str, httpx2.Response | None]:
         """One request; its status key (`200`, `429 queue_full`, `error ConnectError`) and the answer."""
-        body = {"character": self.character, "state": self.state, "format": "png", "seed": seed}
+        character = self.characters[self.sent % len(self.characters)]
+        self.sent += 1
+        body = {"character": character, "state": self.state, "format": "png", "seed": seed}
         started = time.perf_counter()
         try:
             answer = await self.client.post("/v1/render", json=body)
@@ -621,6 +639,10 @@ def options(argv=None) -> argparse.Namespace:
                         "[default: serve-load.json].")
     parser.add_argument("--log-dir", type=Path, help="The servers' logs [default: beside --out, named as it].")
     parser.add_argument("--quick", action="store_true", help="A few seconds a phase (for the test).")
+    parser.add_argument("--ray", action="store_true", help="Steady only, on three servers one after another: the "
+                        "one-process service, then `serve --ray` with 1 and with 2 replicas, each drawing every "
+                        "character the server lists in turn (multiplexing sends each character to its own "
+                        "replica); images/s side by side.")
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -669,9 +691,29 @@ def fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def ray_summary(result: dict) -> str:
+    """`--ray`: the steady phase of each server, side by side."""
+    lines = ["| server | clients | requests | images/s | p50 s | p90 s | batch sizes (count) | statuses | "
+             "start-up s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, _ in RAY_SERVERS:
+        r = result["phases"].get(f"steady {name}")
+        if r is None:
+            continue
+        latency = r["latency_s"].get("200", {})
+        sizes = ", ".join(f"{k}: {v}" for k, v in r["server"]["batch_sizes"].items()) or "-"
+        statuses = ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items()))
+        lines.append(f"| {name} | {r['clients']} | {r['requests']} | {r['images_per_s']:.2f} | "
+                     f"{fmt(latency.get('p50'))} | {fmt(latency.get('p90'))} | {sizes} | {statuses} | "
+                     f"{fmt(result['servers'][name]['startup_s'], 1)} |")
+    return "\n".join(lines)
+
+
 def summary(result: dict) -> str:
     """The results as a markdown table, and the verdict."""
     phases = result["phases"]
+    if result["settings"].get("ray"):
+        return ray_summary(result) + "\nverdict: " + ("OK" if result["ok"] else "FAILED: "
+                                                      + "; ".join(result["problems"]))
     lines = ["| phase | clients | requests | req/s | images/s | p50 s | p90 s | p99 s | batch sizes (count) | "
              "statuses | server CPU % | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("steady", "overload", "soak"):
@@ -720,6 +762,9 @@ def main(argv=None) -> int:
     plan = [("main", ["--rate-per-minute", "0"], [p for p in ("steady", "soak", "cache") if p in args.phases]),
             ("overload", ["--rate-per-minute", "0", "--max-queue", str(args.overload_queue), "--max-batch",
                           str(args.overload_batch)], ["overload"] if "overload" in args.phases else [])]
+    if args.ray:
+        steady_only = ["steady"] if "steady" in args.phases else []
+        plan = [(name, ["--rate-per-minute", "0", *ray], steady_only) for name, ray in RAY_SERVERS]
     status = 0
     for name, flags, phases in plan:
         if not phases:
@@ -729,9 +774,12 @@ def main(argv=None) -> int:
             print(f"starting the {name} server: {' '.join(server.command)}", flush=True)
             server.start()
             character = args.character or ("sks" if args.characters is None else server.characters[0])
+            if args.ray:
+                character = [args.character] if args.character else server.characters
             result["character"] = character
             print(f"  listening at {server.url} after {server.startup_s:.1f} s; drawing {character!r}", flush=True)
-            result["phases"].update(asyncio.run(run_on(server, args, character, seeds, phases)))
+            done = asyncio.run(run_on(server, args, character, seeds, phases))
+            result["phases"].update({f"{phase} {name}": r for phase, r in done.items()} if args.ray else done)
         except ServerFailed as e:
             result["problems"].append(str(e).splitlines()[0])
             print(e, file=sys.stderr)
@@ -753,7 +801,8 @@ def main(argv=None) -> int:
                                       + "; ".join(dict.fromkeys(phase["problems"])))
     if "overload" in result["phases"] and not result["phases"]["overload"]["statuses"].get("429 queue_full"):
         result["notes"] = ["overload saw no 429: the queue never filled (more --overload-clients?)"]
-    missing = [p for p in args.phases if p not in result["phases"]]
+    ran = {name.split(" ")[0] for name in result["phases"]}  # --ray: "steady one-process", ...
+    missing = [p for p in (["steady"] if args.ray else args.phases) if p not in ran]
     if missing and not status:
         result["problems"].append(f"phase(s) not run: {', '.join(missing)}")
     result["ok"] = not result["problems"]

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -63,11 +67,11 @@ class StandInRenderer:
         return out
 
 
-def stand_in_service(tmp_path: Path, model: Path, renderer=None, cache=None, **limits):
+def stand_in_service(tmp_path: Path, model: Path, renderer=None, cache=None, limiter=None, **limits):
     from dreambooth.serving.service import Limits, Service
 
     characters = load_characters(characters_file(tmp_path, model))
-    return Service(characters, renderer or StandInRenderer(), limits=Limits(**limits), cache=cache)
+    return Service(characters, renderer or StandInRenderer(), limits=Limits(**limits), cache=cache, limiter=limiter)
 
 
 def free_port() -> int:
@@ -96,3 +100,60 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class RedisServer:
+    """A redis-server of our own on a free loopback port, keeping nothing on disk (no snapshots, no append-only
+    file); `stop()` ends it while a test still runs, `start()` brings it back on the same port."""
+
+    def __init__(self, folder: Path, *arguments: str):
+        self.folder, self.arguments, self.port = Path(folder), arguments, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+
+    def start(self) -> None:
+        import redis
+
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.folder), *self.arguments], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.AuthenticationError:  # started with --requirepass: it answers
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@contextlib.contextmanager
+def redis_server(folder: Path, *arguments: str):
+    """A running RedisServer, stopped after. Skips without Debian's redis-server, unless DREAMBOOTH_REQUIRE_REDIS=1
+    (CI), where it fails, as the page tests do without chromium."""
+    if not Path(REDIS_SERVER).is_file():
+        why = "the shared-store tests need Debian's redis-server (not found): apt-get install redis-server"
+        if os.environ.get("DREAMBOOTH_REQUIRE_REDIS") == "1":
+            pytest.fail(why + " (DREAMBOOTH_REQUIRE_REDIS=1)")
+        pytest.skip(why)
+    server = RedisServer(folder, *arguments)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

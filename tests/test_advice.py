@@ -39,7 +39,8 @@ IMPERATIVE = re.compile(
 # Calls whose string arguments are help text, not messages.
 HELP_CALLS = {"option", "opt", "Field", "add_argument", "add_argument_group", "add_parser"}
 # Flags of other programs that messages name.
-OTHER_PROGRAMS = {"--jinja": "llama.cpp's llama-server", "--no-index": "pip", "--fsdp_version": "accelerate launch"}
+OTHER_PROGRAMS = {"--jinja": "llama.cpp's llama-server", "--no-index": "pip", "--head": "ray start",
+                  "--fsdp_version": "accelerate launch"}
 # Words that stand for a flag in prose ("--flags", "--no-flag").
 PROSE = {"--flag", "--flags", "--no-flag", "--no", "--field-name"}
 # Placeholders in suggested commands, and what a test puts in their place.
@@ -119,6 +120,8 @@ FLOW = "tests/test_flow_families.py::"
 EXPORT = "tests/test_export_flow.py::"
 COMMANDS = "tests/test_diffusers_commands.py::"
 ADAPTERS = "tests/test_adapters.py::"
+REDIS = "tests/test_serve_redis.py::"
+RAY = "tests/test_serve_ray_options.py::"
 FSDP_REFUSALS = "tests/test_fsdp.py::test_fsdp_refusals_name_the_key_and_what_they_suggest_is_accepted"
 ADAPTER_SETTINGS = ADAPTERS + "test_adapter_settings_that_mean_nothing_are_refused_and_the_named_flags_work"
 SITES = {
@@ -283,6 +286,25 @@ SITES = {
     "send an API key as `Authorization: Bearer TOKEN`": "test_serve_request_refusals_name_what_is_answered",
     "with a longer deadline_s up to the server's": "test_serve_request_refusals_name_what_is_answered",
     "start `dreambooth serve` with --llm-base-url": "test_chat_advice_names_the_options_that_make_it_answer",
+    # serve --ray (tests/test_serve_ray_options.py)
+    "not options of `dreambooth serve` (its --help lists them": RAY + "test_builder_args_are_the_serve_options_by_name",
+    "describe(s) a Ray deployment: add --ray, or leave them out": RAY + "test_ray_options_without_ray_are_refused_and_"
+                                                                  "what_the_message_says_works",
+    "--min-replicas is an autoscaling bound: give --max-replicas": RAY + "test_ray_options_without_ray_are_refused_"
+                                                                   "and_what_the_message_says_works",
+    "`dreambooth serve --ray` needs Ray Serve: install the ray": "reason: installs from a package registry; the extra "
+                                                                "is what .ci/run installs",
+    "nothing answered there within {timeout_s} s ({e}). Start the": "reason: starts a Ray head (another program); "
+                                                                      "tests/test_serve_ray.py starts a local Ray, "
+                                                                      "the message's other way",
+    "is not a Redis URL ({e}): give one such as": REDIS + "test_a_redis_url_that_does_not_answer_is_refused_before_any_"
+                                                  "model_loads",
+    "no Redis answered at --redis-url {shown(url)} within": REDIS + "test_a_redis_url_that_does_not_answer_is_"
+                                                                    "refused_before_any_model_loads",
+    "both say where the image cache is: drop --cache-dir": REDIS + "test_a_redis_url_that_does_not_answer_is_refused_"
+                                                               "before_any_model_loads",
+    "refused the login ({e}): put the right user": REDIS + "test_a_redis_that_refuses_the_login_names_the_password_"
+                                                       "in_the_url",
     "holds control characters; set it to the key alone": "test_chat_advice_names_the_options_that_make_it_answer",
     "a faster model or a longer --llm-timeout-s": "test_chat_advice_names_the_options_that_make_it_answer",
     "use a model with tool calling (llama.cpp needs --jinja)": "reason: names another program's model and flag",

@@ -42,8 +42,8 @@ LAYERS = {
     "evaluation": ["evaluation.scorers", "evaluation.evaluate", "evaluation.world", "evaluation.world_model",
                    "evaluation.world_model_flux", "evaluation.experiment", "evaluation.demo", "evaluation.compare",
                    "evaluation.background"],
-    "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.metrics", "serving.service",
-                "serving.renderer", "serving.chat", "serving.app"],
+    "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.stores", "serving.metrics",
+                "serving.service", "serving.renderer", "serving.chat", "serving.app", "serving.ray_app"],
     "front doors": ["export", "project", "characters.commands", "serving.command", "cli", "__main__"],
 }
 

@@ -78,6 +78,26 @@ def test_quick_load_run_reports_every_phase_without_unexpected_answers(tiny_mode
     assert "verdict: OK" in done.stdout
 
 
+def test_the_replicas_figures_on_the_ray_gateways_page_add_up_as_one_servers():
+    """serve --ray's /metrics labels each replica's samples: summed, they are what one server's page would say."""
+    def per_replica(text: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            name, value = line.rsplit(" ", 1)
+            name, _, labels = name.partition("{")
+            for replica, share in (("r1", 0.25), ("r2", 0.75)):
+                inner = f'replica="{replica}"' + ("," + labels.rstrip("}") if labels else "")
+                lines.append(f"{name}{{{inner}}} {float(value) * share}")
+        return "\n".join(lines)
+
+    one = load.metrics_delta(load.parse_metrics(METRICS_BEFORE), load.parse_metrics(METRICS_AFTER))
+    two = load.metrics_delta(load.parse_metrics(per_replica(METRICS_BEFORE)),
+                             load.parse_metrics(per_replica(METRICS_AFTER)))
+    assert two == one
+
+
 def test_a_server_that_does_not_start_fails_the_run(tmp_path):
     """The run says so and exits 2 rather than reporting empty phases as a pass."""
     bad = tmp_path / "characters.yaml"

@@ -220,6 +220,9 @@ class ServeOptions:
                                     "characters file].")
     no_cache: bool = option(False, help="Draw every request, keep no image cache.")
     cache_mb: int = option(1024, minimum=1, help="Largest size of the image cache; least recently used go first.")
+    redis_url: str | None = option(None, help="A Redis (redis://HOST:6379/0) that keeps the image cache and the rate "
+                                   "limits instead of this process, shared by every `serve` and replica given it; "
+                                   "--cache-mb bounds it.")
     max_steps: int = option(50, minimum=1, help="Most sampling steps a request may ask for.")
     max_pixels: int = option(1024 * 1024, minimum=64, help="Most pixels (width x height) a request may ask for "
                              "[default: 1048576, SDXL's native 1024x1024; SD 1.x's is 512x512, SD 2.x's "
@@ -238,3 +241,21 @@ class ServeOptions:
     llm_api_key_env: str = option("OPENAI_API_KEY", help="The environment variable holding the endpoint's key "
                                   "(a key is never a command-line argument).")
     llm_timeout_s: float = option(60.0, minimum=1, help="Longest wait for the language model.")
+    ray: bool = option(False, help="Serve on Ray Serve (the ray extra: `pip install 'dreambooth[ray]'`): replicas of "
+                       "the service behind Ray's HTTP proxy, each character's requests routed to a replica that has "
+                       "drawn it (model multiplexing). A local Ray is started unless --ray-address is given.")
+    ray_address: str | None = option(None, help="The Ray cluster to join (HOST:PORT of its head, or ray://HOST:PORT); "
+                                     "with --ray only [default: start a local one].")
+    replicas: int = option(1, minimum=1, help="Replicas of the service (with --ray); each loads every character's "
+                           "model and batches its own requests.")
+    min_replicas: int | None = option(None, minimum=0, help="Autoscaling's fewest replicas (with --ray and "
+                                      "--max-replicas) [default: --replicas].")
+    max_replicas: int | None = option(None, minimum=1, help="Autoscale up to this many replicas (with --ray); unset: "
+                                      "a fixed --replicas.")
+    target_ongoing_requests: float = option(2.0, minimum=0.1, help="Autoscaling's target of requests in flight per "
+                                            "replica (with --max-replicas).")
+    gpus_per_replica: float | None = option(None, minimum=0, help="GPUs each replica takes (with --ray) [default: 1 "
+                                            "when drawing on cuda, else 0].")
+    cpus_per_replica: float = option(1.0, minimum=0, help="CPUs each replica takes (with --ray).")
+    max_loras_per_replica: int = option(8, minimum=1, help="Characters a replica is routed as holding at once (with "
+                                        "--ray; least recently drawn let go first).")

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreambooth.characters.state import problem_text, state_schema
-from dreambooth.serving.auth import LOCAL, Key, RateLimiter, Refusal, find_key
+from dreambooth.serving.auth import LOCAL, Key, Refusal, find_key
 from dreambooth.serving.service import ApiError, RenderBody, Rendered, Service
 
 log = logging.getLogger("dreambooth.serve")
@@ -76,10 +76,13 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send):
-        response = error_response(413, "body_too_large", "the request body is over this server's limit of "
-                                  f"{self.limit / 1024:g} KiB ({self.limit} bytes, --max-body-kb); a render request "
-                                  "is a few hundred bytes.")
-        await response(scope, receive, send)
+        await body_too_large(self.limit)(scope, receive, send)
+
+
+def body_too_large(limit: int) -> JSONResponse:
+    """The 413 of a body over `limit` bytes (this middleware's, and serve --ray's gateway's before it forwards)."""
+    return error_response(413, "body_too_large", f"the request body is over this server's limit of {limit / 1024:g} "
+                          f"KiB ({limit} bytes, --max-body-kb); a render request is a few hundred bytes.")
 
 
 class Measured:
@@ -123,7 +126,7 @@ class ChatBody(BaseModel):
 
 def make_caller(service: Service, keys: list[Key], auth: bool):
     """The dependency that names the caller of a /v1 request (its key, or LOCAL) and applies its rate limit."""
-    limiter = RateLimiter(service.limits.rate_per_minute, service.limits.burst)
+    limiter = service.limiter  # this process's, or one shared by replicas through Redis (serving.stores)
 
     def caller(request: Request) -> Key:
         if not auth:
@@ -270,7 +273,7 @@ def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=Non
     def metrics(request: Request):
         if auth:
             caller(request)
-        return Response(service.metrics.render(service.batcher.depth), media_type=CONTENT_TYPE_LATEST)
+        return Response(service.metrics_page(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/characters")
     def characters(key: Key = Depends(caller)):

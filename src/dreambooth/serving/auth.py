@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from dreambooth.config_file import read_text
 from dreambooth.errors import UserError
@@ -98,6 +99,12 @@ class Refusal:
 
     seconds: int
     limit: str
+
+
+class Limiter(Protocol):
+    """A caller's rate limit: kept by this process (`RateLimiter`) or in a Redis shared by replicas (serving.stores)."""
+
+    def take(self, caller: str) -> Refusal | None: ...
 
 
 class RateLimiter:

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Protocol
 
 from dreambooth.formats.atomic import atomic_file
 
@@ -24,6 +25,15 @@ def cache_key(request: dict, model_hash: str) -> str:
     deciding = {k: v for k, v in request.items() if k not in ("tokens", "dropped")}
     text = json.dumps({"request": deciding, "model": model_hash}, sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ImageStore(Protocol):
+    """Where drawn pictures are kept: this folder (`ImageCache`) or a Redis shared by replicas (serving.stores).
+    Neither method raises for a store gone wrong: a picture not found is a miss, one not kept costs only its entry."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, png: bytes) -> None: ...
 
 
 class ImageCache:

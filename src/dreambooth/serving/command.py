@@ -7,6 +7,7 @@ beside this module), training the demo's subject first when it is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from importlib import resources
@@ -62,9 +63,9 @@ def demo_characters_file(demo_dir: Path) -> Path:
 def build_service(characters_file: Path, options):
     """The service of a characters file with the options' limits, cache and device (models loaded); a UserError
     naming every character the limits leave undrawable."""
-    from dreambooth.serving.cache import ImageCache
     from dreambooth.serving.renderer import Renderer
     from dreambooth.serving.service import Limits, Service
+    from dreambooth.serving.stores import stores
 
     characters = load_characters(characters_file)
     limits = Limits(max_body_bytes=options.max_body_kb * 1024, max_steps=options.max_steps,
@@ -72,14 +73,15 @@ def build_service(characters_file: Path, options):
                     rate_per_minute=options.rate_per_minute, burst=options.burst, max_queue=options.max_queue,
                     max_batch=options.max_batch, batch_window_ms=options.batch_window_ms,
                     deadline_s=options.deadline_s)
-    folder = None if options.no_cache else (options.cache_dir or Path(characters_file).parent / ".serve-cache")
-    renderer = Renderer(characters, device=options.device, precision=options.precision)
+    cache, limiter = stores(options, characters_file)  # a Redis that does not answer is refused before models load
+    # serve --ray's replicas load a LoRA character's adapters when they are routed it (ray_app, model multiplexing)
+    renderer = Renderer(characters, device=options.device, precision=options.precision, lazy_loras=options.ray)
     # a character without width and height, steps, guidance or sampler whose model's configs were not here before it
     # loaded (a hub id fetched now): its model's side and its family's defaults, as the loaded pipeline says
     characters = {name: with_family_defaults(sized(character, renderer.model_family(name)[1]),
                                              renderer.draw_defaults(name))
                   for name, character in characters.items()}
-    service = Service(characters, renderer, limits=limits, cache=ImageCache(folder, options.cache_mb * 1024 * 1024))
+    service = Service(characters, renderer, limits=limits, cache=cache, limiter=limiter)
     never = service.never_drawn()  # after the models load: the tokens are their tokenizers', the family their own
     if never:
         raise UserError(f"{len(never)} character(s) of {characters_file} cannot be drawn as the file describes "
@@ -88,15 +90,33 @@ def build_service(characters_file: Path, options):
     return service
 
 
-def build_app(options):
-    """The app `serve` runs: keys and host checked before any model loads."""
-    from dreambooth.serving.app import create_app
+def checked_keys(options) -> list:
+    """The API keys; refused when there are none and --host is reachable from other machines."""
     from dreambooth.serving.auth import load_keys
 
     keys = load_keys(options.api_keys)
     if not keys and not is_loopback(options.host) and not options.allow_no_auth:
         raise UserError(f"--host {options.host} is reachable from other machines, and no API keys are set: give "
                         "--api-keys FILE (or $DREAMBOOTH_API_KEYS), or --allow-no-auth on a trusted network.")
+    return keys
+
+
+def checked_for_ray(options):
+    """The options Ray's replicas are built from, checked here first (keys, host, the characters file) so that a
+    mistake is one message from the command rather than a replica failing; --demo's characters file written (its
+    subject trained) once, here, not in each replica."""
+    checked_keys(options)
+    if options.demo:
+        options = dataclasses.replace(options, demo=False, characters=demo_characters_file(options.demo_dir))
+    load_characters(options.characters)
+    return options
+
+
+def build_app(options):
+    """The app `serve` runs: keys and host checked before any model loads."""
+    from dreambooth.serving.app import create_app
+
+    keys = checked_keys(options)
     characters_file = demo_characters_file(options.demo_dir) if options.demo else options.characters
     load_characters(characters_file)  # every problem of the file, before any model loads
     chat = None
@@ -131,6 +151,14 @@ def listening_socket(host: str, port: int):
 def serve_command(options) -> None:
     """`dreambooth serve`: `options` is a command_options.ServeOptions."""
     check_installed()
+    from dreambooth.serving.ray_app import check_ray_installed, option_problems, serve_on_ray
+
+    problems = option_problems(options)
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+    if options.ray:
+        check_ray_installed()
+        return serve_on_ray(checked_for_ray(options), build_app)
     import uvicorn
 
     sock = listening_socket(options.host, options.port)
@@ -148,3 +176,11 @@ def serve_command(options) -> None:
           "the API's OpenAPI page is /docs). Ctrl-C stops.", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
+
+
+def ray_application(args: dict):
+    """The Ray Serve application builder (`import_path: dreambooth.serving.command:ray_application` in a RayService,
+    `serve run dreambooth.serving.command:ray_application characters=...`): args are `serve`'s options by name."""
+    from dreambooth.serving.ray_app import build
+
+    return build(args, build_app)

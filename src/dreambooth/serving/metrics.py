@@ -32,6 +32,10 @@ class Metrics:
         self.images_per_second = Gauge("dreambooth_images_per_second", "Images drawn per second over the last minute.",
                                        registry=r)
         self.cache = Counter("dreambooth_cache_lookups", "Image cache lookups by result.", ["result"], registry=r)
+        self.lora_switches = Counter("dreambooth_lora_switches", "Batches drawn with other LoRAs than the one before on "
+                                     "the same pipeline.", registry=r)
+        self.loras_loaded = Gauge("dreambooth_lora_characters_loaded", "LoRA characters whose adapters are in a "
+                                  "pipeline of this process now.", registry=r)
         self.gpu_memory = Gauge("dreambooth_gpu_memory_bytes", "GPU memory of this process.", ["kind"], registry=r)
         self._drawn: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
@@ -43,9 +47,11 @@ class Metrics:
         with self._lock:
             self._drawn.append((time.monotonic(), size))
 
-    def render(self, queue_depth: int) -> bytes:
+    def render(self, queue_depth: int, loras_loaded: int | None = None) -> bytes:
         """The text of /metrics, with the gauges read now."""
         self.queue_depth.set(queue_depth)
+        if loras_loaded is not None:
+            self.loras_loaded.set(loras_loaded)
         now = time.monotonic()
         with self._lock:
             while self._drawn and self._drawn[0][0] < now - 60:

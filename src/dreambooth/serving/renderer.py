@@ -76,6 +76,7 @@ class Slot:
     counter: TokenCounter | None = None
     identity: TokenCounter | None = None
     negative_prompt: bool = True  # whether its pipeline draws with a negative prompt (Flux.1's does not)
+    active: tuple | None = None  # the adapters and weights set now (None: none set yet)
 
     def call_kwargs(self) -> dict:
         """What every call of its pipeline passes beside the prompt: T5's length, where it has T5, so that the
@@ -92,6 +93,7 @@ class Drawn:
     adapters: list[str]
     weights: list[float]
     model_hash: str
+    loaded: bool = True  # its LoRAs are in its pipeline (a lazy renderer loads them on its first draw)
 
 
 def _file_hash(path: Path) -> str:
@@ -121,12 +123,19 @@ def character_model_hash(character: Character) -> str:
 class Renderer:
     """Loads every character's model once; `render` draws a batch of requests for one character and size."""
 
-    def __init__(self, characters: dict[str, Character], *, device: str | None = None, precision: str | None = None):
+    def __init__(self, characters: dict[str, Character], *, device: str | None = None, precision: str | None = None,
+                 lazy_loras: bool = False):
+        """`lazy_loras`: a LoRA character's adapters are loaded on its first draw (or `hold`) rather than now, and
+        `release` unloads them: serve --ray's replicas, each of which draws the characters routed to it."""
+        self.lazy_loras = lazy_loras
         self.device = pick_device(device)
         self.dtype = pick_dtype(precision, self.device)
         self.slots: list[Slot] = []
         self.drawn: dict[str, Drawn] = {}
         self.calls = 0  # pipeline calls, for tests and metrics
+        # times a pipeline's active LoRAs changed between batches: what routing a character's requests to the replica
+        # that last drew it saves (serve --ray's model multiplexing), counted in /metrics
+        self.lora_switches = 0
         self._lock = threading.Lock()
         for character in characters.values():  # every LoRA made for another model, before any model loads
             for lora in character.loras:
@@ -134,14 +143,19 @@ class Renderer:
         for character in characters.values():
             self.drawn[character.name] = self._place(character)
         for slot in self.slots:  # after the LoRAs, whose new tokens the copies must know
-            tokenizers = {t.tokenizer: getattr(slot.pipe, t.tokenizer, None) for t in slot.family.text_encoders}
-            slot.budget = family_budget(slot.family, tokenizers)
-            slot.counter = TokenCounter(list(slot.budget.prompt), slot.budget.limit)
-            if slot.budget.identity:
-                slot.identity = TokenCounter(list(slot.budget.identity), slot.budget.identity_limit)
+            self._count_tokens(slot)
         self._problems = {name: self._prepare_scheduler(drawn) for name, drawn in self.drawn.items()}
 
     # ------------------------------------------------------------------------------------------------ loading
+    @staticmethod
+    def _count_tokens(slot: Slot) -> None:
+        """The slot's budget and its counters, on copies of its tokenizers as they are now (new tokens included)."""
+        tokenizers = {t.tokenizer: getattr(slot.pipe, t.tokenizer, None) for t in slot.family.text_encoders}
+        slot.budget = family_budget(slot.family, tokenizers)
+        slot.counter = TokenCounter(list(slot.budget.prompt), slot.budget.limit)
+        if slot.budget.identity:
+            slot.identity = TokenCounter(list(slot.budget.identity), slot.budget.identity_limit)
+
     def _new_slot(self, model: str) -> Slot:
         pipe = load_pipeline(model, device=self.device, dtype=self.dtype)
         family = pipeline_family(pipe) or FAMILIES["sd1"]
@@ -160,16 +174,44 @@ class Renderer:
                 print(f"note: character {character.name}'s LoRA brings token(s) {', '.join(sorted(wanted))} that "
                       f"another character's LoRA on {character.model} brings too; it gets its own copy of the model.")
             slot = self._new_slot(character.model)
-        names = []
-        for i, lora in enumerate(character.loras):
-            name = f"{character.name.replace('-', '_')}_{i}"
+        names = [f"{character.name.replace('-', '_')}_{i}" for i in range(len(character.loras))]
+        slot.tokens |= wanted
+        drawn = Drawn(character, slot, names, [lora.weight for lora in character.loras],
+                      character_model_hash(character), loaded=not names)
+        if not self.lazy_loras:
+            self._load(drawn)
+        return drawn
+
+    def _load(self, drawn: Drawn) -> None:
+        """The character's LoRAs into its pipeline, as named adapters (the caller holds the pipeline)."""
+        character, slot = drawn.character, drawn.slot
+        for name, lora in zip(drawn.adapters, character.loras):
             load_lora_adapter(slot.pipe, lora.file, name, model=character.model,
                               flag=f"character {character.name}'s model:")
-            names.append(name)
-        slot.tokens |= wanted
-        slot.adapters = slot.adapters or bool(names)
-        return Drawn(character, slot, names, [lora.weight for lora in character.loras],
-                     character_model_hash(character))
+        drawn.loaded = True
+        slot.adapters = slot.adapters or bool(drawn.adapters)
+
+    def hold(self, name: str) -> None:
+        """Loads the character's LoRAs now if they are not loaded (a lazy renderer's replica, on being routed it)."""
+        drawn = self.drawn[name]
+        with self._lock:
+            if not drawn.loaded:
+                self._load(drawn)
+                self._count_tokens(drawn.slot)
+
+    def release(self, name: str) -> None:
+        """Unloads the character's LoRAs (a replica that stops being routed it); its next draw loads them again."""
+        drawn = self.drawn[name]
+        with self._lock:
+            if drawn.loaded and drawn.adapters:
+                drawn.slot.pipe.delete_adapters(drawn.adapters)
+                drawn.slot.active = None
+                drawn.loaded = False
+
+    @property
+    def loras_loaded(self) -> int:
+        """LoRA characters whose adapters are in a pipeline now."""
+        return sum(d.loaded and bool(d.adapters) for d in self.drawn.values())
 
     def _prepare_scheduler(self, drawn: Drawn) -> list[str]:
         """The character's sampler, built now rather than on its first draw: a class name diffusers lacks passes the
@@ -227,6 +269,10 @@ class Renderer:
     def _activate(self, drawn: Drawn, scheduler: str) -> None:
         slot, pipe = drawn.slot, drawn.slot.pipe
         if slot.adapters:
+            active = (tuple(drawn.adapters), tuple(drawn.weights))
+            if active != slot.active:
+                self.lora_switches += 1
+            slot.active = active
             if drawn.adapters:
                 pipe.enable_lora()
                 pipe.set_adapters(drawn.adapters, adapter_weights=drawn.weights)
@@ -247,17 +293,22 @@ class Renderer:
         generators = [torch.Generator(device=pipe.device).manual_seed(r.seed) for r in requests]
         shared = dict(num_inference_steps=first.steps, guidance_scale=first.guidance, height=first.height,
                       width=first.width, generator=generators, **slot.call_kwargs())
-        with self._lock, torch.inference_mode():
-            self._activate(drawn, first.scheduler)
-            if any(part["weight"] != 1.0 for r in requests for part in r.fragments):
-                weighted = WEIGHTED.get(slot.family.name, WEIGHTED["sd1"])
-                out = pipe(**weighted(pipe, requests, slot.weighting, self.device, slot.budget.sequence_length),
-                           **shared)
-            else:
-                # Flux.1 takes no negative prompt (a character or request with one is refused before it gets here)
-                negative = {"negative_prompt": [r.negative_prompt for r in requests]} if slot.negative_prompt else {}
-                out = pipe(prompt=[r.prompt for r in requests], **negative, **shared)
-            self.calls += 1
+        with self._lock:
+            if not drawn.loaded:  # a lazy renderer's first draw of the character, outside inference mode (peft
+                self._load(drawn)  # makes its layers' weights as ordinary tensors)
+                self._count_tokens(slot)
+            with torch.inference_mode():
+                self._activate(drawn, first.scheduler)
+                if any(part["weight"] != 1.0 for r in requests for part in r.fragments):
+                    weighted = WEIGHTED.get(slot.family.name, WEIGHTED["sd1"])
+                    out = pipe(**weighted(pipe, requests, slot.weighting, self.device, slot.budget.sequence_length),
+                               **shared)
+                else:
+                    # Flux.1 takes no negative prompt (a character or request with one is refused before it gets here)
+                    negative = ({"negative_prompt": [r.negative_prompt for r in requests]} if slot.negative_prompt
+                                else {})
+                    out = pipe(prompt=[r.prompt for r in requests], **negative, **shared)
+                self.calls += 1
         return [self._png(image, request, drawn) for image, request in zip(out.images, requests)]
 
     @staticmethod

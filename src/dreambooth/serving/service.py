@@ -21,8 +21,9 @@ from dreambooth.characters.compiler import RenderRequest, compile_prompt
 from dreambooth.characters.state import CharacterState
 from dreambooth.errors import UserError
 from dreambooth.generate import image_seed
+from dreambooth.serving.auth import Limiter, RateLimiter
 from dreambooth.serving.batcher import Batcher, DeadlineExceeded, QueueFull
-from dreambooth.serving.cache import ImageCache, cache_key
+from dreambooth.serving.cache import ImageCache, ImageStore, cache_key
 from dreambooth.serving.metrics import Metrics
 
 
@@ -123,11 +124,13 @@ def batch_key(request: RenderRequest) -> tuple:
 
 class Service:
     def __init__(self, characters: dict[str, Character], renderer: Renderer, *, limits: Limits = Limits(),
-                 cache: ImageCache | None = None):
+                 cache: ImageStore | None = None, limiter: Limiter | None = None):
         self.characters, self.renderer, self.limits = characters, renderer, limits
         # Each character's vocabulary (the shipped one with its own merged over it), merged once, not per request.
         self.vocabularies = {name: merged_vocabulary(c) for name, c in characters.items()}
         self.cache = cache or ImageCache(None, 0)
+        # the callers' rate limits: this process's own unless given (one kept in Redis, shared by replicas)
+        self.limiter = limiter or RateLimiter(limits.rate_per_minute, limits.burst)
         self.metrics = Metrics(limits.max_batch)
         self.batcher = Batcher(self._draw, max_queue=limits.max_queue, max_batch=limits.max_batch,
                                window_s=limits.batch_window_ms / 1000.0, on_batch=self.metrics.record_batch)
@@ -265,10 +268,16 @@ class Service:
         return problems
 
     # ------------------------------------------------------------------------------------------- drawing
+    def metrics_page(self) -> bytes:
+        """/metrics' text, the gauges read now."""
+        return self.metrics.render(self.batcher.depth, getattr(self.renderer, "loras_loaded", None))
+
     def _draw(self, items: list[tuple[RenderRequest, str]]) -> list[bytes]:
         """On the worker thread: one pipeline call, and the images into the cache (a client that left or timed
         out still leaves its picture for the retry)."""
+        switches = getattr(self.renderer, "lora_switches", 0)
         pngs = self.renderer.render([request for request, _ in items])
+        self.metrics.lora_switches.inc(getattr(self.renderer, "lora_switches", 0) - switches)
         for (_, key), png in zip(items, pngs):
             self.cache.put(key, png)
         return pngs
