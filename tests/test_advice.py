@@ -39,7 +39,8 @@ IMPERATIVE = re.compile(
 # Calls whose string arguments are help text, not messages.
 HELP_CALLS = {"option", "opt", "Field", "add_argument", "add_argument_group", "add_parser"}
 # Flags of other programs that messages name.
-OTHER_PROGRAMS = {"--jinja": "llama.cpp's llama-server", "--no-index": "pip", "--head": "ray start"}
+OTHER_PROGRAMS = {"--jinja": "llama.cpp's llama-server", "--no-index": "pip", "--head": "ray start",
+                  "--fsdp_version": "accelerate launch"}
 # Words that stand for a flag in prose ("--flags", "--no-flag").
 PROSE = {"--flag", "--flags", "--no-flag", "--no", "--field-name"}
 # Placeholders in suggested commands, and what a test puts in their place.
@@ -121,6 +122,7 @@ COMMANDS = "tests/test_diffusers_commands.py::"
 ADAPTERS = "tests/test_adapters.py::"
 REDIS = "tests/test_serve_redis.py::"
 RAY = "tests/test_serve_ray_options.py::"
+FSDP_REFUSALS = "tests/test_fsdp.py::test_fsdp_refusals_name_the_key_and_what_they_suggest_is_accepted"
 ADAPTER_SETTINGS = ADAPTERS + "test_adapter_settings_that_mean_nothing_are_refused_and_the_named_flags_work"
 SITES = {
     # training: the run folder
@@ -142,6 +144,12 @@ SITES = {
                                                "experiment would retrain its finished variants for minutes",
     "command_line('dreambooth', 'train', '--config', checkpoint": "test_a_checkpoint_as_the_base_model_names_how_"
                                                                   "to_continue_it",
+    # training: FSDP's refusals (the launch's accelerate settings)
+    "this tool trains under FSDP2. Set fsdp_version: 2": FSDP_REFUSALS,
+    "model.train_text_encoder under FSDP": FSDP_REFUSALS,
+    "training.use_ema under FSDP": FSDP_REFUSALS,
+    "fsdp_config.fsdp_offload_params (FSDP_OFFLOAD_PARAMS)": FSDP_REFUSALS,
+    "validation.prompts under FSDP": FSDP_REFUSALS,
     # training: the config
     "no base model given; set it in config.yaml or pass": "test_missing_config_keys_name_the_flags_that_fill_them",
     "no class prompt is set; pass --class_prompt": "test_missing_config_keys_name_the_flags_that_fill_them",

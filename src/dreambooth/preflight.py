@@ -23,6 +23,7 @@ from dreambooth.models.base import (
 from dreambooth.training.buckets import assign_bucket, describe_buckets, make_buckets
 from dreambooth.training.captions import Captions, is_companion, read_captions
 from dreambooth.training.class_images import ClassImagePlan, plan_class_images, recipe
+from dreambooth.training.distributed import fsdp_problems
 from dreambooth.training.images import ImageFolderReport, check_instance_folder, load_image, scan_image_folder
 from dreambooth.training.masks import MASK_SUFFIX, Masks, is_mask_file, read_masks
 from dreambooth.training.rundir import RunPlan, plan_run
@@ -576,6 +577,8 @@ def run_preflight(cfg: Config, config: ConfigReading | None = None) -> Preflight
     """
     problems = Problems(config)
     problems.check(check_runtime, cfg)
+    if not problems.blocked(("model.", "token.", "training.", "validation.")):
+        problems.found += fsdp_problems(cfg)  # accelerate's FSDP settings of this launch, before any weights load
     problems.check(check_quantization, cfg, needs=("model.", "model.method"))
     prediction_type = problems.check(check_base_model, cfg, needs=MODEL)
     model_ok = prediction_type is not None

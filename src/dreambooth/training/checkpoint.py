@@ -6,7 +6,7 @@ SDXL's and SD3's `text_encoder_2/`; save_pretrained folders) when they train who
 `pytorch_lora_weights.safetensors` for LoRA (with `adapter_state.safetensors`, peft's own state, for LoKr and LoHa),
 and `token_embeddings.safetensors` with `tokenizer/` (and
 `tokenizer_2/`) for new identifier tokens; beside them
-accelerate's optimizer, schedule and RNG state, each process's noise generator, the resolved `config.yaml`, and
+accelerate's optimizer, schedule and RNG state, the resolved `config.yaml`, and
 `trainer_state.json` (step, run id, the run's settings). So a checkpoint is usable on its own: `generate`,
 `evaluate` and `export` take it, and `UNet2DConditionModel.from_pretrained("checkpoint-400/unet")` loads it.
 
@@ -37,15 +37,15 @@ from dreambooth.formats.lora import TOKEN_FILE, lora_state_for_peft, read_token_
 from dreambooth.formats.lycoris import ADAPTER_PARAMETERS, LYCORIS, TITLES
 from dreambooth.models.base import CHECKPOINT_STATE, LORA_FILE
 from dreambooth.training.ema import RAW_WEIGHTS, ema_weights, load_raw_weights, save_raw_weights, trained_slots
-from dreambooth.training.outputs import save_lora_output, token_sides, unwrapped
+from dreambooth.training.outputs import save_lora_output, sharded, token_sides, unwrapped, whole_denoiser
 from dreambooth.training.rundir import next_save_index, rotate
 
 # A LoKr or LoHa run's adapters in a checkpoint as peft holds them, for an exact resume.
 ADAPTER_STATE = "adapter_state.safetensors"
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, generator: torch.Generator,
-                    total_limit: int | None, extra_files: dict[str, str] | None = None) -> Path:
+def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, total_limit: int | None,
+                    extra_files: dict[str, str] | None = None) -> Path:
     """Saves models (through the hooks of `CheckpointFiles`), optimizer, LR schedule, RNG and our trainer state as
     `checkpoint-<step>/`, atomically."""
     final = output_dir / f"checkpoint-{step}"
@@ -54,10 +54,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, gener
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    # every process has its own noise generator; all must be written before the folder is renamed
-    save_file({"noise_generator": generator.get_state()},
-              str(tmp / f"noise_generator_{accelerator.process_index}.safetensors"))
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # every process's RNG state is written before the folder is renamed
     if accelerator.is_main_process:
         try:
             for name, text in (extra_files or {}).items():
@@ -73,15 +70,12 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, gener
     return final
 
 
-def load_checkpoint(accelerator, path: Path, generator: torch.Generator) -> dict:
-    """Restores what `save_checkpoint` saved; returns the trainer state (with `global_step`)."""
+def load_checkpoint(accelerator, path: Path) -> dict:
+    """Restores what `save_checkpoint` saved; returns the trainer state (with `global_step`).
+
+    The noise generator needs no state: each micro-batch seeds it from its place in the global batch (loop.seed_draws).
+    Checkpoints from before that hold `noise_generator_N.safetensors`, which is not read."""
     accelerator.load_state(str(path))
-    rng_file = path / f"noise_generator_{accelerator.process_index}.safetensors"
-    if not rng_file.is_file():
-        raise UserError(f"output.resume_from_checkpoint: {path} was saved by fewer processes than this run has "
-                        f"(no {rng_file.name}); resume with the same number of processes.")
-    rng = load_file(str(rng_file))["noise_generator"]
-    generator.set_state(rng)
     return json.loads((path / CHECKPOINT_STATE).read_text())
 
 
@@ -110,26 +104,34 @@ class CheckpointFiles:
         acc = self.run.accelerator
 
         def save_hook(models, weights, output_dir):
+            denoiser = whole_denoiser(self.run) if self.run.cfg.model.method == "full" else None
             if acc.is_main_process:
-                self.save(Path(output_dir))
+                self.save(Path(output_dir), denoiser)
             weights.clear()
 
         def load_hook(models, input_dir):
-            self.load(Path(input_dir))
+            # Under FSDP accelerate has already loaded the denoiser's shards (and the optimizer's) from its own files
+            # in the checkpoint, resharded to this run's process count; the denoiser is all that trains there
+            # (training.distributed.fsdp_problems), so the diffusers layout beside them is for drawing only.
+            if not sharded(acc):
+                self.load(Path(input_dir))
             models.clear()
 
         acc.register_save_state_pre_hook(save_hook)
         acc.register_load_state_pre_hook(load_hook)
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, denoiser: torch.nn.Module | None = None) -> None:
+        """`denoiser`: the whole trained denoiser (outputs.whole_denoiser), where it is not the unwrapped module."""
         with ema_weights(self.run):
-            self._save_layout(folder)
+            self._save_layout(folder, denoiser)
         if self.run.ema is not None:
             save_raw_weights(self.run.ema, folder / RAW_WEIGHTS)
 
-    def _save_layout(self, folder: Path) -> None:
+    def _save_layout(self, folder: Path, denoiser: torch.nn.Module | None) -> None:
         cfg, m = self.run.cfg, self.run.models
         modules = unwrapped(self.run)
+        if denoiser is not None:
+            modules[m.family.denoiser] = denoiser
         if cfg.model.method == "lora":
             save_lora_output(self.run, folder)  # adapters and new tokens, as in the final output
             if cfg.lora.adapter in LYCORIS:

@@ -11,8 +11,9 @@ What a graph needs, and how the step gives it:
 - the learning rate is a device tensor that the LR schedule fills in place (torch's schedulers `fill_` a tensor
   lr), read by a capturable AdamW;
 - gradients are zeroed in place (`zero_grad(set_to_none=False)`), so their buffers stay;
-- noise and timesteps are drawn inside from the run's generator (CUDA's generator is graph-safe: each replay
-  advances its offset, so a checkpoint's generator state means the same thing with and without graphs).
+- noise and timesteps are drawn inside from the run's generator, which the loop seeds before each micro-step
+  (loop.seed_draws; CUDA's generator is graph-safe: a replay starts from the generator's seed and offset as they are,
+  so it draws what an eager micro-step would).
 Two graphs: one micro-step (forward and backward, gradients accumulating), replayed `gradient_accumulation_steps`
 times, and one optimizer step (clip, AdamW, zero). Validation, checkpoints and a stop request happen between
 replays, as in the eager loop, and so does the EMA update of --use_ema (training.ema): it reads the weights the
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from dreambooth.models.families.common import Conditioning
+from dreambooth.training.distributed import fsdp_env
 from dreambooth.training.loss import LossParts, latent_mask
 
 WARMUP_STEPS = 3  # eager optimizer steps before capture: cuDNN/cuBLAS pick their kernels, AdamW creates its state
@@ -49,6 +51,8 @@ def graph_obstacles(cfg, device_type: str, num_processes: int) -> list[str]:
         found.append(f"the device is {device_type}, not CUDA")
     if num_processes > 1:
         found.append("several processes (DDP) are not captured yet")
+    if fsdp_env() is not None:
+        found.append("FSDP's gathers and reshards of the weights are not captured")
     if t.mixed_precision == "fp16":
         found.append("fp16's GradScaler reads the host every step (bf16 needs none)")
     if t.optimizer_kind != "adamw":
@@ -255,8 +259,8 @@ def capture_graphs(step: StaticStep) -> dict:
     next replay is the next real step.
     """
     graphs = {"micro": torch.cuda.CUDAGraph(), "optimizer": torch.cuda.CUDAGraph()}
-    # The run's own generator (not the default one) draws the noise and timesteps: registered, each replay
-    # advances its offset as an eager step would, so the draws go on as they would without the graph.
+    # The run's own generator (not the default one) draws the noise and timesteps: registered, each replay reads
+    # its seed and offset as the loop left them (seeded per micro-step) and advances the offset as an eager step would.
     register = getattr(graphs["micro"], "register_generator_state", None)  # torch >= 2.4 on CUDA builds
     if register is not None:
         register(step.run.generator)

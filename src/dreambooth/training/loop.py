@@ -30,6 +30,7 @@ from dreambooth.training.components import (
     make_optimizer,
     param_groups,
 )
+from dreambooth.training.distributed import Layout, draw_seed, resume_note
 from dreambooth.training.ema import describe, ema_weights, make_average
 from dreambooth.training.graph_step import StaticStep, graph_plan
 from dreambooth.training.loss import LossParts, latent_mask
@@ -175,10 +176,21 @@ def frozen_offload(run: Run, encode: PromptEncoder, latent_cache: LatentCache) -
     return offload
 
 
+def seed_draws(run: Run, micro: int) -> None:
+    """Seeds the run's generator for micro-batch `micro` of this step from its place in the global batch
+    (training.distributed.draw_seed), so the draws do not depend on how many processes share the batch."""
+    acc, accumulation = run.accelerator, run.cfg.training.gradient_accumulation_steps
+    index = (run.global_step * accumulation + micro) * acc.num_processes + acc.process_index
+    run.generator.manual_seed(draw_seed(run.cfg.training.seed, index))
+
+
 def eager_update(run: Run, batches, encode, latent_cache, clip, modules, logger) -> None:
     """One optimizer step the plain way: gradient_accumulation_steps batches through accelerate, then AdamW."""
     acc = run.accelerator
+    micro = 0
     while True:
+        seed_draws(run, micro)
+        micro += 1
         with acc.accumulate(*modules):
             parts = training_step(run.cfg, run.models, next(batches), encode, latent_cache, run.generator)
             acc.backward(parts.loss)
@@ -195,7 +207,8 @@ def eager_update(run: Run, batches, encode, latent_cache, clip, modules, logger)
 
 def static_update(run: Run, batches, static: StaticStep, logger) -> None:
     """One optimizer step over static buffers (training.graph_step): the micro-steps, then clip, AdamW, zero."""
-    for _ in range(run.cfg.training.gradient_accumulation_steps):
+    for micro in range(run.cfg.training.gradient_accumulation_steps):
+        seed_draws(run, micro)
         logger.add(static.micro_step(next(batches)))
     static.optimizer_step()
     # The schedule itself: accelerate's wrapper steps it only on steps it saw synchronised, and this path does not
@@ -207,12 +220,13 @@ def checkpoint(run: Run) -> Path:
     """A resumable checkpoint that names its run, and one line saying where it went."""
     cfg = run.cfg
     state = {"run_id": run.run_id, "settings": run.report.run_plan.settings, "base_model": cfg.model.pretrained_model,
-             "method": cfg.model.method, "total_steps": run.total_steps, "versions": library_versions()}
+             "method": cfg.model.method, "total_steps": run.total_steps, "layout": layout(run).record(),
+             "versions": library_versions()}
     if run.ema is not None:  # what the layout's weights are; raw_weights.safetensors holds the trained ones
         state["ema"] = run.ema.record()
     extra = {"config.yaml": dump_config(run.cfg)}
-    path = save_checkpoint(run.accelerator, run.out, run.global_step, state, run.generator,
-                           run.cfg.output.checkpoints_total_limit, extra)
+    path = save_checkpoint(run.accelerator, run.out, run.global_step, state, run.cfg.output.checkpoints_total_limit,
+                           extra)
     if run.accelerator.is_main_process:
         tqdm.write(f"checkpoint saved: {path}")
     refresh_report(run)
@@ -323,6 +337,20 @@ def setup(cfg: Config, report: Preflight) -> Run:
     return run
 
 
+def layout(run: Run) -> Layout:
+    t = run.cfg.training
+    return Layout(run.accelerator.num_processes, t.batch_size, t.gradient_accumulation_steps)
+
+
+def schedule_at(lr_scheduler, count: int) -> None:
+    """Puts the LR schedule at `count` of its steps. accelerate steps the schedule once per process per optimizer step
+    (components.make_lr_scheduler counts so), so a checkpoint saved by another process count holds another count
+    for the same optimizer step. diffusers' schedules are closed-form in their step (LambdaLR)."""
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    inner.last_epoch = count - 1
+    inner.step()
+
+
 def resume(run: Run) -> int:
     """Loads the planned checkpoint into the run; returns the step to continue from."""
     checkpoint = run.report.run_plan.resume_from
@@ -331,9 +359,15 @@ def resume(run: Run) -> int:
     if checkpoint.step > run.total_steps:
         raise UserError(f"output.resume_from_checkpoint: {checkpoint.path} is at step {checkpoint.step}, past this "
                         f"run's {run.total_steps} steps. Train for more epochs or steps to continue it.")
-    state = load_checkpoint(run.accelerator, checkpoint.path, run.generator)
+    state = load_checkpoint(run.accelerator, checkpoint.path)
     step = int(state["global_step"])
+    saved = Layout.from_record(state.get("layout"))
+    if saved is not None and saved.processes != run.accelerator.num_processes:
+        schedule_at(run.lr_scheduler, step * run.accelerator.num_processes)
     if run.accelerator.is_main_process:
+        note = resume_note(saved, layout(run))
+        if note:
+            print(note)
         print(f"resumed from {checkpoint.path} at step {step}")
         if step == run.total_steps:
             print(f"it is already at max_train_steps ({step}): nothing left to train; saving the final outputs from it")

@@ -22,7 +22,37 @@ from dreambooth.training.ema import weights_label
 from dreambooth.versions import library_versions
 
 
-def save_full_model(run) -> None:
+def sharded(accelerator) -> bool:
+    """Whether the trained weights are split across the processes (accelerate's FSDP plugin)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def whole_denoiser(run) -> torch.nn.Module | None:
+    """The trained denoiser, whole, on the main process (None on the others); every process must call it.
+
+    Without FSDP that is the unwrapped module. Under FSDP each process holds a shard: accelerate's get_state_dict
+    gathers the full weights onto the main process (all processes take part), where they fill a copy built on the
+    meta device from the denoiser's config, so no second set of weights is ever allocated before they arrive."""
+    acc = run.accelerator
+    module = acc.unwrap_model(run.models.denoiser)
+    if not sharded(acc):
+        return module
+    state = acc.get_state_dict(run.models.denoiser)
+    if not acc.is_main_process:
+        return None
+    with torch.device("meta"):
+        whole = type(module).from_config(module.config)
+    whole.load_state_dict(state, assign=True)
+    for name, buffer in list(whole.named_buffers()):  # non-persistent buffers are in no state dict; FSDP leaves
+        if buffer.is_meta:                             # buffers whole on every process, so the local one is it
+            owner, _, leaf = name.rpartition(".")
+            whole.get_submodule(owner).register_buffer(leaf, module.get_buffer(name).detach().cpu(), persistent=False)
+    return whole
+
+
+def save_full_model(run, denoiser: torch.nn.Module | None = None) -> None:
     """The trained pipeline in diffusers format at the output dir, loadable by stock from_pretrained.
 
     Frozen parts are read again from the base model rather than saved from their low-precision training
@@ -32,7 +62,7 @@ def save_full_model(run) -> None:
     from dreambooth.models.loading import pipeline_class
 
     acc, cfg, m = run.accelerator, run.cfg, run.models
-    parts = {m.family.denoiser: acc.unwrap_model(m.denoiser)}
+    parts = {m.family.denoiser: denoiser if denoiser is not None else acc.unwrap_model(m.denoiser)}
     for name, tokenizer, encoder, _ in m.text_sides():
         parts[name.replace("text_encoder", "tokenizer")] = tokenizer  # with any new token
         if any(p.requires_grad for p in encoder.parameters()):
@@ -126,12 +156,14 @@ def token_sides(run) -> list[tuple]:
 def save_outputs(run) -> None:
     acc = run.accelerator
     acc.wait_for_everyone()
+    full = run.cfg.model.method != "lora"
+    denoiser = whole_denoiser(run) if full else None  # gathered by every process under FSDP
     if not acc.is_main_process:
         return
-    if run.cfg.model.method == "lora":
-        save_lora_output(run)
+    if full:
+        save_full_model(run, denoiser)
     else:
-        save_full_model(run)
+        save_lora_output(run)
 
 
 def model_card(run) -> str:

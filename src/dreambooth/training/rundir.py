@@ -384,11 +384,6 @@ def _plan_resume(cfg, plan: RunPlan, folder: FolderState, resume: str, identity_
         raise UserError(f"output.resume_from_checkpoint: {checkpoint.path} is at step {checkpoint.step}, past "
                         f"max_train_steps {total}. Raise --max_train_steps to train further, or use the checkpoint "
                         "as it is (`dreambooth generate --model` and `export` take it).")
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    saved = len(list(checkpoint.path.glob("noise_generator_*.safetensors")))
-    if saved and saved < processes:
-        raise UserError(f"output.resume_from_checkpoint: {checkpoint.path} was saved by {saved} process(es) and this "
-                        f"run has {processes}; resume with the same number of processes.")
     plan.resume_from, plan.run_id = checkpoint, checkpoint.run_id
     return plan
 
