@@ -288,6 +288,8 @@ SITES = {
     "start `dreambooth serve` with --llm-base-url": "test_chat_advice_names_the_options_that_make_it_answer",
     # serve --ray (tests/test_serve_ray_options.py)
     "not options of `dreambooth serve` (its --help lists them": RAY + "test_builder_args_are_the_serve_options_by_name",
+    "is not a {kind.__name__} (`dreambooth serve --help` says what": RAY + "test_builder_args_are_the_serve_options_"
+                                                                        "by_name",
     "describe(s) a Ray deployment: add --ray, or leave them out": RAY + "test_ray_options_without_ray_are_refused_and_"
                                                                   "what_the_message_says_works",
     "--min-replicas is an autoscaling bound: give --max-replicas": RAY + "test_ray_options_without_ray_are_refused_"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
 import sys
 import time
 
@@ -105,8 +106,15 @@ def test_builder_args_are_the_serve_options_by_name(tmp_path):
     with pytest.raises(UserError, match="Ray Serve args characterz: not options of `dreambooth serve`"):
         ray_app.options_from_args({"characterz": "c.yaml"})
     assert ray_app.options_from_args({"characters": "c.yaml"}).characters.name == "c.yaml"  # the spelling it names
-    with pytest.raises(UserError, match="max_batch: 'many' is not a int"):
-        ray_app.options_from_args({"max_batch": "many"})
+    for key, value in (("max_batch", "many"), ("max_batch", 3.5), ("max_batch", True), ("ray", "flase"),
+                       ("ray", 2), ("characters", ["a.yaml"]), ("max_batch", "3.0")):
+        with pytest.raises(UserError, match=f"Ray Serve arg {key}: .* is not a"):  # refused, not guessed
+            ray_app.options_from_args({key: value})
+    # what `dreambooth serve --help` says of --max-batch: a whole number
+    assert "--max-batch" in subprocess.run([sys.executable, "-m", "dreambooth", "serve", "--help"], capture_output=True,
+                                           text=True).stdout
+    assert ray_app.options_from_args({"max_batch": 3.0, "ray": "no", "target_ongoing_requests": "1.5"}) == \
+        ServeOptions(max_batch=3, ray=False, target_ongoing_requests=1.5)
     with pytest.raises(UserError, match="--max-batch"):  # checked as the command line checks it
         ray_app.options_from_args({"max_batch": 0})
     # what the command hands the replicas comes back as the same options

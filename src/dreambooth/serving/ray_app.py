@@ -10,8 +10,8 @@ Retry-After. /metrics joins every replica's own figures, each labelled with its 
 
 `serving.command.ray_application(args)` is the application builder for Ray's own tools (`serve run
 dreambooth.serving.command:ray_application`, KubeRay's RayService `import_path`), its args the options of
-`dreambooth serve` by name. Ray is imported in functions only: the
-module imports without the ray extra, so that the command can say which extra is missing.
+`dreambooth serve` by name. Ray is imported in functions only: the module imports without the ray extra, so that the
+command can say which extra is missing.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ ROUTED = ("/v1/render", "/v1/compile", "/v1/chat-render")  # the endpoints whose
 RETRIES = 3
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
 RETRY_AFTER_S = 5
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 # The Gateway only forwards: no CPU of its own to reserve, and no queue (each replica's own answers 429).
 GATEWAY_SETTINGS = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 10_000}
 
@@ -48,20 +49,30 @@ def options_from_args(args: dict) -> ServeOptions:
     if unknown:
         raise UserError(f"Ray Serve args {', '.join(unknown)}: not options of `dreambooth serve` (its --help lists "
                         "them; write them with underscores, e.g. max_batch).")
-    values, hints = {}, typing.get_type_hints(ServeOptions)
-    for key, value in args.items():
-        name = key.replace("-", "_")
-        kind, _ = value_type(hints[name])
-        if value is None or kind is bool and isinstance(value, bool):
-            values[name] = value
-        elif kind is bool:
-            values[name] = str(value).lower() in ("1", "true", "yes")
-        else:
-            try:
-                values[name] = kind(value)
-            except (TypeError, ValueError):
-                raise UserError(f"Ray Serve arg {key}: {value!r} is not a {kind.__name__}.") from None
+    hints = typing.get_type_hints(ServeOptions)
+    values = {key.replace("-", "_"): arg_value(key, value, value_type(hints[key.replace("-", "_")])[0])
+              for key, value in args.items()}
     return check_settings(ServeOptions(**values))
+
+
+def arg_value(key: str, value, kind: type):
+    """One builder arg as its option's type (YAML gives numbers and booleans, `serve run` strings); a value that is
+    not plainly one of that type is refused, never guessed (`"flase"` is no boolean, 3.5 no whole number)."""
+    if value is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in BOOLEANS:
+            return BOOLEANS[str(value).lower()]
+    elif not isinstance(value, (bool, dict, list)) and not (kind is int and isinstance(value, float)
+                                                             and not value.is_integer()):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    raise UserError(f"Ray Serve arg {key}: {value!r} is not a {kind.__name__} (`dreambooth serve --help` says what "
+                    f"--{key.replace('_', '-')} takes).")
 
 
 def args_from_options(options: ServeOptions) -> dict:
