@@ -4,6 +4,7 @@ builder's args, and the gateway's pieces (routing by character, the replicas' /m
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -230,3 +231,107 @@ def test_an_address_that_answers_but_is_no_ray_head_is_one_message_within_the_ti
         with pytest.raises(UserError, match=rf"--ray-address {address}: Ray did not connect within 6 s\. Check"):
             ray_app.probe_cluster(address, timeout_s=6)
         assert time.monotonic() - started < 20
+
+
+# ------------------------------------------------------------------------- the gateway, without Ray's processes
+class Replica:
+    """Stands in for the Characters deployment's handle: each `forward` answered by the one app in this process
+    (what a replica does), after `deaths` failures as of a replica that died; the routing ids it was given."""
+
+    def __init__(self, app, deaths: int = 0):
+        self.app, self.deaths, self.ids, self.calls = app, deaths, [], 0
+        self.forward = self
+
+    def options(self, multiplexed_model_id: str):
+        self.ids.append(multiplexed_model_id)
+        return self
+
+    async def remote(self, request: dict) -> dict:
+        from ray.exceptions import ActorDiedError
+
+        self.calls += 1
+        if self.deaths:
+            self.deaths -= 1
+            raise ActorDiedError()
+        return await ray_app.call_asgi(self.app, request)
+
+
+def through_gateway(gateway, replica, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """(status, headers, body) of one request through `gateway`, the replica's app started as a replica starts it."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    async def go():
+        await ray_app.Lifespan(replica.app).start()
+        raw = [(k.lower().encode(), v.encode()) for k, v in {"content-length": str(len(body)),
+                                                             "content-type": "application/json",
+                                                             **(headers or {})}.items()]
+        scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": raw, "client": ("203.0.113.9", 5000), "server": ("test", 80), "scheme": "http",
+                 "root_path": "", "http_version": "1.1"}
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.disconnect"}
+
+        response = await gateway(Request(scope, receive))
+        return response.status_code, {k.decode(): v.decode() for k, v in response.raw_headers}, response.body
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def gateway_and_replica(tiny_model, tmp_path, monkeypatch):
+    from dreambooth.serving.app import create_app
+    from dreambooth.serving.auth import parse_keys
+    from serving_support import stand_in_service
+
+    async def no_wait(seconds):
+        return None
+
+    monkeypatch.setattr(ray_app.asyncio, "sleep", no_wait)  # the gateway's back-off between retries
+    service = stand_in_service(tmp_path, tiny_model)
+    app = create_app(service, parse_keys("alice user " + "u" * 24, "test"))
+    path = tmp_path / "characters.yaml"
+
+    def make(deaths: int = 0):
+        replica = Replica(app, deaths)
+        return ray_app.Gateway(replica, {"characters": str(path), "max_body_kb": 1}), replica
+
+    return make
+
+
+def test_the_gateway_forwards_the_whole_request_routed_by_its_character(gateway_and_replica):
+    gateway, replica = gateway_and_replica()
+    key = {"authorization": "Bearer " + "u" * 24}
+    status, headers, body = through_gateway(gateway, replica, "POST", "/v1/render",
+                                            b'{"character": "dog", "seed": 7}', key)
+    assert status == 200 and body.startswith(b"\x89PNG") and headers["x-seed"] == "7"
+    assert replica.ids == ["dog"]  # Ray's multiplexed model id: the character
+    status, headers, body = through_gateway(gateway, replica, "POST", "/v1/render", b'{"character": "dog"}')
+    assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized"  # the replica's keys, as sent
+    status, _, body = through_gateway(gateway, replica, "POST", "/v1/compile", b'{"character": "cat"}', key)
+    assert status == 404 and replica.ids[-1] == ""  # a name no character has: any replica answers the 404
+    status, _, body = through_gateway(gateway, replica, "GET", "/healthz")
+    assert status == 200 and json.loads(body)["characters"] == ["dog"] and replica.ids[-1] == ""
+    calls = replica.calls
+    status, _, body = through_gateway(gateway, replica, "POST", "/v1/render", b"x" * 1025, key)
+    assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large" and replica.calls == calls
+
+
+def test_a_replica_that_dies_under_a_request_is_retried_then_answered_503(gateway_and_replica):
+    key = {"authorization": "Bearer " + "u" * 24}
+    gateway, replica = gateway_and_replica(deaths=2)
+    status, _, body = through_gateway(gateway, replica, "POST", "/v1/render", b'{"character": "dog"}', key)
+    assert status == 200 and body.startswith(b"\x89PNG") and replica.calls == 3
+    assert gateway.forwarded == {"ok": 1, "retried": 2, "unavailable": 0}
+    gateway, replica = gateway_and_replica(deaths=ray_app.RETRIES + 1)
+    status, headers, body = through_gateway(gateway, replica, "POST", "/v1/render", b'{"character": "dog"}', key)
+    assert status == 503 and headers["retry-after"] == str(ray_app.RETRY_AFTER_S)
+    assert json.loads(body)["error"]["code"] == "unavailable" and replica.calls == ray_app.RETRIES + 1
+    assert gateway.forwarded == {"ok": 0, "retried": ray_app.RETRIES, "unavailable": 1}

@@ -375,6 +375,8 @@ class Gateway:
                 self.forwarded["ok"] += 1
                 return answer
             except (exceptions.RayActorError, exceptions.ActorUnavailableError):
+                if attempt == RETRIES:
+                    break
                 self.forwarded["retried"] += 1
                 await asyncio.sleep(0.5 * (attempt + 1))
         self.forwarded["unavailable"] += 1
