@@ -140,6 +140,9 @@ step profile 120 python bench/profile_step.py --model "$MODEL" --method full --w
     --out "$OUT/profile-sd15-full"
 if python -c "import pytest" 2>/dev/null; then
     step gpu-tests 240 python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+    # FSDP2 through accelerate on every GPU here (one, on the lent machine: a world of one still shards, gathers and
+    # saves through the same code), against one process accumulating the same batch (issue 27)
+    step fsdp-tests 240 python -m pytest -q -m gpu tests/test_fsdp.py -p no:cacheprovider
 else
     echo "gpu-tests skipped: pytest is not installed (carry its wheel in .whl/)" | tee -a "$LOG"
 fi
