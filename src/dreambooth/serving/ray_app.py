@@ -242,9 +242,11 @@ def replica_class(max_loras: int):
             return Held(name, renderer)
 
         async def forward(self, request: dict) -> dict:
-            if self.lifespan is None:
+            if self.lifespan is None:  # the first request starts the app (its batcher) in Ray's event loop
                 self.lifespan = Lifespan(self.app)
                 await self.lifespan.start()
+            else:  # requests that came while it starts wait for it
+                await self.lifespan.started.wait()
             name = serve.get_multiplexed_model_id()
             if name:
                 await self.hold(name)
