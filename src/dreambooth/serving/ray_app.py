@@ -264,9 +264,6 @@ def replica_class(max_loras: int):
                 self.board = ray.get_actor(BOARD, namespace=APPLICATION)
             self.board.put.remote(self.replica, self.service.metrics_page().decode())
 
-        def metrics_text(self) -> str:
-            return self.service.metrics_page().decode()
-
     return CharacterReplica
 
 
