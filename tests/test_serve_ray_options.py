@@ -335,3 +335,21 @@ def test_a_replica_that_dies_under_a_request_is_retried_then_answered_503(gatewa
     assert status == 503 and headers["retry-after"] == str(ray_app.RETRY_AFTER_S)
     assert json.loads(body)["error"]["code"] == "unavailable" and replica.calls == ray_app.RETRIES + 1
     assert gateway.forwarded == {"ok": 0, "retried": ray_app.RETRIES, "unavailable": 1}
+
+
+def test_the_store_is_checked_before_ray_starts(tiny_model, tmp_path, capsys, monkeypatch):
+    """--redis-url is asked, and its clash with --cache-dir refused, by the command itself: found by a replica, the
+    same mistake was a traceback after Ray had started."""
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started although the store was refused")
+
+    monkeypatch.setattr(ray_app, "start", no_ray)
+    path = characters_file(tmp_path, tiny_model)
+    err = refused(capsys, "--characters", path, "--ray", "--redis-url", "redis://127.0.0.1:1/0", "--cache-dir",
+                  tmp_path / "cache")
+    assert "--cache-dir" in err and "both say where the image cache is" in err
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert f"no Redis answered at --redis-url redis://127.0.0.1:{port}/0" in refused(
+        capsys, "--characters", path, "--ray", "--redis-url", f"redis://127.0.0.1:{port}/0")

@@ -102,13 +102,16 @@ def checked_keys(options) -> list:
 
 
 def checked_for_ray(options):
-    """The options Ray's replicas are built from, checked here first (keys, host, the characters file) so that a
-    mistake is one message from the command rather than a replica failing; --demo's characters file written (its
-    subject trained) once, here, not in each replica."""
+    """The options Ray's replicas are built from, checked here first (keys, host, the characters file, the image
+    cache and rate limits' store) so that a mistake is one message from the command rather than a replica failing;
+    --demo's characters file written (its subject trained) once, here, not in each replica."""
+    from dreambooth.serving.stores import stores
+
     checked_keys(options)
     if options.demo:
         options = dataclasses.replace(options, demo=False, characters=demo_characters_file(options.demo_dir))
     load_characters(options.characters)
+    stores(options, options.characters)  # --redis-url answers, and does not contradict --cache-dir
     return options
 
 
