@@ -1,0 +1,143 @@
+"""`dreambooth studio`'s web application: the page and the API it calls, over the library (projects, runs, ...).
+
+What every request passes first (`Guard`, outside every route):
+
+- **Who calls.** Without API keys the studio listens on loopback only and every local caller may do everything.
+  With keys (`--api-keys`, as `serve` reads them) a caller sends one as `Authorization: Bearer TOKEN`, or logs in
+  once (POST /api/login) and the browser then carries a session cookie (HttpOnly, SameSite=Strict) holding the key's
+  name signed with this process's secret, never the key.
+- **No state change from another site.** GET and HEAD never change anything. Every other method needs the
+  `X-Studio-CSRF` header to equal the token the page was served with: a page on another origin can make the browser
+  send a request (with the cookie) but cannot read the token to put in it.
+- **Bodies are bounded** (`--max-upload-mb`, plus room for a form): a larger one is refused with 413 as it arrives.
+
+Refusals are JSON, `{"error": {"code", "message"}}`, as the character service answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from dreambooth.serving.app import BodyLimit, error_response
+from dreambooth.serving.auth import Key, find_key
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+CSRF_HEADER = "x-studio-csrf"
+SESSION_COOKIE = "studio_session"
+FORM_ROOM = 64 * 1024  # room for a JSON body; a photo arrives as the raw body of its PUT
+
+
+@dataclass
+class Access:
+    """The studio's keys (none: loopback only, everyone local may do everything), its CSRF token and the secret its
+    session cookies are signed with; both made fresh for each studio process."""
+
+    keys: list[Key]
+    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+
+    def session_for(self, key: Key) -> str:
+        signature = hmac.new(self.secret, key.name.encode(), hashlib.sha256).hexdigest()
+        return f"{key.name}.{signature}"
+
+    def key_of_session(self, cookie: str) -> Key | None:
+        name, _, signature = cookie.rpartition(".")
+        key = next((k for k in self.keys if k.name == name), None)
+        if key is None:
+            return None
+        expected = hmac.new(self.secret, name.encode(), hashlib.sha256).hexdigest()
+        return key if hmac.compare_digest(signature, expected) else None
+
+    def caller(self, headers: dict, cookies: dict) -> Key | None:
+        """The key a request comes with (bearer token or session cookie); None when it has none that is ours."""
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return find_key(self.keys, token.strip())
+        cookie = cookies.get(SESSION_COOKIE)
+        return self.key_of_session(cookie) if cookie else None
+
+
+class Guard:
+    """The caller and the CSRF token, checked before any route (module docstring)."""
+
+    OPEN = {"/", "/healthz", "/api/login"}  # the page itself, the health check and logging in need no key
+
+    def __init__(self, app, access: Access):
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        refusal = self.refusal(request)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def refusal(self, request: Request) -> JSONResponse | None:
+        if request.method not in SAFE_METHODS:
+            sent = request.headers.get(CSRF_HEADER, "")
+            if not hmac.compare_digest(sent.encode(), self.access.csrf.encode()):
+                return error_response(403, "csrf", "this request changes the studio's state and did not come from "
+                                      f"the studio's page (no {CSRF_HEADER} header with the page's token). Reload "
+                                      "the page and try again; scripts read the token from the page's "
+                                      "<meta name=\"studio-csrf\">.")
+        if self.access.keys and request.url.path not in self.OPEN:
+            if self.access.caller(request.headers, request.cookies) is None:
+                return error_response(401, "unauthorized", "log in with one of the studio's API keys (the page "
+                                      "asks for it), or send it as `Authorization: Bearer TOKEN`.",
+                                      {"WWW-Authenticate": "Bearer"})
+        return None
+
+
+class Login(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(min_length=1, max_length=512)
+
+
+def create_studio(access: Access, *, max_upload_bytes: int) -> FastAPI:
+    """The studio's app: the page, the health check, logging in; the project and run routes join it."""
+    app = FastAPI(title="dreambooth studio", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, access=access)
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_ROOM)  # outermost: counted before anything reads it
+    page = resources.files("dreambooth.studio").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def studio_page():
+        return page.replace("{{csrf}}", access.csrf).replace("{{login}}", "true" if access.keys else "false")
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "auth": bool(access.keys)}
+
+    @app.post("/api/login")
+    def login(body: Login):
+        key = find_key(access.keys, body.token) if access.keys else None
+        if access.keys and key is None:
+            return error_response(403, "forbidden", "that is not one of the studio's API keys.")
+        response = JSONResponse({"name": key.name if key else "local"})
+        if key is not None:
+            response.set_cookie(SESSION_COOKIE, access.session_for(key), httponly=True, samesite="strict")
+        return response
+
+    @app.post("/api/logout")
+    def logout():
+        response = JSONResponse({"ok": True})
+        response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict")
+        return response
+
+    @app.get("/api/whoami")
+    def whoami(request: Request):
+        key = access.caller(request.headers, request.cookies) if access.keys else None
+        return {"name": key.name if key else "local", "role": key.role if key else "operator"}
+
+    return app
