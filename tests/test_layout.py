@@ -44,7 +44,8 @@ LAYERS = {
                    "evaluation.background"],
     "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.stores", "serving.metrics",
                 "serving.service", "serving.renderer", "serving.chat", "serving.app", "serving.ray_app"],
-    "front doors": ["export", "project", "characters.commands", "serving.command", "cli", "__main__"],
+    "front doors": ["export", "project", "characters.commands", "serving.command", "studio.projects", "cli",
+                    "__main__"],
 }
 
 
