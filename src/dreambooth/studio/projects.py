@@ -186,9 +186,9 @@ class Project:
         value = self._value(section, key)
         default = str(SECTION_TYPES[section].model_fields[key].default)
         try:
-            return confined(self.path, str(value), f"{section}.{key}") if value else self.path / default
+            return confined(self.path, str(value), f"{section}.{key}") if value else confined(self.path, default, key)
         except UserError:
-            return self.path / default
+            return confined(self.path, default, f"{section}.{key}")  # its default, if that stays inside
 
     @property
     def photo_dir(self) -> Path:
