@@ -480,7 +480,10 @@ class Projects:
                 continue
             if not path.resolve().is_relative_to(self.root.resolve()) or not (path / "config.yaml").is_file():
                 continue
-            found.append(Project(path, **self.limits).summary())
+            try:
+                found.append(Project(path, **self.limits).summary())
+            except UserError as e:  # a folder of it leads outside: listed with why it cannot be opened
+                found.append({"name": path.name, "problem": str(e)})
         return found
 
     def create(self, name: str, *, identifier: str, class_word: str, model: str | None = None) -> Project:
