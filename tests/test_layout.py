@@ -44,8 +44,8 @@ LAYERS = {
                    "evaluation.background"],
     "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.stores", "serving.metrics",
                 "serving.service", "serving.renderer", "serving.chat", "serving.app", "serving.ray_app"],
-    "studio": ["studio.app"],
-    "front doors": ["export", "project", "characters.commands", "serving.command", "studio.command", "cli",
+    "front doors": ["export", "project", "characters.commands", "serving.command", "studio.projects", "studio.app",
+                    "studio.command", "cli",
                     "__main__"],
 }
 
