@@ -74,3 +74,67 @@ def test_the_studio_command_refuses_another_host_without_keys(tmp_path, capsys, 
 def test_reading_never_needs_the_token(path):
     studio, _ = client()
     assert studio.get(path).status_code == 200
+
+
+# ------------------------------------------------------------------------------------- projects over HTTP
+@pytest.fixture
+def studio(tmp_path, tiny_model):
+    from dreambooth.studio.projects import Projects
+
+    access = Access([])
+    app = create_studio(access, max_upload_bytes=2 * 1024 * 1024,
+                        projects=Projects(tmp_path / "projects", max_upload_bytes=2 * 1024 * 1024),
+                        models_dir=tiny_model.parent)
+    with TestClient(app, headers={CSRF_HEADER: access.csrf}) as client:
+        yield client
+
+
+def png(i: int) -> bytes:
+    import io
+
+    from conftest import draw_subject
+
+    buffer = io.BytesIO()
+    draw_subject(i).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_project_is_made_filled_and_checked_through_the_api(studio, tiny_model):
+    made = studio.post("/api/projects", json={"name": "saya", "identifier": "<saya>", "class_word": "girl",
+                                              "model": str(tiny_model)})
+    assert made.status_code == 200, made.text
+    assert [p["name"] for p in studio.get("/api/projects").json()["projects"]] == ["saya"]
+    for i in range(3):
+        assert studio.put(f"/api/projects/saya/photos/photo{i}.png", content=png(i)).status_code == 200
+    refused = studio.put("/api/projects/saya/photos/notes.png", content=b"just some text, not a picture")
+    assert refused.status_code == 422 and "not an image" in refused.json()["error"]["message"]
+    photos = studio.get("/api/projects/saya/photos").json()["photos"]
+    assert len(photos) == 3 and all(p["status"] == "usable" for p in photos)
+    assert studio.get(f"/api/projects/saya/photos/{photos[0]['name']}").content == png(0)
+    assert studio.put(f"/api/projects/saya/photos/{photos[0]['name']}/caption",
+                      json={"text": "a photo of <saya> girl smiling"}).status_code == 200
+    report = studio.get("/api/projects/saya/report").json()
+    assert report["identifier"]["identifier"] == "<saya>" and report["usable"] == 3, report
+    assert [m["name"] for m in studio.get("/api/models").json()["models"]] == [tiny_model.name]
+    schema = studio.get("/api/recipe-schema").json()
+    assert "training" in schema["properties"]
+    saved = studio.put("/api/projects/saya/config", json={"values": {"training": {"max_train_steps": 7}}})
+    assert saved.status_code == 200 and saved.json()["config"]["training"]["max_train_steps"] == 7
+    wrong = studio.put("/api/projects/saya/config", json={"values": {"training": {"max_train_stepz": 7}}})
+    assert wrong.status_code == 422 and "max_train_stepz" in wrong.json()["error"]["message"]
+    assert studio.get("/api/projects/saya").json()["config"]["training"]["max_train_steps"] == 7  # kept
+    removed = studio.delete(f"/api/projects/saya/photos/{photos[1]['name']}")
+    assert removed.status_code == 200 and len(studio.get("/api/projects/saya/photos").json()["photos"]) == 2
+
+
+@pytest.mark.parametrize("path", ["/api/projects/..", "/api/projects/%2e%2e/photos", "/api/projects/a%2Fb/report"])
+def test_a_path_outside_the_projects_is_refused(studio, path):
+    answer = studio.get(path)
+    assert answer.status_code in (404, 422) and "error" in answer.json()
+
+
+def test_an_upload_over_the_limit_is_refused_before_it_is_read_whole(studio, tiny_model):
+    studio.post("/api/projects", json={"name": "p", "identifier": "sks", "class_word": "dog",
+                                       "model": str(tiny_model)})
+    answer = studio.put("/api/projects/p/photos/big.png", content=b"\0" * (3 * 1024 * 1024))
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "body_too_large"

@@ -104,9 +104,38 @@ class Login(BaseModel):
     token: str = Field(min_length=1, max_length=512)
 
 
-def create_studio(access: Access, *, max_upload_bytes: int) -> FastAPI:
-    """The studio's app: the page, the health check, logging in; the project and run routes join it."""
+class NewProject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    identifier: str = Field(min_length=1, max_length=64)
+    class_word: str = Field(min_length=1, max_length=64)
+    model: str | None = Field(None, max_length=4096)
+
+
+class Crop(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    box: tuple[int, int, int, int] = Field(description="left, top, right, bottom, in the photo's upright pixels")
+
+
+class Caption(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, max_length=4000)
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    values: dict[str, dict] = Field(description="config.yaml's sections and the keys to set in them")
+
+
+def create_studio(access: Access, *, max_upload_bytes: int, projects=None, models_dir=None) -> FastAPI:
+    """The studio's app: the page, the health check, logging in, and the routes of `projects` (a
+    studio.projects.Projects) and the models found under `models_dir`."""
     app = FastAPI(title="dreambooth studio", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    add_refusals(app)
     app.add_middleware(Guard, access=access)
     app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_ROOM)  # outermost: counted before anything reads it
     page = resources.files("dreambooth.studio").joinpath("page.html").read_text(encoding="utf-8")
@@ -140,4 +169,102 @@ def create_studio(access: Access, *, max_upload_bytes: int) -> FastAPI:
         key = access.caller(request.headers, request.cookies) if access.keys else None
         return {"name": key.name if key else "local", "role": key.role if key else "operator"}
 
+    if projects is not None:
+        add_project_routes(app, projects, models_dir)
     return app
+
+
+def add_refusals(app: FastAPI) -> None:
+    """A UserError of the library is the command line's message, verbatim, as a 422; a body that is not what a route
+    takes names the field."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from dreambooth.errors import UserError
+
+    @app.exception_handler(UserError)
+    async def refused(request: Request, e: UserError):
+        return error_response(422, "refused", str(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(e.status_code, codes.get(e.status_code, f"http_{e.status_code}"),
+                              f"{e.detail}: {request.method} {request.url.path}.")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        problems = [f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors()]
+        return error_response(422, "invalid_request", "; ".join(problems) + ".")
+
+
+def add_project_routes(app: FastAPI, projects, models_dir) -> None:
+    """Projects, their photos, captions, live pre-flight report and recipe: each a call of studio.projects."""
+    from fastapi.responses import FileResponse
+
+    from dreambooth.studio.projects import find_models, recipe_schema
+
+    @app.get("/api/projects")
+    def project_list():
+        return {"projects": projects.list()}
+
+    @app.post("/api/projects")
+    def project_create(body: NewProject):
+        project = projects.create(body.name, identifier=body.identifier, class_word=body.class_word,
+                                  model=body.model)
+        return project.summary()
+
+    @app.get("/api/projects/{name}")
+    def project_show(name: str):
+        project = projects.open(name)
+        return {**project.summary(), "config": project.config_values()}
+
+    @app.get("/api/projects/{name}/photos")
+    def photo_list(name: str):
+        return {"photos": projects.open(name).photos()}
+
+    @app.put("/api/projects/{name}/photos/{filename}")
+    async def photo_add(name: str, filename: str, request: Request):
+        """The photo is the request's raw body (bounded by the guard's body limit, and by the project's own)."""
+        from starlette.concurrency import run_in_threadpool
+
+        data = await request.body()
+        project = projects.open(name)
+        return await run_in_threadpool(project.add_photo, data, filename)
+
+    @app.get("/api/projects/{name}/photos/{photo}")
+    def photo_file(name: str, photo: str):
+        return FileResponse(projects.open(name).photo(photo), headers={"Cache-Control": "no-store"})
+
+    @app.delete("/api/projects/{name}/photos/{photo}")
+    def photo_remove(name: str, photo: str):
+        return {"moved_to": projects.open(name).remove_photo(photo)}
+
+    @app.post("/api/projects/{name}/photos/{photo}/crop")
+    def photo_crop(name: str, photo: str, body: Crop):
+        return {"photo": projects.open(name).crop_photo(photo, body.box)}
+
+    @app.get("/api/projects/{name}/photos/{photo}/caption")
+    def caption_show(name: str, photo: str):
+        return {"caption": projects.open(name).caption(photo)}
+
+    @app.put("/api/projects/{name}/photos/{photo}/caption")
+    def caption_set(name: str, photo: str, body: Caption):
+        projects.open(name).set_caption(photo, body.text)
+        return {"caption": body.text}
+
+    @app.get("/api/projects/{name}/report")
+    def report(name: str):
+        return projects.open(name).report()
+
+    @app.get("/api/recipe-schema")
+    def schema():
+        return recipe_schema()
+
+    @app.put("/api/projects/{name}/config")
+    def config_save(name: str, body: Recipe):
+        return {"config": projects.open(name).save_config(body.values)}
+
+    @app.get("/api/models")
+    def models():
+        return {"models": find_models(models_dir) if models_dir else []}
