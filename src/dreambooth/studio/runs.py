@@ -265,8 +265,9 @@ class RunManager:
     studio watched (by their exit.json: finished, failed with the trainer's message, stopped with their checkpoint;
     'lost' without one), and starts what is queued when its device is free.
 
-    `trainer` is the command line before `train` (this Python's `-m dreambooth` unless a test gives another), and
-    `default_device` the device of a run started without one.
+    `trainer` is the command line before `train` (this Python's `-m dreambooth` unless a test gives another),
+    `default_device` the device of a run started without one, and `env` what the runs' environment adds to this
+    process's (each run sees only its own GPU, through CUDA_VISIBLE_DEVICES).
     """
 
     def __init__(self, state: Path, *, default_device: str = "cpu", trainer: list[str] | None = None,
