@@ -219,3 +219,17 @@ def test_the_runner_forwards_a_stop_once_and_records_the_exit(tmp_path):
     assert proc.wait(30) == 11
     record = json.loads((tmp_path / "exit.json").read_text())
     assert record["returncode"] == 11 and record["forwarded"] == ["SIGINT"]
+
+
+def test_watch_reaps_runs_in_the_background(tiny_model, root):
+    """The app's alternative to calling tick itself: a thread that does, until close."""
+    project = make_project(root, "dog", tiny_model)
+    manager = RunManager(root / ".studio", trainer=[sys.executable, "-c", "print('done: stand-in')"])
+    run = manager.start(project)
+    manager.watch(interval=0.1)
+    try:
+        wait_for(lambda: json.loads((root / ".studio" / "queue.json").read_text())["runs"][0]["state"] == "finished",
+                 timeout=30, what="the background tick")
+    finally:
+        manager.close()
+    assert manager.get(run.id).message == "done: stand-in"
