@@ -138,3 +138,48 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_read_whole(studio, tin
                                        "model": str(tiny_model)})
     answer = studio.put("/api/projects/p/photos/big.png", content=b"\0" * (3 * 1024 * 1024))
     assert answer.status_code == 413 and answer.json()["error"]["code"] == "body_too_large"
+
+
+# ---------------------------------------------------------------------------------------------- runs over HTTP
+def test_a_run_is_started_followed_and_its_sample_and_report_shown_through_the_api(tmp_path, tiny_model):
+    """The whole of a short run through the studio's API: the recipe saved, a run started, its server-sent events
+    followed to the end, its newest sample and its report served; a second start and a refused stop answered."""
+    import json as jsonlib
+
+    from dreambooth.studio.projects import Projects
+    from dreambooth.studio.runs import RunManager
+
+    access = Access([])
+    root = tmp_path / "projects"
+    app = create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=Projects(root),
+                        runs=RunManager(root / ".studio"))
+    with TestClient(app, headers={CSRF_HEADER: access.csrf}) as studio:
+        studio.post("/api/projects", json={"name": "dog", "identifier": "sks", "class_word": "dog",
+                                           "model": str(tiny_model)}).raise_for_status()
+        for i in range(4):
+            studio.put(f"/api/projects/dog/photos/p{i}.png", content=png(i)).raise_for_status()
+        recipe = {"training": {"resolution": 64, "learning_rate": 1e-3, "max_train_steps": 3},
+                  "dataset": {"with_prior_preservation": False},
+                  "validation": {"steps": 3, "num_inference_steps": 1},
+                  "output": {"checkpointing_steps": 1000, "logging_steps": 1, "report_to": "none"}}
+        studio.put("/api/projects/dog/config", json={"values": recipe}).raise_for_status()
+        run = studio.post("/api/projects/dog/runs", json={"kind": "train"}).json()
+        again = studio.post("/api/projects/dog/runs", json={"kind": "train"})
+        assert again.status_code == 422 and run["id"] in again.json()["error"]["message"]
+        events = []
+        with studio.stream("GET", f"/api/runs/{run['id']}/events") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    events.append(jsonlib.loads(line[6:]))
+        assert events[-1]["kind"] == "state" and events[-1]["state"] == "finished", events[-1]
+        assert [e["step"] for e in events if e["kind"] == "step"][-1] == 3
+        shown = studio.get(f"/api/runs/{run['id']}").json()
+        assert shown["run"]["state"] == "finished" and shown["progress"]["step"] == 3
+        assert studio.get(f"/api/runs/{run['id']}/sample").content.startswith(b"\x89PNG")
+        report = studio.get(f"/api/runs/{run['id']}/report")
+        assert report.status_code == 200 and "<html" in report.text.lower()
+        stop = studio.post(f"/api/runs/{run['id']}/stop")
+        assert stop.status_code == 422 and "finished" in stop.json()["error"]["message"]
+        for escape in ("../../config.yaml", "%2e%2e/%2e%2e/config.yaml", "..%2f..%2fconfig.yaml"):
+            answer = studio.get(f"/api/runs/{run['id']}/report/{escape}")
+            assert answer.status_code in (404, 422) and "pretrained_model" not in answer.text

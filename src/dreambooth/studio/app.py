@@ -21,6 +21,7 @@ import hmac
 import secrets
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -131,10 +132,29 @@ class Recipe(BaseModel):
     values: dict[str, dict] = Field(description="config.yaml's sections and the keys to set in them")
 
 
-def create_studio(access: Access, *, max_upload_bytes: int, projects=None, models_dir=None) -> FastAPI:
+class NewRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field("train", pattern="^(train|resume|extend)$")
+    steps: int | None = Field(None, ge=1, le=10_000_000)
+
+
+def create_studio(access: Access, *, max_upload_bytes: int, projects=None, models_dir=None, runs=None) -> FastAPI:
     """The studio's app: the page, the health check, logging in, and the routes of `projects` (a
-    studio.projects.Projects) and the models found under `models_dir`."""
-    app = FastAPI(title="dreambooth studio", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    studio.projects.Projects), the models found under `models_dir`, and `runs` (a studio.runs.RunManager, watched
+    while the app runs; its runs are processes of their own and outlive it)."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if runs is not None:
+            runs.watch()
+        yield
+        if runs is not None:
+            runs.close()
+
+    app = FastAPI(title="dreambooth studio", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     add_refusals(app)
     app.add_middleware(Guard, access=access)
     app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_ROOM)  # outermost: counted before anything reads it
@@ -171,7 +191,72 @@ def create_studio(access: Access, *, max_upload_bytes: int, projects=None, model
 
     if projects is not None:
         add_project_routes(app, projects, models_dir)
+    if projects is not None and runs is not None:
+        add_run_routes(app, projects, runs)
     return app
+
+
+def inside(path: str | None, folder: str | None):
+    """`path` when it lies in `folder` (both resolved): what a run says it wrote, never anything else."""
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    if not path or not folder:
+        raise StarletteHTTPException(404, "Not Found")
+    resolved, root = Path(path).resolve(), Path(folder).resolve()
+    if not resolved.is_relative_to(root) or not resolved.is_file():
+        raise StarletteHTTPException(404, "Not Found")
+    return resolved
+
+
+def add_run_routes(app: FastAPI, projects, runs) -> None:
+    """Runs: started from a project, queued one per device, stopped with a checkpoint, followed live (server-sent
+    events of studio.runs.RunManager.follow), their newest sample and report."""
+    import json
+
+    from fastapi.responses import FileResponse, StreamingResponse
+
+    @app.post("/api/projects/{name}/runs")
+    def run_start(name: str, body: NewRun):
+        return runs.start(projects.open(name).path, body.kind, body.steps).to_dict()
+
+    @app.get("/api/runs")
+    def run_list():
+        return {"runs": [run.to_dict() for run in runs.runs()]}
+
+    @app.get("/api/runs/{run_id}")
+    def run_show(run_id: str):
+        return {"run": runs.get(run_id).to_dict(), "progress": runs.progress(run_id).to_dict()}
+
+    @app.post("/api/runs/{run_id}/stop")
+    def run_stop(run_id: str):
+        return runs.stop(run_id).to_dict()
+
+    @app.get("/api/runs/{run_id}/events")
+    async def run_events(run_id: str):
+        runs.get(run_id)  # an unknown run is refused before the stream starts
+
+        async def stream():
+            async for event in runs.follow(run_id):
+                yield f"event: {event.get('kind', 'message')}\ndata: {json.dumps(event)}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/runs/{run_id}/sample")
+    def run_sample(run_id: str):
+        run = runs.get(run_id)
+        return FileResponse(inside(runs.progress(run_id).sample, run.output), headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/runs/{run_id}/report")
+    def run_report(run_id: str):
+        run = runs.get(run_id)
+        return FileResponse(inside(str(Path(run.output or "") / "report.html"), run.output))
+
+    @app.get("/api/runs/{run_id}/report/{file:path}")
+    def run_report_file(run_id: str, file: str):
+        """The report's images (report.html names them relative to itself: report/...)."""
+        run = runs.get(run_id)
+        folder = Path(run.output or "") / "report"
+        return FileResponse(inside(str(folder / file), str(folder)))
 
 
 def add_refusals(app: FastAPI) -> None:

@@ -28,6 +28,7 @@ def studio_command(options) -> None:
     from dreambooth.serving.command import is_loopback, listening_socket
     from dreambooth.studio.app import Access, create_studio
     from dreambooth.studio.projects import Projects
+    from dreambooth.studio.runs import RunManager
 
     keys = load_keys(options.api_keys)
     if not keys and not is_loopback(options.host):
@@ -37,8 +38,9 @@ def studio_command(options) -> None:
     Path(options.projects).mkdir(parents=True, exist_ok=True)
     sock = listening_socket(options.host, options.port)
     limit = int(options.max_upload_mb * 1024 * 1024)
-    app = create_studio(Access(keys), max_upload_bytes=limit, projects=Projects(options.projects, max_upload_bytes=limit),
-                        models_dir=options.models_dir)
+    app = create_studio(Access(keys), max_upload_bytes=limit, models_dir=options.models_dir,
+                        projects=Projects(options.projects, max_upload_bytes=limit),
+                        runs=RunManager(Path(options.projects) / ".studio"))
     port = sock.getsockname()[1]
     sock.listen(128)
     print(f"studio at http://{options.host}:{port}/ (projects in {options.projects}). Ctrl-C stops it; runs it "
