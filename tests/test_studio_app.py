@@ -183,3 +183,39 @@ def test_a_run_is_started_followed_and_its_sample_and_report_shown_through_the_a
         for escape in ("../../config.yaml", "%2e%2e/%2e%2e/config.yaml", "..%2f..%2fconfig.yaml"):
             answer = studio.get(f"/api/runs/{run['id']}/report/{escape}")
             assert answer.status_code in (404, 422) and "pretrained_model" not in answer.text
+
+
+def test_a_result_is_tried_beside_the_base_model_on_the_same_seed(tmp_path, tiny_model):
+    """Try it: `generate`'s own job twice, the trained model's picture and the base model's, on one prompt and seed;
+    a result that does not exist yet is refused with what to do."""
+    import yaml
+
+    from dreambooth.cli import main as cli
+    from dreambooth.studio.projects import Projects
+
+    projects = Projects(tmp_path / "projects")
+    access = Access([])
+    app = create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=projects)
+    with TestClient(app, headers={CSRF_HEADER: access.csrf}) as studio:
+        studio.post("/api/projects", json={"name": "dog", "identifier": "sks", "class_word": "dog",
+                                           "model": str(tiny_model)}).raise_for_status()
+        early = studio.post("/api/projects/dog/try", json={"prompt": "a photo of sks dog"})
+        assert early.status_code == 422 and "train it first" in early.json()["error"]["message"]
+        for i in range(3):
+            studio.put(f"/api/projects/dog/photos/p{i}.png", content=png(i)).raise_for_status()
+        recipe = {"training": {"resolution": 64, "learning_rate": 1e-3, "max_train_steps": 2},
+                  "dataset": {"with_prior_preservation": False}, "output": {"report_to": "none"}}
+        studio.put("/api/projects/dog/config", json={"values": recipe}).raise_for_status()
+        folder = projects.open("dog").path
+        assert cli(["train", "--config", str(folder / "config.yaml")]) == 0
+        tried = studio.post("/api/projects/dog/try", json={"prompt": "a photo of sks dog", "seed": 5, "steps": 2})
+        assert tried.status_code == 200, tried.text
+        images = tried.json()["images"]
+        trained = studio.get(f"/api/projects/dog/{images['trained']}")
+        base = studio.get(f"/api/projects/dog/{images['base']}")
+        assert trained.content.startswith(b"\x89PNG") and base.content.startswith(b"\x89PNG")
+        assert trained.content != base.content  # the trained model draws another picture on the same seed
+        settings = yaml.safe_load((folder / images["trained"]).parent.joinpath("settings.json").read_text())
+        assert settings["seeds"] == [5] and settings["model"] == str(folder / "output")
+        wrong = studio.post("/api/projects/dog/try", json={"prompt": "x", "result": "../output"})
+        assert wrong.status_code == 422 and "checkpoint-200" in wrong.json()["error"]["message"]

@@ -193,6 +193,8 @@ def create_studio(access: Access, *, max_upload_bytes: int, projects=None, model
         add_project_routes(app, projects, models_dir)
     if projects is not None and runs is not None:
         add_run_routes(app, projects, runs)
+    if projects is not None:
+        add_try_routes(app, projects)
     return app
 
 
@@ -353,3 +355,34 @@ def add_project_routes(app: FastAPI, projects, models_dir) -> None:
     @app.get("/api/models")
     def models():
         return {"models": find_models(models_dir) if models_dir else []}
+
+
+class TryBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    seed: int = Field(0, ge=0, le=2**53)
+    guidance: float | None = Field(None, ge=0, le=50)
+    steps: int | None = Field(None, ge=1, le=500)
+    negative_prompt: str = Field("", max_length=2000)
+    result: str = Field("final", max_length=64, description="final, or a checkpoint's folder name (checkpoint-N)")
+    lora_scale: float = Field(1.0, ge=0, le=4)
+
+
+def add_try_routes(app: FastAPI, projects) -> None:
+    """Try it: the trained result beside the base model on the same seed (studio.trying), and the images drawn."""
+    from fastapi.responses import FileResponse
+    from starlette.concurrency import run_in_threadpool
+
+    from dreambooth.studio.trying import Trial, try_result
+
+    @app.post("/api/projects/{name}/try")
+    async def try_it(name: str, body: TryBody):
+        project = projects.open(name)
+        return await run_in_threadpool(try_result, project, Trial(**body.model_dump()))
+
+    @app.get("/api/projects/{name}/tries/{try_id}/{side}/{file}")
+    def tried_image(name: str, try_id: str, side: str, file: str):
+        project = projects.open(name)
+        folder = project.path / "tries"
+        return FileResponse(inside(str(folder / try_id / side / file), str(folder)))
