@@ -219,3 +219,53 @@ def test_a_result_is_tried_beside_the_base_model_on_the_same_seed(tmp_path, tiny
         assert settings["seeds"] == [5] and settings["model"] == str(folder / "output")
         wrong = studio.post("/api/projects/dog/try", json={"prompt": "x", "result": "../output"})
         assert wrong.status_code == 422 and "checkpoint-200" in wrong.json()["error"]["message"]
+
+
+def test_a_lora_result_is_exported_made_a_character_and_served(tmp_path, tiny_model):
+    """Ship it: the LoRA exported to kohya (size and place given, never over an earlier export), merged into its
+    base as one file; made a character of characters.yaml; `serve` of it started and drawing that character."""
+    import json as jsonlib
+    import urllib.request
+
+    from dreambooth.cli import main as cli
+    from dreambooth.studio.projects import Projects
+
+    projects = Projects(tmp_path / "projects")
+    access = Access([])
+    app = create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=projects)
+    with TestClient(app, headers={CSRF_HEADER: access.csrf}) as studio:
+        studio.post("/api/projects", json={"name": "dog", "identifier": "sks", "class_word": "dog",
+                                           "model": str(tiny_model)}).raise_for_status()
+        for i in range(3):
+            studio.put(f"/api/projects/dog/photos/p{i}.png", content=png(i)).raise_for_status()
+        recipe = {"model": {"method": "lora"}, "training": {"resolution": 64, "learning_rate": 1e-3,
+                                                             "max_train_steps": 2},
+                  "dataset": {"with_prior_preservation": False}, "output": {"report_to": "none"}}
+        studio.put("/api/projects/dog/config", json={"values": recipe}).raise_for_status()
+        folder = projects.open("dog").path
+        assert cli(["train", "--config", str(folder / "config.yaml")]) == 0
+        first = studio.post("/api/projects/dog/export", json={"format": "kohya"})
+        assert first.status_code == 200, first.text
+        again = studio.post("/api/projects/dog/export", json={"format": "kohya"}).json()
+        assert first.json()["path"] != again["path"] and (folder / first.json()["path"]).is_file()
+        assert first.json()["bytes"] == (folder / first.json()["path"]).stat().st_size > 0
+        merged = studio.post("/api/projects/dog/export", json={"format": "single-file", "merge": True})
+        assert merged.status_code == 200 and merged.json()["merged"], merged.text
+        full = studio.post("/api/projects/dog/export", json={"format": "single-file"})
+        assert full.status_code == 422  # a LoRA alone is no model: the command line's message says what to do
+        assert studio.get("/api/projects/dog/serve").json() == {"url": None}
+        made = studio.post("/api/projects/dog/characters", json={"name": "rex"})
+        assert made.status_code == 200 and made.json()["character"]["loras"], made.text
+        bad = studio.post("/api/projects/dog/characters", json={"name": "no spaces please"})
+        assert bad.status_code == 422
+        url = studio.post("/api/projects/dog/serve").json()["url"]
+        try:
+            with urllib.request.urlopen(url + "v1/characters", timeout=30) as answer:
+                assert "rex" in [c["name"] for c in jsonlib.loads(answer.read())["characters"]]
+            request = urllib.request.Request(url + "v1/render", data=jsonlib.dumps(
+                {"character": "rex", "steps": 2, "width": 64, "height": 64}).encode(),
+                headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                assert answer.read().startswith(b"\x89PNG")
+        finally:
+            assert studio.delete("/api/projects/dog/serve").json() == {"stopped": True}

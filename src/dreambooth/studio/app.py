@@ -145,6 +145,10 @@ def create_studio(access: Access, *, max_upload_bytes: int, projects=None, model
     while the app runs; its runs are processes of their own and outlive it)."""
     import contextlib
 
+    from dreambooth.studio.shipping import Services
+
+    services = Services()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if runs is not None:
@@ -152,6 +156,7 @@ def create_studio(access: Access, *, max_upload_bytes: int, projects=None, model
         yield
         if runs is not None:
             runs.close()
+        services.close()  # the services it started for trying characters end with it; runs do not
 
     app = FastAPI(title="dreambooth studio", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
@@ -195,6 +200,7 @@ def create_studio(access: Access, *, max_upload_bytes: int, projects=None, model
         add_run_routes(app, projects, runs)
     if projects is not None:
         add_try_routes(app, projects)
+        add_ship_routes(app, projects, services)
     return app
 
 
@@ -386,3 +392,49 @@ def add_try_routes(app: FastAPI, projects) -> None:
         project = projects.open(name)
         folder = project.path / "tries"
         return FileResponse(inside(str(folder / try_id / side / file), str(folder)))
+
+
+class ExportBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = Field(pattern="^(kohya|single-file|diffusers)$")
+    result: str = Field("final", max_length=64)
+    half: bool = False
+    merge: bool = Field(False, description="a LoRA result baked into its base model")
+
+
+class CharacterBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    result: str = Field("final", max_length=64)
+
+
+def add_ship_routes(app: FastAPI, projects, services) -> None:
+    """Ship it: export (studio.shipping.export_result), the result as a character, and `serve` of the project's
+    characters, started on a free loopback port for the page to open."""
+    from starlette.concurrency import run_in_threadpool
+
+    from dreambooth.studio.shipping import add_character, export_result
+
+    @app.post("/api/projects/{name}/export")
+    async def export(name: str, body: ExportBody):
+        project = projects.open(name)
+        return await run_in_threadpool(lambda: export_result(project, **body.model_dump()))
+
+    @app.post("/api/projects/{name}/characters")
+    def character(name: str, body: CharacterBody):
+        return add_character(projects.open(name), body.name, body.result)
+
+    @app.post("/api/projects/{name}/serve")
+    async def serve_start(name: str):
+        project = projects.open(name)
+        return {"url": await run_in_threadpool(services.start, project)}
+
+    @app.get("/api/projects/{name}/serve")
+    def serve_status(name: str):
+        return {"url": services.url(projects.open(name))}
+
+    @app.delete("/api/projects/{name}/serve")
+    def serve_stop(name: str):
+        return {"stopped": services.stop(projects.open(name))}
