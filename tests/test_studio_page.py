@@ -1,8 +1,8 @@
 """The studio's page in a real browser: Debian's headless chromium through selenium, against the real studio app (built
 as `dreambooth studio` builds it) on the tiny model on loopback. A person's whole path: create a project, upload four
-photos (one not a picture: shown refused with the studio's reason), set the recipe through the form made from the
-schema, start a run, watch its steps and a sample arrive, stop it (a checkpoint), resume it to the end and see its
-report. A screenshot of each screen is saved under the test's tmp folder.
+photos (one not a picture: shown refused with the studio's reason), drop a copy of one (refused), caption one, set the
+recipe through the form made from the schema, start a run, watch its steps and a sample arrive, stop it (a checkpoint),
+resume it to the end and see its report. A screenshot of each screen is saved under the test's tmp folder.
 
 Without /usr/bin/chromium and /usr/bin/chromedriver the test skips, unless DREAMBOOTH_REQUIRE_BROWSER=1 (CI), where it
 fails (conftest.headless_chromium).
@@ -135,6 +135,34 @@ def upload_photos(driver, files: list[Path]) -> None:
          "the pre-flight report of the three photos")
 
 
+def drop_a_copy(driver) -> None:
+    """A photo dropped on the drop zone (a drag from the desktop, as a script makes one): the same bytes as one
+    already there, refused with the studio's words."""
+    driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch(document.querySelector("#photos .photo img").src).then((r) => r.blob()).then((blob) => {
+          const dragged = new DataTransfer();
+          dragged.items.add(new File([blob], "again.png", {type: "image/png"}));
+          document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dragged, bubbles: true,
+                                                                               cancelable: true}));
+          done();
+        });""")
+    refused = "#uploads li[data-upload='again.png'][data-state=refused]"
+    row = wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, refused), "the dropped copy refused")[0]
+    message = row.find_element(By.CLASS_NAME, "message").text
+    assert message.startswith("again.png is already in project dog as subject0-") and "not added again" in message
+
+
+def caption_a_photo(driver) -> None:
+    card = driver.find_element(By.CSS_SELECTOR, "#photos .photo")
+    name = card.get_attribute("data-photo")
+    card.find_element(By.CLASS_NAME, "caption-text").send_keys("a photo of sks dog on the grass")
+    card.find_element(By.CLASS_NAME, "caption-save").click()
+    wait(driver, lambda d: "captions: 1 of 3 photos" in text_of(d, "report-captions"), "the caption in the report")
+    shown = driver.find_element(By.CSS_SELECTOR, f"#photos .photo[data-photo='{name}'] .caption-text")
+    assert shown.get_attribute("value") == "a photo of sks dog on the grass"  # read back from the project
+
+
 def set_recipe(driver) -> None:
     driver.find_element(By.ID, "nav-recipe").click()
     wait(driver, lambda d: d.find_elements(By.ID, "field-training-resolution"), "the recipe form")
@@ -192,6 +220,8 @@ def test_the_studio_page_does_the_whole_job(browser, studio, tiny_model, tmp_pat
     create_project(browser, tiny_model)
     screenshot(browser, tmp_path, "1-projects")  # now listing nothing but the form; the list is checked below
     upload_photos(browser, photo_files(tmp_path / "photos"))
+    drop_a_copy(browser)
+    caption_a_photo(browser)
     screenshot(browser, tmp_path, "2-photos")
     set_recipe(browser)
     screenshot(browser, tmp_path, "3-recipe")
