@@ -2,7 +2,9 @@
 as `dreambooth studio` builds it) on the tiny model on loopback. A person's whole path: create a project, upload four
 photos (one not a picture: shown refused with the studio's reason), drop a copy of one (refused), caption one, set the
 recipe through the form made from the schema, start a run, watch its steps and a sample arrive, stop it (a checkpoint),
-resume it to the end and see its report. A screenshot of each screen is saved under the test's tmp folder.
+resume it to the end and see its report; try the result beside the base model on one seed, export it to kohya, add it
+as a character, start the character service and render the character on the service's own page. The run is a LoRA run
+(kohya's format is a LoRA's). A screenshot of each screen is saved under the test's tmp folder.
 
 Without /usr/bin/chromium and /usr/bin/chromedriver the test skips, unless DREAMBOOTH_REQUIRE_BROWSER=1 (CI), where it
 fails (conftest.headless_chromium).
@@ -28,8 +30,9 @@ from dreambooth.studio.runs import RunManager
 WAIT_S = 60  # a run's process starting (torch's import) and its steps on a busy 2-core machine
 UPLOAD_LIMIT = 2 * 1024 * 1024
 # The recipe of test_studio_app's run test, as a person sets it in the form: section, key, value. max_train_steps is
-# far off so that the run is still going when the test stops it; the resume then asks for two steps more.
-RECIPE = [("training", "resolution", "64"), ("training", "learning_rate", "0.001"),
+# far off so that the run is still going when the test stops it; the resume then asks for two steps more. A LoRA, as
+# test_studio_app's ship test trains, for the kohya export.
+RECIPE = [("model", "method", "lora"), ("training", "resolution", "64"), ("training", "learning_rate", "0.001"),
           ("training", "max_train_steps", "1000"), ("dataset", "with_prior_preservation", "false"),
           ("validation", "steps", "1"), ("validation", "num_inference_steps", "1"),
           ("output", "checkpointing_steps", "1000"), ("output", "logging_steps", "1"), ("output", "report_to", "none")]
@@ -214,6 +217,95 @@ def step(driver) -> int:
     return int(driver.find_element(By.ID, "run-step").get_attribute("data-step"))
 
 
+def options(driver, select_id: str) -> list[str]:
+    return [o.get_attribute("value") for o in Select(driver.find_element(By.ID, select_id)).options]
+
+
+def loaded(driver, image_id: str) -> bool:
+    return js(driver, "const i = document.getElementById(arguments[0]); "
+                      "return !i.hidden && i.complete && i.naturalWidth > 0", image_id)
+
+
+def try_the_result(driver, project: Path, checkpoint: str) -> None:
+    """Try it: the results offered are the output and the checkpoint the stopped run left; the output and the base
+    model each draw the prompt on seed 7, shown side by side with that seed."""
+    driver.find_element(By.ID, "nav-try").click()
+    wait(driver, lambda d: options(d, "try-result") == ["final", Path(checkpoint).name], "the results to try")
+    assert driver.find_element(By.ID, "try-prompt").get_attribute("value") == "a photo of sks dog"
+    for field, value in (("try-seed", "7"), ("try-steps", "2")):
+        driver.find_element(By.ID, field).clear()
+        driver.find_element(By.ID, field).send_keys(value)
+    driver.find_element(By.ID, "try-generate").click()
+    wait(driver, lambda d: loaded(d, "try-trained") and loaded(d, "try-base"), "the trained and the base pictures")
+    assert not driver.find_element(By.ID, "try-error").is_displayed(), text_of(driver, "try-error")
+    seeds = [driver.find_element(By.ID, f"try-{side}-caption").get_attribute("data-seed")
+             for side in ("trained", "base")]
+    assert seeds == ["7", "7"] and "seed 7" in text_of(driver, "try-base-caption")
+    tried = project / "tries" / driver.find_element(By.ID, "try-images").get_attribute("data-try")
+    drawn = [next((tried / side).glob("*.png")) for side in ("trained", "base")]
+    assert drawn[0].read_bytes() != drawn[1].read_bytes()  # the LoRA draws another picture on the same seed
+
+
+def human(size: int) -> str:
+    """The page's size in binary units, as a reader would check it."""
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:.{2 if size < 10 else 1}f} {unit}"
+    raise AssertionError(size)
+
+
+def export_to_kohya(driver, project: Path) -> None:
+    driver.find_element(By.ID, "nav-ship").click()
+    wait(driver, lambda d: "final" in options(d, "ship-result"), "the ship it screen")
+    Select(driver.find_element(By.ID, "export-format")).select_by_value("single-file")  # a LoRA alone is no model
+    driver.find_element(By.ID, "export-start").click()
+    wait(driver, lambda d: d.find_element(By.ID, "export-error").is_displayed(), "export's refusal")
+    assert "is a LoRA, which holds only adapter weights" in text_of(driver, "export-error")  # the command's words
+    assert not driver.find_elements(By.CSS_SELECTOR, "#exports li")
+    Select(driver.find_element(By.ID, "export-format")).select_by_value("kohya")
+    driver.find_element(By.ID, "export-start").click()
+    row = wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#exports li[data-format=kohya]"), "the export")[0]
+    assert not driver.find_element(By.ID, "export-error").is_displayed(), text_of(driver, "export-error")
+    path = row.find_element(By.CLASS_NAME, "path").text
+    assert path.startswith("exports/dog-final-kohya") and path.endswith(".safetensors"), path
+    size = (project / path).stat().st_size
+    assert row.get_attribute("data-bytes") == str(size) and row.find_element(By.CLASS_NAME, "size").text == human(size)
+
+
+def add_character_and_serve(driver, tmp_path: Path) -> None:
+    """The result added as character rex, the service started, its link opened in a new tab and rex rendered there
+    by the service's own page; then the service stopped from the studio."""
+    name = driver.find_element(By.ID, "character-name")
+    name.clear()
+    name.send_keys("rex")
+    driver.find_element(By.ID, "character-add").click()
+    wait(driver, lambda d: d.find_element(By.ID, "character-done").get_attribute("data-character") == "rex", "rex")
+    assert "characters.yaml" in text_of(driver, "character-done")
+    assert text_of(driver, "serve-state") == "not running"
+    assert not driver.find_element(By.ID, "serve-link").is_displayed()
+    driver.find_element(By.ID, "serve-start").click()
+    link = wait(driver, lambda d: [a for a in d.find_elements(By.ID, "serve-link") if a.is_displayed()],
+                "the service's link")[0]
+    assert link.get_attribute("href").startswith("http://127.0.0.1:") and link.get_attribute("target") == "_blank"
+    screenshot(driver, tmp_path, "7-ship")
+    studio_tab = driver.current_window_handle
+    link.click()
+    wait(driver, lambda d: len(d.window_handles) == 2, "the service's page in a new tab")
+    driver.switch_to.window(next(h for h in driver.window_handles if h != studio_tab))
+    wait(driver, lambda d: "rex" in options(d, "character"), "rex on the service's page")
+    Select(driver.find_element(By.ID, "character")).select_by_value("rex")
+    driver.find_element(By.ID, "render").click()
+    wait(driver, lambda d: loaded(d, "picture"), "rex rendered by the service")
+    assert "drawn" in text_of(driver, "picture-info")
+    screenshot(driver, tmp_path, "8-service")
+    driver.close()
+    driver.switch_to.window(studio_tab)
+    driver.find_element(By.ID, "serve-stop").click()
+    wait(driver, lambda d: text_of(d, "serve-state") == "stopped", "the service stopped")
+    assert not driver.find_element(By.ID, "serve-link").is_displayed()
+
+
 def test_the_studio_page_does_the_whole_job(browser, studio, tiny_model, tmp_path):
     url, runs = studio
     browser.get(url + "/")
@@ -253,12 +345,19 @@ def test_the_studio_page_does_the_whole_job(browser, studio, tiny_model, tmp_pat
     js(browser, "document.getElementById('run-report').scrollIntoView()")
     screenshot(browser, tmp_path, "5-runs")
 
+    project = tmp_path / "projects" / "dog"
+    try_the_result(browser, project, runs.get(first).checkpoint)
+    screenshot(browser, tmp_path, "6-try")
+    export_to_kohya(browser, project)
+    add_character_and_serve(browser, tmp_path)
+
     browser.find_element(By.ID, "nav-projects").click()
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#project-list tr[data-project=dog]"), "the list")
     assert browser.find_element(By.CSS_SELECTOR, "#project-list tr[data-project=dog]").text.split()[:3] == \
         ["dog", "sks", "dog"]
     screenshot(browser, tmp_path, "1-projects")
     assert sorted(p.name for p in (tmp_path / "screens").iterdir()) == [
-        "1-projects.png", "2-photos.png", "3-recipe.png", "4-run-going.png", "5-runs.png"]
+        "1-projects.png", "2-photos.png", "3-recipe.png", "4-run-going.png", "5-runs.png",
+        "6-try.png", "7-ship.png", "8-service.png"]
     severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-    assert all("422" in m or "404" in m for m in severe), severe  # the refused recipe and upload; no script error
+    assert all("422" in m or "404" in m for m in severe), severe  # the refused recipe, upload, export; no script error
