@@ -274,4 +274,8 @@ class StudioOptions:
     api_keys: Path | None = option(None, help="A file of API keys, one `NAME ROLE TOKEN` a line, as `serve` reads "
                                    "them; $DREAMBOOTH_API_KEYS may hold more.")
     max_upload_mb: float = option(20.0, minimum=0.1, help="Largest photo a browser may upload, in MB.")
+    clip: Path | None = option(None, help="Local CLIP model folder its evaluations score with, as `evaluate --clip` "
+                               "[default: evaluate's own search of the Hugging Face hub cache].")
+    dino: Path | None = option(None, help="Local DINO ViT folder its evaluations score with, as `evaluate --dino` "
+                               "[default: evaluate's own search of the Hugging Face hub cache].")
 

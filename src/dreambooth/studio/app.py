@@ -198,6 +198,7 @@ def create_studio(access: Access, *, max_upload_bytes: int, projects=None, model
         add_project_routes(app, projects, models_dir)
     if projects is not None and runs is not None:
         add_run_routes(app, projects, runs)
+        add_evaluate_routes(app, projects, runs)
     if projects is not None:
         add_try_routes(app, projects)
         add_ship_routes(app, projects, services)
@@ -438,3 +439,31 @@ def add_ship_routes(app: FastAPI, projects, services) -> None:
     @app.delete("/api/projects/{name}/serve")
     def serve_stop(name: str):
         return {"stopped": services.stop(projects.open(name))}
+
+
+class EvaluateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] | None = Field(None, max_length=32, description="[default: the recipe's validation prompts]")
+    num_images: int | None = Field(None, ge=1, le=64, description="per prompt and seed [default: evaluate's, 4]")
+    steps: int | None = Field(None, ge=1, le=500, description="denoising steps [default: the family's]")
+    seeds: list[int] | None = Field(None, max_length=16)
+
+
+def add_evaluate_routes(app: FastAPI, projects, runs) -> None:
+    """Evaluate every checkpoint: `evaluate --checkpoints all` queued as a run (RunManager.evaluate, followed with the
+    run routes), and each finished evaluation's scores with the checkpoint the command named best
+    (studio.evaluating)."""
+    from starlette.concurrency import run_in_threadpool
+
+    from dreambooth.studio.evaluating import evaluations
+
+    @app.post("/api/projects/{name}/evaluate")
+    async def evaluate_start(name: str, body: EvaluateBody):
+        project = projects.open(name)
+        run = await run_in_threadpool(lambda: runs.evaluate(project.path, **body.model_dump()))
+        return run.to_dict()
+
+    @app.get("/api/projects/{name}/evaluations")
+    def evaluation_list(name: str):
+        return {"evaluations": evaluations(projects.open(name).path)}

@@ -40,7 +40,8 @@ def studio_command(options) -> None:
     limit = int(options.max_upload_mb * 1024 * 1024)
     app = create_studio(Access(keys), max_upload_bytes=limit, models_dir=options.models_dir,
                         projects=Projects(options.projects, max_upload_bytes=limit),
-                        runs=RunManager(Path(options.projects) / ".studio"))
+                        runs=RunManager(Path(options.projects) / ".studio", clip=options.clip,
+                                            dino=options.dino))
     port = sock.getsockname()[1]
     sock.listen(128)
     print(f"studio at http://{options.host}:{port}/ (projects in {options.projects}). Ctrl-C stops it; runs it "

@@ -1,7 +1,8 @@
 """The studio's runs: training as separate processes, one at a time per device, the others queued; no HTTP.
 
 A run is `python -m dreambooth train --config PROJECT/config.yaml` (with `--resume_from_checkpoint latest` and
-`--max_train_steps N` to resume or extend it), run in the project folder by `studio.runner` in a session of its
+`--max_train_steps N` to resume or extend it), or `python -m dreambooth evaluate --checkpoints all` of the project's
+run folder (studio.evaluating), run in the project folder by `studio.runner` in a session of its
 own: the browser closing or the studio restarting never ends it, and the runner records how it ended
 (RUN_DIR/exit.json). Everything the studio knows about its runs lives under its state folder, so a studio killed
 and started again finds them as they were:
@@ -45,7 +46,7 @@ from dreambooth.studio.runner import EXIT_FILE, TRAINER_FILE, process_start_time
 from dreambooth.training.report import PROGRESS_FILE, REPORT_DIR, read_log
 from dreambooth.training.rundir import list_checkpoints
 
-KINDS = ("train", "resume", "extend")
+KINDS = ("train", "resume", "extend")  # what `start` trains; `evaluate` queues the fourth kind, 'evaluate'
 WAITING, RUNNING = "queued", "running"
 ENDED = ("finished", "failed", "stopped", "lost", "cancelled")
 LOG_FILE = "output.log"
@@ -61,10 +62,11 @@ class Run:
 
     id: str
     project: str  # the project folder, absolute
-    kind: str  # train, resume or extend
+    kind: str  # train, resume, extend or evaluate
     device: str  # 'cpu' or 'cuda:N': one run at a time on each
     argv: list[str]  # the command it runs, in the project folder
-    output: str | None  # the run folder its config names (None where config.yaml cannot be read)
+    output: str | None  # the run folder its config names (None where config.yaml cannot be read); an evaluation's
+    # folder, PROJECT/evaluations/ID, for an evaluation
     total_steps: int | None  # what it trains to, as far as known before it starts (the log's bar says later)
     state: str = WAITING  # queued, running, then finished, failed, stopped, lost or cancelled
     steps: int | None = None  # as asked: max_train_steps for train and resume, the steps added for extend
@@ -170,18 +172,21 @@ def read_log_from(path: Path, offset: int) -> tuple[int, list[str], str | None]:
     return offset + len(whole) + len(newline), lines, partial
 
 
-def outcome(exit: dict, lines: list[str]) -> tuple[str, str | None]:
+def outcome(exit: dict, lines: list[str], kind: str = "train") -> tuple[str, str | None]:
     """(state, message) of an ended run from its exit status and its log's last lines.
 
     `dreambooth train` exits 0 when done and when a stop it was asked for saved its checkpoint, 2 with 'error: ' and
-    the refusal (pre-flight's, the run folder's, a resume's) on its last lines, 130 when a second Ctrl-C aborted."""
+    the refusal (pre-flight's, the run folder's, a resume's) on its last lines, 130 when a second Ctrl-C aborted.
+    `dreambooth evaluate` exits 0 with 'best: ' naming the checkpoint it picked, 130 on the first Ctrl-C."""
     code = exit.get("returncode")
     if code == 0:
         stop = next((line for line in reversed(lines) if STOPPED_LINE.match(line)), None)
         if stop is not None:
             return "stopped", stop
-        done = next((line for line in reversed(lines) if line.startswith("done: ")), None)
+        done = next((line for line in reversed(lines) if line.startswith(("done: ", "best: "))), None)
         return "finished", done
+    if code == 130 and kind == "evaluate":
+        return "stopped", "stopped before every checkpoint was scored; the scores so far are in its folder"
     if code == 2:
         first = max((i for i, line in enumerate(lines) if line.startswith("error: ")), default=None)
         if first is not None:
@@ -266,13 +271,15 @@ class RunManager:
     'lost' without one), and starts what is queued when its device is free.
 
     `trainer` is the command line before `train` (this Python's `-m dreambooth` unless a test gives another),
-    `default_device` the device of a run started without one, and `env` what the runs' environment adds to this
-    process's (each run sees only its own GPU, through CUDA_VISIBLE_DEVICES).
+    `default_device` the device of a run started without one, `env` what the runs' environment adds to this
+    process's (each run sees only its own GPU, through CUDA_VISIBLE_DEVICES), and `clip` and `dino` the scorer
+    folders evaluations pass as `evaluate --clip/--dino` (None: the command's own search of the hub cache).
     """
 
     def __init__(self, state: Path, *, default_device: str = "cpu", trainer: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, clip: Path | None = None, dino: Path | None = None) -> None:
         self.state = Path(state)
+        self.clip, self.dino = clip, dino
         self.default_device = check_device(default_device)
         self.trainer = trainer or [sys.executable, "-m", "dreambooth"]
         self.env = env
@@ -384,16 +391,38 @@ class RunManager:
             total = reached + steps
         if total is not None and (steps is not None or kind == "extend"):
             argv += ["--max_train_steps", str(total)]
+        return self._queue(Run(id=new_run_id(), project=str(project), kind=kind, device=device, argv=argv,
+                               output=str(out) if out else None, total_steps=total, steps=steps))
+
+    def evaluate(self, project: Path | str, *, prompts: list[str] | None = None, num_images: int | None = None,
+                 steps: int | None = None, seeds: list[int] | None = None, device: str | None = None) -> Run:
+        """Queues `dreambooth evaluate --checkpoints all` of the project's run folder (studio.evaluating) into
+        PROJECT/evaluations/ID, as a run of kind 'evaluate': the same queue, one run at a time per device and per
+        project. Missing scorers are refused here with the command's message; the rest it checks when it starts."""
+        from dreambooth.studio.evaluating import EVALUATIONS, evaluate_argv
+
+        project = Path(project).resolve()
+        device = check_device(device or self.default_device)
+        if not (project / "config.yaml").is_file():
+            raise UserError(f"project {project} has no config.yaml: it is not a project folder, and evaluate scores "
+                            "the run its config.yaml names.")
+        run_id = new_run_id()
+        out = project / EVALUATIONS / run_id
+        argv = [*self.trainer, *evaluate_argv(project, out, clip=self.clip, dino=self.dino, prompts=prompts,
+                                              num_images=num_images, steps=steps, seeds=seeds)]
+        return self._queue(Run(id=run_id, project=str(project), kind="evaluate", device=device, argv=argv,
+                               output=str(out), total_steps=None))
+
+    def _queue(self, run: Run) -> Run:
+        """Adds `run` to the queue, one run of a project at a time, and starts it if its device is free."""
         with self._locked():
             runs = self._load()
-            busy = next((r for r in runs if r.project == str(project) and not r.ended), None)
+            busy = next((r for r in runs if r.project == run.project and not r.ended), None)
             if busy is not None:
-                raise UserError(f"project {project} already has run {busy.id} ({busy.kind}) {busy.state}"
+                raise UserError(f"project {run.project} already has run {busy.id} ({busy.kind}) {busy.state}"
                                 f"{' on ' + busy.device if busy.state == RUNNING else ''}; one run of a project at a "
                                 f"time. Wait for it to end, or stop it first.")
-            run = Run(id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], project=str(project), kind=kind,
-                      device=device, argv=argv, output=str(out) if out else None, total_steps=total, steps=steps,
-                      queued_at=time.time())
+            run.queued_at = time.time()
             self._save([*runs, run])
             self.tick()
             return self._find(self._load(), run.id)
@@ -459,7 +488,7 @@ class RunManager:
         if self._running(run):
             return False
         exit = read_json(self.run_dir(run.id) / EXIT_FILE)
-        out = Path(run.output) if run.output else None
+        out = Path(run.output) if run.output and run.kind != "evaluate" else None  # an evaluation saves no checkpoint
         latest = latest_checkpoint(out)
         if exit is None:
             run.state, run.ended_at = "lost", time.time()
@@ -469,7 +498,7 @@ class RunManager:
                            f"killed), so how it ended is unknown; {left}. Its log is "
                            f"{self.run_dir(run.id) / LOG_FILE}.")
         else:
-            run.state, run.message = outcome(exit, log_lines(self.run_dir(run.id) / LOG_FILE))
+            run.state, run.message = outcome(exit, log_lines(self.run_dir(run.id) / LOG_FILE), run.kind)
             run.returncode, run.ended_at = exit.get("returncode"), exit.get("ended") or time.time()
         said = STOPPED_LINE.match(run.message or "")
         run.checkpoint = said.group(2) if said else (str(latest.path) if latest else None)
@@ -585,6 +614,10 @@ class RunManager:
             await asyncio.sleep(interval)
 
 
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
 def check_device(device: str) -> str:
     if not isinstance(device, str) or not DEVICE.match(device):
         raise UserError(f"device {device!r}: a run's device is 'cpu' or 'cuda:N' (N the GPU's index).")
@@ -595,7 +628,8 @@ def ended_refusal(run: Run) -> str:
     """Why a stop of an ended run is refused, with where its output is."""
     out = run.output or f"{run.project}'s output folder"
     said = {
-        "finished": f"it finished; its model, samples and checkpoints are in {out}",
+        "finished": f"it finished; its {'scores' if run.kind == 'evaluate' else 'model, samples and checkpoints'} are "
+                    f"in {out}",
         "stopped": f"it was stopped; its checkpoint is {run.checkpoint or 'in ' + out}; resume it to continue",
         "failed": f"it failed ({(run.message or 'see its log').splitlines()[0]}); nothing is running to stop",
         "lost": f"its process ended while no studio watched it; what it saved is in {out}",
