@@ -269,3 +269,30 @@ def test_a_lora_result_is_exported_made_a_character_and_served(tmp_path, tiny_mo
                 assert answer.read().startswith(b"\x89PNG")
         finally:
             assert studio.delete("/api/projects/dog/serve").json() == {"stopped": True}
+
+
+def test_pushing_to_the_hub_is_refused_with_the_trainers_message_when_it_cannot_happen(tmp_path, tiny_model,
+                                                                                       monkeypatch):
+    """Ship it's hub upload goes through training.hub as `--push_to_hub` does: nothing trained yet, then no token,
+    each refused with the library's own message."""
+    from dreambooth.cli import main as cli
+    from dreambooth.studio.projects import Projects
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no saved token
+    projects = Projects(tmp_path / "projects")
+    access = Access([])
+    with TestClient(create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=projects),
+                    headers={CSRF_HEADER: access.csrf}) as studio:
+        studio.post("/api/projects", json={"name": "dog", "identifier": "sks", "class_word": "dog",
+                                           "model": str(tiny_model)}).raise_for_status()
+        early = studio.post("/api/projects/dog/push")
+        assert early.status_code == 422 and "train it first" in early.json()["error"]["message"]
+        for i in range(3):
+            studio.put(f"/api/projects/dog/photos/p{i}.png", content=png(i)).raise_for_status()
+        studio.put("/api/projects/dog/config", json={"values": {
+            "training": {"resolution": 64, "max_train_steps": 1}, "dataset": {"with_prior_preservation": False},
+            "output": {"report_to": "none"}}}).raise_for_status()
+        assert cli(["train", "--config", str(projects.open("dog").config_path)]) == 0
+        refused = studio.post("/api/projects/dog/push")
+        assert refused.status_code == 422 and refused.json()["error"]["message"].startswith("output.push_to_hub: ")

@@ -427,6 +427,14 @@ def add_ship_routes(app: FastAPI, projects, services) -> None:
     def character(name: str, body: CharacterBody):
         return add_character(projects.open(name), body.name, body.result)
 
+    @app.post("/api/projects/{name}/push")
+    async def push(name: str):
+        """To the hub, where a token is configured (output.hub_token, HF_TOKEN or `hf auth login`)."""
+        from dreambooth.studio.shipping import push_result
+
+        project = projects.open(name)
+        return await run_in_threadpool(push_result, project)
+
     @app.post("/api/projects/{name}/serve")
     async def serve_start(name: str):
         project = projects.open(name)

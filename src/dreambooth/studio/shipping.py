@@ -165,3 +165,15 @@ class Services:
             if process.poll() is None:
                 process.terminate()
         self.running.clear()
+
+
+def push_result(project) -> dict:
+    """The project's output uploaded to the Hugging Face hub as `train --push_to_hub` uploads it (training.hub: the
+    token and the connection checked first, the repo the config names or USER/OUTPUT_NAME); the repo and its URL."""
+    from dreambooth.config_file import load_config
+    from dreambooth.training.hub import check_upload, upload_run
+
+    trained_model(project, "final")  # a result to upload, or the message that says to train first
+    cfg = load_config(project.config_path)
+    repo = check_upload(cfg)
+    return {"repo": repo, "url": upload_run(cfg, repo)}
