@@ -45,10 +45,11 @@ def browser(tmp_path):
 
 
 @pytest.fixture
-def studio(tmp_path, tiny_model):
-    """The studio's URL and its run manager; runs left going by a failed test are stopped (then killed) after it."""
+def studio(tmp_path, tiny_model, clip_dir, dino_dir):
+    """The studio's URL and its run manager (with the tiny CLIP and DINO scorers, as `studio --clip --dino` gives
+    them); runs left going by a failed test are stopped (then killed) after it."""
     root = tmp_path / "projects"
-    runs = RunManager(root / ".studio")
+    runs = RunManager(root / ".studio", clip=clip_dir, dino=dino_dir)
     app = create_studio(Access([]), max_upload_bytes=UPLOAD_LIMIT, models_dir=tiny_model.parent,
                         projects=Projects(root, max_upload_bytes=UPLOAD_LIMIT), runs=runs)
     with running(app) as url:
@@ -246,6 +247,22 @@ def try_the_result(driver, project: Path, checkpoint: str) -> None:
     assert drawn[0].read_bytes() != drawn[1].read_bytes()  # the LoRA draws another picture on the same seed
 
 
+def evaluate_every_checkpoint(driver, runs) -> None:
+    """Try it's evaluate button queues `evaluate --checkpoints all` as a run; its scores come back with one best."""
+    driver.find_element(By.ID, "evaluate-images").send_keys("1")
+    driver.find_element(By.ID, "evaluate-steps").send_keys("2")
+    driver.find_element(By.ID, "evaluate-start").click()
+    wait(driver, lambda d: "queued as run" in text_of(d, "evaluate-queued"), "the evaluation queued")
+    run_id = text_of(driver, "evaluate-queued").split()[3]
+    wait(driver, lambda d: runs.get(run_id).ended, "the evaluation", seconds=180)
+    assert runs.get(run_id).state == "finished", runs.get(run_id).message
+    driver.find_element(By.ID, "evaluate-refresh").click()
+    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#evaluations tr[data-best=true]"), "the best checkpoint")
+    rows = driver.find_elements(By.CSS_SELECTOR, "#evaluations tr[data-checkpoint]")
+    assert len(rows) >= 2 and sum(r.get_attribute("data-best") == "true" for r in rows) == 1
+    assert "★ best" in driver.find_element(By.CSS_SELECTOR, "#evaluations tr[data-best=true]").text
+
+
 def human(size: int) -> str:
     """The page's size in binary units, as a reader would check it."""
     for unit in ("KiB", "MiB", "GiB"):
@@ -348,6 +365,7 @@ def test_the_studio_page_does_the_whole_job(browser, studio, tiny_model, tmp_pat
     project = tmp_path / "projects" / "dog"
     try_the_result(browser, project, runs.get(first).checkpoint)
     screenshot(browser, tmp_path, "6-try")
+    evaluate_every_checkpoint(browser, runs)
     export_to_kohya(browser, project)
     add_character_and_serve(browser, tmp_path)
 
