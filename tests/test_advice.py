@@ -286,6 +286,12 @@ SITES = {
     "send an API key as `Authorization: Bearer TOKEN`": "test_serve_request_refusals_name_what_is_answered",
     "with a longer deadline_s up to the server's": "test_serve_request_refusals_name_what_is_answered",
     "start `dreambooth serve` with --llm-base-url": "test_chat_advice_names_the_options_that_make_it_answer",
+    # the studio (tests/test_studio_app.py)
+    "log in with one of the studio's API keys (the page asks for it)": "tests/test_studio_app.py::test_with_keys_a_"
+                                                                       "caller_logs_in_once_and_the_cookie_holds_no_key",
+    "`dreambooth studio` needs {": "reason: installs from a package registry; the extra is what .ci/run installs",
+    "is reachable from other machines, and the studio runs training": "tests/test_studio_app.py::test_the_studio_"
+                                                                      "command_refuses_another_host_without_keys",
     # serve --ray (tests/test_serve_ray_options.py)
     "not options of `dreambooth serve` (its --help lists them": RAY + "test_builder_args_are_the_serve_options_by_name",
     "is not a {kind.__name__} (`dreambooth serve --help` says what": RAY + "test_builder_args_are_the_serve_options_"

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from dreambooth.options import parse_settings
+
 from dreambooth.cli import COMMANDS, build_parser, command_options
 from dreambooth.serving import ray_app
 from dreambooth.serving.app import ENDPOINTS
@@ -122,14 +124,15 @@ def documented_builds() -> dict[str, str]:
     return builds
 
 
+def documented_commands() -> list[list[str]]:
+    """deploy/README.md's `docker run` commands (continued lines joined), each as its words."""
+    text = (DEPLOY / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line) for line in text.splitlines() if line.startswith("docker run --rm")]
+
+
 def documented_runs() -> dict[str, list[str]]:
-    """deploy/README.md's `docker run` lines: image -> the line's words."""
-    runs = {}
-    for line in (DEPLOY / "README.md").read_text().splitlines():
-        if line.startswith("docker run --rm"):
-            words = shlex.split(line)
-            runs[words[-1]] = words
-    return runs
+    """deploy/README.md's `docker run` lines of the image's own command (`serve`): image -> the line's words."""
+    return {words[-1]: words for words in documented_commands() if words[-1].startswith("dreambooth:")}
 
 
 def manifest() -> list[dict]:
@@ -297,6 +300,25 @@ def test_the_documented_docker_commands_build_and_run_what_the_files_say():
         mounts = [words[i + 1].split(":")[1] for i, w in enumerate(words) if w == "-v"]
         assert str(options.characters.parent) in mounts, "the characters' folder is mounted"
         assert str(options.api_keys) in mounts, "the key file is mounted where --api-keys reads it"
+
+
+def test_the_documented_studio_command_runs_in_the_image_as_the_studio_parses_it():
+    """The studio from the same image: its command parses with `dreambooth studio`'s own parser, the published port
+    is its --port, the projects folder and the key file are mounted where it reads them, and another host has keys."""
+    from dreambooth.command_options import StudioOptions
+
+    studios = [words for words in documented_commands() if "studio" in words]
+    assert studios, "deploy/README.md shows the studio's docker run"
+    for words in studios:
+        image = next(w for w in words if w.startswith("dreambooth:"))
+        argv = words[words.index(image) + 1:]
+        assert argv[0] == "studio"
+        options = parse_settings(StudioOptions, argv[1:], "dreambooth studio")
+        published = [words[i + 1] for i, w in enumerate(words) if w == "-p"]
+        assert [p.split(":")[-1] for p in published] == [str(options.port)]
+        mounts = [words[i + 1].split(":")[1] for i, w in enumerate(words) if w == "-v"]
+        assert str(options.projects) in mounts and str(options.api_keys) in mounts
+        assert options.host == "0.0.0.0" and options.api_keys is not None
 
 
 # ------------------------------------------------------------------------------------------- the RayService manifest

@@ -44,7 +44,9 @@ LAYERS = {
                    "evaluation.background"],
     "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.stores", "serving.metrics",
                 "serving.service", "serving.renderer", "serving.chat", "serving.app", "serving.ray_app"],
-    "front doors": ["export", "project", "characters.commands", "serving.command", "cli", "__main__"],
+    "studio": ["studio.runner", "studio.runs"],
+    "front doors": ["export", "project", "characters.commands", "serving.command", "studio.projects", "studio.trying",
+                    "studio.shipping", "studio.app", "studio.command", "cli", "__main__"],
 }
 
 

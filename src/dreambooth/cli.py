@@ -33,6 +33,7 @@ from dreambooth.command_options import (
     InitOptions,
     ReportOptions,
     ServeOptions,
+    StudioOptions,
     TinyModelOptions,
 )
 from dreambooth.config import SECTION_TYPES, field_flags
@@ -218,6 +219,8 @@ COMMANDS = {command.name: command for command in (
             "dreambooth.characters.commands:compile_prompt_command", CompilePromptOptions),
     Command("serve", "Draw characters on demand over HTTP: states in, pictures out; batched, queued, cached, "
             "with API keys, limits and metrics.", "dreambooth.serving.command:serve_command", ServeOptions, heavy=True),
+    Command("studio", "The whole job in a browser: projects, photos with a live pre-flight, runs, trying, exporting "
+            "and serving the result.", "dreambooth.studio.command:studio_command", StudioOptions),
     Command("demo", "Train the built-in subject into the built-in model on a CPU; measure before and after.",
             "dreambooth.evaluation.demo:demo_command", DemoOptions, heavy=True),
     Command("experiment", "The DreamBooth paper's experiment on the built-in world: base vs full/LoRA, with and "

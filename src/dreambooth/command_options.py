@@ -259,3 +259,23 @@ class ServeOptions:
     cpus_per_replica: float = option(1.0, minimum=0, help="CPUs each replica takes (with --ray).")
     max_loras_per_replica: int = option(8, minimum=1, help="Characters a replica is routed as holding at once (with "
                                         "--ray; least recently drawn let go first).")
+
+
+@dataclass(kw_only=True)
+class StudioOptions:
+    """`dreambooth studio`: the whole job in a browser (projects, photos, runs, trying, exporting, serving)."""
+
+    projects: Path = option(Path("studio-projects"), help="The folder of the studio's projects (made when missing); "
+                            "nothing outside it is read or written for a request.")
+    models_dir: Path | None = option(None, help="A folder whose model folders (with model_index.json) the recipe "
+                                     "offers as base models.")
+    host: str = option("127.0.0.1", help="Address to listen on; anything but loopback needs API keys.")
+    port: int = option(7860, minimum=0, help="Port to listen on (0: any free port, printed).")
+    api_keys: Path | None = option(None, help="A file of API keys, one `NAME ROLE TOKEN` a line, as `serve` reads "
+                                   "them; $DREAMBOOTH_API_KEYS may hold more.")
+    max_upload_mb: float = option(20.0, minimum=0.1, help="Largest photo a browser may upload, in MB.")
+    clip: Path | None = option(None, help="Local CLIP model folder its evaluations score with, as `evaluate --clip` "
+                               "[default: evaluate's own search of the Hugging Face hub cache].")
+    dino: Path | None = option(None, help="Local DINO ViT folder its evaluations score with, as `evaluate --dino` "
+                               "[default: evaluate's own search of the Hugging Face hub cache].")
+

@@ -1,0 +1,1 @@
+"""`dreambooth studio`: the whole job in a browser, over the same library as the command line."""
