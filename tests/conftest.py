@@ -13,8 +13,15 @@ from pathlib import Path
 from dreambooth.training.speed import cpu_threading
 
 # Before torch loads (libgomp reads its environment then): the tool's own CPU threading (threads that sleep at
-# barriers, one core left free), so that the servers and training processes the tests start share the cores.
-cpu_threading()
+# barriers, one core left free), so that the servers and training processes the tests start share the cores. Under
+# pytest-xdist (`pytest -n auto`, the README's command) each worker takes its share of the cores instead: on the
+# 2-core machines one thread each, as one process has alone (one fewer than the cores).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpu_threading(cores=max(2, _cores // _workers + 1))
+else:
+    cpu_threading()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
