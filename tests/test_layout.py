@@ -44,7 +44,7 @@ LAYERS = {
                    "evaluation.background"],
     "serving": ["serving.batcher", "serving.auth", "serving.cache", "serving.stores", "serving.metrics",
                 "serving.service", "serving.renderer", "serving.chat", "serving.app", "serving.ray_app"],
-    "studio": ["studio.runner", "studio.runs"],
+    "studio": ["studio.runner", "studio.evaluating", "studio.runs"],
     "front doors": ["export", "project", "characters.commands", "serving.command", "studio.projects", "studio.trying",
                     "studio.shipping", "studio.app", "studio.command", "cli", "__main__"],
 }
