@@ -99,6 +99,21 @@ class Guard:
         return None
 
 
+class UploadLimit(BodyLimit):
+    """`BodyLimit` in the studio's words: a body that large is a photo over --max-upload-mb (serve's refusal names its
+    own flag and a render request)."""
+
+    def __init__(self, app, limit: int, upload_limit: int):
+        super().__init__(app, limit)
+        self.upload_limit = upload_limit
+
+    async def _refuse(self, scope, receive, send):
+        await error_response(413, "body_too_large", f"the upload is over the studio's limit of "
+                             f"{self.upload_limit / 2**20:g} MB (--max-upload-mb); it was not added. Photos for "
+                             "DreamBooth need no more than a few megapixels: save it smaller (JPEG at quality 90-95) "
+                             "and upload it again.")(scope, receive, send)
+
+
 class Login(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -162,7 +177,8 @@ def create_studio(access: Access, *, max_upload_bytes: int, projects=None, model
                   lifespan=lifespan)
     add_refusals(app)
     app.add_middleware(Guard, access=access)
-    app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_ROOM)  # outermost: counted before anything reads it
+    # outermost: counted before anything reads it
+    app.add_middleware(UploadLimit, limit=max_upload_bytes + FORM_ROOM, upload_limit=max_upload_bytes)
     page = resources.files("dreambooth.studio").joinpath("page.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
