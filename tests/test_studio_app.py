@@ -133,6 +133,16 @@ def test_a_path_outside_the_projects_is_refused(studio, path):
     assert answer.status_code in (404, 422) and "error" in answer.json()
 
 
+def test_a_link_in_a_project_that_leads_out_serves_nothing(studio, tmp_path):
+    outside = tmp_path / "outside" / "a" / "b"
+    outside.mkdir(parents=True)
+    (outside / "secret.png").write_bytes(b"not the studio's")
+    studio.post("/api/projects", json={"name": "p", "identifier": "sks", "class_word": "dog"}).raise_for_status()
+    (tmp_path / "projects" / "p" / "tries").symlink_to(tmp_path / "outside")
+    answer = studio.get("/api/projects/p/tries/a/b/secret.png")
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
+
+
 def test_an_upload_over_the_limit_is_refused_before_it_is_read_whole(studio, tiny_model):
     studio.post("/api/projects", json={"name": "p", "identifier": "sks", "class_word": "dog",
                                        "model": str(tiny_model)})

@@ -408,7 +408,8 @@ def add_try_routes(app: FastAPI, projects) -> None:
     def tried_image(name: str, try_id: str, side: str, file: str):
         project = projects.open(name)
         folder = project.path / "tries"
-        return FileResponse(inside(str(folder / try_id / side / file), str(folder)))
+        found = inside(str(folder / try_id / side / file), str(folder))
+        return FileResponse(inside(str(found), str(project.path)))  # a tries/ that is a link out leads nowhere
 
 
 class ExportBody(BaseModel):
