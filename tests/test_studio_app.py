@@ -70,6 +70,28 @@ def test_the_studio_command_refuses_another_host_without_keys(tmp_path, capsys, 
         assert "studio at http://" in capsys.readouterr().out
 
 
+def test_without_keys_the_studio_answers_only_requests_addressed_to_this_machine(tmp_path, monkeypatch):
+    """A page of another site whose name is rebound to 127.0.0.1 is the studio's own origin to the browser: were the
+    studio to answer it, the page could read the CSRF token and do anything."""
+    import uvicorn
+
+    monkeypatch.delenv("DREAMBOOTH_API_KEYS", raising=False)
+    started = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: started.append(self.config.app))
+    assert main(["studio", "--projects", str(tmp_path / "p"), "--port", "0"]) == 0
+    studio = TestClient(started[0], base_url="http://127.0.0.1:7860")
+    assert studio.get("/").status_code == 200
+    for host in ("localhost:7860", "[::1]:7860", "127.0.0.1"):
+        assert studio.get("/healthz", headers={"host": host}).status_code == 200
+    rebound = studio.get("/", headers={"host": "attacker.example:7860"})
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host"
+    assert "'attacker.example'" in rebound.json()["error"]["message"] and "studio-csrf" not in rebound.text
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"alice user {TOKEN}\n")
+    assert main(["studio", "--projects", str(tmp_path / "p"), "--port", "0", "--api-keys", str(keys)]) == 0
+    assert TestClient(started[1]).get("/", headers={"host": "studio.example"}).status_code == 200  # a key guards it
+
+
 @pytest.mark.parametrize("path", ["/api/whoami", "/healthz"])
 def test_reading_never_needs_the_token(path):
     studio, _ = client()

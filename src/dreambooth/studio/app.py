@@ -6,6 +6,9 @@ What every request passes first (`Guard`, outside every route):
   With keys (`--api-keys`, as `serve` reads them) a caller sends one as `Authorization: Bearer TOKEN`, or logs in
   once (POST /api/login) and the browser then carries a session cookie (HttpOnly, SameSite=Strict) holding the key's
   name signed with this process's secret, never the key.
+- **Only this machine's names without keys.** A studio without keys answers only requests addressed (Host header) to
+  a loopback name: a page on another site that points its own name at 127.0.0.1 (DNS rebinding) would otherwise be
+  the studio's own origin to the browser, read the page's CSRF token and use everything.
 - **No state change from another site.** GET and HEAD never change anything. Every other method needs the
   `X-Studio-CSRF` header to equal the token the page was served with: a page on another origin can make the browser
   send a request (with the cookie) but cannot read the token to put in it.
@@ -38,10 +41,12 @@ FORM_ROOM = 64 * 1024  # room for a JSON body; a photo arrives as the raw body o
 
 @dataclass
 class Access:
-    """The studio's keys (none: loopback only, everyone local may do everything), its CSRF token and the secret its
-    session cookies are signed with; both made fresh for each studio process."""
+    """The studio's keys (none: loopback only, everyone local may do everything), the names a request may be addressed
+    to without keys (empty: any, for an app built in-process), its CSRF token and the secret its session cookies are
+    signed with; both made fresh for each studio process."""
 
     keys: list[Key]
+    hosts: tuple[str, ...] = ()
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
 
@@ -84,6 +89,13 @@ class Guard:
         return await self.app(scope, receive, send)
 
     def refusal(self, request: Request) -> JSONResponse | None:
+        host = host_name(request.headers.get("host", ""))
+        if not self.access.keys and self.access.hosts and host not in self.access.hosts:
+            return error_response(403, "host", f"this studio has no API keys, so it answers only requests addressed "
+                                  f"to this machine ({', '.join(self.access.hosts)}); this one was addressed to "
+                                  f"'{host}', as a page of another site reaching it through DNS rebinding would be. "
+                                  "Open the address the studio printed when it started, or give it --api-keys to "
+                                  "reach it under another name.")
         if request.method not in SAFE_METHODS:
             sent = request.headers.get(CSRF_HEADER, "")
             if not hmac.compare_digest(sent.encode(), self.access.csrf.encode()):
@@ -97,6 +109,14 @@ class Guard:
                                       "asks for it), or send it as `Authorization: Bearer TOKEN`.",
                                       {"WWW-Authenticate": "Bearer"})
         return None
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header, without its port ('[::1]:7860' -> '::1'), lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
 
 
 class UploadLimit(BodyLimit):
