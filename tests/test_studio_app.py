@@ -92,6 +92,19 @@ def test_without_keys_the_studio_answers_only_requests_addressed_to_this_machine
     assert TestClient(started[1]).get("/", headers={"host": "studio.example"}).status_code == 200  # a key guards it
 
 
+@pytest.mark.parametrize(("body", "said"), [
+    (b"{not json", "the body is not valid JSON (Expecting property name enclosed in double quotes at character 1)."),
+    (b"", "the body must be a JSON object with this request's fields (Content-Type: application/json)."),
+    (b"[1, 2]", "the body must be a JSON object with this request's fields (Content-Type: application/json)."),
+    (b'{"token": 5}', "token: Input should be a valid string."),
+])
+def test_a_body_that_is_not_what_the_route_takes_is_refused_saying_why(body, said):
+    studio, access = client()
+    answer = studio.post("/api/login", content=body, headers={CSRF_HEADER: access.csrf,
+                                                               "Content-Type": "application/json"})
+    assert answer.status_code == 422 and answer.json()["error"] == {"code": "invalid_request", "message": said}
+
+
 @pytest.mark.parametrize("path", ["/api/whoami", "/healthz"])
 def test_reading_never_needs_the_token(path):
     studio, _ = client()

@@ -322,10 +322,18 @@ def add_refusals(app: FastAPI) -> None:
         return error_response(e.status_code, codes.get(e.status_code, f"http_{e.status_code}"),
                               f"{e.detail}: {request.method} {request.url.path}.")
 
+    def problem(err: dict) -> str:
+        where = ".".join(str(p) for p in err["loc"][1:])
+        if err["type"] == "json_invalid":  # its loc is the character where parsing stopped
+            why = (err.get("ctx") or {}).get("error", err["msg"])
+            return f"the body is not valid JSON ({why} at character {where})"
+        if not where:
+            return "the body must be a JSON object with this request's fields (Content-Type: application/json)"
+        return f"{where}: {err['msg']}"
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        problems = [f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors()]
-        return error_response(422, "invalid_request", "; ".join(problems) + ".")
+        return error_response(422, "invalid_request", "; ".join(problem(err) for err in e.errors()) + ".")
 
 
 def add_project_routes(app: FastAPI, projects, models_dir) -> None:
