@@ -178,6 +178,17 @@ def test_a_link_in_a_project_that_leads_out_serves_nothing(studio, tmp_path):
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
 
 
+def test_a_file_where_the_studio_keeps_a_folder_is_named_not_a_bare_500(studio, tmp_path):
+    studio.post("/api/projects", json={"name": "p", "identifier": "sks", "class_word": "dog"}).raise_for_status()
+    photo = studio.put("/api/projects/p/photos/a.png", content=png(0)).json()["name"]
+    trash = tmp_path / "projects" / "p" / "trash"
+    trash.write_text("the user's own file")
+    answer = studio.delete(f"/api/projects/p/photos/{photo}")
+    assert answer.status_code == 500 and answer.json()["error"]["code"] == "disk"
+    assert f"File exists ({trash})" in answer.json()["error"]["message"]
+    assert trash.read_text() == "the user's own file" and studio.get(f"/api/projects/p/photos/{photo}").is_success
+
+
 def test_an_upload_over_the_limit_is_refused_before_it_is_read_whole(studio, tiny_model):
     studio.post("/api/projects", json={"name": "p", "identifier": "sks", "class_word": "dog",
                                        "model": str(tiny_model)})

@@ -316,6 +316,14 @@ def add_refusals(app: FastAPI) -> None:
     async def refused(request: Request, e: UserError):
         return error_response(422, "refused", str(e))
 
+    @app.exception_handler(OSError)
+    async def disk_error(request: Request, e: OSError):
+        """The disk refused (a file where the studio keeps a folder, a full disk, permissions): said, not a bare 500."""
+        where = f" ({e.filename})" if e.filename else ""
+        return error_response(500, "disk", f"{request.method} {request.url.path} could not be done: "
+                              f"{e.strerror or e}{where}. Fix that (move the file aside, free space, or give the "
+                              "studio write access) and try again.")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed"}
