@@ -70,6 +70,41 @@ def test_the_studio_command_refuses_another_host_without_keys(tmp_path, capsys, 
         assert "studio at http://" in capsys.readouterr().out
 
 
+def test_without_keys_the_studio_answers_only_requests_addressed_to_this_machine(tmp_path, monkeypatch):
+    """A page of another site whose name is rebound to 127.0.0.1 is the studio's own origin to the browser: were the
+    studio to answer it, the page could read the CSRF token and do anything."""
+    import uvicorn
+
+    monkeypatch.delenv("DREAMBOOTH_API_KEYS", raising=False)
+    started = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: started.append(self.config.app))
+    assert main(["studio", "--projects", str(tmp_path / "p"), "--port", "0"]) == 0
+    studio = TestClient(started[0], base_url="http://127.0.0.1:7860")
+    assert studio.get("/").status_code == 200
+    for host in ("localhost:7860", "[::1]:7860", "127.0.0.1"):
+        assert studio.get("/healthz", headers={"host": host}).status_code == 200
+    rebound = studio.get("/", headers={"host": "attacker.example:7860"})
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host"
+    assert "'attacker.example'" in rebound.json()["error"]["message"] and "studio-csrf" not in rebound.text
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"alice user {TOKEN}\n")
+    assert main(["studio", "--projects", str(tmp_path / "p"), "--port", "0", "--api-keys", str(keys)]) == 0
+    assert TestClient(started[1]).get("/", headers={"host": "studio.example"}).status_code == 200  # a key guards it
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    (b"{not json", "the body is not valid JSON (Expecting property name enclosed in double quotes at character 1)."),
+    (b"", "the body must be a JSON object with this request's fields (Content-Type: application/json)."),
+    (b"[1, 2]", "the body must be a JSON object with this request's fields (Content-Type: application/json)."),
+    (b'{"token": 5}', "token: Input should be a valid string."),
+])
+def test_a_body_that_is_not_what_the_route_takes_is_refused_saying_why(body, said):
+    studio, access = client()
+    answer = studio.post("/api/login", content=body, headers={CSRF_HEADER: access.csrf,
+                                                               "Content-Type": "application/json"})
+    assert answer.status_code == 422 and answer.json()["error"] == {"code": "invalid_request", "message": said}
+
+
 @pytest.mark.parametrize("path", ["/api/whoami", "/healthz"])
 def test_reading_never_needs_the_token(path):
     studio, _ = client()
@@ -133,11 +168,34 @@ def test_a_path_outside_the_projects_is_refused(studio, path):
     assert answer.status_code in (404, 422) and "error" in answer.json()
 
 
+def test_a_link_in_a_project_that_leads_out_serves_nothing(studio, tmp_path):
+    outside = tmp_path / "outside" / "a" / "b"
+    outside.mkdir(parents=True)
+    (outside / "secret.png").write_bytes(b"not the studio's")
+    studio.post("/api/projects", json={"name": "p", "identifier": "sks", "class_word": "dog"}).raise_for_status()
+    (tmp_path / "projects" / "p" / "tries").symlink_to(tmp_path / "outside")
+    answer = studio.get("/api/projects/p/tries/a/b/secret.png")
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
+
+
+def test_a_file_where_the_studio_keeps_a_folder_is_named_not_a_bare_500(studio, tmp_path):
+    studio.post("/api/projects", json={"name": "p", "identifier": "sks", "class_word": "dog"}).raise_for_status()
+    photo = studio.put("/api/projects/p/photos/a.png", content=png(0)).json()["name"]
+    trash = tmp_path / "projects" / "p" / "trash"
+    trash.write_text("the user's own file")
+    answer = studio.delete(f"/api/projects/p/photos/{photo}")
+    assert answer.status_code == 500 and answer.json()["error"]["code"] == "disk"
+    assert f"File exists ({trash})" in answer.json()["error"]["message"]
+    assert trash.read_text() == "the user's own file" and studio.get(f"/api/projects/p/photos/{photo}").is_success
+
+
 def test_an_upload_over_the_limit_is_refused_before_it_is_read_whole(studio, tiny_model):
     studio.post("/api/projects", json={"name": "p", "identifier": "sks", "class_word": "dog",
                                        "model": str(tiny_model)})
     answer = studio.put("/api/projects/p/photos/big.png", content=b"\0" * (3 * 1024 * 1024))
     assert answer.status_code == 413 and answer.json()["error"]["code"] == "body_too_large"
+    message = answer.json()["error"]["message"]  # the studio's own limit and flag, not serve's --max-body-kb
+    assert "limit of 2 MB (--max-upload-mb); it was not added" in message and "max-body-kb" not in message
 
 
 # ---------------------------------------------------------------------------------------------- runs over HTTP

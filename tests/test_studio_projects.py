@@ -299,6 +299,14 @@ def test_save_config_refuses_a_made_up_key_with_the_command_lines_message(projec
     assert str(project.config_path) in str(refused.value)
     with pytest.raises(UserError, match="climbs out"):
         save_config(project, {"output": {"output_dir": "../elsewhere"}})
+    # the log folder is relative to the run folder: the run writes it wherever it leads
+    with pytest.raises(UserError, match="output.logging_dir '/tmp/logs' is refused: it is an absolute path"):
+        save_config(project, {"output": {"logging_dir": "/tmp/logs"}})
+    with pytest.raises(UserError, match="output.logging_dir '../../logs' is refused: it climbs out"):
+        save_config(project, {"output": {"logging_dir": "../../logs"}})
+    with pytest.raises(UserError, match="output.hub_token is a secret, and the studio never writes one"):
+        save_config(project, {"output": {"hub_token": "hf_" + "x" * 30}})
+    assert project.config_path.read_text() == before
 
 
 def test_save_config_writes_what_train_reads_back(project, tiny_model):

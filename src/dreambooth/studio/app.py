@@ -6,6 +6,9 @@ What every request passes first (`Guard`, outside every route):
   With keys (`--api-keys`, as `serve` reads them) a caller sends one as `Authorization: Bearer TOKEN`, or logs in
   once (POST /api/login) and the browser then carries a session cookie (HttpOnly, SameSite=Strict) holding the key's
   name signed with this process's secret, never the key.
+- **Only this machine's names without keys.** A studio without keys answers only requests addressed (Host header) to
+  a loopback name: a page on another site that points its own name at 127.0.0.1 (DNS rebinding) would otherwise be
+  the studio's own origin to the browser, read the page's CSRF token and use everything.
 - **No state change from another site.** GET and HEAD never change anything. Every other method needs the
   `X-Studio-CSRF` header to equal the token the page was served with: a page on another origin can make the browser
   send a request (with the cookie) but cannot read the token to put in it.
@@ -38,10 +41,12 @@ FORM_ROOM = 64 * 1024  # room for a JSON body; a photo arrives as the raw body o
 
 @dataclass
 class Access:
-    """The studio's keys (none: loopback only, everyone local may do everything), its CSRF token and the secret its
-    session cookies are signed with; both made fresh for each studio process."""
+    """The studio's keys (none: loopback only, everyone local may do everything), the names a request may be addressed
+    to without keys (empty: any, for an app built in-process), its CSRF token and the secret its session cookies are
+    signed with; both made fresh for each studio process."""
 
     keys: list[Key]
+    hosts: tuple[str, ...] = ()
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
 
@@ -84,6 +89,13 @@ class Guard:
         return await self.app(scope, receive, send)
 
     def refusal(self, request: Request) -> JSONResponse | None:
+        host = host_name(request.headers.get("host", ""))
+        if not self.access.keys and self.access.hosts and host not in self.access.hosts:
+            return error_response(403, "host", f"this studio has no API keys, so it answers only requests addressed "
+                                  f"to this machine ({', '.join(self.access.hosts)}); this one was addressed to "
+                                  f"'{host}', as a page of another site reaching it through DNS rebinding would be. "
+                                  "Open the address the studio printed when it started, or give it --api-keys to "
+                                  "reach it under another name.")
         if request.method not in SAFE_METHODS:
             sent = request.headers.get(CSRF_HEADER, "")
             if not hmac.compare_digest(sent.encode(), self.access.csrf.encode()):
@@ -97,6 +109,29 @@ class Guard:
                                       "asks for it), or send it as `Authorization: Bearer TOKEN`.",
                                       {"WWW-Authenticate": "Bearer"})
         return None
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header, without its port ('[::1]:7860' -> '::1'), lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+class UploadLimit(BodyLimit):
+    """`BodyLimit` in the studio's words: a body that large is a photo over --max-upload-mb (serve's refusal names its
+    own flag and a render request)."""
+
+    def __init__(self, app, limit: int, upload_limit: int):
+        super().__init__(app, limit)
+        self.upload_limit = upload_limit
+
+    async def _refuse(self, scope, receive, send):
+        await error_response(413, "body_too_large", f"the upload is over the studio's limit of "
+                             f"{self.upload_limit / 2**20:g} MB (--max-upload-mb); it was not added. Photos for "
+                             "DreamBooth need no more than a few megapixels: save it smaller (JPEG at quality 90-95) "
+                             "and upload it again.")(scope, receive, send)
 
 
 class Login(BaseModel):
@@ -162,7 +197,8 @@ def create_studio(access: Access, *, max_upload_bytes: int, projects=None, model
                   lifespan=lifespan)
     add_refusals(app)
     app.add_middleware(Guard, access=access)
-    app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_ROOM)  # outermost: counted before anything reads it
+    # outermost: counted before anything reads it
+    app.add_middleware(UploadLimit, limit=max_upload_bytes + FORM_ROOM, upload_limit=max_upload_bytes)
     page = resources.files("dreambooth.studio").joinpath("page.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -280,16 +316,32 @@ def add_refusals(app: FastAPI) -> None:
     async def refused(request: Request, e: UserError):
         return error_response(422, "refused", str(e))
 
+    @app.exception_handler(OSError)
+    async def disk_error(request: Request, e: OSError):
+        """The disk refused (a file where the studio keeps a folder, a full disk, permissions): said, not a bare 500."""
+        where = f" ({e.filename})" if e.filename else ""
+        return error_response(500, "disk", f"{request.method} {request.url.path} could not be done: "
+                              f"{e.strerror or e}{where}. Fix that (move the file aside, free space, or give the "
+                              "studio write access) and try again.")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed"}
         return error_response(e.status_code, codes.get(e.status_code, f"http_{e.status_code}"),
                               f"{e.detail}: {request.method} {request.url.path}.")
 
+    def problem(err: dict) -> str:
+        where = ".".join(str(p) for p in err["loc"][1:])
+        if err["type"] == "json_invalid":  # its loc is the character where parsing stopped
+            why = (err.get("ctx") or {}).get("error", err["msg"])
+            return f"the body is not valid JSON ({why} at character {where})"
+        if not where:
+            return "the body must be a JSON object with this request's fields (Content-Type: application/json)"
+        return f"{where}: {err['msg']}"
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        problems = [f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors()]
-        return error_response(422, "invalid_request", "; ".join(problems) + ".")
+        return error_response(422, "invalid_request", "; ".join(problem(err) for err in e.errors()) + ".")
 
 
 def add_project_routes(app: FastAPI, projects, models_dir) -> None:
@@ -392,7 +444,8 @@ def add_try_routes(app: FastAPI, projects) -> None:
     def tried_image(name: str, try_id: str, side: str, file: str):
         project = projects.open(name)
         folder = project.path / "tries"
-        return FileResponse(inside(str(folder / try_id / side / file), str(folder)))
+        found = inside(str(folder / try_id / side / file), str(folder))
+        return FileResponse(inside(str(found), str(project.path)))  # a tries/ that is a link out leads nowhere
 
 
 class ExportBody(BaseModel):

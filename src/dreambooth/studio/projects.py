@@ -351,6 +351,11 @@ class Project:
         with that command's message otherwise, and the file left as it was. Returns the values written."""
         if not isinstance(values, dict):
             raise UserError("the recipe is a mapping of sections (model, token, training, ...) to their keys.")
+        for section, key in NOT_IN_FORM:
+            if isinstance(values.get(section), dict) and values[section].get(key) is not None:
+                raise UserError(f"{section}.{key} is a secret, and the studio never writes one into config.yaml (a "
+                                "file that travels with the project and its runs); nothing was saved. Set HF_TOKEN, "
+                                "or log in once with `hf auth login`.")
         merged = self.config_values()
         for section, keys in values.items():
             if isinstance(keys, dict) and isinstance(merged.get(section), dict):
@@ -361,6 +366,10 @@ class Project:
             given = (merged.get(section) or {}).get(key) if isinstance(merged.get(section), dict) else None
             if given is not None:
                 confined(self.path, str(given), f"{section}.{key}")
+        output = merged.get("output") if isinstance(merged.get("output"), dict) else {}
+        if output.get("logging_dir") is not None:  # relative to the run folder, and written by the run as it is
+            confined(self.path / str(output.get("output_dir") or "output"), str(output["logging_dir"]),
+                     "output.logging_dir")
         order = [*SECTION_TYPES, "subjects"]
         merged = {k: merged[k] for k in sorted(merged, key=lambda k: order.index(k) if k in order else len(order))}
         text = yaml.safe_dump(merged, sort_keys=False)
