@@ -615,13 +615,21 @@ def test_a_stopped_train_continues_with_the_command_it_names(tiny_model, instanc
 
 def test_a_stopped_demo_continues_with_the_command_it_names(tmp_path, capsys, monkeypatch):
     """`dreambooth demo` has no --resume_from_checkpoint, and a plain rerun threw the checkpoint away."""
-    import functools
+    import dataclasses
 
     from dreambooth.evaluation import experiment
 
-    # the demo's recipe, with fewer class images and measuring images: what is tested is how it continues
-    monkeypatch.setattr(experiment, "Recipe", functools.partial(experiment.Recipe, num_class_images=4,
-                                                                images_per_prompt=1, sample_steps=2))
+    # the demo's recipe, with fewer class images and measuring images and lighter validation drawings (8 images of
+    # 20 sampler steps after every step, at 4 steps): what is tested is how it continues
+    light = dataclasses.replace(experiment.RECIPES["sd"], num_class_images=4, images_per_prompt=1, sample_steps=2)
+    monkeypatch.setitem(experiment.RECIPES, "sd", light)
+    train_variant = experiment.train_variant
+
+    def lighter(*args, extra, **kwargs):
+        return train_variant(*args, extra={**extra, "validation.num_images": 1, "validation.num_inference_steps": 2},
+                             **kwargs)
+
+    monkeypatch.setattr(experiment, "train_variant", lighter)
     out = tmp_path / "demo"
     with monkeypatch.context() as m:
         interrupt_after(m, 2)
