@@ -3,6 +3,8 @@ session cookie), no state change without the page's CSRF token, bounded bodies; 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -329,10 +331,10 @@ def test_a_lora_result_is_exported_made_a_character_and_served(tmp_path, tiny_mo
             assert studio.delete("/api/projects/dog/serve").json() == {"stopped": True}
 
 
-def test_pushing_to_the_hub_is_refused_with_the_trainers_message_when_it_cannot_happen(tmp_path, tiny_model,
-                                                                                       monkeypatch):
+def test_pushing_to_the_hub_is_refused_with_the_trainers_message_or_uploads_the_output(tmp_path, tiny_model,
+                                                                                      monkeypatch):
     """Ship it's hub upload goes through training.hub as `--push_to_hub` does: nothing trained yet, then no token,
-    each refused with the library's own message."""
+    each refused with the library's own message; with a token, the output uploaded as train uploads it."""
     from dreambooth.cli import main as cli
     from dreambooth.studio.projects import Projects
 
@@ -354,3 +356,21 @@ def test_pushing_to_the_hub_is_refused_with_the_trainers_message_when_it_cannot_
         assert cli(["train", "--config", str(projects.open("dog").config_path)]) == 0
         refused = studio.post("/api/projects/dog/push")
         assert refused.status_code == 422 and refused.json()["error"]["message"].startswith("output.push_to_hub: ")
+        # with a token and a hub (stood in for: none is reachable here), the output goes up as train's upload sends it
+        import huggingface_hub
+
+        from dreambooth.config_file import load_config
+
+        calls = {}
+        monkeypatch.setenv("HF_TOKEN", "hf_" + "s" * 30)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self, token=None, **kw: {"name": "me"})
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault(
+            "repo", repo_id))
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw))
+        pushed = studio.post("/api/projects/dog/push")
+        output = Path(load_config(projects.open("dog").config_path).output.output_dir)
+        assert pushed.status_code == 200, pushed.text
+        assert pushed.json() == {"repo": f"me/{output.name}", "url": f"https://huggingface.co/me/{output.name}"}
+        assert calls["repo"] == pushed.json()["repo"] and Path(calls["upload"]["folder_path"]) == output
+        assert "checkpoint-*" in calls["upload"]["ignore_patterns"]
