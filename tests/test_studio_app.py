@@ -245,6 +245,38 @@ def test_a_run_is_started_followed_and_its_sample_and_report_shown_through_the_a
             assert answer.status_code in (404, 422) and "pretrained_model" not in answer.text
 
 
+def test_a_run_the_pre_flight_refuses_is_refused_at_start_with_trains_message(tmp_path, tiny_model, capsys,
+                                                                             monkeypatch):
+    """Start on a project `train` would refuse (no photos yet; a recipe value out of place): the start answers with
+    the message `dreambooth train --config` ends with, word for word, and nothing is queued."""
+    from dreambooth.studio.projects import Projects
+    from dreambooth.studio.runs import RunManager
+
+    access = Access([])
+    root = tmp_path / "projects"
+    projects = Projects(root)
+    with TestClient(create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=projects,
+                                  runs=RunManager(root / ".studio")), headers={CSRF_HEADER: access.csrf}) as studio:
+        studio.post("/api/projects", json={"name": "dog", "identifier": "sks", "class_word": "dog",
+                                           "model": str(tiny_model)}).raise_for_status()
+        config = projects.open("dog").config_path
+
+        def photos_and_a_width_off_the_grid():
+            for i in range(3):
+                studio.put(f"/api/projects/dog/photos/p{i}.png", content=png(i)).raise_for_status()
+            studio.put("/api/projects/dog/config", json={"values": {"validation": {"width": 65}}}).raise_for_status()
+
+        for prepare in (lambda: None, photos_and_a_width_off_the_grid):
+            prepare()
+            refused = studio.post("/api/projects/dog/runs", json={"kind": "train"})
+            monkeypatch.chdir(tmp_path)
+            assert main(["train", "--config", str(config)]) == 2
+            said = capsys.readouterr().err.strip().removeprefix("error: ")
+            assert refused.status_code == 422 and refused.json()["error"]["message"] == said, refused.text
+            assert studio.get("/api/runs").json() == {"runs": []}
+        assert "validation.width" in said
+
+
 def test_a_result_is_tried_beside_the_base_model_on_the_same_seed(tmp_path, tiny_model):
     """Try it: `generate`'s own job twice, the trained model's picture and the base model's, on one prompt and seed;
     a result that does not exist yet is refused with what to do."""

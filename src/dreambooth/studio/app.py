@@ -262,7 +262,9 @@ def add_run_routes(app: FastAPI, projects, runs) -> None:
 
     @app.post("/api/projects/{name}/runs")
     def run_start(name: str, body: NewRun):
-        return runs.start(projects.open(name).path, body.kind, body.steps).to_dict()
+        project = projects.open(name)
+        # evaluated against train's own pre-flight first: a run it would refuse is refused now, with its message
+        return runs.start(project.path, body.kind, body.steps, check=project.check_run).to_dict()
 
     @app.get("/api/runs")
     def run_list():

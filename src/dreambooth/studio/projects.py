@@ -343,6 +343,15 @@ class Project:
         result.update(_inputs(reading, self._caption_extension()))
         return result
 
+    def check_run(self, overrides: dict[str, Any]) -> None:
+        """`dreambooth train --config config.yaml` with `overrides` (a resume's, an extend's steps) up to its
+        pre-flight: a UserError with the message `train` would end with, else nothing. Loads tokenizers, no weights."""
+        from dreambooth.preflight import run_preflight
+
+        reading = read_config(self.config_path, overrides)
+        with _quiet():
+            run_preflight(reading.config.model_copy(deep=True), reading)
+
     # ------------------------------------------------------------------------------------------ recipe
 
     def save_config(self, values: dict[str, Any]) -> dict[str, Any]:

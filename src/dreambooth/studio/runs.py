@@ -34,9 +34,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -357,14 +358,15 @@ class RunManager:
     # -- starting and stopping
 
     def start(self, project: Path | str, kind: str = "train", steps: int | None = None,
-              device: str | None = None) -> Run:
+              device: str | None = None, check: Callable[[dict[str, Any]], None] | None = None) -> Run:
         """Queues a run of the project folder and starts it if its device is free.
 
         kind 'train' runs the config as it is, 'resume' continues from the latest checkpoint, 'extend' continues from
         it up to `steps` more steps than the run folder has reached (its final model's step; steps after the latest
         checkpoint are trained again); `steps` for train and resume is max_train_steps. The trainer's own checks
         (pre-flight, the run folder, the checkpoint) run in the process: a refusal ends the run 'failed' with its
-        message."""
+        message. `check`, given the config overrides the run's arguments make, runs that pre-flight first
+        (studio.projects.Project.check_run), so that a run it would refuse is refused here, nothing queued."""
         project = Path(project).resolve()
         device = check_device(device or self.default_device)
         if kind not in KINDS:
@@ -391,6 +393,11 @@ class RunManager:
             total = reached + steps
         if total is not None and (steps is not None or kind == "extend"):
             argv += ["--max_train_steps", str(total)]
+        if check is not None:  # the flags above, as config keys; a busy project first, as _queue refuses it
+            with self._locked():
+                refuse_if_busy(self._load(), str(project))
+            check({**({"output.resume_from_checkpoint": "latest"} if kind in ("resume", "extend") else {}),
+                   **({"training.max_train_steps": total} if "--max_train_steps" in argv else {})})
         return self._queue(Run(id=new_run_id(), project=str(project), kind=kind, device=device, argv=argv,
                                output=str(out) if out else None, total_steps=total, steps=steps))
 
@@ -417,11 +424,7 @@ class RunManager:
         """Adds `run` to the queue, one run of a project at a time, and starts it if its device is free."""
         with self._locked():
             runs = self._load()
-            busy = next((r for r in runs if r.project == run.project and not r.ended), None)
-            if busy is not None:
-                raise UserError(f"project {run.project} already has run {busy.id} ({busy.kind}) {busy.state}"
-                                f"{' on ' + busy.device if busy.state == RUNNING else ''}; one run of a project at a "
-                                f"time. Wait for it to end, or stop it first.")
+            refuse_if_busy(runs, run.project)
             run.queued_at = time.time()
             self._save([*runs, run])
             self.tick()
@@ -622,6 +625,15 @@ def check_device(device: str) -> str:
     if not isinstance(device, str) or not DEVICE.match(device):
         raise UserError(f"device {device!r}: a run's device is 'cpu' or 'cuda:N' (N the GPU's index).")
     return device
+
+
+def refuse_if_busy(runs: list[Run], project: str) -> None:
+    """One run of a project at a time: a UserError naming the run that has not ended."""
+    busy = next((r for r in runs if r.project == project and not r.ended), None)
+    if busy is not None:
+        raise UserError(f"project {project} already has run {busy.id} ({busy.kind}) {busy.state}"
+                        f"{' on ' + busy.device if busy.state == RUNNING else ''}; one run of a project at a "
+                        f"time. Wait for it to end, or stop it first.")
 
 
 def ended_refusal(run: Run) -> str:
