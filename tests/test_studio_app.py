@@ -107,6 +107,27 @@ def test_a_body_that_is_not_what_the_route_takes_is_refused_saying_why(body, sai
     assert answer.status_code == 422 and answer.json()["error"] == {"code": "invalid_request", "message": said}
 
 
+@pytest.mark.parametrize(("path", "body", "said"), [
+    ("runs", {"kind": "train", "steps": True}, "steps: Input should be a valid integer."),
+    ("runs", {"kind": "extend", "steps": "50"}, "steps: Input should be a valid integer."),
+    ("try", {"prompt": "a photo", "seed": 1.5}, "seed: Input should be a valid integer."),
+    ("try", {"prompt": "a photo", "guidance": True}, "guidance: Input should be a valid number."),
+    ("export", {"format": "kohya", "half": 1}, "half: Input should be a valid boolean."),
+    ("evaluate", {"seeds": [1, "2"]}, "seeds.1: Input should be a valid integer."),
+    ("photos/a.png/crop", {"box": [0, 0, 10.5, 10]}, "box.2: Input should be a valid integer."),
+])
+def test_a_number_or_switch_of_another_type_is_refused_not_read_as_one(tmp_path, path, body, said):
+    """pydantic's lax mode would read `true` as 1 step, "50" as 50 and 1 as a switch on: each is refused."""
+    from dreambooth.studio.projects import Projects
+    from dreambooth.studio.runs import RunManager
+
+    access = Access([])
+    root = tmp_path / "projects"
+    app = create_studio(access, max_upload_bytes=1024, projects=Projects(root), runs=RunManager(root / ".studio"))
+    answer = TestClient(app).post(f"/api/projects/dog/{path}", json=body, headers={CSRF_HEADER: access.csrf})
+    assert answer.status_code == 422 and answer.json()["error"] == {"code": "invalid_request", "message": said}
+
+
 @pytest.mark.parametrize("path", ["/api/whoami", "/healthz"])
 def test_reading_never_needs_the_token(path):
     studio, _ = client()

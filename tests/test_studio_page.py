@@ -1,10 +1,11 @@
 """The studio's page in a real browser: Debian's headless chromium through selenium, against the real studio app (built
 as `dreambooth studio` builds it) on the tiny model on loopback. A person's whole path: create a project, upload four
-photos (one not a picture: shown refused with the studio's reason), drop a copy of one (refused), caption one, set the
-recipe through the form made from the schema, start a run, watch its steps and a sample arrive, stop it (a checkpoint),
-resume it to the end and see its report; try the result beside the base model on one seed, export it to kohya, add it
-as a character, start the character service and render the character on the service's own page. The run is a LoRA run
-(kohya's format is a LoRA's). A screenshot of each screen is saved under the test's tmp folder.
+photos (one not a picture: shown refused with the studio's reason), drop a copy of one (refused), caption one, crop it
+(a box dragged over it), set the recipe through the form made from the schema, start a run, watch its steps and a sample
+arrive, stop it (a checkpoint), resume it to the end and see its report; try the result beside the base model on one
+seed, export it to kohya, add it as a character, start the character service and render the character on the service's
+own page. The run is a LoRA run (kohya's format is a LoRA's). A screenshot of each screen is saved under the test's tmp
+folder.
 
 Without /usr/bin/chromium and /usr/bin/chromedriver the test skips, unless DREAMBOOTH_REQUIRE_BROWSER=1 (CI), where it
 fails (conftest.headless_chromium).
@@ -165,6 +166,37 @@ def caption_a_photo(driver) -> None:
     wait(driver, lambda d: "captions: 1 of 3 photos" in text_of(d, "report-captions"), "the caption in the report")
     shown = driver.find_element(By.CSS_SELECTOR, f"#photos .photo[data-photo='{name}'] .caption-text")
     assert shown.get_attribute("value") == "a photo of sks dog on the grass"  # read back from the project
+
+
+def crop_a_photo(driver) -> None:
+    """The captioned photo cropped: a box dragged over it (then one side typed), applied; the photo is the box's size
+    under its own name, its caption still its own."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    card = driver.find_element(By.CSS_SELECTOR, "#photos .photo")
+    name = card.get_attribute("data-photo")
+    card.find_element(By.CLASS_NAME, "crop").click()
+    wait(driver, lambda d: d.find_element(By.ID, "crop-box").is_displayed(), "the crop panel")
+    sides = ("crop-left", "crop-top", "crop-right", "crop-bottom")
+    box = lambda: [int(driver.find_element(By.ID, side).get_attribute("value")) for side in sides]  # noqa: E731
+    wait(driver, lambda d: box() == [0, 0, 72, 72], "the largest centred square of the 72-pixel photo")
+    image = driver.find_element(By.ID, "crop-image")
+    half = image.size["width"] / 2
+    ActionChains(driver).move_to_element_with_offset(image, -half * 0.8, -half * 0.8).click_and_hold() \
+        .move_to_element_with_offset(image, half * 0.7, half * 0.7).release().perform()
+    left, top, right, bottom = box()
+    assert 4 <= left <= 10 and 4 <= top <= 10 and 58 <= right <= 64 and 58 <= bottom <= 64, box()
+    typed = driver.find_element(By.ID, "crop-right")
+    typed.clear()
+    typed.send_keys(str(left + 56))
+    driver.find_element(By.ID, "crop-apply").click()
+    wait(driver, lambda d: not d.find_element(By.ID, "crop-box").is_displayed(), "the crop applied")
+    card = wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"#photos .photo[data-photo='{name}']"),
+                "the cropped photo")[0]
+    wait(driver, lambda d: js(d, "const i = arguments[0].querySelector('img'); return i.complete && i.naturalWidth",
+                              card) == 56, "the cropped picture, 56 pixels wide")
+    assert f"56×{bottom - top}" in card.text
+    assert card.find_element(By.CLASS_NAME, "caption-text").get_attribute("value") == "a photo of sks dog on the grass"
 
 
 def set_recipe(driver) -> None:
@@ -331,6 +363,7 @@ def test_the_studio_page_does_the_whole_job(browser, studio, tiny_model, tmp_pat
     upload_photos(browser, photo_files(tmp_path / "photos"))
     drop_a_copy(browser)
     caption_a_photo(browser)
+    crop_a_photo(browser)
     screenshot(browser, tmp_path, "2-photos")
     set_recipe(browser)
     screenshot(browser, tmp_path, "3-recipe")

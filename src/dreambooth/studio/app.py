@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from dreambooth.serving.app import BodyLimit, error_response
 from dreambooth.serving.auth import Key, find_key
@@ -140,6 +140,8 @@ class Login(BaseModel):
     token: str = Field(min_length=1, max_length=512)
 
 
+# The bodies' numbers and switches are strict: `true` for a step count or "5" for a seed is refused, not read as 1
+# or 5 (pydantic's lax mode would), as the config refuses them.
 class NewProject(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -152,7 +154,7 @@ class NewProject(BaseModel):
 class Crop(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    box: tuple[int, int, int, int] = Field(description="left, top, right, bottom, in the photo's upright pixels")
+    box: tuple[StrictInt, StrictInt, StrictInt, StrictInt] = Field(description="left, top, right, bottom, in the photo's upright pixels")
 
 
 class Caption(BaseModel):
@@ -171,7 +173,7 @@ class NewRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: str = Field("train", pattern="^(train|resume|extend)$")
-    steps: int | None = Field(None, ge=1, le=10_000_000)
+    steps: StrictInt | None = Field(None, ge=1, le=10_000_000)
 
 
 def create_studio(access: Access, *, max_upload_bytes: int, projects=None, models_dir=None, runs=None) -> FastAPI:
@@ -422,12 +424,12 @@ class TryBody(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, max_length=2000)
-    seed: int = Field(0, ge=0, le=2**53)
-    guidance: float | None = Field(None, ge=0, le=50)
-    steps: int | None = Field(None, ge=1, le=500)
+    seed: StrictInt = Field(0, ge=0, le=2**53)
+    guidance: float | None = Field(None, ge=0, le=50, strict=True)
+    steps: StrictInt | None = Field(None, ge=1, le=500)
     negative_prompt: str = Field("", max_length=2000)
     result: str = Field("final", max_length=64, description="final, or a checkpoint's folder name (checkpoint-N)")
-    lora_scale: float = Field(1.0, ge=0, le=4)
+    lora_scale: float = Field(1.0, ge=0, le=4, strict=True)
 
 
 def add_try_routes(app: FastAPI, projects) -> None:
@@ -455,8 +457,8 @@ class ExportBody(BaseModel):
 
     format: str = Field(pattern="^(kohya|single-file|diffusers)$")
     result: str = Field("final", max_length=64)
-    half: bool = False
-    merge: bool = Field(False, description="a LoRA result baked into its base model")
+    half: StrictBool = False
+    merge: StrictBool = Field(False, description="a LoRA result baked into its base model")
 
 
 class CharacterBody(BaseModel):
@@ -508,9 +510,9 @@ class EvaluateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompts: list[str] | None = Field(None, max_length=32, description="[default: the recipe's validation prompts]")
-    num_images: int | None = Field(None, ge=1, le=64, description="per prompt and seed [default: evaluate's, 4]")
-    steps: int | None = Field(None, ge=1, le=500, description="denoising steps [default: the family's]")
-    seeds: list[int] | None = Field(None, max_length=16)
+    num_images: StrictInt | None = Field(None, ge=1, le=64, description="per prompt and seed [default: evaluate's, 4]")
+    steps: StrictInt | None = Field(None, ge=1, le=500, description="denoising steps [default: the family's]")
+    seeds: list[StrictInt] | None = Field(None, max_length=16)
 
 
 def add_evaluate_routes(app: FastAPI, projects, runs) -> None:
