@@ -292,6 +292,13 @@ SITES = {
     "`dreambooth studio` needs {": "reason: installs from a package registry; the extra is what .ci/run installs",
     "is reachable from other machines, and the studio runs training": "tests/test_studio_app.py::test_the_studio_"
                                                                       "command_refuses_another_host_without_keys",
+    "or give it --api-keys to reach it under another name": "tests/test_studio_app.py::test_without_keys_the_studio_"
+                                                            "answers_only_requests_addressed_to_this_machine",
+    "save it smaller (JPEG at quality 90-95) and upload it again": "tests/test_studio_app.py::test_an_upload_over_"
+                                                                   "the_limit_is_refused_before_it_is_read_whole",
+    "is a secret, and the studio never writes one into config.yaml": "tests/test_studio_app.py::test_pushing_to_the_"
+                                                                     "hub_is_refused_with_the_trainers_message_or_"
+                                                                     "uploads_the_output",
     # serve --ray (tests/test_serve_ray_options.py)
     "not options of `dreambooth serve` (its --help lists them": RAY + "test_builder_args_are_the_serve_options_by_name",
     "is not a {kind.__name__} (`dreambooth serve --help` says what": RAY + "test_builder_args_are_the_serve_options_"

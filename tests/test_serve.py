@@ -271,6 +271,8 @@ def test_a_content_length_that_is_no_number_is_counted_not_called_over_the_limit
 
 def test_metrics_count_outcomes_batches_and_the_cache(served):
     service, client = served
+    for _ in range(2):  # drawn, then from the cache
+        assert client.post("/v1/render", json={"character": "dog", "seed": 77}, headers=bearer(USER)).status_code == 200
     client.post("/v1/render", json={"character": "cat"}, headers=bearer(USER))
     text = client.get("/metrics", headers=bearer(USER)).text
     assert 'dreambooth_requests_total{endpoint="/v1/render",outcome="unknown_character"}' in text

@@ -219,6 +219,8 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_read_whole(studio, tin
     assert answer.status_code == 413 and answer.json()["error"]["code"] == "body_too_large"
     message = answer.json()["error"]["message"]  # the studio's own limit and flag, not serve's --max-body-kb
     assert "limit of 2 MB (--max-upload-mb); it was not added" in message and "max-body-kb" not in message
+    # saved smaller, as the message says, it is added
+    assert studio.put("/api/projects/p/photos/big.png", content=png(0)).status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------- runs over HTTP
