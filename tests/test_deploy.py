@@ -17,9 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from dreambooth.options import parse_settings
-
 from dreambooth.cli import COMMANDS, build_parser, command_options
+from dreambooth.options import parse_settings
 from dreambooth.serving import ray_app
 from dreambooth.serving.app import ENDPOINTS
 from dreambooth.serving.auth import ENVIRONMENT as KEYS_VARIABLE

@@ -17,7 +17,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from serving_support import characters_file, redis_server
 
 pytestmark = pytest.mark.ray

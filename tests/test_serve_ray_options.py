@@ -12,12 +12,12 @@ import sys
 import time
 
 import pytest
+from serving_support import characters_file
 
 from dreambooth.cli import main
 from dreambooth.command_options import ServeOptions
 from dreambooth.errors import UserError
 from dreambooth.serving import ray_app
-from serving_support import characters_file
 
 
 def refused(capsys, *argv) -> str:
@@ -287,9 +287,10 @@ def through_gateway(gateway, replica, method: str, path: str, body: bytes = b"",
 
 @pytest.fixture
 def gateway_and_replica(tiny_model, tmp_path, monkeypatch):
+    from serving_support import stand_in_service
+
     from dreambooth.serving.app import create_app
     from dreambooth.serving.auth import parse_keys
-    from serving_support import stand_in_service
 
     async def no_wait(seconds):
         return None

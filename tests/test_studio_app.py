@@ -157,6 +157,14 @@ def png(i: int) -> bytes:
     return buffer.getvalue()
 
 
+def new_dog_project(studio: TestClient, tiny_model, photos: int = 0) -> None:
+    """Project `dog` (identifier sks) on the tiny model, through the API, with `photos` photos of the subject."""
+    studio.post("/api/projects", json={"name": "dog", "identifier": "sks", "class_word": "dog",
+                                       "model": str(tiny_model)}).raise_for_status()
+    for i in range(photos):
+        studio.put(f"/api/projects/dog/photos/p{i}.png", content=png(i)).raise_for_status()
+
+
 def test_a_project_is_made_filled_and_checked_through_the_api(studio, tiny_model):
     made = studio.post("/api/projects", json={"name": "saya", "identifier": "<saya>", "class_word": "girl",
                                               "model": str(tiny_model)})
@@ -237,10 +245,7 @@ def test_a_run_is_started_followed_and_its_sample_and_report_shown_through_the_a
     app = create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=Projects(root),
                         runs=RunManager(root / ".studio"))
     with TestClient(app, headers={CSRF_HEADER: access.csrf}) as studio:
-        studio.post("/api/projects", json={"name": "dog", "identifier": "sks", "class_word": "dog",
-                                           "model": str(tiny_model)}).raise_for_status()
-        for i in range(4):
-            studio.put(f"/api/projects/dog/photos/p{i}.png", content=png(i)).raise_for_status()
+        new_dog_project(studio, tiny_model, photos=4)
         recipe = {"training": {"resolution": 64, "learning_rate": 1e-3, "max_train_steps": 3},
                   "dataset": {"with_prior_preservation": False},
                   "validation": {"steps": 3, "num_inference_steps": 1},
@@ -280,8 +285,7 @@ def test_a_run_the_pre_flight_refuses_is_refused_at_start_with_trains_message(tm
     projects = Projects(root)
     with TestClient(create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=projects,
                                   runs=RunManager(root / ".studio")), headers={CSRF_HEADER: access.csrf}) as studio:
-        studio.post("/api/projects", json={"name": "dog", "identifier": "sks", "class_word": "dog",
-                                           "model": str(tiny_model)}).raise_for_status()
+        new_dog_project(studio, tiny_model)
         config = projects.open("dog").config_path
 
         def photos_and_a_width_off_the_grid():
@@ -312,8 +316,7 @@ def test_a_result_is_tried_beside_the_base_model_on_the_same_seed(tmp_path, tiny
     access = Access([])
     app = create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=projects)
     with TestClient(app, headers={CSRF_HEADER: access.csrf}) as studio:
-        studio.post("/api/projects", json={"name": "dog", "identifier": "sks", "class_word": "dog",
-                                           "model": str(tiny_model)}).raise_for_status()
+        new_dog_project(studio, tiny_model)
         early = studio.post("/api/projects/dog/try", json={"prompt": "a photo of sks dog"})
         assert early.status_code == 422 and "train it first" in early.json()["error"]["message"]
         for i in range(3):
@@ -349,10 +352,7 @@ def test_a_lora_result_is_exported_made_a_character_and_served(tmp_path, tiny_mo
     access = Access([])
     app = create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=projects)
     with TestClient(app, headers={CSRF_HEADER: access.csrf}) as studio:
-        studio.post("/api/projects", json={"name": "dog", "identifier": "sks", "class_word": "dog",
-                                           "model": str(tiny_model)}).raise_for_status()
-        for i in range(3):
-            studio.put(f"/api/projects/dog/photos/p{i}.png", content=png(i)).raise_for_status()
+        new_dog_project(studio, tiny_model, photos=3)
         recipe = {"model": {"method": "lora"}, "training": {"resolution": 64, "learning_rate": 1e-3,
                                                              "max_train_steps": 2},
                   "dataset": {"with_prior_preservation": False}, "output": {"report_to": "none"}}
@@ -399,8 +399,7 @@ def test_pushing_to_the_hub_is_refused_with_the_trainers_message_or_uploads_the_
     access = Access([])
     with TestClient(create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=projects),
                     headers={CSRF_HEADER: access.csrf}) as studio:
-        studio.post("/api/projects", json={"name": "dog", "identifier": "sks", "class_word": "dog",
-                                           "model": str(tiny_model)}).raise_for_status()
+        new_dog_project(studio, tiny_model)
         early = studio.post("/api/projects/dog/push")
         assert early.status_code == 422 and "train it first" in early.json()["error"]["message"]
         for i in range(3):

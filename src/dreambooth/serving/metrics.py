@@ -32,8 +32,8 @@ class Metrics:
         self.images_per_second = Gauge("dreambooth_images_per_second", "Images drawn per second over the last minute.",
                                        registry=r)
         self.cache = Counter("dreambooth_cache_lookups", "Image cache lookups by result.", ["result"], registry=r)
-        self.lora_switches = Counter("dreambooth_lora_switches", "Batches drawn with other LoRAs than the one before on "
-                                     "the same pipeline.", registry=r)
+        self.lora_switches = Counter("dreambooth_lora_switches", "Batches drawn with other LoRAs than the one before "
+                                     "on the same pipeline.", registry=r)
         self.loras_loaded = Gauge("dreambooth_lora_characters_loaded", "LoRA characters whose adapters are in a "
                                   "pipeline of this process now.", registry=r)
         self.gpu_memory = Gauge("dreambooth_gpu_memory_bytes", "GPU memory of this process.", ["kind"], registry=r)

@@ -154,7 +154,8 @@ class NewProject(BaseModel):
 class Crop(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    box: tuple[StrictInt, StrictInt, StrictInt, StrictInt] = Field(description="left, top, right, bottom, in the photo's upright pixels")
+    box: tuple[StrictInt, StrictInt, StrictInt, StrictInt] = Field(
+        description="left, top, right, bottom, in the photo's upright pixels")
 
 
 class Caption(BaseModel):

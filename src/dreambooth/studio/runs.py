@@ -44,7 +44,7 @@ import yaml
 from dreambooth.errors import UserError
 from dreambooth.formats.atomic import write_json_atomic
 from dreambooth.studio.runner import EXIT_FILE, TRAINER_FILE, process_start_time
-from dreambooth.training.report import PROGRESS_FILE, REPORT_DIR, read_log
+from dreambooth.training.report import PROGRESS_FILE, REPORT_DIR, read_json, read_log
 from dreambooth.training.rundir import list_checkpoints
 
 KINDS = ("train", "resume", "extend")  # what `start` trains; `evaluate` queues the fourth kind, 'evaluate'
@@ -129,14 +129,6 @@ def alive(pid: int | None, start: int | None) -> bool:
         return True
     fields = stat[stat.rfind(")") + 2:].split()
     return fields[0] not in ("Z", "X") and (start is None or int(fields[19]) == start)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def log_lines(path: Path, limit_bytes: int = 65536) -> list[str]:
