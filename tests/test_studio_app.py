@@ -220,6 +220,27 @@ def test_a_file_where_the_studio_keeps_a_folder_is_named_not_a_bare_500(studio, 
     assert trash.read_text() == "the user's own file" and studio.get(f"/api/projects/p/photos/{photo}").is_success
 
 
+def test_a_project_photo_or_run_that_is_not_there_is_a_404_saying_so(tmp_path, tiny_model):
+    from dreambooth.studio.projects import Projects
+    from dreambooth.studio.runs import RunManager
+
+    access = Access([])
+    root = tmp_path / "projects"
+    app = create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=Projects(root),
+                        runs=RunManager(root / ".studio"))
+    with TestClient(app, headers={CSRF_HEADER: access.csrf}) as studio:
+        new_dog_project(studio, tiny_model, photos=1)
+        for method, path, said in (("GET", "/api/projects/cat/photos", "there is no project named cat"),
+                                   ("POST", "/api/projects/cat/runs", "there is no project named cat"),
+                                   ("GET", "/api/projects/dog/photos/p9.png", "photo 'p9.png' is not in project dog"),
+                                   ("DELETE", "/api/projects/dog/photos/p9.png", "photo 'p9.png' is not in project"),
+                                   ("GET", "/api/runs/r-nope", "there is no run r-nope"),
+                                   ("POST", "/api/runs/r-nope/stop", "there is no run r-nope")):
+            answer = studio.request(method, path, json={} if method == "POST" else None)
+            assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found", (path, answer.text)
+            assert said in answer.json()["error"]["message"], answer.text
+
+
 def test_an_upload_over_the_limit_is_refused_before_it_is_read_whole(studio, tiny_model):
     studio.post("/api/projects", json={"name": "p", "identifier": "sks", "class_word": "dog",
                                        "model": str(tiny_model)})

@@ -16,6 +16,10 @@ class UserError(Exception):
     """A problem with the user's input (file, folder, config key) that they can fix; printed without a traceback."""
 
 
+class NotFound(UserError):
+    """A thing the user named (a project, a photo, a run) that is not there; a web API answers it 404."""
+
+
 class Problems:
     """Every problem one pass of checks finds, so that one run of a command reports them all: `check` runs a check
     and keeps its UserError; `raise_if_any` raises one UserError with them all (a single one as it was worded)."""

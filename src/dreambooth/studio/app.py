@@ -310,16 +310,20 @@ def add_run_routes(app: FastAPI, projects, runs) -> None:
 
 
 def add_refusals(app: FastAPI) -> None:
-    """A UserError of the library is the command line's message, verbatim, as a 422; a body that is not what a route
-    takes names the field."""
+    """A UserError of the library is the command line's message, verbatim, as a 422 (404 for a project, photo or run
+    that is not there); a body that is not what a route takes names the field."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from dreambooth.errors import UserError
+    from dreambooth.errors import NotFound, UserError
 
     @app.exception_handler(UserError)
     async def refused(request: Request, e: UserError):
         return error_response(422, "refused", str(e))
+
+    @app.exception_handler(NotFound)  # the more specific class's handler is the one Starlette calls
+    async def not_found(request: Request, e: NotFound):
+        return error_response(404, "not_found", str(e))
 
     @app.exception_handler(OSError)
     async def disk_error(request: Request, e: OSError):

@@ -31,7 +31,7 @@ from PIL import Image
 
 from dreambooth.config import SECTION_TYPES, Config
 from dreambooth.config_file import load_config, read_config
-from dreambooth.errors import UserError
+from dreambooth.errors import NotFound, UserError
 from dreambooth.formats.atomic import atomic_file, write_text_atomic
 from dreambooth.project import init_project, model_for_config
 from dreambooth.training.captions import caption_file, is_companion
@@ -233,7 +233,7 @@ class Project:
             raise _refuse_path("photo", str(name), "a photo is named by its file name alone")
         path = confined(self.photo_dir, name, "photo")
         if path not in self._photo_files() or path.is_symlink():
-            raise UserError(f"photo '{name}' is not in project {self.name}'s {self.photo_dir.name}/ folder; list the "
+            raise NotFound(f"photo '{name}' is not in project {self.name}'s {self.photo_dir.name}/ folder; list the "
                             "photos to see their names.")
         return path
 
@@ -522,7 +522,7 @@ class Projects:
         """An existing project folder by name."""
         path = self._path(name)
         if not (path / "config.yaml").is_file():
-            raise UserError(f"there is no project named {name} in {self.root} (no {name}/config.yaml); create it, or "
+            raise NotFound(f"there is no project named {name} in {self.root} (no {name}/config.yaml); create it, or "
                             "list the projects to see their names.")
         return Project(path, **self.limits)
 

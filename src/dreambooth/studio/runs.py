@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from dreambooth.errors import UserError
+from dreambooth.errors import NotFound, UserError
 from dreambooth.formats.atomic import write_json_atomic
 from dreambooth.studio.runner import EXIT_FILE, TRAINER_FILE, process_start_time
 from dreambooth.training.report import PROGRESS_FILE, REPORT_DIR, read_json, read_log
@@ -344,7 +344,7 @@ class RunManager:
             if run.id == run_id:
                 return run
         known = ", ".join(r.id for r in runs[-5:]) or "none yet"
-        raise UserError(f"there is no run {run_id} in the studio's queue ({self.queue_file}); its latest runs: "
+        raise NotFound(f"there is no run {run_id} in the studio's queue ({self.queue_file}); its latest runs: "
                         f"{known}.")
 
     # -- starting and stopping
