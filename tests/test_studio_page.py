@@ -191,12 +191,14 @@ def crop_a_photo(driver) -> None:
     typed.send_keys(str(left + 56))
     driver.find_element(By.ID, "crop-apply").click()
     wait(driver, lambda d: not d.find_element(By.ID, "crop-box").is_displayed(), "the crop applied")
-    card = wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"#photos .photo[data-photo='{name}']"),
-                "the cropped photo")[0]
-    wait(driver, lambda d: js(d, "const i = arguments[0].querySelector('img'); return i.complete && i.naturalWidth",
-                              card) == 56, "the cropped picture, 56 pixels wide")
-    assert f"56×{bottom - top}" in card.text
-    assert card.find_element(By.CLASS_NAME, "caption-text").get_attribute("value") == "a photo of sks dog on the grass"
+    # read in one script each time: the list is drawn again as the photos and the report refresh
+    shown = """const card = [...document.querySelectorAll("#photos .photo")]
+                                 .find((c) => c.dataset.photo === arguments[0]);
+               const image = card && card.querySelector("img");
+               return image && image.complete ? [image.naturalWidth, card.querySelector(".facts").textContent,
+                                                 card.querySelector(".caption-text").value] : null;"""
+    wait(driver, lambda d: (js(d, shown, name) or [0])[0] == 56, "the cropped picture, 56 pixels wide")
+    assert js(driver, shown, name)[1:] == [f"56×{bottom - top}", "a photo of sks dog on the grass"]
 
 
 def set_recipe(driver) -> None:
