@@ -767,6 +767,28 @@ def test_serve_refuses_at_start_up_the_characters_its_limits_would_refuse(tmp_pa
     assert ServeOptions.max_pixels == 1024 * 1024
 
 
+def test_keyless_serve_answers_only_requests_addressed_to_this_machine(tmp_path, tiny_model):
+    """`serve` without keys (loopback): a page of another site that rebinds its name to 127.0.0.1 is refused by the
+    Host it sends; with keys, or --allow-no-auth on another --host (an open service, by choice), any name is."""
+    from dreambooth.serving.command import build_app
+
+    path = characters_file(tmp_path, tiny_model)
+    app, _ = build_app(ServeOptions(characters=path, no_cache=True))
+    with TestClient(app, base_url="http://127.0.0.1:7861") as client:
+        for host in ("127.0.0.1:7861", "localhost", "[::1]:7861"):
+            assert client.get("/healthz", headers={"host": host}).status_code == 200, host
+        rebound = client.post("/v1/render", json={"character": "dog"}, headers={"host": "rebound.example:7861"})
+        assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host"
+        assert "'rebound.example'" in rebound.json()["error"]["message"]
+    keys = tmp_path / "keys"
+    keys.write_text(f"alice user {USER}\n")
+    for options in (ServeOptions(characters=path, no_cache=True, api_keys=keys),
+                    ServeOptions(characters=path, no_cache=True, host="0.0.0.0", allow_no_auth=True)):
+        app, _ = build_app(options)
+        with TestClient(app, base_url="http://serve.example") as client:
+            assert client.get("/healthz").status_code == 200
+
+
 def test_serve_runs_and_answers_on_its_port(tmp_path, tiny_model):
     path = characters_file(tmp_path, tiny_model)
     keys = tmp_path / "keys"

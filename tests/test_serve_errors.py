@@ -24,7 +24,7 @@ from test_serve_chat import FakeLLM
 
 from dreambooth.characters.character import load_characters
 from dreambooth.serving.app import create_app
-from dreambooth.serving.auth import parse_keys
+from dreambooth.serving.auth import local_names, parse_keys
 from dreambooth.serving.chat import ChatStates
 from dreambooth.serving.service import Limits, Service
 
@@ -108,8 +108,8 @@ def service(tmp_path: Path, model: Path, renderer=None, **limits) -> Service:
     return Service(characters, renderer or StandInRenderer(), limits=Limits(**limits))
 
 
-def post(url: str, path: str, body=None, token: str | None = None, **kwargs):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+def post(url: str, path: str, body=None, token: str | None = None, headers: dict | None = None, **kwargs):
+    headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
     if isinstance(body, bytes):
         kwargs.update(content=body, headers={**headers, "content-type": "application/json"})
     else:
@@ -252,6 +252,9 @@ def test_every_documented_error_is_answered_as_documented_and_no_other(tmp_path)
         gate.set()
     with running(create_app(service(tmp_path, tiny_model, Failing()), [], auth=False)) as url:
         answers.append(seen("a draw that fails", post(url, "/v1/render", {"character": "dog"})))
+    with running(create_app(service(tmp_path, tiny_model), [], auth=False, hosts=local_names("127.0.0.1"))) as url:
+        answers.append(seen("keyless, addressed to another site's name", post(
+            url, "/v1/render", {"character": "dog"}, headers={"Host": "rebound.example"})))
 
     @contextlib.contextmanager
     def with_chat(chat):

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreambooth.characters.state import problem_text, state_schema
-from dreambooth.serving.auth import LOCAL, Key, Refusal, find_key
+from dreambooth.serving.auth import LOCAL, Key, Refusal, find_key, host_name
 from dreambooth.serving.service import ApiError, RenderBody, Rendered, Service
 
 log = logging.getLogger("dreambooth.serve")
@@ -41,6 +41,27 @@ DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
                         headers={**(headers or {}), "X-Error-Code": code})
+
+
+class LocalOnly:
+    """A keyless service on loopback answers only requests addressed to one of `hosts` (serving.auth.local_names):
+    to a browser, a page whose site rebinds its own name to 127.0.0.1 is the service's own origin, and could draw on
+    it and read what it answers (DNS rebinding); its requests carry the site's name in the Host header."""
+
+    def __init__(self, app, hosts: tuple[str, ...]):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+        if host_name(header) in self.hosts:
+            return await self.app(scope, receive, send)
+        await error_response(403, "host", f"this service has no API keys, so it answers only requests addressed to "
+                             f"this machine ({', '.join(self.hosts)}); this one was addressed to "
+                             f"'{host_name(header)}', as a page of another site reaching it through DNS rebinding "
+                             "would be. Call it at the address it printed when it started, or start it with "
+                             "--api-keys to reach it under another name.")(scope, receive, send)
 
 
 class BodyLimit:
@@ -238,9 +259,11 @@ def add_docs(app: FastAPI) -> None:
         return Response(docs_file(name), media_type=DOCS_FILES[name], headers={"Cache-Control": "max-age=86400"})
 
 
-def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=None) -> FastAPI:
+def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=None,
+               hosts: tuple[str, ...] = ()) -> FastAPI:
     """The app. `auth=False` (loopback only, no keys configured) lets every caller in as an operator; `chat`: a
-    serving.chat.ChatStates for /v1/chat-render, or None (off)."""
+    serving.chat.ChatStates for /v1/chat-render, or None (off); `hosts`: the only names requests may be addressed to
+    (`LocalOnly`; empty: any)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -255,6 +278,8 @@ def create_app(service: Service, keys: list[Key], *, auth: bool = True, chat=Non
                   "character's identifier, and the character's model draws it.")
     add_docs(app)
     app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
+    if hosts:
+        app.add_middleware(LocalOnly, hosts=hosts)
     app.add_middleware(Measured, service=service)  # outermost: 413s are counted too
     caller = make_caller(service, keys, auth)
     add_error_handlers(app, caller)

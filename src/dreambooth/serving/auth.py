@@ -83,6 +83,21 @@ def load_keys(file: Path | None) -> list[Key]:
     return keys
 
 
+def host_name(header: str) -> str:
+    """The name of a Host header, without its port ('[::1]:7860' -> '::1'), lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def local_names(host: str) -> tuple[str, ...]:
+    """The names a keyless server on loopback answers to: a page of another site that points its own name at
+    127.0.0.1 (DNS rebinding) is, to the browser, that server's own origin, and could otherwise use it; its requests
+    are addressed (Host header) to the site's name."""
+    return tuple(dict.fromkeys(["localhost", "127.0.0.1", "::1", host_name(host)]))
+
+
 def find_key(keys: list[Key], token: str) -> Key | None:
     """The key whose token this is; every key is compared, so the time taken says nothing about which matched."""
     digest, found = _digest(token), None

@@ -118,6 +118,7 @@ def checked_for_ray(options):
 def build_app(options):
     """The app `serve` runs: keys and host checked before any model loads."""
     from dreambooth.serving.app import create_app
+    from dreambooth.serving.auth import local_names
 
     keys = checked_keys(options)
     characters_file = demo_characters_file(options.demo_dir) if options.demo else options.characters
@@ -129,7 +130,10 @@ def build_app(options):
         chat = ChatStates(options.llm_base_url, options.llm_model, os.environ.get(options.llm_api_key_env),
                           timeout_s=options.llm_timeout_s)
     service = build_service(characters_file, options)
-    return create_app(service, keys, auth=bool(keys), chat=chat), service
+    # keyless on loopback: only requests addressed to this machine (app.LocalOnly); --allow-no-auth on another
+    # --host is the operator's choice of an open service
+    hosts = local_names(options.host) if not keys and is_loopback(options.host) else ()
+    return create_app(service, keys, auth=bool(keys), chat=chat, hosts=hosts), service
 
 
 def listening_socket(host: str, port: int):

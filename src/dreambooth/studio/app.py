@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from dreambooth.serving.app import BodyLimit, error_response
-from dreambooth.serving.auth import Key, find_key
+from dreambooth.serving.auth import Key, find_key, host_name
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 CSRF_HEADER = "x-studio-csrf"
@@ -109,14 +109,6 @@ class Guard:
                                       "asks for it), or send it as `Authorization: Bearer TOKEN`.",
                                       {"WWW-Authenticate": "Bearer"})
         return None
-
-
-def host_name(header: str) -> str:
-    """The name of a Host header, without its port ('[::1]:7860' -> '::1'), lower case."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1:].partition("]")[0]
-    return header.rpartition(":")[0] if header.count(":") == 1 else header
 
 
 class UploadLimit(BodyLimit):

@@ -24,9 +24,9 @@ def studio_command(options) -> None:
     check_installed()
     import uvicorn
 
-    from dreambooth.serving.auth import load_keys
+    from dreambooth.serving.auth import load_keys, local_names
     from dreambooth.serving.command import is_loopback, listening_socket
-    from dreambooth.studio.app import Access, create_studio, host_name
+    from dreambooth.studio.app import Access, create_studio
     from dreambooth.studio.projects import Projects
     from dreambooth.studio.runs import RunManager
 
@@ -39,7 +39,7 @@ def studio_command(options) -> None:
     sock = listening_socket(options.host, options.port)
     limit = int(options.max_upload_mb * 1024 * 1024)
     # without keys, only requests addressed to this machine (app.Guard: a rebound name of another site is refused)
-    hosts = () if keys else tuple(dict.fromkeys(["localhost", "127.0.0.1", "::1", host_name(options.host)]))
+    hosts = () if keys else local_names(options.host)
     app = create_studio(Access(keys, hosts), max_upload_bytes=limit, models_dir=options.models_dir,
                         projects=Projects(options.projects, max_upload_bytes=limit),
                         runs=RunManager(Path(options.projects) / ".studio", clip=options.clip,
