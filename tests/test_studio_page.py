@@ -168,7 +168,7 @@ def caption_a_photo(driver) -> None:
     assert shown.get_attribute("value") == "a photo of sks dog on the grass"  # read back from the project
 
 
-def crop_a_photo(driver) -> None:
+def crop_a_photo(driver, tmp_path: Path) -> None:
     """The captioned photo cropped: a box dragged over it (then one side typed), applied; the photo is the box's size
     under its own name, its caption still its own."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -186,6 +186,7 @@ def crop_a_photo(driver) -> None:
         .move_to_element_with_offset(image, half * 0.7, half * 0.7).release().perform()
     left, top, right, bottom = box()
     assert 4 <= left <= 10 and 4 <= top <= 10 and 58 <= right <= 64 and 58 <= bottom <= 64, box()
+    screenshot(driver, tmp_path, "2-crop")
     typed = driver.find_element(By.ID, "crop-right")
     typed.clear()
     typed.send_keys(str(left + 56))
@@ -365,7 +366,7 @@ def test_the_studio_page_does_the_whole_job(browser, studio, tiny_model, tmp_pat
     upload_photos(browser, photo_files(tmp_path / "photos"))
     drop_a_copy(browser)
     caption_a_photo(browser)
-    crop_a_photo(browser)
+    crop_a_photo(browser, tmp_path)
     screenshot(browser, tmp_path, "2-photos")
     set_recipe(browser)
     screenshot(browser, tmp_path, "3-recipe")
@@ -410,7 +411,7 @@ def test_the_studio_page_does_the_whole_job(browser, studio, tiny_model, tmp_pat
         ["dog", "sks", "dog"]
     screenshot(browser, tmp_path, "1-projects")
     assert sorted(p.name for p in (tmp_path / "screens").iterdir()) == [
-        "1-projects.png", "2-photos.png", "3-recipe.png", "4-run-going.png", "5-runs.png",
+        "1-projects.png", "2-crop.png", "2-photos.png", "3-recipe.png", "4-run-going.png", "5-runs.png",
         "6-try.png", "7-ship.png", "8-service.png"]
     severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert all("422" in m or "404" in m for m in severe), severe  # the refused recipe, upload, export; no script error
