@@ -116,15 +116,10 @@ def test_a_body_that_is_not_what_the_route_takes_is_refused_saying_why(body, sai
     ("evaluate", {"seeds": [1, "2"]}, "seeds.1: Input should be a valid integer."),
     ("photos/a.png/crop", {"box": [0, 0, 10.5, 10]}, "box.2: Input should be a valid integer."),
 ])
-def test_a_number_or_switch_of_another_type_is_refused_not_read_as_one(tmp_path, path, body, said):
+def test_a_number_or_switch_of_another_type_is_refused_not_read_as_one(with_runs, path, body, said):
     """pydantic's lax mode would read `true` as 1 step, "50" as 50 and 1 as a switch on: each is refused."""
-    from dreambooth.studio.projects import Projects
-    from dreambooth.studio.runs import RunManager
-
-    access = Access([])
-    root = tmp_path / "projects"
-    app = create_studio(access, max_upload_bytes=1024, projects=Projects(root), runs=RunManager(root / ".studio"))
-    answer = TestClient(app).post(f"/api/projects/dog/{path}", json=body, headers={CSRF_HEADER: access.csrf})
+    studio, _ = with_runs
+    answer = studio.post(f"/api/projects/dog/{path}", json=body)
     assert answer.status_code == 422 and answer.json()["error"] == {"code": "invalid_request", "message": said}
 
 
@@ -145,6 +140,21 @@ def studio(tmp_path, tiny_model):
                         models_dir=tiny_model.parent)
     with TestClient(app, headers={CSRF_HEADER: access.csrf}) as client:
         yield client
+
+
+@pytest.fixture
+def with_runs(tmp_path):
+    """The studio's app with its projects and run manager under tmp_path/projects: its client (carrying the page's
+    CSRF token) and its Projects."""
+    from dreambooth.studio.projects import Projects
+    from dreambooth.studio.runs import RunManager
+
+    access = Access([])
+    projects = Projects(tmp_path / "projects")
+    app = create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=projects,
+                        runs=RunManager(tmp_path / "projects" / ".studio"))
+    with TestClient(app, headers={CSRF_HEADER: access.csrf}) as client:
+        yield client, projects
 
 
 def png(i: int) -> bytes:
@@ -220,25 +230,18 @@ def test_a_file_where_the_studio_keeps_a_folder_is_named_not_a_bare_500(studio, 
     assert trash.read_text() == "the user's own file" and studio.get(f"/api/projects/p/photos/{photo}").is_success
 
 
-def test_a_project_photo_or_run_that_is_not_there_is_a_404_saying_so(tmp_path, tiny_model):
-    from dreambooth.studio.projects import Projects
-    from dreambooth.studio.runs import RunManager
-
-    access = Access([])
-    root = tmp_path / "projects"
-    app = create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=Projects(root),
-                        runs=RunManager(root / ".studio"))
-    with TestClient(app, headers={CSRF_HEADER: access.csrf}) as studio:
-        new_dog_project(studio, tiny_model, photos=1)
-        for method, path, said in (("GET", "/api/projects/cat/photos", "there is no project named cat"),
-                                   ("POST", "/api/projects/cat/runs", "there is no project named cat"),
-                                   ("GET", "/api/projects/dog/photos/p9.png", "photo 'p9.png' is not in project dog"),
-                                   ("DELETE", "/api/projects/dog/photos/p9.png", "photo 'p9.png' is not in project"),
-                                   ("GET", "/api/runs/r-nope", "there is no run r-nope"),
-                                   ("POST", "/api/runs/r-nope/stop", "there is no run r-nope")):
-            answer = studio.request(method, path, json={} if method == "POST" else None)
-            assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found", (path, answer.text)
-            assert said in answer.json()["error"]["message"], answer.text
+def test_a_project_photo_or_run_that_is_not_there_is_a_404_saying_so(with_runs, tiny_model):
+    studio, _ = with_runs
+    new_dog_project(studio, tiny_model, photos=1)
+    for method, path, said in (("GET", "/api/projects/cat/photos", "there is no project named cat"),
+                               ("POST", "/api/projects/cat/runs", "there is no project named cat"),
+                               ("GET", "/api/projects/dog/photos/p9.png", "photo 'p9.png' is not in project dog"),
+                               ("DELETE", "/api/projects/dog/photos/p9.png", "photo 'p9.png' is not in project"),
+                               ("GET", "/api/runs/r-nope", "there is no run r-nope"),
+                               ("POST", "/api/runs/r-nope/stop", "there is no run r-nope")):
+        answer = studio.request(method, path, json={} if method == "POST" else None)
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found", (path, answer.text)
+        assert said in answer.json()["error"]["message"], answer.text
 
 
 def test_an_upload_over_the_limit_is_refused_before_it_is_read_whole(studio, tiny_model):
@@ -253,76 +256,62 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_read_whole(studio, tin
 
 
 # ---------------------------------------------------------------------------------------------- runs over HTTP
-def test_a_run_is_started_followed_and_its_sample_and_report_shown_through_the_api(tmp_path, tiny_model):
+def test_a_run_is_started_followed_and_its_sample_and_report_shown_through_the_api(with_runs, tiny_model):
     """The whole of a short run through the studio's API: the recipe saved, a run started, its server-sent events
     followed to the end, its newest sample and its report served; a second start and a refused stop answered."""
     import json as jsonlib
 
-    from dreambooth.studio.projects import Projects
-    from dreambooth.studio.runs import RunManager
-
-    access = Access([])
-    root = tmp_path / "projects"
-    app = create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=Projects(root),
-                        runs=RunManager(root / ".studio"))
-    with TestClient(app, headers={CSRF_HEADER: access.csrf}) as studio:
-        new_dog_project(studio, tiny_model, photos=4)
-        recipe = {"training": {"resolution": 64, "learning_rate": 1e-3, "max_train_steps": 3},
-                  "dataset": {"with_prior_preservation": False},
-                  "validation": {"steps": 3, "num_inference_steps": 1},
-                  "output": {"checkpointing_steps": 1000, "logging_steps": 1, "report_to": "none"}}
-        studio.put("/api/projects/dog/config", json={"values": recipe}).raise_for_status()
-        run = studio.post("/api/projects/dog/runs", json={"kind": "train"}).json()
-        again = studio.post("/api/projects/dog/runs", json={"kind": "train"})
-        assert again.status_code == 422 and run["id"] in again.json()["error"]["message"]
-        events = []
-        with studio.stream("GET", f"/api/runs/{run['id']}/events") as stream:
-            for line in stream.iter_lines():
-                if line.startswith("data: "):
-                    events.append(jsonlib.loads(line[6:]))
-        assert events[-1]["kind"] == "state" and events[-1]["state"] == "finished", events[-1]
-        assert [e["step"] for e in events if e["kind"] == "step"][-1] == 3
-        shown = studio.get(f"/api/runs/{run['id']}").json()
-        assert shown["run"]["state"] == "finished" and shown["progress"]["step"] == 3
-        assert studio.get(f"/api/runs/{run['id']}/sample").content.startswith(b"\x89PNG")
-        report = studio.get(f"/api/runs/{run['id']}/report")
-        assert report.status_code == 200 and "<html" in report.text.lower()
-        stop = studio.post(f"/api/runs/{run['id']}/stop")
-        assert stop.status_code == 422 and "finished" in stop.json()["error"]["message"]
-        for escape in ("../../config.yaml", "%2e%2e/%2e%2e/config.yaml", "..%2f..%2fconfig.yaml"):
-            answer = studio.get(f"/api/runs/{run['id']}/report/{escape}")
-            assert answer.status_code in (404, 422) and "pretrained_model" not in answer.text
+    studio, _ = with_runs
+    new_dog_project(studio, tiny_model, photos=4)
+    recipe = {"training": {"resolution": 64, "learning_rate": 1e-3, "max_train_steps": 3},
+              "dataset": {"with_prior_preservation": False},
+              "validation": {"steps": 3, "num_inference_steps": 1},
+              "output": {"checkpointing_steps": 1000, "logging_steps": 1, "report_to": "none"}}
+    studio.put("/api/projects/dog/config", json={"values": recipe}).raise_for_status()
+    run = studio.post("/api/projects/dog/runs", json={"kind": "train"}).json()
+    again = studio.post("/api/projects/dog/runs", json={"kind": "train"})
+    assert again.status_code == 422 and run["id"] in again.json()["error"]["message"]
+    events = []
+    with studio.stream("GET", f"/api/runs/{run['id']}/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(jsonlib.loads(line[6:]))
+    assert events[-1]["kind"] == "state" and events[-1]["state"] == "finished", events[-1]
+    assert [e["step"] for e in events if e["kind"] == "step"][-1] == 3
+    shown = studio.get(f"/api/runs/{run['id']}").json()
+    assert shown["run"]["state"] == "finished" and shown["progress"]["step"] == 3
+    assert studio.get(f"/api/runs/{run['id']}/sample").content.startswith(b"\x89PNG")
+    report = studio.get(f"/api/runs/{run['id']}/report")
+    assert report.status_code == 200 and "<html" in report.text.lower()
+    stop = studio.post(f"/api/runs/{run['id']}/stop")
+    assert stop.status_code == 422 and "finished" in stop.json()["error"]["message"]
+    for escape in ("../../config.yaml", "%2e%2e/%2e%2e/config.yaml", "..%2f..%2fconfig.yaml"):
+        answer = studio.get(f"/api/runs/{run['id']}/report/{escape}")
+        assert answer.status_code in (404, 422) and "pretrained_model" not in answer.text
 
 
-def test_a_run_the_pre_flight_refuses_is_refused_at_start_with_trains_message(tmp_path, tiny_model, capsys,
-                                                                             monkeypatch):
+def test_a_run_the_pre_flight_refuses_is_refused_at_start_with_trains_message(with_runs, tmp_path, tiny_model,
+                                                                             capsys, monkeypatch):
     """Start on a project `train` would refuse (no photos yet; a recipe value out of place): the start answers with
     the message `dreambooth train --config` ends with, word for word, and nothing is queued."""
-    from dreambooth.studio.projects import Projects
-    from dreambooth.studio.runs import RunManager
+    studio, projects = with_runs
+    new_dog_project(studio, tiny_model)
+    config = projects.open("dog").config_path
 
-    access = Access([])
-    root = tmp_path / "projects"
-    projects = Projects(root)
-    with TestClient(create_studio(access, max_upload_bytes=2 * 1024 * 1024, projects=projects,
-                                  runs=RunManager(root / ".studio")), headers={CSRF_HEADER: access.csrf}) as studio:
-        new_dog_project(studio, tiny_model)
-        config = projects.open("dog").config_path
+    def photos_and_a_width_off_the_grid():
+        for i in range(3):
+            studio.put(f"/api/projects/dog/photos/p{i}.png", content=png(i)).raise_for_status()
+        studio.put("/api/projects/dog/config", json={"values": {"validation": {"width": 65}}}).raise_for_status()
 
-        def photos_and_a_width_off_the_grid():
-            for i in range(3):
-                studio.put(f"/api/projects/dog/photos/p{i}.png", content=png(i)).raise_for_status()
-            studio.put("/api/projects/dog/config", json={"values": {"validation": {"width": 65}}}).raise_for_status()
-
-        for prepare in (lambda: None, photos_and_a_width_off_the_grid):
-            prepare()
-            refused = studio.post("/api/projects/dog/runs", json={"kind": "train"})
-            monkeypatch.chdir(tmp_path)
-            assert main(["train", "--config", str(config)]) == 2
-            said = capsys.readouterr().err.strip().removeprefix("error: ")
-            assert refused.status_code == 422 and refused.json()["error"]["message"] == said, refused.text
-            assert studio.get("/api/runs").json() == {"runs": []}
-        assert "validation.width" in said
+    for prepare in (lambda: None, photos_and_a_width_off_the_grid):
+        prepare()
+        refused = studio.post("/api/projects/dog/runs", json={"kind": "train"})
+        monkeypatch.chdir(tmp_path)
+        assert main(["train", "--config", str(config)]) == 2
+        said = capsys.readouterr().err.strip().removeprefix("error: ")
+        assert refused.status_code == 422 and refused.json()["error"]["message"] == said, refused.text
+        assert studio.get("/api/runs").json() == {"runs": []}
+    assert "validation.width" in said
 
 
 def test_a_result_is_tried_beside_the_base_model_on_the_same_seed(tmp_path, tiny_model):
