@@ -292,6 +292,8 @@ SITES = {
     "`dreambooth studio` needs {": "reason: installs from a package registry; the extra is what .ci/run installs",
     "is reachable from other machines, and the studio runs training": "tests/test_studio_app.py::test_the_studio_"
                                                                       "command_refuses_another_host_without_keys",
+    "is a file, not a folder: give the folder that holds (or will": "tests/test_studio_app.py::test_the_studio_"
+                                                                     "command_refuses_another_host_without_keys",
     "or start it with --api-keys to reach it under another name": "tests/test_serve.py::test_keyless_serve_answers_"
                                                                    "only_requests_addressed_to_this_machine",
     "or give it --api-keys to reach it under another name": "tests/test_studio_app.py::test_without_keys_the_studio_"

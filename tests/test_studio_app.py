@@ -61,6 +61,10 @@ def test_the_studio_command_refuses_another_host_without_keys(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "--host 0.0.0.0 is reachable from other machines" in err and "give --api-keys FILE" in err
     assert not (tmp_path / "p").exists()  # nothing made before the refusal
+    (tmp_path / "file").write_text("the user's own file")
+    assert main(["studio", "--projects", str(tmp_path / "file"), "--port", "0"]) == 2
+    assert "--projects " + str(tmp_path / "file") + " is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "the user's own file"
     # "give --api-keys FILE ... or keep the default loopback host": either starts it
     import uvicorn
 

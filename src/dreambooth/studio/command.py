@@ -35,7 +35,11 @@ def studio_command(options) -> None:
         raise UserError(f"--host {options.host} is reachable from other machines, and the studio runs training and "
                         "writes files for whoever reaches it: give --api-keys FILE (or $DREAMBOOTH_API_KEYS), or "
                         "keep the default loopback host.")
-    Path(options.projects).mkdir(parents=True, exist_ok=True)
+    projects = Path(options.projects)
+    if projects.exists() and not projects.is_dir():
+        raise UserError(f"--projects {projects} is a file, not a folder: give the folder that holds (or will hold) the "
+                        "studio's projects; a new path is made.")
+    projects.mkdir(parents=True, exist_ok=True)
     sock = listening_socket(options.host, options.port)
     limit = int(options.max_upload_mb * 1024 * 1024)
     # without keys, only requests addressed to this machine (app.Guard: a rebound name of another site is refused)
